@@ -1,0 +1,227 @@
+use crate::{MAX_AUTH_LINE, MAX_LINE};
+
+/// What [`FrameDecoder::feed`] found in the bytes it consumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Every byte was consumed and no frame is complete yet.
+    NeedMore,
+    /// A whole frame is ready: read it with [`FrameDecoder::frame`].
+    Frame,
+    /// A line exceeded its cap; its remainder up to the LF was consumed.
+    /// The server answers `error` and closes the connection.
+    Oversize,
+}
+
+/// The three lines of one request frame, trailing CRs removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawFrame<'a> {
+    /// The command line (`l`, `sl`, `ping`, …).
+    pub command: &'a [u8],
+    /// The key line.
+    pub key: &'a [u8],
+    /// The argument line.
+    pub argument: &'a [u8],
+}
+
+/// Incremental splitter of a byte stream into three-line frames.
+///
+/// Lines end at LF; all trailing CRs are removed afterwards. A line may hold
+/// at most [`MAX_LINE`] bytes before its LF (trailing CRs count), except the
+/// argument of an `auth` frame, which may hold [`MAX_AUTH_LINE`]. An oversize
+/// line is consumed up to its LF without being stored, so memory stays
+/// bounded whatever the peer sends.
+///
+/// ```
+/// use dflockd_proto::{FrameDecoder, Progress};
+/// let mut d = FrameDecoder::new();
+/// assert_eq!(d.feed(b"ping\r\n_"), (7, Progress::NeedMore));
+/// assert_eq!(d.feed(b"\r\n_\r\nrest"), (5, Progress::Frame));
+/// assert_eq!(d.frame().command, b"ping");
+/// ```
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    lines: [Vec<u8>; 3],
+    current: usize,
+    discarding: bool,
+    lines_completed: u64,
+    frame_ready: bool,
+}
+
+impl FrameDecoder {
+    /// A decoder at the start of a frame.
+    ///
+    /// ```
+    /// assert!(!dflockd_proto::FrameDecoder::new().in_frame());
+    /// ```
+    pub fn new() -> FrameDecoder {
+        FrameDecoder::default()
+    }
+
+    /// Consumes bytes from `input` until a frame completes, a line proves
+    /// oversize, or the input runs out. Returns how many bytes were consumed;
+    /// bytes after a completed frame are left for the next call.
+    ///
+    /// ```
+    /// use dflockd_proto::{FrameDecoder, Progress};
+    /// let mut d = FrameDecoder::new();
+    /// let input = b"ping\n_\n_\nstats\n_\n_\n";
+    /// let (n, p) = d.feed(input);
+    /// assert_eq!((n, p), (9, Progress::Frame));
+    /// assert_eq!(d.feed(&input[n..]), (10, Progress::Frame));
+    /// ```
+    pub fn feed(&mut self, input: &[u8]) -> (usize, Progress) {
+        if self.frame_ready {
+            self.frame_ready = false;
+            for line in &mut self.lines {
+                line.clear();
+            }
+            self.current = 0;
+        }
+        let mut used = 0;
+        while used < input.len() {
+            let rest = &input[used..];
+            let cap = self.cap();
+            match rest.iter().position(|&b| b == b'\n') {
+                None => {
+                    used += rest.len();
+                    if !self.discarding {
+                        let line = &mut self.lines[self.current];
+                        if line.len() + rest.len() > cap {
+                            self.discarding = true;
+                            line.clear();
+                        } else {
+                            line.extend_from_slice(rest);
+                        }
+                    }
+                    return (used, Progress::NeedMore);
+                }
+                Some(lf) => {
+                    used += lf + 1;
+                    let line = &mut self.lines[self.current];
+                    if self.discarding || line.len() + lf > cap {
+                        self.discarding = false;
+                        line.clear();
+                        self.lines_completed += 1;
+                        return (used, Progress::Oversize);
+                    }
+                    line.extend_from_slice(&rest[..lf]);
+                    while line.last() == Some(&b'\r') {
+                        line.pop();
+                    }
+                    self.lines_completed += 1;
+                    self.current += 1;
+                    if self.current == 3 {
+                        self.frame_ready = true;
+                        return (used, Progress::Frame);
+                    }
+                }
+            }
+        }
+        (used, Progress::NeedMore)
+    }
+
+    /// The frame completed by the last [`feed`](Self::feed) that returned
+    /// [`Progress::Frame`]. Before that, the lines read so far.
+    ///
+    /// ```
+    /// let mut d = dflockd_proto::FrameDecoder::new();
+    /// d.feed(b"r\nk\ntok\n");
+    /// assert_eq!(d.frame().argument, b"tok");
+    /// ```
+    pub fn frame(&self) -> RawFrame<'_> {
+        RawFrame { command: &self.lines[0], key: &self.lines[1], argument: &self.lines[2] }
+    }
+
+    /// Whether part of a frame has been received (a line, or bytes of one).
+    ///
+    /// ```
+    /// let mut d = dflockd_proto::FrameDecoder::new();
+    /// d.feed(b"l");
+    /// assert!(d.in_frame());
+    /// ```
+    pub fn in_frame(&self) -> bool {
+        !self.frame_ready && (self.current > 0 || self.discarding || !self.lines[0].is_empty())
+    }
+
+    /// How many lines have been completed since the decoder was created. A
+    /// server arms a fresh per-line read deadline whenever this changes.
+    ///
+    /// ```
+    /// let mut d = dflockd_proto::FrameDecoder::new();
+    /// d.feed(b"l\nk");
+    /// assert_eq!(d.lines_completed(), 1);
+    /// ```
+    pub fn lines_completed(&self) -> u64 {
+        self.lines_completed
+    }
+
+    fn cap(&self) -> usize {
+        if self.current == 2 && self.lines[0] == b"auth" { MAX_AUTH_LINE } else { MAX_LINE }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(input: &[u8]) -> (usize, Progress, Vec<Vec<u8>>) {
+        let mut d = FrameDecoder::new();
+        let (n, p) = d.feed(input);
+        let f = d.frame();
+        (n, p, vec![f.command.to_vec(), f.key.to_vec(), f.argument.to_vec()])
+    }
+
+    #[test]
+    fn strips_all_trailing_crs_only() {
+        let (_, p, lines) = one(b"l\r\nk\r\r\na\rb\r\n");
+        assert_eq!(p, Progress::Frame);
+        assert_eq!(lines, vec![b"l".to_vec(), b"k".to_vec(), b"a\rb".to_vec()]);
+    }
+
+    #[test]
+    fn exactly_the_cap_is_accepted_one_more_is_not() {
+        let key = vec![b'a'; 256];
+        let ok = [b"l\n".as_slice(), &key, b"\n0\n"].concat();
+        assert_eq!(one(&ok).1, Progress::Frame);
+        let long = [b"l\n".as_slice(), &key, b"a\n0\n"].concat();
+        assert_eq!(one(&long).1, Progress::Oversize);
+        // CR counts toward the cap.
+        let crlf = [b"l\n".as_slice(), &key, b"\r\n0\n"].concat();
+        assert_eq!(one(&crlf).1, Progress::Oversize);
+    }
+
+    #[test]
+    fn auth_argument_gets_64k() {
+        let tok = vec![b't'; 65_536];
+        let ok = [b"auth\n_\n".as_slice(), &tok, b"\n"].concat();
+        assert_eq!(one(&ok).1, Progress::Frame);
+        let long = [b"auth\n_\n".as_slice(), &tok, b"t\n"].concat();
+        assert_eq!(one(&long).1, Progress::Oversize);
+        let ping = [b"ping\n_\n".as_slice(), &tok[..1000], b"\n"].concat();
+        assert_eq!(one(&ping).1, Progress::Oversize);
+    }
+
+    #[test]
+    fn oversize_waits_for_the_lf_without_storing() {
+        let mut d = FrameDecoder::new();
+        for _ in 0..1000 {
+            assert_eq!(d.feed(&[b'x'; 1000]).1, Progress::NeedMore);
+        }
+        assert!(d.lines.iter().all(|l| l.capacity() <= MAX_LINE * 2));
+        assert_eq!(d.feed(b"\n"), (1, Progress::Oversize));
+    }
+
+    #[test]
+    fn byte_at_a_time_matches_whole() {
+        let input = b"sl\r\nsem\n10 2 30\r\n";
+        let mut d = FrameDecoder::new();
+        let mut last = Progress::NeedMore;
+        for b in input.iter() {
+            let (n, p) = d.feed(std::slice::from_ref(b));
+            assert_eq!(n, 1);
+            last = p;
+        }
+        assert_eq!(last, Progress::Frame);
+        assert_eq!(d.frame().argument, b"10 2 30");
+    }
+}

@@ -1,0 +1,60 @@
+//! Sans-I/O codec for the dflockd v2 line protocol.
+//!
+//! Every request is three lines (`command`, `key`, `argument`), every reply one
+//! line. This crate parses and encodes both directions without doing any I/O,
+//! so servers, clients, fuzzers and property tests share one definition of the
+//! wire format:
+//!
+//! * [`FrameDecoder`] splits a byte stream into frames, enforcing the line caps
+//!   (256 bytes, 64 KiB for the `auth` argument) and CR stripping;
+//! * [`Request::parse`] validates a frame into a typed [`Request`];
+//! * [`Reply`] formats and parses reply lines;
+//! * [`Key`], [`Seconds`], [`Lease`], [`Limit`] validate values in types;
+//! * [`Token`] and [`fence_from_token`] decode grant tokens and their fences;
+//! * [`shard`] picks a server for a key exactly like the Go, Python and
+//!   TypeScript clients (CRC-32/IEEE modulo the server count).
+//!
+//! ```
+//! use dflockd_proto::{FrameDecoder, Progress, Request};
+//!
+//! let mut decoder = FrameDecoder::new();
+//! let (used, progress) = decoder.feed(b"l\nmy-key\n10 30\n");
+//! assert_eq!((used, progress), (15, Progress::Frame));
+//! let request = Request::parse(&decoder.frame()).unwrap();
+//! assert_eq!(request.encode_to_vec(), b"l\nmy-key\n10 30\n");
+//! ```
+#![warn(missing_docs)]
+
+mod decoder;
+mod error;
+mod key;
+mod reply;
+mod request;
+mod shard;
+mod stats;
+mod token;
+mod values;
+
+pub use decoder::{FrameDecoder, Progress, RawFrame};
+pub use error::ProtoError;
+pub use key::Key;
+pub use reply::{Reply, ReplyError, Status};
+pub use request::{Command, Kind, Namespace, Request};
+pub use shard::{ShardError, shard};
+pub use stats::{IdleEntry, LockEntry, SemaphoreEntry, Stats};
+pub use token::{Token, TokenError, fence_from_token};
+pub use values::{Lease, Limit, Seconds, ValueError};
+
+/// Longest command or key line, and argument line except for `auth`, in bytes
+/// (counted before the LF, trailing CRs included).
+pub const MAX_LINE: usize = 256;
+/// Longest argument line of an `auth` frame, in bytes.
+pub const MAX_AUTH_LINE: usize = 65_536;
+/// Largest number of seconds a timeout or lease may carry:
+/// ⌊(2^63 − 1) / 10^9⌋, the largest whole second count that fits in `i64`
+/// nanoseconds.
+pub const MAX_SECONDS: u64 = 9_223_372_036;
+/// Largest semaphore limit accepted (2^20, the cluster-branch rule).
+pub const MAX_LIMIT: u32 = 1_048_576;
+/// Longest reply line a client should accept, in bytes (the Python client's cap).
+pub const MAX_REPLY_LINE: usize = 1_048_576;

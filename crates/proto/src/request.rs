@@ -1,0 +1,492 @@
+use crate::values::{fields, parse_i64};
+use crate::{Key, Lease, Limit, ProtoError, RawFrame, Seconds, Token};
+
+/// The two independent key spaces: `l foo` and `sl foo …` are different
+/// resources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Namespace {
+    /// Lock commands (`l r n e w`).
+    Lock,
+    /// Semaphore commands (`sl sr sn se sw`).
+    Semaphore,
+}
+
+/// What an acquire or enqueue asks for: a lock, or a semaphore slot with the
+/// limit the caller expects the semaphore to have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// A lock (limit 1, lock namespace).
+    Lock,
+    /// A semaphore slot.
+    Semaphore(Limit),
+}
+
+impl Kind {
+    /// The namespace this kind lives in.
+    ///
+    /// ```
+    /// use dflockd_proto::{Kind, Limit, Namespace};
+    /// assert_eq!(Kind::Semaphore(Limit::ONE).namespace(), Namespace::Semaphore);
+    /// ```
+    pub fn namespace(self) -> Namespace {
+        match self {
+            Kind::Lock => Namespace::Lock,
+            Kind::Semaphore(_) => Namespace::Semaphore,
+        }
+    }
+
+    /// The resource limit (1 for a lock).
+    ///
+    /// ```
+    /// use dflockd_proto::{Kind, Limit};
+    /// assert_eq!(Kind::Lock.limit(), Limit::ONE);
+    /// ```
+    pub fn limit(self) -> Limit {
+        match self {
+            Kind::Lock => Limit::ONE,
+            Kind::Semaphore(limit) => limit,
+        }
+    }
+}
+
+/// The command word of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Command {
+    /// `auth`
+    Auth,
+    /// `l` / `sl`
+    Acquire(Namespace),
+    /// `r` / `sr`
+    Release(Namespace),
+    /// `n` / `sn`
+    Renew(Namespace),
+    /// `e` / `se`
+    Enqueue(Namespace),
+    /// `w` / `sw`
+    Wait(Namespace),
+    /// `ping`
+    Ping,
+    /// `stats`
+    Stats,
+}
+
+impl Command {
+    /// Recognises a command word.
+    ///
+    /// ```
+    /// use dflockd_proto::{Command, Namespace};
+    /// assert_eq!(Command::parse(b"sl"), Some(Command::Acquire(Namespace::Semaphore)));
+    /// assert_eq!(Command::parse(b"listen"), None);
+    /// ```
+    pub fn parse(word: &[u8]) -> Option<Command> {
+        use Namespace::{Lock, Semaphore};
+        Some(match word {
+            b"auth" => Command::Auth,
+            b"l" => Command::Acquire(Lock),
+            b"r" => Command::Release(Lock),
+            b"n" => Command::Renew(Lock),
+            b"e" => Command::Enqueue(Lock),
+            b"w" => Command::Wait(Lock),
+            b"sl" => Command::Acquire(Semaphore),
+            b"sr" => Command::Release(Semaphore),
+            b"sn" => Command::Renew(Semaphore),
+            b"se" => Command::Enqueue(Semaphore),
+            b"sw" => Command::Wait(Semaphore),
+            b"ping" => Command::Ping,
+            b"stats" => Command::Stats,
+            _ => return None,
+        })
+    }
+
+    /// The command word as sent on the wire.
+    ///
+    /// ```
+    /// use dflockd_proto::{Command, Namespace};
+    /// assert_eq!(Command::Wait(Namespace::Semaphore).word(), "sw");
+    /// ```
+    pub fn word(self) -> &'static str {
+        use Namespace::{Lock, Semaphore};
+        match self {
+            Command::Auth => "auth",
+            Command::Acquire(Lock) => "l",
+            Command::Release(Lock) => "r",
+            Command::Renew(Lock) => "n",
+            Command::Enqueue(Lock) => "e",
+            Command::Wait(Lock) => "w",
+            Command::Acquire(Semaphore) => "sl",
+            Command::Release(Semaphore) => "sr",
+            Command::Renew(Semaphore) => "sn",
+            Command::Enqueue(Semaphore) => "se",
+            Command::Wait(Semaphore) => "sw",
+            Command::Ping => "ping",
+            Command::Stats => "stats",
+        }
+    }
+}
+
+/// A validated dflockd v2 request.
+///
+/// Release and renew carry the token as the bytes the peer sent (trimmed):
+/// the server never validates token syntax, it only looks for a holder with
+/// that token. [`Token::parse_wire`] turns them into a [`Token`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// `auth _ <token>`: the shared-secret handshake.
+    Auth {
+        /// The secret, trimmed of surrounding white space.
+        token: Vec<u8>,
+    },
+    /// `l key <timeout> [<lease>]` or `sl key <timeout> <limit> [<lease>]`.
+    Acquire {
+        /// The resource.
+        key: Key,
+        /// Lock or semaphore (with limit).
+        kind: Kind,
+        /// How long to wait; zero is a try-lock.
+        timeout: Seconds,
+        /// Lease length; `None` uses the server default.
+        lease: Option<Lease>,
+    },
+    /// `r key <token>` / `sr key <token>`.
+    Release {
+        /// The resource.
+        key: Key,
+        /// Which namespace.
+        namespace: Namespace,
+        /// The token as sent.
+        token: Vec<u8>,
+    },
+    /// `n key <token> [<lease>]` / `sn …`.
+    Renew {
+        /// The resource.
+        key: Key,
+        /// Which namespace.
+        namespace: Namespace,
+        /// The token as sent.
+        token: Vec<u8>,
+        /// New lease length; `None` uses the server default.
+        lease: Option<Lease>,
+    },
+    /// `e key [<lease>]` / `se key <limit> [<lease>]`: two-phase, phase 1.
+    Enqueue {
+        /// The resource.
+        key: Key,
+        /// Lock or semaphore (with limit).
+        kind: Kind,
+        /// Lease length; `None` uses the server default.
+        lease: Option<Lease>,
+    },
+    /// `w key <timeout>` / `sw key <timeout>`: two-phase, phase 2.
+    Wait {
+        /// The resource.
+        key: Key,
+        /// Which namespace.
+        namespace: Namespace,
+        /// How long to wait; zero polls.
+        timeout: Seconds,
+    },
+    /// `ping`: keep-alive.
+    Ping,
+    /// `stats`: server state as JSON.
+    Stats,
+}
+
+impl Request {
+    /// Validates a frame: command first, then key, then argument, exactly in
+    /// the server's order.
+    ///
+    /// ```
+    /// use dflockd_proto::{FrameDecoder, Kind, Request, Seconds};
+    /// let mut d = FrameDecoder::new();
+    /// d.feed(b"l\nk\n  0   45  \n");
+    /// match Request::parse(&d.frame()).unwrap() {
+    ///     Request::Acquire { kind: Kind::Lock, timeout, lease, .. } => {
+    ///         assert_eq!(timeout, Seconds::ZERO);
+    ///         assert_eq!(lease.unwrap().get(), 45);
+    ///     }
+    ///     other => panic!("{other:?}"),
+    /// }
+    /// ```
+    pub fn parse(frame: &RawFrame<'_>) -> Result<Request, ProtoError> {
+        let command = Command::parse(frame.command).ok_or(ProtoError::UnknownCommand)?;
+        let key = || Key::from_bytes(frame.key);
+        let text = String::from_utf8_lossy(frame.argument);
+        let arg: Vec<&str> = fields(&text).collect();
+        Ok(match command {
+            Command::Auth => Request::Auth { token: trim_bytes(frame.argument).to_vec() },
+            Command::Ping => Request::Ping,
+            Command::Stats => Request::Stats,
+            Command::Acquire(namespace) => {
+                let key = key()?;
+                let (timeout, kind, lease) = match (namespace, arg.as_slice()) {
+                    (Namespace::Lock, [t]) => (t, Kind::Lock, None),
+                    (Namespace::Lock, [t, l]) => (t, Kind::Lock, Some(l)),
+                    (Namespace::Semaphore, [t, n]) => (t, Kind::Semaphore(limit(n)?), None),
+                    (Namespace::Semaphore, [t, n, l]) => (t, Kind::Semaphore(limit(n)?), Some(l)),
+                    _ => return Err(ProtoError::BadArity),
+                };
+                // Go parses fields left to right: timeout, then limit, then lease.
+                let timeout = seconds(timeout)?;
+                let lease = lease.map(|l| lease_of(l)).transpose()?;
+                Request::Acquire { key, kind, timeout, lease }
+            }
+            Command::Release(namespace) => {
+                let key = key()?;
+                let token = trim_bytes(frame.argument);
+                if token.is_empty() {
+                    return Err(ProtoError::EmptyToken);
+                }
+                Request::Release { key, namespace, token: token.to_vec() }
+            }
+            Command::Renew(namespace) => {
+                let key = key()?;
+                let (token, lease) = match arg.as_slice() {
+                    [] => return Err(ProtoError::EmptyToken),
+                    [t] => (t, None),
+                    [t, l] => (t, Some(lease_of(l)?)),
+                    _ => return Err(ProtoError::BadArity),
+                };
+                Request::Renew { key, namespace, token: token.as_bytes().to_vec(), lease }
+            }
+            Command::Enqueue(namespace) => {
+                let key = key()?;
+                let (kind, lease) = match (namespace, arg.as_slice()) {
+                    (Namespace::Lock, []) => (Kind::Lock, None),
+                    (Namespace::Lock, [l]) => (Kind::Lock, Some(l)),
+                    (Namespace::Semaphore, [n]) => (Kind::Semaphore(limit(n)?), None),
+                    (Namespace::Semaphore, [n, l]) => (Kind::Semaphore(limit(n)?), Some(l)),
+                    _ => return Err(ProtoError::BadArity),
+                };
+                let lease = lease.map(|l| lease_of(l)).transpose()?;
+                Request::Enqueue { key, kind, lease }
+            }
+            Command::Wait(namespace) => {
+                let key = key()?;
+                let timeout = seconds(text.trim())?;
+                Request::Wait { key, namespace, timeout }
+            }
+        })
+    }
+
+    /// The command word of this request.
+    ///
+    /// ```
+    /// assert_eq!(dflockd_proto::Request::Ping.command().word(), "ping");
+    /// ```
+    pub fn command(&self) -> Command {
+        match self {
+            Request::Auth { .. } => Command::Auth,
+            Request::Acquire { kind, .. } => Command::Acquire(kind.namespace()),
+            Request::Release { namespace, .. } => Command::Release(*namespace),
+            Request::Renew { namespace, .. } => Command::Renew(*namespace),
+            Request::Enqueue { kind, .. } => Command::Enqueue(kind.namespace()),
+            Request::Wait { namespace, .. } => Command::Wait(*namespace),
+            Request::Ping => Command::Ping,
+            Request::Stats => Command::Stats,
+        }
+    }
+
+    /// Whether the server may hold this request until a grant or timeout
+    /// (`l`, `sl`, `w`, `sw` with a non-zero timeout). Clients must not
+    /// pipeline other requests behind such a request.
+    ///
+    /// ```
+    /// use dflockd_proto::{Key, Kind, Request, Seconds};
+    /// let try_lock = Request::Acquire { key: Key::new("k").unwrap(), kind: Kind::Lock, timeout: Seconds::ZERO, lease: None };
+    /// assert!(!try_lock.may_block());
+    /// ```
+    pub fn may_block(&self) -> bool {
+        match self {
+            Request::Acquire { timeout, .. } | Request::Wait { timeout, .. } => timeout.get() > 0,
+            _ => false,
+        }
+    }
+
+    /// Appends the three-line frame to `out`. Unused fields are sent as `_`,
+    /// and an enqueue without lease sends a blank argument, as the reference
+    /// clients do.
+    ///
+    /// ```
+    /// use dflockd_proto::{Key, Kind, Limit, Request};
+    /// let e = Request::Enqueue { key: Key::new("k").unwrap(), kind: Kind::Semaphore(Limit::new(3).unwrap()), lease: None };
+    /// let mut out = Vec::new();
+    /// e.encode(&mut out);
+    /// assert_eq!(out, b"se\nk\n3\n");
+    /// ```
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.command().word().as_bytes());
+        out.push(b'\n');
+        match self {
+            Request::Auth { .. } | Request::Ping | Request::Stats => out.push(b'_'),
+            Request::Acquire { key, .. }
+            | Request::Release { key, .. }
+            | Request::Renew { key, .. }
+            | Request::Enqueue { key, .. }
+            | Request::Wait { key, .. } => out.extend_from_slice(key.as_bytes()),
+        }
+        out.push(b'\n');
+        let mut push = |s: &str| out.extend_from_slice(s.as_bytes());
+        match self {
+            Request::Auth { token } => out.extend_from_slice(token),
+            Request::Ping | Request::Stats => push("_"),
+            Request::Acquire { kind, timeout, lease, .. } => {
+                push(&timeout.to_string());
+                if let Kind::Semaphore(limit) = kind {
+                    push(&format!(" {limit}"));
+                }
+                if let Some(lease) = lease {
+                    push(&format!(" {lease}"));
+                }
+            }
+            Request::Release { token, .. } => out.extend_from_slice(token),
+            Request::Renew { token, lease, .. } => {
+                out.extend_from_slice(token);
+                if let Some(lease) = lease {
+                    out.extend_from_slice(format!(" {lease}").as_bytes());
+                }
+            }
+            Request::Enqueue { kind, lease, .. } => {
+                let mut parts = Vec::new();
+                if let Kind::Semaphore(limit) = kind {
+                    parts.push(limit.to_string());
+                }
+                if let Some(lease) = lease {
+                    parts.push(lease.to_string());
+                }
+                push(&parts.join(" "));
+            }
+            Request::Wait { timeout, .. } => push(&timeout.to_string()),
+        }
+        out.push(b'\n');
+    }
+
+    /// [`encode`](Self::encode) into a fresh vector.
+    ///
+    /// ```
+    /// assert_eq!(dflockd_proto::Request::Stats.encode_to_vec(), b"stats\n_\n_\n");
+    /// ```
+    pub fn encode_to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32);
+        self.encode(&mut out);
+        out
+    }
+
+    /// The token of a release or renew, if it is one this protocol could
+    /// have minted.
+    ///
+    /// ```
+    /// use dflockd_proto::{Key, Namespace, Request};
+    /// let r = Request::Release { key: Key::new("k").unwrap(), namespace: Namespace::Lock, token: b"junk".to_vec() };
+    /// assert_eq!(r.token(), None);
+    /// ```
+    pub fn token(&self) -> Option<Token> {
+        match self {
+            Request::Release { token, .. } | Request::Renew { token, .. } => Token::parse_wire(token),
+            _ => None,
+        }
+    }
+}
+
+fn int(field: &str) -> Result<i64, ProtoError> {
+    parse_i64(field).ok_or(ProtoError::InvalidInteger)
+}
+
+fn seconds(field: &str) -> Result<Seconds, ProtoError> {
+    let n = int(field)?;
+    u64::try_from(n).ok().and_then(|n| Seconds::new(n).ok()).ok_or(ProtoError::InvalidTimeout)
+}
+
+fn lease_of(field: &str) -> Result<Lease, ProtoError> {
+    let n = int(field)?;
+    u64::try_from(n).ok().and_then(|n| Lease::new(n).ok()).ok_or(ProtoError::InvalidLease)
+}
+
+fn limit(field: &str) -> Result<Limit, ProtoError> {
+    let n = int(field)?;
+    u64::try_from(n).ok().and_then(|n| Limit::new(n).ok()).ok_or(ProtoError::InvalidLimit)
+}
+
+/// Trims Unicode white space from both ends of a byte line (Go
+/// `strings.TrimSpace`); bytes that are not UTF-8 are left as they are.
+fn trim_bytes(bytes: &[u8]) -> &[u8] {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s.trim().as_bytes(),
+        Err(_) => bytes.trim_ascii(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::FrameDecoder;
+
+    fn parse(input: &[u8]) -> Result<Request, ProtoError> {
+        let mut d = FrameDecoder::new();
+        assert_eq!(d.feed(input).1, crate::Progress::Frame);
+        Request::parse(&d.frame())
+    }
+
+    #[test]
+    fn validation_errors_match_the_spec() {
+        use ProtoError::*;
+        let cases: &[(&[u8], ProtoError)] = &[
+            (b"\nk\n0\n", UnknownCommand),
+            (b"foo\nk\nx\n", UnknownCommand),
+            (b"signal\nch\nhello\n", UnknownCommand),
+            (b"incr\nc\n1\n", UnknownCommand),
+            (b"l\n\n0\n", InvalidKey),
+            (b"l\na b\n0\n", InvalidKey),
+            (b"l\na\tb\n0\n", InvalidKey),
+            (b"l\na\rb\n0\n", InvalidKey),
+            (b"l\nk\nabc\n", InvalidInteger),
+            (b"l\nk\n1.5\n", InvalidInteger),
+            (b"l\nk\n-1\n", InvalidTimeout),
+            (b"l\nk\n\n", BadArity),
+            (b"l\nk\n1 2 3\n", BadArity),
+            (b"sl\ns\n0\n", BadArity),
+            (b"sl\ns\n0 1 2 3\n", BadArity),
+            (b"l\nk\n0 0\n", InvalidLease),
+            (b"l\nk\n0 -5\n", InvalidLease),
+            (b"l\nk\n9223372037\n", InvalidTimeout),
+            (b"l\nk\n99999999999999999999\n", InvalidInteger),
+            (b"l\nk\n0 9223372037\n", InvalidLease),
+            (b"sl\ns\n0 0\n", InvalidLimit),
+            (b"sl\ns\n0 -1\n", InvalidLimit),
+            (b"se\ns\n0\n", InvalidLimit),
+            (b"sl\ns\n0 1048577\n", InvalidLimit),
+            (b"r\nk\n\n", EmptyToken),
+            (b"sr\ns\n   \n", EmptyToken),
+            (b"n\nk\n\n", EmptyToken),
+            (b"n\nk\ntok 1 2\n", BadArity),
+            (b"n\nk\ntok 0\n", InvalidLease),
+            (b"n\nk\ntok x\n", InvalidInteger),
+            (b"e\nk\n30 junk\n", BadArity),
+            (b"e\nk\nabc\n", InvalidInteger),
+            (b"e\nk\n0\n", InvalidLease),
+            (b"se\nk\n\n", BadArity),
+            (b"se\nk\n2 3 4\n", BadArity),
+            (b"w\nk\n\n", InvalidInteger),
+            (b"w\nk\n5 5\n", InvalidInteger),
+            (b"w\nk\n-1\n", InvalidTimeout),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(parse(input), Err(*expected), "{:?}", String::from_utf8_lossy(input));
+        }
+    }
+
+    #[test]
+    fn accepted_shapes() {
+        assert!(matches!(parse(b"l\nk3\n+0 +7\n"), Ok(Request::Acquire { lease: Some(l), .. }) if l.get() == 7));
+        assert!(matches!(parse(b"l\nk4\n0 9223372036\n"), Ok(Request::Acquire { .. })));
+        assert!(matches!(parse(b"sl\ns2\n0 1048576\n"), Ok(Request::Acquire { .. })));
+        assert!(matches!(parse(b"ping\n\n\n"), Ok(Request::Ping)));
+        assert!(matches!(parse(b"e\nt1\n\n"), Ok(Request::Enqueue { lease: None, .. })));
+        assert!(matches!(parse(b"l\nk\n-0\n"), Ok(Request::Acquire { timeout: Seconds::ZERO, .. })));
+        let r = parse(b"r\nk\n \t0123 \n").unwrap();
+        assert!(matches!(r, Request::Release { ref token, .. } if token == b"0123"));
+        let r = parse(b"r\nk\ntok 60\n").unwrap();
+        assert!(matches!(r, Request::Release { ref token, .. } if token == b"tok 60"));
+        let a = parse(b"auth\nwhatever\n  s3cret \t\n").unwrap();
+        assert_eq!(a, Request::Auth { token: b"s3cret".to_vec() });
+    }
+}

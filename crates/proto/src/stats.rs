@@ -1,0 +1,59 @@
+use serde::{Deserialize, Serialize};
+
+/// The `stats` document (spec §5). Field order matches the Go server.
+///
+/// ```
+/// use dflockd_proto::Stats;
+/// let s: Stats = serde_json::from_str(
+///     r#"{"connections":1,"locks":[],"semaphores":[],"idle_locks":[],"idle_semaphores":[]}"#,
+/// ).unwrap();
+/// assert_eq!(s.connections, 1);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Live connections, including the asking one.
+    pub connections: u64,
+    /// Limit-1 resources with a holder or waiters.
+    pub locks: Vec<LockEntry>,
+    /// Resources with limit > 1 and holders or waiters.
+    pub semaphores: Vec<SemaphoreEntry>,
+    /// Limit-1 resources with nobody holding or waiting.
+    pub idle_locks: Vec<IdleEntry>,
+    /// Limit > 1 resources with nobody holding or waiting.
+    pub idle_semaphores: Vec<IdleEntry>,
+}
+
+/// One busy lock in [`Stats`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LockEntry {
+    /// The key, without namespace.
+    pub key: String,
+    /// Connection id of the holder; 0 if nobody holds it.
+    pub owner_conn_id: u64,
+    /// Seconds until the holder's lease deadline, clamped at 0.
+    pub lease_expires_in_s: f64,
+    /// Queued waiters.
+    pub waiters: u64,
+}
+
+/// One busy semaphore in [`Stats`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SemaphoreEntry {
+    /// The key, without namespace.
+    pub key: String,
+    /// The semaphore's limit.
+    pub limit: u64,
+    /// Current holders.
+    pub holders: u64,
+    /// Queued waiters.
+    pub waiters: u64,
+}
+
+/// One idle resource in [`Stats`], awaiting garbage collection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IdleEntry {
+    /// The key, without namespace.
+    pub key: String,
+    /// Seconds since last activity.
+    pub idle_s: f64,
+}

@@ -1,0 +1,235 @@
+use std::fmt;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::{MAX_LIMIT, MAX_SECONDS};
+
+/// Why a number could not become a [`Seconds`], [`Lease`] or [`Limit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum ValueError {
+    /// Above 9,223,372,036 seconds (or the limit cap).
+    #[error("value {0} is above the maximum")]
+    TooLarge(u64),
+    /// Zero where at least one is required.
+    #[error("value must be at least 1")]
+    Zero,
+}
+
+/// A timeout in whole seconds, 0 ..= 9,223,372,036. Zero means "try once".
+///
+/// ```
+/// use std::time::Duration;
+/// use dflockd_proto::Seconds;
+/// assert_eq!(Seconds::new(10).unwrap().get(), 10);
+/// assert!(Seconds::new(9_223_372_037).is_err());
+/// // Durations round up, so a sub-second wait never becomes a try-lock.
+/// assert_eq!(Seconds::from_duration_ceil(Duration::from_millis(1200)).unwrap().get(), 2);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Seconds(u64);
+
+impl Seconds {
+    /// Zero seconds: a non-blocking attempt.
+    pub const ZERO: Seconds = Seconds(0);
+
+    /// Validates a second count.
+    ///
+    /// ```
+    /// assert!(dflockd_proto::Seconds::new(0).is_ok());
+    /// ```
+    pub fn new(secs: u64) -> Result<Seconds, ValueError> {
+        if secs > MAX_SECONDS {
+            return Err(ValueError::TooLarge(secs));
+        }
+        Ok(Seconds(secs))
+    }
+
+    /// Converts a duration, rounding any fraction of a second up.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// assert_eq!(dflockd_proto::Seconds::from_duration_ceil(Duration::from_nanos(1)).unwrap().get(), 1);
+    /// ```
+    pub fn from_duration_ceil(d: Duration) -> Result<Seconds, ValueError> {
+        let whole = d.as_secs();
+        let secs = if d.subsec_nanos() > 0 { whole.saturating_add(1) } else { whole };
+        Seconds::new(secs)
+    }
+
+    /// The number of seconds.
+    ///
+    /// ```
+    /// assert_eq!(dflockd_proto::Seconds::new(3).unwrap().get(), 3);
+    /// ```
+    pub fn get(self) -> u64 {
+        self.0
+    }
+
+    /// As a [`Duration`].
+    ///
+    /// ```
+    /// assert_eq!(dflockd_proto::Seconds::new(3).unwrap().as_duration().as_secs(), 3);
+    /// ```
+    pub fn as_duration(self) -> Duration {
+        Duration::from_secs(self.0)
+    }
+}
+
+impl fmt::Display for Seconds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A lease length in whole seconds, 1 ..= 9,223,372,036.
+///
+/// ```
+/// use dflockd_proto::Lease;
+/// assert_eq!(Lease::new(33).unwrap().get(), 33);
+/// assert!(Lease::new(0).is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Lease(u64);
+
+impl Lease {
+    /// Validates a lease length.
+    ///
+    /// ```
+    /// assert!(dflockd_proto::Lease::new(9_223_372_036).is_ok());
+    /// ```
+    pub fn new(secs: u64) -> Result<Lease, ValueError> {
+        if secs == 0 {
+            return Err(ValueError::Zero);
+        }
+        if secs > MAX_SECONDS {
+            return Err(ValueError::TooLarge(secs));
+        }
+        Ok(Lease(secs))
+    }
+
+    /// Converts a duration, rounding any fraction of a second up.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// assert_eq!(dflockd_proto::Lease::from_duration_ceil(Duration::from_millis(1500)).unwrap().get(), 2);
+    /// ```
+    pub fn from_duration_ceil(d: Duration) -> Result<Lease, ValueError> {
+        Lease::new(Seconds::from_duration_ceil(d)?.get())
+    }
+
+    /// The number of seconds.
+    ///
+    /// ```
+    /// assert_eq!(dflockd_proto::Lease::new(5).unwrap().get(), 5);
+    /// ```
+    pub fn get(self) -> u64 {
+        self.0
+    }
+
+    /// As a [`Duration`].
+    ///
+    /// ```
+    /// assert_eq!(dflockd_proto::Lease::new(5).unwrap().as_duration().as_secs(), 5);
+    /// ```
+    pub fn as_duration(self) -> Duration {
+        Duration::from_secs(self.0)
+    }
+}
+
+impl fmt::Display for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A semaphore limit, 1 ..= 1,048,576.
+///
+/// ```
+/// use dflockd_proto::Limit;
+/// assert_eq!(Limit::new(3).unwrap().get(), 3);
+/// assert!(Limit::new(0).is_err());
+/// assert!(Limit::new(1_048_577).is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Limit(u32);
+
+impl Limit {
+    /// The limit of a plain lock.
+    pub const ONE: Limit = Limit(1);
+
+    /// Validates a limit.
+    ///
+    /// ```
+    /// assert!(dflockd_proto::Limit::new(1_048_576).is_ok());
+    /// ```
+    pub fn new(limit: u64) -> Result<Limit, ValueError> {
+        if limit == 0 {
+            return Err(ValueError::Zero);
+        }
+        if limit > u64::from(MAX_LIMIT) {
+            return Err(ValueError::TooLarge(limit));
+        }
+        Ok(Limit(limit as u32))
+    }
+
+    /// The limit.
+    ///
+    /// ```
+    /// assert_eq!(dflockd_proto::Limit::ONE.get(), 1);
+    /// ```
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Parses a base-10 signed 64-bit integer with Go `strconv.ParseInt`
+/// semantics: optional `+`/`-`, digits only, leading zeros allowed.
+pub(crate) fn parse_i64(field: &str) -> Option<i64> {
+    // Rust's parser accepts exactly the Go syntax for base 10.
+    field.parse::<i64>().ok()
+}
+
+/// Splits on runs of Unicode white space (Go `strings.Fields`).
+pub(crate) fn fields(arg: &str) -> impl Iterator<Item = &str> {
+    arg.split(char::is_whitespace).filter(|f| !f.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_integer_syntax() {
+        assert_eq!(parse_i64("+5"), Some(5));
+        assert_eq!(parse_i64("007"), Some(7));
+        assert_eq!(parse_i64("-0"), Some(0));
+        assert_eq!(parse_i64("1_0"), None);
+        assert_eq!(parse_i64("0x10"), None);
+        assert_eq!(parse_i64("1.5"), None);
+        assert_eq!(parse_i64(""), None);
+        assert_eq!(parse_i64("+"), None);
+        assert_eq!(parse_i64("99999999999999999999"), None);
+    }
+
+    #[test]
+    fn unicode_whitespace_splits_fields() {
+        for arg in ["0\u{a0}45", "0\u{3000}45", "0\u{85}45", "0\u{b}45", "  0   45 ", "0\t45"] {
+            assert_eq!(fields(arg).collect::<Vec<_>>(), ["0", "45"], "{arg:?}");
+        }
+    }
+
+    #[test]
+    fn ceil_rounding() {
+        assert_eq!(Seconds::from_duration_ceil(Duration::ZERO).unwrap().get(), 0);
+        assert_eq!(Seconds::from_duration_ceil(Duration::from_secs(2)).unwrap().get(), 2);
+        assert!(Lease::from_duration_ceil(Duration::ZERO).is_err());
+        assert!(Seconds::from_duration_ceil(Duration::MAX).is_err());
+    }
+}
