@@ -129,7 +129,11 @@ impl FrameDecoder {
     /// assert_eq!(d.frame().argument, b"tok");
     /// ```
     pub fn frame(&self) -> RawFrame<'_> {
-        RawFrame { command: &self.lines[0], key: &self.lines[1], argument: &self.lines[2] }
+        RawFrame {
+            command: &self.lines[0],
+            key: &self.lines[1],
+            argument: &self.lines[2],
+        }
     }
 
     /// Whether part of a frame has been received (a line, or bytes of one).
@@ -156,7 +160,11 @@ impl FrameDecoder {
     }
 
     fn cap(&self) -> usize {
-        if self.current == 2 && self.lines[0] == b"auth" { MAX_AUTH_LINE } else { MAX_LINE }
+        if self.current == 2 && self.lines[0] == b"auth" {
+            MAX_AUTH_LINE
+        } else {
+            MAX_LINE
+        }
     }
 }
 
@@ -168,7 +176,11 @@ mod tests {
         let mut d = FrameDecoder::new();
         let (n, p) = d.feed(input);
         let f = d.frame();
-        (n, p, vec![f.command.to_vec(), f.key.to_vec(), f.argument.to_vec()])
+        (
+            n,
+            p,
+            vec![f.command.to_vec(), f.key.to_vec(), f.argument.to_vec()],
+        )
     }
 
     #[test]

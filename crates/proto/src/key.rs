@@ -36,7 +36,9 @@ impl Key {
     pub fn from_bytes(key: &[u8]) -> Result<Key, ProtoError> {
         if key.is_empty()
             || key.len() > MAX_LINE
-            || key.iter().any(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+            || key
+                .iter()
+                .any(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
         {
             return Err(ProtoError::InvalidKey);
         }

@@ -174,13 +174,19 @@ impl Reply {
                 let secs = rest.parse::<u64>().ok().and_then(|s| Seconds::new(s).ok());
                 secs.map(Reply::Renewed).ok_or_else(malformed)
             }
-            ("ok", Some(rest)) => grant(rest).map(|(token, lease)| Reply::Granted { token, lease }).ok_or_else(malformed),
-            ("acquired", Some(rest)) => {
-                grant(rest).map(|(token, lease)| Reply::Acquired { token, lease }).ok_or_else(malformed)
-            }
+            ("ok", Some(rest)) => grant(rest)
+                .map(|(token, lease)| Reply::Granted { token, lease })
+                .ok_or_else(malformed),
+            ("acquired", Some(rest)) => grant(rest)
+                .map(|(token, lease)| Reply::Acquired { token, lease })
+                .ok_or_else(malformed),
             ("queued", None) => Ok(Reply::Queued),
-            ("error_not_leader", addr) => Ok(Reply::NotLeader(addr.map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()))),
-            (word, None) => Status::from_word(word).map(Reply::Failure).ok_or_else(malformed),
+            ("error_not_leader", addr) => Ok(Reply::NotLeader(
+                addr.map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()),
+            )),
+            (word, None) => Status::from_word(word)
+                .map(Reply::Failure)
+                .ok_or_else(malformed),
             _ => Err(malformed()),
         }
     }
@@ -196,7 +202,11 @@ impl Reply {
         match self {
             Reply::Ok => out.extend_from_slice(b"ok"),
             Reply::Granted { token, lease } | Reply::Acquired { token, lease } => {
-                out.extend_from_slice(if matches!(self, Reply::Granted { .. }) { b"ok " } else { b"acquired " });
+                out.extend_from_slice(if matches!(self, Reply::Granted { .. }) {
+                    b"ok "
+                } else {
+                    b"acquired "
+                });
                 token.write_hex(out);
                 out.push(b' ');
                 out.extend_from_slice(lease.get().to_string().as_bytes());
@@ -242,12 +252,18 @@ mod tests {
     fn shapes() {
         assert_eq!(Reply::parse(b"ok\r\n").unwrap(), Reply::Ok);
         assert_eq!(Reply::parse(b"queued\n").unwrap(), Reply::Queued);
-        assert_eq!(Reply::parse(b"error_not_leader\n").unwrap(), Reply::NotLeader(None));
+        assert_eq!(
+            Reply::parse(b"error_not_leader\n").unwrap(),
+            Reply::NotLeader(None)
+        );
         assert_eq!(
             Reply::parse(b"error_not_leader 10.0.0.2:6389\n").unwrap(),
             Reply::NotLeader(Some("10.0.0.2:6389".into()))
         );
-        assert!(matches!(Reply::parse(b"ok {\"connections\":1}\n").unwrap(), Reply::Stats(_)));
+        assert!(matches!(
+            Reply::parse(b"ok {\"connections\":1}\n").unwrap(),
+            Reply::Stats(_)
+        ));
         assert!(Reply::parse(b"ok 00000000000000010000000000000002 33 x\n").is_err());
         assert!(Reply::parse(b"ok 0000000000000001000000000000000 33\n").is_err());
         assert!(Reply::parse(b"ok 9223372037\n").is_err());

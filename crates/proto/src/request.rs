@@ -1,4 +1,4 @@
-use crate::values::{fields, parse_i64};
+use crate::values::{fields, parse_i64, trim_space};
 use crate::{Key, Lease, Limit, ProtoError, RawFrame, Seconds, Token};
 
 /// The two independent key spaces: `l foo` and `sl foo …` are different
@@ -210,33 +210,49 @@ impl Request {
     pub fn parse(frame: &RawFrame<'_>) -> Result<Request, ProtoError> {
         let command = Command::parse(frame.command).ok_or(ProtoError::UnknownCommand)?;
         let key = || Key::from_bytes(frame.key);
-        let text = String::from_utf8_lossy(frame.argument);
-        let arg: Vec<&str> = fields(&text).collect();
+        // Lines are raw bytes (spec §1.6): split and trim them without
+        // replacing non-UTF-8 bytes, as Go's `strings` functions do.
+        let arg = fields(frame.argument);
         Ok(match command {
-            Command::Auth => Request::Auth { token: trim_bytes(frame.argument).to_vec() },
+            Command::Auth => Request::Auth {
+                token: trim_space(frame.argument).to_vec(),
+            },
             Command::Ping => Request::Ping,
             Command::Stats => Request::Stats,
             Command::Acquire(namespace) => {
                 let key = key()?;
-                let (timeout, kind, lease) = match (namespace, arg.as_slice()) {
-                    (Namespace::Lock, [t]) => (t, Kind::Lock, None),
-                    (Namespace::Lock, [t, l]) => (t, Kind::Lock, Some(l)),
-                    (Namespace::Semaphore, [t, n]) => (t, Kind::Semaphore(limit(n)?), None),
-                    (Namespace::Semaphore, [t, n, l]) => (t, Kind::Semaphore(limit(n)?), Some(l)),
+                let (timeout, limit_field, lease) = match (namespace, arg.as_slice()) {
+                    (Namespace::Lock, [t]) => (t, None, None),
+                    (Namespace::Lock, [t, l]) => (t, None, Some(l)),
+                    (Namespace::Semaphore, [t, n]) => (t, Some(n), None),
+                    (Namespace::Semaphore, [t, n, l]) => (t, Some(n), Some(l)),
                     _ => return Err(ProtoError::BadArity),
                 };
                 // Go parses fields left to right: timeout, then limit, then lease.
                 let timeout = seconds(timeout)?;
+                let kind = match limit_field {
+                    Some(n) => Kind::Semaphore(limit(n)?),
+                    None => Kind::Lock,
+                };
                 let lease = lease.map(|l| lease_of(l)).transpose()?;
-                Request::Acquire { key, kind, timeout, lease }
+                Request::Acquire {
+                    key,
+                    kind,
+                    timeout,
+                    lease,
+                }
             }
             Command::Release(namespace) => {
                 let key = key()?;
-                let token = trim_bytes(frame.argument);
+                let token = trim_space(frame.argument);
                 if token.is_empty() {
                     return Err(ProtoError::EmptyToken);
                 }
-                Request::Release { key, namespace, token: token.to_vec() }
+                Request::Release {
+                    key,
+                    namespace,
+                    token: token.to_vec(),
+                }
             }
             Command::Renew(namespace) => {
                 let key = key()?;
@@ -246,7 +262,12 @@ impl Request {
                     [t, l] => (t, Some(lease_of(l)?)),
                     _ => return Err(ProtoError::BadArity),
                 };
-                Request::Renew { key, namespace, token: token.as_bytes().to_vec(), lease }
+                Request::Renew {
+                    key,
+                    namespace,
+                    token: token.to_vec(),
+                    lease,
+                }
             }
             Command::Enqueue(namespace) => {
                 let key = key()?;
@@ -262,8 +283,12 @@ impl Request {
             }
             Command::Wait(namespace) => {
                 let key = key()?;
-                let timeout = seconds(text.trim())?;
-                Request::Wait { key, namespace, timeout }
+                let timeout = seconds(trim_space(frame.argument))?;
+                Request::Wait {
+                    key,
+                    namespace,
+                    timeout,
+                }
             }
         })
     }
@@ -329,7 +354,12 @@ impl Request {
         match self {
             Request::Auth { token } => out.extend_from_slice(token),
             Request::Ping | Request::Stats => push("_"),
-            Request::Acquire { kind, timeout, lease, .. } => {
+            Request::Acquire {
+                kind,
+                timeout,
+                lease,
+                ..
+            } => {
                 push(&timeout.to_string());
                 if let Kind::Semaphore(limit) = kind {
                     push(&format!(" {limit}"));
@@ -381,38 +411,43 @@ impl Request {
     /// ```
     pub fn token(&self) -> Option<Token> {
         match self {
-            Request::Release { token, .. } | Request::Renew { token, .. } => Token::parse_wire(token),
+            Request::Release { token, .. } | Request::Renew { token, .. } => {
+                Token::parse_wire(token)
+            }
             _ => None,
         }
     }
 }
 
-fn int(field: &str) -> Result<i64, ProtoError> {
-    parse_i64(field).ok_or(ProtoError::InvalidInteger)
+fn int(field: &[u8]) -> Result<i64, ProtoError> {
+    std::str::from_utf8(field)
+        .ok()
+        .and_then(parse_i64)
+        .ok_or(ProtoError::InvalidInteger)
 }
 
-fn seconds(field: &str) -> Result<Seconds, ProtoError> {
+fn seconds(field: &[u8]) -> Result<Seconds, ProtoError> {
     let n = int(field)?;
-    u64::try_from(n).ok().and_then(|n| Seconds::new(n).ok()).ok_or(ProtoError::InvalidTimeout)
+    u64::try_from(n)
+        .ok()
+        .and_then(|n| Seconds::new(n).ok())
+        .ok_or(ProtoError::InvalidTimeout)
 }
 
-fn lease_of(field: &str) -> Result<Lease, ProtoError> {
+fn lease_of(field: &[u8]) -> Result<Lease, ProtoError> {
     let n = int(field)?;
-    u64::try_from(n).ok().and_then(|n| Lease::new(n).ok()).ok_or(ProtoError::InvalidLease)
+    u64::try_from(n)
+        .ok()
+        .and_then(|n| Lease::new(n).ok())
+        .ok_or(ProtoError::InvalidLease)
 }
 
-fn limit(field: &str) -> Result<Limit, ProtoError> {
+fn limit(field: &[u8]) -> Result<Limit, ProtoError> {
     let n = int(field)?;
-    u64::try_from(n).ok().and_then(|n| Limit::new(n).ok()).ok_or(ProtoError::InvalidLimit)
-}
-
-/// Trims Unicode white space from both ends of a byte line (Go
-/// `strings.TrimSpace`); bytes that are not UTF-8 are left as they are.
-fn trim_bytes(bytes: &[u8]) -> &[u8] {
-    match std::str::from_utf8(bytes) {
-        Ok(s) => s.trim().as_bytes(),
-        Err(_) => bytes.trim_ascii(),
-    }
+    u64::try_from(n)
+        .ok()
+        .and_then(|n| Limit::new(n).ok())
+        .ok_or(ProtoError::InvalidLimit)
 }
 
 #[cfg(test)]
@@ -470,23 +505,50 @@ mod tests {
             (b"w\nk\n-1\n", InvalidTimeout),
         ];
         for (input, expected) in cases {
-            assert_eq!(parse(input), Err(*expected), "{:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                parse(input),
+                Err(*expected),
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
         }
     }
 
     #[test]
     fn accepted_shapes() {
-        assert!(matches!(parse(b"l\nk3\n+0 +7\n"), Ok(Request::Acquire { lease: Some(l), .. }) if l.get() == 7));
-        assert!(matches!(parse(b"l\nk4\n0 9223372036\n"), Ok(Request::Acquire { .. })));
-        assert!(matches!(parse(b"sl\ns2\n0 1048576\n"), Ok(Request::Acquire { .. })));
+        assert!(
+            matches!(parse(b"l\nk3\n+0 +7\n"), Ok(Request::Acquire { lease: Some(l), .. }) if l.get() == 7)
+        );
+        assert!(matches!(
+            parse(b"l\nk4\n0 9223372036\n"),
+            Ok(Request::Acquire { .. })
+        ));
+        assert!(matches!(
+            parse(b"sl\ns2\n0 1048576\n"),
+            Ok(Request::Acquire { .. })
+        ));
         assert!(matches!(parse(b"ping\n\n\n"), Ok(Request::Ping)));
-        assert!(matches!(parse(b"e\nt1\n\n"), Ok(Request::Enqueue { lease: None, .. })));
-        assert!(matches!(parse(b"l\nk\n-0\n"), Ok(Request::Acquire { timeout: Seconds::ZERO, .. })));
+        assert!(matches!(
+            parse(b"e\nt1\n\n"),
+            Ok(Request::Enqueue { lease: None, .. })
+        ));
+        assert!(matches!(
+            parse(b"l\nk\n-0\n"),
+            Ok(Request::Acquire {
+                timeout: Seconds::ZERO,
+                ..
+            })
+        ));
         let r = parse(b"r\nk\n \t0123 \n").unwrap();
         assert!(matches!(r, Request::Release { ref token, .. } if token == b"0123"));
         let r = parse(b"r\nk\ntok 60\n").unwrap();
         assert!(matches!(r, Request::Release { ref token, .. } if token == b"tok 60"));
         let a = parse(b"auth\nwhatever\n  s3cret \t\n").unwrap();
-        assert_eq!(a, Request::Auth { token: b"s3cret".to_vec() });
+        assert_eq!(
+            a,
+            Request::Auth {
+                token: b"s3cret".to_vec()
+            }
+        );
     }
 }

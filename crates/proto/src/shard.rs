@@ -33,14 +33,26 @@ mod tests {
 
     #[test]
     fn matches_the_other_clients_for_three_servers() {
-        for (key, expected) in [("my-key", 2), ("row:42", 2), ("a", 0), ("lock-0", 1), ("日本", 2)] {
+        for (key, expected) in [
+            ("my-key", 2),
+            ("row:42", 2),
+            ("a", 0),
+            ("lock-0", 1),
+            ("日本", 2),
+        ] {
             assert_eq!(shard(key, 3), Ok(expected), "{key}");
         }
     }
 
     #[test]
     fn matches_the_other_clients_for_five_servers() {
-        for (key, expected) in [("my-key", 2), ("row:42", 0), ("a", 2), ("lock-0", 1), ("日本", 1)] {
+        for (key, expected) in [
+            ("my-key", 2),
+            ("row:42", 0),
+            ("a", 2),
+            ("lock-0", 1),
+            ("日本", 1),
+        ] {
             assert_eq!(shard(key, 5), Ok(expected), "{key}");
         }
     }

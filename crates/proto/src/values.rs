@@ -53,7 +53,11 @@ impl Seconds {
     /// ```
     pub fn from_duration_ceil(d: Duration) -> Result<Seconds, ValueError> {
         let whole = d.as_secs();
-        let secs = if d.subsec_nanos() > 0 { whole.saturating_add(1) } else { whole };
+        let secs = if d.subsec_nanos() > 0 {
+            whole.saturating_add(1)
+        } else {
+            whole
+        };
         Seconds::new(secs)
     }
 
@@ -196,9 +200,56 @@ pub(crate) fn parse_i64(field: &str) -> Option<i64> {
     field.parse::<i64>().ok()
 }
 
-/// Splits on runs of Unicode white space (Go `strings.Fields`).
-pub(crate) fn fields(arg: &str) -> impl Iterator<Item = &str> {
-    arg.split(char::is_whitespace).filter(|f| !f.is_empty())
+/// The units Go's `strings` functions see in a byte string, as
+/// `(byte range, is white space)`: each valid UTF-8 sequence is one character,
+/// each byte of an invalid sequence is a non-space unit of its own
+/// (`utf8.RuneError`). Lines are raw bytes on the wire, so this is how
+/// [`fields`] and [`trim_space`] keep non-UTF-8 bytes intact.
+fn units(bytes: &[u8]) -> impl Iterator<Item = (std::ops::Range<usize>, bool)> + '_ {
+    let mut offset = 0;
+    bytes.utf8_chunks().flat_map(move |chunk| {
+        let base = offset;
+        let valid = chunk.valid();
+        offset += valid.len() + chunk.invalid().len();
+        let chars = valid
+            .char_indices()
+            .map(move |(i, c)| (base + i..base + i + c.len_utf8(), c.is_whitespace()));
+        let bad = base + valid.len();
+        chars.chain((bad..bad + chunk.invalid().len()).map(|i| (i..i + 1, false)))
+    })
+}
+
+/// Splits on runs of Unicode white space (Go `strings.Fields`), returning
+/// the fields as the bytes that were sent.
+pub(crate) fn fields(arg: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut start = None;
+    for (range, space) in units(arg) {
+        match (space, start) {
+            (true, Some(s)) => {
+                out.push(&arg[s..range.start]);
+                start = None;
+            }
+            (false, None) => start = Some(range.start),
+            _ => {}
+        }
+    }
+    if let Some(s) = start {
+        out.push(&arg[s..]);
+    }
+    out
+}
+
+/// Trims Unicode white space from both ends (Go `strings.TrimSpace`); bytes
+/// that are not UTF-8 are kept and never count as white space.
+pub(crate) fn trim_space(bytes: &[u8]) -> &[u8] {
+    let mut kept: Option<(usize, usize)> = None;
+    for (range, space) in units(bytes) {
+        if !space {
+            kept = Some((kept.map_or(range.start, |(s, _)| s), range.end));
+        }
+    }
+    kept.map_or(&[], |(s, e)| &bytes[s..e])
 }
 
 #[cfg(test)]
@@ -220,15 +271,46 @@ mod tests {
 
     #[test]
     fn unicode_whitespace_splits_fields() {
-        for arg in ["0\u{a0}45", "0\u{3000}45", "0\u{85}45", "0\u{b}45", "  0   45 ", "0\t45"] {
-            assert_eq!(fields(arg).collect::<Vec<_>>(), ["0", "45"], "{arg:?}");
+        for arg in [
+            "0\u{a0}45",
+            "0\u{3000}45",
+            "0\u{85}45",
+            "0\u{b}45",
+            "  0   45 ",
+            "0\t45",
+        ] {
+            assert_eq!(fields(arg.as_bytes()), [b"0".as_slice(), b"45"], "{arg:?}");
         }
     }
 
     #[test]
+    fn non_utf8_bytes_are_kept_and_never_white_space() {
+        // A lone 0x85 or 0xA0 is not U+0085 / U+00A0: Go sees utf8.RuneError.
+        assert_eq!(
+            fields(b"\xff\x85 \xc2\xa0\xa0x\x0b"),
+            [b"\xff\x85".as_slice(), b"\xa0x"]
+        );
+        assert_eq!(
+            trim_space(b"\x0b \xc2\xa0\xfftok\xe3\x80\x80\xc2\x85\r"),
+            b"\xfftok"
+        );
+        assert_eq!(trim_space(b"\xa0tok\x85"), b"\xa0tok\x85");
+        assert_eq!(trim_space(b" \t\x0b\x0c\r\xc2\x85 "), b"");
+        assert_eq!(trim_space(b"a b"), b"a b");
+    }
+
+    #[test]
     fn ceil_rounding() {
-        assert_eq!(Seconds::from_duration_ceil(Duration::ZERO).unwrap().get(), 0);
-        assert_eq!(Seconds::from_duration_ceil(Duration::from_secs(2)).unwrap().get(), 2);
+        assert_eq!(
+            Seconds::from_duration_ceil(Duration::ZERO).unwrap().get(),
+            0
+        );
+        assert_eq!(
+            Seconds::from_duration_ceil(Duration::from_secs(2))
+                .unwrap()
+                .get(),
+            2
+        );
         assert!(Lease::from_duration_ceil(Duration::ZERO).is_err());
         assert!(Seconds::from_duration_ceil(Duration::MAX).is_err());
     }

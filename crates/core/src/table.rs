@@ -1,0 +1,818 @@
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use dflockd_proto::{
+    IdleEntry, Key, Lease, Limit, LockEntry, Namespace, SemaphoreEntry, Stats, Token,
+};
+use thiserror::Error;
+
+use crate::{Mint, MintError};
+
+/// A connection identity, unique per server (0 is reserved for "nobody").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+/// A queued waiter. Ids grow with arrival, so ordering ids is FIFO order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WaiterId(u64);
+
+/// One resource: a key in a namespace.
+///
+/// ```
+/// use dflockd_core::ResourceId;
+/// use dflockd_proto::{Key, Namespace};
+/// let a = ResourceId::new(Namespace::Lock, Key::new("x").unwrap());
+/// let b = ResourceId::new(Namespace::Semaphore, Key::new("x").unwrap());
+/// assert_ne!(a, b);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResourceId {
+    /// Lock or semaphore namespace.
+    pub namespace: Namespace,
+    /// The user key.
+    pub key: Key,
+}
+
+impl ResourceId {
+    /// Names a resource.
+    ///
+    /// ```
+    /// use dflockd_proto::{Key, Namespace};
+    /// let r = dflockd_core::ResourceId::new(Namespace::Lock, Key::new("k").unwrap());
+    /// assert_eq!(r.key.as_bytes(), b"k");
+    /// ```
+    pub fn new(namespace: Namespace, key: Key) -> ResourceId {
+        ResourceId { namespace, key }
+    }
+}
+
+/// Table-wide rules (spec §3.3, §3.7, §3.8).
+///
+/// ```
+/// let c = dflockd_core::TableConfig::default();
+/// assert_eq!(c.default_lease.get(), 33);
+/// assert_eq!(c.max_locks, 1024);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableConfig {
+    /// Lease applied when a request names none.
+    pub default_lease: Lease,
+    /// Most resources (both namespaces together).
+    pub max_locks: usize,
+    /// Most queued waiters per resource; 0 = unlimited.
+    pub max_waiters: usize,
+    /// How long a resource with no holder and no waiter survives GC.
+    pub gc_max_idle: Duration,
+}
+
+impl Default for TableConfig {
+    fn default() -> TableConfig {
+        TableConfig {
+            default_lease: Lease::new(33).expect("33 is a valid lease"),
+            max_locks: 1024,
+            max_waiters: 0,
+            gc_max_idle: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A grant: the token and the lease it was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// The new token (fence + salt).
+    pub token: Token,
+    /// The lease length.
+    pub lease: Lease,
+}
+
+/// A grant for a request that was waiting; the caller must hand it to
+/// `notify`. If that is no longer possible (the request was cancelled), it
+/// must call [`LockTable::release_undelivered`] so the slot is not leaked.
+#[derive(Debug)]
+pub struct Delivery<W> {
+    /// The notification handle the waiting request registered.
+    pub notify: W,
+    /// The resource granted.
+    pub resource: ResourceId,
+    /// The grant.
+    pub grant: Grant,
+}
+
+/// Result of `l`/`sl`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcquireOutcome {
+    /// Granted at once.
+    Granted(Grant),
+    /// Queued; the grant will arrive as a [`Delivery`].
+    Queued(WaiterId),
+    /// Not free and the caller did not want to wait.
+    Timeout,
+}
+
+/// Result of `e`/`se`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnqueueOutcome {
+    /// Granted at once (`acquired`).
+    Acquired(Grant),
+    /// Queued (`queued`).
+    Queued,
+}
+
+/// Result of `w`/`sw`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitOutcome {
+    /// The grant (made before or at this call).
+    Granted(Grant),
+    /// Still queued; the grant will arrive as a [`Delivery`].
+    Pending,
+    /// Still queued and the caller did not want to wait: the waiter was
+    /// removed and the two-phase state discarded.
+    Timeout,
+}
+
+/// Lock-level failures, each mapping to one status word.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum LockError {
+    /// `error_max_locks`
+    #[error("too many resources")]
+    MaxLocks,
+    /// `error_max_waiters`
+    #[error("wait queue full")]
+    MaxWaiters,
+    /// `error_limit_mismatch`
+    #[error("semaphore exists with another limit")]
+    LimitMismatch,
+    /// `error_not_enqueued`
+    #[error("not enqueued")]
+    NotEnqueued,
+    /// `error_already_enqueued`
+    #[error("already enqueued")]
+    AlreadyEnqueued,
+    /// `error_lease_expired`
+    #[error("lease expired before the grant was observed")]
+    LeaseExpired,
+    /// `error`: the token does not hold the resource (or its lease ran out).
+    #[error("token does not hold the resource")]
+    NotHeld,
+    /// `error`: no token could be minted.
+    #[error(transparent)]
+    Mint(#[from] MintError),
+}
+
+struct Holder {
+    conn: ConnId,
+    deadline: Duration,
+}
+
+enum WaiterKind<W> {
+    Blocking(W),
+    TwoPhase,
+}
+
+struct Waiter<W> {
+    conn: ConnId,
+    lease: Lease,
+    kind: WaiterKind<W>,
+}
+
+struct Resource<W> {
+    limit: Limit,
+    holders: HashMap<Token, Holder>,
+    queue: BTreeMap<WaiterId, Waiter<W>>,
+    last_activity: Duration,
+}
+
+impl<W> Resource<W> {
+    fn is_idle(&self) -> bool {
+        self.holders.is_empty() && self.queue.is_empty()
+    }
+    fn has_room(&self) -> bool {
+        self.holders.len() < self.limit.get() as usize
+    }
+}
+
+/// Two-phase state for one (connection, resource).
+struct Phase1<W> {
+    waiter: Option<WaiterId>,
+    token: Option<Token>,
+    lease: Lease,
+    blocked: Option<W>,
+}
+
+struct Conn<W> {
+    held: HashMap<Token, ResourceId>,
+    waiters: HashMap<WaiterId, ResourceId>,
+    phase1: HashMap<ResourceId, Phase1<W>>,
+}
+
+impl<W> Default for Conn<W> {
+    fn default() -> Self {
+        Conn {
+            held: HashMap::new(),
+            waiters: HashMap::new(),
+            phase1: HashMap::new(),
+        }
+    }
+}
+
+/// The lock table. `W` is whatever the caller uses to wake a waiting
+/// request (a oneshot sender in the server, anything in tests); `M` mints
+/// tokens.
+///
+/// Time is a [`Duration`] since an arbitrary origin on a monotonic clock.
+pub struct LockTable<W, M> {
+    config: TableConfig,
+    mint: M,
+    resources: HashMap<ResourceId, Resource<W>>,
+    conns: HashMap<ConnId, Conn<W>>,
+    /// Lease deadlines in time order, for the sweep.
+    deadlines: BTreeMap<(Duration, Token), ResourceId>,
+    next_waiter: u64,
+    deliveries: Vec<Delivery<W>>,
+}
+
+impl<W, M: Mint> LockTable<W, M> {
+    /// An empty table.
+    ///
+    /// ```
+    /// use dflockd_core::{FenceCounter, LockTable, TableConfig};
+    /// let t: LockTable<(), _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// assert_eq!(t.resource_count(), 0);
+    /// ```
+    pub fn new(config: TableConfig, mint: M) -> Self {
+        LockTable {
+            config,
+            mint,
+            resources: HashMap::new(),
+            conns: HashMap::new(),
+            deadlines: BTreeMap::new(),
+            next_waiter: 0,
+            deliveries: Vec::new(),
+        }
+    }
+
+    /// The table's configuration.
+    pub fn config(&self) -> &TableConfig {
+        &self.config
+    }
+
+    /// How many resources exist (busy or idle).
+    pub fn resource_count(&self) -> usize {
+        self.resources.len()
+    }
+
+    /// How many holders exist across all resources.
+    pub fn holder_count(&self) -> usize {
+        self.resources.values().map(|r| r.holders.len()).sum()
+    }
+
+    /// How many waiters are queued across all resources.
+    pub fn waiter_count(&self) -> usize {
+        self.resources.values().map(|r| r.queue.len()).sum()
+    }
+
+    /// The earliest lease deadline, if any lease exists.
+    pub fn next_deadline(&self) -> Option<Duration> {
+        self.deadlines.keys().next().map(|(d, _)| *d)
+    }
+
+    /// Grants made to waiting requests since the last call. Deliver each to
+    /// its `notify`; on failure call [`release_undelivered`](Self::release_undelivered).
+    pub fn take_deliveries(&mut self) -> std::vec::Drain<'_, Delivery<W>> {
+        self.deliveries.drain(..)
+    }
+
+    /// `l` / `sl`. With `wait = None` this is a try-lock: it never queues.
+    pub fn acquire(
+        &mut self,
+        conn: ConnId,
+        rid: &ResourceId,
+        limit: Limit,
+        lease: Option<Lease>,
+        now: Duration,
+        wait: Option<W>,
+    ) -> Result<AcquireOutcome, LockError> {
+        let lease = lease.unwrap_or(self.config.default_lease);
+        self.prepare(rid, limit, now)?;
+        let resource = self.resources.get_mut(rid).expect("prepared above");
+        if resource.has_room() && resource.queue.is_empty() {
+            let grant = self.grant_now(conn, rid, lease, now)?;
+            return Ok(AcquireOutcome::Granted(grant));
+        }
+        if self.config.max_waiters > 0 && resource.queue.len() >= self.config.max_waiters {
+            return Err(LockError::MaxWaiters);
+        }
+        let Some(notify) = wait else {
+            return Ok(AcquireOutcome::Timeout);
+        };
+        let id = self.push_waiter(conn, rid, lease, WaiterKind::Blocking(notify));
+        Ok(AcquireOutcome::Queued(id))
+    }
+
+    /// Withdraws a waiter queued by [`acquire`](Self::acquire) (timeout or
+    /// cancellation). Returns `false` if it is no longer queued: it has been
+    /// granted, and that grant is (or was) in a [`Delivery`].
+    pub fn cancel_acquire(
+        &mut self,
+        conn: ConnId,
+        rid: &ResourceId,
+        waiter: WaiterId,
+        now: Duration,
+    ) -> bool {
+        let Some(resource) = self.resources.get_mut(rid) else {
+            return false;
+        };
+        if resource.queue.remove(&waiter).is_none() {
+            return false;
+        }
+        resource.last_activity = now;
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.waiters.remove(&waiter);
+        }
+        self.promote(rid, now);
+        true
+    }
+
+    /// `r` / `sr`: releases the holder with this token and promotes waiters.
+    /// Looks at no deadline: an expired holder that was not evicted yet can
+    /// still be released.
+    pub fn release(
+        &mut self,
+        rid: &ResourceId,
+        token: &[u8],
+        now: Duration,
+    ) -> Result<(), LockError> {
+        let token = Token::parse_wire(token).ok_or(LockError::NotHeld)?;
+        self.remove_holder(rid, token, now)
+            .ok_or(LockError::NotHeld)?;
+        self.promote(rid, now);
+        Ok(())
+    }
+
+    /// Releases a grant that could not be delivered because its request was
+    /// cancelled, so the slot passes to the next waiter instead of leaking.
+    pub fn release_undelivered(&mut self, rid: &ResourceId, token: Token, now: Duration) {
+        if self.remove_holder(rid, token, now).is_some() {
+            self.promote(rid, now);
+        }
+    }
+
+    /// `n` / `sn`: extends a live lease to `now + lease`. A lease at or past
+    /// its deadline is evicted on the spot and never resurrected.
+    pub fn renew(
+        &mut self,
+        rid: &ResourceId,
+        token: &[u8],
+        lease: Option<Lease>,
+        now: Duration,
+    ) -> Result<Lease, LockError> {
+        let token = Token::parse_wire(token).ok_or(LockError::NotHeld)?;
+        let lease = lease.unwrap_or(self.config.default_lease);
+        let resource = self.resources.get_mut(rid).ok_or(LockError::NotHeld)?;
+        let holder = resource.holders.get_mut(&token).ok_or(LockError::NotHeld)?;
+        if holder.deadline <= now {
+            self.remove_holder(rid, token, now);
+            self.promote(rid, now);
+            return Err(LockError::NotHeld);
+        }
+        let old = std::mem::replace(&mut holder.deadline, deadline(now, lease));
+        let new = holder.deadline;
+        resource.last_activity = now;
+        self.move_deadline(rid, token, old, new);
+        Ok(lease)
+    }
+
+    /// `e` / `se`: two-phase, phase 1.
+    pub fn enqueue(
+        &mut self,
+        conn: ConnId,
+        rid: &ResourceId,
+        limit: Limit,
+        lease: Option<Lease>,
+        now: Duration,
+    ) -> Result<EnqueueOutcome, LockError> {
+        if self
+            .conns
+            .get(&conn)
+            .is_some_and(|c| c.phase1.contains_key(rid))
+        {
+            return Err(LockError::AlreadyEnqueued);
+        }
+        let lease = lease.unwrap_or(self.config.default_lease);
+        self.prepare(rid, limit, now)?;
+        let resource = self.resources.get_mut(rid).expect("prepared above");
+        if resource.has_room() && resource.queue.is_empty() {
+            let grant = self.grant_now(conn, rid, lease, now)?;
+            let phase1 = Phase1 {
+                waiter: None,
+                token: Some(grant.token),
+                lease,
+                blocked: None,
+            };
+            self.conns
+                .entry(conn)
+                .or_default()
+                .phase1
+                .insert(rid.clone(), phase1);
+            return Ok(EnqueueOutcome::Acquired(grant));
+        }
+        if self.config.max_waiters > 0 && resource.queue.len() >= self.config.max_waiters {
+            return Err(LockError::MaxWaiters);
+        }
+        let id = self.push_waiter(conn, rid, lease, WaiterKind::TwoPhase);
+        let phase1 = Phase1 {
+            waiter: Some(id),
+            token: None,
+            lease,
+            blocked: None,
+        };
+        self.conns
+            .entry(conn)
+            .or_default()
+            .phase1
+            .insert(rid.clone(), phase1);
+        Ok(EnqueueOutcome::Queued)
+    }
+
+    /// `w` / `sw`: two-phase, phase 2. With `wait = None` this polls; a
+    /// still-queued waiter is then removed (the position is forfeited).
+    pub fn wait(
+        &mut self,
+        conn: ConnId,
+        rid: &ResourceId,
+        now: Duration,
+        wait: Option<W>,
+    ) -> Result<WaitOutcome, LockError> {
+        let phase1 = self
+            .conns
+            .get_mut(&conn)
+            .and_then(|c| c.phase1.get_mut(rid))
+            .ok_or(LockError::NotEnqueued)?;
+        if let Some(token) = phase1.token {
+            let lease = phase1.lease;
+            self.drop_phase1(conn, rid);
+            return self
+                .observe(rid, token, lease, now)
+                .map(WaitOutcome::Granted);
+        }
+        match wait {
+            Some(notify) => {
+                phase1.blocked = Some(notify);
+                Ok(WaitOutcome::Pending)
+            }
+            None => {
+                self.cancel_wait(conn, rid, now);
+                Ok(WaitOutcome::Timeout)
+            }
+        }
+    }
+
+    /// Gives up a blocked or polled `w`: removes the waiter and the two-phase
+    /// state. Returns `false` if the waiter was already granted (the grant is
+    /// in a [`Delivery`]).
+    pub fn cancel_wait(&mut self, conn: ConnId, rid: &ResourceId, now: Duration) -> bool {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return false;
+        };
+        let Some(phase1) = c.phase1.get(rid) else {
+            return false;
+        };
+        let Some(waiter) = phase1.waiter else {
+            return false;
+        };
+        c.phase1.remove(rid);
+        c.waiters.remove(&waiter);
+        if let Some(resource) = self.resources.get_mut(rid) {
+            if resource.queue.remove(&waiter).is_some() {
+                resource.last_activity = now;
+            }
+        }
+        self.promote(rid, now);
+        true
+    }
+
+    /// Restarts the lease of a grant that its waiting request has just
+    /// observed (`now + lease`). Fails with `LeaseExpired` if it already ran
+    /// out (and evicts it).
+    pub fn observe(
+        &mut self,
+        rid: &ResourceId,
+        token: Token,
+        lease: Lease,
+        now: Duration,
+    ) -> Result<Grant, LockError> {
+        let holder = self
+            .resources
+            .get_mut(rid)
+            .and_then(|r| r.holders.get_mut(&token))
+            .ok_or(LockError::LeaseExpired)?;
+        if holder.deadline <= now {
+            self.remove_holder(rid, token, now);
+            self.promote(rid, now);
+            return Err(LockError::LeaseExpired);
+        }
+        let old = std::mem::replace(&mut holder.deadline, deadline(now, lease));
+        let new = holder.deadline;
+        self.move_deadline(rid, token, old, new);
+        Ok(Grant { token, lease })
+    }
+
+    /// A connection ended: its waiters are removed and its two-phase state
+    /// dropped; with `auto_release` its holds are released too (otherwise they
+    /// stay until their leases expire).
+    pub fn disconnect(&mut self, conn: ConnId, auto_release: bool, now: Duration) {
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
+        let mut touched = Vec::new();
+        for (waiter, rid) in c.waiters {
+            if let Some(resource) = self.resources.get_mut(&rid) {
+                if resource.queue.remove(&waiter).is_some() {
+                    resource.last_activity = now;
+                }
+            }
+            touched.push(rid);
+        }
+        if auto_release {
+            for (token, rid) in c.held {
+                self.remove_holder(&rid, token, now);
+                touched.push(rid);
+            }
+        } else if !c.held.is_empty() {
+            // Keep the ownership record so a later disconnect-independent
+            // release still finds nothing to clean up here.
+            let entry = self.conns.entry(conn).or_default();
+            entry.held = c.held;
+        }
+        for rid in touched {
+            self.promote(&rid, now);
+        }
+    }
+
+    /// Evicts every holder whose lease deadline is at or before `now` and
+    /// promotes waiters into the freed capacity. Returns how many leases
+    /// were evicted.
+    pub fn sweep(&mut self, now: Duration) -> usize {
+        let mut evicted = 0;
+        while let Some(entry) = self.deadlines.first_entry() {
+            let (deadline, token) = *entry.key();
+            if deadline > now {
+                break;
+            }
+            let rid = entry.get().clone();
+            self.remove_holder(&rid, token, now);
+            self.promote(&rid, now);
+            evicted += 1;
+        }
+        evicted
+    }
+
+    /// Deletes resources that have had no holder and no waiter for longer
+    /// than `gc_max_idle`. Returns how many were deleted.
+    pub fn gc(&mut self, now: Duration) -> usize {
+        let max_idle = self.config.gc_max_idle;
+        let before = self.resources.len();
+        self.resources
+            .retain(|_, r| !(r.is_idle() && now.saturating_sub(r.last_activity) >= max_idle));
+        // Connections that kept holds only for ownership records (auto-release off) and
+        // hold nothing any more can go too.
+        self.conns
+            .retain(|_, c| !(c.held.is_empty() && c.waiters.is_empty() && c.phase1.is_empty()));
+        before - self.resources.len()
+    }
+
+    /// The `stats` document, with `connections` supplied by the caller.
+    pub fn stats(&self, connections: u64, now: Duration) -> Stats {
+        let mut stats = Stats {
+            connections,
+            ..Stats::default()
+        };
+        for (rid, r) in &self.resources {
+            let key = rid.key.to_string_lossy();
+            let limit = r.limit.get();
+            if r.is_idle() {
+                let entry = IdleEntry {
+                    key,
+                    idle_s: now.saturating_sub(r.last_activity).as_secs_f64(),
+                };
+                if limit == 1 {
+                    stats.idle_locks.push(entry)
+                } else {
+                    stats.idle_semaphores.push(entry)
+                }
+            } else if limit == 1 {
+                let holder = r.holders.values().next();
+                stats.locks.push(LockEntry {
+                    key,
+                    owner_conn_id: holder.map_or(0, |h| h.conn.0),
+                    lease_expires_in_s: holder
+                        .map_or(0.0, |h| h.deadline.saturating_sub(now).as_secs_f64()),
+                    waiters: r.queue.len() as u64,
+                });
+            } else {
+                stats.semaphores.push(SemaphoreEntry {
+                    key,
+                    limit: u64::from(limit),
+                    holders: r.holders.len() as u64,
+                    waiters: r.queue.len() as u64,
+                });
+            }
+        }
+        stats
+    }
+
+    /// Resolves or creates the resource, checks its limit, evicts its
+    /// expired holders and promotes waiters (so nobody queues behind a dead
+    /// lease).
+    fn prepare(&mut self, rid: &ResourceId, limit: Limit, now: Duration) -> Result<(), LockError> {
+        match self.resources.get_mut(rid) {
+            Some(resource) => {
+                if resource.limit != limit {
+                    return Err(LockError::LimitMismatch);
+                }
+                resource.last_activity = now;
+            }
+            None => {
+                if self.resources.len() >= self.config.max_locks {
+                    return Err(LockError::MaxLocks);
+                }
+                let resource = Resource {
+                    limit,
+                    holders: HashMap::new(),
+                    queue: BTreeMap::new(),
+                    last_activity: now,
+                };
+                self.resources.insert(rid.clone(), resource);
+                return Ok(());
+            }
+        }
+        let resource = &self.resources[rid];
+        let expired: Vec<Token> = resource
+            .holders
+            .iter()
+            .filter(|(_, h)| h.deadline <= now)
+            .map(|(t, _)| *t)
+            .collect();
+        if !expired.is_empty() {
+            for token in expired {
+                self.remove_holder(rid, token, now);
+            }
+            self.promote(rid, now);
+        }
+        Ok(())
+    }
+
+    fn grant_now(
+        &mut self,
+        conn: ConnId,
+        rid: &ResourceId,
+        lease: Lease,
+        now: Duration,
+    ) -> Result<Grant, LockError> {
+        let token = self.mint.mint()?;
+        self.insert_holder(conn, rid, token, lease, now);
+        Ok(Grant { token, lease })
+    }
+
+    fn insert_holder(
+        &mut self,
+        conn: ConnId,
+        rid: &ResourceId,
+        token: Token,
+        lease: Lease,
+        now: Duration,
+    ) {
+        let deadline = deadline(now, lease);
+        if let Some(resource) = self.resources.get_mut(rid) {
+            resource.holders.insert(token, Holder { conn, deadline });
+            resource.last_activity = now;
+        }
+        self.conns
+            .entry(conn)
+            .or_default()
+            .held
+            .insert(token, rid.clone());
+        self.deadlines.insert((deadline, token), rid.clone());
+    }
+
+    /// Removes a holder and everything that points at it. Returns its owner.
+    fn remove_holder(&mut self, rid: &ResourceId, token: Token, now: Duration) -> Option<ConnId> {
+        let resource = self.resources.get_mut(rid)?;
+        let holder = resource.holders.remove(&token)?;
+        resource.last_activity = now;
+        self.deadlines.remove(&(holder.deadline, token));
+        if let Some(c) = self.conns.get_mut(&holder.conn) {
+            c.held.remove(&token);
+            if c.phase1.get(rid).is_some_and(|p| p.token == Some(token)) {
+                c.phase1.remove(rid);
+            }
+        }
+        Some(holder.conn)
+    }
+
+    fn move_deadline(&mut self, rid: &ResourceId, token: Token, old: Duration, new: Duration) {
+        if let Some(r) = self.deadlines.remove(&(old, token)) {
+            self.deadlines.insert((new, token), r);
+        } else {
+            self.deadlines.insert((new, token), rid.clone());
+        }
+    }
+
+    fn push_waiter(
+        &mut self,
+        conn: ConnId,
+        rid: &ResourceId,
+        lease: Lease,
+        kind: WaiterKind<W>,
+    ) -> WaiterId {
+        self.next_waiter += 1;
+        let id = WaiterId(self.next_waiter);
+        if let Some(resource) = self.resources.get_mut(rid) {
+            resource.queue.insert(id, Waiter { conn, lease, kind });
+        }
+        self.conns
+            .entry(conn)
+            .or_default()
+            .waiters
+            .insert(id, rid.clone());
+        id
+    }
+
+    fn drop_phase1(&mut self, conn: ConnId, rid: &ResourceId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.phase1.remove(rid);
+        }
+    }
+
+    /// Moves waiters from the head of the queue into free capacity, minting
+    /// a fresh token for each at this moment.
+    fn promote(&mut self, rid: &ResourceId, now: Duration) {
+        loop {
+            let Some(resource) = self.resources.get_mut(rid) else {
+                return;
+            };
+            if !resource.has_room() {
+                return;
+            }
+            let Some(entry) = resource.queue.first_entry() else {
+                return;
+            };
+            let token = match self.mint.mint() {
+                Ok(token) => token,
+                // Leave the waiter queued; the next release or sweep retries.
+                Err(_) => return,
+            };
+            let (id, waiter) = entry.remove_entry();
+            self.insert_holder(waiter.conn, rid, token, waiter.lease, now);
+            let grant = Grant {
+                token,
+                lease: waiter.lease,
+            };
+            let c = self.conns.entry(waiter.conn).or_default();
+            c.waiters.remove(&id);
+            match waiter.kind {
+                WaiterKind::Blocking(notify) => {
+                    self.deliveries.push(Delivery {
+                        notify,
+                        resource: rid.clone(),
+                        grant,
+                    });
+                }
+                WaiterKind::TwoPhase => {
+                    let Some(phase1) = c.phase1.get_mut(rid) else {
+                        continue;
+                    };
+                    match phase1.blocked.take() {
+                        // A `w` is waiting: it consumes the state and observes the grant.
+                        Some(notify) => {
+                            c.phase1.remove(rid);
+                            self.deliveries.push(Delivery {
+                                notify,
+                                resource: rid.clone(),
+                                grant,
+                            });
+                        }
+                        None => {
+                            phase1.waiter = None;
+                            phase1.token = Some(token);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn deadline(now: Duration, lease: Lease) -> Duration {
+    now.saturating_add(lease.as_duration())
+}
+
+impl<W, M> std::fmt::Debug for LockTable<W, M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockTable")
+            .field("resources", &self.resources.len())
+            .field("connections", &self.conns.len())
+            .field("leases", &self.deadlines.len())
+            .finish()
+    }
+}

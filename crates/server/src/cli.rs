@@ -1,0 +1,650 @@
+//! Flags and environment variables of the `dflockd` binary, with the Go
+//! server's names, defaults, precedence and validation (spec §6).
+//!
+//! Precedence: a flag given on the command line, then its environment
+//! variable (empty counts as unset), then the default. Flags may be written
+//! Go-style (`-port 7000`) or GNU-style (`--port 7000`, `--port=7000`);
+//! booleans as `--debug` or `--debug=false`.
+//!
+//! ```
+//! use dflockd_server::cli::load;
+//! let env = |name: &str| (name == "DFLOCKD_PORT").then(|| "7001".to_string());
+//! let settings = load(["dflockd", "-read-timeout", "5"].map(String::from), env).unwrap();
+//! assert_eq!(settings.config.port, 7001);
+//! assert_eq!(settings.config.read_timeout.as_secs(), 5);
+//!
+//! let err = load(["dflockd", "--read-timeout", "0"].map(String::from), |_| None).unwrap_err();
+//! assert_eq!(err.to_string(), "configuration error: --read-timeout must be > 0");
+//! ```
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use dflockd_proto::{Lease, MAX_SECONDS};
+use thiserror::Error;
+
+use crate::config::{IdlePolicy, Secret, ServerConfig};
+use crate::tls::TlsConfig;
+
+/// An invalid configuration; the binary prints it and exits with code 1.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("configuration error: {0}")]
+pub struct ConfigError(pub String);
+
+/// Why [`load`] did not produce settings.
+#[derive(Debug, Error)]
+pub enum LoadError {
+    /// The arguments did not parse, or `--help`/`--version` was asked for:
+    /// [`clap::Error::exit`] prints the right text and exits with the right code.
+    #[error(transparent)]
+    Usage(#[from] clap::Error),
+    /// A value is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// What the binary runs with.
+#[derive(Debug)]
+pub struct Settings {
+    /// The server configuration.
+    pub config: ServerConfig,
+    /// Debug-level logging (`--debug` / `DFLOCKD_DEBUG`).
+    pub debug: bool,
+}
+
+/// Command-line flags. Every value is kept as text so that flags and
+/// environment variables share one validation path.
+#[derive(Debug, Parser)]
+#[command(
+    name = "dflockd",
+    version,
+    about = "Distributed FIFO lock and semaphore server (dflockd v2 protocol)"
+)]
+struct Flags {
+    /// Bind address [env: DFLOCKD_HOST] [default: 127.0.0.1]
+    #[arg(long)]
+    host: Option<String>,
+    /// Bind port, 0 = ephemeral [env: DFLOCKD_PORT] [default: 6388]
+    #[arg(long)]
+    port: Option<String>,
+    /// Per-line read deadline in seconds [env: DFLOCKD_READ_TIMEOUT_S] [default: 23]
+    #[arg(long)]
+    read_timeout: Option<String>,
+    /// Reply write deadline in seconds, 0 = none [env: DFLOCKD_WRITE_TIMEOUT_S] [default: 5]
+    #[arg(long)]
+    write_timeout: Option<String>,
+    /// Drain limit in seconds, 0 = wait forever [env: DFLOCKD_SHUTDOWN_TIMEOUT_S] [default: 30]
+    #[arg(long)]
+    shutdown_timeout: Option<String>,
+    /// Most concurrent connections, 0 = unlimited [env: DFLOCKD_MAX_CONNECTIONS] [default: 0]
+    #[arg(long)]
+    max_connections: Option<String>,
+    /// Most connections per remote IP, 0 = unlimited [env: DFLOCKD_MAX_CONNECTIONS_PER_IP] [default: 0]
+    #[arg(long)]
+    max_connections_per_ip: Option<String>,
+    /// Release a connection's locks when it closes [env: DFLOCKD_AUTO_RELEASE_ON_DISCONNECT] [default: true]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    auto_release_on_disconnect: Option<String>,
+    /// TLS certificate chain (PEM) [env: DFLOCKD_TLS_CERT]
+    #[arg(long)]
+    tls_cert: Option<String>,
+    /// TLS private key (PEM) [env: DFLOCKD_TLS_KEY]
+    #[arg(long)]
+    tls_key: Option<String>,
+    /// Shared secret clients must send first (visible in ps) [env: DFLOCKD_AUTH_TOKEN]
+    #[arg(long)]
+    auth_token: Option<String>,
+    /// File holding the shared secret [env: DFLOCKD_AUTH_TOKEN_FILE]
+    #[arg(long)]
+    auth_token_file: Option<String>,
+    /// Lease in seconds when a request names none [env: DFLOCKD_DEFAULT_LEASE_TTL_S] [default: 33]
+    #[arg(long)]
+    default_lease_ttl: Option<String>,
+    /// Expired-lease sweep period in seconds [env: DFLOCKD_LEASE_SWEEP_INTERVAL_S] [default: 1]
+    #[arg(long)]
+    lease_sweep_interval: Option<String>,
+    /// Idle-resource GC period in seconds [env: DFLOCKD_GC_INTERVAL_S] [default: 5]
+    #[arg(long)]
+    gc_interval: Option<String>,
+    /// Idle seconds before a resource is collected [env: DFLOCKD_GC_MAX_IDLE_S] [default: 60]
+    #[arg(long)]
+    gc_max_idle: Option<String>,
+    /// Most resources (locks + semaphores) [env: DFLOCKD_MAX_LOCKS] [default: 1024]
+    #[arg(long)]
+    max_locks: Option<String>,
+    /// Most waiters per key, 0 = unlimited [env: DFLOCKD_MAX_WAITERS] [default: 0]
+    #[arg(long)]
+    max_waiters: Option<String>,
+    /// File keeping fences monotonic across restarts [env: DFLOCKD_FENCE_STATE_FILE]
+    #[arg(long)]
+    fence_state_file: Option<String>,
+    /// Cluster-only; must be 0 [env: DFLOCKD_ORPHAN_TTL_S] [default: 0]
+    #[arg(long)]
+    orphan_ttl: Option<String>,
+    /// Let idle connections wait without a deadline (the read timeout then
+    /// applies only inside a request) [env: DFLOCKD_UNBOUNDED_IDLE] [default: false]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    unbounded_idle: Option<String>,
+    /// Debug-level logs [env: DFLOCKD_DEBUG] [default: false]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    debug: Option<String>,
+    /// HTTP API port; not supported yet, must be 0 [env: DFLOCKD_HTTP_PORT]
+    #[arg(long)]
+    http_port: Option<String>,
+    /// Cluster mode (Raft); not supported [env: DFLOCKD_RAFT_DIR]
+    #[arg(long, hide = true)]
+    raft_dir: Option<String>,
+    #[arg(long, hide = true)]
+    node_id: Option<String>,
+    #[arg(long, hide = true)]
+    raft_addr: Option<String>,
+    #[arg(long, hide = true)]
+    cluster_peers: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    cluster_bootstrap: Option<String>,
+}
+
+/// Where a value came from, for error messages.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    Flag(&'a str),
+    Env(&'a str),
+}
+
+struct Raw<'a> {
+    value: String,
+    source: Source<'a>,
+}
+
+/// Resolves the settings from command-line arguments (including the program
+/// name) and an environment lookup.
+pub fn load(
+    args: impl IntoIterator<Item = String>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Settings, LoadError> {
+    let flags = Flags::try_parse_from(go_style(args))?;
+    Ok(resolve(&flags, env)?)
+}
+
+fn resolve(flags: &Flags, env: impl Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
+    let env = |name: &str| env(name).filter(|v| !v.is_empty());
+    let pick =
+        |flag: &'static str, given: &Option<String>, var: &'static str| -> Option<Raw<'static>> {
+            match given {
+                Some(value) => Some(Raw {
+                    value: value.clone(),
+                    source: Source::Flag(flag),
+                }),
+                None => env(var).map(|value| Raw {
+                    value,
+                    source: Source::Env(var),
+                }),
+            }
+        };
+    let defaults = ServerConfig::default();
+    let mut config = ServerConfig::default();
+
+    if let Some(raw) = pick("--host", &flags.host, "DFLOCKD_HOST") {
+        config.host = raw.value;
+    }
+    if let Some(raw) = pick("--port", &flags.port, "DFLOCKD_PORT") {
+        let port = integer(&raw)?;
+        config.port = u16::try_from(port)
+            .map_err(|_| ConfigError(format!("{} must be 0–65535", name(&raw))))?;
+    }
+    config.read_timeout = seconds(
+        pick(
+            "--read-timeout",
+            &flags.read_timeout,
+            "DFLOCKD_READ_TIMEOUT_S",
+        ),
+        defaults.read_timeout,
+        true,
+    )?;
+    let write = seconds(
+        pick(
+            "--write-timeout",
+            &flags.write_timeout,
+            "DFLOCKD_WRITE_TIMEOUT_S",
+        ),
+        Duration::from_secs(5),
+        false,
+    )?;
+    config.write_timeout = (!write.is_zero()).then_some(write);
+    let shutdown = seconds(
+        pick(
+            "--shutdown-timeout",
+            &flags.shutdown_timeout,
+            "DFLOCKD_SHUTDOWN_TIMEOUT_S",
+        ),
+        Duration::from_secs(30),
+        false,
+    )?;
+    config.shutdown_timeout = (!shutdown.is_zero()).then_some(shutdown);
+    config.max_connections = count(
+        pick(
+            "--max-connections",
+            &flags.max_connections,
+            "DFLOCKD_MAX_CONNECTIONS",
+        ),
+        0,
+        false,
+    )?;
+    config.max_connections_per_ip = count(
+        pick(
+            "--max-connections-per-ip",
+            &flags.max_connections_per_ip,
+            "DFLOCKD_MAX_CONNECTIONS_PER_IP",
+        ),
+        0,
+        false,
+    )?;
+    config.auto_release_on_disconnect = boolean(
+        pick(
+            "--auto-release-on-disconnect",
+            &flags.auto_release_on_disconnect,
+            "DFLOCKD_AUTO_RELEASE_ON_DISCONNECT",
+        ),
+        true,
+    )?;
+    let lease = seconds(
+        pick(
+            "--default-lease-ttl",
+            &flags.default_lease_ttl,
+            "DFLOCKD_DEFAULT_LEASE_TTL_S",
+        ),
+        Duration::from_secs(33),
+        true,
+    )?;
+    config.default_lease = Lease::new(lease.as_secs())
+        .map_err(|e| ConfigError(format!("--default-lease-ttl: {e}")))?;
+    config.lease_sweep_interval = seconds(
+        pick(
+            "--lease-sweep-interval",
+            &flags.lease_sweep_interval,
+            "DFLOCKD_LEASE_SWEEP_INTERVAL_S",
+        ),
+        defaults.lease_sweep_interval,
+        true,
+    )?;
+    config.gc_interval = seconds(
+        pick("--gc-interval", &flags.gc_interval, "DFLOCKD_GC_INTERVAL_S"),
+        defaults.gc_interval,
+        true,
+    )?;
+    config.gc_max_idle = seconds(
+        pick("--gc-max-idle", &flags.gc_max_idle, "DFLOCKD_GC_MAX_IDLE_S"),
+        defaults.gc_max_idle,
+        false,
+    )?;
+    config.max_locks = count(
+        pick("--max-locks", &flags.max_locks, "DFLOCKD_MAX_LOCKS"),
+        defaults.max_locks,
+        true,
+    )?;
+    config.max_waiters = count(
+        pick("--max-waiters", &flags.max_waiters, "DFLOCKD_MAX_WAITERS"),
+        0,
+        false,
+    )?;
+    config.fence_state_file = pick(
+        "--fence-state-file",
+        &flags.fence_state_file,
+        "DFLOCKD_FENCE_STATE_FILE",
+    )
+    .map(|r| PathBuf::from(r.value));
+    if !seconds(
+        pick("--orphan-ttl", &flags.orphan_ttl, "DFLOCKD_ORPHAN_TTL_S"),
+        Duration::ZERO,
+        false,
+    )?
+    .is_zero()
+    {
+        return Err(ConfigError(
+            "--orphan-ttl > 0 is only allowed in cluster mode".into(),
+        ));
+    }
+    if boolean(
+        pick(
+            "--unbounded-idle",
+            &flags.unbounded_idle,
+            "DFLOCKD_UNBOUNDED_IDLE",
+        ),
+        false,
+    )? {
+        config.idle = IdlePolicy::Unbounded;
+    }
+    let debug = boolean(pick("--debug", &flags.debug, "DFLOCKD_DEBUG"), false)?;
+
+    if let Some(raw) = pick("--http-port", &flags.http_port, "DFLOCKD_HTTP_PORT") {
+        if integer(&raw)? != 0 {
+            return Err(ConfigError(format!(
+                "{}: the HTTP API is not supported by this server",
+                name(&raw)
+            )));
+        }
+    }
+    let cluster = [
+        pick("--raft-dir", &flags.raft_dir, "DFLOCKD_RAFT_DIR"),
+        pick("--node-id", &flags.node_id, "DFLOCKD_NODE_ID"),
+        pick("--raft-addr", &flags.raft_addr, "DFLOCKD_RAFT_ADDR"),
+        pick(
+            "--cluster-peers",
+            &flags.cluster_peers,
+            "DFLOCKD_CLUSTER_PEERS",
+        ),
+        pick(
+            "--cluster-bootstrap",
+            &flags.cluster_bootstrap,
+            "DFLOCKD_CLUSTER_BOOTSTRAP",
+        ),
+    ];
+    if let Some(raw) = cluster.iter().flatten().next() {
+        return Err(ConfigError(format!(
+            "{}: cluster mode is not supported by this server",
+            name(raw)
+        )));
+    }
+
+    let cert = pick("--tls-cert", &flags.tls_cert, "DFLOCKD_TLS_CERT");
+    let key = pick("--tls-key", &flags.tls_key, "DFLOCKD_TLS_KEY");
+    config.tls = match (cert, key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some(
+            TlsConfig::from_pem_files(&cert.value, &key.value)
+                .map_err(|e| ConfigError(format!("TLS: {e}")))?,
+        ),
+        _ => {
+            return Err(ConfigError(
+                "--tls-cert and --tls-key must be set together".into(),
+            ));
+        }
+    };
+    config.auth_token = auth_token(flags, &env)?;
+    Ok(Settings { config, debug })
+}
+
+/// Auth token resolution (spec §6.2): `--auth-token`, `--auth-token-file`,
+/// `DFLOCKD_AUTH_TOKEN`, `DFLOCKD_AUTH_TOKEN_FILE`; trimmed; blank or
+/// multi-line is an error.
+fn auth_token(
+    flags: &Flags,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<Secret>, ConfigError> {
+    let given = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
+    let (value, origin) = if let Some(token) = given(&flags.auth_token) {
+        (token, "--auth-token")
+    } else if let Some(path) = given(&flags.auth_token_file) {
+        (
+            read_token_file(&path, "--auth-token-file")?,
+            "--auth-token-file",
+        )
+    } else if let Some(token) = env("DFLOCKD_AUTH_TOKEN") {
+        (token, "DFLOCKD_AUTH_TOKEN")
+    } else if let Some(path) = env("DFLOCKD_AUTH_TOKEN_FILE") {
+        (
+            read_token_file(&path, "DFLOCKD_AUTH_TOKEN_FILE")?,
+            "DFLOCKD_AUTH_TOKEN_FILE",
+        )
+    } else {
+        return Ok(None);
+    };
+    let token = value.trim();
+    if token.is_empty() {
+        return Err(ConfigError(format!("{origin}: auth token is empty")));
+    }
+    if token.contains(['\r', '\n']) {
+        return Err(ConfigError(format!(
+            "{origin}: auth token must be a single line"
+        )));
+    }
+    Ok(Some(Secret::new(token)))
+}
+
+fn read_token_file(path: &str, origin: &str) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("{origin}: cannot read {path}: {e}")))
+}
+
+fn name(raw: &Raw<'_>) -> String {
+    match raw.source {
+        Source::Flag(flag) => flag.to_string(),
+        Source::Env(var) => var.to_string(),
+    }
+}
+
+fn integer(raw: &Raw<'_>) -> Result<i64, ConfigError> {
+    raw.value
+        .trim()
+        .parse::<i64>()
+        .map_err(|_| match raw.source {
+            Source::Env(var) => {
+                ConfigError(format!("{var} must be an integer (got {:?})", raw.value))
+            }
+            Source::Flag(flag) => ConfigError(format!(
+                "invalid value {:?} for flag {flag}: must be an integer",
+                raw.value
+            )),
+        })
+}
+
+/// A whole-second duration; `positive` demands > 0, otherwise ≥ 0.
+fn seconds(
+    raw: Option<Raw<'_>>,
+    default: Duration,
+    positive: bool,
+) -> Result<Duration, ConfigError> {
+    let Some(raw) = raw else { return Ok(default) };
+    let n = integer(&raw)?;
+    let display = match raw.source {
+        Source::Flag(flag) => flag.to_string(),
+        Source::Env(var) => var.to_string(),
+    };
+    if positive && n <= 0 {
+        return Err(ConfigError(format!("{display} must be > 0")));
+    }
+    if n < 0 {
+        return Err(ConfigError(format!("{display} must be >= 0")));
+    }
+    if n as u64 > MAX_SECONDS {
+        return Err(ConfigError(format!("{display} is too large")));
+    }
+    Ok(Duration::from_secs(n as u64))
+}
+
+fn count(raw: Option<Raw<'_>>, default: usize, positive: bool) -> Result<usize, ConfigError> {
+    let Some(raw) = raw else { return Ok(default) };
+    let n = integer(&raw)?;
+    let display = name(&raw);
+    if positive && n <= 0 {
+        return Err(ConfigError(format!("{display} must be > 0")));
+    }
+    usize::try_from(n).map_err(|_| ConfigError(format!("{display} must be >= 0")))
+}
+
+fn boolean(raw: Option<Raw<'_>>, default: bool) -> Result<bool, ConfigError> {
+    let Some(raw) = raw else { return Ok(default) };
+    match raw.value.trim().to_ascii_lowercase().as_str() {
+        "1" | "yes" | "true" | "t" => Ok(true),
+        "0" | "no" | "false" | "f" => Ok(false),
+        _ => Err(ConfigError(format!(
+            "{} must be a boolean (got {:?})",
+            name(&raw),
+            raw.value
+        ))),
+    }
+}
+
+/// Go's `flag` package accepts `-name`; clap wants `--name`. Single-dash
+/// words of two or more letters become double-dash (negative numbers are
+/// left alone).
+fn go_style(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    args.into_iter()
+        .map(|arg| {
+            let bytes = arg.as_bytes();
+            if bytes.len() > 2
+                && bytes[0] == b'-'
+                && bytes[1].is_ascii_alphabetic()
+                && bytes[2] != b'='
+            {
+                format!("-{arg}")
+            } else {
+                arg
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str], env: &[(&str, &str)]) -> Result<Settings, LoadError> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let args = std::iter::once("dflockd")
+            .chain(args.iter().copied())
+            .map(String::from);
+        load(args, move |name| {
+            env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        })
+    }
+
+    #[test]
+    fn defaults_match_the_go_server() {
+        let s = run(&[], &[]).unwrap();
+        let c = s.config;
+        assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 6388));
+        assert_eq!(c.read_timeout, Duration::from_secs(23));
+        assert_eq!(c.write_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(c.shutdown_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(
+            (
+                c.max_connections,
+                c.max_connections_per_ip,
+                c.max_waiters,
+                c.max_locks
+            ),
+            (0, 0, 0, 1024)
+        );
+        assert!(c.auto_release_on_disconnect);
+        assert_eq!(c.default_lease.get(), 33);
+        assert_eq!(c.lease_sweep_interval, Duration::from_secs(1));
+        assert_eq!(
+            (c.gc_interval, c.gc_max_idle),
+            (Duration::from_secs(5), Duration::from_secs(60))
+        );
+        assert!(c.tls.is_none() && c.auth_token.is_none() && c.fence_state_file.is_none());
+        assert_eq!(c.idle, IdlePolicy::ReadTimeout);
+        assert!(!s.debug);
+    }
+
+    #[test]
+    fn flag_beats_env_beats_default_and_empty_env_is_unset() {
+        assert_eq!(
+            run(&["--port", "7000"], &[("DFLOCKD_PORT", "7001")])
+                .unwrap()
+                .config
+                .port,
+            7000
+        );
+        assert_eq!(
+            run(&[], &[("DFLOCKD_PORT", "7001")]).unwrap().config.port,
+            7001
+        );
+        assert_eq!(run(&[], &[("DFLOCKD_PORT", "")]).unwrap().config.port, 6388);
+        assert_eq!(run(&["-port", "7002"], &[]).unwrap().config.port, 7002);
+        assert_eq!(run(&["--port=7003"], &[]).unwrap().config.port, 7003);
+    }
+
+    #[test]
+    fn go_style_messages() {
+        let e = |args: &[&str], env: &[(&str, &str)]| run(args, env).unwrap_err().to_string();
+        assert_eq!(
+            e(&["--read-timeout", "0"], &[]),
+            "configuration error: --read-timeout must be > 0"
+        );
+        assert_eq!(
+            e(&[], &[("DFLOCKD_READ_TIMEOUT_S", "abc")]),
+            "configuration error: DFLOCKD_READ_TIMEOUT_S must be an integer (got \"abc\")"
+        );
+        assert_eq!(
+            e(&[], &[("DFLOCKD_AUTO_RELEASE_ON_DISCONNECT", "maybe")]),
+            "configuration error: DFLOCKD_AUTO_RELEASE_ON_DISCONNECT must be a boolean (got \"maybe\")"
+        );
+        assert!(e(&["--read-timeout", "9223372037"], &[]).contains("too large"));
+        assert!(e(&["--max-locks", "0"], &[]).contains("must be > 0"));
+        assert!(e(&["--tls-cert", "x.pem"], &[]).contains("together"));
+        assert!(e(&["--orphan-ttl", "5"], &[]).contains("cluster"));
+        assert!(e(&["--http-port", "8080"], &[]).contains("HTTP"));
+        assert!(e(&["--raft-dir", "/tmp/r"], &[]).contains("cluster"));
+    }
+
+    #[test]
+    fn booleans() {
+        assert!(
+            !run(&["--auto-release-on-disconnect=false"], &[])
+                .unwrap()
+                .config
+                .auto_release_on_disconnect
+        );
+        assert!(run(&["--debug"], &[]).unwrap().debug);
+        assert!(
+            !run(&[], &[("DFLOCKD_AUTO_RELEASE_ON_DISCONNECT", "No")])
+                .unwrap()
+                .config
+                .auto_release_on_disconnect
+        );
+        assert!(run(&[], &[("DFLOCKD_DEBUG", "YES")]).unwrap().debug);
+        assert_eq!(
+            run(&["--unbounded-idle"], &[]).unwrap().config.idle,
+            IdlePolicy::Unbounded
+        );
+    }
+
+    #[test]
+    fn auth_token_resolution() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "  from-file \n").unwrap();
+        let file = file.to_str().unwrap();
+        let token = |args: &[&str], env: &[(&str, &str)]| {
+            run(args, env).map(|s| s.config.auth_token.map(|t| t.expose().to_string()))
+        };
+        assert_eq!(
+            token(&["--auth-token", " s3cret "], &[])
+                .unwrap()
+                .as_deref(),
+            Some("s3cret")
+        );
+        assert_eq!(
+            token(
+                &["--auth-token-file", file],
+                &[("DFLOCKD_AUTH_TOKEN", "env")]
+            )
+            .unwrap()
+            .as_deref(),
+            Some("from-file")
+        );
+        assert_eq!(
+            token(&["--auth-token", ""], &[("DFLOCKD_AUTH_TOKEN", "env")])
+                .unwrap()
+                .as_deref(),
+            Some("env")
+        );
+        assert_eq!(
+            token(&[], &[("DFLOCKD_AUTH_TOKEN_FILE", file)])
+                .unwrap()
+                .as_deref(),
+            Some("from-file")
+        );
+        assert!(token(&["--auth-token", "   "], &[]).is_err());
+        let multi = dir.path().join("multi");
+        std::fs::write(&multi, "a\nb\n").unwrap();
+        assert!(token(&["--auth-token-file", multi.to_str().unwrap()], &[]).is_err());
+        assert!(token(&["--auth-token-file", "/nonexistent/token"], &[]).is_err());
+    }
+}

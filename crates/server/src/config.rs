@@ -1,0 +1,147 @@
+//! Server configuration as the library sees it: typed values with the Go
+//! server's defaults. The `dflockd` binary builds one from flags and
+//! environment variables ([`crate::cli`]); embedders build one in code.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use dflockd_proto::Lease;
+
+use crate::tls::TlsConfig;
+
+/// How long a connection may stay silent between requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IdlePolicy {
+    /// The Go v2 baseline: waiting for the next request is an ordinary line
+    /// read, bounded by the read timeout; a silent connection gets `error`
+    /// and is closed (releasing its locks when auto-release is on).
+    #[default]
+    ReadTimeout,
+    /// Idle waits are unbounded; the read timeout applies only once a
+    /// request has started (the newest upstream protocol source's variant).
+    Unbounded,
+}
+
+/// A shared secret whose value never appears in `Debug` output or logs.
+///
+/// ```
+/// let s = dflockd_server::Secret::new("s3cret");
+/// assert_eq!(format!("{s:?}"), "Secret(***)");
+/// assert_eq!(s.expose(), "s3cret");
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(secret: impl Into<String>) -> Secret {
+        Secret(secret.into())
+    }
+
+    /// The secret's value. Do not log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Everything a server needs to run. Defaults follow the Go dflockd v2
+/// server (spec §6).
+///
+/// ```
+/// use std::time::Duration;
+/// let config = dflockd_server::ServerConfig::ephemeral();
+/// assert_eq!(config.port, 0);
+/// assert_eq!(config.read_timeout, Duration::from_secs(23));
+/// assert_eq!(config.default_lease.get(), 33);
+/// ```
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Bind address (`--host`, default `127.0.0.1`).
+    pub host: String,
+    /// Bind port (`--port`, default 6388; 0 = ephemeral).
+    pub port: u16,
+    /// Per-line read deadline (`--read-timeout`, 23 s).
+    pub read_timeout: Duration,
+    /// Whether idle time between requests is bounded by `read_timeout`.
+    pub idle: IdlePolicy,
+    /// Deadline for writing one reply (`--write-timeout`, 5 s); `None` = no deadline.
+    pub write_timeout: Option<Duration>,
+    /// How long a drain waits for connections before closing them
+    /// (`--shutdown-timeout`, 30 s); `None` = wait forever.
+    pub shutdown_timeout: Option<Duration>,
+    /// Most concurrent connections; 0 = unlimited.
+    pub max_connections: usize,
+    /// Most concurrent connections from one IP; 0 = unlimited.
+    pub max_connections_per_ip: usize,
+    /// Release a connection's holds when it closes (default true).
+    pub auto_release_on_disconnect: bool,
+    /// TLS for every connection, if set.
+    pub tls: Option<TlsConfig>,
+    /// Shared secret every connection must present first, if set.
+    pub auth_token: Option<Secret>,
+    /// Lease when a request names none (`--default-lease-ttl`, 33 s).
+    pub default_lease: Lease,
+    /// How often expired leases are evicted (`--lease-sweep-interval`, 1 s).
+    pub lease_sweep_interval: Duration,
+    /// How often idle resources are collected (`--gc-interval`, 5 s).
+    pub gc_interval: Duration,
+    /// Idle time after which a resource is collected (`--gc-max-idle`, 60 s).
+    pub gc_max_idle: Duration,
+    /// Most resources, locks and semaphores together (`--max-locks`, 1024).
+    pub max_locks: usize,
+    /// Most waiters per resource; 0 = unlimited (`--max-waiters`).
+    pub max_waiters: usize,
+    /// File that makes fences monotonic across restarts (`--fence-state-file`).
+    pub fence_state_file: Option<PathBuf>,
+    /// Most bytes of pipelined requests buffered while a blocking request
+    /// waits; beyond it the connection is closed (Go: its 4 KiB read buffer).
+    pub pipeline_limit: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> ServerConfig {
+        ServerConfig {
+            host: "127.0.0.1".into(),
+            port: 6388,
+            read_timeout: Duration::from_secs(23),
+            idle: IdlePolicy::ReadTimeout,
+            write_timeout: Some(Duration::from_secs(5)),
+            shutdown_timeout: Some(Duration::from_secs(30)),
+            max_connections: 0,
+            max_connections_per_ip: 0,
+            auto_release_on_disconnect: true,
+            tls: None,
+            auth_token: None,
+            default_lease: Lease::new(33).expect("33 is a valid lease"),
+            lease_sweep_interval: Duration::from_secs(1),
+            gc_interval: Duration::from_secs(5),
+            gc_max_idle: Duration::from_secs(60),
+            max_locks: 1024,
+            max_waiters: 0,
+            fence_state_file: None,
+            pipeline_limit: 16 * 1024,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The defaults, bound to `127.0.0.1` on an ephemeral port: what tests,
+    /// examples and embedders usually want.
+    ///
+    /// ```
+    /// assert_eq!(dflockd_server::ServerConfig::ephemeral().host, "127.0.0.1");
+    /// ```
+    pub fn ephemeral() -> ServerConfig {
+        ServerConfig {
+            port: 0,
+            ..ServerConfig::default()
+        }
+    }
+}

@@ -1,0 +1,432 @@
+//! One connection: read a frame, validate it, apply it to the table, write
+//! the reply; in order, one request at a time (spec §1.9).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dflockd_core::{
+    AcquireOutcome, ConnId, EnqueueOutcome, Grant, LockError, ResourceId, WaitOutcome,
+};
+use dflockd_proto::{FrameDecoder, Progress, Reply, Request, Seconds, Status};
+use subtle::ConstantTimeEq;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::config::IdlePolicy;
+use crate::shared::Shared;
+
+/// Pause between an `error_auth` reply and the close (spec §2.1).
+const AUTH_FAILURE_PAUSE: Duration = Duration::from_millis(100);
+
+/// Why the connection ends.
+#[derive(Debug)]
+enum Close {
+    /// Peer closed, read/write failed, or the server is force-closing.
+    Gone,
+    /// Closed by protocol rule after a final reply (written or attempted).
+    Protocol,
+}
+
+enum ReadFailure {
+    Eof,
+    Timeout,
+    Oversize,
+    Killed,
+}
+
+/// What a blocked request is waiting for, so it can be withdrawn.
+enum Pending {
+    Acquire(dflockd_core::WaiterId),
+    Wait,
+}
+
+pub(crate) struct Connection<S> {
+    stream: S,
+    id: ConnId,
+    shared: Arc<Shared>,
+    buf: Vec<u8>,
+    pos: usize,
+    decoder: FrameDecoder,
+    out: Vec<u8>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    pub(crate) fn new(stream: S, id: ConnId, shared: Arc<Shared>) -> Self {
+        Connection {
+            stream,
+            id,
+            shared,
+            buf: Vec::with_capacity(4096),
+            pos: 0,
+            decoder: FrameDecoder::new(),
+            out: Vec::with_capacity(256),
+        }
+    }
+
+    /// Serves the connection until it ends, then runs disconnect cleanup
+    /// (spec §3.9).
+    pub(crate) async fn serve(mut self) {
+        let outcome = self.run().await;
+        tracing::debug!(?outcome, "connection closed");
+        let auto_release = self.shared.config.auto_release_on_disconnect;
+        let id = self.id;
+        self.shared
+            .with_table(|t, now| t.disconnect(id, auto_release, now));
+    }
+
+    async fn run(&mut self) -> Result<(), Close> {
+        if self.shared.config.auth_token.is_some() {
+            self.handshake().await?;
+        }
+        loop {
+            match self.next_frame().await {
+                Ok(()) => {}
+                Err(ReadFailure::Eof | ReadFailure::Killed) => return Err(Close::Gone),
+                Err(ReadFailure::Timeout | ReadFailure::Oversize) => {
+                    self.out.extend_from_slice(b"error\n");
+                    let _ = self.flush().await;
+                    return Err(Close::Protocol);
+                }
+            }
+            if self.shared.drain.is_cancelled() {
+                Reply::Failure(Status::ErrorDraining).encode(&mut self.out);
+                let _ = self.flush().await;
+                return Err(Close::Protocol);
+            }
+            let parsed = Request::parse(&self.decoder.frame());
+            match parsed {
+                Ok(request) => self.execute(request).await?,
+                Err(error) => {
+                    tracing::debug!(code = error.code(), %error, "rejected request");
+                    Reply::Failure(Status::Error).encode(&mut self.out);
+                }
+            }
+        }
+    }
+
+    /// The first frame must be `auth` with the configured secret; anything
+    /// else is answered `error_auth`, followed by a pause and a close.
+    async fn handshake(&mut self) -> Result<(), Close> {
+        let authorised = match self.next_frame().await {
+            Ok(()) => match Request::parse(&self.decoder.frame()) {
+                Ok(Request::Auth { token }) => {
+                    let expected = self
+                        .shared
+                        .config
+                        .auth_token
+                        .as_ref()
+                        .map_or(&[][..], |s| s.expose().as_bytes());
+                    !token.is_empty() && bool::from(token.as_slice().ct_eq(expected))
+                }
+                _ => false,
+            },
+            Err(ReadFailure::Killed) => return Err(Close::Gone),
+            Err(_) => false,
+        };
+        if authorised {
+            Reply::Ok.encode(&mut self.out);
+            return Ok(());
+        }
+        tracing::info!("authentication failed");
+        Reply::Failure(Status::ErrorAuth).encode(&mut self.out);
+        let _ = self.flush().await;
+        tokio::select! {
+            _ = tokio::time::sleep(AUTH_FAILURE_PAUSE) => {}
+            _ = self.shared.kill.cancelled() => {}
+        }
+        Err(Close::Protocol)
+    }
+
+    /// Reads until the decoder completes a frame. Replies queued so far are
+    /// written only when no complete frame is buffered, so pipelined
+    /// requests get their replies in as few writes as possible.
+    async fn next_frame(&mut self) -> Result<(), ReadFailure> {
+        let read_timeout = self.shared.config.read_timeout;
+        let mut armed_at = self.decoder.lines_completed();
+        let mut deadline = Instant::now() + read_timeout;
+        loop {
+            let (used, progress) = self.decoder.feed(&self.buf[self.pos..]);
+            self.pos += used;
+            match progress {
+                Progress::Frame => return Ok(()),
+                Progress::Oversize => return Err(ReadFailure::Oversize),
+                Progress::NeedMore => {}
+            }
+            self.buf.clear();
+            self.pos = 0;
+            if self.flush().await.is_err() {
+                return Err(ReadFailure::Eof);
+            }
+            if self.decoder.lines_completed() != armed_at {
+                armed_at = self.decoder.lines_completed();
+                deadline = Instant::now() + read_timeout;
+            }
+            let bounded =
+                self.shared.config.idle == IdlePolicy::ReadTimeout || self.decoder.in_frame();
+            let read = tokio::select! {
+                read = self.stream.read_buf(&mut self.buf) => read,
+                _ = tokio::time::sleep_until(deadline), if bounded => return Err(ReadFailure::Timeout),
+                _ = self.shared.kill.cancelled() => return Err(ReadFailure::Killed),
+            };
+            match read {
+                Ok(0) | Err(_) => return Err(ReadFailure::Eof),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), Close> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let write = async {
+            self.stream.write_all(&self.out).await?;
+            self.stream.flush().await
+        };
+        let result = tokio::select! {
+            result = async {
+                match self.shared.config.write_timeout {
+                    Some(limit) => tokio::time::timeout(limit, write).await.unwrap_or_else(|_| {
+                        Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "write timeout"))
+                    }),
+                    None => write.await,
+                }
+            } => result,
+            _ = self.shared.kill.cancelled() => return Err(Close::Gone),
+        };
+        self.out.clear();
+        result.map_err(|error| {
+            tracing::debug!(%error, "write failed");
+            Close::Gone
+        })
+    }
+
+    async fn execute(&mut self, request: Request) -> Result<(), Close> {
+        let id = self.id;
+        let reply = match request {
+            Request::Ping => Reply::Ok,
+            // The handshake consumed the only `auth` that is ever valid.
+            Request::Auth { .. } => Reply::Failure(Status::Error),
+            Request::Stats => {
+                let connections = self.shared.connections() as u64;
+                let stats = self.shared.with_table(|t, now| t.stats(connections, now));
+                match serde_json::to_string(&stats) {
+                    Ok(json) => Reply::Stats(json),
+                    Err(_) => Reply::Failure(Status::Error),
+                }
+            }
+            Request::Acquire {
+                key,
+                kind,
+                timeout,
+                lease,
+            } => {
+                let rid = ResourceId::new(kind.namespace(), key);
+                let limit = kind.limit();
+                if timeout == Seconds::ZERO {
+                    let outcome = self
+                        .shared
+                        .with_table(|t, now| t.acquire(id, &rid, limit, lease, now, None));
+                    acquire_reply(outcome)
+                } else {
+                    let (tx, rx) = oneshot::channel();
+                    let outcome = self
+                        .shared
+                        .with_table(|t, now| t.acquire(id, &rid, limit, lease, now, Some(tx)));
+                    match outcome {
+                        Ok(AcquireOutcome::Queued(waiter)) => {
+                            self.block(rx, timeout, &rid, Pending::Acquire(waiter))
+                                .await?
+                        }
+                        other => acquire_reply(other),
+                    }
+                }
+            }
+            Request::Release {
+                key,
+                namespace,
+                token,
+            } => {
+                let rid = ResourceId::new(namespace, key);
+                match self
+                    .shared
+                    .with_table(|t, now| t.release(&rid, &token, now))
+                {
+                    Ok(()) => Reply::Ok,
+                    Err(error) => error_reply(&error),
+                }
+            }
+            Request::Renew {
+                key,
+                namespace,
+                token,
+                lease,
+            } => {
+                let rid = ResourceId::new(namespace, key);
+                match self
+                    .shared
+                    .with_table(|t, now| t.renew(&rid, &token, lease, now))
+                {
+                    Ok(lease) => Reply::Renewed(Seconds::new(lease.get()).unwrap_or(Seconds::ZERO)),
+                    Err(error) => error_reply(&error),
+                }
+            }
+            Request::Enqueue { key, kind, lease } => {
+                let rid = ResourceId::new(kind.namespace(), key);
+                let limit = kind.limit();
+                match self
+                    .shared
+                    .with_table(|t, now| t.enqueue(id, &rid, limit, lease, now))
+                {
+                    Ok(EnqueueOutcome::Acquired(Grant { token, lease })) => {
+                        Reply::Acquired { token, lease }
+                    }
+                    Ok(EnqueueOutcome::Queued) => Reply::Queued,
+                    Err(error) => error_reply(&error),
+                }
+            }
+            Request::Wait {
+                key,
+                namespace,
+                timeout,
+            } => {
+                let rid = ResourceId::new(namespace, key);
+                if timeout == Seconds::ZERO {
+                    let outcome = self.shared.with_table(|t, now| t.wait(id, &rid, now, None));
+                    wait_reply(outcome)
+                } else {
+                    let (tx, rx) = oneshot::channel();
+                    let outcome = self
+                        .shared
+                        .with_table(|t, now| t.wait(id, &rid, now, Some(tx)));
+                    match outcome {
+                        Ok(WaitOutcome::Pending) => {
+                            self.block(rx, timeout, &rid, Pending::Wait).await?
+                        }
+                        other => wait_reply(other),
+                    }
+                }
+            }
+        };
+        reply.encode(&mut self.out);
+        Ok(())
+    }
+
+    /// Waits for a queued request's grant, its timeout, the drain, or the
+    /// peer going away. Meanwhile pipelined bytes are buffered (bounded) and
+    /// a peer close cancels the wait at once (spec §1.9). No read deadline
+    /// runs during the wait.
+    async fn block(
+        &mut self,
+        mut rx: oneshot::Receiver<Grant>,
+        timeout: Seconds,
+        rid: &ResourceId,
+        pending: Pending,
+    ) -> Result<Reply, Close> {
+        self.flush().await?;
+        // Keep unprocessed pipelined bytes at the front of the buffer.
+        self.buf.drain(..self.pos);
+        self.pos = 0;
+        let expiry = tokio::time::sleep(timeout.as_duration());
+        tokio::pin!(expiry);
+        let limit = self.shared.config.pipeline_limit;
+        enum Woken {
+            Granted(Grant),
+            Expired,
+            Drained,
+            Gone,
+        }
+        let woken = loop {
+            tokio::select! {
+                biased;
+                grant = &mut rx => break match grant {
+                    Ok(grant) => Woken::Granted(grant),
+                    // The table dropped the waiter without a grant: not expected,
+                    // but answer rather than hang.
+                    Err(_) => Woken::Drained,
+                },
+                _ = self.shared.kill.cancelled() => break Woken::Gone,
+                _ = self.shared.drain.cancelled() => break Woken::Drained,
+                _ = &mut expiry => break Woken::Expired,
+                read = self.stream.read_buf(&mut self.buf) => match read {
+                    Ok(0) | Err(_) => break Woken::Gone,
+                    Ok(_) if self.buf.len() > limit => {
+                        tracing::debug!("pipeline overflow during a blocking request");
+                        break Woken::Gone;
+                    }
+                    Ok(_) => {}
+                },
+            }
+        };
+        let id = self.id;
+        let grant = match woken {
+            Woken::Granted(grant) => Some(grant),
+            Woken::Expired | Woken::Drained | Woken::Gone => {
+                // Withdraw; if the grant raced us it is already in `rx`.
+                let withdrawn = self.shared.with_table(|t, now| match pending {
+                    Pending::Acquire(waiter) => t.cancel_acquire(id, rid, waiter, now),
+                    Pending::Wait => t.cancel_wait(id, rid, now),
+                });
+                let raced = if withdrawn { None } else { rx.try_recv().ok() };
+                match (woken, raced) {
+                    (Woken::Expired, Some(grant)) => Some(grant),
+                    (Woken::Expired, None) => return Ok(Reply::Failure(Status::Timeout)),
+                    (woken, raced) => {
+                        if let Some(grant) = raced {
+                            self.shared
+                                .with_table(|t, now| t.release_undelivered(rid, grant.token, now));
+                        }
+                        return match woken {
+                            Woken::Drained => Ok(Reply::Failure(Status::Error)),
+                            _ => Err(Close::Gone),
+                        };
+                    }
+                }
+            }
+        };
+        let Some(grant) = grant else {
+            return Ok(Reply::Failure(Status::Timeout));
+        };
+        // The lease restarts when the waiting request observes its grant.
+        let observed = self
+            .shared
+            .with_table(|t, now| t.observe(rid, grant.token, grant.lease, now));
+        Ok(match observed {
+            Ok(Grant { token, lease }) => Reply::Granted { token, lease },
+            Err(error) => error_reply(&error),
+        })
+    }
+}
+
+fn acquire_reply(outcome: Result<AcquireOutcome, LockError>) -> Reply {
+    match outcome {
+        Ok(AcquireOutcome::Granted(Grant { token, lease })) => Reply::Granted { token, lease },
+        Ok(AcquireOutcome::Timeout | AcquireOutcome::Queued(_)) => Reply::Failure(Status::Timeout),
+        Err(error) => error_reply(&error),
+    }
+}
+
+fn wait_reply(outcome: Result<WaitOutcome, LockError>) -> Reply {
+    match outcome {
+        Ok(WaitOutcome::Granted(Grant { token, lease })) => Reply::Granted { token, lease },
+        Ok(WaitOutcome::Timeout | WaitOutcome::Pending) => Reply::Failure(Status::Timeout),
+        Err(error) => error_reply(&error),
+    }
+}
+
+fn error_reply(error: &LockError) -> Reply {
+    Reply::Failure(match error {
+        LockError::MaxLocks => Status::ErrorMaxLocks,
+        LockError::MaxWaiters => Status::ErrorMaxWaiters,
+        LockError::LimitMismatch => Status::ErrorLimitMismatch,
+        LockError::NotEnqueued => Status::ErrorNotEnqueued,
+        LockError::AlreadyEnqueued => Status::ErrorAlreadyEnqueued,
+        LockError::LeaseExpired => Status::ErrorLeaseExpired,
+        LockError::NotHeld => Status::Error,
+        LockError::Mint(error) => {
+            tracing::error!(%error, "could not mint a token");
+            Status::Error
+        }
+    })
+}

@@ -1,0 +1,341 @@
+//! Token minting for the server: a fence counter seeded from the wall clock
+//! (or from the fence-state file, spec §4.3) and CSPRNG salts.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use dflockd_core::{FenceCounter, Mint, MintError};
+use dflockd_proto::Token;
+use thiserror::Error;
+
+/// Fences reserved per persisted extension of the ceiling.
+pub const FENCE_RANGE: u64 = 1 << 20;
+const MAGIC: &[u8; 8] = b"dflfnc1\n";
+const RECORD: usize = 32;
+const CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_GO_ISO);
+
+/// Why the fence-state file could not be used.
+#[derive(Debug, Error)]
+pub enum FenceFileError {
+    /// An I/O operation on the file failed.
+    #[error("fence state file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The failure.
+        source: std::io::Error,
+    },
+    /// Another process holds the file's lock.
+    #[error("fence state file {0} is locked by another process")]
+    Locked(PathBuf),
+    /// The file's contents are not a valid journal.
+    #[error("fence state file {path} is corrupt: {why}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: &'static str,
+    },
+}
+
+/// The journal of fence ceilings: two 32-byte slots, each
+/// `magic | seq | ceiling | crc64(ISO)`, big-endian; the valid record with
+/// the highest sequence wins.
+#[derive(Debug)]
+pub struct FenceFile {
+    file: File,
+    path: PathBuf,
+    seq: u64,
+    ceiling: u64,
+}
+
+impl FenceFile {
+    /// Opens (or creates) and locks the file, recovers the ceiling, and
+    /// persists `max(ceiling, now) + 2^20`. Returns the file and the value
+    /// the counter must start from (its first fence is that value + 1).
+    pub fn open(path: &Path, now_nanos: u64) -> Result<(FenceFile, u64), FenceFileError> {
+        let io = |source| FenceFileError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let mut options = OpenOptions::new();
+        options.read(true).write(true).create(true).truncate(false);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let mut file = options.open(path).map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(FenceFileError::Locked(path.to_owned()));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(io)?;
+        let corrupt = |why| FenceFileError::Corrupt {
+            path: path.to_owned(),
+            why,
+        };
+        let (seq, ceiling, legacy) = match bytes.len() {
+            0 => (0, 0, false),
+            8 => (
+                0,
+                u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes")),
+                true,
+            ),
+            32 | 64 => {
+                let best = bytes
+                    .chunks(RECORD)
+                    .filter_map(decode_record)
+                    .max_by_key(|(seq, _)| *seq);
+                let (seq, ceiling) = best.ok_or_else(|| corrupt("no valid record"))?;
+                (seq, ceiling, false)
+            }
+            _ => return Err(corrupt("unexpected size")),
+        };
+        if legacy {
+            file.set_len(0).map_err(io)?;
+        }
+        let start = ceiling.max(now_nanos);
+        let mut fence_file = FenceFile {
+            file,
+            path: path.to_owned(),
+            seq,
+            ceiling,
+        };
+        let target = start
+            .checked_add(FENCE_RANGE)
+            .ok_or_else(|| corrupt("ceiling at the end of the range"))?;
+        fence_file.persist(target).map_err(io)?;
+        Ok((fence_file, start))
+    }
+
+    /// The last persisted ceiling: every fence issued is below it.
+    pub fn ceiling(&self) -> u64 {
+        self.ceiling
+    }
+
+    /// Writes the next journal record and syncs file and directory.
+    pub fn persist(&mut self, ceiling: u64) -> std::io::Result<()> {
+        let seq = self.seq + 1;
+        let mut record = [0u8; RECORD];
+        record[..8].copy_from_slice(MAGIC);
+        record[8..16].copy_from_slice(&seq.to_be_bytes());
+        record[16..24].copy_from_slice(&ceiling.to_be_bytes());
+        let crc = CRC64.checksum(&record[..24]);
+        record[24..].copy_from_slice(&crc.to_be_bytes());
+        let offset = ((seq - 1) % 2) * RECORD as u64;
+        self.file.seek(SeekFrom::Start(offset))?;
+        self.file.write_all(&record)?;
+        self.file.sync_all()?;
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)?.sync_all()?;
+        }
+        self.seq = seq;
+        self.ceiling = ceiling;
+        Ok(())
+    }
+}
+
+fn decode_record(record: &[u8]) -> Option<(u64, u64)> {
+    if record.len() != RECORD || &record[..8] != MAGIC {
+        return None;
+    }
+    let crc = u64::from_be_bytes(record[24..32].try_into().ok()?);
+    if CRC64.checksum(&record[..24]) != crc {
+        return None;
+    }
+    let seq = u64::from_be_bytes(record[8..16].try_into().ok()?);
+    let ceiling = u64::from_be_bytes(record[16..24].try_into().ok()?);
+    Some((seq, ceiling))
+}
+
+/// Current wall-clock time in Unix nanoseconds (saturating).
+pub fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// The server's token source: one counter for all keys and both namespaces.
+#[derive(Debug)]
+pub struct ServerMint {
+    counter: FenceCounter,
+    file: Option<FenceFile>,
+}
+
+impl ServerMint {
+    /// Seeds from the wall clock, or from the fence-state file if given.
+    pub fn open(fence_state_file: Option<&Path>) -> Result<ServerMint, FenceFileError> {
+        let now = unix_nanos();
+        let (seed, file) = match fence_state_file {
+            Some(path) => {
+                let (file, start) = FenceFile::open(path, now)?;
+                (start, Some(file))
+            }
+            None => (now, None),
+        };
+        let mut salts = SaltPool::default();
+        Ok(ServerMint {
+            counter: FenceCounter::new(seed, move || salts.next()),
+            file,
+        })
+    }
+}
+
+impl Mint for ServerMint {
+    fn mint(&mut self) -> Result<Token, MintError> {
+        let next = self
+            .counter
+            .last()
+            .checked_add(1)
+            .ok_or(MintError::Exhausted)?;
+        if let Some(file) = &mut self.file {
+            if next >= file.ceiling() {
+                let target = next.checked_add(FENCE_RANGE).ok_or(MintError::Exhausted)?;
+                file.persist(target)
+                    .map_err(|e| MintError::Persistence(e.to_string()))?;
+            }
+        }
+        self.counter.mint()
+    }
+}
+
+/// Salts from the OS CSPRNG, fetched 4 KiB at a time.
+struct SaltPool {
+    buf: [u8; 4096],
+    pos: usize,
+}
+
+impl Default for SaltPool {
+    fn default() -> Self {
+        SaltPool {
+            buf: [0; 4096],
+            pos: 4096,
+        }
+    }
+}
+
+impl SaltPool {
+    fn next(&mut self) -> u64 {
+        if self.pos + 8 > self.buf.len() {
+            if let Err(error) = getrandom::fill(&mut self.buf) {
+                // Never expected on a supported OS; fall back to the std
+                // library's randomly keyed hasher rather than fixed salts.
+                tracing::error!(%error, "OS random source failed; using fallback salts");
+                use std::hash::{BuildHasher, Hasher};
+                for chunk in self.buf.chunks_mut(8) {
+                    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                    h.write_u64(unix_nanos());
+                    chunk.copy_from_slice(&h.finish().to_le_bytes());
+                }
+            }
+            self.pos = 0;
+        }
+        let salt = u64::from_le_bytes(
+            self.buf[self.pos..self.pos + 8]
+                .try_into()
+                .expect("8 bytes"),
+        );
+        self.pos += 8;
+        salt
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc64_is_go_iso() {
+        // Check value of CRC-64/GO-ISO over "123456789".
+        assert_eq!(CRC64.checksum(b"123456789"), 0xb909_56c7_75a4_1001);
+    }
+
+    #[test]
+    fn fresh_file_persists_ceiling_and_restarts_above_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fence");
+        let (f, start) = FenceFile::open(&path, 1_000).unwrap();
+        assert_eq!(start, 1_000);
+        assert_eq!(f.ceiling(), 1_000 + FENCE_RANGE);
+        drop(f);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len(), 32);
+        assert_eq!(&bytes[..8], MAGIC);
+        // Clock set back: restart starts at the persisted ceiling.
+        let (f, start) = FenceFile::open(&path, 5).unwrap();
+        assert_eq!(start, 1_000 + FENCE_RANGE);
+        assert_eq!(f.ceiling(), 1_000 + 2 * FENCE_RANGE);
+        drop(f);
+        assert_eq!(std::fs::read(&path).unwrap().len(), 64);
+    }
+
+    #[test]
+    fn legacy_eight_byte_file_is_rewritten_as_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fence");
+        std::fs::write(&path, 77_777u64.to_be_bytes()).unwrap();
+        let (_f, start) = FenceFile::open(&path, 10).unwrap();
+        assert_eq!(start, 77_777);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len(), 32);
+        assert_eq!(decode_record(&bytes), Some((1, 77_777 + FENCE_RANGE)));
+    }
+
+    #[test]
+    fn torn_record_falls_back_to_the_other_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fence");
+        drop(FenceFile::open(&path, 100).unwrap());
+        drop(FenceFile::open(&path, 100).unwrap());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[32 + 20] ^= 0xff; // corrupt record 2
+        std::fs::write(&path, &bytes).unwrap();
+        let (_f, start) = FenceFile::open(&path, 0).unwrap();
+        assert_eq!(start, 100 + FENCE_RANGE);
+    }
+
+    #[test]
+    fn bad_sizes_and_second_opener_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fence");
+        std::fs::write(&path, [1u8; 5]).unwrap();
+        assert!(matches!(
+            FenceFile::open(&path, 0),
+            Err(FenceFileError::Corrupt { .. })
+        ));
+        std::fs::write(&path, [1u8; 32]).unwrap();
+        assert!(matches!(
+            FenceFile::open(&path, 0),
+            Err(FenceFileError::Corrupt { .. })
+        ));
+        std::fs::remove_file(&path).unwrap();
+        let held = FenceFile::open(&path, 0).unwrap();
+        assert!(matches!(
+            FenceFile::open(&path, 0),
+            Err(FenceFileError::Locked(_))
+        ));
+        drop(held);
+    }
+
+    #[test]
+    fn mint_extends_the_ceiling_before_crossing_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fence");
+        let mut mint = ServerMint::open(Some(&path)).unwrap();
+        let first = mint.mint().unwrap().fence();
+        let ceiling = mint.file.as_ref().unwrap().ceiling();
+        assert!(first < ceiling);
+        // Jump the counter to just below the ceiling.
+        mint.counter = FenceCounter::with_fixed_salt(ceiling - 2, 0);
+        assert_eq!(mint.mint().unwrap().fence(), ceiling - 1);
+        assert_eq!(mint.mint().unwrap().fence(), ceiling);
+        assert_eq!(mint.file.as_ref().unwrap().ceiling(), ceiling + FENCE_RANGE);
+    }
+}

@@ -1,0 +1,266 @@
+//! The listener, admission caps, timers, drain and shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use dflockd_core::{LockTable, TableConfig};
+use thiserror::Error;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::ServerConfig;
+use crate::conn::Connection;
+use crate::fence::{FenceFileError, ServerMint};
+use crate::shared::{ConnGuard, Shared};
+
+/// Why a server could not start.
+#[derive(Debug, Error)]
+pub enum StartError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: String,
+        /// The failure.
+        source: std::io::Error,
+    },
+    /// The fence-state file could not be used.
+    #[error(transparent)]
+    FenceState(#[from] FenceFileError),
+}
+
+/// A dflockd server. [`Server::start`] binds and runs it on the current
+/// tokio runtime and returns a [`ServerHandle`].
+///
+/// ```
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+/// let server = dflockd_server::Server::start(dflockd_server::ServerConfig::ephemeral()).await?;
+/// let mut stream = tokio::net::TcpStream::connect(server.local_addr()).await?;
+/// stream.write_all(b"ping\n_\n_\n").await?;
+/// let mut line = String::new();
+/// BufReader::new(stream).read_line(&mut line).await?;
+/// assert_eq!(line, "ok\n");
+/// server.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Server;
+
+impl Server {
+    /// Binds the listener and starts serving in the background.
+    pub async fn start(config: ServerConfig) -> Result<ServerHandle, StartError> {
+        let mint = ServerMint::open(config.fence_state_file.as_deref())?;
+        let addr = format!("{}:{}", config.host, config.port);
+        let bind_host = config
+            .host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let listener = TcpListener::bind((bind_host.as_str(), config.port))
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr, source })?;
+        warn_unbounded(&config, &local_addr);
+        let table = LockTable::new(
+            TableConfig {
+                default_lease: config.default_lease,
+                max_locks: config.max_locks,
+                max_waiters: config.max_waiters,
+                gc_max_idle: config.gc_max_idle,
+            },
+            mint,
+        );
+        let shared = Arc::new(Shared::new(config, table));
+        let task = tokio::spawn(run(listener, Arc::clone(&shared)));
+        tracing::info!(addr = %local_addr, tls = shared.config.tls.is_some(), auth = shared.config.auth_token.is_some(), "dflockd listening");
+        Ok(ServerHandle {
+            local_addr,
+            shared,
+            task: Some(task),
+        })
+    }
+}
+
+/// Controls a running server. Dropping the handle stops the server at once
+/// (connections are closed); use [`shutdown`](Self::shutdown) for a graceful
+/// drain.
+pub struct ServerHandle {
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// The address the server listens on (with the real port when 0 was asked).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Starts a graceful drain, as SIGTERM does: the listener closes, blocked
+    /// requests are answered `error`, every connection's next request gets
+    /// `error_draining`, and connections still open after the shutdown
+    /// timeout are closed.
+    pub fn begin_drain(&self) {
+        self.shared.drain.cancel();
+    }
+
+    /// Closes every connection at once (no further replies).
+    pub fn force_close(&self) {
+        self.shared.drain.cancel();
+        self.shared.kill.cancel();
+    }
+
+    /// Waits until the server has stopped (after a drain or force close).
+    pub async fn wait(mut self) {
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    /// Drains and waits until the server has stopped.
+    pub async fn shutdown(self) {
+        self.begin_drain();
+        self.wait().await;
+    }
+}
+
+impl std::fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerHandle")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        if self.task.is_some() {
+            self.force_close();
+        }
+    }
+}
+
+fn warn_unbounded(config: &ServerConfig, addr: &SocketAddr) {
+    if addr.ip().is_loopback() {
+        return;
+    }
+    for (flag, value) in [
+        ("--max-connections", config.max_connections),
+        ("--max-connections-per-ip", config.max_connections_per_ip),
+        ("--max-waiters", config.max_waiters),
+    ] {
+        if value == 0 {
+            tracing::warn!(flag, "unbounded limit on a non-loopback listener");
+        }
+    }
+}
+
+async fn run(listener: TcpListener, shared: Arc<Shared>) {
+    let tracker = TaskTracker::new();
+    tracker.spawn(timers(Arc::clone(&shared)));
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.drain.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                // Over a cap: close at once, before any TLS handshake.
+                let Some(guard) = shared.admit(peer.ip()) else {
+                    tracing::debug!(%peer, "connection refused by cap");
+                    drop(stream);
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let span = tracing::debug_span!("conn", id = guard.id.0, %peer);
+                tracker.spawn(handle(stream, guard, Arc::clone(&shared)).instrument(span));
+            }
+            Err(error) => {
+                // Typically EMFILE: back off briefly instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop(listener);
+    tracing::info!("draining");
+    tracker.close();
+    match shared.config.shutdown_timeout {
+        Some(limit) => {
+            if tokio::time::timeout(limit, tracker.wait()).await.is_err() {
+                tracing::info!("shutdown timeout: closing remaining connections");
+                shared.kill.cancel();
+                tracker.wait().await;
+            }
+        }
+        None => tracker.wait().await,
+    }
+    tracing::info!("stopped");
+}
+
+async fn handle(stream: TcpStream, guard: ConnGuard, shared: Arc<Shared>) {
+    let id = guard.id;
+    match shared.config.tls.clone() {
+        None => {
+            Connection::new(stream, id, Arc::clone(&shared))
+                .serve()
+                .await
+        }
+        Some(tls) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.server);
+            let handshake =
+                tokio::time::timeout(shared.config.read_timeout, acceptor.accept(stream));
+            let stream = tokio::select! {
+                result = handshake => match result {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        tracing::debug!(%error, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!("TLS handshake timed out");
+                        return;
+                    }
+                },
+                _ = shared.kill.cancelled() => return,
+            };
+            Connection::new(stream, id, Arc::clone(&shared))
+                .serve()
+                .await;
+        }
+    }
+    drop(guard);
+}
+
+/// Lease sweep and idle GC, until the drain starts.
+async fn timers(shared: Arc<Shared>) {
+    let mut sweep = tokio::time::interval(shared.config.lease_sweep_interval);
+    let mut gc = tokio::time::interval(shared.config.gc_interval);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.drain.cancelled() => return,
+            _ = sweep.tick() => {
+                let evicted = shared.with_table(|t, now| t.sweep(now));
+                if evicted > 0 {
+                    tracing::debug!(evicted, "expired leases evicted");
+                }
+            }
+            _ = gc.tick() => {
+                let removed = shared.with_table(|t, now| t.gc(now));
+                if removed > 0 {
+                    tracing::debug!(removed, "idle resources collected");
+                }
+            }
+        }
+    }
+}

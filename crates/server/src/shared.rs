@@ -1,0 +1,135 @@
+//! State shared by the listener, the connection tasks and the timers.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use dflockd_core::{ConnId, Grant, LockTable};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ServerConfig;
+use crate::fence::ServerMint;
+
+/// How a waiting request is woken: the table sends its grant here.
+pub(crate) type Notify = oneshot::Sender<Grant>;
+pub(crate) type Table = LockTable<Notify, ServerMint>;
+
+pub(crate) struct Shared {
+    pub(crate) config: ServerConfig,
+    table: Mutex<Table>,
+    origin: Instant,
+    next_conn: AtomicU64,
+    connections: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Cancelled when the server starts draining (SIGTERM).
+    pub(crate) drain: CancellationToken,
+    /// Cancelled when remaining connections must be closed at once.
+    pub(crate) kill: CancellationToken,
+}
+
+impl Shared {
+    pub(crate) fn new(config: ServerConfig, table: Table) -> Shared {
+        Shared {
+            config,
+            table: Mutex::new(table),
+            origin: Instant::now(),
+            next_conn: AtomicU64::new(1),
+            connections: AtomicUsize::new(0),
+            per_ip: Mutex::new(HashMap::new()),
+            drain: CancellationToken::new(),
+            kill: CancellationToken::new(),
+        }
+    }
+
+    /// Runs `f` on the table with the current time, then hands every grant
+    /// it produced to its waiting request. A grant whose request is gone is
+    /// released again, so nothing leaks.
+    pub(crate) fn with_table<R>(&self, f: impl FnOnce(&mut Table, Duration) -> R) -> R {
+        let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = self.origin.elapsed();
+        let result = f(&mut table, now);
+        loop {
+            let undelivered: Vec<_> = table
+                .take_deliveries()
+                .filter_map(|d| {
+                    d.notify
+                        .send(d.grant)
+                        .err()
+                        .map(|grant| (d.resource, grant.token))
+                })
+                .collect();
+            if undelivered.is_empty() {
+                break;
+            }
+            for (resource, token) in undelivered {
+                table.release_undelivered(&resource, token, now);
+            }
+        }
+        result
+    }
+
+    /// Admits a new connection if the caps allow it.
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<ConnGuard> {
+        let max = self.config.max_connections;
+        let admitted = self
+            .connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (max == 0 || n < max).then_some(n + 1)
+            })
+            .is_ok();
+        if !admitted {
+            return None;
+        }
+        let per_ip_max = self.config.max_connections_per_ip;
+        if per_ip_max > 0 {
+            let mut per_ip = self.per_ip.lock().unwrap_or_else(PoisonError::into_inner);
+            let count = per_ip.entry(ip).or_insert(0);
+            if *count >= per_ip_max {
+                drop(per_ip);
+                self.connections.fetch_sub(1, Ordering::AcqRel);
+                return None;
+            }
+            *count += 1;
+        }
+        let id = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
+        Some(ConnGuard {
+            shared: Arc::clone(self),
+            ip,
+            id,
+        })
+    }
+
+    pub(crate) fn connections(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+}
+
+/// One admitted connection; dropping it frees its cap slots.
+pub(crate) struct ConnGuard {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+    pub(crate) id: ConnId,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if self.shared.config.max_connections_per_ip > 0 {
+            let mut per_ip = self
+                .shared
+                .per_ip
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(count) = per_ip.get_mut(&self.ip) {
+                *count -= 1;
+                if *count == 0 {
+                    per_ip.remove(&self.ip);
+                }
+            }
+        }
+        self.shared.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}

@@ -1,0 +1,99 @@
+//! TLS for the listener: rustls with the ring provider, TLS 1.2 minimum.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use thiserror::Error;
+
+/// Why a certificate or key could not be loaded.
+#[derive(Debug, Error)]
+pub enum TlsError {
+    /// A PEM file could not be read or parsed.
+    #[error("cannot read {what}: {source}")]
+    Pem {
+        /// Which input (`certificate` or `private key`).
+        what: &'static str,
+        /// The underlying error.
+        source: rustls::pki_types::pem::Error,
+    },
+    /// The certificate file holds no certificate.
+    #[error("no certificate found")]
+    NoCertificate,
+    /// rustls rejected the configuration (e.g. key does not match).
+    #[error("invalid TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// A server TLS configuration (certificate chain and private key).
+///
+/// ```no_run
+/// let tls = dflockd_server::TlsConfig::from_pem_files("cert.pem", "key.pem")?;
+/// let mut config = dflockd_server::ServerConfig::ephemeral();
+/// config.tls = Some(tls);
+/// # Ok::<(), dflockd_server::TlsError>(())
+/// ```
+#[derive(Clone)]
+pub struct TlsConfig {
+    pub(crate) server: Arc<rustls::ServerConfig>,
+}
+
+impl TlsConfig {
+    /// Loads a PEM certificate chain and a PEM private key (PKCS#8, PKCS#1
+    /// or SEC1) from files.
+    pub fn from_pem_files(
+        cert: impl AsRef<Path>,
+        key: impl AsRef<Path>,
+    ) -> Result<TlsConfig, TlsError> {
+        let certs = CertificateDer::pem_file_iter(cert.as_ref())
+            .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+            .map_err(|source| TlsError::Pem {
+                what: "certificate",
+                source,
+            })?;
+        let key = PrivateKeyDer::from_pem_file(key.as_ref()).map_err(|source| TlsError::Pem {
+            what: "private key",
+            source,
+        })?;
+        TlsConfig::from_parts(certs, key)
+    }
+
+    /// Builds a configuration from PEM text in memory.
+    pub fn from_pem(cert: &[u8], key: &[u8]) -> Result<TlsConfig, TlsError> {
+        let certs = CertificateDer::pem_slice_iter(cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| TlsError::Pem {
+                what: "certificate",
+                source,
+            })?;
+        let key = PrivateKeyDer::from_pem_slice(key).map_err(|source| TlsError::Pem {
+            what: "private key",
+            source,
+        })?;
+        TlsConfig::from_parts(certs, key)
+    }
+
+    fn from_parts(
+        certs: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<TlsConfig, TlsError> {
+        if certs.is_empty() {
+            return Err(TlsError::NoCertificate);
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)?;
+        Ok(TlsConfig {
+            server: Arc::new(server),
+        })
+    }
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsConfig { .. }")
+    }
+}
