@@ -32,19 +32,31 @@ fn decode(data: &[u8], piece: usize) -> Vec<Event> {
         let mut rest = chunk;
         while !rest.is_empty() {
             let (used, progress) = decoder.feed(rest);
-            assert!(used >= 1 && used <= rest.len(), "consumed {used} of {}", rest.len());
+            assert!(
+                used >= 1 && used <= rest.len(),
+                "consumed {used} of {}",
+                rest.len()
+            );
             let line_end = rest[used - 1] == b'\n';
             rest = &rest[used..];
             let frame = decoder.frame();
             assert!(frame.command.len() <= MAX_LINE);
             assert!(frame.key.len() <= MAX_LINE);
-            let arg_cap = if frame.command == b"auth" { MAX_AUTH_LINE } else { MAX_LINE };
+            let arg_cap = if frame.command == b"auth" {
+                MAX_AUTH_LINE
+            } else {
+                MAX_LINE
+            };
             assert!(frame.argument.len() <= arg_cap);
             match progress {
                 Progress::NeedMore => assert!(rest.is_empty()),
                 Progress::Frame => {
                     assert!(line_end);
-                    events.push(Event::Frame(frame.command.to_vec(), frame.key.to_vec(), frame.argument.to_vec()));
+                    events.push(Event::Frame(
+                        frame.command.to_vec(),
+                        frame.key.to_vec(),
+                        frame.argument.to_vec(),
+                    ));
                 }
                 Progress::Oversize => {
                     assert!(line_end);
@@ -67,8 +79,16 @@ fn parse(command: &[u8], key: &[u8], argument: &[u8]) -> Option<Request> {
 fn assert_round_trip(request: &Request) {
     let bytes = request.encode_to_vec();
     let mut decoder = FrameDecoder::new();
-    assert_eq!(decoder.feed(&bytes), (bytes.len(), Progress::Frame), "{request:?} -> {bytes:?}");
-    assert_eq!(Request::parse(&decoder.frame()).as_ref(), Ok(request), "{bytes:?}");
+    assert_eq!(
+        decoder.feed(&bytes),
+        (bytes.len(), Progress::Frame),
+        "{request:?} -> {bytes:?}"
+    );
+    assert_eq!(
+        Request::parse(&decoder.frame()).as_ref(),
+        Ok(request),
+        "{bytes:?}"
+    );
 }
 
 fuzz_target!(|data: &[u8]| {
