@@ -317,13 +317,13 @@ fn resolve(flags: &Flags, env: impl Fn(&str) -> Option<String>) -> Result<Settin
     }
     let debug = boolean(pick("--debug", &flags.debug, "DFLOCKD_DEBUG"), false)?;
 
-    if let Some(raw) = pick("--http-port", &flags.http_port, "DFLOCKD_HTTP_PORT") {
-        if integer(&raw)? != 0 {
-            return Err(ConfigError(format!(
-                "{}: the HTTP API is not supported by this server",
-                name(&raw)
-            )));
-        }
+    if let Some(raw) = pick("--http-port", &flags.http_port, "DFLOCKD_HTTP_PORT")
+        && integer(&raw)? != 0
+    {
+        return Err(ConfigError(format!(
+            "{}: the HTTP API is not supported by this server",
+            name(&raw)
+        )));
     }
     let cluster = [
         pick("--raft-dir", &flags.raft_dir, "DFLOCKD_RAFT_DIR"),

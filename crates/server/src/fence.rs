@@ -195,12 +195,12 @@ impl Mint for ServerMint {
             .last()
             .checked_add(1)
             .ok_or(MintError::Exhausted)?;
-        if let Some(file) = &mut self.file {
-            if next >= file.ceiling() {
-                let target = next.checked_add(FENCE_RANGE).ok_or(MintError::Exhausted)?;
-                file.persist(target)
-                    .map_err(|e| MintError::Persistence(e.to_string()))?;
-            }
+        if let Some(file) = &mut self.file
+            && next >= file.ceiling()
+        {
+            let target = next.checked_add(FENCE_RANGE).ok_or(MintError::Exhausted)?;
+            file.persist(target)
+                .map_err(|e| MintError::Persistence(e.to_string()))?;
         }
         self.counter.mint()
     }

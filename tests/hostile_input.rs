@@ -1,0 +1,168 @@
+//! Hostile and malformed input over real TCP: the server must never panic,
+//! desync (one reply per frame, in order), or keep state from connections
+//! that are gone. Deterministic pseudo-random inputs keep runs reproducible
+//! and bounded.
+
+use std::time::Duration;
+
+use dflockd::proto::Reply;
+use dflockd::server::{Server, ServerConfig, ServerHandle};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+const STEP: Duration = Duration::from_secs(5);
+
+/// xorshift64*: tiny, deterministic, good enough to vary inputs.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[self.below(items.len() as u64) as usize]
+    }
+    /// A line without LF, up to `max` bytes, biased towards protocol-ish bytes.
+    fn line(&mut self, max: u64) -> Vec<u8> {
+        let len = self.below(max + 1) as usize;
+        (0..len)
+            .map(|_| match self.below(6) {
+                0 => b' ',
+                1 => b'\r',
+                2 => b'0' + self.below(10) as u8,
+                3 => b'\t',
+                _ => {
+                    let b = self.below(256) as u8;
+                    if b == b'\n' { b'x' } else { b }
+                }
+            })
+            .collect()
+    }
+}
+
+async fn start() -> ServerHandle {
+    Server::start(ServerConfig { max_locks: 64, ..ServerConfig::ephemeral() }).await.expect("server starts")
+}
+
+async fn ping(server: &ServerHandle) -> String {
+    let stream = timeout(STEP, TcpStream::connect(server.local_addr())).await.expect("connect in time").expect("connect");
+    let (read, mut write) = stream.into_split();
+    write.write_all(b"stats\n_\n_\n").await.expect("write");
+    let mut line = String::new();
+    timeout(STEP, BufReader::new(read).read_line(&mut line)).await.expect("reply in time").expect("read");
+    line
+}
+
+/// Non-blocking frames only (timeouts forced to 0), so each must get exactly
+/// one reply, in order.
+fn frame(rng: &mut Rng) -> Vec<u8> {
+    let command = rng.pick(&["ping", "stats", "l", "r", "n", "e", "w", "sl", "sr", "sn", "se", "sw", "auth", "listen", "", "x"]);
+    let key = match rng.below(4) {
+        0 => rng.line(20),
+        _ => format!("k{}", rng.below(8)).into_bytes(),
+    };
+    let argument = match (command, rng.below(3)) {
+        ("l" | "w" | "sw", 0) => b"0".to_vec(),
+        ("l", 1) => format!("0 {}", rng.below(5)).into_bytes(),
+        ("sl", 0) => format!("0 {}", rng.below(4)).into_bytes(),
+        ("e" | "se", 0) => format!("{}", rng.below(4)).into_bytes(),
+        ("l" | "w" | "sw" | "sl", _) => {
+            // Anything that could parse as a positive timeout is forced to zero.
+            let mut line = rng.line(12);
+            if line.iter().any(u8::is_ascii_digit) {
+                line = b"0 x".to_vec();
+            }
+            line
+        }
+        _ => rng.line(40),
+    };
+    [command.as_bytes(), b"\n", &key, b"\n", &argument, b"\n"].concat()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_frames_get_exactly_one_reply_each_in_order() {
+    let server = start().await;
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    for round in 0..20 {
+        let stream = TcpStream::connect(server.local_addr()).await.expect("connect");
+        let (read, mut write) = stream.into_split();
+        let mut reader = BufReader::new(read);
+        let frames: Vec<Vec<u8>> = (0..50).map(|_| frame(&mut rng)).collect();
+        let mut bytes = frames.concat();
+        bytes.extend_from_slice(b"ping\n_\nlast\n");
+        write.write_all(&bytes).await.expect("write");
+        for i in 0..=frames.len() {
+            let mut line = Vec::new();
+            let n = timeout(STEP, reader.read_until(b'\n', &mut line)).await.expect("reply in time").expect("read");
+            assert!(n > 0, "round {round}: connection closed after {i} replies; frame: {:?}", frames.get(i));
+            assert!(Reply::parse(&line).is_ok(), "round {round}: unparseable reply {line:?}");
+            if i == frames.len() {
+                assert_eq!(line, b"ok\n", "round {round}: the final ping must be answered last");
+            }
+        }
+    }
+    assert!(ping(&server).await.starts_with("ok {"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_bytes_then_disconnect_leave_no_state() {
+    let server = start().await;
+    let mut rng = Rng(0xdead_beef_f00d_0002);
+    for _ in 0..60 {
+        let mut stream = TcpStream::connect(server.local_addr()).await.expect("connect");
+        let mut bytes = Vec::new();
+        for _ in 0..rng.below(6) {
+            bytes.extend_from_slice(&frame(&mut rng));
+        }
+        match rng.below(3) {
+            0 => bytes.extend_from_slice(&rng.line(400)), // maybe an oversize line
+            1 => bytes.extend_from_slice(&(0..rng.below(2000)).map(|_| rng.below(256) as u8).collect::<Vec<_>>()),
+            _ => {}
+        }
+        let _ = stream.write_all(&bytes).await;
+        let _ = stream.shutdown().await;
+        // Drain whatever the server answers until it closes or goes quiet.
+        let mut sink = vec![0u8; 4096];
+        while let Ok(Ok(n)) = timeout(Duration::from_millis(200), stream.read(&mut sink)).await {
+            if n == 0 {
+                break;
+            }
+        }
+    }
+    // Every connection is gone, so every hold must have been auto-released.
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let line = ping(&server).await;
+        let json: serde_json::Value = serde_json::from_str(line.trim_end().strip_prefix("ok ").expect("ok")).expect("json");
+        let busy = json["locks"].as_array().map_or(0, Vec::len) + json["semaphores"].as_array().map_or(0, Vec::len);
+        if busy == 0 && json["connections"] == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "state left behind: {json}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_line_is_discarded_without_buffering_it() {
+    let server = start().await;
+    let mut stream = TcpStream::connect(server.local_addr()).await.expect("connect");
+    // 8 MiB without a newline: the server must keep reading (not buffer it) …
+    let chunk = vec![b'a'; 64 * 1024];
+    for _ in 0..128 {
+        timeout(STEP, stream.write_all(&chunk)).await.expect("server keeps reading").expect("write");
+    }
+    // … and answer `error` and close once the line ends.
+    stream.write_all(b"\n").await.expect("write");
+    let mut reply = Vec::new();
+    timeout(STEP, stream.read_to_end(&mut reply)).await.expect("closed in time").expect("read");
+    assert_eq!(reply, b"error\n");
+    assert!(ping(&server).await.starts_with("ok {"));
+}
