@@ -15,13 +15,16 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 fn table(c: &mut Criterion) {
     let mut group = c.benchmark_group("lock_table");
     group.throughput(Throughput::Elements(1));
-    let mut table: LockTable<(), _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 1));
+    let mut table: LockTable<(), _> =
+        LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 1));
     let rid = ResourceId::new(Namespace::Lock, Key::new("bench-key").unwrap());
     let mut token = Vec::with_capacity(32);
     group.bench_function("acquire_release_uncontended", |b| {
         b.iter(|| {
             let now = Duration::from_secs(1);
-            let Ok(AcquireOutcome::Granted(grant)) = table.acquire(ConnId(1), &rid, Limit::ONE, None, now, None) else {
+            let Ok(AcquireOutcome::Granted(grant)) =
+                table.acquire(ConnId(1), &rid, Limit::ONE, None, now, None)
+            else {
                 panic!("not granted")
             };
             token.clear();
@@ -33,8 +36,14 @@ fn table(c: &mut Criterion) {
 }
 
 fn server(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let server = runtime.block_on(Server::start(ServerConfig::ephemeral())).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = runtime
+        .block_on(Server::start(ServerConfig::ephemeral()))
+        .unwrap();
     let addr = server.local_addr();
     let mut group = c.benchmark_group("server_tcp");
     group.throughput(Throughput::Elements(1));
@@ -51,7 +60,9 @@ fn server(c: &mut Criterion) {
                 write.write_all(b"l\nbench\n10\n").await.unwrap();
                 line.clear();
                 read.read_line(&mut line).await.unwrap();
-                let Ok(Reply::Granted { token, .. }) = Reply::parse(line.as_bytes()) else { panic!("{line}") };
+                let Ok(Reply::Granted { token, .. }) = Reply::parse(line.as_bytes()) else {
+                    panic!("{line}")
+                };
                 frame.clear();
                 frame.extend_from_slice(b"r\nbench\n");
                 token.write_hex(&mut frame);

@@ -23,10 +23,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let Reply::Granted { token, lease } = Reply::parse(reply.as_bytes())? else {
         return Err(format!("unexpected reply {reply}").into());
     };
-    println!("holding the lock: fence {} lease {lease}s", fence_from_token(&token.to_string())?);
+    println!(
+        "holding the lock: fence {} lease {lease}s",
+        fence_from_token(&token.to_string())?
+    );
 
-    write.write_all(format!("r\nnightly-report\n{token}\n").as_bytes()).await?;
-    println!("r nightly-report <token>  ->  {}", lines.next_line().await?.ok_or("server closed")?);
+    write
+        .write_all(format!("r\nnightly-report\n{token}\n").as_bytes())
+        .await?;
+    println!(
+        "r nightly-report <token>  ->  {}",
+        lines.next_line().await?.ok_or("server closed")?
+    );
 
     server.shutdown().await;
     println!("server drained and stopped");

@@ -48,22 +48,36 @@ impl Rng {
 }
 
 async fn start() -> ServerHandle {
-    Server::start(ServerConfig { max_locks: 64, ..ServerConfig::ephemeral() }).await.expect("server starts")
+    Server::start(ServerConfig {
+        max_locks: 64,
+        ..ServerConfig::ephemeral()
+    })
+    .await
+    .expect("server starts")
 }
 
 async fn ping(server: &ServerHandle) -> String {
-    let stream = timeout(STEP, TcpStream::connect(server.local_addr())).await.expect("connect in time").expect("connect");
+    let stream = timeout(STEP, TcpStream::connect(server.local_addr()))
+        .await
+        .expect("connect in time")
+        .expect("connect");
     let (read, mut write) = stream.into_split();
     write.write_all(b"stats\n_\n_\n").await.expect("write");
     let mut line = String::new();
-    timeout(STEP, BufReader::new(read).read_line(&mut line)).await.expect("reply in time").expect("read");
+    timeout(STEP, BufReader::new(read).read_line(&mut line))
+        .await
+        .expect("reply in time")
+        .expect("read");
     line
 }
 
 /// Non-blocking frames only (timeouts forced to 0), so each must get exactly
 /// one reply, in order.
 fn frame(rng: &mut Rng) -> Vec<u8> {
-    let command = rng.pick(&["ping", "stats", "l", "r", "n", "e", "w", "sl", "sr", "sn", "se", "sw", "auth", "listen", "", "x"]);
+    let command = rng.pick(&[
+        "ping", "stats", "l", "r", "n", "e", "w", "sl", "sr", "sn", "se", "sw", "auth", "listen",
+        "", "x",
+    ]);
     let key = match rng.below(4) {
         0 => rng.line(20),
         _ => format!("k{}", rng.below(8)).into_bytes(),
@@ -91,7 +105,9 @@ async fn random_frames_get_exactly_one_reply_each_in_order() {
     let server = start().await;
     let mut rng = Rng(0x5eed_1234_abcd_0001);
     for round in 0..20 {
-        let stream = TcpStream::connect(server.local_addr()).await.expect("connect");
+        let stream = TcpStream::connect(server.local_addr())
+            .await
+            .expect("connect");
         let (read, mut write) = stream.into_split();
         let mut reader = BufReader::new(read);
         let frames: Vec<Vec<u8>> = (0..50).map(|_| frame(&mut rng)).collect();
@@ -100,11 +116,24 @@ async fn random_frames_get_exactly_one_reply_each_in_order() {
         write.write_all(&bytes).await.expect("write");
         for i in 0..=frames.len() {
             let mut line = Vec::new();
-            let n = timeout(STEP, reader.read_until(b'\n', &mut line)).await.expect("reply in time").expect("read");
-            assert!(n > 0, "round {round}: connection closed after {i} replies; frame: {:?}", frames.get(i));
-            assert!(Reply::parse(&line).is_ok(), "round {round}: unparseable reply {line:?}");
+            let n = timeout(STEP, reader.read_until(b'\n', &mut line))
+                .await
+                .expect("reply in time")
+                .expect("read");
+            assert!(
+                n > 0,
+                "round {round}: connection closed after {i} replies; frame: {:?}",
+                frames.get(i)
+            );
+            assert!(
+                Reply::parse(&line).is_ok(),
+                "round {round}: unparseable reply {line:?}"
+            );
             if i == frames.len() {
-                assert_eq!(line, b"ok\n", "round {round}: the final ping must be answered last");
+                assert_eq!(
+                    line, b"ok\n",
+                    "round {round}: the final ping must be answered last"
+                );
             }
         }
     }
@@ -116,14 +145,20 @@ async fn random_bytes_then_disconnect_leave_no_state() {
     let server = start().await;
     let mut rng = Rng(0xdead_beef_f00d_0002);
     for _ in 0..60 {
-        let mut stream = TcpStream::connect(server.local_addr()).await.expect("connect");
+        let mut stream = TcpStream::connect(server.local_addr())
+            .await
+            .expect("connect");
         let mut bytes = Vec::new();
         for _ in 0..rng.below(6) {
             bytes.extend_from_slice(&frame(&mut rng));
         }
         match rng.below(3) {
             0 => bytes.extend_from_slice(&rng.line(400)), // maybe an oversize line
-            1 => bytes.extend_from_slice(&(0..rng.below(2000)).map(|_| rng.below(256) as u8).collect::<Vec<_>>()),
+            1 => bytes.extend_from_slice(
+                &(0..rng.below(2000))
+                    .map(|_| rng.below(256) as u8)
+                    .collect::<Vec<_>>(),
+            ),
             _ => {}
         }
         let _ = stream.write_all(&bytes).await;
@@ -140,12 +175,17 @@ async fn random_bytes_then_disconnect_leave_no_state() {
     let deadline = tokio::time::Instant::now() + STEP;
     loop {
         let line = ping(&server).await;
-        let json: serde_json::Value = serde_json::from_str(line.trim_end().strip_prefix("ok ").expect("ok")).expect("json");
-        let busy = json["locks"].as_array().map_or(0, Vec::len) + json["semaphores"].as_array().map_or(0, Vec::len);
+        let json: serde_json::Value =
+            serde_json::from_str(line.trim_end().strip_prefix("ok ").expect("ok")).expect("json");
+        let busy = json["locks"].as_array().map_or(0, Vec::len)
+            + json["semaphores"].as_array().map_or(0, Vec::len);
         if busy == 0 && json["connections"] == 1 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "state left behind: {json}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "state left behind: {json}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -153,16 +193,24 @@ async fn random_bytes_then_disconnect_leave_no_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endless_line_is_discarded_without_buffering_it() {
     let server = start().await;
-    let mut stream = TcpStream::connect(server.local_addr()).await.expect("connect");
+    let mut stream = TcpStream::connect(server.local_addr())
+        .await
+        .expect("connect");
     // 8 MiB without a newline: the server must keep reading (not buffer it) …
     let chunk = vec![b'a'; 64 * 1024];
     for _ in 0..128 {
-        timeout(STEP, stream.write_all(&chunk)).await.expect("server keeps reading").expect("write");
+        timeout(STEP, stream.write_all(&chunk))
+            .await
+            .expect("server keeps reading")
+            .expect("write");
     }
     // … and answer `error` and close once the line ends.
     stream.write_all(b"\n").await.expect("write");
     let mut reply = Vec::new();
-    timeout(STEP, stream.read_to_end(&mut reply)).await.expect("closed in time").expect("read");
+    timeout(STEP, stream.read_to_end(&mut reply))
+        .await
+        .expect("closed in time")
+        .expect("read");
     assert_eq!(reply, b"error\n");
     assert!(ping(&server).await.starts_with("ok {"));
 }

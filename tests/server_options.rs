@@ -9,38 +9,65 @@ use tokio::time::{Instant, timeout};
 
 async fn read_all(stream: &mut TcpStream, within: Duration) -> Vec<u8> {
     let mut out = Vec::new();
-    timeout(within, stream.read_to_end(&mut out)).await.expect("closed in time").expect("read");
+    timeout(within, stream.read_to_end(&mut out))
+        .await
+        .expect("closed in time")
+        .expect("read");
     out
 }
 
 #[tokio::test]
 async fn unbounded_idle_keeps_silent_connections_but_still_times_out_inside_a_frame() {
     let read_timeout = Duration::from_millis(300);
-    let config = ServerConfig { read_timeout, idle: IdlePolicy::Unbounded, ..ServerConfig::ephemeral() };
+    let config = ServerConfig {
+        read_timeout,
+        idle: IdlePolicy::Unbounded,
+        ..ServerConfig::ephemeral()
+    };
     let server = Server::start(config).await.expect("start");
 
     // Silent for well over the read timeout: still open.
-    let mut idle = TcpStream::connect(server.local_addr()).await.expect("connect");
+    let mut idle = TcpStream::connect(server.local_addr())
+        .await
+        .expect("connect");
     tokio::time::sleep(read_timeout * 3).await;
     idle.write_all(b"ping\n_\n_\n").await.expect("write");
     let mut reply = [0u8; 3];
-    timeout(Duration::from_secs(2), idle.read_exact(&mut reply)).await.expect("in time").expect("read");
+    timeout(Duration::from_secs(2), idle.read_exact(&mut reply))
+        .await
+        .expect("in time")
+        .expect("read");
     assert_eq!(&reply, b"ok\n");
 
     // A request that stops after its first line is still cut off.
-    let mut partial = TcpStream::connect(server.local_addr()).await.expect("connect");
+    let mut partial = TcpStream::connect(server.local_addr())
+        .await
+        .expect("connect");
     partial.write_all(b"l\n").await.expect("write");
     let started = Instant::now();
-    assert_eq!(read_all(&mut partial, Duration::from_secs(3)).await, b"error\n");
+    assert_eq!(
+        read_all(&mut partial, Duration::from_secs(3)).await,
+        b"error\n"
+    );
     assert!(started.elapsed() >= read_timeout);
 }
 
 #[tokio::test]
 async fn baseline_idle_policy_closes_silent_connections() {
     let read_timeout = Duration::from_millis(300);
-    let server = Server::start(ServerConfig { read_timeout, ..ServerConfig::ephemeral() }).await.expect("start");
-    let mut idle = TcpStream::connect(server.local_addr()).await.expect("connect");
+    let server = Server::start(ServerConfig {
+        read_timeout,
+        ..ServerConfig::ephemeral()
+    })
+    .await
+    .expect("start");
+    let mut idle = TcpStream::connect(server.local_addr())
+        .await
+        .expect("connect");
     let started = Instant::now();
-    assert_eq!(read_all(&mut idle, Duration::from_secs(3)).await, b"error\n");
+    assert_eq!(
+        read_all(&mut idle, Duration::from_secs(3)).await,
+        b"error\n"
+    );
     assert!(started.elapsed() >= read_timeout);
 }
