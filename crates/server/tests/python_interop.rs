@@ -13,7 +13,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const CLIENT: &str = "dflockd-client==2.1.1";
-const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/python_client_check.py");
+const SCRIPT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/interop/python_client_check.py"
+);
 
 /// A `dflockd` child process, killed on drop.
 struct ServerProcess {
@@ -35,7 +38,10 @@ impl ServerProcess {
         let deadline = Instant::now() + Duration::from_secs(10);
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            assert!(Instant::now() < deadline, "dflockd did not start listening on {port}");
+            assert!(
+                Instant::now() < deadline,
+                "dflockd did not start listening on {port}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         ServerProcess { child, port }
@@ -50,7 +56,10 @@ impl Drop for ServerProcess {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
 }
 
 fn run(cmd: &mut Command) -> bool {
@@ -64,18 +73,35 @@ fn interop_python() -> PathBuf {
     let python = venv.join("bin").join("python");
     let ready = || {
         run(Command::new(&python)
-            .args(["-c", "import dflockd_client, sys; sys.exit(dflockd_client.__version__ != '2.1.1')"])
+            .args([
+                "-c",
+                "import dflockd_client, sys; sys.exit(dflockd_client.__version__ != '2.1.1')",
+            ])
             .stderr(Stdio::null()))
     };
     if ready() {
         return python;
     }
     let base = std::env::var("DFLOCKD_INTEROP_PYTHON").unwrap_or_else(|_| "python3".into());
-    assert!(run(Command::new(&base).args(["-m", "venv", "--clear"]).arg(&venv)), "{base} -m venv failed");
+    assert!(
+        run(Command::new(&base)
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv)),
+        "{base} -m venv failed"
+    );
     // The package declares Python >= 3.12 but runs on 3.11 (asyncio.timeout exists there).
-    let old = run(Command::new(&python).args(["-c", "import sys; sys.exit(sys.version_info >= (3, 12))"]));
+    let old = run(
+        Command::new(&python).args(["-c", "import sys; sys.exit(sys.version_info >= (3, 12))"])
+    );
     let mut pip = Command::new(&python);
-    pip.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", CLIENT]);
+    pip.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        CLIENT,
+    ]);
     if old {
         pip.arg("--ignore-requires-python");
     }
@@ -97,13 +123,18 @@ fn test_pki() -> TestPki {
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     // Distinct names: OpenSSL treats a leaf whose issuer equals its subject as self-signed.
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "dflockd interop test CA");
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "dflockd interop test CA");
     let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
     let mut leaf_params =
-        rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).expect("leaf params");
-    leaf_params.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
+        rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+            .expect("leaf params");
+    leaf_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "localhost");
     let leaf = leaf_params
         .signed_by(&leaf_key, &issuer)
         .expect("leaf cert");
@@ -145,17 +176,35 @@ fn run_script(python: &Path, args: &[String]) -> (bool, String) {
 fn real_python_client_2_1_1_works_against_our_server() {
     let python = interop_python();
     let pki = test_pki();
-    let (cert, key, ca) = (pki.cert.to_str().unwrap(), pki.key.to_str().unwrap(), pki.ca.to_str().unwrap());
+    let (cert, key, ca) = (
+        pki.cert.to_str().unwrap(),
+        pki.key.to_str().unwrap(),
+        pki.ca.to_str().unwrap(),
+    );
 
     let plain = ServerProcess::start(&[]);
     let auth = ServerProcess::start(&["--auth-token", "interop-s3cret"]);
     let tls = ServerProcess::start(&["--tls-cert", cert, "--tls-key", key]);
-    let tls_auth = ServerProcess::start(&["--tls-cert", cert, "--tls-key", key, "--auth-token", "tls-s3cret"]);
+    let tls_auth = ServerProcess::start(&[
+        "--tls-cert",
+        cert,
+        "--tls-key",
+        key,
+        "--auth-token",
+        "tls-s3cret",
+    ]);
 
     let first: Vec<String> = [
-        "--port", &plain.port.to_string(),
-        "--auth-port", &auth.port.to_string(), "--auth-token", "interop-s3cret",
-        "--tls-port", &tls.port.to_string(), "--tls-ca", ca,
+        "--port",
+        &plain.port.to_string(),
+        "--auth-port",
+        &auth.port.to_string(),
+        "--auth-token",
+        "interop-s3cret",
+        "--tls-port",
+        &tls.port.to_string(),
+        "--tls-ca",
+        ca,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -164,9 +213,16 @@ fn real_python_client_2_1_1_works_against_our_server() {
     assert!(ok, "plain/auth/TLS interop failed: {summary}");
 
     let second: Vec<String> = [
-        "--port", &plain.port.to_string(),
-        "--tls-port", &tls_auth.port.to_string(), "--tls-ca", ca, "--tls-auth-token", "tls-s3cret",
-        "-k", "tls",
+        "--port",
+        &plain.port.to_string(),
+        "--tls-port",
+        &tls_auth.port.to_string(),
+        "--tls-ca",
+        ca,
+        "--tls-auth-token",
+        "tls-s3cret",
+        "-k",
+        "tls",
     ]
     .iter()
     .map(|s| s.to_string())
