@@ -482,10 +482,10 @@ impl<W, M: Mint> LockTable<W, M> {
         };
         c.phase1.remove(rid);
         c.waiters.remove(&waiter);
-        if let Some(resource) = self.resources.get_mut(rid) {
-            if resource.queue.remove(&waiter).is_some() {
-                resource.last_activity = now;
-            }
+        if let Some(resource) = self.resources.get_mut(rid)
+            && resource.queue.remove(&waiter).is_some()
+        {
+            resource.last_activity = now;
         }
         self.promote(rid, now);
         true
@@ -526,10 +526,10 @@ impl<W, M: Mint> LockTable<W, M> {
         };
         let mut touched = Vec::new();
         for (waiter, rid) in c.waiters {
-            if let Some(resource) = self.resources.get_mut(&rid) {
-                if resource.queue.remove(&waiter).is_some() {
-                    resource.last_activity = now;
-                }
+            if let Some(resource) = self.resources.get_mut(&rid)
+                && resource.queue.remove(&waiter).is_some()
+            {
+                resource.last_activity = now;
             }
             touched.push(rid);
         }
@@ -538,12 +538,9 @@ impl<W, M: Mint> LockTable<W, M> {
                 self.remove_holder(&rid, token, now);
                 touched.push(rid);
             }
-        } else if !c.held.is_empty() {
-            // Keep the ownership record so a later disconnect-independent
-            // release still finds nothing to clean up here.
-            let entry = self.conns.entry(conn).or_default();
-            entry.held = c.held;
         }
+        // Without auto-release the holds stay (owned by this dead connection)
+        // until their leases expire or someone releases them by token.
         for rid in touched {
             self.promote(&rid, now);
         }
