@@ -126,20 +126,6 @@ impl Error {
                 | Error::NotLeader { .. }
         )
     }
-
-    /// Whether this error leaves the connection unusable.
-    pub(crate) fn poisons(&self) -> bool {
-        matches!(
-            self,
-            Error::Io(_)
-                | Error::ConnectionClosed
-                | Error::ReplyTimeout
-                | Error::Poisoned
-                | Error::Protocol(_)
-                | Error::Auth
-                | Error::Draining
-        )
-    }
 }
 
 impl From<std::io::Error> for Error {

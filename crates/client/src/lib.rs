@@ -1,6 +1,20 @@
-//! Rust client for dflockd (work in progress).
+//! Rust client for dflockd: distributed FIFO locks and counting semaphores
+//! with leases renewed in the background and lease-loss signalled to your
+//! code.
 #![warn(missing_docs)]
 
+mod client;
+mod connection;
 mod error;
+mod lane;
+mod lease;
+mod options;
+mod server_conn;
+mod supervisor;
 
+pub use client::{Client, ClientBuilder, Enqueue, Lock, Semaphore, ShardFn, Sharding, Ticket};
+pub use connection::{Connection, Enqueued, Granted};
+pub use dflockd_proto::{Key, Stats, Token, fence_from_token};
 pub use error::{Error, Result};
+pub use lease::{Lease, LeaseLost, LossReason, Released};
+pub use options::{AuthToken, ConnectOptions, ServerAddr, TlsOptions};

@@ -1,0 +1,712 @@
+//! `Client`, its builder, and the `Lock` / `Semaphore` handles.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use dflockd_proto::{Key, Kind, Limit, Namespace, Reply, Request, Stats};
+use kameo::actor::Spawn;
+use kameo::prelude::*;
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::connection::{
+    Connection, Enqueued, Granted, REPLY_SLACK, expect_enqueued, expect_ok, expect_stats,
+    grant_or_timeout, lease_of, seconds,
+};
+use crate::lane::{LaneHandle, LaneRef, LaneTiming, spawn_lane};
+use crate::lease::{Lease, LeaseLost, LeaseShared};
+use crate::options::{AuthToken, ConnectOptions, ServerAddr, TlsOptions};
+use crate::server_conn::{Call, ServerConn, ServerConnArgs};
+use crate::supervisor::{LaneClosed, LeaseId, LeaseSupervisor, RenewPolicy, SupervisorArgs, Track};
+use crate::{Error, Result};
+
+/// A custom sharding function: `(key, server_count) -> index`. Its result is
+/// range-checked.
+pub type ShardFn = Arc<dyn Fn(&str, usize) -> usize + Send + Sync>;
+
+/// How keys are spread over several servers.
+#[derive(Clone, Default)]
+pub enum Sharding {
+    /// CRC-32/IEEE of the key modulo the server count — identical to the Go,
+    /// Python and TypeScript clients.
+    #[default]
+    Crc32,
+    /// A caller-supplied function.
+    Custom(ShardFn),
+}
+
+impl std::fmt::Debug for Sharding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Sharding::Crc32 => f.write_str("Crc32"),
+            Sharding::Custom(_) => f.write_str("Custom(..)"),
+        }
+    }
+}
+
+/// Builds a [`Client`].
+///
+/// ```no_run
+/// # async fn demo() -> dflockd_client::Result<()> {
+/// use std::time::Duration;
+/// let client = dflockd_client::Client::builder()
+///     .server("10.0.0.1:6388".parse()?)
+///     .server("10.0.0.2:6388".parse()?)
+///     .auth_token("s3cret")?
+///     .default_lease(Duration::from_secs(30))
+///     .build()?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    servers: Vec<ServerAddr>,
+    sharding: Sharding,
+    options: ConnectOptions,
+    renew_ratio: f64,
+    default_lease: Option<Duration>,
+    acquire_timeout: Duration,
+    keepalive: Duration,
+    max_renew_interval: Duration,
+    renew_retry: Duration,
+    reply_timeout: Duration,
+}
+
+impl Default for ClientBuilder {
+    fn default() -> ClientBuilder {
+        ClientBuilder {
+            servers: Vec::new(),
+            sharding: Sharding::Crc32,
+            options: ConnectOptions::default(),
+            renew_ratio: 1.0 / 3.0,
+            default_lease: None,
+            acquire_timeout: Duration::from_secs(10),
+            keepalive: Duration::from_secs(10),
+            max_renew_interval: Duration::from_secs(15),
+            renew_retry: Duration::from_millis(500),
+            reply_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ClientBuilder {
+    /// Adds a server (default when none is added: `127.0.0.1:6388`).
+    pub fn server(mut self, addr: ServerAddr) -> Self {
+        self.servers.push(addr);
+        self
+    }
+
+    /// Sets all servers at once.
+    pub fn servers(mut self, addrs: impl IntoIterator<Item = ServerAddr>) -> Self {
+        self.servers = addrs.into_iter().collect();
+        self
+    }
+
+    /// How keys map to servers (default CRC-32).
+    pub fn sharding(mut self, sharding: Sharding) -> Self {
+        self.sharding = sharding;
+        self
+    }
+
+    /// Connect with TLS.
+    pub fn tls(mut self, tls: TlsOptions) -> Self {
+        self.options.tls = Some(tls);
+        self
+    }
+
+    /// Send this shared secret first on every connection.
+    pub fn auth_token(mut self, token: &str) -> Result<Self> {
+        self.options.auth_token = Some(AuthToken::new(token)?);
+        Ok(self)
+    }
+
+    /// Bound on TCP connect + TLS + auth (default 10 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.options.connect_timeout = timeout;
+        self
+    }
+
+    /// Renew after this fraction of the lease (default 1/3; must be in (0, 1)).
+    pub fn renew_ratio(mut self, ratio: f64) -> Self {
+        self.renew_ratio = ratio;
+        self
+    }
+
+    /// Lease to request when a handle names none (default: the server's, 33 s).
+    pub fn default_lease(mut self, lease: Duration) -> Self {
+        self.default_lease = Some(lease);
+        self
+    }
+
+    /// How long `acquire()` waits by default (default 10 s).
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// Ping a connection after this much silence (default 10 s, below the
+    /// server's 23 s idle timeout). Also caps the renew interval.
+    pub fn keepalive(mut self, keepalive: Duration) -> Self {
+        self.keepalive = keepalive;
+        self
+    }
+
+    /// Longest wait for a non-blocking reply before the connection is
+    /// dropped (default 10 s).
+    pub fn reply_timeout(mut self, timeout: Duration) -> Self {
+        self.reply_timeout = timeout;
+        self
+    }
+
+    /// Builds the client and starts its actors on the current tokio runtime.
+    pub fn build(self) -> Result<Client> {
+        let runtime = Handle::try_current()
+            .map_err(|_| Error::InvalidArgument("Client::build needs a tokio runtime".into()))?;
+        if !(self.renew_ratio.is_finite() && self.renew_ratio > 0.0 && self.renew_ratio < 1.0) {
+            return Err(Error::InvalidArgument(format!(
+                "renew ratio must be in (0, 1), got {}",
+                self.renew_ratio
+            )));
+        }
+        if self.keepalive.is_zero()
+            || self.reply_timeout.is_zero()
+            || self.options.connect_timeout.is_zero()
+        {
+            return Err(Error::InvalidArgument(
+                "keepalive, reply and connect timeouts must be > 0".into(),
+            ));
+        }
+        lease_of(self.default_lease)?;
+        seconds(self.acquire_timeout)?;
+        let servers = if self.servers.is_empty() {
+            vec![ServerAddr::new("127.0.0.1", 6388)?]
+        } else {
+            self.servers
+        };
+        let timing = LaneTiming {
+            keepalive: self.keepalive,
+            reply_timeout: self.reply_timeout,
+        };
+
+        let supervisor_slot: Arc<OnceLock<WeakActorRef<LeaseSupervisor>>> =
+            Arc::new(OnceLock::new());
+        let on_lane_closed = {
+            let slot = Arc::clone(&supervisor_slot);
+            Arc::new(move |lane| {
+                if let Some(supervisor) = slot.get().and_then(WeakActorRef::upgrade) {
+                    let _ = supervisor.tell(LaneClosed(lane)).try_send();
+                }
+            })
+        };
+        let actors: Vec<ActorRef<ServerConn>> = servers
+            .iter()
+            .map(|addr| {
+                let args = ServerConnArgs {
+                    addr: addr.clone(),
+                    options: self.options.clone(),
+                    timing,
+                    on_lane_closed: on_lane_closed.clone(),
+                };
+                ServerConn::spawn_with_mailbox(args, kameo::mailbox::unbounded())
+            })
+            .collect();
+        let policy = RenewPolicy {
+            ratio: self.renew_ratio,
+            max_interval: self.max_renew_interval.min(self.keepalive),
+            retry: self.renew_retry,
+        };
+        let supervisor = LeaseSupervisor::spawn_with_mailbox(
+            SupervisorArgs {
+                servers: actors.clone(),
+                policy,
+            },
+            kameo::mailbox::unbounded(),
+        );
+        let _ = supervisor_slot.set(supervisor.downgrade());
+        let inner = ClientInner {
+            servers: servers
+                .into_iter()
+                .zip(actors)
+                .map(|(addr, actor)| ServerEntry { addr, actor })
+                .collect(),
+            supervisor,
+            options: self.options,
+            timing,
+            on_lane_closed,
+            sharding: self.sharding,
+            default_lease: self.default_lease,
+            acquire_timeout: self.acquire_timeout,
+            runtime,
+            next_lease: AtomicU64::new(1),
+        };
+        Ok(Client {
+            inner: Arc::new(inner),
+        })
+    }
+}
+
+pub(crate) struct ServerEntry {
+    pub(crate) addr: ServerAddr,
+    pub(crate) actor: ActorRef<ServerConn>,
+}
+
+pub(crate) struct ClientInner {
+    pub(crate) servers: Vec<ServerEntry>,
+    pub(crate) supervisor: ActorRef<LeaseSupervisor>,
+    options: ConnectOptions,
+    timing: LaneTiming,
+    on_lane_closed: Arc<dyn Fn(crate::lane::LaneId) + Send + Sync>,
+    sharding: Sharding,
+    default_lease: Option<Duration>,
+    acquire_timeout: Duration,
+    pub(crate) runtime: Handle,
+    next_lease: AtomicU64,
+}
+
+impl ClientInner {
+    /// Sends a non-blocking request over the server's control lane.
+    pub(crate) async fn control_call(
+        &self,
+        server: usize,
+        request: Request,
+        orphan: Option<(Key, Namespace)>,
+    ) -> Result<(Reply, LaneRef)> {
+        let (tx, rx) = oneshot::channel();
+        self.servers[server]
+            .actor
+            .tell(Call {
+                request,
+                orphan,
+                reply: tx,
+            })
+            .try_send()
+            .map_err(|_| Error::Shutdown)?;
+        rx.await.map_err(|_| Error::Shutdown)?
+    }
+}
+
+/// A dflockd client: build once per process and clone freely.
+///
+/// One `ServerConn` actor per server multiplexes every non-blocking request
+/// of the process over one pipelined connection; a blocking acquire gets a
+/// connection of its own for as long as its lease lives; one
+/// `LeaseSupervisor` actor renews every lease.
+///
+/// ```no_run
+/// # async fn demo() -> dflockd_client::Result<()> {
+/// let client = dflockd_client::Client::builder().server("127.0.0.1:6388".parse()?).build()?;
+/// let lease = client.lock("deploy")?.acquire().await?;
+/// println!("fence {}", lease.fence());
+/// lease.release().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<ClientInner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let servers: Vec<String> = self
+            .inner
+            .servers
+            .iter()
+            .map(|s| s.addr.to_string())
+            .collect();
+        f.debug_struct("Client")
+            .field("servers", &servers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// A builder with the defaults.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// The servers, in sharding order.
+    pub fn servers(&self) -> Vec<ServerAddr> {
+        self.inner.servers.iter().map(|s| s.addr.clone()).collect()
+    }
+
+    /// The index of the server responsible for `key`.
+    pub fn server_for(&self, key: &str) -> Result<usize> {
+        let n = self.inner.servers.len();
+        let index = match &self.inner.sharding {
+            Sharding::Crc32 => {
+                dflockd_proto::shard(key, n).map_err(|e| Error::InvalidArgument(e.to_string()))?
+            }
+            Sharding::Custom(f) => f(key, n),
+        };
+        if index >= n {
+            return Err(Error::InvalidArgument(format!(
+                "sharding returned {index} for {n} servers"
+            )));
+        }
+        Ok(index)
+    }
+
+    /// A lock handle for `key` (validated like the server does).
+    pub fn lock(&self, key: &str) -> Result<Lock> {
+        Ok(Lock(self.target(key, Kind::Lock)?))
+    }
+
+    /// A counting-semaphore handle for `key` with `limit` slots.
+    pub fn semaphore(&self, key: &str, limit: u32) -> Result<Semaphore> {
+        let limit = Limit::new(u64::from(limit))
+            .map_err(|e| Error::InvalidArgument(format!("semaphore limit: {e}")))?;
+        Ok(Semaphore(self.target(key, Kind::Semaphore(limit))?))
+    }
+
+    fn target(&self, key: &str, kind: Kind) -> Result<Target> {
+        let parsed =
+            Key::new(key).map_err(|e| Error::InvalidArgument(format!("key {key:?}: {e}")))?;
+        Ok(Target {
+            client: self.clone(),
+            server: self.server_for(key)?,
+            key: parsed,
+            kind,
+            lease: self.inner.default_lease,
+            timeout: self.inner.acquire_timeout,
+            owner: None,
+        })
+    }
+
+    /// The `stats` document of server `index`.
+    pub async fn stats(&self, index: usize) -> Result<Stats> {
+        self.check_index(index)?;
+        expect_stats(
+            self.inner
+                .control_call(index, Request::Stats, None)
+                .await?
+                .0,
+        )
+    }
+
+    /// Pings server `index` over its control lane.
+    pub async fn ping(&self, index: usize) -> Result<()> {
+        self.check_index(index)?;
+        expect_ok(self.inner.control_call(index, Request::Ping, None).await?.0)
+    }
+
+    fn check_index(&self, index: usize) -> Result<()> {
+        if index >= self.inner.servers.len() {
+            return Err(Error::InvalidArgument(format!("no server {index}")));
+        }
+        Ok(())
+    }
+}
+
+/// What a lock or semaphore handle targets.
+#[derive(Clone)]
+struct Target {
+    client: Client,
+    server: usize,
+    key: Key,
+    kind: Kind,
+    lease: Option<Duration>,
+    timeout: Duration,
+    owner: Option<Recipient<LeaseLost>>,
+}
+
+/// Result of a two-phase [`Lock::enqueue`] / [`Semaphore::enqueue`].
+#[derive(Debug)]
+pub enum Enqueue {
+    /// Granted at once.
+    Acquired(Lease),
+    /// Queued: [`Ticket::wait`] for the grant. Dropping the ticket leaves the
+    /// queue.
+    Queued(Ticket),
+}
+
+/// A place in a key's queue, held by its own connection.
+pub struct Ticket {
+    target: Target,
+    conn: Connection,
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket")
+            .field("key", &self.target.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ticket {
+    /// Waits up to `timeout` (rounded up to whole seconds) for the grant. On
+    /// timeout the queue position is gone: `Err(Error::Timeout)`.
+    pub async fn wait(self, timeout: Duration) -> Result<Lease> {
+        let Ticket { target, conn } = self;
+        let request = Request::Wait {
+            key: target.key.clone(),
+            namespace: target.kind.namespace(),
+            timeout: seconds(timeout)?,
+        };
+        let sent_at = Instant::now();
+        let (reply, conn) = guarded_request(
+            conn,
+            request,
+            (target.key.clone(), target.kind.namespace()),
+            timeout + REPLY_SLACK,
+        )
+        .await?;
+        match grant_or_timeout(reply)? {
+            Some(granted) => Ok(target.bind(granted, conn, sent_at, true)),
+            None => Err(Error::Timeout),
+        }
+    }
+}
+
+impl Target {
+    fn inner(&self) -> &ClientInner {
+        &self.client.inner
+    }
+
+    fn lease(&self) -> Result<Option<dflockd_proto::Lease>> {
+        lease_of(self.lease)
+    }
+
+    /// Tries once on the control lane; if busy and `timeout > 0`, waits on a
+    /// connection of its own.
+    async fn acquire_within(&self, timeout: Duration) -> Result<Option<Lease>> {
+        let wait = seconds(timeout)?;
+        let lease = self.lease()?;
+        let orphan = (self.key.clone(), self.kind.namespace());
+        let sent_at = Instant::now();
+        let request = Request::Acquire {
+            key: self.key.clone(),
+            kind: self.kind,
+            timeout: dflockd_proto::Seconds::ZERO,
+            lease,
+        };
+        let (reply, lane) = self
+            .inner()
+            .control_call(self.server, request, Some(orphan.clone()))
+            .await?;
+        if let Some(granted) = grant_or_timeout(reply)? {
+            return Ok(Some(self.track(granted, &lane, sent_at, None, false)));
+        }
+        if wait == dflockd_proto::Seconds::ZERO {
+            return Ok(None);
+        }
+        let conn = Connection::connect(
+            &self.inner().servers[self.server].addr,
+            &self.inner().options,
+        )
+        .await?;
+        let request = Request::Acquire {
+            key: self.key.clone(),
+            kind: self.kind,
+            timeout: wait,
+            lease,
+        };
+        let sent_at = Instant::now();
+        let (reply, conn) =
+            guarded_request(conn, request, orphan, wait.as_duration() + REPLY_SLACK).await?;
+        Ok(grant_or_timeout(reply)?.map(|granted| self.bind(granted, conn, sent_at, true)))
+    }
+
+    async fn enqueue(&self) -> Result<Enqueue> {
+        let conn = Connection::connect(
+            &self.inner().servers[self.server].addr,
+            &self.inner().options,
+        )
+        .await?;
+        let request = Request::Enqueue {
+            key: self.key.clone(),
+            kind: self.kind,
+            lease: self.lease()?,
+        };
+        let sent_at = Instant::now();
+        let orphan = (self.key.clone(), self.kind.namespace());
+        let (reply, conn) = guarded_request(conn, request, orphan, REPLY_SLACK).await?;
+        Ok(match expect_enqueued(reply)? {
+            Enqueued::Acquired(granted) => {
+                Enqueue::Acquired(self.bind(granted, conn, sent_at, false))
+            }
+            Enqueued::Queued => Enqueue::Queued(Ticket {
+                target: self.clone(),
+                conn,
+            }),
+        })
+    }
+
+    /// Keeps `conn` open (pinging) for as long as the lease lives: the
+    /// server ties auto-release to the connection that got the grant.
+    fn bind(&self, granted: Granted, conn: Connection, sent_at: Instant, renew_now: bool) -> Lease {
+        let on_close = Arc::clone(&self.inner().on_lane_closed);
+        let lane = spawn_lane(conn, self.inner().timing, move |id| on_close(id));
+        let lane_ref = lane.lane_ref();
+        self.track(granted, &lane_ref, sent_at, Some(lane), renew_now)
+    }
+
+    fn track(
+        &self,
+        granted: Granted,
+        lane: &LaneRef,
+        sent_at: Instant,
+        wait_lane: Option<LaneHandle>,
+        renew_now: bool,
+    ) -> Lease {
+        let inner = self.inner();
+        let id = LeaseId(inner.next_lease.fetch_add(1, Ordering::Relaxed));
+        let ttl = granted.lease.as_duration();
+        let shared = Arc::new(LeaseShared::new(sent_at + ttl, ttl));
+        // The guard exists before anything can fail or be cancelled, so its
+        // Drop releases the grant in every case.
+        let lease = Lease::new(
+            id,
+            self.server,
+            self.key.clone(),
+            self.kind,
+            granted.token,
+            Arc::clone(&shared),
+            wait_lane,
+            Arc::clone(&self.client.inner),
+        );
+        let track = Track {
+            id,
+            server: self.server,
+            key: self.key.clone(),
+            namespace: self.kind.namespace(),
+            token: granted.token,
+            requested: self.lease,
+            ttl,
+            sent_at,
+            lane: lane.id,
+            lane_closed: lane.closed.clone(),
+            renew_now,
+            shared: Arc::clone(&shared),
+            owner: self.owner.clone(),
+        };
+        if inner.supervisor.tell(track).try_send().is_err() {
+            shared.mark_lost(crate::LossReason::ClientStopped);
+        }
+        lease
+    }
+}
+
+/// Sends a request that may block on a connection of its own, so that the
+/// caller may be cancelled at any point without leaking a grant: the request
+/// runs in a task that owns the connection; if the caller goes away, the
+/// connection is closed (the server drops the waiter) — and a grant that
+/// raced the cancellation is released explicitly, which also covers servers
+/// running without auto-release-on-disconnect.
+async fn guarded_request(
+    mut conn: Connection,
+    request: Request,
+    orphan: (Key, Namespace),
+    reply_timeout: Duration,
+) -> Result<(Reply, Connection)> {
+    const RACE_GRACE: Duration = Duration::from_millis(200);
+    let (tx, rx) = oneshot::channel::<Result<(Reply, Connection)>>();
+    let mut tx = tx;
+    tokio::spawn(async move {
+        let reply = {
+            let exchange = conn.request(&request, reply_timeout);
+            tokio::pin!(exchange);
+            tokio::select! {
+                reply = &mut exchange => Some(reply),
+                _ = tx.closed() => {
+                    // The caller is gone. A grant may already be on the wire.
+                    tokio::time::timeout(RACE_GRACE, &mut exchange).await.ok()
+                }
+            }
+        };
+        match reply {
+            Some(Ok(reply)) => {
+                if let Err(Ok((reply, mut conn))) = tx.send(Ok((reply, conn)))
+                    && let Reply::Granted { token, .. } | Reply::Acquired { token, .. } = reply
+                {
+                    tracing::debug!(
+                        fence = token.fence(),
+                        "releasing a grant whose caller went away"
+                    );
+                    let _ = conn.release(&orphan.0, orphan.1, token).await;
+                }
+            }
+            Some(Err(error)) => {
+                let _ = tx.send(Err(error));
+            }
+            None => {} // dropping the connection withdraws the waiter
+        }
+    });
+    rx.await.map_err(|_| Error::ConnectionClosed)?
+}
+
+macro_rules! handle_methods {
+    ($handle:ident, $what:literal) => {
+        impl $handle {
+            /// The key.
+            pub fn key(&self) -> &Key {
+                &self.0.key
+            }
+
+            /// The index of the server this key lives on.
+            pub fn server(&self) -> usize {
+                self.0.server
+            }
+
+            /// Requests this lease length (rounded up to whole seconds)
+            /// instead of the default.
+            pub fn with_lease(mut self, lease: Duration) -> Self {
+                self.0.lease = Some(lease);
+                self
+            }
+
+            /// Waits this long in [`acquire`](Self::acquire) instead of the client default.
+            pub fn with_timeout(mut self, timeout: Duration) -> Self {
+                self.0.timeout = timeout;
+                self
+            }
+
+            /// Tells `owner` (any kameo actor handling [`LeaseLost`]) when a
+            /// lease acquired through this handle is lost.
+            pub fn notify(mut self, owner: Recipient<LeaseLost>) -> Self {
+                self.0.owner = Some(owner);
+                self
+            }
+
+            #[doc = concat!("Acquires the ", $what, ", waiting up to the handle's timeout; `Err(Error::Timeout)` if it stays busy.")]
+            pub async fn acquire(&self) -> Result<Lease> {
+                self.0.acquire_within(self.0.timeout).await?.ok_or(Error::Timeout)
+            }
+
+            #[doc = concat!("Acquires the ", $what, " if it is free right now.")]
+            pub async fn try_acquire(&self) -> Result<Option<Lease>> {
+                self.0.acquire_within(Duration::ZERO).await
+            }
+
+            #[doc = concat!("Acquires the ", $what, ", waiting up to `timeout` (rounded up to whole seconds); `None` if it stayed busy.")]
+            pub async fn acquire_within(&self, timeout: Duration) -> Result<Option<Lease>> {
+                self.0.acquire_within(timeout).await
+            }
+
+            /// Two-phase acquire, phase 1: join the queue (or be granted at
+            /// once) and come back for the grant with [`Ticket::wait`].
+            pub async fn enqueue(&self) -> Result<Enqueue> {
+                self.0.enqueue().await
+            }
+        }
+
+        impl std::fmt::Debug for $handle {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($handle)).field("key", &self.0.key).field("kind", &self.0.kind).finish()
+            }
+        }
+    };
+}
+
+/// A distributed FIFO lock on one key.
+#[derive(Clone)]
+pub struct Lock(Target);
+
+/// A distributed counting semaphore on one key.
+#[derive(Clone)]
+pub struct Semaphore(Target);
+
+handle_methods!(Lock, "lock");
+handle_methods!(Semaphore, "semaphore slot");

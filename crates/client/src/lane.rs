@@ -1,0 +1,291 @@
+//! A lane: one connection driven by two tasks so requests can be pipelined.
+//! The writer batches queued requests into as few writes as possible and
+//! pings when the connection has been quiet (the server drops connections
+//! silent for its read timeout); the reader matches replies to requests in
+//! order. Any failure closes the lane, fails every pending request, and
+//! reports the closure once, so leases bound to the connection are known
+//! lost at once.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use dflockd_proto::{Key, Namespace, Reply, Request};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::connection::{Connection, read_line};
+use crate::{Error, Result};
+
+/// Identity of one connection, for binding leases to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LaneId(pub(crate) u64);
+
+static NEXT_LANE: AtomicU64 = AtomicU64::new(1);
+
+/// Which lane answered: its id and a token cancelled when it closes.
+#[derive(Debug, Clone)]
+pub(crate) struct LaneRef {
+    pub(crate) id: LaneId,
+    pub(crate) closed: CancellationToken,
+}
+
+pub(crate) type LaneReply = oneshot::Sender<Result<(Reply, LaneRef)>>;
+
+/// A request for a lane. `orphan` names the resource of a request that may
+/// be granted: if the caller is gone when the grant arrives, the lane
+/// releases it instead of leaking it.
+pub(crate) struct LaneRequest {
+    pub(crate) request: Request,
+    pub(crate) reply: Option<LaneReply>,
+    pub(crate) orphan: Option<(Key, Namespace)>,
+}
+
+struct Pending {
+    reply: Option<LaneReply>,
+    orphan: Option<(Key, Namespace)>,
+    deadline: Instant,
+}
+
+/// Handle to a running lane. Dropping every handle does not stop the lane;
+/// [`close`](Self::close) does.
+#[derive(Clone, Debug)]
+pub(crate) struct LaneHandle {
+    pub(crate) id: LaneId,
+    tx: mpsc::UnboundedSender<LaneRequest>,
+    closed: CancellationToken,
+}
+
+impl LaneHandle {
+    pub(crate) fn send(&self, request: LaneRequest) {
+        if let Err(mpsc::error::SendError(request)) = self.tx.send(request)
+            && let Some(reply) = request.reply
+        {
+            let _ = reply.send(Err(Error::ConnectionClosed));
+        }
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    pub(crate) fn lane_ref(&self) -> LaneRef {
+        LaneRef {
+            id: self.id,
+            closed: self.closed.clone(),
+        }
+    }
+
+    pub(crate) fn close(&self) {
+        self.closed.cancel();
+    }
+}
+
+/// Timing of a lane.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LaneTiming {
+    /// Ping after this much silence.
+    pub(crate) keepalive: Duration,
+    /// Give up on the connection if a reply takes longer than this.
+    pub(crate) reply_timeout: Duration,
+}
+
+/// Starts a lane on `conn`. `on_close` runs once when the lane ends.
+pub(crate) fn spawn_lane(
+    conn: Connection,
+    timing: LaneTiming,
+    on_close: impl FnOnce(LaneId) + Send + 'static,
+) -> LaneHandle {
+    let id = LaneId(NEXT_LANE.fetch_add(1, Ordering::Relaxed));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let closed = CancellationToken::new();
+    let pending = Arc::new(Mutex::new(VecDeque::<Pending>::new()));
+    let pushed = Arc::new(Notify::new());
+    let (reader, writer) = conn.into_parts();
+    let handle = LaneHandle {
+        id,
+        tx: tx.clone(),
+        closed: closed.clone(),
+    };
+    tokio::spawn(write_loop(
+        writer,
+        rx,
+        Arc::clone(&pending),
+        Arc::clone(&pushed),
+        closed.clone(),
+        timing,
+    ));
+    tokio::spawn(async move {
+        read_loop(
+            LaneRef {
+                id,
+                closed: closed.clone(),
+            },
+            reader,
+            tx,
+            Arc::clone(&pending),
+            pushed,
+            closed.clone(),
+        )
+        .await;
+        closed.cancel();
+        let failed: Vec<Pending> = pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+            .collect();
+        for entry in failed {
+            if let Some(reply) = entry.reply {
+                let _ = reply.send(Err(Error::ConnectionClosed));
+            }
+        }
+        tracing::debug!(lane = id.0, "lane closed");
+        on_close(id);
+    });
+    handle
+}
+
+async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
+    mut writer: W,
+    mut rx: mpsc::UnboundedReceiver<LaneRequest>,
+    pending: Arc<Mutex<VecDeque<Pending>>>,
+    pushed: Arc<Notify>,
+    closed: CancellationToken,
+    timing: LaneTiming,
+) {
+    let mut out = Vec::with_capacity(4096);
+    let mut quiet_since = Instant::now();
+    loop {
+        let first = tokio::select! {
+            _ = closed.cancelled() => break,
+            request = rx.recv() => match request {
+                Some(request) => request,
+                None => break,
+            },
+            _ = tokio::time::sleep_until(quiet_since + timing.keepalive) => {
+                LaneRequest { request: Request::Ping, reply: None, orphan: None }
+            }
+        };
+        out.clear();
+        {
+            let mut queue = pending.lock().unwrap_or_else(PoisonError::into_inner);
+            let deadline = Instant::now() + timing.reply_timeout;
+            let mut next = Some(first);
+            // Batch everything already queued into one write.
+            while let Some(request) = next.take() {
+                let slack = if request.request.may_block() {
+                    Duration::MAX
+                } else {
+                    Duration::ZERO
+                };
+                request.request.encode(&mut out);
+                queue.push_back(Pending {
+                    reply: request.reply,
+                    orphan: request.orphan,
+                    deadline: deadline
+                        .checked_add(slack)
+                        .unwrap_or(deadline + Duration::from_secs(86_400 * 365)),
+                });
+                if out.len() < 64 * 1024 {
+                    next = rx.try_recv().ok();
+                }
+            }
+        }
+        pushed.notify_one();
+        let write = async {
+            writer.write_all(&out).await?;
+            writer.flush().await
+        };
+        let written = tokio::select! {
+            _ = closed.cancelled() => break,
+            written = tokio::time::timeout(timing.reply_timeout, write) => written,
+        };
+        if !matches!(written, Ok(Ok(()))) {
+            break;
+        }
+        quiet_since = Instant::now();
+    }
+    closed.cancel();
+}
+
+async fn read_loop<R: tokio::io::AsyncBufRead + Unpin>(
+    lane: LaneRef,
+    mut reader: R,
+    tx: mpsc::UnboundedSender<LaneRequest>,
+    pending: Arc<Mutex<VecDeque<Pending>>>,
+    pushed: Arc<Notify>,
+    closed: CancellationToken,
+) {
+    let mut line = Vec::with_capacity(128);
+    loop {
+        let deadline = pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .front()
+            .map(|p| p.deadline);
+        let read = tokio::select! {
+            _ = closed.cancelled() => return,
+            read = read_line(&mut reader, &mut line) => read,
+            _ = pushed.notified() => continue,
+            _ = async {
+                match deadline {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                tracing::debug!("reply timeout: closing lane");
+                return;
+            }
+        };
+        if read.is_err() {
+            return;
+        }
+        let reply = Reply::parse(&line);
+        line.clear();
+        let Ok(reply) = reply else { return };
+        let Some(entry) = pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop_front()
+        else {
+            // A reply nobody asked for: the stream is out of step.
+            return;
+        };
+        deliver(&lane, entry, reply, &tx);
+    }
+}
+
+fn deliver(lane: &LaneRef, entry: Pending, reply: Reply, tx: &mpsc::UnboundedSender<LaneRequest>) {
+    let undelivered = match entry.reply {
+        Some(sender) => sender
+            .send(Ok((reply, lane.clone())))
+            .err()
+            .and_then(|r| r.ok())
+            .map(|(reply, _)| reply),
+        None => None,
+    };
+    // The caller gave up (its future was dropped) but was granted: release.
+    if let (
+        Some(Reply::Granted { token, .. } | Reply::Acquired { token, .. }),
+        Some((key, namespace)),
+    ) = (undelivered, entry.orphan)
+    {
+        tracing::debug!(
+            fence = token.fence(),
+            "releasing a grant whose caller went away"
+        );
+        let request = Request::Release {
+            key,
+            namespace,
+            token: token.to_string().into_bytes(),
+        };
+        let _ = tx.send(LaneRequest {
+            request,
+            reply: None,
+            orphan: None,
+        });
+    }
+}

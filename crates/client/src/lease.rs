@@ -1,0 +1,276 @@
+//! The `Lease` guard: what a successful acquire returns.
+
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use dflockd_proto::{Key, Kind, Token};
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+
+use crate::client::ClientInner;
+use crate::lane::LaneHandle;
+use crate::supervisor::{LeaseId, Untrack};
+use crate::{Error, Result};
+
+/// Why a lease was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LossReason {
+    /// The server refused a renewal (`error`): the lease had expired or was
+    /// released by someone else.
+    Refused,
+    /// The connection the lease was granted on closed; with the server's
+    /// default auto-release-on-disconnect the lease is already free.
+    ConnectionLost,
+    /// Renewals kept failing until the local expiry passed.
+    Expired,
+    /// The client stopped renewing (it was shut down).
+    ClientStopped,
+}
+
+/// The message a worker actor receives when one of its leases is lost.
+///
+/// ```
+/// use dflockd_client::{LeaseLost, LossReason};
+/// fn on_loss(lost: &LeaseLost) -> bool { lost.reason == LossReason::Refused }
+/// ```
+#[derive(Debug, Clone)]
+pub struct LeaseLost {
+    /// The key.
+    pub key: String,
+    /// The lost grant's token.
+    pub token: Token,
+    /// Its fence.
+    pub fence: u64,
+    /// Why it was lost.
+    pub reason: LossReason,
+}
+
+/// State shared between a guard and the lease supervisor.
+#[derive(Debug)]
+pub(crate) struct LeaseShared {
+    lost: CancellationToken,
+    reason: OnceLock<LossReason>,
+    timing: Mutex<(Instant, Duration)>,
+}
+
+impl LeaseShared {
+    pub(crate) fn new(deadline: Instant, ttl: Duration) -> LeaseShared {
+        LeaseShared {
+            lost: CancellationToken::new(),
+            reason: OnceLock::new(),
+            timing: Mutex::new((deadline, ttl)),
+        }
+    }
+
+    pub(crate) fn mark_lost(&self, reason: LossReason) {
+        let _ = self.reason.set(reason);
+        self.lost.cancel();
+    }
+
+    pub(crate) fn set_deadline(&self, deadline: Instant, ttl: Duration) {
+        *self.timing.lock().unwrap_or_else(PoisonError::into_inner) = (deadline, ttl);
+    }
+
+    fn timing(&self) -> (Instant, Duration) {
+        *self.timing.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What [`Lease::release`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Released {
+    /// The server released the grant.
+    Released,
+    /// The lease had already been lost; nothing was held any more.
+    AlreadyLost,
+}
+
+/// A held lock or semaphore slot, renewed in the background until released
+/// or lost.
+///
+/// * [`lost`](Self::lost) resolves, and [`cancellation_token`](Self::cancellation_token)
+///   fires, the moment the lease is known lost — stop the protected work then.
+/// * [`deadline`](Self::deadline) is the latest instant the lease is known to
+///   be valid (measured from when the last grant or renew request was sent).
+/// * [`release`](Self::release) frees it and tells whether it was still held.
+/// * Dropping the guard releases it in the background.
+///
+/// ```no_run
+/// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
+/// let lease = client.lock("reports/nightly")?.acquire().await?;
+/// tokio::select! {
+///     _ = lease.lost() => eprintln!("lost the lock; stopping"),
+///     _ = async { /* the protected work, passing lease.fence() to storage */ } => {}
+/// }
+/// lease.release().await?;
+/// # Ok(()) }
+/// ```
+pub struct Lease {
+    inner: Option<Inner>,
+}
+
+struct Inner {
+    id: LeaseId,
+    server: usize,
+    key: Key,
+    kind: Kind,
+    token: Token,
+    shared: Arc<LeaseShared>,
+    wait_lane: Option<LaneHandle>,
+    client: Arc<ClientInner>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.inner {
+            Some(inner) => f
+                .debug_struct("Lease")
+                .field("key", &inner.key)
+                .field("fence", &inner.token.fence())
+                .field("lost", &inner.shared.lost.is_cancelled())
+                .finish(),
+            None => f.write_str("Lease(released)"),
+        }
+    }
+}
+
+impl Lease {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        id: LeaseId,
+        server: usize,
+        key: Key,
+        kind: Kind,
+        token: Token,
+        shared: Arc<LeaseShared>,
+        wait_lane: Option<LaneHandle>,
+        client: Arc<ClientInner>,
+    ) -> Lease {
+        Lease {
+            inner: Some(Inner {
+                id,
+                server,
+                key,
+                kind,
+                token,
+                shared,
+                wait_lane,
+                client,
+            }),
+        }
+    }
+
+    fn inner(&self) -> &Inner {
+        self.inner
+            .as_ref()
+            .expect("a live Lease always has its state")
+    }
+
+    /// The key.
+    pub fn key(&self) -> &Key {
+        &self.inner().key
+    }
+
+    /// The grant token (send it with writes to fenced storage).
+    pub fn token(&self) -> Token {
+        self.inner().token
+    }
+
+    /// The fence: larger means a later grant of this key.
+    pub fn fence(&self) -> u64 {
+        self.inner().token.fence()
+    }
+
+    /// The lease length the server last applied.
+    pub fn ttl(&self) -> Duration {
+        self.inner().shared.timing().1
+    }
+
+    /// The latest instant the lease is known valid; work must be finished
+    /// (or checkpointed) before it. Renewals move it forward.
+    pub fn deadline(&self) -> Instant {
+        self.inner().shared.timing().0
+    }
+
+    /// Whether the lease is known lost.
+    pub fn is_lost(&self) -> bool {
+        self.inner().shared.lost.is_cancelled()
+    }
+
+    /// Why the lease was lost, once it is.
+    pub fn loss_reason(&self) -> Option<LossReason> {
+        self.inner().shared.reason.get().copied()
+    }
+
+    /// Resolves when the lease is lost.
+    pub fn lost(&self) -> WaitForCancellationFuture<'_> {
+        self.inner().shared.lost.cancelled()
+    }
+
+    /// A token cancelled when the lease is lost; hand clones to tasks doing
+    /// the protected work.
+    pub fn cancellation_token(&self) -> CancellationToken {
+        self.inner().shared.lost.child_token()
+    }
+
+    /// Releases the lease. `Released::AlreadyLost` if it had been lost (or the
+    /// server no longer knew the token).
+    pub async fn release(mut self) -> Result<Released> {
+        let inner = self
+            .inner
+            .take()
+            .expect("a live Lease always has its state");
+        inner.release().await
+    }
+}
+
+impl Inner {
+    async fn release(self) -> Result<Released> {
+        let _ = self.client.supervisor.tell(Untrack(self.id)).try_send();
+        let was_lost = self.shared.lost.is_cancelled();
+        let result = self
+            .client
+            .control_call(
+                self.server,
+                dflockd_proto::Request::Release {
+                    key: self.key.clone(),
+                    namespace: self.kind.namespace(),
+                    token: self.token.to_string().into_bytes(),
+                },
+                None,
+            )
+            .await;
+        // Mark it lost for anyone still watching the token: it is gone now.
+        self.shared.mark_lost(LossReason::ClientStopped);
+        if let Some(lane) = &self.wait_lane {
+            lane.close();
+        }
+        match result {
+            Ok((dflockd_proto::Reply::Ok, _)) if !was_lost => Ok(Released::Released),
+            Ok((dflockd_proto::Reply::Ok, _)) => Ok(Released::AlreadyLost),
+            Ok((dflockd_proto::Reply::Failure(dflockd_proto::Status::Error), _)) => {
+                Ok(Released::AlreadyLost)
+            }
+            Ok((other, _)) => Err(Error::Protocol(format!(
+                "unexpected reply to release: {other:?}"
+            ))),
+            // The connection the lease was bound to is gone: so is the lease
+            // (with auto-release), or it will expire.
+            Err(_) if was_lost => Ok(Released::AlreadyLost),
+            Err(error) => Err(error),
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.take() {
+            let runtime = inner.client.runtime.clone();
+            runtime.spawn(async move {
+                if let Err(error) = inner.release().await {
+                    tracing::warn!(%error, "background release failed; the lease will expire on the server");
+                }
+            });
+        }
+    }
+}

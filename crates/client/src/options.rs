@@ -1,0 +1,218 @@
+//! How to reach a server: address, TLS, auth, connect timeout.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+
+use crate::{Error, Result};
+
+/// A server address, `host:port`.
+///
+/// ```
+/// use dflockd_client::ServerAddr;
+/// let a: ServerAddr = "127.0.0.1:6388".parse().unwrap();
+/// assert_eq!(a.port(), 6388);
+/// let v6: ServerAddr = "[::1]:7000".parse().unwrap();
+/// assert_eq!(v6.host(), "::1");
+/// assert!("no-port".parse::<ServerAddr>().is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ServerAddr {
+    host: String,
+    port: u16,
+}
+
+impl ServerAddr {
+    /// An address from host and port. The host must be non-empty and free of
+    /// white space.
+    pub fn new(host: impl Into<String>, port: u16) -> Result<ServerAddr> {
+        let host = host.into();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        if host.is_empty() || host.contains(char::is_whitespace) {
+            return Err(Error::InvalidArgument(format!(
+                "invalid server host {host:?}"
+            )));
+        }
+        if port == 0 {
+            return Err(Error::InvalidArgument("server port must be 1-65535".into()));
+        }
+        Ok(ServerAddr { host, port })
+    }
+
+    /// The host name or IP literal.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::str::FromStr for ServerAddr {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<ServerAddr> {
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| Error::InvalidArgument(format!("expected host:port, got {s:?}")))?;
+        let port = port
+            .parse::<u16>()
+            .map_err(|_| Error::InvalidArgument(format!("invalid port in {s:?}")))?;
+        ServerAddr::new(host, port)
+    }
+}
+
+impl From<std::net::SocketAddr> for ServerAddr {
+    fn from(addr: std::net::SocketAddr) -> ServerAddr {
+        ServerAddr {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+        }
+    }
+}
+
+/// TLS settings for client connections (rustls, ring provider, TLS ≥ 1.2).
+///
+/// ```no_run
+/// let tls = dflockd_client::TlsOptions::with_ca_file("ca.pem")?;
+/// # Ok::<(), dflockd_client::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct TlsOptions {
+    pub(crate) config: Arc<rustls::ClientConfig>,
+    pub(crate) server_name: Option<ServerName<'static>>,
+}
+
+impl TlsOptions {
+    /// Trusts the CA certificates in a PEM file.
+    pub fn with_ca_file(path: impl AsRef<Path>) -> Result<TlsOptions> {
+        let pem = std::fs::read(path.as_ref()).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "cannot read CA file {}: {e}",
+                path.as_ref().display()
+            ))
+        })?;
+        TlsOptions::with_ca_pem(&pem)
+    }
+
+    /// Trusts the CA certificates in PEM text.
+    pub fn with_ca_pem(pem: &[u8]) -> Result<TlsOptions> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| Error::InvalidArgument(format!("bad CA PEM: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| Error::InvalidArgument(format!("bad CA certificate: {e}")))?;
+        }
+        if roots.is_empty() {
+            return Err(Error::InvalidArgument("no CA certificate in PEM".into()));
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| Error::InvalidArgument(format!("TLS: {e}")))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(TlsOptions {
+            config: Arc::new(config),
+            server_name: None,
+        })
+    }
+
+    /// Uses a rustls configuration built by the caller.
+    pub fn from_config(config: Arc<rustls::ClientConfig>) -> TlsOptions {
+        TlsOptions {
+            config,
+            server_name: None,
+        }
+    }
+
+    /// Verifies the server certificate against this name instead of the
+    /// host of the server address.
+    pub fn server_name(mut self, name: &str) -> Result<TlsOptions> {
+        let name = ServerName::try_from(name.to_owned())
+            .map_err(|e| Error::InvalidArgument(format!("TLS server name: {e}")))?;
+        self.server_name = Some(name);
+        Ok(self)
+    }
+}
+
+impl fmt::Debug for TlsOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsOptions")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The shared secret sent in the `auth` handshake. Never printed.
+///
+/// ```
+/// let t = dflockd_client::AuthToken::new("s3cret").unwrap();
+/// assert_eq!(format!("{t:?}"), "AuthToken(***)");
+/// assert!(dflockd_client::AuthToken::new("a\nb").is_err());
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct AuthToken(String);
+
+impl AuthToken {
+    /// Validates a token: one line, at most 64 KiB.
+    pub fn new(token: impl Into<String>) -> Result<AuthToken> {
+        let token = token.into();
+        if token.contains(['\r', '\n']) || token.len() > dflockd_proto::MAX_AUTH_LINE {
+            return Err(Error::InvalidArgument(
+                "auth token must be one line of at most 64 KiB".into(),
+            ));
+        }
+        Ok(AuthToken(token))
+    }
+
+    pub(crate) fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for AuthToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AuthToken(***)")
+    }
+}
+
+/// Everything needed to open a connection to one server.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// TLS, if the server uses it.
+    pub tls: Option<TlsOptions>,
+    /// Shared secret, if the server requires one.
+    pub auth_token: Option<AuthToken>,
+    /// Bound on TCP connect + TLS handshake + auth.
+    pub connect_timeout: Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> ConnectOptions {
+        ConnectOptions {
+            tls: None,
+            auth_token: None,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}

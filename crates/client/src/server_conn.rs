@@ -1,0 +1,127 @@
+//! `ServerConn`: one actor per server. It owns the control lane — one
+//! pipelined connection for every non-blocking request of the process
+//! (try-lock, renew, release, stats, ping) — connecting lazily and
+//! reconnecting with backoff after a failure.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dflockd_proto::{Key, Namespace, Request};
+use kameo::error::Infallible;
+use kameo::prelude::*;
+use tokio::time::Instant;
+
+use crate::connection::Connection;
+use crate::lane::{LaneHandle, LaneId, LaneReply, LaneRequest, LaneTiming, spawn_lane};
+use crate::options::{ConnectOptions, ServerAddr};
+use crate::{Error, Result};
+
+/// Called once when a lane of this server closes.
+pub(crate) type OnLaneClosed = Arc<dyn Fn(LaneId) + Send + Sync>;
+
+pub(crate) struct ServerConnArgs {
+    pub(crate) addr: ServerAddr,
+    pub(crate) options: ConnectOptions,
+    pub(crate) timing: LaneTiming,
+    pub(crate) on_lane_closed: OnLaneClosed,
+}
+
+pub(crate) struct ServerConn {
+    args: ServerConnArgs,
+    lane: Option<LaneHandle>,
+    backoff: Duration,
+    retry_at: Option<Instant>,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+impl Actor for ServerConn {
+    type Args = ServerConnArgs;
+    type Error = Infallible;
+
+    async fn on_start(args: ServerConnArgs, _: ActorRef<Self>) -> Result<Self, Infallible> {
+        Ok(ServerConn {
+            args,
+            lane: None,
+            backoff: BACKOFF_MIN,
+            retry_at: None,
+        })
+    }
+
+    async fn on_stop(
+        &mut self,
+        _: WeakActorRef<Self>,
+        _: ActorStopReason,
+    ) -> Result<(), Infallible> {
+        if let Some(lane) = self.lane.take() {
+            lane.close();
+        }
+        Ok(())
+    }
+}
+
+impl ServerConn {
+    /// The open control lane, connecting if there is none. Fails fast while
+    /// a reconnect backoff is running.
+    async fn lane(&mut self) -> Result<LaneHandle> {
+        if let Some(lane) = &self.lane
+            && !lane.is_closed()
+        {
+            return Ok(lane.clone());
+        }
+        self.lane = None;
+        if let Some(retry_at) = self.retry_at
+            && Instant::now() < retry_at
+        {
+            return Err(Error::Connect {
+                addr: self.args.addr.to_string(),
+                cause: "reconnect backoff".into(),
+            });
+        }
+        match Connection::connect(&self.args.addr, &self.args.options).await {
+            Ok(conn) => {
+                let on_close = Arc::clone(&self.args.on_lane_closed);
+                let lane = spawn_lane(conn, self.args.timing, move |id| on_close(id));
+                tracing::debug!(server = %self.args.addr, lane = lane.id.0, "control lane connected");
+                self.backoff = BACKOFF_MIN;
+                self.retry_at = None;
+                self.lane = Some(lane.clone());
+                Ok(lane)
+            }
+            Err(error) => {
+                self.retry_at = Some(Instant::now() + self.backoff);
+                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                Err(error)
+            }
+        }
+    }
+}
+
+/// A non-blocking request for the control lane.
+pub(crate) struct Call {
+    pub(crate) request: Request,
+    pub(crate) orphan: Option<(Key, Namespace)>,
+    pub(crate) reply: LaneReply,
+}
+
+impl Message<Call> for ServerConn {
+    type Reply = ();
+
+    async fn handle(&mut self, call: Call, _: &mut Context<Self, ()>) {
+        debug_assert!(
+            !call.request.may_block(),
+            "blocking requests never go on the control lane"
+        );
+        match self.lane().await {
+            Ok(lane) => lane.send(LaneRequest {
+                request: call.request,
+                reply: Some(call.reply),
+                orphan: call.orphan,
+            }),
+            Err(error) => {
+                let _ = call.reply.send(Err(error));
+            }
+        }
+    }
+}
