@@ -91,6 +91,9 @@ pub enum Error {
     /// The client has been shut down.
     #[error("client is shut down")]
     Shutdown,
+    /// A blocking call was interrupted through its [`Interrupt`](crate::blocking::Interrupt).
+    #[error("interrupted")]
+    Interrupted,
 }
 
 impl Error {

@@ -3,6 +3,7 @@
 //! code.
 #![warn(missing_docs)]
 
+pub mod blocking;
 mod client;
 mod connection;
 mod error;

@@ -28,6 +28,8 @@ use crate::lane::LaneId;
 use crate::lease::{LeaseLost, LeaseShared, LossReason};
 use crate::server_conn::{Call, ServerConn};
 
+const MAX_TIMER: Duration = Duration::from_secs(3600);
+
 /// Identity of one tracked lease; never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct LeaseId(pub(crate) u64);
@@ -189,7 +191,9 @@ impl LeaseSupervisor {
         if let Some(key) = entry.timer.take() {
             self.due.remove(&key);
         }
-        let delay = at.saturating_duration_since(Instant::now());
+        // DelayQueue cannot hold delays beyond about two years; a lease that
+        // long is simply re-checked every hour.
+        let delay = at.saturating_duration_since(Instant::now()).min(MAX_TIMER);
         entry.timer = Some(self.due.insert(id, delay));
     }
 
