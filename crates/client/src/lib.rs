@@ -11,6 +11,7 @@ mod lane;
 mod lease;
 mod options;
 mod server_conn;
+mod service;
 mod supervisor;
 
 pub use client::{Client, ClientBuilder, Enqueue, Lock, Semaphore, ShardFn, Sharding, Ticket};
@@ -19,3 +20,4 @@ pub use dflockd_proto::{Key, Stats, Token, fence_from_token};
 pub use error::{Error, Result};
 pub use lease::{Lease, LeaseLost, LossReason, Released};
 pub use options::{AuthToken, ConnectOptions, ServerAddr, TlsOptions};
+pub use service::{GrantService, RequestGrant};
