@@ -1,26 +1,34 @@
 //! dflockd for Rust: distributed FIFO locks and counting semaphores with
-//! leases and fencing tokens, speaking the dflockd v2 line protocol.
+//! leases and fencing tokens, speaking the dflockd v2 line protocol — plus
+//! coordination recipes built on them.
 //!
-//! This facade re-exports the workspace crates:
-//!
-//! * [`proto`] — the sans-I/O wire codec (requests, replies, keys, tokens,
-//!   fences, CRC-32 sharding);
-//! * [`core`] — the pure lock table (FIFO, leases, two-phase, caps, GC);
-//! * [`server`] — the wire-compatible server, embeddable in-process and
-//!   shipped as the `dflockd` binary.
+//! * [`client`] — the actor-based client (`Client`, `Lock`, `Semaphore`, `Lease`);
+//! * [`LeaderElection`], [`Singleton`], [`LeaseScope`] — coordination recipes;
+//! * [`server`] — the wire-compatible server, embeddable in-process;
+//! * [`proto`], [`core`] — the sans-I/O codec and the pure lock table.
 //!
 //! ```
 //! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use dflockd::server::{Server, ServerConfig};
 //! let server = Server::start(ServerConfig::ephemeral()).await?;
-//! assert!(server.local_addr().port() != 0);
-//! server.shutdown().await;
+//! let client = dflockd::client::Client::builder().server(server.local_addr().into()).build()?;
+//! let lease = client.lock("example")?.acquire().await?;
+//! assert!(lease.fence() > 0);
+//! lease.release().await?;
 //! # Ok(()) }
 //! ```
 #![warn(missing_docs)]
 
+mod leader;
+mod scope;
+mod singleton;
+
+pub use dflockd_client as client;
 pub use dflockd_core as core;
 pub use dflockd_proto as proto;
 pub use dflockd_server as server;
 
 pub use dflockd_proto::{Token, fence_from_token, shard};
+pub use leader::{LeaderContext, LeaderElection, Leadership, Term};
+pub use scope::{ABORT_MARGIN, LeaseScope};
+pub use singleton::Singleton;

@@ -213,6 +213,15 @@ impl Lease {
         self.inner().shared.lost.child_token()
     }
 
+    /// A cheap, cloneable view of this lease's state (lost or not, deadline)
+    /// that outlives borrows of the guard — for supervisors of the protected
+    /// work, such as a task scope that must stop before the deadline.
+    pub fn monitor(&self) -> LeaseMonitor {
+        LeaseMonitor {
+            shared: Arc::clone(&self.inner().shared),
+        }
+    }
+
     /// Releases the lease. `Released::AlreadyLost` if it had been lost (or the
     /// server no longer knew the token).
     pub async fn release(mut self) -> Result<Released> {
@@ -272,5 +281,43 @@ impl Drop for Lease {
                 }
             });
         }
+    }
+}
+
+/// A read-only view of a lease's state, from [`Lease::monitor`].
+///
+/// ```no_run
+/// # async fn demo(lease: dflockd_client::Lease) {
+/// let monitor = lease.monitor();
+/// tokio::spawn(async move {
+///     monitor.lost().await;
+///     eprintln!("lost; the lease was valid until {:?}", monitor.deadline());
+/// });
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct LeaseMonitor {
+    shared: Arc<LeaseShared>,
+}
+
+impl LeaseMonitor {
+    /// Whether the lease is known lost (or released).
+    pub fn is_lost(&self) -> bool {
+        self.shared.lost.is_cancelled()
+    }
+
+    /// Resolves when the lease is lost (or released).
+    pub async fn lost(&self) {
+        self.shared.lost.cancelled().await
+    }
+
+    /// The latest instant the lease is known valid.
+    pub fn deadline(&self) -> Instant {
+        self.shared.timing().0
+    }
+
+    /// Why it was lost, once it is.
+    pub fn loss_reason(&self) -> Option<LossReason> {
+        self.shared.reason.get().copied()
     }
 }

@@ -18,6 +18,6 @@ pub use client::{Client, ClientBuilder, Enqueue, Lock, Semaphore, ShardFn, Shard
 pub use connection::{Connection, Enqueued, Granted};
 pub use dflockd_proto::{Key, Stats, Token, fence_from_token};
 pub use error::{Error, Result};
-pub use lease::{Lease, LeaseLost, LossReason, Released};
+pub use lease::{Lease, LeaseLost, LeaseMonitor, LossReason, Released};
 pub use options::{AuthToken, ConnectOptions, ServerAddr, TlsOptions};
 pub use service::{GrantService, RequestGrant};

@@ -1,0 +1,186 @@
+//! Task trees that stop when their lease is lost.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use dflockd_client::{Lease, LeaseMonitor};
+use kameo::prelude::*;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Runs tasks and actors under a lease. When the lease is lost (or the scope
+/// is closed), every child is asked to stop — tasks through their
+/// cancellation token, actors with `stop_gracefully` — and whatever is still
+/// running at the lease deadline minus a safety margin is aborted (tasks) or
+/// killed (actors). The deadline is the latest instant the lease can still
+/// be valid on the server, so children stop before anyone else could be
+/// granted the key.
+///
+/// ```no_run
+/// # async fn demo(lease: dflockd_client::Lease) {
+/// let scope = dflockd::LeaseScope::new(&lease);
+/// scope.spawn(|cancel| async move {
+///     while !cancel.is_cancelled() {
+///         // one unit of protected work
+///         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+///     }
+/// });
+/// scope.stopped().await; // returns once the lease is lost and children stopped
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct LeaseScope {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    aborts: Mutex<Vec<AbortHandle>>,
+    kills: Mutex<Vec<Kill>>,
+    done: CancellationToken,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseScope")
+            .field("cancelled", &self.cancel.is_cancelled())
+            .finish_non_exhaustive()
+    }
+}
+
+type Kill = Box<dyn Fn() + Send + Sync>;
+
+/// Time kept in hand before the lease deadline, for the abort itself.
+pub const ABORT_MARGIN: Duration = Duration::from_millis(50);
+
+impl LeaseScope {
+    /// A scope bound to `lease`.
+    pub fn new(lease: &Lease) -> LeaseScope {
+        LeaseScope::with_monitor(lease.monitor())
+    }
+
+    /// A scope bound to a lease through its monitor.
+    pub fn with_monitor(monitor: LeaseMonitor) -> LeaseScope {
+        let inner = Arc::new(Inner {
+            cancel: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            aborts: Mutex::new(Vec::new()),
+            kills: Mutex::new(Vec::new()),
+            done: CancellationToken::new(),
+        });
+        let watcher = Arc::clone(&inner);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = monitor.lost() => {}
+                _ = watcher.cancel.cancelled() => {}
+            }
+            watcher
+                .shut_down(
+                    monitor
+                        .deadline()
+                        .checked_sub(ABORT_MARGIN)
+                        .unwrap_or_else(Instant::now),
+                )
+                .await;
+        });
+        LeaseScope { inner }
+    }
+
+    /// Spawns a task; it receives a token cancelled when the scope stops.
+    pub fn spawn<F, Fut>(&self, task: F)
+    where
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let handle = self
+            .inner
+            .tracker
+            .spawn(task(self.inner.cancel.child_token()));
+        self.inner
+            .aborts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(handle.abort_handle());
+        if self.inner.cancel.is_cancelled() {
+            handle.abort();
+        }
+    }
+
+    /// Puts a running actor under the scope: it is stopped gracefully when
+    /// the scope stops, and killed at the deadline if still alive.
+    pub fn adopt_actor<A: Actor>(&self, actor: ActorRef<A>) {
+        let graceful = actor.clone();
+        self.inner.tracker.spawn(async move {
+            actor.wait_for_shutdown().await;
+        });
+        let cancel = self.inner.cancel.clone();
+        tokio::spawn({
+            let actor = graceful.clone();
+            async move {
+                cancel.cancelled().await;
+                let _ = actor.stop_gracefully().await;
+            }
+        });
+        self.inner
+            .kills
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Box::new(move || graceful.kill()));
+    }
+
+    /// A token cancelled when the scope stops (lease lost or [`close`](Self::close)).
+    pub fn token(&self) -> CancellationToken {
+        self.inner.cancel.clone()
+    }
+
+    /// Stops the scope now (as if the lease were lost), e.g. before a
+    /// deliberate release.
+    pub fn close(&self) {
+        self.inner.cancel.cancel();
+    }
+
+    /// Resolves when the scope has stopped and every child has ended.
+    pub async fn stopped(&self) {
+        self.inner.done.cancelled().await
+    }
+
+    /// Whether the scope has stopped and every child has ended.
+    pub fn is_stopped(&self) -> bool {
+        self.inner.done.is_cancelled()
+    }
+}
+
+impl Inner {
+    async fn shut_down(&self, hard_deadline: Instant) {
+        self.cancel.cancel();
+        self.tracker.close();
+        if tokio::time::timeout_at(hard_deadline, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("lease scope: children still running at the deadline, aborting");
+            for abort in self
+                .aborts
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+            {
+                abort.abort();
+            }
+            for kill in self
+                .kills
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+            {
+                kill();
+            }
+            self.tracker.wait().await;
+        }
+        self.done.cancel();
+    }
+}
