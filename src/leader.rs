@@ -109,17 +109,32 @@ impl LeaderElection {
             let ctx = LeaderContext::new(&term, &stop);
             let work = lead(ctx.clone());
             tokio::pin!(work);
-            tokio::select! {
-                _ = &mut work => {
+            enum Outcome {
+                Lost,
+                Stopped,
+                Finished,
+            }
+            // Loss and stop first: work that ends *because* its context was
+            // cancelled must not count as finishing on its own.
+            let outcome = tokio::select! {
+                biased;
+                _ = term.lost() => Outcome::Lost,
+                _ = stop.cancelled() => Outcome::Stopped,
+                _ = &mut work => Outcome::Finished,
+            };
+            match outcome {
+                Outcome::Finished if !term.monitor.is_lost() => {
                     term.resign().await?;
                     return Ok(());
                 }
-                _ = term.lost() => {
-                    let deadline = term.monitor.deadline();
-                    finish_by(work, deadline).await;
+                Outcome::Finished => {
                     tracing::info!(fence = term.fence(), "leadership lost; campaigning again");
                 }
-                _ = stop.cancelled() => {
+                Outcome::Lost => {
+                    finish_by(work, term.monitor.deadline()).await;
+                    tracing::info!(fence = term.fence(), "leadership lost; campaigning again");
+                }
+                Outcome::Stopped => {
                     ctx.cancel.cancel();
                     finish_by(work, term.monitor.deadline()).await;
                     term.resign().await?;

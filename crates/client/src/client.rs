@@ -216,10 +216,12 @@ impl ClientBuilder {
             max_interval: self.max_renew_interval.min(self.keepalive),
             retry: self.renew_retry,
         };
+        let renewals = Arc::new(AtomicU64::new(0));
         let supervisor = LeaseSupervisor::spawn_with_mailbox(
             SupervisorArgs {
                 servers: actors.clone(),
                 policy,
+                renewals: Arc::clone(&renewals),
             },
             kameo::mailbox::unbounded(),
         );
@@ -239,6 +241,7 @@ impl ClientBuilder {
             acquire_timeout: self.acquire_timeout,
             runtime,
             next_lease: AtomicU64::new(1),
+            renewals,
         };
         Ok(Client {
             inner: Arc::new(inner),
@@ -262,6 +265,7 @@ pub(crate) struct ClientInner {
     acquire_timeout: Duration,
     pub(crate) runtime: Handle,
     next_lease: AtomicU64,
+    renewals: Arc<AtomicU64>,
 }
 
 impl ClientInner {
@@ -282,7 +286,8 @@ impl ClientInner {
             })
             .try_send()
             .map_err(|_| Error::Shutdown)?;
-        rx.await.map_err(|_| Error::Shutdown)?
+        // A dropped reply means the lane died with the request queued.
+        rx.await.map_err(|_| Error::ConnectionClosed)?
     }
 }
 
@@ -385,6 +390,21 @@ impl Client {
         )
     }
 
+    /// How many renew requests this client has sent so far, over all
+    /// servers and leases (retries included). A monotonic counter for
+    /// metrics: sample it twice to get a renew rate.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: dflockd_client::Client) {
+    /// let before = client.renewals_sent();
+    /// tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    /// println!("{} renews/s", client.renewals_sent() - before);
+    /// # }
+    /// ```
+    pub fn renewals_sent(&self) -> u64 {
+        self.inner.renewals.load(Ordering::Relaxed)
+    }
+
     /// Pings server `index` over its control lane.
     pub async fn ping(&self, index: usize) -> Result<()> {
         self.check_index(index)?;
@@ -422,9 +442,26 @@ pub enum Enqueue {
 }
 
 /// A place in a key's queue, held by its own connection.
+///
+/// Dropping a ticket without [`wait`](Self::wait)ing gives the place up in
+/// the background; a grant the place may have received meanwhile is
+/// released, not left to the server's auto-release (which may be off).
 pub struct Ticket {
     target: Target,
-    conn: Connection,
+    /// `None` only once `wait` has taken it.
+    conn: Option<Connection>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            let orphan = (self.target.key.clone(), self.target.kind.namespace());
+            self.target
+                .inner()
+                .runtime
+                .spawn(abandon_queued(conn, orphan));
+        }
+    }
 }
 
 impl std::fmt::Debug for Ticket {
@@ -438,13 +475,20 @@ impl std::fmt::Debug for Ticket {
 impl Ticket {
     /// Waits up to `timeout` (rounded up to whole seconds) for the grant. On
     /// timeout the queue position is gone: `Err(Error::Timeout)`.
-    pub async fn wait(self, timeout: Duration) -> Result<Lease> {
-        let Ticket { target, conn } = self;
+    pub async fn wait(mut self, timeout: Duration) -> Result<Lease> {
+        // Validate first: on error the ticket is dropped, which gives the
+        // place up cleanly.
         let request = Request::Wait {
-            key: target.key.clone(),
-            namespace: target.kind.namespace(),
+            key: self.target.key.clone(),
+            namespace: self.target.kind.namespace(),
             timeout: seconds(timeout)?,
         };
+        let conn = self
+            .conn
+            .take()
+            .expect("a ticket owns its connection until it waits");
+        let target = self.target.clone();
+        drop(self);
         let sent_at = Instant::now();
         let (reply, conn) = guarded_request(
             conn,
@@ -529,7 +573,7 @@ impl Target {
             }
             Enqueued::Queued => Enqueue::Queued(Ticket {
                 target: self.clone(),
-                conn,
+                conn: Some(conn),
             }),
         })
     }
@@ -554,7 +598,15 @@ impl Target {
         let inner = self.inner();
         let id = LeaseId(inner.next_lease.fetch_add(1, Ordering::Relaxed));
         let ttl = granted.lease.as_duration();
-        let shared = Arc::new(LeaseShared::new(sent_at + ttl, ttl));
+        // The latest instant the lease is known valid, minus the safety
+        // margin: counted from the request's send time — or, for a grant
+        // that waited in a queue (its send time may be long past), from its
+        // arrival until the immediate renew counts from that renew's send
+        // time. The supervisor uses the same instant, so `deadline()` never
+        // moves backwards.
+        let start = if renew_now { Instant::now() } else { sent_at };
+        let local_expiry = start + ttl.saturating_sub(RenewPolicy::margin(ttl));
+        let shared = Arc::new(LeaseShared::new(local_expiry, ttl));
         // The guard exists before anything can fail or be cancelled, so its
         // Drop releases the grant in every case.
         let lease = Lease::new(
@@ -576,6 +628,7 @@ impl Target {
             requested: self.lease,
             ttl,
             sent_at,
+            local_expiry,
             lane: lane.id,
             lane_closed: lane.closed.clone(),
             renew_now,
@@ -618,14 +671,20 @@ async fn guarded_request(
         };
         match reply {
             Some(Ok(reply)) => {
-                if let Err(Ok((reply, mut conn))) = tx.send(Ok((reply, conn)))
-                    && let Reply::Granted { token, .. } | Reply::Acquired { token, .. } = reply
-                {
-                    tracing::debug!(
-                        fence = token.fence(),
-                        "releasing a grant whose caller went away"
-                    );
-                    let _ = conn.release(&orphan.0, orphan.1, token).await;
+                if let Err(Ok((reply, mut conn))) = tx.send(Ok((reply, conn))) {
+                    match reply {
+                        Reply::Granted { token, .. } | Reply::Acquired { token, .. } => {
+                            tracing::debug!(
+                                fence = token.fence(),
+                                "releasing a grant whose caller went away"
+                            );
+                            let _ = conn.release(&orphan.0, orphan.1, token).await;
+                        }
+                        // An enqueue whose caller went away: its place may
+                        // be granted before the connection closes.
+                        Reply::Queued => abandon_queued(conn, orphan).await,
+                        _ => {}
+                    }
                 }
             }
             Some(Err(error)) => {
@@ -635,6 +694,28 @@ async fn guarded_request(
         }
     });
     rx.await.map_err(|_| Error::ConnectionClosed)?
+}
+
+/// Gives up the queue place `conn` holds for `orphan` (after an enqueue
+/// answered `queued`). The place may already have been granted — the server
+/// then holds the grant for this connection until a `w` collects it, and
+/// without auto-release-on-disconnect it would outlive the connection until
+/// its lease ran out. So collect it with a zero-timeout wait (which also
+/// withdraws a place still queued), release any grant, then close.
+async fn abandon_queued(mut conn: Connection, orphan: (Key, Namespace)) {
+    let (key, namespace) = orphan;
+    let poll = Request::Wait {
+        key: key.clone(),
+        namespace,
+        timeout: dflockd_proto::Seconds::ZERO,
+    };
+    if let Ok(Reply::Granted { token, .. }) = conn.request(&poll, REPLY_SLACK).await {
+        tracing::debug!(
+            fence = token.fence(),
+            "releasing the grant of an abandoned queue place"
+        );
+        let _ = conn.release(&key, namespace, token).await;
+    }
 }
 
 macro_rules! handle_methods {

@@ -119,7 +119,7 @@ pub(crate) fn spawn_lane(
         timing,
     ));
     tokio::spawn(async move {
-        read_loop(
+        let failure = read_loop(
             LaneRef {
                 id,
                 closed: closed.clone(),
@@ -137,9 +137,13 @@ pub(crate) fn spawn_lane(
             .unwrap_or_else(PoisonError::into_inner)
             .drain(..)
             .collect();
+        // The failure concerns the oldest request (its reply was late,
+        // malformed or cut off); the ones behind it just lost the connection.
+        let mut failure = failure;
         for entry in failed {
+            let error = failure.take().unwrap_or(Error::ConnectionClosed);
             if let Some(reply) = entry.reply {
-                let _ = reply.send(Err(Error::ConnectionClosed));
+                let _ = reply.send(Err(error));
             }
         }
         tracing::debug!(lane = id.0, "lane closed");
@@ -209,8 +213,18 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
         quiet_since = Instant::now();
     }
     closed.cancel();
+    // Requests still queued never reached the wire: fail them now.
+    rx.close();
+    while let Ok(request) = rx.try_recv() {
+        if let Some(reply) = request.reply {
+            let _ = reply.send(Err(Error::ConnectionClosed));
+        }
+    }
 }
 
+/// Matches replies to pending requests in order until the lane fails or is
+/// closed. Returns why it failed, for the oldest pending request: the reply
+/// timed out, was malformed or too long, or the connection ended.
 async fn read_loop<R: tokio::io::AsyncBufRead + Unpin>(
     lane: LaneRef,
     mut reader: R,
@@ -218,7 +232,7 @@ async fn read_loop<R: tokio::io::AsyncBufRead + Unpin>(
     pending: Arc<Mutex<VecDeque<Pending>>>,
     pushed: Arc<Notify>,
     closed: CancellationToken,
-) {
+) -> Option<Error> {
     let mut line = Vec::with_capacity(128);
     loop {
         let deadline = pending
@@ -227,7 +241,7 @@ async fn read_loop<R: tokio::io::AsyncBufRead + Unpin>(
             .front()
             .map(|p| p.deadline);
         let read = tokio::select! {
-            _ = closed.cancelled() => return,
+            _ = closed.cancelled() => return None,
             read = read_line(&mut reader, &mut line) => read,
             _ = pushed.notified() => continue,
             _ = async {
@@ -237,22 +251,25 @@ async fn read_loop<R: tokio::io::AsyncBufRead + Unpin>(
                 }
             } => {
                 tracing::debug!("reply timeout: closing lane");
-                return;
+                return Some(Error::ReplyTimeout);
             }
         };
-        if read.is_err() {
-            return;
+        if let Err(error) = read {
+            return Some(error);
         }
         let reply = Reply::parse(&line);
         line.clear();
-        let Ok(reply) = reply else { return };
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(error) => return Some(Error::Protocol(error.to_string())),
+        };
         let Some(entry) = pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop_front()
         else {
             // A reply nobody asked for: the stream is out of step.
-            return;
+            return Some(Error::Protocol("reply to no request".into()));
         };
         deliver(&lane, entry, reply, &tx);
     }

@@ -1,0 +1,415 @@
+//! Coordination recipes under failure: leader election across randomized
+//! failovers, singleton jobs, and lease scopes.
+
+mod recipes_support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dflockd::client::{Client, LossReason};
+use dflockd::server::{Server, ServerConfig, ServerHandle};
+use dflockd::{LeaderElection, LeaseScope, Singleton};
+use recipes_support::Link;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+const TTL: Duration = Duration::from_secs(1);
+
+async fn server() -> ServerHandle {
+    // A short sweep so expiry-based failover is prompt.
+    let config = ServerConfig {
+        lease_sweep_interval: Duration::from_millis(50),
+        ..ServerConfig::ephemeral()
+    };
+    Server::start(config).await.expect("server starts")
+}
+
+fn client_via(link: &Link) -> Client {
+    // Keepalive below the TTL so a blackhole is noticed by the client too.
+    Client::builder()
+        .server(link.addr.into())
+        .reply_timeout(Duration::from_secs(2))
+        .build()
+        .expect("client")
+}
+
+/// Storage that rejects writes carrying a fence lower than the highest seen.
+#[derive(Default)]
+struct FencedRegister {
+    inner: Mutex<(u64, u64, u64)>, // (highest, accepted, rejected)
+}
+
+impl FencedRegister {
+    fn write(&self, fence: u64) -> bool {
+        let mut inner = self.inner.lock().unwrap();
+        if fence < inner.0 {
+            inner.2 += 1;
+            return false;
+        }
+        inner.0 = fence;
+        inner.1 += 1;
+        true
+    }
+}
+
+#[derive(Debug, Clone)]
+struct TermRecord {
+    who: usize,
+    fence: u64,
+    start: Instant,
+    end: Option<Instant>,
+}
+
+struct Candidate {
+    link: Link,
+    client: Client,
+    stop: CancellationToken,
+}
+
+fn campaign(
+    who: usize,
+    client: Client,
+    stop: CancellationToken,
+    register: Arc<FencedRegister>,
+    terms: Arc<Mutex<Vec<TermRecord>>>,
+    latest: watch::Sender<u64>,
+) {
+    tokio::spawn(async move {
+        let election = LeaderElection::new(&client, "recipes/leader")
+            .expect("election")
+            .with_lease(TTL);
+        let _ = election
+            .run_as_leader(stop, |ctx| {
+                let register = Arc::clone(&register);
+                let terms = Arc::clone(&terms);
+                let latest = latest.clone();
+                async move {
+                    let index = {
+                        let mut terms = terms.lock().unwrap();
+                        terms.push(TermRecord {
+                            who,
+                            fence: ctx.fence(),
+                            start: Instant::now(),
+                            end: None,
+                        });
+                        terms.len() - 1
+                    };
+                    latest.send_modify(|f| *f = (*f).max(ctx.fence()));
+                    while !ctx.is_cancelled() {
+                        register.write(ctx.fence());
+                        tokio::select! {
+                            _ = ctx.cancelled() => {}
+                            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                        }
+                    }
+                    terms.lock().unwrap()[index].end = Some(Instant::now());
+                }
+            })
+            .await;
+    });
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    Cut,
+    Blackhole,
+    Resign,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_two_leaders_across_100_randomized_failovers() {
+    let server = server().await;
+    let register = Arc::new(FencedRegister::default());
+    let terms = Arc::new(Mutex::new(Vec::<TermRecord>::new()));
+    let (latest, mut latest_rx) = watch::channel(0u64);
+    let mut candidates = Vec::new();
+    for who in 0..3 {
+        let link = Link::start(server.local_addr()).await;
+        let client = client_via(&link);
+        let stop = CancellationToken::new();
+        campaign(
+            who,
+            client.clone(),
+            stop.clone(),
+            Arc::clone(&register),
+            Arc::clone(&terms),
+            latest.clone(),
+        );
+        candidates.push(Candidate { link, client, stop });
+    }
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let renew_interval = TTL / 3;
+    let bound = TTL + renew_interval + Duration::from_millis(700);
+    let mut faults = (0, 0, 0);
+    let mut slowest = Duration::ZERO;
+    let mut current = *latest_rx.wait_for(|f| *f > 0).await.unwrap();
+    for round in 0..100 {
+        let leader = terms
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|t| t.fence == current)
+            .map(|t| t.who)
+            .unwrap();
+        let fault = match next() % 10 {
+            0..=3 => Fault::Cut,
+            4..=6 => Fault::Blackhole,
+            _ => Fault::Resign,
+        };
+        let started = Instant::now();
+        match fault {
+            Fault::Cut => {
+                faults.0 += 1;
+                candidates[leader].link.cut();
+            }
+            Fault::Blackhole => {
+                faults.1 += 1;
+                candidates[leader].link.blackhole();
+            }
+            Fault::Resign => {
+                faults.2 += 1;
+                candidates[leader].stop.cancel();
+            }
+        }
+        let new = tokio::time::timeout(bound * 3, latest_rx.wait_for(|f| *f > current))
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: no failover after {fault:?}"))
+            .map(|f| *f)
+            .unwrap();
+        let took = started.elapsed();
+        slowest = slowest.max(took);
+        assert!(
+            took <= bound,
+            "round {round}: failover after {fault:?} took {took:?} > {bound:?}"
+        );
+        // Bring the old leader back as a candidate.
+        match fault {
+            Fault::Cut => {}
+            Fault::Blackhole => candidates[leader].link.heal(),
+            Fault::Resign => {
+                let stop = CancellationToken::new();
+                candidates[leader].stop = stop.clone();
+                let client = candidates[leader].client.clone();
+                campaign(
+                    leader,
+                    client,
+                    stop,
+                    Arc::clone(&register),
+                    Arc::clone(&terms),
+                    latest.clone(),
+                );
+            }
+        }
+        current = new;
+    }
+    for c in &candidates {
+        c.stop.cancel();
+    }
+    let terms = terms.lock().unwrap().clone();
+    // Terms in grant order have strictly increasing fences, and a term never
+    // starts before the previous one ended when its end is known locally.
+    let mut ordered = terms.clone();
+    ordered.sort_by_key(|t| t.fence);
+    for pair in ordered.windows(2) {
+        assert!(pair[0].fence < pair[1].fence);
+    }
+    let (_, accepted, rejected) = *register.inner.lock().unwrap();
+    eprintln!(
+        "failovers: 100 (cut {}, blackhole {}, resign {}); terms {}; slowest failover {:?}; register accepted {accepted}, rejected stale {rejected}",
+        faults.0,
+        faults.1,
+        faults.2,
+        terms.len(),
+        slowest
+    );
+    assert!(terms.len() > 100);
+}
+
+/// Blackholed leaders step down before anyone else is granted: leadership
+/// intervals never overlap when the server learns of the failure only by
+/// lease expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blackholed_leader_steps_down_before_the_next_term_starts() {
+    let server = server().await;
+    let register = Arc::new(FencedRegister::default());
+    let terms = Arc::new(Mutex::new(Vec::<TermRecord>::new()));
+    let (latest, mut latest_rx) = watch::channel(0u64);
+    let mut links = Vec::new();
+    for who in 0..2 {
+        let link = Link::start(server.local_addr()).await;
+        campaign(
+            who,
+            client_via(&link),
+            CancellationToken::new(),
+            Arc::clone(&register),
+            Arc::clone(&terms),
+            latest.clone(),
+        );
+        links.push(link);
+    }
+    let mut current = *latest_rx.wait_for(|f| *f > 0).await.unwrap();
+    for _ in 0..5 {
+        let leader = terms
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|t| t.fence == current)
+            .map(|t| t.who)
+            .unwrap();
+        links[leader].blackhole();
+        current =
+            *tokio::time::timeout(Duration::from_secs(5), latest_rx.wait_for(|f| *f > current))
+                .await
+                .unwrap()
+                .unwrap();
+        links[leader].heal();
+    }
+    let terms = terms.lock().unwrap().clone();
+    let mut ordered = terms;
+    ordered.sort_by_key(|t| t.fence);
+    for pair in ordered.windows(2) {
+        let ended = pair[0].end.expect("deposed leader noticed");
+        assert!(
+            ended <= pair[1].start,
+            "term {} still running when {} started",
+            pair[0].fence,
+            pair[1].fence
+        );
+    }
+    assert_eq!(
+        register.inner.lock().unwrap().2,
+        0,
+        "no stale write reached the register"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn singleton_restarts_elsewhere_within_one_ttl() {
+    let server = server().await;
+    let running = Arc::new(Mutex::new(Vec::<usize>::new()));
+    let max_concurrent = Arc::new(Mutex::new(0usize));
+    let (started_tx, mut started_rx) = watch::channel(None::<usize>);
+    let mut links = Vec::new();
+    for who in 0..2 {
+        let link = Link::start(server.local_addr()).await;
+        let client = client_via(&link);
+        let running = Arc::clone(&running);
+        let max_concurrent = Arc::clone(&max_concurrent);
+        let started_tx = started_tx.clone();
+        tokio::spawn(async move {
+            let job = Singleton::new(&client, "recipes/singleton")
+                .unwrap()
+                .with_lease(TTL);
+            let _ = job
+                .run(CancellationToken::new(), |ctx| {
+                    let running = Arc::clone(&running);
+                    let max_concurrent = Arc::clone(&max_concurrent);
+                    let started_tx = started_tx.clone();
+                    async move {
+                        {
+                            let mut r = running.lock().unwrap();
+                            r.push(who);
+                            let mut m = max_concurrent.lock().unwrap();
+                            *m = (*m).max(r.len());
+                        }
+                        started_tx.send_replace(Some(who));
+                        ctx.cancelled().await;
+                        running.lock().unwrap().retain(|w| *w != who);
+                    }
+                })
+                .await;
+        });
+        links.push(link);
+    }
+    let first = started_rx.wait_for(Option::is_some).await.unwrap().unwrap();
+    // The holder's host stops answering (no close): the job must restart on
+    // the other one within one TTL (+ the sweep and a renew interval).
+    let t0 = Instant::now();
+    links[first].blackhole();
+    let second = *tokio::time::timeout(
+        Duration::from_secs(5),
+        started_rx.wait_for(|w| *w == Some(1 - first)),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(second, Some(1 - first));
+    assert!(
+        t0.elapsed() <= TTL + TTL / 3 + Duration::from_millis(700),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        *max_concurrent.lock().unwrap(),
+        1,
+        "the job never ran twice at once"
+    );
+}
+
+/// Every child of a scope has stopped before the server could grant the
+/// key to anyone else — even a child that ignores cancellation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_scope_children_stop_before_the_key_is_regranted() {
+    let server = server().await;
+    let link = Link::start(server.local_addr()).await;
+    let holder = client_via(&link);
+    let lease = holder
+        .lock("recipes/scope")
+        .unwrap()
+        .with_lease(Duration::from_secs(2))
+        .acquire()
+        .await
+        .unwrap();
+    let scope = LeaseScope::new(&lease);
+    let last_alive = Arc::new(Mutex::new(Instant::now()));
+    // A cooperative child.
+    scope.spawn(|cancel| async move { cancel.cancelled().await });
+    // A stubborn child that never looks at its token: it must be aborted.
+    let stubborn = Arc::clone(&last_alive);
+    scope.spawn(|_cancel| async move {
+        loop {
+            *stubborn.lock().unwrap() = Instant::now();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    // Someone else waits for the key directly on the server.
+    let other = Client::builder()
+        .server(server.local_addr().into())
+        .build()
+        .unwrap();
+    let waiter = tokio::spawn(async move {
+        let lease = other
+            .lock("recipes/scope")
+            .unwrap()
+            .acquire_within(Duration::from_secs(10))
+            .await
+            .unwrap()
+            .unwrap();
+        (Instant::now(), lease)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    link.blackhole(); // renewals stop arriving; the server expires the lease
+    tokio::time::timeout(Duration::from_secs(5), scope.stopped())
+        .await
+        .expect("scope stops");
+    let stopped_at = Instant::now();
+    let last = *last_alive.lock().unwrap();
+    let (granted_at, _lease) = waiter.await.unwrap();
+    assert_eq!(lease.loss_reason(), Some(LossReason::Expired));
+    assert!(
+        last < granted_at,
+        "a child ran after the key was granted elsewhere"
+    );
+    assert!(
+        stopped_at <= granted_at,
+        "scope stopped at {stopped_at:?}, key re-granted at {granted_at:?}"
+    );
+}
