@@ -1,0 +1,263 @@
+//! `dflock run` end to end: the real binary against an embedded server.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use dflockd_client::Client;
+use dflockd_server::{Server, ServerConfig, ServerHandle};
+
+const DFLOCK: &str = env!("CARGO_BIN_EXE_dflock");
+
+async fn server() -> ServerHandle {
+    Server::start(ServerConfig::ephemeral())
+        .await
+        .expect("server")
+}
+
+fn dflock(server: &ServerHandle, args: &[&str]) -> Command {
+    let mut cmd = Command::new(DFLOCK);
+    cmd.arg("--servers")
+        .arg(server.local_addr().to_string())
+        .args(args);
+    cmd.env_remove("DFLOCKD_SERVERS")
+        .env_remove("DFLOCKD_AUTH_TOKEN")
+        .env_remove("DFLOCKD_TLS_CA");
+    cmd
+}
+
+async fn output(mut cmd: Command) -> Output {
+    tokio::task::spawn_blocking(move || cmd.output().expect("run dflock"))
+        .await
+        .expect("join")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passes_the_command_exit_status_through() {
+    let server = server().await;
+    let out = output(dflock(
+        &server,
+        &["run", "cli-status", "--", "sh", "-c", "exit 3"],
+    ))
+    .await;
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let out = output(dflock(&server, &["run", "cli-status", "--", "true"])).await;
+    assert_eq!(out.status.code(), Some(0));
+    // The lock was released afterwards.
+    let client = Client::builder()
+        .server(server.local_addr().into())
+        .build()
+        .unwrap();
+    assert!(
+        client
+            .lock("cli-status")
+            .unwrap()
+            .try_acquire()
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exposes_the_fence_to_the_command() {
+    let server = server().await;
+    let out = output(dflock(
+        &server,
+        &[
+            "run",
+            "cli-env",
+            "--",
+            "sh",
+            "-c",
+            "echo $DFLOCK_KEY $DFLOCK_FENCE",
+        ],
+    ))
+    .await;
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut parts = text.split_whitespace();
+    assert_eq!(parts.next(), Some("cli-env"));
+    assert!(parts.next().unwrap().parse::<u64>().unwrap() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn times_out_with_code_75_when_the_lock_stays_busy() {
+    let server = server().await;
+    let client = Client::builder()
+        .server(server.local_addr().into())
+        .build()
+        .unwrap();
+    let held = client.lock("cli-busy").unwrap().acquire().await.unwrap();
+    let started = Instant::now();
+    let out = output(dflock(
+        &server,
+        &["run", "cli-busy", "--timeout", "1", "--", "true"],
+    ))
+    .await;
+    assert_eq!(out.status.code(), Some(75), "{out:?}");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    // Semaphore slots: a full semaphore times out the same way.
+    let _slot = client
+        .semaphore("cli-sem", 1)
+        .unwrap()
+        .acquire()
+        .await
+        .unwrap();
+    let out = output(dflock(
+        &server,
+        &[
+            "run",
+            "cli-sem",
+            "--limit",
+            "1",
+            "--timeout",
+            "0",
+            "--",
+            "true",
+        ],
+    ))
+    .await;
+    assert_eq!(out.status.code(), Some(75));
+    held.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_sigterm_to_the_command() {
+    let server = server().await;
+    let mut cmd = dflock(
+        &server,
+        &[
+            "run",
+            "cli-signal",
+            "--",
+            "sh",
+            "-c",
+            "trap 'exit 42' TERM; echo ready; while true; do sleep 0.05; done",
+        ],
+    );
+    cmd.stdout(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let pid = child.id();
+    // Wait until the command runs (it prints "ready").
+    let mut stdout = child.stdout.take().unwrap();
+    let ready = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 6];
+        stdout.read_exact(&mut buf).map(|_| buf)
+    });
+    assert_eq!(
+        &tokio::time::timeout(Duration::from_secs(10), ready)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap(),
+        b"ready\n"
+    );
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || child.wait()),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        status.code(),
+        Some(42),
+        "the command's trap ran and its status came back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kills_the_command_when_the_lease_is_lost() {
+    let server = server().await;
+    let mut cmd = dflock(
+        &server,
+        &[
+            "run",
+            "cli-lost",
+            "--lease",
+            "5",
+            "--grace",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; echo ready; while true; do sleep 0.05; done",
+        ],
+    );
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let ready = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 6];
+        stdout.read_exact(&mut buf).map(|_| buf)
+    });
+    assert_eq!(
+        &tokio::time::timeout(Duration::from_secs(10), ready)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap(),
+        b"ready\n"
+    );
+    // The server goes away: every connection closes, the lease is lost.
+    server.force_close();
+    let started = Instant::now();
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await
+    .expect("dflock exits after the loss")
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(76),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The command ignored SIGTERM, so it took SIGKILL after the grace period.
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lost"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_and_stats_subcommands() {
+    let server = server().await;
+    let out = output(dflock(
+        &server,
+        &["fence", "183c7875229b00017f3c1f2b3e9a8d6e"],
+    ))
+    .await;
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        "1746403200000000001"
+    );
+    let out = output(dflock(&server, &["fence", "nope"])).await;
+    assert_eq!(out.status.code(), Some(64));
+    let client = Client::builder()
+        .server(server.local_addr().into())
+        .build()
+        .unwrap();
+    let _held = client.lock("cli-stats").unwrap().acquire().await.unwrap();
+    let out = output(dflock(&server, &["stats", "--json"])).await;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        json["locks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["key"] == "cli-stats")
+    );
+    let out = output(dflock(&server, &["stats"])).await;
+    assert!(String::from_utf8(out.stdout).unwrap().contains("cli-stats"));
+}
