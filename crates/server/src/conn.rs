@@ -1,7 +1,9 @@
 //! One connection: read a frame, validate it, apply it to the table, write
 //! the reply; in order, one request at a time (spec §1.9).
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use dflockd_core::{
@@ -11,7 +13,8 @@ use dflockd_proto::{FrameDecoder, Progress, Reply, Request, Seconds, Status};
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::config::IdlePolicy;
 use crate::shared::Shared;
@@ -49,6 +52,12 @@ pub(crate) struct Connection<S> {
     pos: usize,
     decoder: FrameDecoder,
     out: Vec<u8>,
+    /// Resolves when the server force-closes connections. Created once:
+    /// registering a fresh waiter on every read would cost more than the read.
+    kill: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The read-deadline timer. It is re-armed only when it fires early (the
+    /// deadline moved on since), not on every request.
+    timer: Pin<Box<Sleep>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -56,11 +65,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Connection {
             stream,
             id,
-            shared,
+            shared: Arc::clone(&shared),
             buf: Vec::with_capacity(4096),
             pos: 0,
             decoder: FrameDecoder::new(),
             out: Vec::with_capacity(256),
+            kill: Box::pin(shared.kill.clone().cancelled_owned()),
+            timer: Box::pin(tokio::time::sleep(shared.config.read_timeout)),
         }
     }
 
@@ -133,7 +144,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let _ = self.flush().await;
         tokio::select! {
             _ = tokio::time::sleep(AUTH_FAILURE_PAUSE) => {}
-            _ = self.shared.kill.cancelled() => {}
+            _ = &mut self.kill => {}
         }
         Err(Close::Protocol)
     }
@@ -166,8 +177,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 self.shared.config.idle == IdlePolicy::ReadTimeout || self.decoder.in_frame();
             let read = tokio::select! {
                 read = self.stream.read_buf(&mut self.buf) => read,
-                _ = tokio::time::sleep_until(deadline), if bounded => return Err(ReadFailure::Timeout),
-                _ = self.shared.kill.cancelled() => return Err(ReadFailure::Killed),
+                _ = &mut self.timer, if bounded => {
+                    if Instant::now() >= deadline {
+                        return Err(ReadFailure::Timeout);
+                    }
+                    // Fired for an older deadline: wait for the current one.
+                    self.timer.as_mut().reset(deadline);
+                    continue;
+                }
+                _ = &mut self.kill => return Err(ReadFailure::Killed),
             };
             match read {
                 Ok(0) | Err(_) => return Err(ReadFailure::Eof),
@@ -184,16 +202,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             self.stream.write_all(&self.out).await?;
             self.stream.flush().await
         };
-        let result = tokio::select! {
-            result = async {
-                match self.shared.config.write_timeout {
-                    Some(limit) => tokio::time::timeout(limit, write).await.unwrap_or_else(|_| {
-                        Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "write timeout"))
-                    }),
-                    None => write.await,
+        tokio::pin!(write);
+        // Fast path: the socket is almost always writable, so the write
+        // completes on its first poll and no timer is needed.
+        let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+        let result = match first {
+            Poll::Ready(result) => result,
+            Poll::Pending => {
+                let limit = self.shared.config.write_timeout;
+                let expiry = async {
+                    match limit {
+                        Some(limit) => tokio::time::sleep(limit).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    result = &mut write => result,
+                    _ = expiry => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "write timeout")),
+                    _ = &mut self.kill => return Err(Close::Gone),
                 }
-            } => result,
-            _ = self.shared.kill.cancelled() => return Err(Close::Gone),
+            }
         };
         self.out.clear();
         result.map_err(|error| {
@@ -346,7 +374,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     // but answer rather than hang.
                     Err(_) => Woken::Drained,
                 },
-                _ = self.shared.kill.cancelled() => break Woken::Gone,
+                _ = &mut self.kill => break Woken::Gone,
                 _ = self.shared.drain.cancelled() => break Woken::Drained,
                 _ = &mut expiry => break Woken::Expired,
                 read = self.stream.read_buf(&mut self.buf) => match read {
