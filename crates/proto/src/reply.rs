@@ -209,12 +209,12 @@ impl Reply {
                 });
                 token.write_hex(out);
                 out.push(b' ');
-                out.extend_from_slice(lease.get().to_string().as_bytes());
+                push_decimal(out, lease.get());
             }
             Reply::Queued => out.extend_from_slice(b"queued"),
             Reply::Renewed(secs) => {
                 out.extend_from_slice(b"ok ");
-                out.extend_from_slice(secs.get().to_string().as_bytes());
+                push_decimal(out, secs.get());
             }
             Reply::Stats(json) => {
                 out.extend_from_slice(b"ok ");
@@ -242,6 +242,21 @@ impl Reply {
         self.encode(&mut out);
         out
     }
+}
+
+/// Appends `n` in decimal without allocating.
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
 }
 
 #[cfg(test)]

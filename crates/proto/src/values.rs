@@ -221,8 +221,8 @@ fn units(bytes: &[u8]) -> impl Iterator<Item = (std::ops::Range<usize>, bool)> +
 
 /// Splits on runs of Unicode white space (Go `strings.Fields`), returning
 /// the fields as the bytes that were sent.
-pub(crate) fn fields(arg: &[u8]) -> Vec<&[u8]> {
-    let mut out = Vec::new();
+pub(crate) fn fields(arg: &[u8]) -> Fields<'_> {
+    let mut out = Fields { items: [&[]; 4], len: 0 };
     let mut start = None;
     for (range, space) in units(arg) {
         match (space, start) {
@@ -238,6 +238,27 @@ pub(crate) fn fields(arg: &[u8]) -> Vec<&[u8]> {
         out.push(&arg[s..]);
     }
     out
+}
+
+/// The fields of an argument line, without allocating. No command takes
+/// more than three, so only four are kept: an argument with more still has
+/// the wrong arity.
+pub(crate) struct Fields<'a> {
+    items: [&'a [u8]; 4],
+    len: usize,
+}
+
+impl<'a> Fields<'a> {
+    fn push(&mut self, field: &'a [u8]) {
+        if self.len < self.items.len() {
+            self.items[self.len] = field;
+            self.len += 1;
+        }
+    }
+
+    pub(crate) fn as_slice(&self) -> &[&'a [u8]] {
+        &self.items[..self.len]
+    }
 }
 
 /// Trims Unicode white space from both ends (Go `strings.TrimSpace`); bytes
@@ -279,15 +300,20 @@ mod tests {
             "  0   45 ",
             "0\t45",
         ] {
-            assert_eq!(fields(arg.as_bytes()), [b"0".as_slice(), b"45"], "{arg:?}");
+            assert_eq!(fields(arg.as_bytes()).as_slice(), [b"0".as_slice(), b"45"], "{arg:?}");
         }
+    }
+
+    #[test]
+    fn more_than_four_fields_keep_a_wrong_arity() {
+        assert_eq!(fields(b"1 2 3 4 5 6").as_slice().len(), 4);
     }
 
     #[test]
     fn non_utf8_bytes_are_kept_and_never_white_space() {
         // A lone 0x85 or 0xA0 is not U+0085 / U+00A0: Go sees utf8.RuneError.
         assert_eq!(
-            fields(b"\xff\x85 \xc2\xa0\xa0x\x0b"),
+            fields(b"\xff\x85 \xc2\xa0\xa0x\x0b").as_slice(),
             [b"\xff\x85".as_slice(), b"\xa0x"]
         );
         assert_eq!(
