@@ -16,7 +16,9 @@ use crate::{MAX_LINE, ProtoError};
 /// assert_eq!(Key::new("日本").unwrap().as_bytes().len(), 6);
 /// ```
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Key(Box<[u8]>);
+// Shared bytes: the lock table keeps the key in several indexes, and a
+// clone is then a reference-count bump, not an allocation.
+pub struct Key(std::sync::Arc<[u8]>);
 
 impl Key {
     /// Validates a UTF-8 key.
