@@ -12,12 +12,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use dflockd_proto::{Key, Namespace, Reply, Request};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWriteExt, BufReader};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::connection::{Connection, read_line};
+use crate::supervisor::RenewTicket;
 use crate::{Error, Result};
 
 /// Identity of one connection, for binding leases to it.
@@ -33,19 +34,40 @@ pub(crate) struct LaneRef {
     pub(crate) closed: CancellationToken,
 }
 
+/// A caller waiting for one reply.
 pub(crate) type LaneReply = oneshot::Sender<Result<(Reply, LaneRef)>>;
+
+/// Where a reply goes.
+pub(crate) enum ReplyTo {
+    /// A caller waiting on a oneshot.
+    Caller(LaneReply),
+    /// A renewal: straight to the lease supervisor's reply queue, with no
+    /// task or channel of its own.
+    Renew(RenewTicket),
+}
+
+impl ReplyTo {
+    fn fail(self, error: Error) {
+        match self {
+            ReplyTo::Caller(sender) => {
+                let _ = sender.send(Err(error));
+            }
+            ReplyTo::Renew(ticket) => ticket.complete(Err(error)),
+        }
+    }
+}
 
 /// A request for a lane. `orphan` names the resource of a request that may
 /// be granted: if the caller is gone when the grant arrives, the lane
 /// releases it instead of leaking it.
 pub(crate) struct LaneRequest {
     pub(crate) request: Request,
-    pub(crate) reply: Option<LaneReply>,
+    pub(crate) reply: Option<ReplyTo>,
     pub(crate) orphan: Option<(Key, Namespace)>,
 }
 
 struct Pending {
-    reply: Option<LaneReply>,
+    reply: Option<ReplyTo>,
     orphan: Option<(Key, Namespace)>,
     deadline: Instant,
 }
@@ -64,7 +86,7 @@ impl LaneHandle {
         if let Err(mpsc::error::SendError(request)) = self.tx.send(request)
             && let Some(reply) = request.reply
         {
-            let _ = reply.send(Err(Error::ConnectionClosed));
+            reply.fail(Error::ConnectionClosed);
         }
     }
 
@@ -143,7 +165,7 @@ pub(crate) fn spawn_lane(
         for entry in failed {
             let error = failure.take().unwrap_or(Error::ConnectionClosed);
             if let Some(reply) = entry.reply {
-                let _ = reply.send(Err(error));
+                reply.fail(error);
             }
         }
         tracing::debug!(lane = id.0, "lane closed");
@@ -217,7 +239,7 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
     rx.close();
     while let Ok(request) = rx.try_recv() {
         if let Some(reply) = request.reply {
-            let _ = reply.send(Err(Error::ConnectionClosed));
+            reply.fail(Error::ConnectionClosed);
         }
     }
 }
@@ -225,9 +247,9 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
 /// Matches replies to pending requests in order until the lane fails or is
 /// closed. Returns why it failed, for the oldest pending request: the reply
 /// timed out, was malformed or too long, or the connection ended.
-async fn read_loop<R: tokio::io::AsyncBufRead + Unpin>(
+async fn read_loop<R: AsyncRead + Unpin>(
     lane: LaneRef,
-    mut reader: R,
+    mut reader: BufReader<R>,
     tx: mpsc::UnboundedSender<LaneRequest>,
     pending: Arc<Mutex<VecDeque<Pending>>>,
     pushed: Arc<Notify>,
@@ -257,31 +279,48 @@ async fn read_loop<R: tokio::io::AsyncBufRead + Unpin>(
         if let Err(error) = read {
             return Some(error);
         }
-        let reply = Reply::parse(&line);
-        line.clear();
-        let reply = match reply {
-            Ok(reply) => reply,
-            Err(error) => return Some(Error::Protocol(error.to_string())),
-        };
-        let Some(entry) = pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop_front()
-        else {
-            // A reply nobody asked for: the stream is out of step.
-            return Some(Error::Protocol("reply to no request".into()));
-        };
-        deliver(&lane, entry, reply, &tx);
+        // Handle this reply and every further complete one already
+        // buffered before going back to the select: one read often brings
+        // hundreds of pipelined replies (renewals), and the select's timer
+        // and notification are not worth setting up for each.
+        loop {
+            let reply = Reply::parse(&line);
+            line.clear();
+            let reply = match reply {
+                Ok(reply) => reply,
+                Err(error) => return Some(Error::Protocol(error.to_string())),
+            };
+            let Some(entry) = pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop_front()
+            else {
+                // A reply nobody asked for: the stream is out of step.
+                return Some(Error::Protocol("reply to no request".into()));
+            };
+            deliver(&lane, entry, reply, &tx);
+            if closed.is_cancelled() || !reader.buffer().contains(&b'\n') {
+                break;
+            }
+            // Completes at once: the whole line is already buffered.
+            if let Err(error) = read_line(&mut reader, &mut line).await {
+                return Some(error);
+            }
+        }
     }
 }
 
 fn deliver(lane: &LaneRef, entry: Pending, reply: Reply, tx: &mpsc::UnboundedSender<LaneRequest>) {
     let undelivered = match entry.reply {
-        Some(sender) => sender
+        Some(ReplyTo::Caller(sender)) => sender
             .send(Ok((reply, lane.clone())))
             .err()
             .and_then(|r| r.ok())
             .map(|(reply, _)| reply),
+        Some(ReplyTo::Renew(ticket)) => {
+            ticket.complete(Ok(reply));
+            None
+        }
         None => None,
     };
     // The caller gave up (its future was dropped) but was granted: release.

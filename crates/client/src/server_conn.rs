@@ -12,8 +12,9 @@ use kameo::prelude::*;
 use tokio::time::Instant;
 
 use crate::connection::Connection;
-use crate::lane::{LaneHandle, LaneId, LaneReply, LaneRequest, LaneTiming, spawn_lane};
+use crate::lane::{LaneHandle, LaneId, LaneReply, LaneRequest, LaneTiming, ReplyTo, spawn_lane};
 use crate::options::{ConnectOptions, ServerAddr};
+use crate::supervisor::RenewTicket;
 use crate::{Error, Result};
 
 /// Called once when a lane of this server closes.
@@ -31,6 +32,10 @@ pub(crate) struct ServerConn {
     lane: Option<LaneHandle>,
     backoff: Duration,
     retry_at: Option<Instant>,
+    /// Why the last connect failed: reported again while backing off, so a
+    /// definitive cause (say `Error::Auth`) is not hidden behind a generic
+    /// "reconnect backoff".
+    last_error: Option<Error>,
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -46,6 +51,7 @@ impl Actor for ServerConn {
             lane: None,
             backoff: BACKOFF_MIN,
             retry_at: None,
+            last_error: None,
         })
     }
 
@@ -74,10 +80,10 @@ impl ServerConn {
         if let Some(retry_at) = self.retry_at
             && Instant::now() < retry_at
         {
-            return Err(Error::Connect {
+            return Err(self.last_error.clone().unwrap_or_else(|| Error::Connect {
                 addr: self.args.addr.to_string(),
                 cause: "reconnect backoff".into(),
-            });
+            }));
         }
         match Connection::connect(&self.args.addr, &self.args.options).await {
             Ok(conn) => {
@@ -86,12 +92,14 @@ impl ServerConn {
                 tracing::debug!(server = %self.args.addr, lane = lane.id.0, "control lane connected");
                 self.backoff = BACKOFF_MIN;
                 self.retry_at = None;
+                self.last_error = None;
                 self.lane = Some(lane.clone());
                 Ok(lane)
             }
             Err(error) => {
                 self.retry_at = Some(Instant::now() + self.backoff);
                 self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                self.last_error = Some(error.clone());
                 Err(error)
             }
         }
@@ -116,11 +124,39 @@ impl Message<Call> for ServerConn {
         match self.lane().await {
             Ok(lane) => lane.send(LaneRequest {
                 request: call.request,
-                reply: Some(call.reply),
+                reply: Some(ReplyTo::Caller(call.reply)),
                 orphan: call.orphan,
             }),
             Err(error) => {
                 let _ = call.reply.send(Err(error));
+            }
+        }
+    }
+}
+
+/// A batch of renew requests from the lease supervisor: one message for
+/// every renewal that fell due at the same moment, written to the control
+/// lane together. Each reply goes straight back to the supervisor.
+pub(crate) struct Renewals(pub(crate) Vec<(Request, RenewTicket)>);
+
+impl Message<Renewals> for ServerConn {
+    type Reply = ();
+
+    async fn handle(&mut self, Renewals(batch): Renewals, _: &mut Context<Self, ()>) {
+        match self.lane().await {
+            Ok(lane) => {
+                for (request, ticket) in batch {
+                    lane.send(LaneRequest {
+                        request,
+                        reply: Some(ReplyTo::Renew(ticket)),
+                        orphan: None,
+                    });
+                }
+            }
+            Err(error) => {
+                for (_, ticket) in batch {
+                    ticket.complete(Err(error.clone()));
+                }
             }
         }
     }

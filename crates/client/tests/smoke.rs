@@ -1,28 +1,30 @@
+//! A quick tour: lock, contention, two-phase, semaphore, renewal. Runs
+//! against the embedded server or the external one (see `support`).
+
+mod support;
+
 use std::time::Duration;
 
-use dflockd_client::{Client, Enqueue, Error, Released};
-use dflockd_server::{Server, ServerConfig, ServerHandle};
-
-async fn setup() -> (ServerHandle, Client) {
-    let server = Server::start(ServerConfig::ephemeral()).await.unwrap();
-    let client = Client::builder()
-        .server(server.local_addr().into())
-        .build()
-        .unwrap();
-    (server, client)
-}
+use dflockd_client::{Enqueue, Error, Released};
+use support::{BOUND, Keys, TestServer, eventually, waiters};
 
 #[tokio::test]
 async fn lock_round_trip_and_contention() {
-    let (_server, client) = setup().await;
-    let lock = client.lock("smoke").unwrap();
+    let server = TestServer::start().await;
+    let client = server.client();
+    let keys = Keys::new("smoke");
+    let key = keys.key("lock");
+    let lock = client.lock(&key).unwrap();
     let lease = lock.acquire().await.unwrap();
     assert!(lock.try_acquire().await.unwrap().is_none());
     let waiter = {
         let lock = lock.clone();
         tokio::spawn(async move { lock.acquire_within(Duration::from_secs(5)).await })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually("waiter queued", BOUND, || async {
+        waiters(&client, 0, &key).await == 1
+    })
+    .await;
     let first_fence = lease.fence();
     assert_eq!(lease.release().await.unwrap(), Released::Released);
     let second = waiter
@@ -32,14 +34,17 @@ async fn lock_round_trip_and_contention() {
         .expect("granted after release");
     assert!(second.fence() > first_fence);
     let stats = client.stats(0).await.unwrap();
-    assert_eq!(stats.locks.len(), 1);
+    assert_eq!(stats.locks.iter().filter(|l| l.key == key).count(), 1);
     drop(second);
 }
 
 #[tokio::test]
 async fn two_phase_and_semaphore() {
-    let (_server, client) = setup().await;
-    let sem = client.semaphore("pool", 2).unwrap();
+    let server = TestServer::start().await;
+    let client = server.client();
+    let keys = Keys::new("smoke");
+    let key = keys.key("pool");
+    let sem = client.semaphore(&key, 2).unwrap();
     let a = sem.acquire().await.unwrap();
     let b = sem.acquire().await.unwrap();
     let Enqueue::Queued(ticket) = sem.enqueue().await.unwrap() else {
@@ -49,16 +54,18 @@ async fn two_phase_and_semaphore() {
     let c = ticket.wait(Duration::from_secs(5)).await.unwrap();
     assert!(c.fence() > b.fence());
     assert!(matches!(
-        client.semaphore("pool", 3).unwrap().try_acquire().await,
+        client.semaphore(&key, 3).unwrap().try_acquire().await,
         Err(Error::LimitMismatch)
     ));
 }
 
 #[tokio::test]
 async fn renewals_keep_a_short_lease_alive() {
-    let (_server, client) = setup().await;
+    let server = TestServer::start().await;
+    let client = server.client();
+    let keys = Keys::new("smoke");
     let lock = client
-        .lock("renewed")
+        .lock(&keys.key("renewed"))
         .unwrap()
         .with_lease(Duration::from_secs(1));
     let lease = lock.acquire().await.unwrap();
