@@ -9,10 +9,37 @@ use std::time::Duration;
 use dflockd::client::{Client, LossReason};
 use dflockd::server::{Server, ServerConfig, ServerHandle};
 use dflockd::{LeaderElection, LeaseScope, Singleton};
+use kameo::actor::Spawn;
 use recipes_support::Link;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+/// An actor whose one handler spins forever.
+struct Busy(Arc<Mutex<Instant>>);
+
+impl kameo::Actor for Busy {
+    type Args = Arc<Mutex<Instant>>;
+    type Error = kameo::error::Infallible;
+    async fn on_start(
+        alive: Self::Args,
+        _: kameo::actor::ActorRef<Self>,
+    ) -> Result<Self, Self::Error> {
+        Ok(Busy(alive))
+    }
+}
+
+struct Spin;
+
+impl kameo::message::Message<Spin> for Busy {
+    type Reply = ();
+    async fn handle(&mut self, _: Spin, _: &mut kameo::message::Context<Self, ()>) {
+        loop {
+            *self.0.lock().unwrap() = Instant::now();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
 
 const TTL: Duration = Duration::from_secs(1);
 
@@ -380,6 +407,12 @@ async fn lease_scope_children_stop_before_the_key_is_regranted() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     });
+    // A stubborn actor whose handler never returns: stop_gracefully cannot
+    // reach it, so it must be killed by the deadline.
+    let actor_alive = Arc::new(Mutex::new(Instant::now()));
+    let busy = Busy::spawn(Arc::clone(&actor_alive));
+    busy.tell(Spin).await.unwrap();
+    scope.adopt_actor(busy.clone());
     // Someone else waits for the key directly on the server.
     let other = Client::builder()
         .server(server.local_addr().into())
@@ -404,6 +437,12 @@ async fn lease_scope_children_stop_before_the_key_is_regranted() {
     let last = *last_alive.lock().unwrap();
     let (granted_at, _lease) = waiter.await.unwrap();
     assert_eq!(lease.loss_reason(), Some(LossReason::Expired));
+    let actor_last = *actor_alive.lock().unwrap();
+    assert!(!busy.is_alive(), "the stubborn actor was killed");
+    assert!(
+        actor_last < granted_at,
+        "the actor ran after the key was granted elsewhere"
+    );
     assert!(
         last < granted_at,
         "a child ran after the key was granted elsewhere"
