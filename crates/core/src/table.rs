@@ -177,9 +177,99 @@ struct Waiter<W> {
 
 struct Resource<W> {
     limit: Limit,
-    holders: HashMap<Token, Holder>,
+    holders: Holders,
     queue: BTreeMap<WaiterId, Waiter<W>>,
     last_activity: Duration,
+}
+
+/// The holders of one resource. Most resources are locks with at most one
+/// holder; they keep it inline rather than in a hash map (a lock table of
+/// 100,000 held keys saves a hash-map allocation per key).
+enum Holders {
+    Inline(Option<(Token, Holder)>),
+    Map(HashMap<Token, Holder>),
+}
+
+impl Holders {
+    fn new(limit: Limit) -> Holders {
+        if limit.get() == 1 {
+            Holders::Inline(None)
+        } else {
+            Holders::Map(HashMap::new())
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Holders::Inline(slot) => usize::from(slot.is_some()),
+            Holders::Map(map) => map.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn get_mut(&mut self, token: &Token) -> Option<&mut Holder> {
+        match self {
+            Holders::Inline(Some((t, holder))) if t == token => Some(holder),
+            Holders::Inline(_) => None,
+            Holders::Map(map) => map.get_mut(token),
+        }
+    }
+
+    fn insert(&mut self, token: Token, holder: Holder) {
+        match self {
+            Holders::Inline(slot @ None) => *slot = Some((token, holder)),
+            Holders::Inline(Some(_)) => {
+                // Not reachable for a limit-1 resource (grants check room
+                // first); stay correct anyway.
+                let Holders::Inline(Some((t, h))) =
+                    std::mem::replace(self, Holders::Map(HashMap::new()))
+                else {
+                    unreachable!()
+                };
+                if let Holders::Map(map) = self {
+                    map.insert(t, h);
+                    map.insert(token, holder);
+                }
+            }
+            Holders::Map(map) => {
+                map.insert(token, holder);
+            }
+        }
+    }
+
+    fn remove(&mut self, token: &Token) -> Option<Holder> {
+        match self {
+            Holders::Inline(slot) if slot.as_ref().is_some_and(|(t, _)| t == token) => {
+                slot.take().map(|(_, h)| h)
+            }
+            Holders::Inline(_) => None,
+            Holders::Map(map) => map.remove(token),
+        }
+    }
+
+    /// Tokens whose lease deadline is at or before `now` (no allocation
+    /// when there are none).
+    fn expired(&self, now: Duration) -> Vec<Token> {
+        match self {
+            Holders::Inline(Some((token, holder))) if holder.deadline <= now => vec![*token],
+            Holders::Inline(_) => Vec::new(),
+            Holders::Map(map) => map
+                .iter()
+                .filter(|(_, h)| h.deadline <= now)
+                .map(|(t, _)| *t)
+                .collect(),
+        }
+    }
+
+    fn iter(&self) -> Box<dyn Iterator<Item = (&Token, &Holder)> + '_> {
+        match self {
+            Holders::Inline(slot) => Box::new(slot.iter().map(|(t, h)| (t, h))),
+            Holders::Map(map) => Box::new(map.iter()),
+        }
+    }
 }
 
 impl<W> Resource<W> {
@@ -598,7 +688,7 @@ impl<W, M: Mint> LockTable<W, M> {
                     stats.idle_semaphores.push(entry)
                 }
             } else if limit == 1 {
-                let holder = r.holders.values().next();
+                let holder = r.holders.iter().next().map(|(_, h)| h);
                 stats.locks.push(LockEntry {
                     key,
                     owner_conn_id: holder.map_or(0, |h| h.conn.0),
@@ -635,7 +725,7 @@ impl<W, M: Mint> LockTable<W, M> {
                 }
                 let resource = Resource {
                     limit,
-                    holders: HashMap::new(),
+                    holders: Holders::new(limit),
                     queue: BTreeMap::new(),
                     last_activity: now,
                 };
@@ -644,12 +734,7 @@ impl<W, M: Mint> LockTable<W, M> {
             }
         }
         let resource = &self.resources[rid];
-        let expired: Vec<Token> = resource
-            .holders
-            .iter()
-            .filter(|(_, h)| h.deadline <= now)
-            .map(|(t, _)| *t)
-            .collect();
+        let expired = resource.holders.expired(now);
         if !expired.is_empty() {
             for token in expired {
                 self.remove_holder(rid, token, now);
