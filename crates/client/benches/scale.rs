@@ -31,8 +31,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dflockd_client::{Client, Lease};
@@ -165,6 +165,15 @@ fn cpu_seconds(pid: &str, ticks: f64) -> f64 {
     let utime: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     let stime: f64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     (utime + stime) / ticks
+}
+
+/// CPU time of the calling thread, in seconds (nanosecond precision, from
+/// the scheduler's accounting).
+fn thread_cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |ns| ns / 1e9)
 }
 
 /// (VmRSS, VmHWM) in kB.
@@ -387,48 +396,30 @@ async fn run(cfg: &Config, server: &ServerProcess) -> ExitCode {
     );
 
     // ---- hold ----
+    // Sampling runs on a thread of its own so that its CPU time (reading
+    // /proc, checking every guard) can be measured exactly and reported
+    // apart from the client's.
     println!(
         "{:>5} {:>9} {:>7} {:>10} {:>5} {:>5}",
         "t(s)", "RSS(MB)", "CPU%", "renews/s", "conns", "lost"
     );
+    let leases = Arc::new(leases);
     let hold_start = Instant::now();
     let cpu_start = cpu_seconds("self", ticks);
     let server_cpu_start = cpu_seconds(&server_pid, ticks);
     let renews_start = client.renewals_sent();
-    let mut prev = (hold_start, cpu_start, renews_start);
-    let mut samples = Vec::new();
-    let mut interval = tokio::time::interval_at(
-        tokio::time::Instant::now() + Duration::from_secs(1),
-        Duration::from_secs(1),
-    );
-    for _ in 0..cfg.secs {
-        interval.tick().await;
-        let now = Instant::now();
-        let cpu = cpu_seconds("self", ticks);
-        let renews = client.renewals_sent();
-        let dt = now.duration_since(prev.0).as_secs_f64();
-        let sample = Sample {
-            t: now.duration_since(hold_start).as_secs_f64(),
-            rss_kb: rss_kb("self").0,
-            cpu_pct: 100.0 * (cpu - prev.1) / dt,
-            renews_per_s: (renews - prev.2) as f64 / dt,
-            conns: connections_to(port),
-            lost: leases.iter().filter(|l| l.is_lost()).count(),
-        };
-        prev = (now, cpu, renews);
-        println!(
-            "{:>5.0} {:>9.1} {:>7.1} {:>10.0} {:>5} {:>5}",
-            sample.t,
-            sample.rss_kb as f64 / 1024.0,
-            sample.cpu_pct,
-            sample.renews_per_s,
-            sample.conns,
-            sample.lost
-        );
-        samples.push(sample);
-    }
+    let sampler = {
+        let (client, leases, secs) = (client.clone(), Arc::clone(&leases), cfg.secs);
+        tokio::task::spawn_blocking(move || {
+            sample_hold(&client, &leases, port, secs, ticks, hold_start, cpu_start)
+        })
+    };
+    let (samples, sampler_cpu) = sampler.await.expect("sampler thread");
     let hold_secs = hold_start.elapsed().as_secs_f64();
-    let cpu_pct = 100.0 * (cpu_seconds("self", ticks) - cpu_start) / hold_secs;
+    let cpu_total = cpu_seconds("self", ticks) - cpu_start;
+    let cpu_pct_gross = 100.0 * cpu_total / hold_secs;
+    let sampler_pct = 100.0 * sampler_cpu / hold_secs;
+    let cpu_pct = 100.0 * (cpu_total - sampler_cpu).max(0.0) / hold_secs;
     let server_cpu_pct = 100.0 * (cpu_seconds(&server_pid, ticks) - server_cpu_start) / hold_secs;
     let renews = client.renewals_sent() - renews_start;
     let renews_per_s = renews as f64 / hold_secs;
@@ -436,7 +427,8 @@ async fn run(cfg: &Config, server: &ServerProcess) -> ExitCode {
     let rss_max = samples.iter().map(|s| s.rss_kb).max().unwrap_or(rss_end);
     let conns_max = samples.iter().map(|s| s.conns).max().unwrap_or(0);
     let lost = leases.iter().filter(|l| l.is_lost()).count();
-    let nominal_interval = cfg.ttl.as_secs_f64() / 3.0 * 0.95; // default ratio 1/3, jitter 90–100 %
+    // Default renew ratio 1/3, jittered to 90–100 % of that.
+    let nominal_interval = cfg.ttl.as_secs_f64() / 3.0 * 0.95;
     let expected_renews = cfg.n as f64 / nominal_interval.min(10.0);
     let threads = thread_count();
     let server_view = server_stats(port);
@@ -475,6 +467,9 @@ async fn run(cfg: &Config, server: &ServerProcess) -> ExitCode {
         "client CPU (hold avg) {cpu_pct:>10.1} %   of one core, target ≤ {TARGET_CPU_PCT} %: {}",
         mark(cpu_ok)
     );
+    println!(
+        "  process / sampler   {cpu_pct_gross:>10.1} %   / {sampler_pct:.1} % (the bench's own sampling, excluded above)"
+    );
     println!("server CPU (hold avg) {server_cpu_pct:>10.1} %   (separate process, for context)");
     println!("client threads        {threads:>10}");
     match &server_view {
@@ -498,15 +493,64 @@ async fn run(cfg: &Config, server: &ServerProcess) -> ExitCode {
         "rss_max_mb": rss_max as f64 / 1024.0,
         "rss_hwm_mb": hwm as f64 / 1024.0,
         "cpu_pct_one_core": cpu_pct,
+        "process_cpu_pct_one_core": cpu_pct_gross,
+        "sampler_cpu_pct_one_core": sampler_pct,
         "server_cpu_pct_one_core": server_cpu_pct,
         "server_locks_held": server_view.as_ref().ok().map(|v| v.1),
         "targets_met": conns_ok && lost_ok && rss_ok && cpu_ok,
     });
     println!("{json}");
+    drop(leases);
     if lost_ok {
         ExitCode::SUCCESS
     } else {
         eprintln!("scale: {lost} lease(s) lost");
         ExitCode::FAILURE
     }
+}
+
+/// Samples once a second for `secs` seconds and prints a row each time.
+/// Returns the samples and the CPU seconds this thread spent.
+fn sample_hold(
+    client: &Client,
+    leases: &[Lease],
+    port: u16,
+    secs: u64,
+    ticks: f64,
+    hold_start: Instant,
+    cpu_start: f64,
+) -> (Vec<Sample>, f64) {
+    let own_start = thread_cpu_seconds();
+    let mut prev = (hold_start, cpu_start, client.renewals_sent());
+    let mut samples = Vec::with_capacity(secs as usize);
+    for k in 1..=secs {
+        let due = hold_start + Duration::from_secs(k);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let now = Instant::now();
+        let cpu = cpu_seconds("self", ticks);
+        let renews = client.renewals_sent();
+        let dt = now.duration_since(prev.0).as_secs_f64();
+        let sample = Sample {
+            t: now.duration_since(hold_start).as_secs_f64(),
+            rss_kb: rss_kb("self").0,
+            cpu_pct: 100.0 * (cpu - prev.1) / dt,
+            renews_per_s: (renews - prev.2) as f64 / dt,
+            conns: connections_to(port),
+            lost: leases.iter().filter(|l| l.is_lost()).count(),
+        };
+        prev = (now, cpu, renews);
+        println!(
+            "{:>5.0} {:>9.1} {:>7.1} {:>10.0} {:>5} {:>5}",
+            sample.t,
+            sample.rss_kb as f64 / 1024.0,
+            sample.cpu_pct,
+            sample.renews_per_s,
+            sample.conns,
+            sample.lost
+        );
+        samples.push(sample);
+    }
+    (samples, thread_cpu_seconds() - own_start)
 }

@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use dflockd_proto::{Key, Namespace, Reply, Request};
@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::connection::{Connection, read_line};
-use crate::supervisor::RenewTicket;
+use crate::supervisor::{RenewBatch, RenewReply, RenewSink, RenewTag};
 use crate::{Error, Result};
 
 /// Identity of one connection, for binding leases to it.
@@ -41,20 +41,9 @@ pub(crate) type LaneReply = oneshot::Sender<Result<(Reply, LaneRef)>>;
 pub(crate) enum ReplyTo {
     /// A caller waiting on a oneshot.
     Caller(LaneReply),
-    /// A renewal: straight to the lease supervisor's reply queue, with no
-    /// task or channel of its own.
-    Renew(RenewTicket),
-}
-
-impl ReplyTo {
-    fn fail(self, error: Error) {
-        match self {
-            ReplyTo::Caller(sender) => {
-                let _ = sender.send(Err(error));
-            }
-            ReplyTo::Renew(ticket) => ticket.complete(Err(error)),
-        }
-    }
+    /// A renewal: its reply is batched with the others read at the same
+    /// time and handed to the lease supervisor (see `RenewSink`).
+    Renew(RenewTag),
 }
 
 /// A request for a lane. `orphan` names the resource of a request that may
@@ -62,8 +51,49 @@ impl ReplyTo {
 /// releases it instead of leaking it.
 pub(crate) struct LaneRequest {
     pub(crate) request: Request,
-    pub(crate) reply: Option<ReplyTo>,
+    pub(crate) reply: Option<LaneReply>,
     pub(crate) orphan: Option<(Key, Namespace)>,
+}
+
+/// What a lane's writer takes: one request, or a batch of renewals already
+/// encoded (the lease supervisor renews thousands of leases a second).
+enum Outgoing {
+    One(LaneRequest),
+    Renewals(RenewBatch),
+}
+
+impl Outgoing {
+    fn fail(self, error: Error) {
+        match self {
+            Outgoing::One(request) => {
+                if let Some(reply) = request.reply {
+                    let _ = reply.send(Err(error));
+                }
+            }
+            Outgoing::Renewals(batch) => batch.fail(error),
+        }
+    }
+}
+
+/// Fails requests whose replies will never come: the first gets `first`
+/// (why the lane failed), the others `ConnectionClosed`.
+fn fail_pending(entries: Vec<Pending>, mut first: Option<Error>, renew_to: &OnceLock<RenewSink>) {
+    let mut renewed = Vec::new();
+    for entry in entries {
+        let error = first.take().unwrap_or(Error::ConnectionClosed);
+        match entry.reply {
+            Some(ReplyTo::Caller(sender)) => {
+                let _ = sender.send(Err(error));
+            }
+            Some(ReplyTo::Renew(tag)) => renewed.push(tag.reply(Err(error))),
+            None => {}
+        }
+    }
+    if !renewed.is_empty()
+        && let Some(sink) = renew_to.get()
+    {
+        let _ = sink.send(renewed);
+    }
 }
 
 struct Pending {
@@ -77,16 +107,21 @@ struct Pending {
 #[derive(Clone, Debug)]
 pub(crate) struct LaneHandle {
     pub(crate) id: LaneId,
-    tx: mpsc::UnboundedSender<LaneRequest>,
+    tx: mpsc::UnboundedSender<Outgoing>,
     closed: CancellationToken,
 }
 
 impl LaneHandle {
     pub(crate) fn send(&self, request: LaneRequest) {
-        if let Err(mpsc::error::SendError(request)) = self.tx.send(request)
-            && let Some(reply) = request.reply
-        {
-            reply.fail(Error::ConnectionClosed);
+        if let Err(mpsc::error::SendError(outgoing)) = self.tx.send(Outgoing::One(request)) {
+            outgoing.fail(Error::ConnectionClosed);
+        }
+    }
+
+    /// Queues a batch of renewals; their replies go to the batch's sink.
+    pub(crate) fn send_renewals(&self, batch: RenewBatch) {
+        if let Err(mpsc::error::SendError(outgoing)) = self.tx.send(Outgoing::Renewals(batch)) {
+            outgoing.fail(Error::ConnectionClosed);
         }
     }
 
@@ -126,6 +161,9 @@ pub(crate) fn spawn_lane(
     let closed = CancellationToken::new();
     let pending = Arc::new(Mutex::new(VecDeque::<Pending>::new()));
     let pushed = Arc::new(Notify::new());
+    // Where renew replies go: set by the writer from the first batch (a
+    // lane belongs to one client, so to one lease supervisor).
+    let renew_to = Arc::new(OnceLock::<RenewSink>::new());
     let (reader, writer) = conn.into_parts();
     let handle = LaneHandle {
         id,
@@ -137,6 +175,7 @@ pub(crate) fn spawn_lane(
         rx,
         Arc::clone(&pending),
         Arc::clone(&pushed),
+        Arc::clone(&renew_to),
         closed.clone(),
         timing,
     ));
@@ -150,6 +189,7 @@ pub(crate) fn spawn_lane(
             tx,
             Arc::clone(&pending),
             pushed,
+            &renew_to,
             closed.clone(),
         )
         .await;
@@ -161,13 +201,7 @@ pub(crate) fn spawn_lane(
             .collect();
         // The failure concerns the oldest request (its reply was late,
         // malformed or cut off); the ones behind it just lost the connection.
-        let mut failure = failure;
-        for entry in failed {
-            let error = failure.take().unwrap_or(Error::ConnectionClosed);
-            if let Some(reply) = entry.reply {
-                reply.fail(error);
-            }
-        }
+        fail_pending(failed, failure, &renew_to);
         tracing::debug!(lane = id.0, "lane closed");
         on_close(id);
     });
@@ -176,9 +210,10 @@ pub(crate) fn spawn_lane(
 
 async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
     mut writer: W,
-    mut rx: mpsc::UnboundedReceiver<LaneRequest>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
     pending: Arc<Mutex<VecDeque<Pending>>>,
     pushed: Arc<Notify>,
+    renew_to: Arc<OnceLock<RenewSink>>,
     closed: CancellationToken,
     timing: LaneTiming,
 ) {
@@ -192,7 +227,7 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
                 None => break,
             },
             _ = tokio::time::sleep_until(quiet_since + timing.keepalive) => {
-                LaneRequest { request: Request::Ping, reply: None, orphan: None }
+                Outgoing::One(LaneRequest { request: Request::Ping, reply: None, orphan: None })
             }
         };
         out.clear();
@@ -201,20 +236,36 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
             let deadline = Instant::now() + timing.reply_timeout;
             let mut next = Some(first);
             // Batch everything already queued into one write.
-            while let Some(request) = next.take() {
-                let slack = if request.request.may_block() {
-                    Duration::MAX
-                } else {
-                    Duration::ZERO
-                };
-                request.request.encode(&mut out);
-                queue.push_back(Pending {
-                    reply: request.reply,
-                    orphan: request.orphan,
-                    deadline: deadline
-                        .checked_add(slack)
-                        .unwrap_or(deadline + Duration::from_secs(86_400 * 365)),
-                });
+            while let Some(outgoing) = next.take() {
+                match outgoing {
+                    Outgoing::One(request) => {
+                        let slack = if request.request.may_block() {
+                            Duration::MAX
+                        } else {
+                            Duration::ZERO
+                        };
+                        request.request.encode(&mut out);
+                        queue.push_back(Pending {
+                            reply: request.reply.map(ReplyTo::Caller),
+                            orphan: request.orphan,
+                            deadline: deadline
+                                .checked_add(slack)
+                                .unwrap_or(deadline + Duration::from_secs(86_400 * 365)),
+                        });
+                    }
+                    Outgoing::Renewals(batch) => {
+                        let (wire, tags, sink) = batch.into_parts();
+                        out.extend_from_slice(&wire);
+                        if renew_to.get().is_none() {
+                            let _ = renew_to.set(sink);
+                        }
+                        queue.extend(tags.into_iter().map(|tag| Pending {
+                            reply: Some(ReplyTo::Renew(tag)),
+                            orphan: None,
+                            deadline,
+                        }));
+                    }
+                }
                 if out.len() < 64 * 1024 {
                     next = rx.try_recv().ok();
                 }
@@ -237,10 +288,8 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
     closed.cancel();
     // Requests still queued never reached the wire: fail them now.
     rx.close();
-    while let Ok(request) = rx.try_recv() {
-        if let Some(reply) = request.reply {
-            reply.fail(Error::ConnectionClosed);
-        }
+    while let Ok(outgoing) = rx.try_recv() {
+        outgoing.fail(Error::ConnectionClosed);
     }
 }
 
@@ -250,13 +299,54 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
 async fn read_loop<R: AsyncRead + Unpin>(
     lane: LaneRef,
     mut reader: BufReader<R>,
-    tx: mpsc::UnboundedSender<LaneRequest>,
+    tx: mpsc::UnboundedSender<Outgoing>,
     pending: Arc<Mutex<VecDeque<Pending>>>,
     pushed: Arc<Notify>,
+    renew_to: &OnceLock<RenewSink>,
     closed: CancellationToken,
 ) -> Option<Error> {
     let mut line = Vec::with_capacity(128);
+    // Renew replies read in one go, handed over together.
+    let mut renewed: Vec<RenewReply> = Vec::new();
+    let failure = read_replies(
+        &lane,
+        &mut reader,
+        &mut line,
+        &tx,
+        &pending,
+        &pushed,
+        renew_to,
+        &closed,
+        &mut renewed,
+    )
+    .await;
+    flush_renewed(&mut renewed, renew_to);
+    failure
+}
+
+fn flush_renewed(renewed: &mut Vec<RenewReply>, renew_to: &OnceLock<RenewSink>) {
+    if !renewed.is_empty()
+        && let Some(sink) = renew_to.get()
+    {
+        let _ = sink.send(std::mem::take(renewed));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn read_replies<R: AsyncRead + Unpin>(
+    lane: &LaneRef,
+    reader: &mut BufReader<R>,
+    line: &mut Vec<u8>,
+    tx: &mpsc::UnboundedSender<Outgoing>,
+    pending: &Mutex<VecDeque<Pending>>,
+    pushed: &Notify,
+    renew_to: &OnceLock<RenewSink>,
+    closed: &CancellationToken,
+    renewed: &mut Vec<RenewReply>,
+) -> Option<Error> {
     loop {
+        // Renew replies read so far go to the supervisor before waiting.
+        flush_renewed(renewed, renew_to);
         let deadline = pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -264,7 +354,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             .map(|p| p.deadline);
         let read = tokio::select! {
             _ = closed.cancelled() => return None,
-            read = read_line(&mut reader, &mut line) => read,
+            read = read_line(reader, line) => read,
             _ = pushed.notified() => continue,
             _ = async {
                 match deadline {
@@ -284,7 +374,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         // hundreds of pipelined replies (renewals), and the select's timer
         // and notification are not worth setting up for each.
         loop {
-            let reply = Reply::parse(&line);
+            let reply = Reply::parse(line);
             line.clear();
             let reply = match reply {
                 Ok(reply) => reply,
@@ -298,27 +388,33 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 // A reply nobody asked for: the stream is out of step.
                 return Some(Error::Protocol("reply to no request".into()));
             };
-            deliver(&lane, entry, reply, &tx);
-            if closed.is_cancelled() || !reader.buffer().contains(&b'\n') {
+            deliver(lane, entry, reply, tx, renewed);
+            if !reader.buffer().contains(&b'\n') {
                 break;
             }
             // Completes at once: the whole line is already buffered.
-            if let Err(error) = read_line(&mut reader, &mut line).await {
+            if let Err(error) = read_line(reader, line).await {
                 return Some(error);
             }
         }
     }
 }
 
-fn deliver(lane: &LaneRef, entry: Pending, reply: Reply, tx: &mpsc::UnboundedSender<LaneRequest>) {
+fn deliver(
+    lane: &LaneRef,
+    entry: Pending,
+    reply: Reply,
+    tx: &mpsc::UnboundedSender<Outgoing>,
+    renewed: &mut Vec<RenewReply>,
+) {
     let undelivered = match entry.reply {
         Some(ReplyTo::Caller(sender)) => sender
             .send(Ok((reply, lane.clone())))
             .err()
             .and_then(|r| r.ok())
             .map(|(reply, _)| reply),
-        Some(ReplyTo::Renew(ticket)) => {
-            ticket.complete(Ok(reply));
+        Some(ReplyTo::Renew(tag)) => {
+            renewed.push(tag.reply(Ok(reply)));
             None
         }
         None => None,
@@ -338,10 +434,10 @@ fn deliver(lane: &LaneRef, entry: Pending, reply: Reply, tx: &mpsc::UnboundedSen
             namespace,
             token: token.to_string().into_bytes(),
         };
-        let _ = tx.send(LaneRequest {
+        let _ = tx.send(Outgoing::One(LaneRequest {
             request,
             reply: None,
             orphan: None,
-        });
+        }));
     }
 }

