@@ -219,10 +219,25 @@ fn units(bytes: &[u8]) -> impl Iterator<Item = (std::ops::Range<usize>, bool)> +
     })
 }
 
+/// Unicode white space restricted to ASCII: TAB, LF, VT, FF, CR, SPACE.
+fn ascii_space(b: u8) -> bool {
+    matches!(b, b'\t' | b'\n' | 0x0b | 0x0c | b'\r' | b' ')
+}
+
 /// Splits on runs of Unicode white space (Go `strings.Fields`), returning
 /// the fields as the bytes that were sent.
 pub(crate) fn fields(arg: &[u8]) -> Fields<'_> {
-    let mut out = Fields { items: [&[]; 4], len: 0 };
+    let mut out = Fields {
+        items: [&[]; 4],
+        len: 0,
+    };
+    if arg.is_ascii() {
+        // The common case, without UTF-8 decoding.
+        for field in arg.split(|&b| ascii_space(b)).filter(|f| !f.is_empty()) {
+            out.push(field);
+        }
+        return out;
+    }
     let mut start = None;
     for (range, space) in units(arg) {
         match (space, start) {
@@ -264,6 +279,17 @@ impl<'a> Fields<'a> {
 /// Trims Unicode white space from both ends (Go `strings.TrimSpace`); bytes
 /// that are not UTF-8 are kept and never count as white space.
 pub(crate) fn trim_space(bytes: &[u8]) -> &[u8] {
+    if bytes.is_ascii() {
+        let start = bytes
+            .iter()
+            .position(|&b| !ascii_space(b))
+            .unwrap_or(bytes.len());
+        let end = bytes
+            .iter()
+            .rposition(|&b| !ascii_space(b))
+            .map_or(start, |i| i + 1);
+        return &bytes[start..end];
+    }
     let mut kept: Option<(usize, usize)> = None;
     for (range, space) in units(bytes) {
         if !space {
@@ -300,7 +326,11 @@ mod tests {
             "  0   45 ",
             "0\t45",
         ] {
-            assert_eq!(fields(arg.as_bytes()).as_slice(), [b"0".as_slice(), b"45"], "{arg:?}");
+            assert_eq!(
+                fields(arg.as_bytes()).as_slice(),
+                [b"0".as_slice(), b"45"],
+                "{arg:?}"
+            );
         }
     }
 

@@ -100,7 +100,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     return Err(Close::Protocol);
                 }
             }
-            if self.shared.drain.is_cancelled() {
+            if self.shared.is_draining() {
                 Reply::Failure(Status::ErrorDraining).encode(&mut self.out);
                 let _ = self.flush().await;
                 return Err(Close::Protocol);

@@ -109,12 +109,12 @@ impl ServerHandle {
     /// `error_draining`, and connections still open after the shutdown
     /// timeout are closed.
     pub fn begin_drain(&self) {
-        self.shared.drain.cancel();
+        self.shared.begin_drain();
     }
 
     /// Closes every connection at once (no further replies).
     pub fn force_close(&self) {
-        self.shared.drain.cancel();
+        self.shared.begin_drain();
         self.shared.kill.cancel();
     }
 

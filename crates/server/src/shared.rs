@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -27,6 +27,9 @@ pub(crate) struct Shared {
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     /// Cancelled when the server starts draining (SIGTERM).
     pub(crate) drain: CancellationToken,
+    /// The same fact as a plain flag, for the per-request check (a token's
+    /// `is_cancelled` takes a lock).
+    draining: AtomicBool,
     /// Cancelled when remaining connections must be closed at once.
     pub(crate) kill: CancellationToken,
 }
@@ -41,6 +44,7 @@ impl Shared {
             connections: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
             drain: CancellationToken::new(),
+            draining: AtomicBool::new(false),
             kill: CancellationToken::new(),
         }
     }
@@ -101,6 +105,17 @@ impl Shared {
             ip,
             id,
         })
+    }
+
+    /// Starts the drain.
+    pub(crate) fn begin_drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.drain.cancel();
+    }
+
+    /// Whether the drain has started.
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     pub(crate) fn connections(&self) -> usize {
