@@ -71,3 +71,29 @@ async fn baseline_idle_policy_closes_silent_connections() {
     );
     assert!(started.elapsed() >= read_timeout);
 }
+
+#[tokio::test]
+async fn shutdown_timeout_closes_idle_connections_silently_and_stops_the_server() {
+    let config = ServerConfig {
+        shutdown_timeout: Some(Duration::from_millis(400)),
+        ..ServerConfig::ephemeral()
+    };
+    let server = Server::start(config).await.expect("start");
+    let mut idle = TcpStream::connect(server.local_addr())
+        .await
+        .expect("connect");
+    // Make sure the connection is established server-side.
+    idle.write_all(b"ping\n_\n_\n").await.expect("write");
+    let mut reply = [0u8; 3];
+    idle.read_exact(&mut reply).await.expect("read");
+    let started = Instant::now();
+    let stopped = tokio::spawn(server.shutdown());
+    // The idle connection gets no bytes, just a close, after the timeout.
+    assert_eq!(read_all(&mut idle, Duration::from_secs(5)).await, b"");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(400), "closed after {took:?}");
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .expect("server stopped")
+        .expect("join");
+}

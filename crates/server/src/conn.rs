@@ -14,7 +14,6 @@ use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::config::IdlePolicy;
 use crate::shared::Shared;
@@ -35,7 +34,6 @@ enum ReadFailure {
     Eof,
     Timeout,
     Oversize,
-    Killed,
 }
 
 /// What a blocked request is waiting for, so it can be withdrawn.
@@ -52,9 +50,6 @@ pub(crate) struct Connection<S> {
     pos: usize,
     decoder: FrameDecoder,
     out: Vec<u8>,
-    /// Resolves when the server force-closes connections. Created once:
-    /// registering a fresh waiter on every read would cost more than the read.
-    kill: Pin<Box<WaitForCancellationFutureOwned>>,
     /// The read-deadline timer. It is re-armed only when it fires early (the
     /// deadline moved on since), not on every request.
     timer: Pin<Box<Sleep>>,
@@ -70,7 +65,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             pos: 0,
             decoder: FrameDecoder::new(),
             out: Vec::with_capacity(256),
-            kill: Box::pin(shared.kill.clone().cancelled_owned()),
             timer: Box::pin(tokio::time::sleep(shared.config.read_timeout)),
         }
     }
@@ -93,7 +87,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         loop {
             match self.next_frame().await {
                 Ok(()) => {}
-                Err(ReadFailure::Eof | ReadFailure::Killed) => return Err(Close::Gone),
+                Err(ReadFailure::Eof) => return Err(Close::Gone),
                 Err(ReadFailure::Timeout | ReadFailure::Oversize) => {
                     self.out.extend_from_slice(b"error\n");
                     let _ = self.flush().await;
@@ -132,7 +126,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
                 _ => false,
             },
-            Err(ReadFailure::Killed) => return Err(Close::Gone),
             Err(_) => false,
         };
         if authorised {
@@ -142,10 +135,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         tracing::info!("authentication failed");
         Reply::Failure(Status::ErrorAuth).encode(&mut self.out);
         let _ = self.flush().await;
-        tokio::select! {
-            _ = tokio::time::sleep(AUTH_FAILURE_PAUSE) => {}
-            _ = &mut self.kill => {}
-        }
+        tokio::time::sleep(AUTH_FAILURE_PAUSE).await;
         Err(Close::Protocol)
     }
 
@@ -185,7 +175,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     self.timer.as_mut().reset(deadline);
                     continue;
                 }
-                _ = &mut self.kill => return Err(ReadFailure::Killed),
             };
             match read {
                 Ok(0) | Err(_) => return Err(ReadFailure::Eof),
@@ -219,7 +208,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 tokio::select! {
                     result = &mut write => result,
                     _ = expiry => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "write timeout")),
-                    _ = &mut self.kill => return Err(Close::Gone),
                 }
             }
         };
@@ -374,7 +362,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     // but answer rather than hang.
                     Err(_) => Woken::Drained,
                 },
-                _ = &mut self.kill => break Woken::Gone,
                 _ = self.shared.drain.cancelled() => break Woken::Drained,
                 _ = &mut expiry => break Woken::Expired,
                 read = self.stream.read_buf(&mut self.buf) => match read {

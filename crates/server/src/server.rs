@@ -7,7 +7,7 @@ use dflockd_core::{LockTable, TableConfig};
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
-use tokio_util::task::TaskTracker;
+use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::config::ServerConfig;
@@ -164,11 +164,14 @@ fn warn_unbounded(config: &ServerConfig, addr: &SocketAddr) {
 }
 
 async fn run(listener: TcpListener, shared: Arc<Shared>) {
-    let tracker = TaskTracker::new();
-    tracker.spawn(timers(Arc::clone(&shared)));
+    let timers = tokio::spawn(timers(Arc::clone(&shared)));
+    // Connection tasks. A force close aborts them, so their hot loops need
+    // not watch a cancellation signal on every read and write.
+    let mut connections = JoinSet::new();
     loop {
         let accepted = tokio::select! {
             _ = shared.drain.cancelled() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -181,7 +184,7 @@ async fn run(listener: TcpListener, shared: Arc<Shared>) {
                 };
                 let _ = stream.set_nodelay(true);
                 let span = tracing::debug_span!("conn", id = guard.id.0, %peer);
-                tracker.spawn(handle(stream, guard, Arc::clone(&shared)).instrument(span));
+                connections.spawn(handle(stream, guard, Arc::clone(&shared)).instrument(span));
             }
             Err(error) => {
                 // Typically EMFILE: back off briefly instead of spinning.
@@ -192,17 +195,25 @@ async fn run(listener: TcpListener, shared: Arc<Shared>) {
     }
     drop(listener);
     tracing::info!("draining");
-    tracker.close();
-    match shared.config.shutdown_timeout {
-        Some(limit) => {
-            if tokio::time::timeout(limit, tracker.wait()).await.is_err() {
-                tracing::info!("shutdown timeout: closing remaining connections");
-                shared.kill.cancel();
-                tracker.wait().await;
-            }
+    let finished = async { while connections.join_next().await.is_some() {} };
+    let limit = async {
+        match shared.config.shutdown_timeout {
+            Some(limit) => tokio::time::sleep(limit).await,
+            None => std::future::pending().await,
         }
-        None => tracker.wait().await,
+    };
+    let forced = tokio::select! {
+        _ = finished => false,
+        _ = limit => true,
+        _ = shared.kill.cancelled() => true,
+    };
+    if forced {
+        tracing::info!("closing remaining connections");
+        shared.kill.cancel();
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
     }
+    let _ = timers.await;
     tracing::info!("stopped");
 }
 
