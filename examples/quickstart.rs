@@ -27,18 +27,25 @@ const LEASE: Duration = Duration::from_secs(3);
 /// Storage that only accepts writes from the newest leader.
 #[derive(Default)]
 struct FencedRegister {
-    state: Mutex<(u64, Vec<(String, u64)>, usize)>, // (highest fence, accepted writes, rejected writes)
+    state: Mutex<RegisterState>,
+}
+
+#[derive(Default)]
+struct RegisterState {
+    highest: u64,
+    accepted: Vec<(String, u64)>,
+    rejected: usize,
 }
 
 impl FencedRegister {
     fn write(&self, who: &str, fence: u64) -> bool {
         let mut state = self.state.lock().unwrap();
-        if fence < state.0 {
-            state.2 += 1;
+        if fence < state.highest {
+            state.rejected += 1;
             return false;
         }
-        state.0 = fence;
-        state.1.push((who.to_owned(), fence));
+        state.highest = fence;
+        state.accepted.push((who.to_owned(), fence));
         true
     }
 }
@@ -169,10 +176,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tokio::time::sleep(Duration::from_millis(800)).await;
         println!("cutting {leader}'s network link (round {round})…");
         let cut_at = Instant::now();
-        links
-            .iter()
-            .find(|(n, _)| *n == leader)
-            .map(|(_, l)| l.cut.cancel());
+        if let Some((_, link)) = links.iter().find(|(n, _)| *n == leader) {
+            link.cut.cancel();
+        }
         let (next, next_fence) = wait_for_leader(&mut leader_rx, Some(leader)).await?;
         println!("  failover to {next} took {:?}", cut_at.elapsed());
         (leader, fence) = (next, next_fence);
@@ -185,7 +191,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     server.force_close();
 
-    let (_, writes, rejected) = &*register.state.lock().unwrap();
+    let state = register.state.lock().unwrap();
+    let (writes, rejected) = (&state.accepted, state.rejected);
     let increasing = terms.windows(2).all(|w| w[0].1 < w[1].1);
     let monotonic_writes = writes.windows(2).all(|w| w[0].1 <= w[1].1);
     println!();
