@@ -1,5 +1,6 @@
 use thiserror::Error;
 
+use crate::values::push_decimal;
 use crate::{Lease, MAX_REPLY_LINE, Seconds, Token};
 
 /// Every non-success status word of dflockd v2.
@@ -242,21 +243,6 @@ impl Reply {
         self.encode(&mut out);
         out
     }
-}
-
-/// Appends `n` in decimal without allocating.
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-use crate::values::{fields, parse_i64, trim_space};
+use crate::values::{fields, parse_i64, push_decimal, trim_space};
 use crate::{Key, Lease, Limit, ProtoError, RawFrame, Seconds, Token};
 
 /// The two independent key spaces: `l foo` and `sl foo …` are different
@@ -484,21 +484,6 @@ fn limit(field: &[u8]) -> Result<Limit, ProtoError> {
         .ok()
         .and_then(|n| Limit::new(n).ok())
         .ok_or(ProtoError::InvalidLimit)
-}
-
-/// Appends `n` in decimal.
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
 }
 
 #[cfg(test)]

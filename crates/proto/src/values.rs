@@ -219,6 +219,21 @@ fn units(bytes: &[u8]) -> impl Iterator<Item = (std::ops::Range<usize>, bool)> +
     })
 }
 
+/// Appends `n` in decimal without allocating.
+pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
 /// Unicode white space restricted to ASCII: TAB, LF, VT, FF, CR, SPACE.
 fn ascii_space(b: u8) -> bool {
     matches!(b, b'\t' | b'\n' | 0x0b | 0x0c | b'\r' | b' ')
