@@ -97,3 +97,50 @@ async fn shutdown_timeout_closes_idle_connections_silently_and_stops_the_server(
         .expect("server stopped")
         .expect("join");
 }
+
+/// Disconnect lock-delay (off by default): a key auto-released because its
+/// holder's connection closed is not granted again for the delay.
+#[tokio::test]
+async fn disconnect_lock_delay_holds_an_auto_released_key() {
+    use tokio::io::AsyncBufReadExt;
+    let delay = Duration::from_millis(600);
+    let server = Server::start(ServerConfig {
+        disconnect_lock_delay: delay,
+        ..ServerConfig::ephemeral()
+    })
+    .await
+    .expect("start");
+    let mut holder = TcpStream::connect(server.local_addr())
+        .await
+        .expect("connect");
+    holder
+        .write_all(b"l\ndelayed\n0 10\n")
+        .await
+        .expect("write");
+    let mut reply = [0u8; 39];
+    holder.read_exact(&mut reply).await.expect("grant");
+    assert!(reply.starts_with(b"ok "));
+    let waiter = TcpStream::connect(server.local_addr())
+        .await
+        .expect("connect");
+    let (read, mut write) = waiter.into_split();
+    let mut lines = tokio::io::BufReader::new(read).lines();
+    drop(holder); // the holder's connection closes: auto-release
+    let released = Instant::now();
+    write.write_all(b"l\ndelayed\n5\n").await.expect("write");
+    let granted = tokio::time::timeout(Duration::from_secs(5), lines.next_line())
+        .await
+        .expect("in time")
+        .expect("read")
+        .expect("line");
+    let waited = released.elapsed();
+    assert!(granted.starts_with("ok "), "{granted}");
+    assert!(
+        waited >= delay - Duration::from_millis(50),
+        "granted after only {waited:?}"
+    );
+    assert!(
+        waited < delay + Duration::from_secs(1),
+        "granted after {waited:?}"
+    );
+}

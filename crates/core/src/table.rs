@@ -63,6 +63,12 @@ pub struct TableConfig {
     pub max_waiters: usize,
     /// How long a resource with no holder and no waiter survives GC.
     pub gc_max_idle: Duration,
+    /// Disconnect lock-delay: when a closed connection's hold is released
+    /// automatically, the key is not granted again until
+    /// `min(remaining lease, delay)` has passed (zero = off). Closes the
+    /// window where a holder that has not yet noticed its connection died
+    /// overlaps the next holder.
+    pub disconnect_lock_delay: Duration,
 }
 
 impl Default for TableConfig {
@@ -72,6 +78,7 @@ impl Default for TableConfig {
             max_locks: 1024,
             max_waiters: 0,
             gc_max_idle: Duration::from_secs(60),
+            disconnect_lock_delay: Duration::ZERO,
         }
     }
 }
@@ -180,6 +187,8 @@ struct Resource<W> {
     holders: Holders,
     queue: BTreeMap<WaiterId, Waiter<W>>,
     last_activity: Duration,
+    /// Lock-delay after a disconnect release: no grant before this instant.
+    blocked_until: Option<Duration>,
 }
 
 /// The holders of one resource. Most resources are locks with at most one
@@ -208,6 +217,14 @@ impl Holders {
 
     fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    fn deadline(&self, token: &Token) -> Option<Duration> {
+        match self {
+            Holders::Inline(Some((t, holder))) if t == token => Some(holder.deadline),
+            Holders::Inline(_) => None,
+            Holders::Map(map) => map.get(token).map(|h| h.deadline),
+        }
     }
 
     fn get_mut(&mut self, token: &Token) -> Option<&mut Holder> {
@@ -276,8 +293,9 @@ impl<W> Resource<W> {
     fn is_idle(&self) -> bool {
         self.holders.is_empty() && self.queue.is_empty()
     }
-    fn has_room(&self) -> bool {
+    fn has_room(&self, now: Duration) -> bool {
         self.holders.len() < self.limit.get() as usize
+            && self.blocked_until.is_none_or(|until| now >= until)
     }
 }
 
@@ -317,6 +335,8 @@ pub struct LockTable<W, M> {
     conns: HashMap<ConnId, Conn<W>>,
     /// Lease deadlines in time order, for the sweep.
     deadlines: BTreeMap<(Duration, Token), ResourceId>,
+    /// Lock-delays in time order: when each blocked resource may grant again.
+    delays: BTreeMap<(Duration, ResourceId), ()>,
     next_waiter: u64,
     deliveries: Vec<Delivery<W>>,
 }
@@ -336,6 +356,7 @@ impl<W, M: Mint> LockTable<W, M> {
             resources: HashMap::new(),
             conns: HashMap::new(),
             deadlines: BTreeMap::new(),
+            delays: BTreeMap::new(),
             next_waiter: 0,
             deliveries: Vec::new(),
         }
@@ -366,6 +387,12 @@ impl<W, M: Mint> LockTable<W, M> {
         self.deadlines.keys().next().map(|(d, _)| *d)
     }
 
+    /// When the earliest disconnect lock-delay ends, if one is running; call
+    /// [`sweep`](Self::sweep) then to grant the key to its waiters.
+    pub fn next_delay_end(&self) -> Option<Duration> {
+        self.delays.keys().next().map(|(d, _)| *d)
+    }
+
     /// Grants made to waiting requests since the last call. Deliver each to
     /// its `notify`; on failure call [`release_undelivered`](Self::release_undelivered).
     pub fn take_deliveries(&mut self) -> std::vec::Drain<'_, Delivery<W>> {
@@ -385,7 +412,7 @@ impl<W, M: Mint> LockTable<W, M> {
         let lease = lease.unwrap_or(self.config.default_lease);
         self.prepare(rid, limit, now)?;
         let resource = self.resources.get_mut(rid).expect("prepared above");
-        if resource.has_room() && resource.queue.is_empty() {
+        if resource.has_room(now) && resource.queue.is_empty() {
             let grant = self.grant_now(conn, rid, lease, now)?;
             return Ok(AcquireOutcome::Granted(grant));
         }
@@ -491,7 +518,7 @@ impl<W, M: Mint> LockTable<W, M> {
         let lease = lease.unwrap_or(self.config.default_lease);
         self.prepare(rid, limit, now)?;
         let resource = self.resources.get_mut(rid).expect("prepared above");
-        if resource.has_room() && resource.queue.is_empty() {
+        if resource.has_room(now) && resource.queue.is_empty() {
             let grant = self.grant_now(conn, rid, lease, now)?;
             let phase1 = Phase1 {
                 waiter: None,
@@ -625,7 +652,14 @@ impl<W, M: Mint> LockTable<W, M> {
         }
         if auto_release {
             for (token, rid) in c.held {
+                let deadline = self
+                    .resources
+                    .get(&rid)
+                    .and_then(|r| r.holders.deadline(&token));
                 self.remove_holder(&rid, token, now);
+                if let Some(deadline) = deadline {
+                    self.delay_after_disconnect(&rid, deadline, now);
+                }
                 touched.push(rid);
             }
         }
@@ -640,6 +674,7 @@ impl<W, M: Mint> LockTable<W, M> {
     /// promotes waiters into the freed capacity. Returns how many leases
     /// were evicted.
     pub fn sweep(&mut self, now: Duration) -> usize {
+        self.end_delays(now);
         let mut evicted = 0;
         while let Some(entry) = self.deadlines.first_entry() {
             let (deadline, token) = *entry.key();
@@ -654,13 +689,38 @@ impl<W, M: Mint> LockTable<W, M> {
         evicted
     }
 
+    /// Ends every disconnect lock-delay due by `now` and grants the keys to
+    /// their waiters. Returns how many delays ended.
+    pub fn end_delays(&mut self, now: Duration) -> usize {
+        let mut ended = 0;
+        while let Some(entry) = self.delays.first_entry() {
+            let (until, _) = entry.key();
+            if *until > now {
+                break;
+            }
+            let ((until, rid), ()) = entry.remove_entry();
+            if let Some(resource) = self.resources.get_mut(&rid)
+                && resource.blocked_until == Some(until)
+            {
+                resource.blocked_until = None;
+            }
+            self.promote(&rid, now);
+            ended += 1;
+        }
+        ended
+    }
+
     /// Deletes resources that have had no holder and no waiter for longer
     /// than `gc_max_idle`. Returns how many were deleted.
     pub fn gc(&mut self, now: Duration) -> usize {
         let max_idle = self.config.gc_max_idle;
         let before = self.resources.len();
-        self.resources
-            .retain(|_, r| !(r.is_idle() && now.saturating_sub(r.last_activity) >= max_idle));
+        // A resource in lock-delay is kept: forgetting it would end the delay.
+        self.resources.retain(|_, r| {
+            !(r.is_idle()
+                && r.blocked_until.is_none_or(|until| now >= until)
+                && now.saturating_sub(r.last_activity) >= max_idle)
+        });
         // Connections that kept holds only for ownership records (auto-release off) and
         // hold nothing any more can go too.
         self.conns
@@ -708,6 +768,32 @@ impl<W, M: Mint> LockTable<W, M> {
         stats
     }
 
+    /// Starts a lock-delay on `rid` after its holder's connection closed:
+    /// `min(remaining lease, configured delay)`.
+    fn delay_after_disconnect(&mut self, rid: &ResourceId, deadline: Duration, now: Duration) {
+        let delay = self
+            .config
+            .disconnect_lock_delay
+            .min(deadline.saturating_sub(now));
+        if delay.is_zero() {
+            return;
+        }
+        let until = now + delay;
+        let Some(resource) = self.resources.get_mut(rid) else {
+            return;
+        };
+        if resource
+            .blocked_until
+            .is_some_and(|current| current >= until)
+        {
+            return;
+        }
+        if let Some(previous) = resource.blocked_until.replace(until) {
+            self.delays.remove(&(previous, rid.clone()));
+        }
+        self.delays.insert((until, rid.clone()), ());
+    }
+
     /// Resolves or creates the resource, checks its limit, evicts its
     /// expired holders and promotes waiters (so nobody queues behind a dead
     /// lease).
@@ -728,6 +814,7 @@ impl<W, M: Mint> LockTable<W, M> {
                     holders: Holders::new(limit),
                     queue: BTreeMap::new(),
                     last_activity: now,
+                    blocked_until: None,
                 };
                 self.resources.insert(rid.clone(), resource);
                 return Ok(());
@@ -833,7 +920,7 @@ impl<W, M: Mint> LockTable<W, M> {
             let Some(resource) = self.resources.get_mut(rid) else {
                 return;
             };
-            if !resource.has_room() {
+            if !resource.has_room(now) {
                 return;
             }
             let Some(entry) = resource.queue.first_entry() else {

@@ -183,6 +183,7 @@ fn config() -> impl Strategy<Value = TableConfig> {
             max_locks,
             max_waiters,
             gc_max_idle: Duration::from_millis(gc_ms),
+            disconnect_lock_delay: Duration::ZERO,
         })
 }
 
@@ -1294,6 +1295,7 @@ fn scripted_races() {
         max_locks: 1024,
         max_waiters: 0,
         gc_max_idle: Duration::ZERO,
+        disconnect_lock_delay: Duration::ZERO,
     };
     let own = ResPick::Own;
     let ops = [

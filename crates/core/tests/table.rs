@@ -1144,3 +1144,89 @@ fn exhausted_fence_counter() {
         (0, 0.0, 1)
     );
 }
+
+// ------------------------------------------------- disconnect lock-delay
+
+#[test]
+fn disconnect_lock_delay_blocks_the_key_then_grants_the_waiter() {
+    let mut t = table_with(TableConfig {
+        disconnect_lock_delay: secs(2.0),
+        ..TableConfig::default()
+    });
+    let k = lock("delayed");
+    granted(t.acquire(C1, &k, Limit::ONE, lease(10), T0, None));
+    queued(t.acquire(C2, &k, Limit::ONE, None, T0, Some(2)));
+    t.disconnect(C1, true, secs(1.0));
+    // Released, but nobody is granted during the delay …
+    assert!(deliveries(&mut t).is_empty());
+    assert_eq!(t.next_delay_end(), Some(secs(3.0)));
+    assert!(matches!(
+        try_lock(&mut t, C3, &k, secs(2.0)),
+        Ok(AcquireOutcome::Timeout)
+    ));
+    t.sweep(secs(2.9));
+    assert!(deliveries(&mut t).is_empty());
+    // … and the queued waiter gets it as soon as the delay ends.
+    t.sweep(secs(3.0));
+    let delivered = deliveries(&mut t);
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].0, 2);
+    assert_eq!(t.next_delay_end(), None);
+}
+
+#[test]
+fn lock_delay_never_outlasts_the_remaining_lease() {
+    let mut t = table_with(TableConfig {
+        disconnect_lock_delay: secs(30.0),
+        ..TableConfig::default()
+    });
+    let k = lock("short");
+    granted(t.acquire(C1, &k, Limit::ONE, lease(5), T0, None));
+    t.disconnect(C1, true, secs(4.0));
+    // Only one second of lease was left: that is the delay.
+    assert_eq!(t.next_delay_end(), Some(secs(5.0)));
+    assert!(matches!(
+        try_lock(&mut t, C2, &k, secs(4.5)),
+        Ok(AcquireOutcome::Timeout)
+    ));
+    assert!(matches!(
+        try_lock(&mut t, C2, &k, secs(5.0)),
+        Ok(AcquireOutcome::Granted(_))
+    ));
+}
+
+#[test]
+fn explicit_release_and_expiry_are_not_delayed_and_delay_survives_gc() {
+    let config = TableConfig {
+        disconnect_lock_delay: secs(2.0),
+        gc_max_idle: Duration::ZERO,
+        ..TableConfig::default()
+    };
+    let mut t = table_with(config);
+    let k = lock("explicit");
+    let g = granted(t.acquire(C1, &k, Limit::ONE, lease(10), T0, None));
+    t.release(&k, &wire(&g), secs(1.0)).unwrap();
+    assert!(matches!(
+        try_lock(&mut t, C2, &k, secs(1.0)),
+        Ok(AcquireOutcome::Granted(_))
+    ));
+    // Disconnect with auto-release off: nothing is released, nothing delayed.
+    let other = lock("kept");
+    granted(t.acquire(C3, &other, Limit::ONE, lease(10), T0, None));
+    t.disconnect(C3, false, secs(1.0));
+    assert_eq!(t.next_delay_end(), None);
+    // A delayed, idle resource is not garbage-collected (that would end the delay).
+    let gone = lock("gone");
+    granted(t.acquire(C4, &gone, Limit::ONE, lease(10), T0, None));
+    t.disconnect(C4, true, secs(1.0));
+    t.gc(secs(2.0));
+    assert!(matches!(
+        try_lock(&mut t, C2, &gone, secs(2.0)),
+        Ok(AcquireOutcome::Timeout)
+    ));
+    t.sweep(secs(3.0));
+    assert!(matches!(
+        try_lock(&mut t, C2, &gone, secs(3.0)),
+        Ok(AcquireOutcome::Granted(_))
+    ));
+}

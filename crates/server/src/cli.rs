@@ -110,6 +110,11 @@ struct Flags {
     /// Idle seconds before a resource is collected [env: DFLOCKD_GC_MAX_IDLE_S] [default: 60]
     #[arg(long)]
     gc_max_idle: Option<String>,
+    /// After a closed connection's locks are auto-released, keep each key
+    /// from being granted again for min(remaining lease, this many ms)
+    /// [env: DFLOCKD_DISCONNECT_LOCK_DELAY_MS] [default: 0 = off]
+    #[arg(long)]
+    disconnect_lock_delay_ms: Option<String>,
     /// Most resources (locks + semaphores) [env: DFLOCKD_MAX_LOCKS] [default: 1024]
     #[arg(long)]
     max_locks: Option<String>,
@@ -283,6 +288,21 @@ fn resolve(flags: &Flags, env: impl Fn(&str) -> Option<String>) -> Result<Settin
         defaults.max_locks,
         true,
     )?;
+    if let Some(raw) = pick(
+        "--disconnect-lock-delay-ms",
+        &flags.disconnect_lock_delay_ms,
+        "DFLOCKD_DISCONNECT_LOCK_DELAY_MS",
+    ) {
+        let ms = integer(&raw)?;
+        if !(0..=(MAX_SECONDS as i64).saturating_mul(1000)).contains(&ms) {
+            return Err(ConfigError(format!(
+                "{} must be between 0 and {} ms",
+                name(&raw),
+                MAX_SECONDS * 1000
+            )));
+        }
+        config.disconnect_lock_delay = Duration::from_millis(ms as u64);
+    }
     config.max_waiters = count(
         pick("--max-waiters", &flags.max_waiters, "DFLOCKD_MAX_WAITERS"),
         0,
@@ -581,6 +601,29 @@ mod tests {
         assert!(e(&["--orphan-ttl", "5"], &[]).contains("cluster"));
         assert!(e(&["--http-port", "8080"], &[]).contains("HTTP"));
         assert!(e(&["--raft-dir", "/tmp/r"], &[]).contains("cluster"));
+    }
+
+    #[test]
+    fn disconnect_lock_delay() {
+        assert_eq!(
+            run(&[], &[]).unwrap().config.disconnect_lock_delay,
+            Duration::ZERO
+        );
+        assert_eq!(
+            run(&["--disconnect-lock-delay-ms", "250"], &[])
+                .unwrap()
+                .config
+                .disconnect_lock_delay,
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            run(&[], &[("DFLOCKD_DISCONNECT_LOCK_DELAY_MS", "1500")])
+                .unwrap()
+                .config
+                .disconnect_lock_delay,
+            Duration::from_millis(1500)
+        );
+        assert!(run(&["--disconnect-lock-delay-ms", "-1"], &[]).is_err());
     }
 
     #[test]

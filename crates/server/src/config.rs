@@ -94,6 +94,10 @@ pub struct ServerConfig {
     pub gc_interval: Duration,
     /// Idle time after which a resource is collected (`--gc-max-idle`, 60 s).
     pub gc_max_idle: Duration,
+    /// Disconnect lock-delay (`--disconnect-lock-delay-ms`, default 0 = off):
+    /// after a closed connection's holds are released, their keys are not
+    /// granted again for `min(remaining lease, delay)`.
+    pub disconnect_lock_delay: Duration,
     /// Most resources, locks and semaphores together (`--max-locks`, 1024).
     pub max_locks: usize,
     /// Most waiters per resource; 0 = unlimited (`--max-waiters`).
@@ -123,6 +127,7 @@ impl Default for ServerConfig {
             lease_sweep_interval: Duration::from_secs(1),
             gc_interval: Duration::from_secs(5),
             gc_max_idle: Duration::from_secs(60),
+            disconnect_lock_delay: Duration::ZERO,
             max_locks: 1024,
             max_waiters: 0,
             fence_state_file: None,

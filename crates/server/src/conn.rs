@@ -78,6 +78,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let id = self.id;
         self.shared
             .with_table(|t, now| t.disconnect(id, auto_release, now));
+        if auto_release && !self.shared.config.disconnect_lock_delay.is_zero() {
+            self.shared.delay_started.notify_one();
+        }
     }
 
     async fn run(&mut self) -> Result<(), Close> {

@@ -75,6 +75,7 @@ impl Server {
                 max_locks: config.max_locks,
                 max_waiters: config.max_waiters,
                 gc_max_idle: config.gc_max_idle,
+                disconnect_lock_delay: config.disconnect_lock_delay,
             },
             mint,
         );
@@ -258,6 +259,15 @@ async fn timers(shared: Arc<Shared>) {
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let delay_end = shared
+            .with_table(|t, _| t.next_delay_end())
+            .map(|d| shared.instant_at(d));
+        let delay_over = async {
+            match delay_end {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = shared.drain.cancelled() => return,
             _ = sweep.tick() => {
@@ -272,6 +282,11 @@ async fn timers(shared: Arc<Shared>) {
                     tracing::debug!(removed, "idle resources collected");
                 }
             }
+            _ = delay_over => {
+                shared.with_table(|t, now| t.end_delays(now));
+            }
+            // A new lock-delay may end before the one we are sleeping for.
+            _ = shared.delay_started.notified() => {}
         }
     }
 }

@@ -30,6 +30,8 @@ pub(crate) struct Shared {
     /// The same fact as a plain flag, for the per-request check (a token's
     /// `is_cancelled` takes a lock).
     draining: AtomicBool,
+    /// Signalled when a disconnect starts a lock-delay (wakes the timers).
+    pub(crate) delay_started: tokio::sync::Notify,
     /// Cancelled when remaining connections must be closed at once.
     pub(crate) kill: CancellationToken,
 }
@@ -46,6 +48,7 @@ impl Shared {
             drain: CancellationToken::new(),
             draining: AtomicBool::new(false),
             kill: CancellationToken::new(),
+            delay_started: tokio::sync::Notify::new(),
         }
     }
 
@@ -74,6 +77,11 @@ impl Shared {
             }
         }
         result
+    }
+
+    /// The instant a table time (duration since the origin) stands for.
+    pub(crate) fn instant_at(&self, time: Duration) -> Instant {
+        self.origin + time
     }
 
     /// Admits a new connection if the caps allow it.
