@@ -214,3 +214,36 @@ async fn endless_line_is_discarded_without_buffering_it() {
     assert_eq!(reply, b"error\n");
     assert!(ping(&server).await.starts_with("ok {"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_is_dropped_by_the_per_line_read_timeout() {
+    // The deadline is re-armed per completed line, not per byte: a client
+    // that trickles bytes without ever finishing a line is cut off.
+    let read_timeout = Duration::from_millis(500);
+    let server = Server::start(ServerConfig {
+        read_timeout,
+        ..ServerConfig::ephemeral()
+    })
+    .await
+    .expect("server starts");
+    let mut stream = TcpStream::connect(server.local_addr())
+        .await
+        .expect("connect");
+    let started = tokio::time::Instant::now();
+    let mut reply = Vec::new();
+    loop {
+        if stream.write_all(b"p").await.is_err() {
+            break;
+        }
+        match timeout(Duration::from_millis(100), stream.read_to_end(&mut reply)).await {
+            Ok(_) => break, // closed by the server
+            Err(_) => assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "slowloris never dropped"
+            ),
+        }
+    }
+    assert_eq!(reply, b"error\n");
+    assert!(started.elapsed() >= read_timeout);
+    assert!(ping(&server).await.starts_with("ok {"));
+}
