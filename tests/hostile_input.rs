@@ -247,3 +247,57 @@ async fn slowloris_is_dropped_by_the_per_line_read_timeout() {
     assert!(started.elapsed() >= read_timeout);
     assert!(ping(&server).await.starts_with("ok {"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_flood_respects_the_caps_while_established_clients_keep_working() {
+    let config = ServerConfig {
+        max_connections: 50,
+        max_connections_per_ip: 40,
+        ..ServerConfig::ephemeral()
+    };
+    let server = Server::start(config).await.expect("server starts");
+    // An established client holding a lock.
+    let mut established = TcpStream::connect(server.local_addr())
+        .await
+        .expect("connect");
+    established
+        .write_all(b"l\nflood-key\n0\n")
+        .await
+        .expect("write");
+    let mut grant = [0u8; 39];
+    timeout(STEP, established.read_exact(&mut grant))
+        .await
+        .expect("in time")
+        .expect("read");
+    // A flood of 2,000 connections from the same IP: at most 40 (per IP) are
+    // admitted, the rest are closed at accept with no bytes.
+    let mut flood = Vec::new();
+    for _ in 0..2_000 {
+        if let Ok(stream) = TcpStream::connect(server.local_addr()).await {
+            flood.push(stream);
+        }
+    }
+    let mut admitted = 0;
+    for stream in &mut flood {
+        let _ = stream.write_all(b"ping\n_\n_\n").await;
+        let mut reply = [0u8; 3];
+        if let Ok(Ok(_)) = timeout(Duration::from_millis(500), stream.read_exact(&mut reply)).await
+        {
+            assert_eq!(&reply, b"ok\n");
+            admitted += 1;
+        }
+    }
+    assert!(
+        admitted <= 39,
+        "{admitted} flood connections admitted past the per-IP cap"
+    );
+    // The established client still works.
+    established.write_all(b"ping\n_\n_\n").await.expect("write");
+    let mut reply = [0u8; 3];
+    timeout(STEP, established.read_exact(&mut reply))
+        .await
+        .expect("in time")
+        .expect("read");
+    assert_eq!(&reply, b"ok\n");
+    drop(flood);
+}
