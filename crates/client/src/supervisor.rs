@@ -11,26 +11,26 @@
 //!
 //! Built to hold 100 000 leases cheaply (see `crates/client/benches/scale.rs`):
 //!
-//! * Timers live in a wheel of 10 ms slots (a heap only for the rare timer
-//!   beyond its 41 s horizon) driven by one `Sleep`. Each lease has at most
-//!   one live timer; re-arming leaves the old one behind, recognised as stale
-//!   because the lease records the slot of its live timer.
-//! * Renew times are rounded down to a slot, so renewals falling due
-//!   together go out together: one message per server per wake-up carries
-//!   the batch to the server actor, whose lane writes it in one go. Checks of
-//!   the local expiry are rounded up, never early.
+//! * Timers live in one `tokio_util::time::DelayQueue` for the whole table
+//!   (one runtime `Sleep` for all of them). Each lease has at most one live
+//!   key in it: its renew time while idle, its local expiry while a renewal
+//!   is in flight. The key is cleared from the table entry the moment the
+//!   queue yields it, and removed from the queue whenever the entry is.
+//! * Renew times are rounded down to a 10 ms grain, so renewals falling due
+//!   together expire together; each wake-up drains every entry already
+//!   expired and sends the renewals as one message per server, whose lane
+//!   writes them in one go. Checks of the local expiry are rounded up, never
+//!   early.
 //! * Renew replies come back straight from the lane's reader over one
 //!   channel — no task, oneshot or actor message per renewal — and are
 //!   handled in batches.
-//! * While a batch of renewals is in flight, one record per batch (not a
-//!   timer per lease) watches the earliest local expiry among them.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
+use std::future::poll_fn;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use dflockd_proto::{Key, Namespace, Reply, Request, Token};
@@ -38,30 +38,28 @@ use kameo::error::{Infallible, SendError};
 use kameo::mailbox::{MailboxReceiver, Signal};
 use kameo::prelude::*;
 use tokio::sync::mpsc;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::time::{DelayQueue, delay_queue};
 
 use crate::Error;
 use crate::lane::LaneId;
 use crate::lease::{LeaseLost, LeaseShared, LossReason};
 use crate::server_conn::{Renewals, ServerConn};
 
-/// A lease longer than this is simply re-checked this often.
+/// A lease longer than this is simply re-checked this often (the queue
+/// cannot hold deadlines beyond about two years).
 const MAX_TIMER: Duration = Duration::from_secs(3600);
-/// Width of a timer-wheel slot. Renewals are sent up to this much early so
-/// that those falling due together share a batch; expiry checks may run up
-/// to this much late (the local expiry already has a margin of ttl/10, at
-/// most 1 s, before the server's).
-const SLOT_MS: u64 = 10;
-/// Slots in the wheel: a horizon of 40.96 s.
-const SLOTS: u64 = 4096;
-/// A wheel slot keeps at most this much capacity once drained.
-const KEEP_SLOT_CAPACITY: usize = 64;
+/// Timer grain. Renewals are sent up to this much early so that those
+/// falling due together share a batch; expiry checks may run up to this
+/// much late (the local expiry already has a margin of ttl/10, at most 1 s,
+/// before the server's).
+const GRAIN: Duration = Duration::from_millis(10);
 /// Chunks of renew replies (each what a lane read at once) taken from the
 /// channel per wake-up.
 const REPLY_BATCH: usize = 64;
-/// `Entry::timer` of a lease with no live timer.
-const NO_TIMER: u64 = u64::MAX;
+/// Expired leases kept room for between wake-ups.
+const KEEP_FIRED_CAPACITY: usize = 1024;
 /// `Entry::batch` of a lease with no renewal in flight.
 const NO_BATCH: u32 = 0;
 
@@ -129,8 +127,8 @@ struct Entry {
     shared: Arc<LeaseShared>,
     local_expiry: Instant,
     lane: LaneId,
-    /// Slot of this lease's one live timer, or `NO_TIMER`.
-    timer: u64,
+    /// This lease's one live key in the timer queue, if any.
+    timer: Option<delay_queue::Key>,
     /// The lease length to ask for on renewal (`None`: the server default).
     lease: Option<dflockd_proto::Lease>,
     /// The lease length the server last applied, in seconds (the protocol
@@ -217,107 +215,60 @@ impl RenewBatch {
     }
 }
 
-/// Renewals sent in one wake-up, while any is unanswered.
-struct Batch {
-    id: u32,
-    /// The earliest local expiry among them: check them then.
-    deadline: Instant,
-    ids: Vec<LeaseId>,
-    outstanding: usize,
+/// `at` rounded down to the grain (counted from `epoch`): renewals.
+fn grain_floor(epoch: Instant, at: Instant) -> Instant {
+    let since = at.saturating_duration_since(epoch);
+    let grain = GRAIN.as_nanos();
+    let rounded = since.as_nanos() / grain * grain;
+    epoch + Duration::from_nanos(u64::try_from(rounded).unwrap_or(u64::MAX))
 }
 
-/// Timer wheel keyed by slot number (`SLOT_MS` since the epoch).
-struct Wheel {
-    slots: Vec<Vec<LeaseId>>,
-    /// Timers beyond the horizon: `(slot, id)`.
-    far: BinaryHeap<Reverse<(u64, u64)>>,
-    /// The first slot not yet expired.
-    cursor: u64,
-    /// No timer sits in a slot before this one (a search hint).
-    first: u64,
-    len: usize,
+/// When to wake for a renewal wanted at `at`: rounded down to the grain,
+/// but a renewal not yet due never becomes due at once by rounding (that
+/// would turn a retry bounded by the local expiry into a busy loop): it
+/// waits for the next grain instead.
+fn renew_time(epoch: Instant, at: Instant, now: Instant) -> Instant {
+    let when = grain_floor(epoch, at);
+    if when <= now && at > now {
+        grain_floor(epoch, now) + GRAIN
+    } else {
+        when
+    }
 }
 
-impl Wheel {
-    fn new() -> Wheel {
-        Wheel {
-            slots: (0..SLOTS).map(|_| Vec::new()).collect(),
-            far: BinaryHeap::new(),
-            cursor: 0,
-            first: 0,
-            len: 0,
-        }
-    }
+/// `at` rounded up to the grain (counted from `epoch`): expiry checks,
+/// never early.
+fn grain_ceil(epoch: Instant, at: Instant) -> Instant {
+    let since = at.saturating_duration_since(epoch);
+    let grain = GRAIN.as_nanos();
+    let rounded = since.as_nanos().div_ceil(grain) * grain;
+    epoch + Duration::from_nanos(u64::try_from(rounded).unwrap_or(u64::MAX))
+}
 
-    /// Files `id` under `slot` (a past slot counts as the current one) and
-    /// returns the slot it went to.
-    fn insert(&mut self, slot: u64, id: LeaseId) -> u64 {
-        let slot = slot.max(self.cursor);
-        if slot - self.cursor < SLOTS {
-            self.slots[(slot % SLOTS) as usize].push(id);
-            self.len += 1;
-            self.first = self.first.min(slot);
-        } else {
-            self.far.push(Reverse((slot, id.0)));
+/// Resolves once timers have expired, after handing every entry of `due`
+/// that has already expired to `fired`, with the key it had — so that one
+/// wake-up sees every lease falling due in it, and their renewals go out as
+/// one batch per server.
+///
+/// Never await it on an empty queue: that is `Ready(None)` at once.
+fn expired_timers<'a>(
+    due: &'a mut DelayQueue<LeaseId>,
+    mut fired: impl FnMut(LeaseId, delay_queue::Key) + 'a,
+) -> impl Future<Output = ()> + 'a {
+    // Past the first entry of each millisecond the queue re-polls its
+    // `Sleep`, which spends the task's cooperative budget: constrained, a
+    // wake-up would stop after 128 entries and split the batch. The drain
+    // is bounded without it: at most one entry per lease, and nothing is
+    // inserted while it runs.
+    tokio::task::unconstrained(poll_fn(move |cx| {
+        let mut any = false;
+        while let Poll::Ready(Some(expired)) = due.poll_expired(cx) {
+            any = true;
+            let key = expired.key();
+            fired(expired.into_inner(), key);
         }
-        slot
-    }
-
-    /// The earliest slot holding a timer (possibly stale).
-    fn next_slot(&mut self) -> Option<u64> {
-        let near = if self.len > 0 {
-            let from = self.first.max(self.cursor);
-            let found =
-                (from..self.cursor + SLOTS).find(|s| !self.slots[(s % SLOTS) as usize].is_empty());
-            if let Some(slot) = found {
-                self.first = slot;
-            }
-            found
-        } else {
-            None
-        };
-        let far = self.far.peek().map(|Reverse((slot, _))| *slot);
-        match (near, far) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
-    /// Moves every timer of slots up to `now` into `due`, as `(slot, id)`.
-    fn expire(&mut self, now: u64, due: &mut Vec<(u64, LeaseId)>) {
-        if now < self.cursor {
-            return;
-        }
-        let last = now.min(self.cursor + SLOTS - 1);
-        for slot in self.cursor..=last {
-            let bucket = &mut self.slots[(slot % SLOTS) as usize];
-            if !bucket.is_empty() {
-                self.len -= bucket.len();
-                if bucket.capacity() > KEEP_SLOT_CAPACITY {
-                    // Give a big batch's memory back rather than keep it in
-                    // every slot the wheel turns through.
-                    due.extend(std::mem::take(bucket).into_iter().map(|id| (slot, id)));
-                } else {
-                    due.extend(bucket.drain(..).map(|id| (slot, id)));
-                }
-            }
-        }
-        self.cursor = now + 1;
-        self.first = self.first.max(self.cursor);
-        while let Some(&Reverse((slot, id))) = self.far.peek() {
-            if slot >= self.cursor + SLOTS {
-                break;
-            }
-            self.far.pop();
-            if slot <= now {
-                due.push((slot, LeaseId(id)));
-            } else {
-                self.slots[(slot % SLOTS) as usize].push(LeaseId(id));
-                self.len += 1;
-                self.first = self.first.min(slot);
-            }
-        }
-    }
+        if any { Poll::Ready(()) } else { Poll::Pending }
+    }))
 }
 
 pub(crate) struct SupervisorArgs {
@@ -335,21 +286,17 @@ pub(crate) struct LeaseSupervisor {
     /// keep `Entry` small).
     owners: IdMap<Recipient<LeaseLost>>,
     by_lane: HashMap<LaneId, IdSet>,
-    wheel: Wheel,
+    /// Every lease's one timer: renew-at or local-expiry check.
+    due: DelayQueue<LeaseId>,
+    /// Origin of the timer grain.
     epoch: Instant,
-    sleep: Pin<Box<Sleep>>,
-    /// When `sleep` is set to fire, if at all.
-    sleep_at: Option<Instant>,
-    /// Batches with renewals in flight, oldest first, ids ascending.
-    inflight: VecDeque<Batch>,
+    /// Leases whose timer expired in this wake-up (their keys already
+    /// cleared).
+    fired: Vec<LeaseId>,
+    /// Id of the latest wake-up that sent renewals.
     next_batch: u32,
     /// Renewals collected during one wake-up, per server.
     outbox: Vec<RenewBatch>,
-    /// Leases renewed during one wake-up, and the earliest of their local
-    /// expiries.
-    sending: Vec<LeaseId>,
-    sending_deadline: Option<Instant>,
-    due: Vec<(u64, LeaseId)>,
     replies_tx: RenewSink,
     replies_rx: mpsc::UnboundedReceiver<Vec<RenewReply>>,
     reply_buf: Vec<Vec<RenewReply>>,
@@ -361,7 +308,6 @@ impl Actor for LeaseSupervisor {
     type Error = Infallible;
 
     async fn on_start(args: SupervisorArgs, _: ActorRef<Self>) -> Result<Self, Infallible> {
-        let epoch = Instant::now();
         let (replies_tx, replies_rx) = mpsc::unbounded_channel();
         Ok(LeaseSupervisor {
             outbox: args
@@ -374,15 +320,10 @@ impl Actor for LeaseSupervisor {
             leases: IdMap::default(),
             owners: IdMap::default(),
             by_lane: HashMap::new(),
-            wheel: Wheel::new(),
-            epoch,
-            sleep: Box::pin(tokio::time::sleep_until(epoch)),
-            sleep_at: None,
-            inflight: VecDeque::new(),
+            due: DelayQueue::new(),
+            epoch: Instant::now(),
+            fired: Vec::new(),
             next_batch: NO_BATCH,
-            sending: Vec::new(),
-            sending_deadline: None,
-            due: Vec::new(),
             replies_tx,
             replies_rx,
             reply_buf: Vec::with_capacity(REPLY_BATCH),
@@ -397,14 +338,25 @@ impl Actor for LeaseSupervisor {
     ) -> Result<Option<Signal<Self>>, Infallible> {
         loop {
             tokio::select! {
-                // Replies and timers first: a busy mailbox must not starve
-                // renewals.
+                // Replies, then timers, then the mailbox: a busy mailbox
+                // must not starve renewals, and a renew reply already read
+                // must be applied before its lease's expiry check runs.
                 biased;
                 // Never 0: the supervisor holds a sender itself.
                 _ = self.replies_rx.recv_many(&mut self.reply_buf, REPLY_BATCH) => {
                     self.on_replies();
                 }
-                () = self.sleep.as_mut(), if self.sleep_at.is_some() => {
+                // An empty queue is Ready(None) at once: never poll it.
+                () = expired_timers(&mut self.due, |id, key| {
+                    // Clear the key now: the queue may hand it to the next
+                    // insert.
+                    if let Some(entry) = self.leases.get_mut(&id)
+                        && entry.timer == Some(key)
+                    {
+                        entry.timer = None;
+                        self.fired.push(id);
+                    }
+                }), if !self.due.is_empty() => {
                     self.on_timers();
                 }
                 signal = mailbox.recv() => return Ok(signal),
@@ -414,87 +366,42 @@ impl Actor for LeaseSupervisor {
 }
 
 impl LeaseSupervisor {
-    fn slot_floor(&self, at: Instant) -> u64 {
-        let ms = at.saturating_duration_since(self.epoch).as_millis();
-        u64::try_from(ms / u128::from(SLOT_MS)).unwrap_or(NO_TIMER - 1)
-    }
-
-    fn slot_ceil(&self, at: Instant) -> u64 {
-        let nanos = at.saturating_duration_since(self.epoch).as_nanos();
-        let slot_nanos = u128::from(SLOT_MS) * 1_000_000;
-        u64::try_from(nanos.div_ceil(slot_nanos)).unwrap_or(NO_TIMER - 1)
-    }
-
-    fn slot_start(&self, slot: u64) -> Instant {
-        self.epoch + Duration::from_millis(slot.saturating_mul(SLOT_MS))
-    }
-
-    /// Arms the lease's one timer for a renewal at about `at` (up to one
-    /// slot early, so that renewals batch up).
+    /// Sets the lease's one timer for a renewal at about `at` (up to one
+    /// grain early, so that renewals batch up).
     fn arm_renew(&mut self, id: LeaseId, at: Instant, now: Instant) {
-        let slot = self.slot_floor(at.min(now + MAX_TIMER));
-        self.arm_slot(id, slot);
+        let at = renew_time(self.epoch, at.min(now + MAX_TIMER), now);
+        self.arm(id, at);
     }
 
-    /// Arms the lease's one timer for a check at `at`, never earlier.
+    /// Sets the lease's one timer for a check at `at`, never earlier.
     fn arm_check(&mut self, id: LeaseId, at: Instant, now: Instant) {
-        let slot = self.slot_ceil(at.min(now + MAX_TIMER));
-        self.arm_slot(id, slot);
+        let at = grain_ceil(self.epoch, at.min(now + MAX_TIMER));
+        self.arm(id, at);
     }
 
-    fn arm_slot(&mut self, id: LeaseId, slot: u64) {
+    fn arm(&mut self, id: LeaseId, at: Instant) {
         let Some(entry) = self.leases.get_mut(&id) else {
             return;
         };
-        let slot = slot.max(self.wheel.cursor);
-        if entry.timer == slot {
-            return;
-        }
-        entry.timer = self.wheel.insert(slot, id);
-    }
-
-    /// Points the sleep at the earliest timer or in-flight deadline.
-    fn rearm_sleep(&mut self) {
-        let wheel = self.wheel.next_slot().map(|slot| self.slot_start(slot));
-        let batch = self
-            .inflight
-            .iter()
-            .filter(|b| b.outstanding > 0)
-            .map(|b| b.deadline)
-            .min();
-        let next = match (wheel, batch) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        match next {
-            Some(at) => {
-                if self.sleep_at != Some(at) || self.sleep.is_elapsed() {
-                    self.sleep_at = Some(at);
-                    self.sleep.as_mut().reset(at);
-                }
-            }
-            None => self.sleep_at = None,
+        match entry.timer {
+            // Live by the invariant: cleared when it expires or is removed.
+            Some(key) => self.due.reset_at(&key, at),
+            None => entry.timer = Some(self.due.insert_at(id, at)),
         }
     }
 
     fn on_timers(&mut self) {
         let now = Instant::now();
-        self.check_inflight(now);
-        let mut due = std::mem::take(&mut self.due);
-        self.wheel.expire(self.slot_floor(now), &mut due);
-        for (slot, id) in due.drain(..) {
-            match self.leases.get_mut(&id) {
-                Some(entry) if entry.timer == slot => entry.timer = NO_TIMER,
-                _ => continue, // stale
-            }
+        self.next_batch = self.next_batch.wrapping_add(1).max(1);
+        let mut fired = std::mem::take(&mut self.fired);
+        for id in fired.drain(..) {
             self.on_timer(id, now);
         }
-        if due.capacity() > 4 * KEEP_SLOT_CAPACITY {
-            due = Vec::new();
+        if fired.capacity() > KEEP_FIRED_CAPACITY {
+            fired = Vec::new();
         }
-        self.due = due;
-        self.flush_renewals(now);
-        self.rearm_sleep();
+        self.fired = fired;
+        self.flush_renewals();
     }
 
     fn on_timer(&mut self, id: LeaseId, now: Instant) {
@@ -511,9 +418,6 @@ impl LeaseSupervisor {
             self.arm_check(id, at, now);
             return;
         }
-        if self.sending.is_empty() {
-            self.next_batch = self.next_batch.wrapping_add(1).max(1);
-        }
         entry.batch = self.next_batch;
         let batch = &mut self.outbox[entry.server as usize];
         Request::encode_renew(
@@ -528,23 +432,12 @@ impl LeaseSupervisor {
             batch: self.next_batch,
             sent_at: now,
         });
-        self.sending.push(id);
-        self.sending_deadline = Some(self.sending_deadline.map_or(at, |d| d.min(at)));
+        // Until the reply, the lease's timer watches its local expiry.
+        self.arm_check(id, at, now);
     }
 
-    /// Hands each server its batch of renewals and records them in flight.
-    fn flush_renewals(&mut self, now: Instant) {
-        if self.sending.is_empty() {
-            return;
-        }
-        let ids = std::mem::take(&mut self.sending);
-        let deadline = self.sending_deadline.take().unwrap_or(now);
-        self.inflight.push_back(Batch {
-            id: self.next_batch,
-            deadline,
-            outstanding: ids.len(),
-            ids,
-        });
+    /// Hands each server its batch of renewals.
+    fn flush_renewals(&mut self) {
         for server in 0..self.outbox.len() {
             if self.outbox[server].tags.is_empty() {
                 continue;
@@ -583,63 +476,6 @@ impl LeaseSupervisor {
         }
     }
 
-    /// Checks in-flight batches whose earliest local expiry has come: a
-    /// lease still waiting for its renew reply past its own local expiry is
-    /// lost; one with time left gets a timer of its own.
-    fn check_inflight(&mut self, now: Instant) {
-        for i in 0..self.inflight.len() {
-            let batch = &mut self.inflight[i];
-            if batch.outstanding == 0 || batch.deadline > now {
-                continue;
-            }
-            batch.outstanding = 0;
-            let (id, ids) = (batch.id, std::mem::take(&mut batch.ids));
-            for lease in ids {
-                let Some(entry) = self.leases.get(&lease) else {
-                    continue;
-                };
-                if entry.batch != id {
-                    continue;
-                }
-                if now >= entry.local_expiry {
-                    self.lose(lease, LossReason::Expired);
-                } else {
-                    let at = entry.local_expiry;
-                    self.arm_check(lease, at, now);
-                }
-            }
-        }
-        self.pop_done_batches();
-    }
-
-    fn pop_done_batches(&mut self) {
-        while self.inflight.front().is_some_and(|b| b.outstanding == 0) {
-            self.inflight.pop_front();
-        }
-    }
-
-    /// Counts one reply of batch `id`.
-    fn batch_answered(&mut self, id: u32) {
-        let Some(front) = self.inflight.front() else {
-            return;
-        };
-        // Batch ids are consecutive (but for skipping 0 on wrap-around).
-        let guess = id.wrapping_sub(front.id) as usize;
-        let index = match self.inflight.get(guess) {
-            Some(batch) if batch.id == id => Some(guess),
-            _ => self.inflight.iter().position(|b| b.id == id),
-        };
-        if let Some(batch) = index.and_then(|i| self.inflight.get_mut(i))
-            && batch.outstanding > 0
-        {
-            batch.outstanding -= 1;
-            if batch.outstanding == 0 {
-                batch.ids = Vec::new();
-                self.pop_done_batches();
-            }
-        }
-    }
-
     fn on_replies(&mut self) {
         let now = Instant::now();
         let mut replies = std::mem::take(&mut self.reply_buf);
@@ -649,11 +485,9 @@ impl LeaseSupervisor {
             }
         }
         self.reply_buf = replies;
-        self.rearm_sleep();
     }
 
     fn on_reply(&mut self, done: RenewReply, now: Instant) {
-        self.batch_answered(done.batch);
         let policy = self.policy;
         let Some(entry) = self.leases.get_mut(&done.id) else {
             return;
@@ -711,9 +545,14 @@ impl LeaseSupervisor {
         }
     }
 
-    /// Stops tracking; its timer, if any, goes stale.
+    /// Stops tracking: the table entry and its timer go together.
     fn remove(&mut self, id: LeaseId) -> Option<Entry> {
         let entry = self.leases.remove(&id)?;
+        if let Some(key) = entry.timer {
+            // `try_remove`: a broken invariant must not panic the actor.
+            let removed = self.due.try_remove(&key);
+            debug_assert!(removed.is_some_and(|e| *e.get_ref() == id));
+        }
         if !self.owners.is_empty() {
             self.owners.remove(&id);
         }
@@ -725,6 +564,7 @@ impl LeaseSupervisor {
         }
         if self.leases.is_empty() {
             self.leases.shrink_to(64);
+            self.due.shrink_to_fit();
         }
         Some(entry)
     }
@@ -761,7 +601,7 @@ impl Message<Track> for LeaseSupervisor {
             shared: t.shared,
             local_expiry: t.local_expiry,
             lane: t.lane,
-            timer: NO_TIMER,
+            timer: None,
             lease: t
                 .requested
                 .and_then(|d| dflockd_proto::Lease::from_duration_ceil(d).ok()),
@@ -786,7 +626,6 @@ impl Message<Track> for LeaseSupervisor {
             t.sent_at + self.policy.interval(t.ttl)
         };
         self.arm_renew(t.id, at, now);
-        self.rearm_sleep();
     }
 }
 
@@ -824,50 +663,6 @@ impl Message<LaneClosed> for LeaseSupervisor {
 mod tests {
     use super::*;
 
-    fn expire(wheel: &mut Wheel, now: u64) -> Vec<(u64, u64)> {
-        let mut due = Vec::new();
-        wheel.expire(now, &mut due);
-        let mut due: Vec<(u64, u64)> = due.into_iter().map(|(s, id)| (s, id.0)).collect();
-        due.sort_unstable();
-        due
-    }
-
-    #[test]
-    fn wheel_expires_in_slot_order_across_the_horizon() {
-        let mut wheel = Wheel::new();
-        assert_eq!(wheel.next_slot(), None);
-        assert_eq!(wheel.insert(5, LeaseId(1)), 5);
-        assert_eq!(wheel.insert(3, LeaseId(2)), 3);
-        // Beyond the horizon: kept in the heap until the wheel gets there.
-        let far = SLOTS + 100;
-        assert_eq!(wheel.insert(far, LeaseId(3)), far);
-        assert_eq!(wheel.next_slot(), Some(3));
-        assert_eq!(expire(&mut wheel, 2), vec![]);
-        assert_eq!(expire(&mut wheel, 4), vec![(3, 2)]);
-        assert_eq!(wheel.next_slot(), Some(5));
-        // A slot already passed counts as the current one.
-        assert_eq!(wheel.insert(1, LeaseId(4)), 5);
-        assert_eq!(expire(&mut wheel, 5), vec![(5, 1), (5, 4)]);
-        assert_eq!(wheel.next_slot(), Some(far));
-        assert_eq!(expire(&mut wheel, far - 1), vec![]);
-        assert_eq!(wheel.next_slot(), Some(far));
-        assert_eq!(expire(&mut wheel, far), vec![(far, 3)]);
-        assert_eq!(wheel.next_slot(), None);
-        assert_eq!(wheel.len, 0);
-    }
-
-    #[test]
-    fn wheel_catches_up_after_a_long_sleep() {
-        let mut wheel = Wheel::new();
-        for i in 0..3 * SLOTS {
-            wheel.insert(i, LeaseId(i));
-        }
-        let due = expire(&mut wheel, 10 * SLOTS);
-        assert_eq!(due.len() as u64, 3 * SLOTS);
-        assert!(due.iter().all(|&(slot, id)| slot == id));
-        assert_eq!(wheel.next_slot(), None);
-    }
-
     #[test]
     fn id_hasher_keeps_low_bits_and_mixes_the_tag() {
         let hash = |n: u64| {
@@ -881,39 +676,60 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn slots_round_renewals_down_and_checks_up() {
-        let wheel_owner = LeaseSupervisor {
-            servers: Vec::new(),
-            policy: RenewPolicy {
-                ratio: 1.0 / 3.0,
-                max_interval: Duration::from_secs(10),
-                retry: Duration::from_millis(500),
-            },
-            leases: IdMap::default(),
-            owners: IdMap::default(),
-            by_lane: HashMap::new(),
-            wheel: Wheel::new(),
-            epoch: Instant::now(),
-            sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            sleep_at: None,
-            inflight: VecDeque::new(),
-            next_batch: NO_BATCH,
-            outbox: Vec::new(),
-            sending: Vec::new(),
-            sending_deadline: None,
-            due: Vec::new(),
-            replies_tx: mpsc::unbounded_channel().0,
-            replies_rx: mpsc::unbounded_channel().1,
-            reply_buf: Vec::new(),
-            renewals: Arc::new(AtomicU64::new(0)),
-        };
-        let epoch = wheel_owner.epoch;
+    async fn grain_rounds_renewals_down_and_checks_up() {
+        let epoch = Instant::now();
         let at = epoch + Duration::from_micros(25_001);
-        assert_eq!(wheel_owner.slot_floor(at), 2);
-        assert_eq!(wheel_owner.slot_ceil(at), 3);
-        assert!(wheel_owner.slot_start(wheel_owner.slot_ceil(at)) >= at);
-        assert!(wheel_owner.slot_start(wheel_owner.slot_floor(at)) <= at);
+        assert_eq!(grain_floor(epoch, at), epoch + Duration::from_millis(20));
+        assert_eq!(grain_ceil(epoch, at), epoch + Duration::from_millis(30));
         let exact = epoch + Duration::from_millis(30);
-        assert_eq!(wheel_owner.slot_ceil(exact), 3);
+        assert_eq!(grain_floor(epoch, exact), exact);
+        assert_eq!(grain_ceil(epoch, exact), exact);
+        // Before the epoch (cannot happen in use): the epoch itself.
+        assert_eq!(grain_floor(epoch + GRAIN, epoch), epoch + GRAIN);
+        assert_eq!(grain_ceil(epoch + GRAIN, epoch), epoch + GRAIN);
+        for micros in (0..100_000).step_by(997) {
+            let at = epoch + Duration::from_micros(micros);
+            let (down, up) = (grain_floor(epoch, at), grain_ceil(epoch, at));
+            assert!(down <= at && at - down < GRAIN, "{micros} µs down");
+            assert!(up >= at && up - at < GRAIN, "{micros} µs up");
+        }
+    }
+
+    #[tokio::test]
+    async fn renewals_not_yet_due_are_not_rounded_into_the_past() {
+        let epoch = Instant::now();
+        let ms = |n: u64| epoch + Duration::from_millis(n);
+        // Due later: rounded down.
+        assert_eq!(renew_time(epoch, ms(57), ms(40)), ms(50));
+        // Due now or before: at once (rounded down).
+        assert_eq!(renew_time(epoch, ms(43), ms(43)), ms(40));
+        assert_eq!(renew_time(epoch, ms(12), ms(43)), ms(10));
+        // Due later in the current grain: the next grain, not at once.
+        assert_eq!(renew_time(epoch, ms(47), ms(43)), ms(50));
+        assert_eq!(renew_time(epoch, ms(47), ms(40)), ms(50));
+    }
+
+    /// Timers falling due in one grain come out of the queue in one
+    /// wake-up, however many there are; later ones stay.
+    #[tokio::test(start_paused = true)]
+    async fn one_wake_up_drains_every_expired_timer() {
+        let epoch = Instant::now();
+        let mut due = DelayQueue::new();
+        let n = 5_000;
+        for i in 0..n {
+            // Spread over 10–20 ms, rounded down like renewals.
+            let at = epoch + GRAIN + Duration::from_micros(i * 2);
+            due.insert_at(LeaseId(i), grain_floor(epoch, at));
+        }
+        let late = due.insert_at(LeaseId(n), epoch + 3 * GRAIN);
+        let mut fired = Vec::new();
+        expired_timers(&mut due, |id, _| fired.push(id.0)).await;
+        assert_eq!(fired.len() as u64, n, "one batch");
+        assert!(Instant::now() < epoch + 2 * GRAIN);
+        fired.sort_unstable();
+        assert!(fired.iter().copied().eq(0..n));
+        assert_eq!(due.len(), 1);
+        assert!(due.try_remove(&late).is_some());
+        assert!(due.is_empty());
     }
 }
