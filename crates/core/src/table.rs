@@ -520,35 +520,41 @@ impl<W, M: Mint> LockTable<W, M> {
         let resource = self.resources.get_mut(rid).expect("prepared above");
         if resource.has_room(now) && resource.queue.is_empty() {
             let grant = self.grant_now(conn, rid, lease, now)?;
-            let phase1 = Phase1 {
-                waiter: None,
-                token: Some(grant.token),
-                lease,
-                blocked: None,
-            };
-            self.conns
-                .entry(conn)
-                .or_default()
-                .phase1
-                .insert(rid.clone(), phase1);
+            self.set_phase1(
+                conn,
+                rid,
+                Phase1 {
+                    waiter: None,
+                    token: Some(grant.token),
+                    lease,
+                    blocked: None,
+                },
+            );
             return Ok(EnqueueOutcome::Acquired(grant));
         }
         if self.config.max_waiters > 0 && resource.queue.len() >= self.config.max_waiters {
             return Err(LockError::MaxWaiters);
         }
         let id = self.push_waiter(conn, rid, lease, WaiterKind::TwoPhase);
-        let phase1 = Phase1 {
-            waiter: Some(id),
-            token: None,
-            lease,
-            blocked: None,
-        };
+        self.set_phase1(
+            conn,
+            rid,
+            Phase1 {
+                waiter: Some(id),
+                token: None,
+                lease,
+                blocked: None,
+            },
+        );
+        Ok(EnqueueOutcome::Queued)
+    }
+
+    fn set_phase1(&mut self, conn: ConnId, rid: &ResourceId, phase1: Phase1<W>) {
         self.conns
             .entry(conn)
             .or_default()
             .phase1
             .insert(rid.clone(), phase1);
-        Ok(EnqueueOutcome::Queued)
     }
 
     /// `w` / `sw`: two-phase, phase 2. With `wait = None` this polls; a
