@@ -213,6 +213,13 @@ async fn connect(
     Ok((BufReader::new(r), w))
 }
 
+/// The token of an `ok <token> <lease>` reply.
+fn grant_token(line: &str) -> Option<&str> {
+    line.strip_prefix("ok ")
+        .and_then(|r| r.split(' ').next())
+        .filter(|t| t.len() == 32)
+}
+
 fn elapsed_us(t0: Instant) -> u32 {
     u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX)
 }
@@ -240,11 +247,7 @@ async fn uncontended(
                 write.write_all(&acquire).await?;
                 line.clear();
                 read.read_line(&mut line).await?;
-                let token = line
-                    .strip_prefix("ok ")
-                    .and_then(|r| r.split(' ').next())
-                    .filter(|t| t.len() == 32);
-                let Some(token) = token else {
+                let Some(token) = grant_token(&line) else {
                     return Err(std::io::Error::other(format!("unexpected reply {line:?}")));
                 };
                 release.clear();
@@ -298,11 +301,7 @@ async fn contended(
                 if line == "timeout\n" {
                     continue;
                 }
-                let Some(token) = line
-                    .strip_prefix("ok ")
-                    .and_then(|r| r.split(' ').next())
-                    .filter(|t| t.len() == 32)
-                else {
+                let Some(token) = grant_token(&line) else {
                     return Err(std::io::Error::other(format!("unexpected reply {line:?}")));
                 };
                 sample.latencies_us.push(elapsed_us(t0));

@@ -485,17 +485,11 @@ impl<W, M: Mint> LockTable<W, M> {
     ) -> Result<Lease, LockError> {
         let token = Token::parse_wire(token).ok_or(LockError::NotHeld)?;
         let lease = lease.unwrap_or(self.config.default_lease);
-        let resource = self.resources.get_mut(rid).ok_or(LockError::NotHeld)?;
-        let holder = resource.holders.get_mut(&token).ok_or(LockError::NotHeld)?;
-        if holder.deadline <= now {
-            self.remove_holder(rid, token, now);
-            self.promote(rid, now);
-            return Err(LockError::NotHeld);
+        self.restart_lease(rid, token, lease, now)
+            .ok_or(LockError::NotHeld)?;
+        if let Some(resource) = self.resources.get_mut(rid) {
+            resource.last_activity = now;
         }
-        let old = std::mem::replace(&mut holder.deadline, deadline(now, lease));
-        let new = holder.deadline;
-        resource.last_activity = now;
-        self.move_deadline(rid, token, old, new);
         Ok(lease)
     }
 
@@ -624,20 +618,31 @@ impl<W, M: Mint> LockTable<W, M> {
         lease: Lease,
         now: Duration,
     ) -> Result<Grant, LockError> {
-        let holder = self
-            .resources
-            .get_mut(rid)
-            .and_then(|r| r.holders.get_mut(&token))
+        self.restart_lease(rid, token, lease, now)
             .ok_or(LockError::LeaseExpired)?;
+        Ok(Grant { token, lease })
+    }
+
+    /// Restarts a live holder's lease at `now + lease`. A holder at or past
+    /// its deadline is evicted instead (and waiters promoted): leases are
+    /// never resurrected. `None` if the token holds nothing (any more).
+    fn restart_lease(
+        &mut self,
+        rid: &ResourceId,
+        token: Token,
+        lease: Lease,
+        now: Duration,
+    ) -> Option<()> {
+        let holder = self.resources.get_mut(rid)?.holders.get_mut(&token)?;
         if holder.deadline <= now {
             self.remove_holder(rid, token, now);
             self.promote(rid, now);
-            return Err(LockError::LeaseExpired);
+            return None;
         }
         let old = std::mem::replace(&mut holder.deadline, deadline(now, lease));
         let new = holder.deadline;
         self.move_deadline(rid, token, old, new);
-        Ok(Grant { token, lease })
+        Some(())
     }
 
     /// A connection ended: its waiters are removed and its two-phase state
