@@ -173,7 +173,8 @@ struct Holder {
 
 enum WaiterKind<W> {
     Blocking(W),
-    TwoPhase,
+    /// A two-phase waiter, by its ticket on its connection.
+    TwoPhase(u64),
 }
 
 struct Waiter<W> {
@@ -299,7 +300,9 @@ impl<W> Resource<W> {
     }
 }
 
-/// Two-phase state for one (connection, resource).
+/// Two-phase state for one (connection, resource, ticket). Plain
+/// connections always use ticket 0, so they have one per resource; a
+/// multiplexed connection names a ticket per handle.
 struct Phase1<W> {
     waiter: Option<WaiterId>,
     token: Option<Token>,
@@ -310,7 +313,10 @@ struct Phase1<W> {
 struct Conn<W> {
     held: HashMap<Token, ResourceId>,
     waiters: HashMap<WaiterId, ResourceId>,
-    phase1: HashMap<ResourceId, Phase1<W>>,
+    phase1: HashMap<(ResourceId, u64), Phase1<W>>,
+    /// Tickets granted but not collected by a `w` yet, by token (so a
+    /// release or expiry of that grant can drop the two-phase state).
+    uncollected: HashMap<Token, u64>,
 }
 
 impl<W> Default for Conn<W> {
@@ -319,6 +325,7 @@ impl<W> Default for Conn<W> {
             held: HashMap::new(),
             waiters: HashMap::new(),
             phase1: HashMap::new(),
+            uncollected: HashMap::new(),
         }
     }
 }
@@ -497,6 +504,7 @@ impl<W, M: Mint> LockTable<W, M> {
     pub fn enqueue(
         &mut self,
         conn: ConnId,
+        ticket: u64,
         rid: &ResourceId,
         limit: Limit,
         lease: Option<Lease>,
@@ -505,7 +513,7 @@ impl<W, M: Mint> LockTable<W, M> {
         if self
             .conns
             .get(&conn)
-            .is_some_and(|c| c.phase1.contains_key(rid))
+            .is_some_and(|c| c.phase1.contains_key(&(rid.clone(), ticket)))
         {
             return Err(LockError::AlreadyEnqueued);
         }
@@ -517,6 +525,7 @@ impl<W, M: Mint> LockTable<W, M> {
             self.set_phase1(
                 conn,
                 rid,
+                ticket,
                 Phase1 {
                     waiter: None,
                     token: Some(grant.token),
@@ -529,10 +538,11 @@ impl<W, M: Mint> LockTable<W, M> {
         if self.config.max_waiters > 0 && resource.queue.len() >= self.config.max_waiters {
             return Err(LockError::MaxWaiters);
         }
-        let id = self.push_waiter(conn, rid, lease, WaiterKind::TwoPhase);
+        let id = self.push_waiter(conn, rid, lease, WaiterKind::TwoPhase(ticket));
         self.set_phase1(
             conn,
             rid,
+            ticket,
             Phase1 {
                 waiter: Some(id),
                 token: None,
@@ -543,12 +553,12 @@ impl<W, M: Mint> LockTable<W, M> {
         Ok(EnqueueOutcome::Queued)
     }
 
-    fn set_phase1(&mut self, conn: ConnId, rid: &ResourceId, phase1: Phase1<W>) {
-        self.conns
-            .entry(conn)
-            .or_default()
-            .phase1
-            .insert(rid.clone(), phase1);
+    fn set_phase1(&mut self, conn: ConnId, rid: &ResourceId, ticket: u64, phase1: Phase1<W>) {
+        let c = self.conns.entry(conn).or_default();
+        if let Some(token) = phase1.token {
+            c.uncollected.insert(token, ticket);
+        }
+        c.phase1.insert((rid.clone(), ticket), phase1);
     }
 
     /// `w` / `sw`: two-phase, phase 2. With `wait = None` this polls; a
@@ -556,6 +566,7 @@ impl<W, M: Mint> LockTable<W, M> {
     pub fn wait(
         &mut self,
         conn: ConnId,
+        ticket: u64,
         rid: &ResourceId,
         now: Duration,
         wait: Option<W>,
@@ -563,11 +574,11 @@ impl<W, M: Mint> LockTable<W, M> {
         let phase1 = self
             .conns
             .get_mut(&conn)
-            .and_then(|c| c.phase1.get_mut(rid))
+            .and_then(|c| c.phase1.get_mut(&(rid.clone(), ticket)))
             .ok_or(LockError::NotEnqueued)?;
         if let Some(token) = phase1.token {
             let lease = phase1.lease;
-            self.drop_phase1(conn, rid);
+            self.drop_phase1(conn, rid, ticket);
             return self
                 .observe(rid, token, lease, now)
                 .map(WaitOutcome::Granted);
@@ -578,7 +589,7 @@ impl<W, M: Mint> LockTable<W, M> {
                 Ok(WaitOutcome::Pending)
             }
             None => {
-                self.cancel_wait(conn, rid, now);
+                self.cancel_wait(conn, ticket, rid, now);
                 Ok(WaitOutcome::Timeout)
             }
         }
@@ -587,17 +598,24 @@ impl<W, M: Mint> LockTable<W, M> {
     /// Gives up a blocked or polled `w`: removes the waiter and the two-phase
     /// state. Returns `false` if the waiter was already granted (the grant is
     /// in a [`Delivery`]).
-    pub fn cancel_wait(&mut self, conn: ConnId, rid: &ResourceId, now: Duration) -> bool {
+    pub fn cancel_wait(
+        &mut self,
+        conn: ConnId,
+        ticket: u64,
+        rid: &ResourceId,
+        now: Duration,
+    ) -> bool {
         let Some(c) = self.conns.get_mut(&conn) else {
             return false;
         };
-        let Some(phase1) = c.phase1.get(rid) else {
+        let key = (rid.clone(), ticket);
+        let Some(phase1) = c.phase1.get(&key) else {
             return false;
         };
         let Some(waiter) = phase1.waiter else {
             return false;
         };
-        c.phase1.remove(rid);
+        c.phase1.remove(&key);
         c.waiters.remove(&waiter);
         if let Some(resource) = self.resources.get_mut(rid)
             && resource.queue.remove(&waiter).is_some()
@@ -883,8 +901,8 @@ impl<W, M: Mint> LockTable<W, M> {
         self.deadlines.remove(&(holder.deadline, token));
         if let Some(c) = self.conns.get_mut(&holder.conn) {
             c.held.remove(&token);
-            if c.phase1.get(rid).is_some_and(|p| p.token == Some(token)) {
-                c.phase1.remove(rid);
+            if let Some(ticket) = c.uncollected.remove(&token) {
+                c.phase1.remove(&(rid.clone(), ticket));
             }
         }
         Some(holder.conn)
@@ -918,9 +936,12 @@ impl<W, M: Mint> LockTable<W, M> {
         id
     }
 
-    fn drop_phase1(&mut self, conn: ConnId, rid: &ResourceId) {
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.phase1.remove(rid);
+    fn drop_phase1(&mut self, conn: ConnId, rid: &ResourceId, ticket: u64) {
+        if let Some(c) = self.conns.get_mut(&conn)
+            && let Some(phase1) = c.phase1.remove(&(rid.clone(), ticket))
+            && let Some(token) = phase1.token
+        {
+            c.uncollected.remove(&token);
         }
     }
 
@@ -958,14 +979,15 @@ impl<W, M: Mint> LockTable<W, M> {
                         grant,
                     });
                 }
-                WaiterKind::TwoPhase => {
-                    let Some(phase1) = c.phase1.get_mut(rid) else {
+                WaiterKind::TwoPhase(ticket) => {
+                    let key = (rid.clone(), ticket);
+                    let Some(phase1) = c.phase1.get_mut(&key) else {
                         continue;
                     };
                     match phase1.blocked.take() {
                         // A `w` is waiting: it consumes the state and observes the grant.
                         Some(notify) => {
-                            c.phase1.remove(rid);
+                            c.phase1.remove(&key);
                             self.deliveries.push(Delivery {
                                 notify,
                                 resource: rid.clone(),
@@ -975,6 +997,7 @@ impl<W, M: Mint> LockTable<W, M> {
                         None => {
                             phase1.waiter = None;
                             phase1.token = Some(token);
+                            c.uncollected.insert(token, ticket);
                         }
                     }
                 }

@@ -861,7 +861,7 @@ impl Harness {
         let limit_v = Limit::new(u64::from(limit)).unwrap();
         let actual = self
             .table
-            .enqueue(conn, &rid(res), limit_v, lease, self.now);
+            .enqueue(conn, 0, &rid(res), limit_v, lease, self.now);
         if self.conns[slot].phase1.contains_key(&res) {
             prop_assert_eq!(actual, Err(LockError::AlreadyEnqueued), "§2.5 step 1");
             return Ok(());
@@ -915,7 +915,7 @@ impl Harness {
         let notify = self.notify();
         let actual = self
             .table
-            .wait(conn, &rid(res), self.now, blocking.then_some(notify));
+            .wait(conn, 0, &rid(res), self.now, blocking.then_some(notify));
         let Some(p) = self.conns[slot].phase1.get_mut(&res) else {
             prop_assert_eq!(
                 actual,
@@ -987,7 +987,7 @@ impl Harness {
                 }
             }
             Pending::Wait { res, notify } => {
-                let actual = self.table.cancel_wait(conn, &rid(res), self.now);
+                let actual = self.table.cancel_wait(conn, 0, &rid(res), self.now);
                 if self.conns[slot].phase1.get(&res).is_some_and(|p| p.queued) {
                     prop_assert!(actual, "cancel_wait of a queued waiter");
                     self.conns[slot].phase1.remove(&res);

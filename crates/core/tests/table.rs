@@ -222,12 +222,12 @@ fn max_waiters_one_refuses_every_kind_of_join() {
     );
     assert_eq!(try_lock(&mut t, C2, &w, T0), Err(LockError::MaxWaiters));
     assert_eq!(
-        t.enqueue(C2, &w, Limit::ONE, None, T0),
+        t.enqueue(C2, 0, &w, Limit::ONE, None, T0),
         Err(LockError::MaxWaiters)
     );
     assert_eq!(t.waiter_count(), 1);
     // A refused enqueue leaves no phase-1 state behind.
-    assert_eq!(t.wait(C2, &w, T0, None), Err(LockError::NotEnqueued));
+    assert_eq!(t.wait(C2, 0, &w, T0, None), Err(LockError::NotEnqueued));
 }
 
 /// §3.7, items 80 and 81: max_locks counts both namespaces and idle
@@ -250,12 +250,12 @@ fn max_locks_counts_idle_resources_until_gc() {
         Err(LockError::MaxLocks)
     );
     assert_eq!(
-        t.enqueue(C1, &lock("c"), Limit::ONE, None, T0),
+        t.enqueue(C1, 0, &lock("c"), Limit::ONE, None, T0),
         Err(LockError::MaxLocks)
     );
     // The refused enqueue left no phase-1 state (a later `w` is not_enqueued).
     assert_eq!(
-        t.wait(C1, &lock("c"), T0, None),
+        t.wait(C1, 0, &lock("c"), T0, None),
         Err(LockError::NotEnqueued)
     );
     assert_eq!(
@@ -321,11 +321,11 @@ fn limit_mismatch_persists_while_idle_until_gc() {
         Err(LockError::LimitMismatch)
     );
     assert_eq!(
-        t.enqueue(C4, &s, limit(3), None, T0),
+        t.enqueue(C4, 0, &s, limit(3), None, T0),
         Err(LockError::LimitMismatch)
     );
     // A mismatched enqueue records no phase-1 state.
-    assert_eq!(t.wait(C4, &s, T0, None), Err(LockError::NotEnqueued));
+    assert_eq!(t.wait(C4, 0, &s, T0, None), Err(LockError::NotEnqueued));
 
     t.release(&s, &wire(&ta), secs(1.0)).unwrap();
     t.release(&s, &wire(&tb), secs(1.0)).unwrap();
@@ -536,24 +536,27 @@ fn acquire_evicts_expired_holders_first() {
 fn two_phase_fast_path_returns_same_token_and_restarts_lease() {
     let mut t = table();
     let k = lock("t8");
-    let g = acquired(t.enqueue(C1, &k, Limit::ONE, lease(10), T0));
+    let g = acquired(t.enqueue(C1, 0, &k, Limit::ONE, lease(10), T0));
     assert_eq!(g.lease.get(), 10);
     assert!(approx(
         lock_entry(&t.stats(1, secs(4.0)), "t8").lease_expires_in_s,
         6.0
     ));
-    let w = wait_granted(t.wait(C1, &k, secs(4.0), Some(1)));
+    let w = wait_granted(t.wait(C1, 0, &k, secs(4.0), Some(1)));
     assert_eq!(w, g);
     assert!(approx(
         lock_entry(&t.stats(1, secs(4.0)), "t8").lease_expires_in_s,
         10.0
     ));
     // The phase-1 state is consumed.
-    assert_eq!(t.wait(C1, &k, secs(4.0), None), Err(LockError::NotEnqueued));
+    assert_eq!(
+        t.wait(C1, 0, &k, secs(4.0), None),
+        Err(LockError::NotEnqueued)
+    );
     // Default lease when none is given (item 68).
-    let g = acquired(t.enqueue(C1, &lock("t1"), Limit::ONE, None, T0));
+    let g = acquired(t.enqueue(C1, 0, &lock("t1"), Limit::ONE, None, T0));
     assert_eq!(g.lease.get(), 33);
-    assert_eq!(wait_granted(t.wait(C1, &lock("t1"), T0, None)), g);
+    assert_eq!(wait_granted(t.wait(C1, 0, &lock("t1"), T0, None)), g);
 }
 
 /// §2.5, item 69: a second `e` with phase-1 state is refused.
@@ -561,15 +564,15 @@ fn two_phase_fast_path_returns_same_token_and_restarts_lease() {
 fn two_phase_enqueue_twice_is_already_enqueued() {
     let mut t = table();
     let k = lock("t2");
-    acquired(t.enqueue(C1, &k, Limit::ONE, None, T0));
+    acquired(t.enqueue(C1, 0, &k, Limit::ONE, None, T0));
     assert_eq!(
-        t.enqueue(C1, &k, Limit::ONE, None, T0),
+        t.enqueue(C1, 0, &k, Limit::ONE, None, T0),
         Err(LockError::AlreadyEnqueued)
     );
     // Also while queued.
     queued_enqueue(&mut t, C2, &k);
     assert_eq!(
-        t.enqueue(C2, &k, Limit::ONE, None, T0),
+        t.enqueue(C2, 0, &k, Limit::ONE, None, T0),
         Err(LockError::AlreadyEnqueued)
     );
     assert_eq!(t.waiter_count(), 1);
@@ -578,7 +581,7 @@ fn two_phase_enqueue_twice_is_already_enqueued() {
 #[track_caller]
 fn queued_enqueue(t: &mut Table, conn: ConnId, rid: &ResourceId) {
     assert_eq!(
-        t.enqueue(conn, rid, Limit::ONE, None, T0),
+        t.enqueue(conn, 0, rid, Limit::ONE, None, T0),
         Ok(EnqueueOutcome::Queued)
     );
 }
@@ -588,11 +591,11 @@ fn queued_enqueue(t: &mut Table, conn: ConnId, rid: &ResourceId) {
 fn two_phase_wait_without_enqueue() {
     let mut t = table();
     assert_eq!(
-        t.wait(C1, &lock("t3"), T0, Some(1)),
+        t.wait(C1, 0, &lock("t3"), T0, Some(1)),
         Err(LockError::NotEnqueued)
     );
     assert_eq!(
-        t.wait(C1, &lock("t3"), T0, None),
+        t.wait(C1, 0, &lock("t3"), T0, None),
         Err(LockError::NotEnqueued)
     );
     assert_eq!(t.resource_count(), 0, "w never creates a resource");
@@ -603,11 +606,11 @@ fn two_phase_wait_without_enqueue() {
 fn two_phase_wait_on_another_connection() {
     let mut t = table();
     let k = lock("t4");
-    acquired(t.enqueue(C1, &k, Limit::ONE, None, T0));
-    assert_eq!(t.wait(C2, &k, T0, None), Err(LockError::NotEnqueued));
+    acquired(t.enqueue(C1, 0, &k, Limit::ONE, None, T0));
+    assert_eq!(t.wait(C2, 0, &k, T0, None), Err(LockError::NotEnqueued));
     // C1's state is untouched.
     assert!(matches!(
-        t.wait(C1, &k, T0, None),
+        t.wait(C1, 0, &k, T0, None),
         Ok(WaitOutcome::Granted(_))
     ));
 }
@@ -621,7 +624,7 @@ fn two_phase_queued_then_granted_before_wait() {
     let k = lock("t5");
     let h = granted(try_lock(&mut t, C1, &k, T0));
     assert_eq!(
-        t.enqueue(C2, &k, Limit::ONE, lease(5), T0),
+        t.enqueue(C2, 0, &k, Limit::ONE, lease(5), T0),
         Ok(EnqueueOutcome::Queued)
     );
     t.release(&k, &wire(&h), secs(1.0)).unwrap();
@@ -637,7 +640,7 @@ fn two_phase_queued_then_granted_before_wait() {
         lock_entry(&t.stats(2, secs(3.0)), "t5").lease_expires_in_s,
         3.0
     ));
-    let g = wait_granted(t.wait(C2, &k, secs(3.0), Some(2)));
+    let g = wait_granted(t.wait(C2, 0, &k, secs(3.0), Some(2)));
     assert_eq!(g.lease.get(), 5);
     assert!(g.token.fence() > h.token.fence());
     assert!(approx(
@@ -655,7 +658,7 @@ fn two_phase_blocked_wait_is_delivered() {
     let k = lock("t6");
     let h = granted(try_lock(&mut t, C1, &k, T0));
     queued_enqueue(&mut t, C2, &k);
-    assert_eq!(t.wait(C2, &k, T0, Some(22)), Ok(WaitOutcome::Pending));
+    assert_eq!(t.wait(C2, 0, &k, T0, Some(22)), Ok(WaitOutcome::Pending));
     assert!(deliveries(&mut t).is_empty());
     t.release(&k, &wire(&h), secs(2.0)).unwrap();
     let d = deliveries(&mut t);
@@ -668,8 +671,11 @@ fn two_phase_blocked_wait_is_delivered() {
         Ok(grant)
     );
     // The delivery consumed the phase-1 state.
-    assert_eq!(t.wait(C2, &k, secs(2.5), None), Err(LockError::NotEnqueued));
-    assert!(!t.cancel_wait(C2, &k, secs(2.5)));
+    assert_eq!(
+        t.wait(C2, 0, &k, secs(2.5), None),
+        Err(LockError::NotEnqueued)
+    );
+    assert!(!t.cancel_wait(C2, 0, &k, secs(2.5)));
 }
 
 /// §2.6, item 74: a poll that finds no grant forfeits the position.
@@ -680,19 +686,22 @@ fn two_phase_poll_timeout_forfeits_position() {
     let h = granted(try_lock(&mut t, C1, &k, T0));
     queued_enqueue(&mut t, C2, &k);
     queued_enqueue(&mut t, C3, &k);
-    assert_eq!(t.wait(C2, &k, T0, None), Ok(WaitOutcome::Timeout));
-    assert_eq!(t.wait(C2, &k, T0, None), Err(LockError::NotEnqueued));
+    assert_eq!(t.wait(C2, 0, &k, T0, None), Ok(WaitOutcome::Timeout));
+    assert_eq!(t.wait(C2, 0, &k, T0, None), Err(LockError::NotEnqueued));
     assert_eq!(t.waiter_count(), 1);
     // C3 is now first.
     t.release(&k, &wire(&h), secs(1.0)).unwrap();
-    wait_granted(t.wait(C3, &k, secs(1.0), None));
+    wait_granted(t.wait(C3, 0, &k, secs(1.0), None));
     // A blocking `w` that times out is withdrawn with cancel_wait.
     let j = lock("j");
     let hj = granted(try_lock(&mut t, C1, &j, T0));
     queued_enqueue(&mut t, C2, &j);
-    assert_eq!(t.wait(C2, &j, T0, Some(2)), Ok(WaitOutcome::Pending));
-    assert!(t.cancel_wait(C2, &j, secs(1.0)));
-    assert_eq!(t.wait(C2, &j, secs(1.0), None), Err(LockError::NotEnqueued));
+    assert_eq!(t.wait(C2, 0, &j, T0, Some(2)), Ok(WaitOutcome::Pending));
+    assert!(t.cancel_wait(C2, 0, &j, secs(1.0)));
+    assert_eq!(
+        t.wait(C2, 0, &j, secs(1.0), None),
+        Err(LockError::NotEnqueued)
+    );
     t.release(&j, &wire(&hj), secs(2.0)).unwrap();
     assert!(deliveries(&mut t).is_empty());
     assert_eq!(t.holder_count(), 1, "only C3's hold of t7");
@@ -703,14 +712,14 @@ fn two_phase_poll_timeout_forfeits_position() {
 fn two_phase_release_clears_phase1_state() {
     let mut t = table();
     let k = lock("t9");
-    let g = acquired(t.enqueue(C1, &k, Limit::ONE, None, T0));
+    let g = acquired(t.enqueue(C1, 0, &k, Limit::ONE, None, T0));
     t.release(&k, &wire(&g), T0).unwrap();
-    assert_eq!(t.wait(C1, &k, T0, Some(1)), Err(LockError::NotEnqueued));
-    let g2 = acquired(t.enqueue(C1, &k, Limit::ONE, None, T0));
+    assert_eq!(t.wait(C1, 0, &k, T0, Some(1)), Err(LockError::NotEnqueued));
+    let g2 = acquired(t.enqueue(C1, 0, &k, Limit::ONE, None, T0));
     assert!(g2.token.fence() > g.token.fence());
     // Releasing from another connection (token bearer) clears it too.
     t.release(&k, &wire(&g2), T0).unwrap();
-    assert_eq!(t.wait(C1, &k, T0, None), Err(LockError::NotEnqueued));
+    assert_eq!(t.wait(C1, 0, &k, T0, None), Err(LockError::NotEnqueued));
 }
 
 /// §2.7, items 77 and 79: phase-1 state is per namespace; semaphores have
@@ -718,18 +727,18 @@ fn two_phase_release_clears_phase1_state() {
 #[test]
 fn two_phase_cross_namespace_and_semaphore() {
     let mut t = table();
-    acquired(t.enqueue(C1, &lock("t10"), Limit::ONE, None, T0));
+    acquired(t.enqueue(C1, 0, &lock("t10"), Limit::ONE, None, T0));
     assert_eq!(
-        t.wait(C1, &sem("t10"), T0, None),
+        t.wait(C1, 0, &sem("t10"), T0, None),
         Err(LockError::NotEnqueued)
     );
     let st = sem("st");
-    let g = acquired(t.enqueue(C1, &st, limit(2), None, T0));
+    let g = acquired(t.enqueue(C1, 0, &st, limit(2), None, T0));
     assert_eq!(
-        t.wait(C1, &lock("st"), T0, None),
+        t.wait(C1, 0, &lock("st"), T0, None),
         Err(LockError::NotEnqueued)
     );
-    assert_eq!(wait_granted(t.wait(C1, &st, T0, None)), g);
+    assert_eq!(wait_granted(t.wait(C1, 0, &st, T0, None)), g);
 }
 
 /// §2.6, item 78: a lease that ran out before `w` gives LeaseExpired when
@@ -739,41 +748,47 @@ fn two_phase_lease_expired_before_wait() {
     // Not swept: LeaseExpired, holder evicted, next waiter promoted.
     let mut t = table();
     let k = lock("t11");
-    acquired(t.enqueue(C1, &k, Limit::ONE, lease(1), T0));
+    acquired(t.enqueue(C1, 0, &k, Limit::ONE, lease(1), T0));
     queued(t.acquire(C2, &k, Limit::ONE, None, T0, Some(2)));
     assert_eq!(
-        t.wait(C1, &k, secs(2.5), Some(1)),
+        t.wait(C1, 0, &k, secs(2.5), Some(1)),
         Err(LockError::LeaseExpired)
     );
     assert_eq!(deliveries(&mut t).len(), 1);
     assert_eq!(lock_entry(&t.stats(2, secs(2.5)), "t11").owner_conn_id, 2);
-    assert_eq!(t.wait(C1, &k, secs(2.5), None), Err(LockError::NotEnqueued));
+    assert_eq!(
+        t.wait(C1, 0, &k, secs(2.5), None),
+        Err(LockError::NotEnqueued)
+    );
 
     // Exactly at the deadline counts as expired.
     let mut t = table();
-    acquired(t.enqueue(C1, &k, Limit::ONE, lease(1), T0));
+    acquired(t.enqueue(C1, 0, &k, Limit::ONE, lease(1), T0));
     assert_eq!(
-        t.wait(C1, &k, secs(1.0), None),
+        t.wait(C1, 0, &k, secs(1.0), None),
         Err(LockError::LeaseExpired)
     );
     assert_eq!(t.holder_count(), 0);
 
     // Swept first: the phase-1 state went with the holder.
     let mut t = table();
-    acquired(t.enqueue(C1, &k, Limit::ONE, lease(1), T0));
+    acquired(t.enqueue(C1, 0, &k, Limit::ONE, lease(1), T0));
     assert_eq!(t.sweep(secs(2.0)), 1);
-    assert_eq!(t.wait(C1, &k, secs(2.5), None), Err(LockError::NotEnqueued));
+    assert_eq!(
+        t.wait(C1, 0, &k, secs(2.5), None),
+        Err(LockError::NotEnqueued)
+    );
 
     // Promoted two-phase waiter whose lease ran out before `w`.
     let mut t = table();
     let h = granted(try_lock(&mut t, C1, &k, T0));
     assert_eq!(
-        t.enqueue(C2, &k, Limit::ONE, lease(1), T0),
+        t.enqueue(C2, 0, &k, Limit::ONE, lease(1), T0),
         Ok(EnqueueOutcome::Queued)
     );
     t.release(&k, &wire(&h), secs(1.0)).unwrap();
     assert_eq!(
-        t.wait(C2, &k, secs(2.0), None),
+        t.wait(C2, 0, &k, secs(2.0), None),
         Err(LockError::LeaseExpired)
     );
     assert_eq!(t.holder_count(), 0);
@@ -787,14 +802,17 @@ fn two_phase_enqueue_on_own_held_key_queues() {
     let k = lock("k");
     let g = granted(try_lock(&mut t, C1, &k, T0));
     queued_enqueue(&mut t, C1, &k);
-    assert_eq!(t.wait(C1, &k, secs(1.0), None), Ok(WaitOutcome::Timeout));
-    assert_eq!(t.wait(C1, &k, secs(1.0), None), Err(LockError::NotEnqueued));
+    assert_eq!(t.wait(C1, 0, &k, secs(1.0), None), Ok(WaitOutcome::Timeout));
+    assert_eq!(
+        t.wait(C1, 0, &k, secs(1.0), None),
+        Err(LockError::NotEnqueued)
+    );
     assert_eq!(t.release(&k, &wire(&g), secs(1.0)), Ok(()));
     assert_eq!(t.holder_count(), 0);
     // For a semaphore with room the same connection gets another slot.
     let s = sem("s");
     granted(t.acquire(C1, &s, limit(2), None, T0, None));
-    acquired(t.enqueue(C1, &s, limit(2), None, T0));
+    acquired(t.enqueue(C1, 0, &s, limit(2), None, T0));
 }
 
 // ------------------------------------------------------- §3.9 disconnect
@@ -861,7 +879,7 @@ fn disconnect_cancels_enqueued_waiters_and_releases_enqueue_grants() {
     let h = granted(try_lock(&mut t, C1, &d4, T0));
     queued_enqueue(&mut t, C2, &d4);
     queued_enqueue(&mut t, C3, &d4);
-    assert_eq!(t.wait(C3, &d4, T0, Some(3)), Ok(WaitOutcome::Pending));
+    assert_eq!(t.wait(C3, 0, &d4, T0, Some(3)), Ok(WaitOutcome::Pending));
     t.disconnect(C2, true, secs(0.1));
     t.disconnect(C3, false, secs(0.1));
     assert_eq!(t.waiter_count(), 0);
@@ -871,12 +889,12 @@ fn disconnect_cancels_enqueued_waiters_and_releases_enqueue_grants() {
     granted(try_lock(&mut t, C4, &d4, secs(0.3)));
 
     let d5 = lock("d5");
-    acquired(t.enqueue(C1, &d5, Limit::ONE, None, T0));
+    acquired(t.enqueue(C1, 0, &d5, Limit::ONE, None, T0));
     queued(t.acquire(C2, &d5, Limit::ONE, None, T0, Some(2)));
     t.disconnect(C1, true, secs(0.5));
     assert_eq!(deliveries(&mut t).len(), 1);
     assert_eq!(
-        t.wait(C1, &d5, secs(0.5), None),
+        t.wait(C1, 0, &d5, secs(0.5), None),
         Err(LockError::NotEnqueued)
     );
 }
@@ -926,9 +944,9 @@ fn cancel_wait_race_passes_the_slot_on() {
     let h = granted(try_lock(&mut t, C1, &k, T0));
     queued_enqueue(&mut t, C2, &k);
     queued(t.acquire(C3, &k, Limit::ONE, None, T0, Some(3)));
-    assert_eq!(t.wait(C2, &k, T0, Some(2)), Ok(WaitOutcome::Pending));
+    assert_eq!(t.wait(C2, 0, &k, T0, Some(2)), Ok(WaitOutcome::Pending));
     t.release(&k, &wire(&h), secs(1.0)).unwrap();
-    assert!(!t.cancel_wait(C2, &k, secs(1.0)));
+    assert!(!t.cancel_wait(C2, 0, &k, secs(1.0)));
     let d = deliveries(&mut t);
     assert_eq!(d.len(), 1);
     assert_eq!(d[0].0, 2);
@@ -1229,4 +1247,78 @@ fn explicit_release_and_expiry_are_not_delayed_and_delay_survives_gc() {
         try_lock(&mut t, C2, &gone, secs(3.0)),
         Ok(AcquireOutcome::Granted(_))
     ));
+}
+
+// ------------------------------------------- mux extension: two-phase tickets
+
+/// docs/protocol-mux.md: on one connection, each ticket has its own
+/// two-phase state, so several handles enqueue on one key and are granted
+/// in arrival order.
+#[test]
+fn tickets_on_one_connection_queue_in_fifo_order() {
+    let mut t = table();
+    let k = lock("mux-fifo");
+    let first = granted(t.acquire(C2, &k, Limit::ONE, None, T0, None));
+    for ticket in 1..=3 {
+        assert_eq!(
+            t.enqueue(C1, ticket, &k, Limit::ONE, None, T0),
+            Ok(EnqueueOutcome::Queued)
+        );
+    }
+    // The same ticket twice is refused; another ticket is not.
+    assert_eq!(
+        t.enqueue(C1, 2, &k, Limit::ONE, None, T0),
+        Err(LockError::AlreadyEnqueued)
+    );
+    // Ticket 3 waits first, but ticket 1 is ahead of it.
+    assert_eq!(t.wait(C1, 3, &k, T0, Some(33)), Ok(WaitOutcome::Pending));
+    t.release(&k, &wire(&first), T0).unwrap();
+    assert_eq!(t.take_deliveries().count(), 0, "ticket 1 has no w yet");
+    let one = wait_granted(t.wait(C1, 1, &k, T0, None));
+    t.release(&k, &wire(&one), T0).unwrap();
+    // Ticket 2 is granted next and keeps the grant for its `w`.
+    assert_eq!(t.take_deliveries().count(), 0);
+    let two = wait_granted(t.wait(C1, 2, &k, T0, Some(22)));
+    assert!(two.token.fence() > one.token.fence());
+    t.release(&k, &wire(&two), T0).unwrap();
+    let delivered: Vec<_> = t.take_deliveries().collect();
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].notify, 33);
+    assert!(delivered[0].grant.token.fence() > two.token.fence());
+}
+
+/// A ticket granted but not collected: releasing (or expiring) that grant
+/// drops the ticket's state, and other tickets are untouched.
+#[test]
+fn releasing_an_uncollected_ticket_grant_drops_only_that_ticket() {
+    let mut t = table();
+    let k = lock("mux-uncollected");
+    let g = acquired(t.enqueue(C1, 7, &k, Limit::ONE, None, T0));
+    assert_eq!(
+        t.enqueue(C1, 8, &k, Limit::ONE, None, T0),
+        Ok(EnqueueOutcome::Queued)
+    );
+    t.release(&k, &wire(&g), T0).unwrap();
+    assert_eq!(t.wait(C1, 7, &k, T0, None), Err(LockError::NotEnqueued));
+    let eight = wait_granted(t.wait(C1, 8, &k, T0, None));
+    assert!(eight.token.fence() > g.token.fence());
+}
+
+/// Cancelling one ticket's wait leaves the others queued; a disconnect
+/// removes every ticket of the connection.
+#[test]
+fn cancel_and_disconnect_with_tickets() {
+    let mut t = table();
+    let k = lock("mux-cancel");
+    let held = granted(t.acquire(C2, &k, Limit::ONE, None, T0, None));
+    for ticket in [1, 2] {
+        t.enqueue(C1, ticket, &k, Limit::ONE, None, T0).unwrap();
+    }
+    assert_eq!(t.wait(C1, 1, &k, T0, Some(1)), Ok(WaitOutcome::Pending));
+    assert!(t.cancel_wait(C1, 1, &k, T0));
+    assert_eq!(t.waiter_count(), 1);
+    t.disconnect(C1, true, T0);
+    assert_eq!(t.waiter_count(), 0);
+    t.release(&k, &wire(&held), T0).unwrap();
+    assert_eq!(t.holder_count(), 0);
 }

@@ -28,6 +28,7 @@
 mod decoder;
 mod error;
 mod key;
+mod mux;
 mod reply;
 mod request;
 mod shard;
@@ -38,6 +39,10 @@ mod values;
 pub use decoder::{FrameDecoder, Progress, RawFrame};
 pub use error::ProtoError;
 pub use key::Key;
+pub use mux::{
+    MUX_ACCEPTED, MUX_HELLO, MUX_VERSION, MuxBody, MuxError, MuxRequest, encode_mux_reply,
+    encode_mux_request, is_mux_hello, parse_mux_reply, prefix_frames,
+};
 pub use reply::{Reply, ReplyError, Status};
 pub use request::{Command, Kind, Namespace, Request};
 pub use shard::{ShardError, shard};
