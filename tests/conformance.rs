@@ -145,7 +145,17 @@ async fn item_010_empty_command_line() {
 
 #[tokio::test]
 async fn item_011_unknown_commands() {
-    expect_errors_open(&[b"foo\nk\nx\n", b"hello\n_\nmux\n"]).await;
+    expect_errors_open(&[b"foo\nk\nx\n", b"hello\n_\nhttp2\n"]).await;
+    // With the multiplexed extension switched off (`--no-mux`), the server
+    // answers its probe exactly like a plain dflockd v2 server.
+    let server = start_with(|c| c.mux = false).await;
+    let mut c = conn(&server).await;
+    c.expect(b"hello\n_\nmux\n", "error").await;
+    c.assert_open().await;
+    // With it on (the default) the probe is accepted; see tests/mux_protocol.rs.
+    let server = start().await;
+    let mut c = conn(&server).await;
+    c.expect(b"hello\n_\nmux\n", "ok mux 1").await;
 }
 
 #[tokio::test]

@@ -131,6 +131,14 @@ struct Flags {
     /// applies only inside a request) [env: DFLOCKD_UNBOUNDED_IDLE] [default: false]
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     unbounded_idle: Option<String>,
+    /// Refuse the multiplexed extension (`hello _ mux`), answering `error`
+    /// like a plain dflockd v2 server [env: DFLOCKD_NO_MUX] [default: false]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    no_mux: Option<String>,
+    /// Most requests one multiplexed connection may have waiting, 0 =
+    /// unlimited [env: DFLOCKD_MUX_MAX_WAITING] [default: 100000]
+    #[arg(long)]
+    mux_max_waiting: Option<String>,
     /// Debug-level logs [env: DFLOCKD_DEBUG] [default: false]
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     debug: Option<String>,
@@ -335,6 +343,16 @@ fn resolve(flags: &Flags, env: impl Fn(&str) -> Option<String>) -> Result<Settin
     )? {
         config.idle = IdlePolicy::Unbounded;
     }
+    config.mux = !boolean(pick("--no-mux", &flags.no_mux, "DFLOCKD_NO_MUX"), false)?;
+    config.mux_max_waiting = count(
+        pick(
+            "--mux-max-waiting",
+            &flags.mux_max_waiting,
+            "DFLOCKD_MUX_MAX_WAITING",
+        ),
+        defaults.mux_max_waiting,
+        false,
+    )?;
     let debug = boolean(pick("--debug", &flags.debug, "DFLOCKD_DEBUG"), false)?;
 
     if let Some(raw) = pick("--http-port", &flags.http_port, "DFLOCKD_HTTP_PORT")
@@ -646,6 +664,17 @@ mod tests {
             run(&["--unbounded-idle"], &[]).unwrap().config.idle,
             IdlePolicy::Unbounded
         );
+        assert!(run(&[], &[]).unwrap().config.mux);
+        assert!(!run(&["--no-mux"], &[]).unwrap().config.mux);
+        assert_eq!(run(&[], &[]).unwrap().config.mux_max_waiting, 100_000);
+        assert_eq!(
+            run(&[], &[("DFLOCKD_MUX_MAX_WAITING", "7")])
+                .unwrap()
+                .config
+                .mux_max_waiting,
+            7
+        );
+        assert!(run(&["--mux-max-waiting", "-1"], &[]).is_err());
     }
 
     #[test]

@@ -107,6 +107,14 @@ pub struct ServerConfig {
     /// Most bytes of pipelined requests buffered while a blocking request
     /// waits; beyond it the connection is closed (Go: its 4 KiB read buffer).
     pub pipeline_limit: usize,
+    /// Whether a client may switch its connection to the multiplexed
+    /// extension (`hello _ mux`, docs/protocol-mux.md). Default true; when
+    /// false the server answers `error` like a plain dflockd v2 server.
+    pub mux: bool,
+    /// Most requests one multiplexed connection may have waiting at once
+    /// (`--mux-max-waiting`, default 100,000); beyond it a blocking request
+    /// is answered `error_max_waiters`. 0 = unlimited.
+    pub mux_max_waiting: usize,
 }
 
 impl Default for ServerConfig {
@@ -132,6 +140,8 @@ impl Default for ServerConfig {
             max_waiters: 0,
             fence_state_file: None,
             pipeline_limit: 16 * 1024,
+            mux: true,
+            mux_max_waiting: 100_000,
         }
     }
 }

@@ -9,14 +9,18 @@ use std::time::Duration;
 use dflockd_core::{
     AcquireOutcome, ConnId, EnqueueOutcome, Grant, LockError, ResourceId, WaitOutcome,
 };
-use dflockd_proto::{FrameDecoder, Progress, Reply, Request, Seconds, Status};
+use dflockd_proto::{
+    FrameDecoder, MUX_ACCEPTED, Progress, Reply, Request, Seconds, Status, is_mux_hello,
+};
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
 use crate::config::IdlePolicy;
-use crate::shared::Shared;
+use crate::shared::{Notify, Shared};
+
+mod mux;
 
 /// Pause between an `error_auth` reply and the close (spec §2.1).
 const AUTH_FAILURE_PAUSE: Duration = Duration::from_millis(100);
@@ -37,9 +41,34 @@ enum ReadFailure {
 }
 
 /// What a blocked request is waiting for, so it can be withdrawn.
+#[derive(Debug, Clone, Copy)]
 enum Pending {
     Acquire(dflockd_core::WaiterId),
-    Wait,
+    /// A two-phase `w`, by its ticket.
+    Wait(u64),
+}
+
+impl Pending {
+    /// Withdraws the request from the table. `false` if it was granted
+    /// meanwhile (the grant is on its way to the request's notification).
+    fn withdraw(self, shared: &Shared, conn: ConnId, rid: &ResourceId) -> bool {
+        shared.with_table(|t, now| match self {
+            Pending::Acquire(waiter) => t.cancel_acquire(conn, rid, waiter, now),
+            Pending::Wait(ticket) => t.cancel_wait(conn, ticket, rid, now),
+        })
+    }
+}
+
+/// Where [`Connection::apply`] left a request.
+enum Step {
+    /// Answered.
+    Reply(Reply),
+    /// Queued: the grant will come through the notification.
+    Waiting {
+        rid: ResourceId,
+        pending: Pending,
+        timeout: Seconds,
+    },
 }
 
 pub(crate) struct Connection<S> {
@@ -101,6 +130,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 Reply::Failure(Status::ErrorDraining).encode(&mut self.out);
                 let _ = self.flush().await;
                 return Err(Close::Protocol);
+            }
+            if self.shared.config.mux && is_mux_hello(&self.decoder.frame()) {
+                self.out.extend_from_slice(MUX_ACCEPTED.as_bytes());
+                self.out.push(b'\n');
+                return self.run_mux().await;
             }
             let parsed = Request::parse(&self.decoder.frame());
             match parsed {
@@ -222,6 +256,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     async fn execute(&mut self, request: Request) -> Result<(), Close> {
+        let mut receiver = None;
+        let step = self.apply(request, 0, || {
+            let (tx, rx) = oneshot::channel();
+            receiver = Some(rx);
+            Notify::Once(tx)
+        });
+        let reply = match (step, receiver) {
+            (Step::Reply(reply), _) => reply,
+            (
+                Step::Waiting {
+                    rid,
+                    pending,
+                    timeout,
+                },
+                Some(rx),
+            ) => self.block(rx, timeout, &rid, pending).await?,
+            (Step::Waiting { .. }, None) => Reply::Failure(Status::Error),
+        };
+        reply.encode(&mut self.out);
+        Ok(())
+    }
+
+    /// Applies a request to the table. A request that must wait registers
+    /// the notification `notify` makes (called only then) and comes back as
+    /// [`Step::Waiting`]; everything else is answered at once. `ticket`
+    /// names the two-phase state of `e`/`w` (always 0 on plain connections).
+    fn apply(&self, request: Request, ticket: u64, notify: impl FnOnce() -> Notify) -> Step {
         let id = self.id;
         let reply = match request {
             Request::Ping => Reply::Ok,
@@ -243,23 +304,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             } => {
                 let rid = ResourceId::new(kind.namespace(), key);
                 let limit = kind.limit();
-                if timeout == Seconds::ZERO {
-                    let outcome = self
-                        .shared
-                        .with_table(|t, now| t.acquire(id, &rid, limit, lease, now, None));
-                    acquire_reply(outcome)
-                } else {
-                    let (tx, rx) = oneshot::channel();
-                    let outcome = self
-                        .shared
-                        .with_table(|t, now| t.acquire(id, &rid, limit, lease, now, Some(tx)));
-                    match outcome {
-                        Ok(AcquireOutcome::Queued(waiter)) => {
-                            self.block(rx, timeout, &rid, Pending::Acquire(waiter))
-                                .await?
-                        }
-                        other => acquire_reply(other),
+                let wait = (timeout != Seconds::ZERO).then(notify);
+                let outcome = self
+                    .shared
+                    .with_table(|t, now| t.acquire(id, &rid, limit, lease, now, wait));
+                match outcome {
+                    Ok(AcquireOutcome::Queued(waiter)) => {
+                        return Step::Waiting {
+                            rid,
+                            pending: Pending::Acquire(waiter),
+                            timeout,
+                        };
                     }
+                    other => acquire_reply(other),
                 }
             }
             Request::Release {
@@ -296,7 +353,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 let limit = kind.limit();
                 match self
                     .shared
-                    .with_table(|t, now| t.enqueue(id, &rid, limit, lease, now))
+                    .with_table(|t, now| t.enqueue(id, ticket, &rid, limit, lease, now))
                 {
                     Ok(EnqueueOutcome::Acquired(Grant { token, lease })) => {
                         Reply::Acquired { token, lease }
@@ -311,25 +368,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 timeout,
             } => {
                 let rid = ResourceId::new(namespace, key);
-                if timeout == Seconds::ZERO {
-                    let outcome = self.shared.with_table(|t, now| t.wait(id, &rid, now, None));
-                    wait_reply(outcome)
-                } else {
-                    let (tx, rx) = oneshot::channel();
-                    let outcome = self
-                        .shared
-                        .with_table(|t, now| t.wait(id, &rid, now, Some(tx)));
-                    match outcome {
-                        Ok(WaitOutcome::Pending) => {
-                            self.block(rx, timeout, &rid, Pending::Wait).await?
-                        }
-                        other => wait_reply(other),
+                let wait = (timeout != Seconds::ZERO).then(notify);
+                let outcome = self
+                    .shared
+                    .with_table(|t, now| t.wait(id, ticket, &rid, now, wait));
+                match outcome {
+                    Ok(WaitOutcome::Pending) => {
+                        return Step::Waiting {
+                            rid,
+                            pending: Pending::Wait(ticket),
+                            timeout,
+                        };
                     }
+                    other => wait_reply(other),
                 }
             }
         };
-        reply.encode(&mut self.out);
-        Ok(())
+        Step::Reply(reply)
     }
 
     /// Waits for a queued request's grant, its timeout, the drain, or the
@@ -382,10 +437,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             Woken::Granted(grant) => Some(grant),
             Woken::Expired | Woken::Drained | Woken::Gone => {
                 // Withdraw; if the grant raced us it is already in `rx`.
-                let withdrawn = self.shared.with_table(|t, now| match pending {
-                    Pending::Acquire(waiter) => t.cancel_acquire(id, rid, waiter, now),
-                    Pending::Wait => t.cancel_wait(id, rid, now),
-                });
+                let withdrawn = pending.withdraw(&self.shared, id, rid);
                 let raced = if withdrawn { None } else { rx.try_recv().ok() };
                 match (woken, raced) {
                     (Woken::Expired, Some(grant)) => Some(grant),

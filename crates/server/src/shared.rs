@@ -7,15 +7,33 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use dflockd_core::{ConnId, Grant, LockTable};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ServerConfig;
 use crate::fence::ServerMint;
 
-/// How a waiting request is woken: the table sends its grant here.
-pub(crate) type Notify = oneshot::Sender<Grant>;
+/// How a waiting request is woken: the table's grant goes to the request's
+/// own channel (plain connections, one waiting request at a time), or to
+/// its multiplexed connection's grant channel, tagged with the request id.
+pub(crate) enum Notify {
+    Once(oneshot::Sender<Grant>),
+    Mux {
+        id: u64,
+        to: mpsc::UnboundedSender<(u64, Grant)>,
+    },
+}
+
+impl Notify {
+    /// Hands the grant over; gives it back if the request is gone.
+    fn send(self, grant: Grant) -> Result<(), Grant> {
+        match self {
+            Notify::Once(tx) => tx.send(grant),
+            Notify::Mux { id, to } => to.send((id, grant)).map_err(|e| e.0.1),
+        }
+    }
+}
 pub(crate) type Table = LockTable<Notify, ServerMint>;
 
 pub(crate) struct Shared {

@@ -1,0 +1,269 @@
+//! A connection in multiplexed mode (docs/protocol-mux.md): requests carry
+//! ids, waiting requests do not block the connection, and each reply names
+//! the request it answers.
+//!
+//! One task still owns the connection. Waiting requests are entries in a
+//! map; their grants arrive on one channel (tagged with the request id) and
+//! their timeouts come from one `DelayQueue`, so 10,000 waiters cost a map
+//! entry and a timer slot each, not a task.
+
+use std::collections::HashMap;
+use std::future::poll_fn;
+
+use dflockd_core::{Grant, ResourceId};
+use dflockd_proto::{MuxBody, MuxError, MuxRequest, Progress, Reply, Status, encode_mux_reply};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::time::{DelayQueue, delay_queue};
+
+use super::{Close, Connection, Pending, Step, error_reply};
+use crate::config::IdlePolicy;
+use crate::shared::Notify;
+
+/// One request waiting for a grant.
+struct Waiting {
+    rid: ResourceId,
+    pending: Pending,
+    /// Its timeout in the delay queue; `None` once it fired (the grant
+    /// raced the timeout and is on its way).
+    expiry: Option<delay_queue::Key>,
+}
+
+/// The multiplexing state of one connection.
+struct Mux {
+    waiting: HashMap<u64, Waiting>,
+    expiries: DelayQueue<u64>,
+    grants: mpsc::UnboundedReceiver<(u64, Grant)>,
+    grants_tx: mpsc::UnboundedSender<(u64, Grant)>,
+    /// Set once the drain has answered the waiting requests.
+    drained: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    /// Serves the rest of the connection in mux mode. On the way out, grants
+    /// that reached the connection but not its peer are released, so none
+    /// is leaked (even with auto-release off).
+    pub(super) async fn run_mux(&mut self) -> Result<(), Close> {
+        let (grants_tx, grants) = mpsc::unbounded_channel();
+        let mut mux = Mux {
+            waiting: HashMap::new(),
+            expiries: DelayQueue::new(),
+            grants,
+            grants_tx,
+            drained: false,
+        };
+        let result = self.mux_loop(&mut mux).await;
+        mux.grants.close();
+        while let Ok((id, grant)) = mux.grants.try_recv() {
+            if let Some(waiting) = mux.waiting.remove(&id) {
+                self.shared
+                    .with_table(|t, now| t.release_undelivered(&waiting.rid, grant.token, now));
+            }
+        }
+        result
+    }
+
+    async fn mux_loop(&mut self, mux: &mut Mux) -> Result<(), Close> {
+        let read_timeout = self.shared.config.read_timeout;
+        let mut armed_at = self.decoder.lines_completed();
+        let mut deadline = Instant::now() + read_timeout;
+        loop {
+            // Serve every complete frame already buffered, then write the
+            // replies in one go.
+            loop {
+                let (used, progress) = self.decoder.feed(&self.buf[self.pos..]);
+                self.pos += used;
+                match progress {
+                    Progress::Frame => {
+                        if let Err(close) = self.mux_frame(mux) {
+                            let _ = self.flush().await;
+                            return Err(close);
+                        }
+                    }
+                    Progress::Oversize => {
+                        self.out.extend_from_slice(b"error\n");
+                        let _ = self.flush().await;
+                        return Err(Close::Protocol);
+                    }
+                    Progress::NeedMore => break,
+                }
+            }
+            self.buf.clear();
+            self.pos = 0;
+            self.flush().await?;
+            if self.decoder.lines_completed() != armed_at {
+                armed_at = self.decoder.lines_completed();
+                deadline = Instant::now() + read_timeout;
+            }
+            // As on a plain connection, no read deadline runs while a
+            // request waits; a frame once started must complete in time.
+            let bounded = (self.shared.config.idle == IdlePolicy::ReadTimeout
+                && mux.waiting.is_empty())
+                || self.decoder.in_frame();
+            tokio::select! {
+                biased;
+                Some((id, grant)) = mux.grants.recv() => {
+                    self.mux_granted(mux, id, grant);
+                    deadline = Instant::now() + read_timeout;
+                }
+                Some(expired) = poll_fn(|cx| mux.expiries.poll_expired(cx)) => {
+                    self.mux_expired(mux, expired.into_inner());
+                    deadline = Instant::now() + read_timeout;
+                }
+                _ = self.shared.drain.cancelled(), if !mux.drained => {
+                    self.mux_drain(mux);
+                }
+                read = self.stream.read_buf(&mut self.buf) => match read {
+                    Ok(0) | Err(_) => return Err(Close::Gone),
+                    Ok(_) => {}
+                },
+                _ = &mut self.timer, if bounded => {
+                    if Instant::now() >= deadline {
+                        self.out.extend_from_slice(b"error\n");
+                        let _ = self.flush().await;
+                        return Err(Close::Protocol);
+                    }
+                    self.timer.as_mut().reset(deadline);
+                }
+            }
+        }
+    }
+
+    /// Serves one mux frame. Errors close the connection: a frame without
+    /// an id (its reply could not be addressed), a duplicate id of a waiting
+    /// request, or a request after the drain started.
+    fn mux_frame(&mut self, mux: &mut Mux) -> Result<(), Close> {
+        let parsed = MuxRequest::parse(&self.decoder.frame());
+        let request = match parsed {
+            Ok(request) => request,
+            Err(MuxError::NoId) => {
+                tracing::debug!("mux frame without an id");
+                self.out.extend_from_slice(b"error\n");
+                return Err(Close::Protocol);
+            }
+            Err(MuxError::Invalid { id, error }) => {
+                tracing::debug!(id, code = error.code(), %error, "rejected mux request");
+                if mux.waiting.contains_key(&id) {
+                    encode_mux_reply(id, &Reply::Failure(Status::Error), &mut self.out);
+                    return Err(Close::Protocol);
+                }
+                encode_mux_reply(id, &Reply::Failure(Status::Error), &mut self.out);
+                return Ok(());
+            }
+        };
+        let id = request.id;
+        if self.shared.is_draining() {
+            encode_mux_reply(id, &Reply::Failure(Status::ErrorDraining), &mut self.out);
+            return Err(Close::Protocol);
+        }
+        if mux.waiting.contains_key(&id) {
+            tracing::debug!(id, "duplicate id of a waiting request");
+            encode_mux_reply(id, &Reply::Failure(Status::Error), &mut self.out);
+            return Err(Close::Protocol);
+        }
+        let request = match request.body {
+            MuxBody::Cancel(target) => {
+                self.mux_cancel(mux, target);
+                encode_mux_reply(id, &Reply::Ok, &mut self.out);
+                return Ok(());
+            }
+            MuxBody::Request(body) => (body, request.ticket),
+        };
+        let (body, ticket) = request;
+        let cap = self.shared.config.mux_max_waiting;
+        if body.may_block() && cap > 0 && mux.waiting.len() >= cap {
+            encode_mux_reply(id, &Reply::Failure(Status::ErrorMaxWaiters), &mut self.out);
+            return Ok(());
+        }
+        let to = mux.grants_tx.clone();
+        match self.apply(body, ticket, || Notify::Mux { id, to }) {
+            Step::Reply(reply) => encode_mux_reply(id, &reply, &mut self.out),
+            Step::Waiting {
+                rid,
+                pending,
+                timeout,
+            } => {
+                let expiry = mux.expiries.insert(id, timeout.as_duration());
+                mux.waiting.insert(
+                    id,
+                    Waiting {
+                        rid,
+                        pending,
+                        expiry: Some(expiry),
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A waiting request was granted: its lease restarts now, when the
+    /// connection observes the grant (as on a plain connection).
+    fn mux_granted(&mut self, mux: &mut Mux, id: u64, grant: Grant) {
+        let Some(waiting) = mux.waiting.remove(&id) else {
+            // Unreachable: an entry leaves the map only when its grant is
+            // read here or when it was withdrawn (then no grant comes).
+            tracing::warn!(id, "grant for a request that is not waiting");
+            return;
+        };
+        if let Some(key) = waiting.expiry {
+            mux.expiries.remove(&key);
+        }
+        let observed = self
+            .shared
+            .with_table(|t, now| t.observe(&waiting.rid, grant.token, grant.lease, now));
+        let reply = match observed {
+            Ok(Grant { token, lease }) => Reply::Granted { token, lease },
+            Err(error) => error_reply(&error),
+        };
+        encode_mux_reply(id, &reply, &mut self.out);
+    }
+
+    /// A waiting request's timeout fired: withdraw it and answer `timeout`,
+    /// unless its grant won the race (then the grant is answered instead).
+    fn mux_expired(&mut self, mux: &mut Mux, id: u64) {
+        if let Some(waiting) = mux.waiting.get_mut(&id) {
+            waiting.expiry = None;
+        }
+        self.mux_withdraw(mux, id, Reply::Failure(Status::Timeout));
+    }
+
+    /// `cancel`: withdraw the target as if its timeout had passed. Unknown
+    /// or finished targets are ignored.
+    fn mux_cancel(&mut self, mux: &mut Mux, target: u64) {
+        if let Some(key) = mux.waiting.get_mut(&target).and_then(|w| w.expiry.take()) {
+            mux.expiries.remove(&key);
+        }
+        self.mux_withdraw(mux, target, Reply::Failure(Status::Timeout));
+    }
+
+    /// The drain started: every waiting request is answered `error`, as a
+    /// blocked request on a plain connection is.
+    fn mux_drain(&mut self, mux: &mut Mux) {
+        mux.drained = true;
+        let ids: Vec<u64> = mux.waiting.keys().copied().collect();
+        for id in ids {
+            if let Some(key) = mux.waiting.get_mut(&id).and_then(|w| w.expiry.take()) {
+                mux.expiries.remove(&key);
+            }
+            self.mux_withdraw(mux, id, Reply::Failure(Status::Error));
+        }
+    }
+
+    /// Withdraws waiting request `id` and answers it with `reply`. If it was
+    /// granted meanwhile, the grant is already in the channel: the entry
+    /// stays and the grant is answered when it is read.
+    fn mux_withdraw(&mut self, mux: &mut Mux, id: u64, reply: Reply) {
+        let Some(waiting) = mux.waiting.get(&id) else {
+            return;
+        };
+        if waiting
+            .pending
+            .withdraw(&self.shared, self.id, &waiting.rid)
+        {
+            mux.waiting.remove(&id);
+            encode_mux_reply(id, &reply, &mut self.out);
+        }
+    }
+}
