@@ -15,10 +15,11 @@ use crate::connection::{
     Connection, Enqueued, Granted, REPLY_SLACK, expect_enqueued, expect_ok, expect_stats,
     grant_or_timeout, lease_of, seconds,
 };
-use crate::lane::{LaneHandle, LaneRef, LaneTiming, spawn_lane};
+use crate::lane::{LaneHandle, LaneRef, LaneRequest, LaneTiming, spawn_lane};
 use crate::lease::{Lease, LeaseLost, LeaseShared};
+use crate::mux_lane::{self, OnDrop};
 use crate::options::{AuthToken, ConnectOptions, ServerAddr, TlsOptions};
-use crate::server_conn::{Call, ServerConn, ServerConnArgs};
+use crate::server_conn::{Call, GetLane, ServerConn, ServerConnArgs};
 use crate::supervisor::{LaneClosed, LeaseId, LeaseSupervisor, RenewPolicy, SupervisorArgs, Track};
 use crate::{Error, Result};
 
@@ -71,6 +72,7 @@ pub struct ClientBuilder {
     max_renew_interval: Duration,
     renew_retry: Duration,
     reply_timeout: Duration,
+    multiplex: bool,
 }
 
 impl Default for ClientBuilder {
@@ -86,6 +88,7 @@ impl Default for ClientBuilder {
             max_renew_interval: Duration::from_secs(15),
             renew_retry: Duration::from_millis(500),
             reply_timeout: Duration::from_secs(10),
+            multiplex: true,
         }
     }
 }
@@ -159,6 +162,24 @@ impl ClientBuilder {
         self
     }
 
+    /// Whether to ask each server for the multiplexed extension (default
+    /// true). A server that speaks it (this crate's `dflockd`) then carries
+    /// every request of the process — blocking waits and two-phase tickets
+    /// included — over one connection; a plain dflockd server refuses it and
+    /// the client falls back to a control connection plus one connection per
+    /// blocking wait, with no visible difference. `false` always uses the
+    /// plain protocol.
+    ///
+    /// ```no_run
+    /// # fn demo() -> dflockd_client::Result<()> {
+    /// let plain_only = dflockd_client::Client::builder().multiplex(false).build()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn multiplex(mut self, multiplex: bool) -> Self {
+        self.multiplex = multiplex;
+        self
+    }
+
     /// Builds the client and starts its actors on the current tokio runtime.
     pub fn build(self) -> Result<Client> {
         let runtime = Handle::try_current()
@@ -207,6 +228,7 @@ impl ClientBuilder {
                     options: self.options.clone(),
                     timing,
                     on_lane_closed: on_lane_closed.clone(),
+                    multiplex: self.multiplex,
                 };
                 ServerConn::spawn_with_mailbox(args, kameo::mailbox::unbounded())
             })
@@ -269,6 +291,15 @@ pub(crate) struct ClientInner {
 }
 
 impl ClientInner {
+    /// The server's control lane (connecting if needed).
+    pub(crate) async fn lane(&self, server: usize) -> Result<LaneHandle> {
+        match self.servers[server].actor.ask(GetLane).await {
+            Ok(lane) => Ok(lane),
+            Err(kameo::error::SendError::HandlerError(error)) => Err(error),
+            Err(_) => Err(Error::Shutdown),
+        }
+    }
+
     /// Sends a non-blocking request over the server's control lane.
     pub(crate) async fn control_call(
         &self,
@@ -449,17 +480,30 @@ pub enum Enqueue {
 pub struct Ticket {
     target: Target,
     /// `None` only once `wait` has taken it.
-    conn: Option<Connection>,
+    place: Option<Place>,
+}
+
+/// Where a ticket's queue place lives.
+enum Place {
+    /// A connection of its own (plain servers).
+    Conn(Connection),
+    /// A ticket number on the multiplexed lane.
+    Mux { lane: LaneHandle, ticket: u64 },
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            let orphan = (self.target.key.clone(), self.target.kind.namespace());
-            self.target
-                .inner()
-                .runtime
-                .spawn(abandon_queued(conn, orphan));
+        let key = self.target.key.clone();
+        let namespace = self.target.kind.namespace();
+        match self.place.take() {
+            Some(Place::Conn(conn)) => {
+                self.target
+                    .inner()
+                    .runtime
+                    .spawn(abandon_queued(conn, (key, namespace)));
+            }
+            Some(Place::Mux { lane, ticket }) => mux_lane::abandon(&lane, key, namespace, ticket),
+            None => {}
         }
     }
 }
@@ -483,13 +527,32 @@ impl Ticket {
             namespace: self.target.kind.namespace(),
             timeout: seconds(timeout)?,
         };
-        let conn = self
-            .conn
+        let place = self
+            .place
             .take()
-            .expect("a ticket owns its connection until it waits");
+            .expect("a ticket owns its place until it waits");
         let target = self.target.clone();
         drop(self);
         let sent_at = Instant::now();
+        let conn = match place {
+            Place::Conn(conn) => conn,
+            Place::Mux { lane, ticket } => {
+                let orphan = (target.key.clone(), target.kind.namespace());
+                let (reply, lane) = mux_lane::call(
+                    &lane,
+                    request,
+                    ticket,
+                    Some(orphan),
+                    timeout + REPLY_SLACK,
+                    OnDrop::Cancel,
+                )
+                .await?;
+                return match grant_or_timeout(reply)? {
+                    Some(granted) => Ok(target.track_waited(granted, &lane, sent_at)),
+                    None => Err(Error::Timeout),
+                };
+            }
+        };
         let (reply, conn) = guarded_request(
             conn,
             request,
@@ -513,12 +576,33 @@ impl Target {
         lease_of(self.lease)
     }
 
-    /// Tries once on the control lane; if busy and `timeout > 0`, waits on a
-    /// connection of its own.
+    /// On a multiplexed lane: one request that waits up to `timeout` on
+    /// the shared connection. Otherwise: tries once on the control lane; if
+    /// busy and `timeout > 0`, waits on a connection of its own.
     async fn acquire_within(&self, timeout: Duration) -> Result<Option<Lease>> {
         let wait = seconds(timeout)?;
         let lease = self.lease()?;
         let orphan = (self.key.clone(), self.kind.namespace());
+        let lane = self.inner().lane(self.server).await?;
+        if lane.is_mux() {
+            let request = Request::Acquire {
+                key: self.key.clone(),
+                kind: self.kind,
+                timeout: wait,
+                lease,
+            };
+            let sent_at = Instant::now();
+            let (reply, lane) = mux_lane::call(
+                &lane,
+                request,
+                0,
+                Some(orphan),
+                wait.as_duration() + REPLY_SLACK,
+                OnDrop::Cancel,
+            )
+            .await?;
+            return Ok(grant_or_timeout(reply)?.map(|g| self.track_waited(g, &lane, sent_at)));
+        }
         let sent_at = Instant::now();
         let request = Request::Acquire {
             key: self.key.clone(),
@@ -526,10 +610,14 @@ impl Target {
             timeout: dflockd_proto::Seconds::ZERO,
             lease,
         };
-        let (reply, lane) = self
-            .inner()
-            .control_call(self.server, request, Some(orphan.clone()))
-            .await?;
+        let (tx, rx) = oneshot::channel();
+        lane.send(LaneRequest {
+            request,
+            reply: Some(tx),
+            orphan: Some(orphan.clone()),
+        });
+        // A dropped reply means the lane died with the request queued.
+        let (reply, lane) = rx.await.map_err(|_| Error::ConnectionClosed)??;
         if let Some(granted) = grant_or_timeout(reply)? {
             return Ok(Some(self.track(granted, &lane, sent_at, None, false)));
         }
@@ -554,6 +642,33 @@ impl Target {
     }
 
     async fn enqueue(&self) -> Result<Enqueue> {
+        let lane = self.inner().lane(self.server).await?;
+        if lane.is_mux() {
+            let ticket = lane.new_ticket();
+            let request = Request::Enqueue {
+                key: self.key.clone(),
+                kind: self.kind,
+                lease: self.lease()?,
+            };
+            let sent_at = Instant::now();
+            let on_drop = OnDrop::Abandon {
+                key: self.key.clone(),
+                namespace: self.kind.namespace(),
+                ticket,
+            };
+            let orphan = (self.key.clone(), self.kind.namespace());
+            let (reply, lane_ref) =
+                mux_lane::call(&lane, request, ticket, Some(orphan), REPLY_SLACK, on_drop).await?;
+            return Ok(match expect_enqueued(reply)? {
+                Enqueued::Acquired(granted) => {
+                    Enqueue::Acquired(self.track(granted, &lane_ref, sent_at, None, false))
+                }
+                Enqueued::Queued => Enqueue::Queued(Ticket {
+                    target: self.clone(),
+                    place: Some(Place::Mux { lane, ticket }),
+                }),
+            });
+        }
         let conn = Connection::connect(
             &self.inner().servers[self.server].addr,
             &self.inner().options,
@@ -573,7 +688,7 @@ impl Target {
             }
             Enqueued::Queued => Enqueue::Queued(Ticket {
                 target: self.clone(),
-                conn: Some(conn),
+                place: Some(Place::Conn(conn)),
             }),
         })
     }
@@ -585,6 +700,17 @@ impl Target {
         let lane = spawn_lane(conn, self.inner().timing, move |id| on_close(id));
         let lane_ref = lane.lane_ref();
         self.track(granted, &lane_ref, sent_at, Some(lane), renew_now)
+    }
+
+    /// Tracks a grant from a request that may have waited in the queue on
+    /// the multiplexed lane. Its lease restarted on the server when the
+    /// grant was observed, which is after the request was sent, so counting
+    /// from the send time is safe; when the wait took a real part of the
+    /// lease, the lease is renewed at once instead of looking nearly spent.
+    fn track_waited(&self, granted: Granted, lane: &LaneRef, sent_at: Instant) -> Lease {
+        let waited = sent_at.elapsed();
+        let renew_now = waited * 4 > granted.lease.as_duration();
+        self.track(granted, lane, sent_at, None, renew_now)
     }
 
     fn track(

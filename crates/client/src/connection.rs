@@ -159,6 +159,31 @@ impl Connection {
         Ok(reply)
     }
 
+    /// Writes `bytes` and reads one raw reply line (for the mux hello,
+    /// whose accepting reply is not a v2 reply shape). Poisons like
+    /// [`request`](Self::request).
+    pub(crate) async fn raw_exchange(
+        &mut self,
+        bytes: &[u8],
+        reply_timeout: Duration,
+    ) -> Result<Vec<u8>> {
+        if self.poisoned {
+            return Err(Error::Poisoned);
+        }
+        self.poisoned = true;
+        self.line.clear();
+        let exchange = async {
+            self.writer.write_all(bytes).await?;
+            self.writer.flush().await?;
+            read_line(&mut self.reader, &mut self.line).await
+        };
+        tokio::time::timeout(reply_timeout, exchange)
+            .await
+            .map_err(|_| Error::ReplyTimeout)??;
+        self.poisoned = false;
+        Ok(std::mem::take(&mut self.line))
+    }
+
     async fn authenticate(&mut self, token: &str) -> Result<()> {
         let reply = self
             .request(

@@ -27,6 +27,11 @@ pub struct LaneId(pub(crate) u64);
 
 static NEXT_LANE: AtomicU64 = AtomicU64::new(1);
 
+/// A fresh lane id.
+pub(crate) fn next_lane_id() -> LaneId {
+    LaneId(NEXT_LANE.fetch_add(1, Ordering::Relaxed))
+}
+
 /// Which lane answered: its id and a token cancelled when it closes.
 #[derive(Debug, Clone)]
 pub(crate) struct LaneRef {
@@ -56,28 +61,45 @@ pub(crate) struct LaneRequest {
 }
 
 /// What a lane's writer takes: one request, or a batch of renewals already
-/// encoded (the lease supervisor renews thousands of leases a second).
-enum Outgoing {
+/// encoded (the lease supervisor renews thousands of leases a second); on a
+/// multiplexed lane also requests with a caller-chosen id (so the caller can
+/// cancel them) and cancellations.
+pub(crate) enum Outgoing {
     One(LaneRequest),
     Renewals(RenewBatch),
+    Tagged(TaggedRequest),
+    Cancel(u64),
+}
+
+/// A request for a multiplexed lane whose id the caller chose.
+pub(crate) struct TaggedRequest {
+    pub(crate) id: u64,
+    /// Two-phase ticket (0 = none).
+    pub(crate) ticket: u64,
+    pub(crate) request: LaneRequest,
 }
 
 impl Outgoing {
-    fn fail(self, error: Error) {
+    pub(crate) fn fail(self, error: Error) {
         match self {
-            Outgoing::One(request) => {
+            Outgoing::One(request) | Outgoing::Tagged(TaggedRequest { request, .. }) => {
                 if let Some(reply) = request.reply {
                     let _ = reply.send(Err(error));
                 }
             }
             Outgoing::Renewals(batch) => batch.fail(error),
+            Outgoing::Cancel(_) => {}
         }
     }
 }
 
 /// Fails requests whose replies will never come: the first gets `first`
 /// (why the lane failed), the others `ConnectionClosed`.
-fn fail_pending(entries: Vec<Pending>, mut first: Option<Error>, renew_to: &OnceLock<RenewSink>) {
+pub(crate) fn fail_pending(
+    entries: Vec<Pending>,
+    mut first: Option<Error>,
+    renew_to: &OnceLock<RenewSink>,
+) {
     let mut renewed = Vec::new();
     for entry in entries {
         let error = first.take().unwrap_or(Error::ConnectionClosed);
@@ -96,10 +118,10 @@ fn fail_pending(entries: Vec<Pending>, mut first: Option<Error>, renew_to: &Once
     }
 }
 
-struct Pending {
-    reply: Option<ReplyTo>,
-    orphan: Option<(Key, Namespace)>,
-    deadline: Instant,
+pub(crate) struct Pending {
+    pub(crate) reply: Option<ReplyTo>,
+    pub(crate) orphan: Option<(Key, Namespace)>,
+    pub(crate) deadline: Instant,
 }
 
 /// Handle to a running lane. Dropping every handle does not stop the lane;
@@ -107,8 +129,10 @@ struct Pending {
 #[derive(Clone, Debug)]
 pub(crate) struct LaneHandle {
     pub(crate) id: LaneId,
-    tx: mpsc::UnboundedSender<Outgoing>,
-    closed: CancellationToken,
+    pub(crate) tx: mpsc::UnboundedSender<Outgoing>,
+    pub(crate) closed: CancellationToken,
+    /// Set on a multiplexed lane: where request ids and tickets come from.
+    pub(crate) mux: Option<Arc<crate::mux_lane::MuxIds>>,
 }
 
 impl LaneHandle {
@@ -156,7 +180,7 @@ pub(crate) fn spawn_lane(
     timing: LaneTiming,
     on_close: impl FnOnce(LaneId) + Send + 'static,
 ) -> LaneHandle {
-    let id = LaneId(NEXT_LANE.fetch_add(1, Ordering::Relaxed));
+    let id = next_lane_id();
     let (tx, rx) = mpsc::unbounded_channel();
     let closed = CancellationToken::new();
     let pending = Arc::new(Mutex::new(VecDeque::<Pending>::new()));
@@ -169,6 +193,7 @@ pub(crate) fn spawn_lane(
         id,
         tx: tx.clone(),
         closed: closed.clone(),
+        mux: None,
     };
     tokio::spawn(write_loop(
         writer,
@@ -253,6 +278,10 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
                                 .unwrap_or(deadline + Duration::from_secs(86_400 * 365)),
                         });
                     }
+                    // Only multiplexed lanes take these.
+                    Outgoing::Tagged(tagged) => Outgoing::Tagged(tagged)
+                        .fail(Error::Protocol("tagged request on a plain lane".into())),
+                    Outgoing::Cancel(_) => {}
                     Outgoing::Renewals(batch) => {
                         let (wire, tags, sink) = batch.into_parts();
                         out.extend_from_slice(&wire);
@@ -324,7 +353,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     failure
 }
 
-fn flush_renewed(renewed: &mut Vec<RenewReply>, renew_to: &OnceLock<RenewSink>) {
+pub(crate) fn flush_renewed(renewed: &mut Vec<RenewReply>, renew_to: &OnceLock<RenewSink>) {
     if !renewed.is_empty()
         && let Some(sink) = renew_to.get()
     {
@@ -400,7 +429,7 @@ async fn read_replies<R: AsyncRead + Unpin>(
     }
 }
 
-fn deliver(
+pub(crate) fn deliver(
     lane: &LaneRef,
     entry: Pending,
     reply: Reply,
@@ -417,7 +446,9 @@ fn deliver(
             renewed.push(tag.reply(Ok(reply)));
             None
         }
-        None => None,
+        // Nobody waits for this reply (a ping, or the poll that abandons a
+        // queue place): a grant in it has no owner.
+        None => Some(reply),
     };
     // The caller gave up (its future was dropped) but was granted: release.
     if let (

@@ -9,6 +9,7 @@ mod connection;
 mod error;
 mod lane;
 mod lease;
+mod mux_lane;
 mod options;
 mod server_conn;
 mod service;

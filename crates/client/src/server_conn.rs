@@ -2,6 +2,12 @@
 //! pipelined connection for every non-blocking request of the process
 //! (try-lock, renew, release, stats, ping) — connecting lazily and
 //! reconnecting with backoff after a failure.
+//!
+//! Each new connection first asks for the multiplexed extension
+//! (docs/protocol-mux.md). Where the server accepts it, the control lane
+//! carries blocking waits and two-phase tickets too, so the process needs
+//! one connection per server; a plain dflockd server refuses it and the
+//! lane stays plain (blocking waits then get connections of their own).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +19,7 @@ use tokio::time::Instant;
 
 use crate::connection::Connection;
 use crate::lane::{LaneHandle, LaneId, LaneReply, LaneRequest, LaneTiming, spawn_lane};
+use crate::mux_lane::{negotiate, spawn_mux_lane};
 use crate::options::{ConnectOptions, ServerAddr};
 use crate::supervisor::RenewBatch;
 use crate::{Error, Result};
@@ -25,6 +32,8 @@ pub(crate) struct ServerConnArgs {
     pub(crate) options: ConnectOptions,
     pub(crate) timing: LaneTiming,
     pub(crate) on_lane_closed: OnLaneClosed,
+    /// Ask for the multiplexed extension on each new connection.
+    pub(crate) multiplex: bool,
 }
 
 pub(crate) struct ServerConn {
@@ -85,11 +94,16 @@ impl ServerConn {
                 cause: "reconnect backoff".into(),
             }));
         }
-        match Connection::connect(&self.args.addr, &self.args.options).await {
-            Ok(conn) => {
+        match self.connect().await {
+            Ok((conn, mux)) => {
                 let on_close = Arc::clone(&self.args.on_lane_closed);
-                let lane = spawn_lane(conn, self.args.timing, move |id| on_close(id));
-                tracing::debug!(server = %self.args.addr, lane = lane.id.0, "control lane connected");
+                let on_close = move |id| on_close(id);
+                let lane = if mux {
+                    spawn_mux_lane(conn, self.args.timing, on_close)
+                } else {
+                    spawn_lane(conn, self.args.timing, on_close)
+                };
+                tracing::debug!(server = %self.args.addr, lane = lane.id.0, mux, "control lane connected");
                 self.backoff = BACKOFF_MIN;
                 self.retry_at = None;
                 self.last_error = None;
@@ -103,6 +117,34 @@ impl ServerConn {
                 Err(error)
             }
         }
+    }
+}
+
+impl ServerConn {
+    /// A new connection, and whether it speaks the multiplexed extension.
+    async fn connect(&self) -> Result<(Connection, bool)> {
+        let mut conn = Connection::connect(&self.args.addr, &self.args.options).await?;
+        if !self.args.multiplex {
+            return Ok((conn, false));
+        }
+        let mux = negotiate(&mut conn, self.args.timing.reply_timeout).await?;
+        Ok((conn, mux))
+    }
+}
+
+/// Asks for the control lane itself (connecting if needed), so a caller can
+/// send requests that may wait over a multiplexed lane.
+pub(crate) struct GetLane;
+
+impl Message<GetLane> for ServerConn {
+    type Reply = Result<LaneHandle>;
+
+    async fn handle(
+        &mut self,
+        _: GetLane,
+        _: &mut Context<Self, Self::Reply>,
+    ) -> Result<LaneHandle> {
+        self.lane().await
     }
 }
 

@@ -135,8 +135,14 @@ async fn serve(stream: tokio::net::TcpStream, frames: Arc<Mutex<Vec<Frame>>>, an
             key: lines[1].clone(),
             arg: lines[2].clone(),
         };
-        frames.lock().unwrap().push(frame.clone());
-        let reply = answer(&frame);
+        // Like any plain dflockd v2 server, the fake refuses the mux
+        // extension with `error` (spec §1.11).
+        let reply = if frame.cmd == "hello" {
+            b"error\n".to_vec()
+        } else {
+            frames.lock().unwrap().push(frame.clone());
+            answer(&frame)
+        };
         if !reply.is_empty()
             && (write.write_all(&reply).await.is_err() || write.flush().await.is_err())
         {
@@ -505,4 +511,39 @@ async fn unanswered_renewal_ends_in_local_expiry() {
         "gave up long before the lease ran out"
     );
     assert_eq!(server.count("n"), 1, "one renewal, never answered");
+}
+
+/// A server that answers the mux hello with something that is neither
+/// `ok mux 1` nor `error`: the client reports a protocol error at once
+/// instead of guessing which protocol the connection now speaks.
+#[tokio::test]
+async fn garbled_mux_hello_answer_is_protocol_error() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut read = BufReader::new(read);
+                let mut line = Vec::new();
+                for _ in 0..3 {
+                    if read.read_until(b'\n', &mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                }
+                let _ = write.write_all(b"ok mux 999\n").await;
+                let mut rest = Vec::new();
+                let _ = read.read_until(b'\n', &mut rest).await;
+            });
+        }
+    });
+    let client = Client::builder().server(addr.into()).build().unwrap();
+    let started = Instant::now();
+    let error = client.ping(0).await.unwrap_err();
+    assert!(matches!(error, Error::Protocol(_)), "{error:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    task.abort();
 }

@@ -1,0 +1,465 @@
+//! A multiplexed lane (docs/protocol-mux.md): one connection carries every
+//! request of the process for its server — try-locks, renewals, releases,
+//! and blocking waits too — because each request has an id and each reply
+//! names the request it answers.
+//!
+//! The lane is negotiated per connection (`hello _ mux`); a plain dflockd
+//! server refuses it and the client keeps using a plain lane plus a
+//! connection per blocking wait (see `lane.rs` and `client.rs`).
+//!
+//! Like a plain lane it runs as two tasks. The writer assigns ids (or takes
+//! the caller's, for requests it may cancel), batches everything queued into
+//! one write and pings when quiet; the reader matches replies by id. Any
+//! failure closes the lane, fails everything pending and reports the
+//! closure once, so leases bound to the connection are known lost at once.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use dflockd_proto::{
+    Key, MUX_ACCEPTED, MUX_HELLO, Namespace, Request, encode_mux_request, parse_mux_reply,
+    prefix_frames,
+};
+use tokio::io::{AsyncRead, AsyncWriteExt, BufReader};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::connection::{Connection, read_line};
+use crate::lane::{
+    LaneHandle, LaneId, LaneRef, LaneRequest, LaneTiming, Outgoing, Pending, ReplyTo,
+    TaggedRequest, deliver, fail_pending, flush_renewed, next_lane_id,
+};
+use crate::supervisor::{RenewReply, RenewSink};
+use crate::{Error, Result};
+
+/// Where a multiplexed lane's request ids and two-phase tickets come from.
+#[derive(Debug)]
+pub(crate) struct MuxIds {
+    next_id: AtomicU64,
+    next_ticket: AtomicU64,
+}
+
+impl MuxIds {
+    fn new() -> MuxIds {
+        MuxIds {
+            next_id: AtomicU64::new(1),
+            next_ticket: AtomicU64::new(1),
+        }
+    }
+
+    fn take_ids(&self, n: u64) -> u64 {
+        self.next_id.fetch_add(n, Ordering::Relaxed)
+    }
+}
+
+impl LaneHandle {
+    /// Whether this lane speaks the multiplexed extension.
+    pub(crate) fn is_mux(&self) -> bool {
+        self.mux.is_some()
+    }
+
+    /// A ticket for a two-phase acquire on this (multiplexed) lane.
+    pub(crate) fn new_ticket(&self) -> u64 {
+        self.mux
+            .as_ref()
+            .map_or(0, |ids| ids.next_ticket.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Asks the server for the multiplexed extension on a fresh connection.
+/// `Ok(true)`: accepted, every frame from now on carries an id. `Ok(false)`:
+/// a plain server answered `error` and the connection stays usable as a
+/// plain one. Anything else poisons the connection.
+pub(crate) async fn negotiate(conn: &mut Connection, reply_timeout: Duration) -> Result<bool> {
+    let line = conn.raw_exchange(MUX_HELLO, reply_timeout).await?;
+    let line = String::from_utf8_lossy(&line);
+    match line.trim_end_matches(['\r', '\n']) {
+        MUX_ACCEPTED => Ok(true),
+        "error" => Ok(false),
+        // The server wanted `auth` first (no token configured), or drains.
+        "error_auth" => Err(Error::Auth),
+        "error_draining" => Err(Error::Draining),
+        other => Err(Error::Protocol(format!(
+            "unexpected answer to the mux hello: {:?}",
+            other.chars().take(64).collect::<String>()
+        ))),
+    }
+}
+
+/// What a dropped [`call`] leaves behind it.
+pub(crate) enum OnDrop {
+    /// Withdraw the waiting request (`cancel`).
+    Cancel,
+    /// Give up a two-phase place: poll it with `w <key> 0` on its ticket,
+    /// which withdraws it if still queued; a grant it had is released.
+    Abandon {
+        key: Key,
+        namespace: Namespace,
+        ticket: u64,
+    },
+}
+
+struct DropGuard {
+    lane: LaneHandle,
+    id: u64,
+    action: Option<OnDrop>,
+}
+
+impl Drop for DropGuard {
+    fn drop(&mut self) {
+        match self.action.take() {
+            None => {}
+            Some(OnDrop::Cancel) => {
+                let _ = self.lane.tx.send(Outgoing::Cancel(self.id));
+            }
+            Some(OnDrop::Abandon {
+                key,
+                namespace,
+                ticket,
+            }) => abandon(&self.lane, key, namespace, ticket),
+        }
+    }
+}
+
+/// Gives up the two-phase place `ticket` holds on `key` (see [`OnDrop`]).
+pub(crate) fn abandon(lane: &LaneHandle, key: Key, namespace: Namespace, ticket: u64) {
+    let Some(ids) = &lane.mux else { return };
+    let poll = Request::Wait {
+        key: key.clone(),
+        namespace,
+        timeout: dflockd_proto::Seconds::ZERO,
+    };
+    let _ = lane.tx.send(Outgoing::Tagged(TaggedRequest {
+        id: ids.take_ids(1),
+        ticket,
+        request: LaneRequest {
+            request: poll,
+            reply: None,
+            orphan: Some((key, namespace)),
+        },
+    }));
+}
+
+/// Sends one request over a multiplexed lane and waits up to
+/// `reply_timeout` for its reply. If the caller goes away first (or the
+/// reply is late), `on_drop` runs: a waiting request is cancelled, a
+/// two-phase place given up; a grant that raced it is released by the
+/// lane (`orphan`). Nothing leaks and the connection stays usable.
+pub(crate) async fn call(
+    lane: &LaneHandle,
+    request: Request,
+    ticket: u64,
+    orphan: Option<(Key, Namespace)>,
+    reply_timeout: Duration,
+    on_drop: OnDrop,
+) -> Result<(dflockd_proto::Reply, LaneRef)> {
+    let Some(ids) = &lane.mux else {
+        return Err(Error::Protocol("not a multiplexed lane".into()));
+    };
+    let id = ids.take_ids(1);
+    let (tx, rx) = oneshot::channel();
+    let mut guard = DropGuard {
+        lane: lane.clone(),
+        id,
+        action: Some(on_drop),
+    };
+    let tagged = Outgoing::Tagged(TaggedRequest {
+        id,
+        ticket,
+        request: LaneRequest {
+            request,
+            reply: Some(tx),
+            orphan,
+        },
+    });
+    if let Err(mpsc::error::SendError(outgoing)) = lane.tx.send(tagged) {
+        guard.action = None;
+        outgoing.fail(Error::ConnectionClosed);
+        return Err(Error::ConnectionClosed);
+    }
+    match tokio::time::timeout(reply_timeout, rx).await {
+        Ok(Ok(result)) => {
+            guard.action = None;
+            result
+        }
+        Ok(Err(_)) => {
+            guard.action = None;
+            Err(Error::ConnectionClosed)
+        }
+        // Late: the guard cancels the request as it drops.
+        Err(_) => Err(Error::ReplyTimeout),
+    }
+}
+
+/// Requests waiting for their replies, by id, plus the order in which the
+/// ones with a reply deadline were sent (their deadlines grow in that
+/// order, so the oldest one still pending is the next to check).
+#[derive(Default)]
+struct InFlight {
+    by_id: HashMap<u64, Pending>,
+    deadlines: VecDeque<(u64, Instant)>,
+}
+
+impl InFlight {
+    fn insert(&mut self, id: u64, pending: Pending, bounded: bool) {
+        if bounded {
+            self.deadlines.push_back((id, pending.deadline));
+        }
+        self.by_id.insert(id, pending);
+    }
+
+    /// The earliest reply deadline still pending.
+    fn next_deadline(&mut self) -> Option<Instant> {
+        while let Some(&(id, deadline)) = self.deadlines.front() {
+            if self.by_id.contains_key(&id) {
+                return Some(deadline);
+            }
+            self.deadlines.pop_front();
+        }
+        None
+    }
+}
+
+/// Starts a multiplexed lane on a connection whose `hello` was accepted.
+pub(crate) fn spawn_mux_lane(
+    conn: Connection,
+    timing: LaneTiming,
+    on_close: impl FnOnce(LaneId) + Send + 'static,
+) -> LaneHandle {
+    let id = next_lane_id();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let closed = CancellationToken::new();
+    let in_flight = Arc::new(Mutex::new(InFlight::default()));
+    let pushed = Arc::new(Notify::new());
+    let renew_to = Arc::new(OnceLock::<RenewSink>::new());
+    let ids = Arc::new(MuxIds::new());
+    let (reader, writer) = conn.into_parts();
+    let handle = LaneHandle {
+        id,
+        tx: tx.clone(),
+        closed: closed.clone(),
+        mux: Some(Arc::clone(&ids)),
+    };
+    tokio::spawn(write_loop(
+        writer,
+        rx,
+        Arc::clone(&in_flight),
+        Arc::clone(&pushed),
+        Arc::clone(&renew_to),
+        ids,
+        closed.clone(),
+        timing,
+    ));
+    tokio::spawn(async move {
+        let lane = LaneRef {
+            id,
+            closed: closed.clone(),
+        };
+        let mut renewed = Vec::new();
+        let failure = read_loop(
+            &lane,
+            reader,
+            &tx,
+            &in_flight,
+            &pushed,
+            &renew_to,
+            &closed,
+            &mut renewed,
+        )
+        .await;
+        flush_renewed(&mut renewed, &renew_to);
+        closed.cancel();
+        let failed: Vec<Pending> = {
+            let mut in_flight = in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+            in_flight.deadlines.clear();
+            in_flight.by_id.drain().map(|(_, p)| p).collect()
+        };
+        fail_pending(failed, failure, &renew_to);
+        tracing::debug!(lane = id.0, "multiplexed lane closed");
+        on_close(id);
+    });
+    handle
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
+    mut writer: W,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    in_flight: Arc<Mutex<InFlight>>,
+    pushed: Arc<Notify>,
+    renew_to: Arc<OnceLock<RenewSink>>,
+    ids: Arc<MuxIds>,
+    closed: CancellationToken,
+    timing: LaneTiming,
+) {
+    let mut out = Vec::with_capacity(4096);
+    let mut quiet_since = Instant::now();
+    loop {
+        let first = tokio::select! {
+            _ = closed.cancelled() => break,
+            request = rx.recv() => match request {
+                Some(request) => request,
+                None => break,
+            },
+            _ = tokio::time::sleep_until(quiet_since + timing.keepalive) => {
+                Outgoing::One(LaneRequest { request: Request::Ping, reply: None, orphan: None })
+            }
+        };
+        out.clear();
+        {
+            let mut in_flight = in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+            let deadline = Instant::now() + timing.reply_timeout;
+            let mut next = Some(first);
+            while let Some(outgoing) = next.take() {
+                match outgoing {
+                    Outgoing::One(request) => {
+                        let id = ids.take_ids(1);
+                        encode_mux_request(id, 0, &request.request, &mut out);
+                        in_flight.insert(id, pending(request, deadline), true);
+                    }
+                    Outgoing::Tagged(TaggedRequest {
+                        id,
+                        ticket,
+                        request,
+                    }) => {
+                        encode_mux_request(id, ticket, &request.request, &mut out);
+                        // A waiting request's caller bounds it (and cancels).
+                        let bounded = !request.request.may_block();
+                        in_flight.insert(id, pending(request, deadline), bounded);
+                    }
+                    Outgoing::Cancel(target) => {
+                        if in_flight.by_id.contains_key(&target) {
+                            let id = ids.take_ids(1);
+                            dflockd_proto::MuxRequest {
+                                id,
+                                ticket: 0,
+                                body: dflockd_proto::MuxBody::Cancel(target),
+                            }
+                            .encode(&mut out);
+                            let cancel = LaneRequest {
+                                request: Request::Ping,
+                                reply: None,
+                                orphan: None,
+                            };
+                            in_flight.insert(id, pending(cancel, deadline), true);
+                        }
+                    }
+                    Outgoing::Renewals(batch) => {
+                        let (wire, tags, sink) = batch.into_parts();
+                        if renew_to.get().is_none() {
+                            let _ = renew_to.set(sink);
+                        }
+                        let first_id = ids.take_ids(tags.len() as u64);
+                        prefix_frames(&wire, first_id, &mut out);
+                        for (i, tag) in tags.into_iter().enumerate() {
+                            let entry = Pending {
+                                reply: Some(ReplyTo::Renew(tag)),
+                                orphan: None,
+                                deadline,
+                            };
+                            in_flight.insert(first_id + i as u64, entry, true);
+                        }
+                    }
+                }
+                if out.len() < 64 * 1024 {
+                    next = rx.try_recv().ok();
+                }
+            }
+        }
+        pushed.notify_one();
+        if out.is_empty() {
+            continue;
+        }
+        let write = async {
+            writer.write_all(&out).await?;
+            writer.flush().await
+        };
+        let written = tokio::select! {
+            _ = closed.cancelled() => break,
+            written = tokio::time::timeout(timing.reply_timeout, write) => written,
+        };
+        if !matches!(written, Ok(Ok(()))) {
+            break;
+        }
+        quiet_since = Instant::now();
+    }
+    closed.cancel();
+    rx.close();
+    while let Ok(outgoing) = rx.try_recv() {
+        outgoing.fail(Error::ConnectionClosed);
+    }
+}
+
+fn pending(request: LaneRequest, deadline: Instant) -> Pending {
+    Pending {
+        reply: request.reply.map(ReplyTo::Caller),
+        orphan: request.orphan,
+        deadline,
+    }
+}
+
+/// Matches replies to requests by id until the lane fails or is closed;
+/// returns why it failed.
+#[allow(clippy::too_many_arguments)]
+async fn read_loop<R: AsyncRead + Unpin>(
+    lane: &LaneRef,
+    mut reader: BufReader<R>,
+    tx: &mpsc::UnboundedSender<Outgoing>,
+    in_flight: &Mutex<InFlight>,
+    pushed: &Notify,
+    renew_to: &OnceLock<RenewSink>,
+    closed: &CancellationToken,
+    renewed: &mut Vec<RenewReply>,
+) -> Option<Error> {
+    let mut line = Vec::with_capacity(128);
+    loop {
+        flush_renewed(renewed, renew_to);
+        let deadline = in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .next_deadline();
+        let read = tokio::select! {
+            _ = closed.cancelled() => return None,
+            read = read_line(&mut reader, &mut line) => read,
+            _ = pushed.notified() => continue,
+            _ = async {
+                match deadline {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                tracing::debug!("reply timeout: closing multiplexed lane");
+                return Some(Error::ReplyTimeout);
+            }
+        };
+        if let Err(error) = read {
+            return Some(error);
+        }
+        loop {
+            let parsed = parse_mux_reply(&line);
+            line.clear();
+            let (id, reply) = match parsed {
+                Ok(parsed) => parsed,
+                Err(error) => return Some(Error::Protocol(error.to_string())),
+            };
+            let entry = in_flight
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .by_id
+                .remove(&id);
+            let Some(entry) = entry else {
+                return Some(Error::Protocol(format!("reply to unknown request {id}")));
+            };
+            deliver(lane, entry, reply, tx, renewed);
+            if !reader.buffer().contains(&b'\n') {
+                break;
+            }
+            if let Err(error) = read_line(&mut reader, &mut line).await {
+                return Some(error);
+            }
+        }
+    }
+}
