@@ -436,6 +436,23 @@ impl Client {
         self.inner.renewals.load(Ordering::Relaxed)
     }
 
+    /// Whether the connection to server `index` speaks the multiplexed
+    /// extension (connecting if there is no connection yet): `true` on a
+    /// server that offers it when [`ClientBuilder::multiplex`] is on,
+    /// `false` on a plain dflockd server.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
+    /// if client.multiplexed(0).await? {
+    ///     println!("one connection carries everything");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn multiplexed(&self, index: usize) -> Result<bool> {
+        self.check_index(index)?;
+        Ok(self.inner.lane(index).await?.is_mux())
+    }
+
     /// Pings server `index` over its control lane.
     pub async fn ping(&self, index: usize) -> Result<()> {
         self.check_index(index)?;

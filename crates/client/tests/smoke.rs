@@ -74,3 +74,25 @@ async fn renewals_keep_a_short_lease_alive() {
     assert!(lock.try_acquire().await.unwrap().is_none());
     assert_eq!(lease.release().await.unwrap(), Released::Released);
 }
+
+/// The suite really runs in the mode it claims: against the embedded
+/// server (which offers the extension), a mux-mode client multiplexes and a
+/// plain-mode client does not. Against an external server either may be
+/// right (a Go dflockd refuses the extension), so the mode is printed.
+#[tokio::test]
+async fn suite_runs_in_its_connection_mode() {
+    let server = TestServer::start().await;
+    let client = server.client();
+    let multiplexed = client.multiplexed(0).await.unwrap();
+    println!(
+        "suite mode: {}; connection multiplexed: {multiplexed}",
+        if support::multiplex_mode() {
+            "mux"
+        } else {
+            "plain"
+        }
+    );
+    if !support::is_external() {
+        assert_eq!(multiplexed, support::multiplex_mode());
+    }
+}

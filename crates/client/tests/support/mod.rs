@@ -214,11 +214,13 @@ impl TestServer {
         }
     }
 
-    /// A client builder pointed at this server (with its TLS and auth).
+    /// A client builder pointed at this server (with its TLS and auth), in
+    /// the suite's mode (see [`multiplex_mode`]).
     pub fn builder(&self) -> ClientBuilder {
         let mut builder = Client::builder()
             .server(self.addr.clone())
-            .connect_timeout(BOUND);
+            .connect_timeout(BOUND)
+            .multiplex(multiplex_mode());
         if let Some(tls) = &self.tls {
             builder = builder.tls(tls.clone());
         }
@@ -409,4 +411,15 @@ pub async fn contended_lease(
         .expect("waiter task")
         .expect("contended acquire")
         .expect("granted once the holder released")
+}
+
+/// Whether the suite runs in mux mode (the default) or plain mode
+/// (`DFLOCKD_TEST_MUX=0`, set by `tests/plain_mode.rs`, which reruns the
+/// suite that way). In mux mode the client asks for the extension; our
+/// server grants it, a plain dflockd refuses it and the client falls back.
+pub fn multiplex_mode() -> bool {
+    !matches!(
+        std::env::var("DFLOCKD_TEST_MUX").as_deref(),
+        Ok("0" | "off" | "false")
+    )
 }
