@@ -28,14 +28,16 @@
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::net::TcpStream;
+use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dflockd_client::{Client, Lease};
+
+mod common;
+use common::{ServerProcess, machine, server_binary};
 
 const CONCURRENCY: usize = 512;
 const TARGET_CONNS: usize = 2;
@@ -81,64 +83,6 @@ fn config() -> Result<Config, String> {
         secs,
         ttl: Duration::from_secs(ttl),
     })
-}
-
-fn server_binary() -> PathBuf {
-    match std::env::var_os("DFLOCKD_BIN") {
-        Some(path) if !path.is_empty() => PathBuf::from(path),
-        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/release/dflockd"),
-    }
-}
-
-/// The server process; killed when dropped.
-struct ServerProcess {
-    child: Child,
-    port: u16,
-}
-
-impl ServerProcess {
-    fn start(bin: &PathBuf, max_locks: usize) -> Result<ServerProcess, String> {
-        // Ask the kernel for a free port, then hand it to the server.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("no free port: {e}"))?
-            .port();
-        let child = Command::new(bin)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--max-locks", &max_locks.to_string()])
-            .args(["--default-lease-ttl", "10"])
-            .env("DFLOCKD_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
-        let mut server = ServerProcess { child, port };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Ok(server);
-            }
-            if let Ok(Some(status)) = server.child.try_wait() {
-                return Err(format!("server exited at start: {status}"));
-            }
-            if Instant::now() > deadline {
-                return Err("server did not start listening within 10 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 // ---- /proc readers -------------------------------------------------------
@@ -300,20 +244,6 @@ async fn acquire_all(client: &Client, n: usize, ttl: Duration) -> Result<Vec<Lea
     }
     let leases = std::mem::take(&mut *held.lock().expect("not poisoned"));
     Ok(leases)
-}
-
-fn machine() -> String {
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cores} × {model}")
 }
 
 fn main() -> ExitCode {
