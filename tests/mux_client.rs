@@ -100,7 +100,7 @@ async fn thousands_of_waiters_through_one_connection_in_fifo_order() {
     for task in tasks {
         task.await.unwrap();
     }
-    let order = order.lock().unwrap();
+    let order = std::mem::take(&mut *order.lock().unwrap());
     let indices: Vec<usize> = order.iter().map(|(i, _)| *i).collect();
     assert_eq!(indices, (0..N).collect::<Vec<_>>(), "grants in FIFO order");
     assert!(order.windows(2).all(|w| w[0].1 < w[1].1), "fences grow");

@@ -206,15 +206,13 @@ fn encode_request(id: u64, ticket: u64, request: &Request, out: &mut Vec<u8>) {
 /// ```
 pub fn prefix_frames(frames: &[u8], first_id: u64, out: &mut Vec<u8>) -> u64 {
     let mut id = first_id;
-    let mut line = 0usize;
-    for chunk in frames.split_inclusive(|&b| b == b'\n') {
-        if line % 3 == 0 {
+    for (line, chunk) in frames.split_inclusive(|&b| b == b'\n').enumerate() {
+        if line.is_multiple_of(3) {
             push_decimal(out, id);
             out.push(b' ');
             id += 1;
         }
         out.extend_from_slice(chunk);
-        line += 1;
     }
     id - first_id
 }
