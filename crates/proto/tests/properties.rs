@@ -862,3 +862,89 @@ fn semaphore_acquire_checks_fields_left_to_right() {
     assert_eq!(parse(b"sl\ns\n0 0 x\n"), Err(ProtoError::InvalidLimit));
     assert_eq!(parse(b"sl\ns\n0 1 x\n"), Err(ProtoError::InvalidInteger));
 }
+
+// ------------------------------------------------- mux extension (protocol-mux.md)
+
+fn not_auth(request: &Request) -> bool {
+    !matches!(request, Request::Auth { .. })
+}
+
+fn two_phase(request: &Request) -> bool {
+    matches!(request, Request::Enqueue { .. } | Request::Wait { .. })
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Every request (but `auth`, which mux mode refuses) survives
+    /// id + ticket encoding, framing and mux parsing; the ticket is kept for
+    /// two-phase commands only.
+    #[test]
+    fn mux_requests_round_trip(
+        items in vec((any::<u64>(), any::<u64>(), request().prop_filter("no auth", not_auth)), 1..4),
+    ) {
+        let mut bytes = Vec::new();
+        for (id, ticket, request) in &items {
+            dflockd_proto::encode_mux_request(*id, *ticket, request, &mut bytes);
+        }
+        let mut decoder = FrameDecoder::new();
+        let mut rest = &bytes[..];
+        for (id, ticket, request) in &items {
+            let (used, progress) = decoder.feed(rest);
+            rest = &rest[used..];
+            prop_assert_eq!(progress, Progress::Frame);
+            let parsed = dflockd_proto::MuxRequest::parse(&decoder.frame());
+            let ticket = if two_phase(request) { *ticket } else { 0 };
+            prop_assert_eq!(parsed, Ok(dflockd_proto::MuxRequest {
+                id: *id,
+                ticket,
+                body: dflockd_proto::MuxBody::Request(request.clone()),
+            }));
+        }
+        prop_assert!(rest.is_empty());
+    }
+
+    /// Prefixing plain frames with consecutive ids gives exactly the mux
+    /// encoding of the same requests.
+    #[test]
+    fn prefixing_plain_frames_matches_mux_encoding(
+        requests in vec(request().prop_filter("no auth", not_auth), 1..6),
+        first in 0u64..u64::MAX / 2,
+    ) {
+        let plain: Vec<u8> = requests.iter().flat_map(Request::encode_to_vec).collect();
+        let mut prefixed = Vec::new();
+        let n = dflockd_proto::prefix_frames(&plain, first, &mut prefixed);
+        prop_assert_eq!(n, requests.len() as u64);
+        let mut direct = Vec::new();
+        for (i, request) in requests.iter().enumerate() {
+            dflockd_proto::encode_mux_request(first + i as u64, 0, request, &mut direct);
+        }
+        prop_assert_eq!(prefixed, direct);
+    }
+
+    /// Every reply survives the id prefix.
+    #[test]
+    fn mux_replies_round_trip(id in any::<u64>(), reply in reply()) {
+        let mut line = Vec::new();
+        dflockd_proto::encode_mux_reply(id, &reply, &mut line);
+        prop_assert_eq!(dflockd_proto::parse_mux_reply(&line), Ok((id, reply)));
+    }
+
+    /// Arbitrary bytes never panic the mux parser.
+    #[test]
+    fn mux_parser_never_panics(input in protocol_soup()) {
+        let mut decoder = FrameDecoder::new();
+        let mut rest = &input[..];
+        while !rest.is_empty() {
+            let (used, progress) = decoder.feed(rest);
+            rest = &rest[used..];
+            if progress == Progress::Frame {
+                let _ = dflockd_proto::MuxRequest::parse(&decoder.frame());
+            }
+            if used == 0 {
+                break;
+            }
+        }
+        let _ = dflockd_proto::parse_mux_reply(&input);
+    }
+}
