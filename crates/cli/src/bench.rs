@@ -53,6 +53,11 @@ pub struct BenchArgs {
     /// Process id of the server (on this machine), to report its CPU and RSS.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// With both `baseline` and `uncontended`: how many alternating rounds
+    /// per worker count (each `--seconds` long); the ratio shown is the
+    /// median of the rounds' ratios.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
     /// One JSON object per result instead of a table.
     #[arg(long)]
     json: bool,
@@ -78,10 +83,13 @@ fn summarize(
     workload: &'static str,
     workers: usize,
     elapsed: Duration,
-    samples: Vec<Sample>,
+    samples: &[Sample],
 ) -> Summary {
     let ops: u64 = samples.iter().map(|s| s.ops).sum();
-    let mut lat: Vec<u32> = samples.into_iter().flat_map(|s| s.latencies_us).collect();
+    let mut lat: Vec<u32> = samples
+        .iter()
+        .flat_map(|s| s.latencies_us.iter().copied())
+        .collect();
     lat.sort_unstable();
     let pct = |p: f64| {
         if lat.is_empty() {
@@ -117,88 +125,208 @@ pub async fn bench(connection: &ConnectionArgs, args: BenchArgs) -> u8 {
     let target = format!("{}:{}", addrs[0].host(), addrs[0].port());
     let run_id = std::process::id();
     let duration = Duration::from_secs(args.seconds.max(1));
-    let mut baselines: Vec<(usize, f64, u32)> = Vec::new();
-    let mut baseline_child = None;
+    let rounds = args.rounds.max(1);
     if !args.json {
         println!(
-            "{:<12} {:>7} {:>12} {:>10} {:>9} {:>9} {:>9} {:>10}",
-            "workload", "workers", "ops/s", "mean µs", "p50 µs", "p99 µs", "max µs", "vs base"
+            "{:<12} {:>7} {:>12} {:>10} {:>9} {:>9} {:>9} {:>10} {:>10}",
+            "workload",
+            "workers",
+            "ops/s",
+            "mean µs",
+            "p50 µs",
+            "p99 µs",
+            "max µs",
+            "vs base",
+            "p99 vs"
         );
     }
-    for workload in &args.workloads {
-        if *workload == Workload::Hold {
-            if let Err(error) = hold(connection, &args).await {
-                eprintln!("dflock: hold: {error}");
+    let wants = |w: Workload| args.workloads.contains(&w);
+    let mut baseline_child = None;
+    let baseline_addr = if wants(Workload::Baseline) {
+        match start_baseline().await {
+            Ok((child, addr)) => {
+                baseline_child = Some(child);
+                Some(addr)
+            }
+            Err(error) => {
+                eprintln!("dflock: cannot start the baseline server: {error}");
                 return exit::UNAVAILABLE;
             }
-            continue;
         }
-        let addr = if *workload == Workload::Baseline {
-            match start_baseline().await {
-                Ok((child, addr)) => {
-                    baseline_child = Some(child);
-                    addr
-                }
-                Err(error) => {
-                    eprintln!("dflock: cannot start the baseline server: {error}");
+    } else {
+        None
+    };
+    let code = run_workloads(
+        &args,
+        connection,
+        &target,
+        baseline_addr.as_deref(),
+        run_id,
+        duration,
+        rounds,
+    )
+    .await;
+    if let Some(mut child) = baseline_child.take() {
+        let _ = child.kill().await;
+    }
+    code
+}
+
+/// Runs the workloads in order. When both `baseline` and `uncontended` are
+/// asked for, they run as pairs: for each worker count, `rounds` rounds that
+/// alternate the two (baseline first in even rounds, ours first in odd
+/// ones), so each ratio compares measurements taken seconds apart on the same
+/// machine state; the reported ratio is the median of the per-round ratios.
+async fn run_workloads(
+    args: &BenchArgs,
+    connection: &ConnectionArgs,
+    target: &str,
+    baseline_addr: Option<&str>,
+    run_id: u32,
+    duration: Duration,
+    rounds: u32,
+) -> u8 {
+    let paired = args.workloads.contains(&Workload::Baseline)
+        && args.workloads.contains(&Workload::Uncontended);
+    for workload in &args.workloads {
+        match workload {
+            Workload::Hold => {
+                if let Err(error) = hold(connection, args).await {
+                    eprintln!("dflock: hold: {error}");
                     return exit::UNAVAILABLE;
                 }
             }
-        } else {
-            target.clone()
-        };
-        for &workers in &args.workers {
-            let result = match workload {
-                Workload::Uncontended | Workload::Baseline => {
-                    uncontended(&addr, workers, duration, run_id).await
+            // Measured together with `baseline`.
+            Workload::Uncontended if paired => {}
+            Workload::Baseline if paired => {
+                let base = baseline_addr.unwrap_or_default();
+                for &workers in &args.workers {
+                    match paired_rounds(base, target, workers, duration, run_id, rounds).await {
+                        Ok((baseline, ours, ratios)) => {
+                            print_row(args.json, &baseline, None, rounds);
+                            print_row(args.json, &ours, Some(&ratios), rounds);
+                        }
+                        Err(error) => {
+                            eprintln!("dflock: uncontended with {workers} workers: {error}");
+                            return exit::UNAVAILABLE;
+                        }
+                    }
                 }
-                Workload::Contended => contended(&addr, workers, duration, run_id).await,
-                Workload::Hold => unreachable!(),
-            };
-            let (elapsed, samples) = match result {
-                Ok(r) => r,
-                Err(error) => {
-                    eprintln!("dflock: {workload:?} with {workers} workers: {error}");
-                    return exit::UNAVAILABLE;
+            }
+            Workload::Baseline | Workload::Uncontended | Workload::Contended => {
+                let addr = if *workload == Workload::Baseline {
+                    baseline_addr.unwrap_or_default()
+                } else {
+                    target
+                };
+                for &workers in &args.workers {
+                    let result = if *workload == Workload::Contended {
+                        contended(addr, workers, duration, run_id).await
+                    } else {
+                        uncontended(addr, workers, duration, run_id).await
+                    };
+                    match result {
+                        Ok((elapsed, samples)) => {
+                            let s = summarize(workload_name(*workload), workers, elapsed, &samples);
+                            print_row(args.json, &s, None, 1);
+                        }
+                        Err(error) => {
+                            eprintln!("dflock: {workload:?} with {workers} workers: {error}");
+                            return exit::UNAVAILABLE;
+                        }
+                    }
                 }
-            };
-            let name = match workload {
-                Workload::Uncontended => "uncontended",
-                Workload::Contended => "contended",
-                Workload::Baseline => "baseline",
-                Workload::Hold => "hold",
-            };
-            let s = summarize(name, workers, elapsed, samples);
-            if *workload == Workload::Baseline {
-                baselines.push((workers, s.ops_per_s, s.p99_us));
             }
-            let base = baselines
-                .iter()
-                .find(|b| b.0 == workers && *workload == Workload::Uncontended);
-            let ratio = base.map(|b| s.ops_per_s / b.1);
-            let p99_ratio = base.map(|b| f64::from(s.p99_us) / f64::from(b.2.max(1)));
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "workload": s.workload, "workers": s.workers, "ops_per_s": s.ops_per_s,
-                        "mean_us": s.mean_us, "p50_us": s.p50_us, "p99_us": s.p99_us, "max_us": s.max_us,
-                        "ops_vs_baseline": ratio, "p99_vs_baseline": p99_ratio,
-                    })
-                );
-            } else {
-                let vs = ratio.map_or("-".to_string(), |r| format!("{:.0}%", r * 100.0));
-                println!(
-                    "{:<12} {:>7} {:>12.0} {:>10.1} {:>9} {:>9} {:>9} {:>10}",
-                    s.workload, s.workers, s.ops_per_s, s.mean_us, s.p50_us, s.p99_us, s.max_us, vs
-                );
-            }
-        }
-        if let Some(mut child) = baseline_child.take() {
-            let _ = child.kill().await;
         }
     }
     0
+}
+
+fn workload_name(workload: Workload) -> &'static str {
+    match workload {
+        Workload::Uncontended => "uncontended",
+        Workload::Contended => "contended",
+        Workload::Baseline => "baseline",
+        Workload::Hold => "hold",
+    }
+}
+
+/// Ours against the baseline, round by round.
+struct Ratios {
+    ops: Vec<f64>,
+    p99: Vec<f64>,
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+async fn paired_rounds(
+    base: &str,
+    target: &str,
+    workers: usize,
+    duration: Duration,
+    run_id: u32,
+    rounds: u32,
+) -> std::io::Result<(Summary, Summary, Ratios)> {
+    let mut all = [(Duration::ZERO, Vec::new()), (Duration::ZERO, Vec::new())];
+    let mut ratios = Ratios {
+        ops: Vec::new(),
+        p99: Vec::new(),
+    };
+    for round in 0..rounds {
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        let mut this = [None, None];
+        for side in order {
+            let addr = if side == 0 { base } else { target };
+            let (elapsed, samples) = uncontended(addr, workers, duration, run_id).await?;
+            let summary = summarize("", workers, elapsed, &samples);
+            this[side] = Some((summary.ops_per_s, summary.p99_us));
+            all[side].0 += elapsed;
+            all[side].1.extend(samples);
+        }
+        if let [Some((b_ops, b_p99)), Some((o_ops, o_p99))] = this {
+            ratios.ops.push(o_ops / b_ops.max(f64::MIN_POSITIVE));
+            ratios.p99.push(f64::from(o_p99) / f64::from(b_p99.max(1)));
+        }
+    }
+    let [(b_elapsed, b_samples), (o_elapsed, o_samples)] = all;
+    Ok((
+        summarize("baseline", workers, b_elapsed, &b_samples),
+        summarize("uncontended", workers, o_elapsed, &o_samples),
+        ratios,
+    ))
+}
+
+fn print_row(json: bool, s: &Summary, ratios: Option<&Ratios>, rounds: u32) {
+    let ops_ratio = ratios.map(|r| median(&r.ops));
+    let p99_ratio = ratios.map(|r| median(&r.p99));
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "workload": s.workload, "workers": s.workers, "ops_per_s": s.ops_per_s,
+                "mean_us": s.mean_us, "p50_us": s.p50_us, "p99_us": s.p99_us, "max_us": s.max_us,
+                "rounds": rounds,
+                "ops_vs_baseline": ops_ratio, "p99_vs_baseline": p99_ratio,
+                "ops_vs_baseline_rounds": ratios.map(|r| r.ops.clone()),
+                "p99_vs_baseline_rounds": ratios.map(|r| r.p99.clone()),
+            })
+        );
+    } else {
+        let vs = ops_ratio.map_or("-".to_string(), |r| format!("{:.0}%", r * 100.0));
+        let p99 = p99_ratio.map_or("-".to_string(), |r| format!("{r:.2}x"));
+        println!(
+            "{:<12} {:>7} {:>12.0} {:>10.1} {:>9} {:>9} {:>9} {:>10} {:>10}",
+            s.workload, s.workers, s.ops_per_s, s.mean_us, s.p50_us, s.p99_us, s.max_us, vs, p99
+        );
+    }
 }
 
 async fn connect(

@@ -502,8 +502,8 @@ pub struct Ticket {
 
 /// Where a ticket's queue place lives.
 enum Place {
-    /// A connection of its own (plain servers).
-    Conn(Connection),
+    /// A connection of its own (plain servers), kept alive by a task.
+    Conn(QueuedConn),
     /// A ticket number on the multiplexed lane.
     Mux { lane: LaneHandle, ticket: u64 },
 }
@@ -513,12 +513,8 @@ impl Drop for Ticket {
         let key = self.target.key.clone();
         let namespace = self.target.kind.namespace();
         match self.place.take() {
-            Some(Place::Conn(conn)) => {
-                self.target
-                    .inner()
-                    .runtime
-                    .spawn(abandon_queued(conn, (key, namespace)));
-            }
+            // Dropping the handle tells its task to give the place up.
+            Some(Place::Conn(_)) => {}
             Some(Place::Mux { lane, ticket }) => mux_lane::abandon(&lane, key, namespace, ticket),
             None => {}
         }
@@ -552,7 +548,7 @@ impl Ticket {
         drop(self);
         let sent_at = Instant::now();
         let conn = match place {
-            Place::Conn(conn) => conn,
+            Place::Conn(queued) => queued.take().await?,
             Place::Mux { lane, ticket } => {
                 let orphan = (target.key.clone(), target.kind.namespace());
                 let (reply, lane) = mux_lane::call(
@@ -705,7 +701,11 @@ impl Target {
             }
             Enqueued::Queued => Enqueue::Queued(Ticket {
                 target: self.clone(),
-                place: Some(Place::Conn(conn)),
+                place: Some(Place::Conn(QueuedConn::spawn(
+                    conn,
+                    self.inner().timing.keepalive,
+                    orphan_of(self),
+                ))),
             }),
         })
     }
@@ -837,6 +837,67 @@ async fn guarded_request(
         }
     });
     rx.await.map_err(|_| Error::ConnectionClosed)?
+}
+
+fn orphan_of(target: &Target) -> (Key, Namespace) {
+    (target.key.clone(), target.kind.namespace())
+}
+
+/// A plain-mode queue place: the connection that enqueued, owned by a task
+/// that pings it every `keepalive` until the ticket waits (the connection
+/// is handed back) or is dropped (the place is given up). Without the
+/// pings a server with a read timeout (the Go server: 23 s) would close a
+/// connection whose ticket is held longer than that, and the place with it.
+struct QueuedConn {
+    handback: oneshot::Sender<oneshot::Sender<Connection>>,
+}
+
+impl QueuedConn {
+    fn spawn(conn: Connection, keepalive: Duration, orphan: (Key, Namespace)) -> QueuedConn {
+        let (handback, requests) = oneshot::channel();
+        tokio::spawn(keep_queued(conn, keepalive, orphan, requests));
+        QueuedConn { handback }
+    }
+
+    /// The connection back, for the `w`. Fails if a ping found it broken
+    /// (the place is gone with it).
+    async fn take(self) -> Result<Connection> {
+        let (tx, rx) = oneshot::channel();
+        self.handback
+            .send(tx)
+            .map_err(|_| Error::ConnectionClosed)?;
+        rx.await.map_err(|_| Error::ConnectionClosed)
+    }
+}
+
+async fn keep_queued(
+    mut conn: Connection,
+    keepalive: Duration,
+    orphan: (Key, Namespace),
+    mut requests: oneshot::Receiver<oneshot::Sender<Connection>>,
+) {
+    loop {
+        tokio::select! {
+            request = &mut requests => {
+                match request {
+                    Ok(back) => {
+                        if let Err(conn) = back.send(conn) {
+                            abandon_queued(conn, orphan).await;
+                        }
+                    }
+                    // The ticket was dropped.
+                    Err(_) => abandon_queued(conn, orphan).await,
+                }
+                return;
+            }
+            _ = tokio::time::sleep(keepalive) => {
+                if conn.request(&Request::Ping, REPLY_SLACK).await.is_err() {
+                    tracing::debug!("queued ticket's connection failed a ping: place lost");
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// Gives up the queue place `conn` holds for `orphan` (after an enqueue

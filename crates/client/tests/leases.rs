@@ -341,3 +341,59 @@ async fn keepalive_keeps_idle_connections_and_their_leases() {
     assert_eq!(control.release().await.unwrap(), Released::Released);
     assert_eq!(waited.release().await.unwrap(), Released::Released);
 }
+
+/// Embedded-only (server read timeout 1 s). A two-phase ticket held for
+/// 2.5 s before its `wait` keeps its queue place: in plain mode its own
+/// connection is pinged every keepalive, in mux mode the shared connection
+/// is. Without pings the server would close the ticket's connection after
+/// 1 s and the wait would fail; the silent client shows that.
+#[tokio::test]
+async fn queued_ticket_keeps_its_place_past_the_server_read_timeout() {
+    embedded_only("ticket keepalive", "needs a 1 s server read timeout");
+    let mut config = ServerConfig::ephemeral();
+    config.read_timeout = Duration::from_secs(1);
+    let server = TestServer::embedded(config).await;
+    let keys = Keys::new("ticket-keepalive");
+    let pinging = server
+        .builder()
+        .keepalive(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let silent = server.client(); // keepalive 10 s
+    let holder = server
+        .builder()
+        .keepalive(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let key = keys.key("k");
+    let held = holder
+        .lock(&key)
+        .unwrap()
+        .with_lease(Duration::from_secs(30))
+        .acquire()
+        .await
+        .unwrap();
+    let dflockd_client::Enqueue::Queued(kept) =
+        pinging.lock(&key).unwrap().enqueue().await.unwrap()
+    else {
+        panic!("held key queues");
+    };
+    let dflockd_client::Enqueue::Queued(dropped) =
+        silent.lock(&key).unwrap().enqueue().await.unwrap()
+    else {
+        panic!("held key queues");
+    };
+    // Idle for 2.5 read timeouts: the time must really pass.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    held.release().await.unwrap();
+    let lease = kept
+        .wait(Duration::from_secs(5))
+        .await
+        .expect("the pinged ticket kept its place");
+    lease.release().await.unwrap();
+    let silent_result = dropped.wait(Duration::from_secs(2)).await;
+    assert!(
+        silent_result.is_err(),
+        "the silent ticket's connection should be gone: {silent_result:?}"
+    );
+}
