@@ -309,3 +309,21 @@ async fn auth_comes_before_the_hello() {
     c.send(b"1 ping\n_\n_\n").await;
     assert_eq!(reply_to(&mut c, 1).await, "ok");
 }
+
+#[tokio::test]
+async fn the_largest_timeout_waits_and_can_be_cancelled() {
+    let server = start().await;
+    let mut holder = plain(&server).await;
+    holder.grant(b"l\nhuge\n0\n").await;
+    let mut c = mux(&server).await;
+    c.send(b"1 l\nhuge\n9223372036\n2 e 3\nhuge\n\n3 w 3\nhuge\n9223372036\n")
+        .await;
+    assert_eq!(reply_to(&mut c, 2).await, "queued");
+    holder.wait_lock_waiters("huge", 2).await;
+    c.send(b"4 cancel\n_\n1\n5 cancel\n_\n3\n").await;
+    assert_eq!(reply_to(&mut c, 1).await, "timeout");
+    assert_eq!(reply_to(&mut c, 4).await, "ok");
+    assert_eq!(reply_to(&mut c, 3).await, "timeout");
+    assert_eq!(reply_to(&mut c, 5).await, "ok");
+    holder.wait_lock_waiters("huge", 0).await;
+}

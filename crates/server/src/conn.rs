@@ -40,6 +40,24 @@ enum ReadFailure {
     Oversize,
 }
 
+/// Disconnect cleanup (spec §3.9) for one connection, run on drop.
+struct DisconnectOnDrop {
+    shared: Arc<Shared>,
+    id: ConnId,
+}
+
+impl Drop for DisconnectOnDrop {
+    fn drop(&mut self) {
+        let auto_release = self.shared.config.auto_release_on_disconnect;
+        let id = self.id;
+        self.shared
+            .with_table(|t, now| t.disconnect(id, auto_release, now));
+        if auto_release && !self.shared.config.disconnect_lock_delay.is_zero() {
+            self.shared.delay_started.notify_one();
+        }
+    }
+}
+
 /// What a blocked request is waiting for, so it can be withdrawn.
 #[derive(Debug, Clone, Copy)]
 enum Pending {
@@ -101,15 +119,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Serves the connection until it ends, then runs disconnect cleanup
     /// (spec §3.9).
     pub(crate) async fn serve(mut self) {
+        // Runs however the task ends: returned, panicked, or aborted by a
+        // force close.
+        let _cleanup = DisconnectOnDrop {
+            shared: Arc::clone(&self.shared),
+            id: self.id,
+        };
         let outcome = self.run().await;
         tracing::debug!(?outcome, "connection closed");
-        let auto_release = self.shared.config.auto_release_on_disconnect;
-        let id = self.id;
-        self.shared
-            .with_table(|t, now| t.disconnect(id, auto_release, now));
-        if auto_release && !self.shared.config.disconnect_lock_delay.is_zero() {
-            self.shared.delay_started.notify_one();
-        }
     }
 
     async fn run(&mut self) -> Result<(), Close> {

@@ -9,6 +9,8 @@
 
 use std::collections::HashMap;
 use std::future::poll_fn;
+use std::sync::Arc;
+use std::time::Duration;
 
 use dflockd_core::{Grant, ResourceId};
 use dflockd_proto::{MuxBody, MuxError, MuxRequest, Progress, Reply, Status, encode_mux_reply};
@@ -19,25 +21,47 @@ use tokio_util::time::{DelayQueue, delay_queue};
 
 use super::{Close, Connection, Pending, Step, error_reply};
 use crate::config::IdlePolicy;
-use crate::shared::Notify;
+use crate::shared::{Notify, Shared};
+
+/// Longest span one `DelayQueue` entry may cover (its wheel reaches about
+/// two years; v2 timeouts reach 292 years). A longer timeout is re-armed
+/// when its capped entry fires.
+const MAX_TIMER: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// One request waiting for a grant.
 struct Waiting {
     rid: ResourceId,
     pending: Pending,
+    /// When its timeout really ends.
+    deadline: Instant,
     /// Its timeout in the delay queue; `None` once it fired (the grant
     /// raced the timeout and is on its way).
     expiry: Option<delay_queue::Key>,
 }
 
-/// The multiplexing state of one connection.
+/// The multiplexing state of one connection. Dropping it (however the
+/// connection ends) releases grants that reached the connection but not its
+/// peer, so none is leaked, even with auto-release off.
 struct Mux {
+    shared: Arc<Shared>,
     waiting: HashMap<u64, Waiting>,
     expiries: DelayQueue<u64>,
     grants: mpsc::UnboundedReceiver<(u64, Grant)>,
     grants_tx: mpsc::UnboundedSender<(u64, Grant)>,
     /// Set once the drain has answered the waiting requests.
     drained: bool,
+}
+
+impl Drop for Mux {
+    fn drop(&mut self) {
+        self.grants.close();
+        while let Ok((id, grant)) = self.grants.try_recv() {
+            if let Some(waiting) = self.waiting.remove(&id) {
+                self.shared
+                    .with_table(|t, now| t.release_undelivered(&waiting.rid, grant.token, now));
+            }
+        }
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -47,21 +71,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub(super) async fn run_mux(&mut self) -> Result<(), Close> {
         let (grants_tx, grants) = mpsc::unbounded_channel();
         let mut mux = Mux {
+            shared: Arc::clone(&self.shared),
             waiting: HashMap::new(),
             expiries: DelayQueue::new(),
             grants,
             grants_tx,
             drained: false,
         };
-        let result = self.mux_loop(&mut mux).await;
-        mux.grants.close();
-        while let Ok((id, grant)) = mux.grants.try_recv() {
-            if let Some(waiting) = mux.waiting.remove(&id) {
-                self.shared
-                    .with_table(|t, now| t.release_undelivered(&waiting.rid, grant.token, now));
-            }
-        }
-        result
+        self.mux_loop(&mut mux).await
     }
 
     async fn mux_loop(&mut self, mux: &mut Mux) -> Result<(), Close> {
@@ -184,12 +201,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 pending,
                 timeout,
             } => {
-                let expiry = mux.expiries.insert(id, timeout.as_duration());
+                let timeout = timeout.as_duration();
+                let expiry = mux.expiries.insert(id, timeout.min(MAX_TIMER));
                 mux.waiting.insert(
                     id,
                     Waiting {
                         rid,
                         pending,
+                        deadline: Instant::now() + timeout,
                         expiry: Some(expiry),
                     },
                 );
@@ -225,6 +244,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     fn mux_expired(&mut self, mux: &mut Mux, id: u64) {
         if let Some(waiting) = mux.waiting.get_mut(&id) {
             waiting.expiry = None;
+            let left = waiting.deadline.saturating_duration_since(Instant::now());
+            if !left.is_zero() {
+                // A capped entry of a longer timeout: wait for the rest.
+                waiting.expiry = Some(mux.expiries.insert(id, left.min(MAX_TIMER)));
+                return;
+            }
         }
         self.mux_withdraw(mux, id, Reply::Failure(Status::Timeout));
     }
