@@ -576,6 +576,12 @@ impl<W, M: Mint> LockTable<W, M> {
             .get_mut(&conn)
             .and_then(|c| c.phase1.get_mut(&(rid.clone(), ticket)))
             .ok_or(LockError::NotEnqueued)?;
+        // A `w` is already waiting on this ticket (only possible on a
+        // multiplexed connection): a second one must not replace it, or the
+        // first would never be answered.
+        if phase1.blocked.is_some() {
+            return Err(LockError::AlreadyEnqueued);
+        }
         if let Some(token) = phase1.token {
             let lease = phase1.lease;
             self.drop_phase1(conn, rid, ticket);

@@ -1322,3 +1322,23 @@ fn cancel_and_disconnect_with_tickets() {
     t.release(&k, &wire(&held), T0).unwrap();
     assert_eq!(t.holder_count(), 0);
 }
+
+/// Only one `w` may wait on a ticket at a time: a second one (blocking or a
+/// poll) is refused and the first stays in place.
+#[test]
+fn a_second_wait_on_a_waiting_ticket_is_refused() {
+    let mut t = table();
+    let k = lock("mux-double-wait");
+    let held = granted(t.acquire(C2, &k, Limit::ONE, None, T0, None));
+    t.enqueue(C1, 4, &k, Limit::ONE, None, T0).unwrap();
+    assert_eq!(t.wait(C1, 4, &k, T0, Some(1)), Ok(WaitOutcome::Pending));
+    assert_eq!(
+        t.wait(C1, 4, &k, T0, Some(2)),
+        Err(LockError::AlreadyEnqueued)
+    );
+    assert_eq!(t.wait(C1, 4, &k, T0, None), Err(LockError::AlreadyEnqueued));
+    t.release(&k, &wire(&held), T0).unwrap();
+    let delivered: Vec<_> = t.take_deliveries().collect();
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].notify, 1, "the first wait is answered");
+}
