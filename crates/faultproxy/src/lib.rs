@@ -186,7 +186,8 @@ impl Direction {
 }
 
 /// What a blackholed direction does with the bytes it reads. Either way both
-/// sockets stay open and nobody is told anything.
+/// sockets stay open and nobody is told anything; a FIN from the source is
+/// passed on only once the blackhole is lifted.
 ///
 /// ```
 /// use dflockd_faultproxy::{Blackhole, Faults};
@@ -995,7 +996,12 @@ async fn write_half(
                 return;
             };
             let (bytes, due) = match chunk {
-                Chunk::Eof => return,
+                Chunk::Eof => {
+                    // Like TCP retransmitting a FIN: it gets through only
+                    // once the direction is no longer blackholed.
+                    let _ = faults.wait_for(|f| f.blackhole.is_none()).await;
+                    return;
+                }
                 Chunk::Data { bytes, due } => (bytes, due),
             };
             tokio::time::sleep_until(due).await;

@@ -362,3 +362,22 @@ async fn refused_upstream_resets_the_client() {
     assert_eq!(end, Err(ErrorKind::ConnectionReset));
     assert_eq!(proxy.accepted(), 0);
 }
+
+#[tokio::test]
+async fn a_fin_waits_out_a_blackhole() {
+    let (proxy, mut client, mut server) = pair().await;
+    let link = proxy.link(0).await;
+    link.blackhole(Blackhole::Drop);
+    client.shutdown().await.unwrap();
+    let mut buf = [0u8; 8];
+    assert!(
+        timeout(Duration::from_millis(300), server.read(&mut buf))
+            .await
+            .is_err(),
+        "the FIN crossed a blackhole"
+    );
+    link.clear_faults();
+    let (got, end) = read_to_end(&mut server).await;
+    assert!(got.is_empty());
+    assert_eq!(end, Ok(()));
+}
