@@ -1,7 +1,9 @@
 //! Hostile and malformed input over real TCP: the server must never panic,
 //! desync (one reply per frame, in order), or keep state from connections
 //! that are gone. Deterministic pseudo-random inputs keep runs reproducible
-//! and bounded.
+//! and bounded. Each test names the protection it checks. Related: the
+//! 1,000,000-key GC churn is `tests/gc_churn.rs` (its own process, for RSS);
+//! long fuzzing over TCP is `crates/server/fuzz` (target `conn_bytes`).
 
 use std::time::Duration;
 
@@ -100,6 +102,10 @@ fn frame(rng: &mut Rng) -> Vec<u8> {
     [command.as_bytes(), b"\n", &key, b"\n", &argument, b"\n"].concat()
 }
 
+/// Protection: one reply per frame, in order, whatever the frame holds (the
+/// decoder and the request parser never skip or duplicate a frame). No
+/// switch turns this off; the proto fuzz target and property tests cover
+/// the decoder itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_frames_get_exactly_one_reply_each_in_order() {
     let server = start().await;
@@ -140,6 +146,9 @@ async fn random_frames_get_exactly_one_reply_each_in_order() {
     assert!(ping(&server).await.starts_with("ok {"));
 }
 
+/// Protection: disconnect cleanup (auto-release of holds, removal of
+/// waiters). Confirmed to fail with `auto_release_on_disconnect: false`
+/// ("state left behind": locks still held by closed connections).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_bytes_then_disconnect_leave_no_state() {
     let server = start().await;
@@ -190,6 +199,9 @@ async fn random_bytes_then_disconnect_leave_no_state() {
     }
 }
 
+/// Protection: the bounded line reader (an oversize line is discarded up to
+/// its LF, never buffered). Without it the 8 MiB line is buffered, or the
+/// server stops reading and the writes time out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endless_line_is_discarded_without_buffering_it() {
     let server = start().await;
@@ -215,6 +227,8 @@ async fn endless_line_is_discarded_without_buffering_it() {
     assert!(ping(&server).await.starts_with("ok {"));
 }
 
+/// Protection: the per-line read timeout. Confirmed to fail with a 60 s
+/// read timeout ("slowloris never dropped" after 5 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_is_dropped_by_the_per_line_read_timeout() {
     // The deadline is re-armed per completed line, not per byte: a client
