@@ -199,9 +199,10 @@ async fn random_bytes_then_disconnect_leave_no_state() {
     }
 }
 
-/// Protection: the bounded line reader (an oversize line is discarded up to
-/// its LF, never buffered). Without it the 8 MiB line is buffered, or the
-/// server stops reading and the writes time out.
+/// Protection: the bounded line reader — an oversize line is consumed and
+/// discarded up to its LF, then answered with `error` and a close. (Not
+/// confirmed by disabling it: the line cap is not configurable; the
+/// decoder's memory bound is a proto property test.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endless_line_is_discarded_without_buffering_it() {
     let server = start().await;
