@@ -324,9 +324,9 @@ async fn inject(kind: FaultKind, proxy: &FaultProxy, rng: &mut fastrand::Rng, sc
     };
     match kind {
         FaultKind::Latency => {
-            // Below the client's margin (100 ms at TTL 1 s), see GUARANTEES.md.
-            let latency = Duration::from_millis(rng.u64(10..=50));
-            let jitter = Duration::from_millis(rng.u64(0..=30));
+            // Up to and beyond the client's margin (100 ms at TTL 1 s).
+            let latency = Duration::from_millis(rng.u64(10..=150));
+            let jitter = Duration::from_millis(rng.u64(0..=50));
             set_all(Faults::none().with_latency(latency, jitter));
             tokio::time::sleep(Duration::from_millis(rng.u64(500..=1500))).await;
             set_all(Faults::none());
