@@ -801,8 +801,8 @@ impl Link {
 
     /// Resets one side now: its peer's next read or write fails with
     /// `ConnectionReset`. The other side stays open and silent (bytes from it
-    /// are discarded) until it is reset too or its peer closes it. Returns
-    /// once the socket is closed.
+    /// are discarded, nothing is sent to it) until it is reset too or its
+    /// peer closes it. Returns once the reset socket is closed.
     ///
     /// ```no_run
     /// # async fn demo(link: dflockd_faultproxy::Link) {
@@ -991,16 +991,16 @@ async fn write_half(
         loop {
             let Some(chunk) = rx.recv().await else {
                 // The source was reset by the proxy (or the proxy stopped):
-                // keep this side open and silent until it is reset too.
-                std::future::pending::<()>().await;
-                return;
+                // tell the target nothing. Its socket stays open, silent,
+                // as long as the other direction still reads from it.
+                return false;
             };
             let (bytes, due) = match chunk {
                 Chunk::Eof => {
                     // Like TCP retransmitting a FIN: it gets through only
                     // once the direction is no longer blackholed.
                     let _ = faults.wait_for(|f| f.blackhole.is_none()).await;
-                    return;
+                    return true;
                 }
                 Chunk::Data { bytes, due } => (bytes, due),
             };
@@ -1031,18 +1031,21 @@ async fn write_half(
                 };
                 if write_all(target.stream(), &rest[..piece]).await.is_err() {
                     state.propagate_reset(dir.target());
-                    return;
+                    return false;
                 }
                 forwarded.fetch_add(piece as u64, Ordering::SeqCst);
                 rest = &rest[piece..];
             }
         }
     };
-    tokio::select! {
-        _ = cancel.cancelled() => return,
-        _ = half_close.cancelled() => {}
-        _ = body => {}
+    let fin = tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = half_close.cancelled() => true,
+        fin = body => fin,
+    };
+    if fin {
+        // End of stream from the source, or a half-close: FIN toward the
+        // target.
+        let _ = SockRef::from(target.stream()).shutdown(Shutdown::Write);
     }
-    // End of stream from the source, or a half-close: FIN toward the target.
-    let _ = SockRef::from(target.stream()).shutdown(Shutdown::Write);
 }

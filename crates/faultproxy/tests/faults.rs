@@ -381,3 +381,22 @@ async fn a_fin_waits_out_a_blackhole() {
     assert!(got.is_empty());
     assert_eq!(end, Ok(()));
 }
+
+#[tokio::test]
+async fn after_a_one_sided_reset_the_other_peer_closing_ends_the_link() {
+    let (proxy, client, mut server) = pair().await;
+    let link = proxy.link(0).await;
+    link.reset_side(Side::Client).await;
+    // The server hears nothing yet …
+    let mut buf = [0u8; 8];
+    assert!(
+        timeout(Duration::from_millis(200), server.read(&mut buf))
+            .await
+            .is_err()
+    );
+    assert!(!link.is_closed());
+    // … and when it closes on its own, the link is gone.
+    drop(server);
+    timeout(STEP, link.closed()).await.expect("link closes");
+    drop(client);
+}
