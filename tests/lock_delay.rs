@@ -3,73 +3,14 @@
 //! the old one by that skew (no client-side rule can prevent it); with
 //! `disconnect_lock_delay` ≥ skew there is no overlap.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use dflockd::client::Client;
 use dflockd::server::{Server, ServerConfig};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
+use dflockd_faultproxy::{FaultProxy, Side};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 const SKEW: Duration = Duration::from_millis(250);
-
-/// A proxy whose server side can be closed while its client side stays open.
-struct AsymmetricLink {
-    addr: SocketAddr,
-    cut_server_side: CancellationToken,
-    cut_client_side: CancellationToken,
-}
-
-async fn link(server: SocketAddr) -> AsymmetricLink {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (server_cut, client_cut) = (CancellationToken::new(), CancellationToken::new());
-    let (s, c) = (server_cut.clone(), client_cut.clone());
-    tokio::spawn(async move {
-        loop {
-            let Ok((inbound, _)) = listener.accept().await else {
-                return;
-            };
-            let Ok(outbound) = TcpStream::connect(server).await else {
-                return;
-            };
-            let (s, c) = (s.clone(), c.clone());
-            tokio::spawn(async move {
-                let (mut ri, mut wi) = inbound.into_split();
-                let (mut ro, mut wo) = outbound.into_split();
-                tokio::select! {
-                    _ = pump(&mut ri, &mut wo) => {}
-                    _ = pump(&mut ro, &mut wi) => {}
-                    _ = s.cancelled() => {}
-                }
-                drop((ro, wo)); // the server sees EOF now …
-                c.cancelled().await; // … the client only later
-            });
-        }
-    });
-    AsymmetricLink {
-        addr,
-        cut_server_side: server_cut,
-        cut_client_side: client_cut,
-    }
-}
-
-async fn pump(from: &mut OwnedReadHalf, to: &mut OwnedWriteHalf) {
-    let mut buf = vec![0u8; 8192];
-    loop {
-        match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).await.is_err() {
-                    return;
-                }
-            }
-        }
-    }
-}
 
 /// Returns how long the old and the new holder overlapped (zero if not).
 async fn overlap_after_asymmetric_reset(lock_delay: Duration) -> Duration {
@@ -79,8 +20,11 @@ async fn overlap_after_asymmetric_reset(lock_delay: Duration) -> Duration {
     })
     .await
     .unwrap();
-    let link = link(server.local_addr()).await;
-    let old = Client::builder().server(link.addr.into()).build().unwrap();
+    let proxy = FaultProxy::start(server.local_addr()).await.unwrap();
+    let old = Client::builder()
+        .server(proxy.addr().into())
+        .build()
+        .unwrap();
     let lease = old
         .lock("asymmetric")
         .unwrap()
@@ -97,6 +41,7 @@ async fn overlap_after_asymmetric_reset(lock_delay: Duration) -> Duration {
         .server(server.local_addr().into())
         .build()
         .unwrap();
+    let observer = next.clone();
     let new_started = tokio::spawn(async move {
         let lease = next
             .lock("asymmetric")
@@ -107,10 +52,19 @@ async fn overlap_after_asymmetric_reset(lock_delay: Duration) -> Duration {
             .unwrap();
         (Instant::now(), lease)
     });
-    tokio::time::sleep(Duration::from_millis(200)).await; // the new holder is queued
-    link.cut_server_side.cancel();
-    tokio::time::sleep(SKEW).await;
-    link.cut_client_side.cancel();
+    // Wait until the new holder is queued behind the old one.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while observer.stats(0).await.unwrap().locks[0].waiters == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the next holder queues");
+    // Every connection of the old holder: the server side is reset now, the
+    // client side SKEW later.
+    for link in proxy.links() {
+        tokio::spawn(async move { link.reset_asymmetric(Side::Server, SKEW).await });
+    }
     let old_end = tokio::time::timeout(Duration::from_secs(5), old_ended)
         .await
         .unwrap()

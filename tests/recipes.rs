@@ -1,16 +1,14 @@
 //! Coordination recipes under failure: leader election across randomized
 //! failovers, singleton jobs, and lease scopes.
 
-mod recipes_support;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dflockd::client::{Client, LossReason};
 use dflockd::server::{Server, ServerConfig, ServerHandle};
 use dflockd::{LeaderElection, LeaseScope, Singleton};
+use dflockd_faultproxy::{Blackhole, Direction, FaultProxy, Faults};
 use kameo::actor::Spawn;
-use recipes_support::Link;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -52,10 +50,48 @@ async fn server() -> ServerHandle {
     Server::start(config).await.expect("server starts")
 }
 
+/// One client's path to the server, through the fault-injecting proxy.
+struct Link(FaultProxy);
+
+impl Link {
+    async fn start(server: std::net::SocketAddr) -> Link {
+        Link(FaultProxy::start(server).await.expect("proxy starts"))
+    }
+
+    fn addr(&self) -> std::net::SocketAddr {
+        self.0.addr()
+    }
+
+    /// Stop forwarding on every connection, open or opened later, without
+    /// closing any.
+    fn blackhole(&self) {
+        for dir in Direction::BOTH {
+            self.0
+                .set_default_faults(dir, Faults::none().with_blackhole(Blackhole::Drop));
+        }
+        for link in self.0.links() {
+            link.blackhole(Blackhole::Drop);
+        }
+    }
+
+    /// Reset every connection (both peers see it); new ones forward again.
+    async fn cut(&self) {
+        for dir in Direction::BOTH {
+            self.0.set_default_faults(dir, Faults::none());
+        }
+        self.0.cut_all().await;
+    }
+
+    /// After a blackhole: drop the dead connections and forward again.
+    async fn heal(&self) {
+        self.cut().await;
+    }
+}
+
 fn client_via(link: &Link) -> Client {
     // Keepalive below the TTL so a blackhole is noticed by the client too.
     Client::builder()
-        .server(link.addr.into())
+        .server(link.addr().into())
         .reply_timeout(Duration::from_secs(2))
         .build()
         .expect("client")
@@ -195,7 +231,7 @@ async fn never_two_leaders_across_100_randomized_failovers() {
         match fault {
             Fault::Cut => {
                 faults.0 += 1;
-                candidates[leader].link.cut();
+                candidates[leader].link.cut().await;
             }
             Fault::Blackhole => {
                 faults.1 += 1;
@@ -220,7 +256,7 @@ async fn never_two_leaders_across_100_randomized_failovers() {
         // Bring the old leader back as a candidate.
         match fault {
             Fault::Cut => {}
-            Fault::Blackhole => candidates[leader].link.heal(),
+            Fault::Blackhole => candidates[leader].link.heal().await,
             Fault::Resign => {
                 let stop = CancellationToken::new();
                 candidates[leader].stop = stop.clone();
@@ -297,7 +333,7 @@ async fn blackholed_leader_steps_down_before_the_next_term_starts() {
                 .await
                 .unwrap()
                 .unwrap();
-        links[leader].heal();
+        links[leader].heal().await;
     }
     let terms = terms.lock().unwrap().clone();
     let mut ordered = terms;
