@@ -55,6 +55,12 @@ const MAX_TIMER: Duration = Duration::from_secs(3600);
 /// much late (the local expiry already has a margin of ttl/10, at most 1 s,
 /// before the server's).
 const GRAIN: Duration = Duration::from_millis(10);
+/// How long before its local expiry a lease is declared lost: expiry checks
+/// are rounded up to the grain and the timer wheel adds up to a millisecond,
+/// so without a lead the loss would be signalled up to ~12 ms after
+/// `Lease::deadline()` (measured by tests/safety.rs). With it, `lost()`
+/// fires by the deadline the guard shows.
+const EXPIRY_LEAD: Duration = Duration::from_millis(20);
 /// Chunks of renew replies (each what a lane read at once) taken from the
 /// channel per wake-up.
 const REPLY_BATCH: usize = 64;
@@ -141,6 +147,13 @@ struct Entry {
 }
 
 impl Entry {
+    /// When the lease is declared lost if no renewal extended it.
+    fn lost_at(&self) -> Instant {
+        self.local_expiry
+            .checked_sub(EXPIRY_LEAD)
+            .unwrap_or(self.local_expiry)
+    }
+
     fn ttl(&self) -> Duration {
         Duration::from_secs(u64::from(self.ttl_secs))
     }
@@ -408,11 +421,11 @@ impl LeaseSupervisor {
         let Some(entry) = self.leases.get_mut(&id) else {
             return;
         };
-        if now >= entry.local_expiry {
+        if now >= entry.lost_at() {
             self.lose(id, LossReason::Expired);
             return;
         }
-        let at = entry.local_expiry;
+        let at = entry.lost_at();
         if entry.batch != NO_BATCH {
             // A renew is in flight; check again at the local expiry.
             self.arm_check(id, at, now);
@@ -517,11 +530,11 @@ impl LeaseSupervisor {
             Ok(_) | Err(_) => {
                 // Transient (connection trouble, draining, odd reply): retry
                 // until the local expiry.
-                if now >= entry.local_expiry {
+                if now >= entry.lost_at() {
                     self.lose(done.id, LossReason::Expired);
                     return;
                 }
-                let retry = (now + policy.retry).min(entry.local_expiry);
+                let retry = (now + policy.retry).min(entry.lost_at());
                 self.arm_renew(done.id, retry, now);
             }
         }
