@@ -907,7 +907,9 @@ impl<W, M: Mint> LockTable<W, M> {
         self.deadlines.remove(&(holder.deadline, token));
         if let Some(c) = self.conns.get_mut(&holder.conn) {
             c.held.remove(&token);
-            if let Some(ticket) = c.uncollected.remove(&token) {
+            if !c.uncollected.is_empty()
+                && let Some(ticket) = c.uncollected.remove(&token)
+            {
                 c.phase1.remove(&(rid.clone(), ticket));
             }
         }

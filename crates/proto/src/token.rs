@@ -68,13 +68,23 @@ impl Token {
     /// assert!(Token::parse_wire(b"0000000000000001000000000000000A").is_none());
     /// ```
     pub fn parse_wire(bytes: &[u8]) -> Option<Token> {
-        if bytes.len() != 32 || !bytes.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        if bytes.len() != 32 {
             return None;
         }
-        let text = std::str::from_utf8(bytes).ok()?;
-        let fence = u64::from_str_radix(&text[..16], 16).ok()?;
-        let salt = u64::from_str_radix(&text[16..], 16).ok()?;
-        Some(Token { fence, salt })
+        // One pass, lowercase hex only (the server's release/renew hot path).
+        let mut words = [0u64; 2];
+        for (i, &b) in bytes.iter().enumerate() {
+            let digit = match b {
+                b'0'..=b'9' => b - b'0',
+                b'a'..=b'f' => b - b'a' + 10,
+                _ => return None,
+            };
+            words[i / 16] = (words[i / 16] << 4) | u64::from(digit);
+        }
+        Some(Token {
+            fence: words[0],
+            salt: words[1],
+        })
     }
 
     /// Writes the 32 lowercase hex digits into `out`.
@@ -86,11 +96,13 @@ impl Token {
     /// ```
     pub fn write_hex(self, out: &mut Vec<u8>) {
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        for word in [self.fence, self.salt] {
-            for shift in (0..16).rev() {
-                out.push(HEX[((word >> (shift * 4)) & 0xf) as usize]);
+        let mut hex = [0u8; 32];
+        for (half, word) in [self.fence, self.salt].into_iter().enumerate() {
+            for i in 0..16 {
+                hex[half * 16 + i] = HEX[((word >> ((15 - i) * 4)) & 0xf) as usize];
             }
         }
+        out.extend_from_slice(&hex);
     }
 }
 
