@@ -9,6 +9,19 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Who leads, as seen by one candidate.
+///
+/// ```no_run
+/// # async fn demo(election: &dflockd::LeaderElection) {
+/// use dflockd::Leadership;
+/// let mut leadership = election.leadership();
+/// while leadership.changed().await.is_ok() {
+///     match *leadership.borrow() {
+///         Leadership::Leader { fence } => println!("leading, term fence {fence}"),
+///         Leadership::Follower => println!("following"),
+///     }
+/// }
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Leadership {
     /// This candidate does not lead.
@@ -46,6 +59,13 @@ pub struct LeaderElection {
 
 impl LeaderElection {
     /// A candidate for `key`, with the client's default lease.
+    ///
+    /// ```no_run
+    /// # fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
+    /// let election = dflockd::LeaderElection::new(&client, "service/leader")?;
+    /// assert!(dflockd::LeaderElection::new(&client, "bad key").is_err()); // no white space in keys
+    /// # Ok(()) }
+    /// ```
     pub fn new(client: &Client, key: &str) -> Result<LeaderElection> {
         Ok(LeaderElection {
             lock: client.lock(key)?,
@@ -56,23 +76,65 @@ impl LeaderElection {
     }
 
     /// Leases of this length (shorter = faster failover, more renewals).
+    ///
+    /// ```no_run
+    /// # fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
+    /// use std::time::Duration;
+    /// // A crashed leader that cannot be noticed by a closed connection is replaced within 10 s.
+    /// let election = dflockd::LeaderElection::new(&client, "service/leader")?.with_lease(Duration::from_secs(10));
+    /// # Ok(()) }
+    /// ```
     pub fn with_lease(mut self, lease: Duration) -> LeaderElection {
         self.lock = self.lock.with_lease(lease);
         self
     }
 
     /// Current leadership, observable.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let server = dflockd::server::Server::start(dflockd::server::ServerConfig::ephemeral()).await?;
+    /// # let client = dflockd::client::Client::builder().server(server.local_addr().into()).build()?;
+    /// use dflockd::{LeaderElection, Leadership};
+    /// let election = LeaderElection::new(&client, "service/leader")?;
+    /// let leadership = election.leadership();
+    /// assert_eq!(*leadership.borrow(), Leadership::Follower);
+    /// let term = election.campaign().await?;
+    /// assert_eq!(*leadership.borrow(), Leadership::Leader { fence: term.fence() });
+    /// # Ok(()) }
+    /// ```
     pub fn leadership(&self) -> watch::Receiver<Leadership> {
         self.state.subscribe()
     }
 
     /// Whether this candidate leads right now.
+    ///
+    /// ```no_run
+    /// # async fn demo(election: dflockd::LeaderElection) -> dflockd_client::Result<()> {
+    /// assert!(!election.is_leader());
+    /// let term = election.campaign().await?;
+    /// assert!(election.is_leader());
+    /// term.resign().await?;
+    /// assert!(!election.is_leader());
+    /// # Ok(()) }
+    /// ```
     pub fn is_leader(&self) -> bool {
         matches!(*self.state.borrow(), Leadership::Leader { .. })
     }
 
     /// Waits until this candidate leads. Transport failures are retried;
     /// other errors are returned.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let server = dflockd::server::Server::start(dflockd::server::ServerConfig::ephemeral()).await?;
+    /// # let client = dflockd::client::Client::builder().server(server.local_addr().into()).build()?;
+    /// let election = dflockd::LeaderElection::new(&client, "service/leader")?;
+    /// let term = election.campaign().await?; // waits while someone else leads
+    /// assert!(election.is_leader());
+    /// term.resign().await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn campaign(&self) -> Result<Term> {
         loop {
             match self.lock.acquire_within(self.poll).await {
@@ -96,6 +158,22 @@ impl LeaderElection {
     /// After a loss, `lead` gets until the lease's deadline (the latest
     /// instant the lease could still be valid on the server) to notice its
     /// cancelled context; then its future is dropped.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
+    /// use tokio_util::sync::CancellationToken;
+    /// let election = dflockd::LeaderElection::new(&client, "scheduler/leader")?;
+    /// let stop = CancellationToken::new(); // cancel on SIGTERM to resign cleanly
+    /// election
+    ///     .run_as_leader(stop, |ctx| async move {
+    ///         while !ctx.is_cancelled() {
+    ///             // schedule one round, tagging writes with ctx.fence()
+    ///             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    ///         }
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn run_as_leader<F, Fut>(&self, stop: CancellationToken, mut lead: F) -> Result<()>
     where
         F: FnMut(LeaderContext) -> Fut,
@@ -156,6 +234,17 @@ pub(crate) async fn finish_by<F: Future<Output = ()>>(
 }
 
 /// One term of leadership: the lease that makes this candidate the leader.
+///
+/// ```no_run
+/// # async fn demo(election: dflockd::LeaderElection) -> dflockd_client::Result<()> {
+/// let term = election.campaign().await?;
+/// println!("leading with fence {}", term.fence());
+/// tokio::select! {
+///     _ = term.lost() => println!("deposed"),
+///     _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => { term.resign().await?; }
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct Term {
     lease: Option<Lease>,
@@ -193,26 +282,72 @@ impl Term {
     }
 
     /// The term's fence.
+    ///
+    /// ```no_run
+    /// # async fn demo(election: dflockd::LeaderElection) -> dflockd_client::Result<()> {
+    /// let first = election.campaign().await?;
+    /// let first_fence = first.fence();
+    /// first.resign().await?;
+    /// let second = election.campaign().await?;
+    /// assert!(second.fence() > first_fence); // a later term has a larger fence
+    /// # Ok(()) }
+    /// ```
     pub fn fence(&self) -> u64 {
         self.fence
     }
 
     /// The term's token.
+    ///
+    /// ```no_run
+    /// # async fn demo(election: dflockd::LeaderElection) -> dflockd_client::Result<()> {
+    /// let term = election.campaign().await?;
+    /// let token = term.token();
+    /// assert_eq!(token.fence(), term.fence());
+    /// println!("publish leader token {token}");
+    /// # Ok(()) }
+    /// ```
     pub fn token(&self) -> Token {
         self.token
     }
 
     /// The lease behind the term.
+    ///
+    /// ```no_run
+    /// # async fn demo(election: dflockd::LeaderElection) -> dflockd_client::Result<()> {
+    /// let term = election.campaign().await?;
+    /// let scope = dflockd::LeaseScope::new(term.lease()); // leader-only tasks stop with the term
+    /// # Ok(()) }
+    /// ```
     pub fn lease(&self) -> &Lease {
         self.lease.as_ref().expect("a live term holds its lease")
     }
 
     /// Resolves when leadership is lost.
+    ///
+    /// ```no_run
+    /// # async fn demo(election: dflockd::LeaderElection) -> dflockd_client::Result<()> {
+    /// let term = election.campaign().await?;
+    /// term.lost().await;
+    /// assert!(!election.is_leader());
+    /// # Ok(()) }
+    /// ```
     pub async fn lost(&self) {
         self.monitor.lost().await
     }
 
     /// Gives leadership up.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let server = dflockd::server::Server::start(dflockd::server::ServerConfig::ephemeral()).await?;
+    /// # let client = dflockd::client::Client::builder().server(server.local_addr().into()).build()?;
+    /// use dflockd::client::Released;
+    /// let election = dflockd::LeaderElection::new(&client, "service/leader")?;
+    /// let term = election.campaign().await?;
+    /// assert_eq!(term.resign().await?, Released::Released);
+    /// assert!(!election.is_leader());
+    /// # Ok(()) }
+    /// ```
     pub async fn resign(mut self) -> Result<Released> {
         let lease = self.lease.take().expect("a live term holds its lease");
         self.step_down();
@@ -239,6 +374,18 @@ impl Drop for Term {
 
 /// What the leader's work receives: the term's fence and token, and a
 /// cancellation that fires when leadership is lost (or the election stops).
+///
+/// ```no_run
+/// # async fn demo(election: dflockd::LeaderElection) -> dflockd_client::Result<()> {
+/// use tokio_util::sync::CancellationToken;
+/// election
+///     .run_as_leader(CancellationToken::new(), |ctx: dflockd::LeaderContext| async move {
+///         println!("term {} until at least {:?}", ctx.fence(), ctx.deadline());
+///         ctx.cancelled().await;
+///     })
+///     .await?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct LeaderContext {
     fence: u64,
@@ -268,31 +415,105 @@ impl LeaderContext {
     }
 
     /// The term's fence.
+    ///
+    /// ```no_run
+    /// # async fn demo(election: dflockd::LeaderElection) -> dflockd_client::Result<()> {
+    /// use tokio_util::sync::CancellationToken;
+    /// election
+    ///     .run_as_leader(CancellationToken::new(), |ctx| async move {
+    ///         // Storage rejects writes carrying a smaller fence than it has seen.
+    ///         let write = format!("UPDATE config SET v = 2 WHERE fence <= {}", ctx.fence());
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
     pub fn fence(&self) -> u64 {
         self.fence
     }
 
     /// The term's token.
+    ///
+    /// ```no_run
+    /// # async fn demo(election: dflockd::LeaderElection) -> dflockd_client::Result<()> {
+    /// use tokio_util::sync::CancellationToken;
+    /// election
+    ///     .run_as_leader(CancellationToken::new(), |ctx| async move {
+    ///         assert_eq!(ctx.token().fence(), ctx.fence());
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
     pub fn token(&self) -> Token {
         self.token
     }
 
     /// Whether leadership is gone.
+    ///
+    /// ```no_run
+    /// # async fn demo(election: dflockd::LeaderElection) -> dflockd_client::Result<()> {
+    /// use tokio_util::sync::CancellationToken;
+    /// election
+    ///     .run_as_leader(CancellationToken::new(), |ctx| async move {
+    ///         for shard in 0..64 {
+    ///             if ctx.is_cancelled() { break; }
+    ///             // rebalance `shard` …
+    ///         }
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
     pub fn is_cancelled(&self) -> bool {
         self.cancel.is_cancelled()
     }
 
     /// Resolves when leadership is gone.
+    ///
+    /// ```no_run
+    /// # async fn demo(election: dflockd::LeaderElection) -> dflockd_client::Result<()> {
+    /// use tokio_util::sync::CancellationToken;
+    /// election
+    ///     .run_as_leader(CancellationToken::new(), |ctx| async move {
+    ///         // Serve as leader until deposed or stopped.
+    ///         ctx.cancelled().await;
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn cancelled(&self) {
         self.cancel.cancelled().await
     }
 
     /// A token cancelled when leadership is gone.
+    ///
+    /// ```no_run
+    /// # async fn demo(election: dflockd::LeaderElection) -> dflockd_client::Result<()> {
+    /// use tokio_util::sync::CancellationToken;
+    /// election
+    ///     .run_as_leader(CancellationToken::new(), |ctx| async move {
+    ///         let stop = ctx.cancellation_token();
+    ///         let worker = tokio::spawn(async move { stop.cancelled().await });
+    ///         let _ = worker.await;
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
     pub fn cancellation_token(&self) -> CancellationToken {
         self.cancel.clone()
     }
 
     /// The latest instant this term is known valid.
+    ///
+    /// ```no_run
+    /// # async fn demo(election: dflockd::LeaderElection) -> dflockd_client::Result<()> {
+    /// use tokio_util::sync::CancellationToken;
+    /// election
+    ///     .run_as_leader(CancellationToken::new(), |ctx| async move {
+    ///         // Flush before the term could end, even if renewals fail.
+    ///         tokio::time::sleep_until(ctx.deadline()).await;
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
     pub fn deadline(&self) -> Instant {
         self.monitor.deadline()
     }

@@ -55,15 +55,36 @@ impl std::fmt::Debug for Inner {
 type Kill = Box<dyn Fn() + Send + Sync>;
 
 /// Time kept in hand before the lease deadline, for the abort itself.
+///
+/// ```
+/// // Children still running 50 ms before the lease deadline are aborted.
+/// assert_eq!(dflockd::ABORT_MARGIN, std::time::Duration::from_millis(50));
+/// ```
 pub const ABORT_MARGIN: Duration = Duration::from_millis(50);
 
 impl LeaseScope {
     /// A scope bound to `lease`.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
+    /// let lease = client.lock("jobs/compact")?.acquire().await?;
+    /// let scope = dflockd::LeaseScope::new(&lease);
+    /// scope.spawn(|cancel| async move { cancel.cancelled().await });
+    /// # Ok(()) }
+    /// ```
     pub fn new(lease: &Lease) -> LeaseScope {
         LeaseScope::with_monitor(lease.monitor())
     }
 
     /// A scope bound to a lease through its monitor.
+    ///
+    /// ```no_run
+    /// # async fn demo(lease: dflockd_client::Lease) {
+    /// // The monitor is 'static: the scope can be made where the lease is not at hand.
+    /// let monitor = lease.monitor();
+    /// let scope = tokio::spawn(async move { dflockd::LeaseScope::with_monitor(monitor) }).await.unwrap();
+    /// # }
+    /// ```
     pub fn with_monitor(monitor: LeaseMonitor) -> LeaseScope {
         let inner = Arc::new(Inner {
             cancel: CancellationToken::new(),
@@ -91,6 +112,19 @@ impl LeaseScope {
     }
 
     /// Spawns a task; it receives a token cancelled when the scope stops.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let server = dflockd::server::Server::start(dflockd::server::ServerConfig::ephemeral()).await?;
+    /// # let client = dflockd::client::Client::builder().server(server.local_addr().into()).build()?;
+    /// let lease = client.lock("jobs/compact")?.acquire().await?;
+    /// let scope = dflockd::LeaseScope::new(&lease);
+    /// scope.spawn(|cancel| async move { cancel.cancelled().await });
+    /// scope.close(); // e.g. before releasing: children are told to stop
+    /// scope.stopped().await;
+    /// lease.release().await?;
+    /// # Ok(()) }
+    /// ```
     pub fn spawn<F, Fut>(&self, task: F)
     where
         F: FnOnce(CancellationToken) -> Fut,
@@ -112,6 +146,15 @@ impl LeaseScope {
 
     /// Puts a running actor under the scope: it is stopped gracefully when
     /// the scope stops, and killed at the deadline if still alive.
+    ///
+    /// ```no_run
+    /// # use kameo::actor::ActorRef;
+    /// # async fn demo<A: kameo::Actor>(lease: dflockd_client::Lease, indexer: ActorRef<A>) {
+    /// let scope = dflockd::LeaseScope::new(&lease);
+    /// // Stopped gracefully when the lease is lost; killed at the deadline if still running.
+    /// scope.adopt_actor(indexer);
+    /// # }
+    /// ```
     pub fn adopt_actor<A: Actor>(&self, actor: ActorRef<A>) {
         let graceful = actor.clone();
         self.inner.tracker.spawn(async move {
@@ -133,22 +176,61 @@ impl LeaseScope {
     }
 
     /// A token cancelled when the scope stops (lease lost or [`close`](Self::close)).
+    ///
+    /// ```no_run
+    /// # async fn demo(lease: dflockd_client::Lease) {
+    /// let scope = dflockd::LeaseScope::new(&lease);
+    /// let stop = scope.token(); // for code not spawned through the scope
+    /// while !stop.is_cancelled() {
+    ///     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    /// }
+    /// # }
+    /// ```
     pub fn token(&self) -> CancellationToken {
         self.inner.cancel.clone()
     }
 
     /// Stops the scope now (as if the lease were lost), e.g. before a
     /// deliberate release.
+    ///
+    /// ```no_run
+    /// # async fn demo(lease: dflockd_client::Lease) -> dflockd_client::Result<()> {
+    /// let scope = dflockd::LeaseScope::new(&lease);
+    /// // … work in the scope; then finish deliberately:
+    /// scope.close();
+    /// scope.stopped().await;
+    /// lease.release().await?;
+    /// # Ok(()) }
+    /// ```
     pub fn close(&self) {
         self.inner.cancel.cancel();
     }
 
     /// Resolves when the scope has stopped and every child has ended.
+    ///
+    /// ```no_run
+    /// # async fn demo(lease: dflockd_client::Lease) {
+    /// let scope = dflockd::LeaseScope::new(&lease);
+    /// scope.spawn(|cancel| async move { cancel.cancelled().await });
+    /// scope.stopped().await; // the lease was lost and the child has ended
+    /// assert!(scope.is_stopped());
+    /// # }
+    /// ```
     pub async fn stopped(&self) {
         self.inner.done.cancelled().await
     }
 
     /// Whether the scope has stopped and every child has ended.
+    ///
+    /// ```no_run
+    /// # async fn demo(lease: dflockd_client::Lease) {
+    /// let scope = dflockd::LeaseScope::new(&lease);
+    /// assert!(!scope.is_stopped());
+    /// scope.close();
+    /// scope.stopped().await;
+    /// assert!(scope.is_stopped());
+    /// # }
+    /// ```
     pub fn is_stopped(&self) -> bool {
         self.inner.done.is_cancelled()
     }

@@ -35,6 +35,12 @@ pub struct Singleton {
 
 impl Singleton {
     /// A singleton job guarded by `key`.
+    ///
+    /// ```no_run
+    /// # fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
+    /// let compactor = dflockd::Singleton::new(&client, "jobs/compactor")?;
+    /// # Ok(()) }
+    /// ```
     pub fn new(client: &Client, key: &str) -> Result<Singleton> {
         Ok(Singleton {
             election: LeaderElection::new(client, key)?,
@@ -44,6 +50,13 @@ impl Singleton {
     /// Leases of this length: the longest a dead holder can keep the job
     /// from restarting elsewhere (when the server could not notice the death
     /// by a closed connection).
+    ///
+    /// ```no_run
+    /// # fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
+    /// use std::time::Duration;
+    /// let compactor = dflockd::Singleton::new(&client, "jobs/compactor")?.with_lease(Duration::from_secs(15));
+    /// # Ok(()) }
+    /// ```
     pub fn with_lease(self, lease: Duration) -> Singleton {
         Singleton {
             election: self.election.with_lease(lease),
@@ -51,6 +64,15 @@ impl Singleton {
     }
 
     /// Whether this process runs the job right now.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
+    /// use std::sync::Arc;
+    /// let compactor = Arc::new(dflockd::Singleton::new(&client, "jobs/compactor")?);
+    /// let probe = Arc::clone(&compactor); // e.g. for a /healthz handler
+    /// println!("compactor here: {}", probe.is_running_here());
+    /// # Ok(()) }
+    /// ```
     pub fn is_running_here(&self) -> bool {
         self.election.is_leader()
     }
@@ -59,6 +81,19 @@ impl Singleton {
     /// (then the key is released) or `stop` fires. If the lease is lost the
     /// job's context is cancelled, the job gets until the lease deadline to
     /// stop, and this process queues for the key again.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let server = dflockd::server::Server::start(dflockd::server::ServerConfig::ephemeral()).await?;
+    /// # let client = dflockd::client::Client::builder().server(server.local_addr().into()).build()?;
+    /// use tokio_util::sync::CancellationToken;
+    /// let once = dflockd::Singleton::new(&client, "jobs/migrate")?;
+    /// let mut runs = 0;
+    /// // The job returns on its own: the key is released and `run` returns.
+    /// once.run(CancellationToken::new(), |_ctx| { runs += 1; async {} }).await?;
+    /// assert_eq!(runs, 1);
+    /// # Ok(()) }
+    /// ```
     pub async fn run<F, Fut>(&self, stop: CancellationToken, job: F) -> Result<()>
     where
         F: FnMut(LeaderContext) -> Fut,

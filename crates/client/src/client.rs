@@ -25,9 +25,26 @@ use crate::{Error, Result};
 
 /// A custom sharding function: `(key, server_count) -> index`. Its result is
 /// range-checked.
+///
+/// ```
+/// use std::sync::Arc;
+/// use dflockd_client::{ShardFn, Sharding};
+/// let by_prefix: ShardFn = Arc::new(|key: &str, n: usize| if key.starts_with("eu/") { 0 } else { 1 % n });
+/// let sharding = Sharding::Custom(by_prefix);
+/// ```
 pub type ShardFn = Arc<dyn Fn(&str, usize) -> usize + Send + Sync>;
 
 /// How keys are spread over several servers.
+///
+/// ```no_run
+/// # fn demo() -> dflockd_client::Result<()> {
+/// use std::sync::Arc;
+/// use dflockd_client::{Client, Sharding};
+/// // Keep every "tenant-a/…" key on server 0.
+/// let sharding = Sharding::Custom(Arc::new(|key: &str, n: usize| if key.starts_with("tenant-a/") { 0 } else { key.len() % n }));
+/// let client = Client::builder().server("10.0.0.1:6388".parse()?).server("10.0.0.2:6388".parse()?).sharding(sharding).build()?;
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Default)]
 pub enum Sharding {
     /// CRC-32/IEEE of the key modulo the server count — identical to the Go,
@@ -95,54 +112,141 @@ impl Default for ClientBuilder {
 
 impl ClientBuilder {
     /// Adds a server (default when none is added: `127.0.0.1:6388`).
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> dflockd_client::Result<()> {
+    /// let client = dflockd_client::Client::builder()
+    ///     .server("10.0.0.1:6388".parse()?)
+    ///     .server("10.0.0.2:6388".parse()?)
+    ///     .build()?; // connects lazily, on first use
+    /// assert_eq!(client.servers().len(), 2);
+    /// # Ok(()) }
+    /// ```
     pub fn server(mut self, addr: ServerAddr) -> Self {
         self.servers.push(addr);
         self
     }
 
     /// Sets all servers at once.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> dflockd_client::Result<()> {
+    /// use dflockd_client::{Client, ServerAddr};
+    /// let addrs = ["10.0.0.1:6388", "10.0.0.2:6388"].map(|a| a.parse::<ServerAddr>());
+    /// let client = Client::builder().servers(addrs.into_iter().collect::<Result<Vec<_>, _>>()?).build()?;
+    /// assert_eq!(client.servers()[1].host(), "10.0.0.2");
+    /// # Ok(()) }
+    /// ```
     pub fn servers(mut self, addrs: impl IntoIterator<Item = ServerAddr>) -> Self {
         self.servers = addrs.into_iter().collect();
         self
     }
 
     /// How keys map to servers (default CRC-32).
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> dflockd_client::Result<()> {
+    /// use std::sync::Arc;
+    /// use dflockd_client::{Client, Sharding};
+    /// let client = Client::builder()
+    ///     .servers(["10.0.0.1:6388".parse()?, "10.0.0.2:6388".parse()?])
+    ///     .sharding(Sharding::Custom(Arc::new(|_key: &str, _n: usize| 1)))
+    ///     .build()?;
+    /// assert_eq!(client.server_for("anything")?, 1);
+    /// # Ok(()) }
+    /// ```
     pub fn sharding(mut self, sharding: Sharding) -> Self {
         self.sharding = sharding;
         self
     }
 
     /// Connect with TLS.
+    ///
+    /// ```no_run
+    /// # fn demo() -> dflockd_client::Result<()> {
+    /// use dflockd_client::{Client, TlsOptions};
+    /// let client = Client::builder()
+    ///     .server("locks.internal:6388".parse()?)
+    ///     .tls(TlsOptions::with_ca_file("/etc/dflockd/ca.pem")?)
+    ///     .build()?;
+    /// # Ok(()) }
+    /// ```
     pub fn tls(mut self, tls: TlsOptions) -> Self {
         self.options.tls = Some(tls);
         self
     }
 
     /// Send this shared secret first on every connection.
+    ///
+    /// ```
+    /// use dflockd_client::Client;
+    /// let builder = Client::builder().auth_token("s3cret")?;
+    /// // A token must be a single line.
+    /// assert!(Client::builder().auth_token("two\nlines").is_err());
+    /// # Ok::<(), dflockd_client::Error>(())
+    /// ```
     pub fn auth_token(mut self, token: &str) -> Result<Self> {
         self.options.auth_token = Some(AuthToken::new(token)?);
         Ok(self)
     }
 
     /// Bound on TCP connect + TLS + auth (default 10 s).
+    ///
+    /// ```no_run
+    /// # fn demo() -> dflockd_client::Result<()> {
+    /// use std::time::Duration;
+    /// // Fail fast when a server is unreachable.
+    /// let client = dflockd_client::Client::builder().connect_timeout(Duration::from_secs(2)).build()?;
+    /// # Ok(()) }
+    /// ```
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.options.connect_timeout = timeout;
         self
     }
 
     /// Renew after this fraction of the lease (default 1/3; must be in (0, 1)).
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() {
+    /// use dflockd_client::{Client, Error};
+    /// // Renew a 30 s lease every 15 s.
+    /// assert!(Client::builder().renew_ratio(0.5).build().is_ok());
+    /// assert!(matches!(Client::builder().renew_ratio(1.5).build(), Err(Error::InvalidArgument(_))));
+    /// # }
+    /// ```
     pub fn renew_ratio(mut self, ratio: f64) -> Self {
         self.renew_ratio = ratio;
         self
     }
 
     /// Lease to request when a handle names none (default: the server's, 33 s).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> dflockd_client::Result<()> {
+    /// use std::time::Duration;
+    /// let client = dflockd_client::Client::builder().default_lease(Duration::from_secs(60)).build()?;
+    /// let lease = client.lock("batch/import")?.acquire().await?; // asks for a 60 s lease
+    /// assert_eq!(lease.ttl(), Duration::from_secs(60));
+    /// # Ok(()) }
+    /// ```
     pub fn default_lease(mut self, lease: Duration) -> Self {
         self.default_lease = Some(lease);
         self
     }
 
     /// How long `acquire()` waits by default (default 10 s).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> dflockd_client::Result<()> {
+    /// use std::time::Duration;
+    /// let client = dflockd_client::Client::builder().acquire_timeout(Duration::from_secs(1)).build()?;
+    /// // `acquire()` now gives up with `Error::Timeout` after one second.
+    /// match client.lock("deploy")?.acquire().await {
+    ///     Err(dflockd_client::Error::Timeout) => println!("someone else is deploying"),
+    ///     other => { other?; }
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
         self.acquire_timeout = timeout;
         self
@@ -150,6 +254,14 @@ impl ClientBuilder {
 
     /// Ping a connection after this much silence (default 10 s, below the
     /// server's 23 s idle timeout). Also caps the renew interval.
+    ///
+    /// ```no_run
+    /// # fn demo() -> dflockd_client::Result<()> {
+    /// use std::time::Duration;
+    /// // A proxy in between closes connections silent for 5 s.
+    /// let client = dflockd_client::Client::builder().keepalive(Duration::from_secs(3)).build()?;
+    /// # Ok(()) }
+    /// ```
     pub fn keepalive(mut self, keepalive: Duration) -> Self {
         self.keepalive = keepalive;
         self
@@ -157,6 +269,15 @@ impl ClientBuilder {
 
     /// Longest wait for a non-blocking reply before the connection is
     /// dropped (default 10 s).
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() {
+    /// use std::time::Duration;
+    /// use dflockd_client::Client;
+    /// assert!(Client::builder().reply_timeout(Duration::from_secs(3)).build().is_ok());
+    /// assert!(Client::builder().reply_timeout(Duration::ZERO).build().is_err());
+    /// # }
+    /// ```
     pub fn reply_timeout(mut self, timeout: Duration) -> Self {
         self.reply_timeout = timeout;
         self
@@ -181,6 +302,16 @@ impl ClientBuilder {
     }
 
     /// Builds the client and starts its actors on the current tokio runtime.
+    ///
+    /// ```
+    /// use dflockd_client::{Client, Error};
+    /// // Outside a tokio runtime there is nothing to run the client's actors on.
+    /// assert!(matches!(Client::builder().build(), Err(Error::InvalidArgument(_))));
+    /// let runtime = tokio::runtime::Runtime::new()?;
+    /// let client = runtime.block_on(async { Client::builder().build() })?;
+    /// assert_eq!(client.servers()[0].to_string(), "127.0.0.1:6388");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn build(self) -> Result<Client> {
         let runtime = Handle::try_current()
             .map_err(|_| Error::InvalidArgument("Client::build needs a tokio runtime".into()))?;
@@ -358,16 +489,40 @@ impl std::fmt::Debug for Client {
 
 impl Client {
     /// A builder with the defaults.
+    ///
+    /// ```no_run
+    /// # fn demo() -> dflockd_client::Result<()> {
+    /// let client = dflockd_client::Client::builder().server("127.0.0.1:6388".parse()?).build()?;
+    /// # Ok(()) }
+    /// ```
     pub fn builder() -> ClientBuilder {
         ClientBuilder::default()
     }
 
     /// The servers, in sharding order.
+    ///
+    /// ```no_run
+    /// # fn demo(client: dflockd_client::Client) {
+    /// for (index, addr) in client.servers().iter().enumerate() {
+    ///     println!("server {index}: {addr}");
+    /// }
+    /// # }
+    /// ```
     pub fn servers(&self) -> Vec<ServerAddr> {
         self.inner.servers.iter().map(|s| s.addr.clone()).collect()
     }
 
     /// The index of the server responsible for `key`.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> dflockd_client::Result<()> {
+    /// let client = dflockd_client::Client::builder()
+    ///     .servers(["10.0.0.1:6388".parse()?, "10.0.0.2:6388".parse()?])
+    ///     .build()?;
+    /// // CRC-32 sharding, the same as the other dflockd clients.
+    /// assert_eq!(client.server_for("jobs/nightly")?, dflockd_proto::shard("jobs/nightly", 2).unwrap());
+    /// # Ok(()) }
+    /// ```
     pub fn server_for(&self, key: &str) -> Result<usize> {
         let n = self.inner.servers.len();
         let index = match &self.inner.sharding {
@@ -385,11 +540,35 @@ impl Client {
     }
 
     /// A lock handle for `key` (validated like the server does).
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let server = dflockd_server::Server::start(dflockd_server::ServerConfig::ephemeral()).await?;
+    /// # let client = dflockd_client::Client::builder().server(server.local_addr().into()).build()?;
+    /// let lock = client.lock("deploy/prod")?;
+    /// let lease = lock.acquire().await?;
+    /// assert!(lock.try_acquire().await?.is_none()); // held: a second try fails
+    /// lease.release().await?;
+    /// assert!(client.lock("bad key").is_err()); // keys cannot contain white space
+    /// # Ok(()) }
+    /// ```
     pub fn lock(&self, key: &str) -> Result<Lock> {
         Ok(Lock(self.target(key, Kind::Lock)?))
     }
 
     /// A counting-semaphore handle for `key` with `limit` slots.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let server = dflockd_server::Server::start(dflockd_server::ServerConfig::ephemeral()).await?;
+    /// # let client = dflockd_client::Client::builder().server(server.local_addr().into()).build()?;
+    /// let pool = client.semaphore("db/pool", 2)?;
+    /// let a = pool.acquire().await?;
+    /// let b = pool.acquire().await?;
+    /// assert!(pool.try_acquire().await?.is_none()); // both slots taken
+    /// # drop((a, b));
+    /// # Ok(()) }
+    /// ```
     pub fn semaphore(&self, key: &str, limit: u32) -> Result<Semaphore> {
         let limit = Limit::new(u64::from(limit))
             .map_err(|e| Error::InvalidArgument(format!("semaphore limit: {e}")))?;
@@ -411,6 +590,16 @@ impl Client {
     }
 
     /// The `stats` document of server `index`.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let server = dflockd_server::Server::start(dflockd_server::ServerConfig::ephemeral()).await?;
+    /// # let client = dflockd_client::Client::builder().server(server.local_addr().into()).build()?;
+    /// let _lease = client.lock("reports")?.acquire().await?;
+    /// let stats = client.stats(0).await?;
+    /// assert!(stats.locks.iter().any(|entry| entry.key == "reports"));
+    /// # Ok(()) }
+    /// ```
     pub async fn stats(&self, index: usize) -> Result<Stats> {
         self.check_index(index)?;
         expect_stats(
@@ -454,6 +643,15 @@ impl Client {
     }
 
     /// Pings server `index` over its control lane.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
+    /// // A health check over every server.
+    /// for index in 0..client.servers().len() {
+    ///     client.ping(index).await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn ping(&self, index: usize) -> Result<()> {
         self.check_index(index)?;
         expect_ok(self.inner.control_call(index, Request::Ping, None).await?.0)
@@ -480,6 +678,17 @@ struct Target {
 }
 
 /// Result of a two-phase [`Lock::enqueue`] / [`Semaphore::enqueue`].
+///
+/// ```no_run
+/// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
+/// use std::time::Duration;
+/// use dflockd_client::Enqueue;
+/// let lease = match client.lock("jobs/compact")?.enqueue().await? {
+///     Enqueue::Acquired(lease) => lease,
+///     Enqueue::Queued(ticket) => ticket.wait(Duration::from_secs(30)).await?,
+/// };
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub enum Enqueue {
     /// Granted at once.
@@ -494,6 +703,16 @@ pub enum Enqueue {
 /// Dropping a ticket without [`wait`](Self::wait)ing gives the place up in
 /// the background; a grant the place may have received meanwhile is
 /// released, not left to the server's auto-release (which may be off).
+///
+/// ```no_run
+/// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
+/// use std::time::Duration;
+/// if let dflockd_client::Enqueue::Queued(ticket) = client.lock("jobs/compact")?.enqueue().await? {
+///     // In the queue now; do other set-up while keeping the place.
+///     let lease = ticket.wait(Duration::from_secs(60)).await?;
+/// }
+/// # Ok(()) }
+/// ```
 pub struct Ticket {
     target: Target,
     /// `None` only once `wait` has taken it.
@@ -532,6 +751,20 @@ impl std::fmt::Debug for Ticket {
 impl Ticket {
     /// Waits up to `timeout` (rounded up to whole seconds) for the grant. On
     /// timeout the queue position is gone: `Err(Error::Timeout)`.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let server = dflockd_server::Server::start(dflockd_server::ServerConfig::ephemeral()).await?;
+    /// # let client = dflockd_client::Client::builder().server(server.local_addr().into()).build()?;
+    /// use std::time::Duration;
+    /// use dflockd_client::Enqueue;
+    /// let lock = client.lock("jobs/compact")?;
+    /// let first = lock.acquire().await?;
+    /// let Enqueue::Queued(ticket) = lock.enqueue().await? else { panic!("the lock is held") };
+    /// first.release().await?; // the queued place is next
+    /// let second = ticket.wait(Duration::from_secs(5)).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn wait(mut self, timeout: Duration) -> Result<Lease> {
         // Validate first: on error the ticket is dropped, which gives the
         // place up cleanly.
@@ -926,23 +1159,53 @@ macro_rules! handle_methods {
     ($handle:ident, $what:literal) => {
         impl $handle {
             /// The key.
+            ///
+            /// ```no_run
+            /// # fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
+            /// let lock = client.lock("jobs/nightly")?;
+            /// assert_eq!(lock.key().as_bytes(), b"jobs/nightly");
+            /// # Ok(()) }
+            /// ```
             pub fn key(&self) -> &Key {
                 &self.0.key
             }
 
             /// The index of the server this key lives on.
+            ///
+            /// ```no_run
+            /// # fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
+            /// let lock = client.lock("jobs/nightly")?;
+            /// assert_eq!(lock.server(), client.server_for("jobs/nightly")?);
+            /// # Ok(()) }
+            /// ```
             pub fn server(&self) -> usize {
                 self.0.server
             }
 
             /// Requests this lease length (rounded up to whole seconds)
             /// instead of the default.
+            ///
+            /// ```no_run
+            /// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
+            /// use std::time::Duration;
+            /// let lease = client.lock("reindex")?.with_lease(Duration::from_secs(120)).acquire().await?;
+            /// assert_eq!(lease.ttl(), Duration::from_secs(120));
+            /// # Ok(()) }
+            /// ```
             pub fn with_lease(mut self, lease: Duration) -> Self {
                 self.0.lease = Some(lease);
                 self
             }
 
             /// Waits this long in [`acquire`](Self::acquire) instead of the client default.
+            ///
+            /// ```no_run
+            /// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
+            /// use std::time::Duration;
+            /// let slot = client.semaphore("gpu", 4)?.with_timeout(Duration::from_secs(60));
+            /// let lease = slot.acquire().await?; // waits up to a minute for a free slot
+            /// # Ok(()) }
+            /// ```
             pub fn with_timeout(mut self, timeout: Duration) -> Self {
                 self.0.timeout = timeout;
                 self
@@ -950,28 +1213,77 @@ macro_rules! handle_methods {
 
             /// Tells `owner` (any kameo actor handling [`LeaseLost`]) when a
             /// lease acquired through this handle is lost.
+            ///
+            /// ```no_run
+            /// # use kameo::actor::Recipient;
+            /// # use dflockd_client::LeaseLost;
+            /// # async fn demo(client: dflockd_client::Client, worker: Recipient<LeaseLost>) -> dflockd_client::Result<()> {
+            /// // `worker` is `actor_ref.recipient()` of an actor that handles `LeaseLost`.
+            /// let lease = client.lock("jobs/compact")?.notify(worker).acquire().await?;
+            /// # Ok(()) }
+            /// ```
             pub fn notify(mut self, owner: Recipient<LeaseLost>) -> Self {
                 self.0.owner = Some(owner);
                 self
             }
 
             #[doc = concat!("Acquires the ", $what, ", waiting up to the handle's timeout; `Err(Error::Timeout)` if it stays busy.")]
+            ///
+            /// ```no_run
+            /// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
+            /// match client.lock("deploy")?.acquire().await {
+            ///     Ok(lease) => { /* deploy, then */ lease.release().await?; }
+            ///     Err(dflockd_client::Error::Timeout) => eprintln!("still busy; try later"),
+            ///     Err(other) => return Err(other),
+            /// }
+            /// # Ok(()) }
+            /// ```
             pub async fn acquire(&self) -> Result<Lease> {
                 self.0.acquire_within(self.0.timeout).await?.ok_or(Error::Timeout)
             }
 
             #[doc = concat!("Acquires the ", $what, " if it is free right now.")]
+            ///
+            /// ```no_run
+            /// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
+            /// // Run the cron job on whichever host gets there first; the others skip it.
+            /// if let Some(lease) = client.lock("cron/cleanup")?.try_acquire().await? {
+            ///     lease.release().await?;
+            /// }
+            /// # Ok(()) }
+            /// ```
             pub async fn try_acquire(&self) -> Result<Option<Lease>> {
                 self.0.acquire_within(Duration::ZERO).await
             }
 
             #[doc = concat!("Acquires the ", $what, ", waiting up to `timeout` (rounded up to whole seconds); `None` if it stayed busy.")]
+            ///
+            /// ```no_run
+            /// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
+            /// use std::time::Duration;
+            /// match client.semaphore("exports", 3)?.acquire_within(Duration::from_secs(5)).await? {
+            ///     Some(lease) => { /* export, then */ lease.release().await?; }
+            ///     None => eprintln!("all three export slots busy for 5 s"),
+            /// }
+            /// # Ok(()) }
+            /// ```
             pub async fn acquire_within(&self, timeout: Duration) -> Result<Option<Lease>> {
                 self.0.acquire_within(timeout).await
             }
 
             /// Two-phase acquire, phase 1: join the queue (or be granted at
             /// once) and come back for the grant with [`Ticket::wait`].
+            ///
+            /// ```no_run
+            /// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
+            /// use std::time::Duration;
+            /// use dflockd_client::Enqueue;
+            /// let lease = match client.semaphore("encoders", 2)?.enqueue().await? {
+            ///     Enqueue::Acquired(lease) => lease,
+            ///     Enqueue::Queued(ticket) => ticket.wait(Duration::from_secs(30)).await?,
+            /// };
+            /// # Ok(()) }
+            /// ```
             pub async fn enqueue(&self) -> Result<Enqueue> {
                 self.0.enqueue().await
             }
@@ -986,10 +1298,28 @@ macro_rules! handle_methods {
 }
 
 /// A distributed FIFO lock on one key.
+///
+/// ```no_run
+/// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
+/// let lock: dflockd_client::Lock = client.lock("billing/run")?;
+/// let lease = lock.acquire().await?;
+/// // … only one process in the cluster runs this section …
+/// lease.release().await?;
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Lock(Target);
 
 /// A distributed counting semaphore on one key.
+///
+/// ```no_run
+/// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
+/// // At most 8 concurrent crawlers across all hosts.
+/// let crawlers: dflockd_client::Semaphore = client.semaphore("crawlers", 8)?;
+/// let slot = crawlers.acquire().await?;
+/// slot.release().await?;
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Semaphore(Target);
 

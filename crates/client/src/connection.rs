@@ -26,6 +26,17 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 pub(crate) type BoxIo = Box<dyn Io>;
 
 /// A grant: token and lease as the server reported them.
+///
+/// ```no_run
+/// # async fn demo(conn: &mut dflockd_client::Connection) -> dflockd_client::Result<()> {
+/// use std::time::Duration;
+/// use dflockd_proto::{Key, Kind};
+/// let key = Key::new("jobs/nightly").unwrap();
+/// if let Some(granted) = conn.acquire(&key, Kind::Lock, Duration::ZERO, None).await? {
+///     println!("fence {} for {} s", granted.token.fence(), granted.lease.get());
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Granted {
     /// The token (its first 16 hex digits are the fence).
@@ -35,6 +46,19 @@ pub struct Granted {
 }
 
 /// Result of a two-phase enqueue.
+///
+/// ```no_run
+/// # async fn demo(conn: &mut dflockd_client::Connection) -> dflockd_client::Result<()> {
+/// use std::time::Duration;
+/// use dflockd_client::Enqueued;
+/// use dflockd_proto::{Key, Kind};
+/// let key = Key::new("jobs/nightly").unwrap();
+/// let granted = match conn.enqueue(&key, Kind::Lock, None).await? {
+///     Enqueued::Acquired(granted) => Some(granted),
+///     Enqueued::Queued => conn.wait(&key, Kind::Lock.namespace(), Duration::from_secs(30)).await?,
+/// };
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Enqueued {
     /// Granted at once.
@@ -78,6 +102,16 @@ impl std::fmt::Debug for Connection {
 impl Connection {
     /// Connects (TCP, then TLS and `auth` if configured), all within the
     /// connect timeout.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let server = dflockd_server::Server::start(dflockd_server::ServerConfig::ephemeral()).await?;
+    /// use dflockd_client::{ConnectOptions, Connection};
+    /// let addr = server.local_addr().into();
+    /// let mut conn = Connection::connect(&addr, &ConnectOptions::default()).await?;
+    /// conn.ping().await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn connect(addr: &ServerAddr, options: &ConnectOptions) -> Result<Connection> {
         let fail = |cause: String| Error::Connect {
             addr: addr.to_string(),
@@ -129,16 +163,40 @@ impl Connection {
     }
 
     /// The server this connection talks to.
+    ///
+    /// ```no_run
+    /// # fn demo(conn: &dflockd_client::Connection) {
+    /// println!("talking to {}", conn.addr());
+    /// # }
+    /// ```
     pub fn addr(&self) -> &ServerAddr {
         &self.addr
     }
 
     /// Whether an interrupted or failed request made the connection unusable.
+    ///
+    /// ```no_run
+    /// # async fn demo(mut conn: dflockd_client::Connection, options: dflockd_client::ConnectOptions) -> dflockd_client::Result<()> {
+    /// use dflockd_client::Connection;
+    /// if conn.ping().await.is_err() && conn.is_poisoned() {
+    ///     conn = Connection::connect(&conn.addr().clone(), &options).await?; // start over
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn is_poisoned(&self) -> bool {
         self.poisoned
     }
 
     /// Sends one request and reads its reply, waiting at most `reply_timeout`.
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: &mut dflockd_client::Connection) -> dflockd_client::Result<()> {
+    /// use std::time::Duration;
+    /// use dflockd_proto::{Reply, Request};
+    /// let reply = conn.request(&Request::Ping, Duration::from_secs(5)).await?;
+    /// assert_eq!(reply, Reply::Ok);
+    /// # Ok(()) }
+    /// ```
     pub async fn request(&mut self, request: &Request, reply_timeout: Duration) -> Result<Reply> {
         if self.poisoned {
             return Err(Error::Poisoned);
@@ -203,6 +261,19 @@ impl Connection {
 
     /// `l`/`sl`: acquires, waiting up to `timeout` (rounded up to whole
     /// seconds; zero is a try-lock). `None` means not granted in time.
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: &mut dflockd_client::Connection) -> dflockd_client::Result<()> {
+    /// use std::time::Duration;
+    /// use dflockd_proto::{Key, Kind, Limit};
+    /// let key = Key::new("encoders").unwrap();
+    /// let slot = Kind::Semaphore(Limit::new(4).unwrap());
+    /// match conn.acquire(&key, slot, Duration::from_secs(10), Some(Duration::from_secs(60))).await? {
+    ///     Some(granted) => println!("slot held, fence {}", granted.token.fence()),
+    ///     None => println!("all 4 slots stayed busy for 10 s"),
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn acquire(
         &mut self,
         key: &Key,
@@ -221,6 +292,17 @@ impl Connection {
 
     /// `r`/`sr`: releases a grant. `Err(Error::Server)` means the token no
     /// longer holds the key.
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: &mut dflockd_client::Connection) -> dflockd_client::Result<()> {
+    /// use std::time::Duration;
+    /// use dflockd_proto::{Key, Kind};
+    /// let key = Key::new("jobs/nightly").unwrap();
+    /// if let Some(granted) = conn.acquire(&key, Kind::Lock, Duration::ZERO, None).await? {
+    ///     conn.release(&key, Kind::Lock.namespace(), granted.token).await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn release(&mut self, key: &Key, namespace: Namespace, token: Token) -> Result<()> {
         let request = Request::Release {
             key: key.clone(),
@@ -231,6 +313,17 @@ impl Connection {
     }
 
     /// `n`/`sn`: renews a lease; returns the lease the server applied.
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: &mut dflockd_client::Connection) -> dflockd_client::Result<()> {
+    /// use std::time::Duration;
+    /// use dflockd_proto::{Key, Kind};
+    /// let key = Key::new("jobs/nightly").unwrap();
+    /// let granted = conn.acquire(&key, Kind::Lock, Duration::from_secs(5), None).await?.expect("granted");
+    /// let applied = conn.renew(&key, Kind::Lock.namespace(), granted.token, Some(Duration::from_secs(60))).await?;
+    /// assert_eq!(applied.get(), 60);
+    /// # Ok(()) }
+    /// ```
     pub async fn renew(
         &mut self,
         key: &Key,
@@ -248,6 +341,17 @@ impl Connection {
     }
 
     /// `e`/`se`: two-phase enqueue.
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: &mut dflockd_client::Connection) -> dflockd_client::Result<()> {
+    /// use dflockd_client::Enqueued;
+    /// use dflockd_proto::{Key, Kind};
+    /// let key = Key::new("jobs/nightly").unwrap();
+    /// if conn.enqueue(&key, Kind::Lock, None).await? == Enqueued::Queued {
+    ///     println!("queued; call wait on this same connection");
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn enqueue(
         &mut self,
         key: &Key,
@@ -265,6 +369,19 @@ impl Connection {
     /// `w`/`sw`: waits for the grant of an earlier enqueue on this
     /// connection. `None` means the wait timed out and the queue position is
     /// gone.
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: &mut dflockd_client::Connection) -> dflockd_client::Result<()> {
+    /// use std::time::Duration;
+    /// use dflockd_client::Enqueued;
+    /// use dflockd_proto::{Key, Kind};
+    /// let key = Key::new("jobs/nightly").unwrap();
+    /// if let Enqueued::Queued = conn.enqueue(&key, Kind::Lock, None).await? {
+    ///     let granted = conn.wait(&key, Kind::Lock.namespace(), Duration::from_secs(30)).await?;
+    ///     assert!(granted.is_some(), "or the place timed out and is gone");
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn wait(
         &mut self,
         key: &Key,
@@ -280,11 +397,27 @@ impl Connection {
     }
 
     /// `stats`: the server's state, shape-validated.
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: &mut dflockd_client::Connection) -> dflockd_client::Result<()> {
+    /// let stats = conn.stats().await?;
+    /// for lock in &stats.locks {
+    ///     println!("{}: {} waiting", lock.key, lock.waiters);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn stats(&mut self) -> Result<Stats> {
         expect_stats(self.request(&Request::Stats, REPLY_SLACK).await?)
     }
 
     /// `ping`: keep-alive.
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: &mut dflockd_client::Connection) -> dflockd_client::Result<()> {
+    /// // Keep an idle connection (and the holds tied to it) alive.
+    /// conn.ping().await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn ping(&mut self) -> Result<()> {
         expect_ok(self.request(&Request::Ping, REPLY_SLACK).await?)
     }

@@ -98,6 +98,13 @@ pub enum Error {
 
 impl Error {
     /// Maps a failure status word to its error.
+    ///
+    /// ```
+    /// use dflockd_client::Error;
+    /// use dflockd_proto::Status;
+    /// assert!(matches!(Error::from_status(Status::Timeout), Error::Timeout));
+    /// assert!(matches!(Error::from_status(Status::ErrorNotLeader), Error::NotLeader { leader: None }));
+    /// ```
     pub fn from_status(status: Status) -> Error {
         match status {
             Status::Timeout => Error::Timeout,
@@ -116,6 +123,18 @@ impl Error {
 
     /// Whether retrying on a fresh connection may succeed (transport trouble),
     /// as opposed to a definitive answer from the server.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
+    /// let lock = client.lock("deploy")?;
+    /// let lease = loop {
+    ///     match lock.acquire().await {
+    ///         Err(error) if error.is_transient() => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
+    ///         other => break other?,
+    ///     }
+    /// };
+    /// # Ok(()) }
+    /// ```
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
@@ -138,4 +157,12 @@ impl From<std::io::Error> for Error {
 }
 
 /// Shorthand for `Result<T, dflockd_client::Error>`.
+///
+/// ```
+/// fn parse_servers(list: &str) -> dflockd_client::Result<Vec<dflockd_client::ServerAddr>> {
+///     list.split(',').map(str::parse).collect()
+/// }
+/// assert_eq!(parse_servers("a:1,b:2").unwrap().len(), 2);
+/// assert!(parse_servers("a:1,b").is_err());
+/// ```
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -14,6 +14,18 @@ use crate::supervisor::{LeaseId, Untrack};
 use crate::{Error, Result};
 
 /// Why a lease was lost.
+///
+/// ```no_run
+/// # async fn demo(lease: dflockd_client::Lease) {
+/// use dflockd_client::LossReason;
+/// lease.lost().await;
+/// match lease.loss_reason() {
+///     Some(LossReason::Refused) => eprintln!("someone else holds it now"),
+///     Some(LossReason::ConnectionLost | LossReason::Expired) => eprintln!("could not renew in time"),
+///     _ => {}
+/// }
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LossReason {
     /// The server refused a renewal (`error`): the lease had expired or was
@@ -105,6 +117,16 @@ impl LeaseShared {
 }
 
 /// What [`Lease::release`] found.
+///
+/// ```
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let server = dflockd_server::Server::start(dflockd_server::ServerConfig::ephemeral()).await?;
+/// # let client = dflockd_client::Client::builder().server(server.local_addr().into()).build()?;
+/// use dflockd_client::Released;
+/// let lease = client.lock("deploy")?.acquire().await?;
+/// assert_eq!(lease.release().await?, Released::Released);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Released {
     /// The server released the grant.
@@ -195,48 +217,130 @@ impl Lease {
     }
 
     /// The key.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
+    /// let lease = client.lock("reports/nightly")?.acquire().await?;
+    /// assert_eq!(lease.key().to_string_lossy(), "reports/nightly");
+    /// # Ok(()) }
+    /// ```
     pub fn key(&self) -> &Key {
         &self.inner().key
     }
 
     /// The grant token (send it with writes to fenced storage).
+    ///
+    /// ```no_run
+    /// # async fn demo(lease: dflockd_client::Lease) {
+    /// // The token's text form is what fenced storage (or `dflock fence`) checks.
+    /// let header = format!("X-Lock-Token: {}", lease.token());
+    /// assert_eq!(lease.token().fence(), lease.fence());
+    /// # }
+    /// ```
     pub fn token(&self) -> Token {
         self.inner().token
     }
 
     /// The fence: larger means a later grant of this key.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
+    /// let lock = client.lock("ledger")?;
+    /// let first = lock.acquire().await?;
+    /// let first_fence = first.fence();
+    /// first.release().await?;
+    /// let second = lock.acquire().await?;
+    /// assert!(second.fence() > first_fence); // storage can reject the older writer
+    /// # Ok(()) }
+    /// ```
     pub fn fence(&self) -> u64 {
         self.inner().token.fence()
     }
 
     /// The lease length the server last applied.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
+    /// use std::time::Duration;
+    /// let lease = client.lock("ledger")?.with_lease(Duration::from_secs(45)).acquire().await?;
+    /// assert_eq!(lease.ttl(), Duration::from_secs(45));
+    /// # Ok(()) }
+    /// ```
     pub fn ttl(&self) -> Duration {
         self.inner().shared.timing().1
     }
 
     /// The latest instant the lease is known valid; work must be finished
     /// (or checkpointed) before it. Renewals move it forward.
+    ///
+    /// ```no_run
+    /// # async fn demo(lease: dflockd_client::Lease) {
+    /// // Stop in good time: never start a step that could outlast the lease.
+    /// let left = lease.deadline().saturating_duration_since(tokio::time::Instant::now());
+    /// println!("safe for another {left:?}");
+    /// # }
+    /// ```
     pub fn deadline(&self) -> Instant {
         self.inner().shared.timing().0
     }
 
     /// Whether the lease is known lost.
+    ///
+    /// ```no_run
+    /// # fn demo(lease: dflockd_client::Lease, batches: Vec<Vec<u8>>) {
+    /// for batch in batches {
+    ///     if lease.is_lost() {
+    ///         break; // another process may hold the lock now
+    ///     }
+    ///     // write the batch …
+    /// }
+    /// # }
+    /// ```
     pub fn is_lost(&self) -> bool {
         self.inner().shared.is_lost()
     }
 
     /// Why the lease was lost, once it is.
+    ///
+    /// ```no_run
+    /// # async fn demo(lease: dflockd_client::Lease) {
+    /// assert_eq!(lease.loss_reason(), None); // still held
+    /// lease.lost().await;
+    /// eprintln!("lost: {:?}", lease.loss_reason().unwrap());
+    /// # }
+    /// ```
     pub fn loss_reason(&self) -> Option<LossReason> {
         self.inner().shared.reason.get().copied()
     }
 
     /// Resolves when the lease is lost.
+    ///
+    /// ```no_run
+    /// # async fn demo(lease: dflockd_client::Lease) -> dflockd_client::Result<()> {
+    /// use std::time::Duration;
+    /// tokio::select! {
+    ///     _ = lease.lost() => eprintln!("lease lost; abandoning the work"),
+    ///     _ = tokio::time::sleep(Duration::from_secs(10)) => { lease.release().await?; }
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn lost(&self) -> WaitForCancellationFuture<'_> {
         self.inner().shared.lost_token().cancelled()
     }
 
     /// A token cancelled when the lease is lost; hand clones to tasks doing
     /// the protected work.
+    ///
+    /// ```no_run
+    /// # async fn demo(lease: dflockd_client::Lease) {
+    /// let stop = lease.cancellation_token();
+    /// let worker = tokio::spawn(async move {
+    ///     while !stop.is_cancelled() {
+    ///         // one unit of protected work …
+    ///     }
+    /// });
+    /// # }
+    /// ```
     pub fn cancellation_token(&self) -> CancellationToken {
         self.inner().shared.lost_token().child_token()
     }
@@ -244,6 +348,16 @@ impl Lease {
     /// A cheap, cloneable view of this lease's state (lost or not, deadline)
     /// that outlives borrows of the guard — for supervisors of the protected
     /// work, such as a task scope that must stop before the deadline.
+    ///
+    /// ```no_run
+    /// # async fn demo(lease: dflockd_client::Lease) {
+    /// let monitor = lease.monitor(); // 'static, unlike `lease.lost()`
+    /// tokio::spawn(async move {
+    ///     monitor.lost().await;
+    ///     eprintln!("lease lost: {:?}", monitor.loss_reason());
+    /// });
+    /// # }
+    /// ```
     pub fn monitor(&self) -> LeaseMonitor {
         LeaseMonitor {
             shared: Arc::clone(&self.inner().shared),
@@ -252,6 +366,15 @@ impl Lease {
 
     /// Releases the lease. `Released::AlreadyLost` if it had been lost (or the
     /// server no longer knew the token).
+    ///
+    /// ```no_run
+    /// # async fn demo(lease: dflockd_client::Lease) -> dflockd_client::Result<()> {
+    /// use dflockd_client::Released;
+    /// if lease.release().await? == Released::AlreadyLost {
+    ///     eprintln!("the lease had lapsed: the work may have overlapped another holder's");
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn release(mut self) -> Result<Released> {
         let inner = self
             .inner
@@ -330,21 +453,61 @@ pub struct LeaseMonitor {
 
 impl LeaseMonitor {
     /// Whether the lease is known lost (or released).
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let server = dflockd_server::Server::start(dflockd_server::ServerConfig::ephemeral()).await?;
+    /// # let client = dflockd_client::Client::builder().server(server.local_addr().into()).build()?;
+    /// let lease = client.lock("jobs/compact")?.acquire().await?;
+    /// let monitor = lease.monitor();
+    /// assert!(!monitor.is_lost());
+    /// lease.release().await?;
+    /// assert!(monitor.is_lost()); // a released lease counts as lost
+    /// # Ok(()) }
+    /// ```
     pub fn is_lost(&self) -> bool {
         self.shared.is_lost()
     }
 
     /// Resolves when the lease is lost (or released).
+    ///
+    /// ```no_run
+    /// # async fn demo(lease: dflockd_client::Lease) {
+    /// let monitor = lease.monitor();
+    /// tokio::spawn(async move {
+    ///     monitor.lost().await;
+    ///     eprintln!("stop writing: the lease is gone");
+    /// });
+    /// # }
+    /// ```
     pub async fn lost(&self) {
         self.shared.lost_token().cancelled().await
     }
 
     /// The latest instant the lease is known valid.
+    ///
+    /// ```no_run
+    /// # async fn demo(lease: dflockd_client::Lease) {
+    /// let monitor = lease.monitor();
+    /// // Wake up shortly before the lease could run out.
+    /// tokio::time::sleep_until(monitor.deadline()).await;
+    /// # }
+    /// ```
     pub fn deadline(&self) -> Instant {
         self.shared.timing().0
     }
 
     /// Why it was lost, once it is.
+    ///
+    /// ```no_run
+    /// # async fn demo(lease: dflockd_client::Lease) {
+    /// let monitor = lease.monitor();
+    /// monitor.lost().await;
+    /// if monitor.loss_reason() == Some(dflockd_client::LossReason::Refused) {
+    ///     eprintln!("the server gave the lock to someone else");
+    /// }
+    /// # }
+    /// ```
     pub fn loss_reason(&self) -> Option<LossReason> {
         self.shared.reason.get().copied()
     }

@@ -29,6 +29,16 @@ pub struct ServerAddr {
 impl ServerAddr {
     /// An address from host and port. The host must be non-empty and free of
     /// white space.
+    ///
+    /// ```
+    /// use dflockd_client::ServerAddr;
+    /// let addr = ServerAddr::new("locks.internal", 6388)?;
+    /// assert_eq!(addr.to_string(), "locks.internal:6388");
+    /// assert_eq!(ServerAddr::new("::1", 7000)?.to_string(), "[::1]:7000");
+    /// assert!(ServerAddr::new("", 6388).is_err());
+    /// assert!(ServerAddr::new("host", 0).is_err());
+    /// # Ok::<(), dflockd_client::Error>(())
+    /// ```
     pub fn new(host: impl Into<String>, port: u16) -> Result<ServerAddr> {
         let host = host.into();
         let host = host
@@ -47,11 +57,22 @@ impl ServerAddr {
     }
 
     /// The host name or IP literal.
+    ///
+    /// ```
+    /// let addr: dflockd_client::ServerAddr = "locks.internal:6388".parse()?;
+    /// assert_eq!(addr.host(), "locks.internal");
+    /// # Ok::<(), dflockd_client::Error>(())
+    /// ```
     pub fn host(&self) -> &str {
         &self.host
     }
 
     /// The port.
+    ///
+    /// ```
+    /// let addr = dflockd_client::ServerAddr::from(std::net::SocketAddr::from(([10, 0, 0, 1], 7000)));
+    /// assert_eq!(addr.port(), 7000);
+    /// ```
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -103,6 +124,13 @@ pub struct TlsOptions {
 
 impl TlsOptions {
     /// Trusts the CA certificates in a PEM file.
+    ///
+    /// ```
+    /// use dflockd_client::TlsOptions;
+    /// // A missing or unreadable file is an `Error::InvalidArgument` naming it.
+    /// let missing = TlsOptions::with_ca_file("/nonexistent/ca.pem");
+    /// assert!(missing.unwrap_err().to_string().contains("/nonexistent/ca.pem"));
+    /// ```
     pub fn with_ca_file(path: impl AsRef<Path>) -> Result<TlsOptions> {
         let pem = std::fs::read(path.as_ref()).map_err(|e| {
             Error::InvalidArgument(format!(
@@ -114,6 +142,14 @@ impl TlsOptions {
     }
 
     /// Trusts the CA certificates in PEM text.
+    ///
+    /// ```
+    /// use dflockd_client::TlsOptions;
+    /// let ca = rcgen::generate_simple_self_signed(vec!["locks.internal".into()]).unwrap();
+    /// let tls = TlsOptions::with_ca_pem(ca.cert.pem().as_bytes())?;
+    /// assert!(TlsOptions::with_ca_pem(b"not a certificate").is_err());
+    /// # Ok::<(), dflockd_client::Error>(())
+    /// ```
     pub fn with_ca_pem(pem: &[u8]) -> Result<TlsOptions> {
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(pem) {
@@ -138,6 +174,17 @@ impl TlsOptions {
     }
 
     /// Uses a rustls configuration built by the caller.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// let provider = Arc::new(rustls::crypto::ring::default_provider());
+    /// let config = rustls::ClientConfig::builder_with_provider(provider)
+    ///     .with_safe_default_protocol_versions()
+    ///     .unwrap()
+    ///     .with_root_certificates(rustls::RootCertStore::empty())
+    ///     .with_no_client_auth();
+    /// let tls = dflockd_client::TlsOptions::from_config(Arc::new(config));
+    /// ```
     pub fn from_config(config: Arc<rustls::ClientConfig>) -> TlsOptions {
         TlsOptions {
             config,
@@ -147,6 +194,15 @@ impl TlsOptions {
 
     /// Verifies the server certificate against this name instead of the
     /// host of the server address.
+    ///
+    /// ```no_run
+    /// # fn demo() -> dflockd_client::Result<()> {
+    /// use dflockd_client::{Client, TlsOptions};
+    /// // Connect by IP, verify the certificate issued for the DNS name.
+    /// let tls = TlsOptions::with_ca_file("ca.pem")?.server_name("locks.internal")?;
+    /// let client = Client::builder().server("10.0.0.5:6388".parse()?).tls(tls).build()?;
+    /// # Ok(()) }
+    /// ```
     pub fn server_name(mut self, name: &str) -> Result<TlsOptions> {
         let name = ServerName::try_from(name.to_owned())
             .map_err(|e| Error::InvalidArgument(format!("TLS server name: {e}")))?;
@@ -175,6 +231,12 @@ pub struct AuthToken(String);
 
 impl AuthToken {
     /// Validates a token: one line, at most 64 KiB.
+    ///
+    /// ```
+    /// use dflockd_client::AuthToken;
+    /// assert!(AuthToken::new("s3cret").is_ok());
+    /// assert!(AuthToken::new("x".repeat(70_000)).is_err()); // over 64 KiB
+    /// ```
     pub fn new(token: impl Into<String>) -> Result<AuthToken> {
         let token = token.into();
         if token.contains(['\r', '\n']) || token.len() > dflockd_proto::MAX_AUTH_LINE {
@@ -197,6 +259,19 @@ impl fmt::Debug for AuthToken {
 }
 
 /// Everything needed to open a connection to one server.
+///
+/// ```no_run
+/// # async fn demo() -> dflockd_client::Result<()> {
+/// use std::time::Duration;
+/// use dflockd_client::{AuthToken, ConnectOptions, Connection};
+/// let options = ConnectOptions {
+///     auth_token: Some(AuthToken::new("s3cret")?),
+///     connect_timeout: Duration::from_secs(3),
+///     ..ConnectOptions::default()
+/// };
+/// let conn = Connection::connect(&"127.0.0.1:6388".parse()?, &options).await?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
     /// TLS, if the server uses it.

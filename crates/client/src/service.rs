@@ -36,6 +36,16 @@ impl Actor for GrantService {
 /// Ask for a lock or a semaphore slot. The reply is the [`Lease`] (or the
 /// error, `Error::Timeout` if it stayed busy); `notify` receives
 /// [`LeaseLost`] if the lease is lost later.
+///
+/// ```no_run
+/// # use kameo::actor::ActorRef;
+/// # async fn demo(service: ActorRef<dflockd_client::GrantService>) -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use dflockd_client::RequestGrant;
+/// let request = RequestGrant::semaphore("encoders", 4).timeout(Duration::from_secs(30));
+/// let lease = service.ask(request).await?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct RequestGrant {
     /// The key.
@@ -52,6 +62,12 @@ pub struct RequestGrant {
 
 impl RequestGrant {
     /// A lock request with the client's defaults.
+    ///
+    /// ```
+    /// let request = dflockd_client::RequestGrant::lock("jobs/compact");
+    /// assert_eq!(request.key, "jobs/compact");
+    /// assert_eq!(request.limit, None);
+    /// ```
     pub fn lock(key: impl Into<String>) -> RequestGrant {
         RequestGrant {
             key: key.into(),
@@ -63,6 +79,11 @@ impl RequestGrant {
     }
 
     /// A semaphore-slot request with the client's defaults.
+    ///
+    /// ```
+    /// let request = dflockd_client::RequestGrant::semaphore("encoders", 4);
+    /// assert_eq!(request.limit, Some(4));
+    /// ```
     pub fn semaphore(key: impl Into<String>, limit: u32) -> RequestGrant {
         RequestGrant {
             limit: Some(limit),
@@ -71,18 +92,39 @@ impl RequestGrant {
     }
 
     /// Waits at most this long.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let request = dflockd_client::RequestGrant::lock("jobs/compact").timeout(Duration::from_secs(5));
+    /// assert_eq!(request.timeout, Some(Duration::from_secs(5)));
+    /// ```
     pub fn timeout(mut self, timeout: Duration) -> RequestGrant {
         self.timeout = Some(timeout);
         self
     }
 
     /// Requests this lease length.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let request = dflockd_client::RequestGrant::lock("jobs/compact").lease(Duration::from_secs(90));
+    /// assert_eq!(request.lease, Some(Duration::from_secs(90)));
+    /// ```
     pub fn lease(mut self, lease: Duration) -> RequestGrant {
         self.lease = Some(lease);
         self
     }
 
     /// Sends [`LeaseLost`] to `recipient` if the lease is lost.
+    ///
+    /// ```no_run
+    /// # use kameo::actor::{ActorRef, Recipient};
+    /// # use dflockd_client::{GrantService, LeaseLost, RequestGrant};
+    /// # async fn demo(service: ActorRef<GrantService>, me: Recipient<LeaseLost>) -> Result<(), Box<dyn std::error::Error>> {
+    /// // `me`: the asking actor's `actor_ref.recipient()`; it handles `LeaseLost`.
+    /// let lease = service.ask(RequestGrant::lock("jobs/compact").notify(me)).await?;
+    /// # Ok(()) }
+    /// ```
     pub fn notify(mut self, recipient: Recipient<LeaseLost>) -> RequestGrant {
         self.notify = Some(recipient);
         self

@@ -2,6 +2,12 @@ use dflockd_proto::Token;
 use thiserror::Error;
 
 /// Why no token could be minted.
+///
+/// ```
+/// use dflockd_core::{FenceCounter, Mint, MintError};
+/// let mut last = FenceCounter::with_fixed_salt(u64::MAX, 0);
+/// assert_eq!(last.mint(), Err(MintError::Exhausted)); // fences never wrap
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum MintError {
     /// The fence counter reached `u64::MAX`; fences never wrap.
@@ -14,6 +20,20 @@ pub enum MintError {
 
 /// Source of grant tokens. The lock table calls it once per grant, so the
 /// fences it returns must strictly increase.
+///
+/// ```
+/// use dflockd_core::{Mint, MintError};
+/// use dflockd_proto::Token;
+/// /// Fences from a sequence some other component guarantees to be increasing.
+/// struct FromSequence(std::vec::IntoIter<u64>);
+/// impl Mint for FromSequence {
+///     fn mint(&mut self) -> Result<Token, MintError> {
+///         self.0.next().map(|fence| Token::new(fence, 0)).ok_or(MintError::Exhausted)
+///     }
+/// }
+/// let mut mint = FromSequence(vec![7, 9].into_iter());
+/// assert_eq!(mint.mint().unwrap().fence(), 7);
+/// ```
 pub trait Mint {
     /// Returns the next token.
     fn mint(&mut self) -> Result<Token, MintError>;

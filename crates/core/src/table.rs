@@ -9,10 +9,37 @@ use thiserror::Error;
 use crate::{Mint, MintError};
 
 /// A connection identity, unique per server (0 is reserved for "nobody").
+///
+/// ```
+/// # use std::time::Duration;
+/// # use dflockd_core::*;
+/// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+/// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+/// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+/// # let t0 = Duration::ZERO;
+/// // The server numbers its connections; a connection's holds and waits are tied to it.
+/// let first = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap();
+/// assert!(matches!(first, AcquireOutcome::Granted(_)));
+/// let second = table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, None).unwrap();
+/// assert_eq!(second, AcquireOutcome::Timeout);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(pub u64);
 
 /// A queued waiter. Ids grow with arrival, so ordering ids is FIFO order.
+///
+/// ```
+/// # use std::time::Duration;
+/// # use dflockd_core::*;
+/// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+/// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+/// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+/// # let t0 = Duration::ZERO;
+/// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
+/// let AcquireOutcome::Queued(a) = table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, Some("a")).unwrap() else { panic!() };
+/// let AcquireOutcome::Queued(b) = table.acquire(ConnId(3), &rid, Limit::ONE, None, t0, Some("b")).unwrap() else { panic!() };
+/// assert!(a < b); // `a` arrived first and is granted first
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct WaiterId(u64);
 
@@ -84,6 +111,18 @@ impl Default for TableConfig {
 }
 
 /// A grant: the token and the lease it was given.
+///
+/// ```
+/// # use std::time::Duration;
+/// # use dflockd_core::*;
+/// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+/// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+/// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+/// # let t0 = Duration::ZERO;
+/// let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, Some(Lease::new(10).unwrap()), t0, None).unwrap() else { panic!() };
+/// assert_eq!(grant.token.fence(), 1);
+/// assert_eq!(grant.lease.get(), 10);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Grant {
     /// The new token (fence + salt).
@@ -95,6 +134,21 @@ pub struct Grant {
 /// A grant for a request that was waiting; the caller must hand it to
 /// `notify`. If that is no longer possible (the request was cancelled), it
 /// must call [`LockTable::release_undelivered`] so the slot is not leaked.
+///
+/// ```
+/// # use std::time::Duration;
+/// # use dflockd_core::*;
+/// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+/// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+/// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+/// # let t0 = Duration::ZERO;
+/// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
+/// table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, Some("wake conn 2")).unwrap();
+/// table.release(&rid, grant.token.to_string().as_bytes(), t0).unwrap();
+/// let delivery = table.take_deliveries().next().unwrap();
+/// assert_eq!(delivery.notify, "wake conn 2");
+/// assert_eq!(delivery.resource, rid);
+/// ```
 #[derive(Debug)]
 pub struct Delivery<W> {
     /// The notification handle the waiting request registered.
@@ -106,6 +160,19 @@ pub struct Delivery<W> {
 }
 
 /// Result of `l`/`sl`.
+///
+/// ```
+/// # use std::time::Duration;
+/// # use dflockd_core::*;
+/// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+/// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+/// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+/// # let t0 = Duration::ZERO;
+/// assert!(matches!(table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap(), AcquireOutcome::Granted(_)));
+/// // Busy: a try-lock times out at once, a blocking acquire queues.
+/// assert_eq!(table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, None).unwrap(), AcquireOutcome::Timeout);
+/// assert!(matches!(table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, Some("c2")).unwrap(), AcquireOutcome::Queued(_)));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AcquireOutcome {
     /// Granted at once.
@@ -117,6 +184,17 @@ pub enum AcquireOutcome {
 }
 
 /// Result of `e`/`se`.
+///
+/// ```
+/// # use std::time::Duration;
+/// # use dflockd_core::*;
+/// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+/// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+/// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+/// # let t0 = Duration::ZERO;
+/// assert!(matches!(table.enqueue(ConnId(1), 0, &rid, Limit::ONE, None, t0).unwrap(), EnqueueOutcome::Acquired(_)));
+/// assert_eq!(table.enqueue(ConnId(2), 0, &rid, Limit::ONE, None, t0).unwrap(), EnqueueOutcome::Queued);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EnqueueOutcome {
     /// Granted at once (`acquired`).
@@ -126,6 +204,20 @@ pub enum EnqueueOutcome {
 }
 
 /// Result of `w`/`sw`.
+///
+/// ```
+/// # use std::time::Duration;
+/// # use dflockd_core::*;
+/// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+/// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+/// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+/// # let t0 = Duration::ZERO;
+/// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
+/// table.enqueue(ConnId(2), 0, &rid, Limit::ONE, None, t0).unwrap(); // queued
+/// assert_eq!(table.wait(ConnId(2), 0, &rid, t0, Some("c2")).unwrap(), WaitOutcome::Pending);
+/// table.release(&rid, grant.token.to_string().as_bytes(), t0).unwrap();
+/// assert_eq!(table.take_deliveries().count(), 1); // the pending wait is granted
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitOutcome {
     /// The grant (made before or at this call).
@@ -138,6 +230,21 @@ pub enum WaitOutcome {
 }
 
 /// Lock-level failures, each mapping to one status word.
+///
+/// ```
+/// # use std::time::Duration;
+/// # use dflockd_core::*;
+/// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+/// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+/// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+/// # let t0 = Duration::ZERO;
+/// assert_eq!(table.wait(ConnId(1), 0, &rid, t0, None), Err(LockError::NotEnqueued));
+/// assert_eq!(table.release(&rid, b"not-a-token", t0), Err(LockError::NotHeld));
+/// let sem = ResourceId::new(Namespace::Semaphore, Key::new("pool").unwrap());
+/// table.acquire(ConnId(1), &sem, Limit::new(3).unwrap(), None, t0, None).unwrap();
+/// let other_limit = table.acquire(ConnId(2), &sem, Limit::new(5).unwrap(), None, t0, None);
+/// assert_eq!(other_limit, Err(LockError::LimitMismatch));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum LockError {
     /// `error_max_locks`
@@ -335,6 +442,17 @@ impl<W> Default for Conn<W> {
 /// tokens.
 ///
 /// Time is a [`Duration`] since an arbitrary origin on a monotonic clock.
+///
+/// ```
+/// use std::time::Duration;
+/// use dflockd_core::{AcquireOutcome, ConnId, FenceCounter, LockTable, ResourceId, TableConfig};
+/// use dflockd_proto::{Key, Limit, Namespace};
+/// let mut table: LockTable<(), _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+/// let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+/// let outcome = table.acquire(ConnId(1), &rid, Limit::ONE, None, Duration::ZERO, None).unwrap();
+/// assert!(matches!(outcome, AcquireOutcome::Granted(_)));
+/// assert_eq!(table.holder_count(), 1);
+/// ```
 pub struct LockTable<W, M> {
     config: TableConfig,
     mint: M,
@@ -370,43 +488,151 @@ impl<W, M: Mint> LockTable<W, M> {
     }
 
     /// The table's configuration.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// assert_eq!(table.config().max_locks, 1024);
+    /// assert_eq!(table.config().default_lease.get(), 33);
+    /// ```
     pub fn config(&self) -> &TableConfig {
         &self.config
     }
 
     /// How many resources exist (busy or idle).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
+    /// table.release(&rid, grant.token.to_string().as_bytes(), t0).unwrap();
+    /// assert_eq!(table.resource_count(), 1); // idle, but kept until GC
+    /// assert_eq!(table.gc(t0 + Duration::from_secs(60)), 1);
+    /// assert_eq!(table.resource_count(), 0);
+    /// ```
     pub fn resource_count(&self) -> usize {
         self.resources.len()
     }
 
     /// How many holders exist across all resources.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// let sem = ResourceId::new(Namespace::Semaphore, Key::new("pool").unwrap());
+    /// for conn in 1..=3 {
+    ///     table.acquire(ConnId(conn), &sem, Limit::new(3).unwrap(), None, t0, None).unwrap();
+    /// }
+    /// assert_eq!(table.holder_count(), 3);
+    /// ```
     pub fn holder_count(&self) -> usize {
         self.resources.values().map(|r| r.holders.len()).sum()
     }
 
     /// How many waiters are queued across all resources.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
+    /// table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, Some("c2")).unwrap();
+    /// assert_eq!(table.waiter_count(), 1);
+    /// table.disconnect(ConnId(2), true, t0); // a closed connection stops waiting
+    /// assert_eq!(table.waiter_count(), 0);
+    /// ```
     pub fn waiter_count(&self) -> usize {
         self.resources.values().map(|r| r.queue.len()).sum()
     }
 
     /// The earliest lease deadline, if any lease exists.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// assert_eq!(table.next_deadline(), None);
+    /// table.acquire(ConnId(1), &rid, Limit::ONE, Some(Lease::new(10).unwrap()), t0, None).unwrap();
+    /// // The caller sleeps until then and calls `sweep`.
+    /// assert_eq!(table.next_deadline(), Some(Duration::from_secs(10)));
+    /// ```
     pub fn next_deadline(&self) -> Option<Duration> {
         self.deadlines.keys().next().map(|(d, _)| *d)
     }
 
     /// When the earliest disconnect lock-delay ends, if one is running; call
     /// [`sweep`](Self::sweep) then to grant the key to its waiters.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Limit, Namespace};
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// let config = TableConfig { disconnect_lock_delay: Duration::from_secs(5), ..TableConfig::default() };
+    /// let mut table: LockTable<(), _> = LockTable::new(config, FenceCounter::with_fixed_salt(0, 0));
+    /// table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap();
+    /// table.disconnect(ConnId(1), true, t0);
+    /// assert_eq!(table.next_delay_end(), Some(Duration::from_secs(5)));
+    /// ```
     pub fn next_delay_end(&self) -> Option<Duration> {
         self.delays.keys().next().map(|(d, _)| *d)
     }
 
     /// Grants made to waiting requests since the last call. Deliver each to
     /// its `notify`; on failure call [`release_undelivered`](Self::release_undelivered).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
+    /// table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, Some("c2")).unwrap();
+    /// table.release(&rid, grant.token.to_string().as_bytes(), t0).unwrap();
+    /// let woken: Vec<&str> = table.take_deliveries().map(|d| d.notify).collect();
+    /// assert_eq!(woken, ["c2"]);
+    /// assert_eq!(table.take_deliveries().count(), 0); // drained
+    /// ```
     pub fn take_deliveries(&mut self) -> std::vec::Drain<'_, Delivery<W>> {
         self.deliveries.drain(..)
     }
 
     /// `l` / `sl`. With `wait = None` this is a try-lock: it never queues.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// let pool = ResourceId::new(Namespace::Semaphore, Key::new("pool").unwrap());
+    /// let two = Limit::new(2).unwrap();
+    /// assert!(matches!(table.acquire(ConnId(1), &pool, two, None, t0, None).unwrap(), AcquireOutcome::Granted(_)));
+    /// assert!(matches!(table.acquire(ConnId(2), &pool, two, None, t0, None).unwrap(), AcquireOutcome::Granted(_)));
+    /// assert_eq!(table.acquire(ConnId(3), &pool, two, None, t0, None).unwrap(), AcquireOutcome::Timeout);
+    /// ```
     pub fn acquire(
         &mut self,
         conn: ConnId,
@@ -436,6 +662,19 @@ impl<W, M: Mint> LockTable<W, M> {
     /// Withdraws a waiter queued by [`acquire`](Self::acquire) (timeout or
     /// cancellation). Returns `false` if it is no longer queued: it has been
     /// granted, and that grant is (or was) in a [`Delivery`].
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
+    /// let AcquireOutcome::Queued(waiter) = table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, Some("c2")).unwrap() else { panic!() };
+    /// assert!(table.cancel_acquire(ConnId(2), &rid, waiter, t0)); // its timeout fired
+    /// assert!(!table.cancel_acquire(ConnId(2), &rid, waiter, t0)); // already gone
+    /// ```
     pub fn cancel_acquire(
         &mut self,
         conn: ConnId,
@@ -460,6 +699,20 @@ impl<W, M: Mint> LockTable<W, M> {
     /// `r` / `sr`: releases the holder with this token and promotes waiters.
     /// Looks at no deadline: an expired holder that was not evicted yet can
     /// still be released.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
+    /// table.release(&rid, grant.token.to_string().as_bytes(), t0).unwrap();
+    /// assert_eq!(table.holder_count(), 0);
+    /// // A token releases at most once.
+    /// assert_eq!(table.release(&rid, grant.token.to_string().as_bytes(), t0), Err(LockError::NotHeld));
+    /// ```
     pub fn release(
         &mut self,
         rid: &ResourceId,
@@ -475,6 +728,22 @@ impl<W, M: Mint> LockTable<W, M> {
 
     /// Releases a grant that could not be delivered because its request was
     /// cancelled, so the slot passes to the next waiter instead of leaking.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
+    /// table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, Some("c2")).unwrap();
+    /// table.release(&rid, grant.token.to_string().as_bytes(), t0).unwrap();
+    /// let delivery = table.take_deliveries().next().unwrap();
+    /// // Connection 2 has gone away meanwhile: give the slot back.
+    /// table.release_undelivered(&delivery.resource, delivery.grant.token, t0);
+    /// assert_eq!(table.holder_count(), 0);
+    /// ```
     pub fn release_undelivered(&mut self, rid: &ResourceId, token: Token, now: Duration) {
         if self.remove_holder(rid, token, now).is_some() {
             self.promote(rid, now);
@@ -483,6 +752,22 @@ impl<W, M: Mint> LockTable<W, M> {
 
     /// `n` / `sn`: extends a live lease to `now + lease`. A lease at or past
     /// its deadline is evicted on the spot and never resurrected.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
+    /// let token = grant.token.to_string();
+    /// let renewed = table.renew(&rid, token.as_bytes(), Some(Lease::new(60).unwrap()), Duration::from_secs(20)).unwrap();
+    /// assert_eq!(renewed.get(), 60);
+    /// assert_eq!(table.next_deadline(), Some(Duration::from_secs(80)));
+    /// // Once the deadline has passed the lease cannot be renewed.
+    /// assert_eq!(table.renew(&rid, token.as_bytes(), None, Duration::from_secs(80)), Err(LockError::NotHeld));
+    /// ```
     pub fn renew(
         &mut self,
         rid: &ResourceId,
@@ -501,6 +786,19 @@ impl<W, M: Mint> LockTable<W, M> {
     }
 
     /// `e` / `se`: two-phase, phase 1.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
+    /// assert_eq!(table.enqueue(ConnId(2), 0, &rid, Limit::ONE, None, t0).unwrap(), EnqueueOutcome::Queued);
+    /// // One place per (connection, key, ticket).
+    /// assert_eq!(table.enqueue(ConnId(2), 0, &rid, Limit::ONE, None, t0), Err(LockError::AlreadyEnqueued));
+    /// ```
     pub fn enqueue(
         &mut self,
         conn: ConnId,
@@ -563,6 +861,20 @@ impl<W, M: Mint> LockTable<W, M> {
 
     /// `w` / `sw`: two-phase, phase 2. With `wait = None` this polls; a
     /// still-queued waiter is then removed (the position is forfeited).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
+    /// table.enqueue(ConnId(2), 0, &rid, Limit::ONE, None, t0).unwrap();
+    /// // A poll (no `wait` handle) of a place still queued forfeits it.
+    /// assert_eq!(table.wait(ConnId(2), 0, &rid, t0, None).unwrap(), WaitOutcome::Timeout);
+    /// assert_eq!(table.waiter_count(), 0);
+    /// ```
     pub fn wait(
         &mut self,
         conn: ConnId,
@@ -604,6 +916,20 @@ impl<W, M: Mint> LockTable<W, M> {
     /// Gives up a blocked or polled `w`: removes the waiter and the two-phase
     /// state. Returns `false` if the waiter was already granted (the grant is
     /// in a [`Delivery`]).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
+    /// table.enqueue(ConnId(2), 0, &rid, Limit::ONE, None, t0).unwrap();
+    /// assert_eq!(table.wait(ConnId(2), 0, &rid, t0, Some("c2")).unwrap(), WaitOutcome::Pending);
+    /// assert!(table.cancel_wait(ConnId(2), 0, &rid, t0)); // the `w` timed out
+    /// assert_eq!(table.waiter_count(), 0);
+    /// ```
     pub fn cancel_wait(
         &mut self,
         conn: ConnId,
@@ -635,6 +961,22 @@ impl<W, M: Mint> LockTable<W, M> {
     /// Restarts the lease of a grant that its waiting request has just
     /// observed (`now + lease`). Fails with `LeaseExpired` if it already ran
     /// out (and evicts it).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
+    /// table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, Some("c2")).unwrap();
+    /// table.release(&rid, grant.token.to_string().as_bytes(), t0).unwrap();
+    /// let d = table.take_deliveries().next().unwrap();
+    /// // The waiting request saw its grant 2 s later: the lease counts from then.
+    /// let seen = table.observe(&d.resource, d.grant.token, d.grant.lease, Duration::from_secs(2)).unwrap();
+    /// assert_eq!(table.next_deadline(), Some(Duration::from_secs(2) + seen.lease.as_duration()));
+    /// ```
     pub fn observe(
         &mut self,
         rid: &ResourceId,
@@ -672,6 +1014,23 @@ impl<W, M: Mint> LockTable<W, M> {
     /// A connection ended: its waiters are removed and its two-phase state
     /// dropped; with `auto_release` its holds are released too (otherwise they
     /// stay until their leases expire).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap();
+    /// table.disconnect(ConnId(1), false, t0);
+    /// assert_eq!(table.holder_count(), 1); // without auto-release the lease runs out on its own
+    /// table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, None).unwrap();
+    /// # let other = ResourceId::new(Namespace::Lock, Key::new("other").unwrap());
+    /// # table.acquire(ConnId(2), &other, Limit::ONE, None, t0, None).unwrap();
+    /// table.disconnect(ConnId(2), true, t0);
+    /// assert_eq!(table.holder_count(), 1); // auto-release freed connection 2's hold
+    /// ```
     pub fn disconnect(&mut self, conn: ConnId, auto_release: bool, now: Duration) {
         let Some(c) = self.conns.remove(&conn) else {
             return;
@@ -708,6 +1067,19 @@ impl<W, M: Mint> LockTable<W, M> {
     /// Evicts every holder whose lease deadline is at or before `now` and
     /// promotes waiters into the freed capacity. Returns how many leases
     /// were evicted.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// table.acquire(ConnId(1), &rid, Limit::ONE, Some(Lease::new(10).unwrap()), t0, None).unwrap();
+    /// assert_eq!(table.sweep(Duration::from_secs(9)), 0);
+    /// assert_eq!(table.sweep(Duration::from_secs(10)), 1); // expired: evicted
+    /// assert_eq!(table.holder_count(), 0);
+    /// ```
     pub fn sweep(&mut self, now: Duration) -> usize {
         self.end_delays(now);
         let mut evicted = 0;
@@ -726,6 +1098,22 @@ impl<W, M: Mint> LockTable<W, M> {
 
     /// Ends every disconnect lock-delay due by `now` and grants the keys to
     /// their waiters. Returns how many delays ended.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Limit, Namespace};
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// let config = TableConfig { disconnect_lock_delay: Duration::from_secs(5), ..TableConfig::default() };
+    /// let mut table: LockTable<&str, _> = LockTable::new(config, FenceCounter::with_fixed_salt(0, 0));
+    /// table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap();
+    /// table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, Some("c2")).unwrap();
+    /// table.disconnect(ConnId(1), true, t0); // released, but the key stays blocked for 5 s
+    /// assert_eq!(table.take_deliveries().count(), 0);
+    /// assert_eq!(table.end_delays(Duration::from_secs(5)), 1);
+    /// assert_eq!(table.take_deliveries().next().unwrap().notify, "c2");
+    /// ```
     pub fn end_delays(&mut self, now: Duration) -> usize {
         let mut ended = 0;
         while let Some(entry) = self.delays.first_entry() {
@@ -747,6 +1135,19 @@ impl<W, M: Mint> LockTable<W, M> {
 
     /// Deletes resources that have had no holder and no waiter for longer
     /// than `gc_max_idle`. Returns how many were deleted.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
+    /// table.release(&rid, grant.token.to_string().as_bytes(), Duration::from_secs(1)).unwrap();
+    /// assert_eq!(table.gc(Duration::from_secs(60)), 0); // idle for 59 s only
+    /// assert_eq!(table.gc(Duration::from_secs(61)), 1);
+    /// ```
     pub fn gc(&mut self, now: Duration) -> usize {
         let max_idle = self.config.gc_max_idle;
         let before = self.resources.len();
@@ -764,6 +1165,20 @@ impl<W, M: Mint> LockTable<W, M> {
     }
 
     /// The `stats` document, with `connections` supplied by the caller.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap();
+    /// let stats = table.stats(1, Duration::from_secs(3));
+    /// assert_eq!(stats.locks[0].key, "job");
+    /// assert_eq!(stats.locks[0].owner_conn_id, 1);
+    /// assert_eq!(stats.locks[0].lease_expires_in_s, 30.0);
+    /// ```
     pub fn stats(&self, connections: u64, now: Duration) -> Stats {
         let mut stats = Stats {
             connections,

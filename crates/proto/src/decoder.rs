@@ -1,6 +1,16 @@
 use crate::{MAX_AUTH_LINE, MAX_LINE};
 
 /// What [`FrameDecoder::feed`] found in the bytes it consumed.
+///
+/// ```
+/// use dflockd_proto::{FrameDecoder, Progress};
+/// let mut d = FrameDecoder::new();
+/// assert_eq!(d.feed(b"stats\n_\n").1, Progress::NeedMore);
+/// assert_eq!(d.feed(b"_\n").1, Progress::Frame);
+/// let mut d = FrameDecoder::new();
+/// let long_key = [b"l\n".as_slice(), &[b'k'; 300], b"\n"].concat();
+/// assert_eq!(d.feed(&long_key), (long_key.len(), Progress::Oversize));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Progress {
     /// Every byte was consumed and no frame is complete yet.
@@ -13,6 +23,13 @@ pub enum Progress {
 }
 
 /// The three lines of one request frame, trailing CRs removed.
+///
+/// ```
+/// use dflockd_proto::{FrameDecoder, RawFrame};
+/// let mut d = FrameDecoder::new();
+/// d.feed(b"sl\r\njobs\r\n5 3\r\n");
+/// assert_eq!(d.frame(), RawFrame { command: b"sl", key: b"jobs", argument: b"5 3" });
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RawFrame<'a> {
     /// The command line (`l`, `sl`, `ping`, …).

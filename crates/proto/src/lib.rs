@@ -52,14 +52,46 @@ pub use values::{Lease, Limit, Seconds, ValueError};
 
 /// Longest command or key line, and argument line except for `auth`, in bytes
 /// (counted before the LF, trailing CRs included).
+///
+/// ```
+/// use dflockd_proto::{Key, MAX_LINE};
+/// assert!(Key::new(&"k".repeat(MAX_LINE)).is_ok());
+/// assert!(Key::new(&"k".repeat(MAX_LINE + 1)).is_err());
+/// ```
 pub const MAX_LINE: usize = 256;
 /// Longest argument line of an `auth` frame, in bytes.
+///
+/// ```
+/// use dflockd_proto::{FrameDecoder, MAX_AUTH_LINE, Progress};
+/// // A 1 KiB secret is too long for any other line, but fine for `auth`.
+/// let frame = [b"auth\n_\n".as_slice(), &[b's'; 1024], b"\n"].concat();
+/// assert!(1024 <= MAX_AUTH_LINE);
+/// assert_eq!(FrameDecoder::new().feed(&frame).1, Progress::Frame);
+/// ```
 pub const MAX_AUTH_LINE: usize = 65_536;
 /// Largest number of seconds a timeout or lease may carry:
 /// ⌊(2^63 − 1) / 10^9⌋, the largest whole second count that fits in `i64`
 /// nanoseconds.
+///
+/// ```
+/// use dflockd_proto::{Lease, MAX_SECONDS, Seconds};
+/// assert!(Seconds::new(MAX_SECONDS).is_ok());
+/// assert!(Lease::new(MAX_SECONDS + 1).is_err());
+/// ```
 pub const MAX_SECONDS: u64 = 9_223_372_036;
 /// Largest semaphore limit accepted (2^20, the cluster-branch rule).
+///
+/// ```
+/// use dflockd_proto::{Limit, MAX_LIMIT};
+/// assert_eq!(Limit::new(u64::from(MAX_LIMIT)).unwrap().get(), MAX_LIMIT);
+/// assert!(Limit::new(u64::from(MAX_LIMIT) + 1).is_err());
+/// ```
 pub const MAX_LIMIT: u32 = 1_048_576;
 /// Longest reply line a client should accept, in bytes (the Python client's cap).
+///
+/// ```
+/// use dflockd_proto::{MAX_REPLY_LINE, Reply, ReplyError};
+/// let huge = format!("ok {}\n", "x".repeat(MAX_REPLY_LINE));
+/// assert_eq!(Reply::parse(huge.as_bytes()), Err(ReplyError::TooLong));
+/// ```
 pub const MAX_REPLY_LINE: usize = 1_048_576;

@@ -11,6 +11,11 @@ use crate::values::{push_decimal, trim_space};
 use crate::{ProtoError, RawFrame, Reply, ReplyError, Request};
 
 /// Version of the extension this crate speaks.
+///
+/// ```
+/// use dflockd_proto::{MUX_ACCEPTED, MUX_VERSION};
+/// assert_eq!(MUX_ACCEPTED, format!("ok mux {MUX_VERSION}"));
+/// ```
 pub const MUX_VERSION: u32 = 1;
 
 /// The negotiation request, as a client sends it.
@@ -41,6 +46,15 @@ pub fn is_mux_hello(frame: &RawFrame<'_>) -> bool {
 }
 
 /// What a mux request asks for.
+///
+/// ```
+/// use dflockd_proto::{FrameDecoder, MuxBody, MuxRequest, Request};
+/// let mut d = FrameDecoder::new();
+/// d.feed(b"4 ping\n_\n_\n");
+/// assert_eq!(MuxRequest::parse(&d.frame()).unwrap().body, MuxBody::Request(Request::Ping));
+/// d.feed(b"5 cancel\n_\n4\n");
+/// assert_eq!(MuxRequest::parse(&d.frame()).unwrap().body, MuxBody::Cancel(4));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MuxBody {
     /// Any dflockd v2 request.
@@ -70,6 +84,16 @@ pub struct MuxRequest {
 }
 
 /// Why a mux frame was rejected.
+///
+/// ```
+/// use dflockd_proto::{FrameDecoder, MuxError, MuxRequest, ProtoError};
+/// let mut d = FrameDecoder::new();
+/// d.feed(b"7 l\na b\n0\n");
+/// // Answered `7 error`; the connection stays open.
+/// assert_eq!(MuxRequest::parse(&d.frame()), Err(MuxError::Invalid { id: 7, error: ProtoError::InvalidKey }));
+/// d.feed(b"x l\nk\n0\n");
+/// assert_eq!(MuxRequest::parse(&d.frame()), Err(MuxError::NoId));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum MuxError {
     /// No usable id: the reply cannot be addressed, so the server answers a

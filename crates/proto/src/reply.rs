@@ -4,6 +4,12 @@ use crate::values::push_decimal;
 use crate::{Lease, MAX_REPLY_LINE, Seconds, Token};
 
 /// Every non-success status word of dflockd v2.
+///
+/// ```
+/// use dflockd_proto::{Reply, Status};
+/// assert_eq!(Reply::parse(b"error_max_waiters\n").unwrap(), Reply::Failure(Status::ErrorMaxWaiters));
+/// assert_eq!(Status::from_word(Status::ErrorDraining.word()), Some(Status::ErrorDraining));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Status {
     /// `timeout`: no grant within the requested time.
@@ -122,6 +128,12 @@ pub enum Reply {
 
 /// Why a reply line could not be understood. Never trust a server: these
 /// are all reasons to poison the connection.
+///
+/// ```
+/// use dflockd_proto::{Reply, ReplyError};
+/// assert_eq!(Reply::parse(b"\xff\n"), Err(ReplyError::NotUtf8));
+/// assert!(matches!(Reply::parse(b"granted\n"), Err(ReplyError::Malformed(_))));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ReplyError {
     /// The line is longer than [`MAX_REPLY_LINE`].

@@ -3,6 +3,13 @@ use crate::{Key, Lease, Limit, ProtoError, RawFrame, Seconds, Token};
 
 /// The two independent key spaces: `l foo` and `sl foo …` are different
 /// resources.
+///
+/// ```
+/// use dflockd_proto::{Command, Kind, Limit, Namespace};
+/// assert_eq!(Command::parse(b"sr"), Some(Command::Release(Namespace::Semaphore)));
+/// assert_eq!(Kind::Lock.namespace(), Namespace::Lock);
+/// assert_ne!(Kind::Semaphore(Limit::ONE).namespace(), Namespace::Lock);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Namespace {
     /// Lock commands (`l r n e w`).
@@ -13,6 +20,13 @@ pub enum Namespace {
 
 /// What an acquire or enqueue asks for: a lock, or a semaphore slot with the
 /// limit the caller expects the semaphore to have.
+///
+/// ```
+/// use dflockd_proto::{Kind, Limit};
+/// let pool = Kind::Semaphore(Limit::new(4).unwrap());
+/// assert_eq!(pool.limit().get(), 4);
+/// assert_eq!(Kind::Lock.limit(), Limit::ONE);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     /// A lock (limit 1, lock namespace).
@@ -50,6 +64,12 @@ impl Kind {
 }
 
 /// The command word of a request.
+///
+/// ```
+/// use dflockd_proto::{Command, Namespace, Request};
+/// assert_eq!(Request::Ping.command(), Command::Ping);
+/// assert_eq!(Command::parse(Command::Enqueue(Namespace::Lock).word().as_bytes()), Some(Command::Enqueue(Namespace::Lock)));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Command {
     /// `auth`
@@ -129,6 +149,21 @@ impl Command {
 /// Release and renew carry the token as the bytes the peer sent (trimmed):
 /// the server never validates token syntax, it only looks for a holder with
 /// that token. [`Token::parse_wire`] turns them into a [`Token`].
+///
+/// ```
+/// use dflockd_proto::{FrameDecoder, Key, Kind, Lease, Request, Seconds};
+/// let acquire = Request::Acquire {
+///     key: Key::new("jobs").unwrap(),
+///     kind: Kind::Lock,
+///     timeout: Seconds::new(10).unwrap(),
+///     lease: Some(Lease::new(30).unwrap()),
+/// };
+/// let wire = acquire.encode_to_vec();
+/// assert_eq!(wire, b"l\njobs\n10 30\n");
+/// let mut d = FrameDecoder::new();
+/// d.feed(&wire);
+/// assert_eq!(Request::parse(&d.frame()).unwrap(), acquire);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// `auth _ <token>`: the shared-secret handshake.

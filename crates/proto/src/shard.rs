@@ -1,6 +1,11 @@
 use thiserror::Error;
 
 /// Why [`shard`] could not pick a server.
+///
+/// ```
+/// use dflockd_proto::{ShardError, shard};
+/// assert_eq!(shard("jobs", 0), Err(ShardError::NoServers));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum ShardError {
     /// There are no servers to choose from.

@@ -24,6 +24,14 @@ pub struct Stats {
 }
 
 /// One busy lock in [`Stats`].
+///
+/// ```
+/// use dflockd_proto::Stats;
+/// let s: Stats = serde_json::from_str(r#"{"connections":2,"idle_locks":[],"idle_semaphores":[],"semaphores":[],
+///     "locks":[{"key":"jobs","owner_conn_id":1,"lease_expires_in_s":29.5,"waiters":1}]}"#).unwrap();
+/// assert_eq!(s.locks[0].key, "jobs");
+/// assert_eq!(s.locks[0].waiters, 1);
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LockEntry {
     /// The key, without namespace.
@@ -37,6 +45,12 @@ pub struct LockEntry {
 }
 
 /// One busy semaphore in [`Stats`].
+///
+/// ```
+/// use dflockd_proto::SemaphoreEntry;
+/// let e: SemaphoreEntry = serde_json::from_str(r#"{"key":"pool","limit":4,"holders":4,"waiters":2}"#).unwrap();
+/// assert_eq!(e.holders, e.limit); // full: new requests queue
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SemaphoreEntry {
     /// The key, without namespace.
@@ -50,6 +64,12 @@ pub struct SemaphoreEntry {
 }
 
 /// One idle resource in [`Stats`], awaiting garbage collection.
+///
+/// ```
+/// use dflockd_proto::IdleEntry;
+/// let e: IdleEntry = serde_json::from_str(r#"{"key":"old","idle_s":12.5}"#).unwrap();
+/// assert!(e.idle_s > 10.0);
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IdleEntry {
     /// The key, without namespace.

@@ -3,6 +3,12 @@ use std::fmt;
 use thiserror::Error;
 
 /// Why a string is not a grant token.
+///
+/// ```
+/// use dflockd_proto::{TokenError, fence_from_token};
+/// assert_eq!(fence_from_token("abc"), Err(TokenError::Length(3)));
+/// assert_eq!(fence_from_token(&"g".repeat(32)), Err(TokenError::NotHex));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum TokenError {
     /// Not exactly 32 characters.

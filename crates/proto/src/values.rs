@@ -6,6 +6,13 @@ use thiserror::Error;
 use crate::{MAX_LIMIT, MAX_SECONDS};
 
 /// Why a number could not become a [`Seconds`], [`Lease`] or [`Limit`].
+///
+/// ```
+/// use dflockd_proto::{Lease, Limit, Seconds, ValueError};
+/// assert_eq!(Lease::new(0), Err(ValueError::Zero));
+/// assert_eq!(Limit::new(0), Err(ValueError::Zero));
+/// assert_eq!(Seconds::new(u64::MAX), Err(ValueError::TooLarge(u64::MAX)));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum ValueError {
     /// Above 9,223,372,036 seconds (or the limit cap).
@@ -31,6 +38,13 @@ pub struct Seconds(u64);
 
 impl Seconds {
     /// Zero seconds: a non-blocking attempt.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use dflockd_proto::Seconds;
+    /// assert_eq!(Seconds::from_duration_ceil(Duration::ZERO).unwrap(), Seconds::ZERO);
+    /// assert_eq!(Seconds::ZERO.as_duration(), Duration::ZERO);
+    /// ```
     pub const ZERO: Seconds = Seconds(0);
 
     /// Validates a second count.
@@ -160,6 +174,12 @@ pub struct Limit(u32);
 
 impl Limit {
     /// The limit of a plain lock.
+    ///
+    /// ```
+    /// use dflockd_proto::{Kind, Limit};
+    /// assert_eq!(Kind::Lock.limit(), Limit::ONE);
+    /// assert_eq!(Limit::new(1).unwrap(), Limit::ONE);
+    /// ```
     pub const ONE: Limit = Limit(1);
 
     /// Validates a limit.

@@ -28,11 +28,26 @@ use crate::config::{IdlePolicy, Secret, ServerConfig};
 use crate::tls::TlsConfig;
 
 /// An invalid configuration; the binary prints it and exits with code 1.
+///
+/// ```
+/// use dflockd_server::cli::{LoadError, load};
+/// let err = load(["dflockd", "--max-locks", "0"].map(String::from), |_| None).unwrap_err();
+/// let LoadError::Config(config_error) = err else { panic!("{err}") };
+/// assert_eq!(config_error.0, "--max-locks must be > 0");
+/// ```
 #[derive(Debug, Error, PartialEq, Eq)]
 #[error("configuration error: {0}")]
 pub struct ConfigError(pub String);
 
 /// Why [`load`] did not produce settings.
+///
+/// ```
+/// use dflockd_server::cli::{LoadError, load};
+/// let usage = load(["dflockd", "--no-such-flag"].map(String::from), |_| None);
+/// assert!(matches!(usage, Err(LoadError::Usage(_)))); // the binary calls `.exit()` on it
+/// let config = load(["dflockd", "--port", "70000"].map(String::from), |_| None);
+/// assert!(matches!(config, Err(LoadError::Config(_))));
+/// ```
 #[derive(Debug, Error)]
 pub enum LoadError {
     /// The arguments did not parse, or `--help`/`--version` was asked for:
@@ -45,6 +60,12 @@ pub enum LoadError {
 }
 
 /// What the binary runs with.
+///
+/// ```
+/// let settings = dflockd_server::cli::load(["dflockd", "--debug"].map(String::from), |_| None).unwrap();
+/// assert!(settings.debug);
+/// assert_eq!(settings.config.port, 6388);
+/// ```
 #[derive(Debug)]
 pub struct Settings {
     /// The server configuration.
@@ -172,6 +193,15 @@ struct Raw<'a> {
 
 /// Resolves the settings from command-line arguments (including the program
 /// name) and an environment lookup.
+///
+/// ```
+/// use dflockd_server::cli::load;
+/// // A flag beats its environment variable.
+/// let env = |name: &str| (name == "DFLOCKD_PORT").then(|| "7001".to_string());
+/// let settings = load(["dflockd", "--port=7002"].map(String::from), env).unwrap();
+/// assert_eq!(settings.config.port, 7002);
+/// // The real binary passes `std::env::args()` and `|name| std::env::var(name).ok()`.
+/// ```
 pub fn load(
     args: impl IntoIterator<Item = String>,
     env: impl Fn(&str) -> Option<String>,

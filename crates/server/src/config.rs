@@ -11,6 +11,13 @@ use dflockd_proto::Lease;
 use crate::tls::TlsConfig;
 
 /// How long a connection may stay silent between requests.
+///
+/// ```
+/// use dflockd_server::{IdlePolicy, ServerConfig};
+/// let mut config = ServerConfig::ephemeral();
+/// assert_eq!(config.idle, IdlePolicy::ReadTimeout); // the Go default
+/// config.idle = IdlePolicy::Unbounded; // clients that hold locks on silent connections
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IdlePolicy {
     /// The Go v2 baseline: waiting for the next request is an ordinary line
@@ -35,11 +42,23 @@ pub struct Secret(String);
 
 impl Secret {
     /// Wraps a secret.
+    ///
+    /// ```
+    /// let mut config = dflockd_server::ServerConfig::ephemeral();
+    /// config.auth_token = Some(dflockd_server::Secret::new(String::from("s3cret")));
+    /// assert!(format!("{config:?}").contains("Secret(***)"));
+    /// ```
     pub fn new(secret: impl Into<String>) -> Secret {
         Secret(secret.into())
     }
 
     /// The secret's value. Do not log it.
+    ///
+    /// ```
+    /// let secret = dflockd_server::Secret::new("s3cret");
+    /// // Compare in constant time when checking what a client sent.
+    /// assert_eq!(secret.expose().as_bytes(), b"s3cret");
+    /// ```
     pub fn expose(&self) -> &str {
         &self.0
     }

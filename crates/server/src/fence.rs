@@ -11,12 +11,34 @@ use dflockd_proto::Token;
 use thiserror::Error;
 
 /// Fences reserved per persisted extension of the ceiling.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use dflockd_server::{FENCE_RANGE, FenceFile};
+/// let dir = tempfile::tempdir()?;
+/// let (file, start) = FenceFile::open(&dir.path().join("fences"), 1_000)?;
+/// assert_eq!(file.ceiling(), start + FENCE_RANGE); // ~1M grants before the next write
+/// # Ok(()) }
+/// ```
 pub const FENCE_RANGE: u64 = 1 << 20;
 const MAGIC: &[u8; 8] = b"dflfnc1\n";
 const RECORD: usize = 32;
 const CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_GO_ISO);
 
 /// Why the fence-state file could not be used.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use dflockd_server::{FenceFile, FenceFileError};
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("fences");
+/// let (_held, _) = FenceFile::open(&path, 0)?;
+/// // A second server on the same file is refused.
+/// assert!(matches!(FenceFile::open(&path, 0), Err(FenceFileError::Locked(_))));
+/// std::fs::write(dir.path().join("junk"), b"not a journal")?;
+/// assert!(matches!(FenceFile::open(&dir.path().join("junk"), 0), Err(FenceFileError::Corrupt { .. })));
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Error)]
 pub enum FenceFileError {
     /// An I/O operation on the file failed.
@@ -43,6 +65,18 @@ pub enum FenceFileError {
 /// The journal of fence ceilings: two 32-byte slots, each
 /// `magic | seq | ceiling | crc64(ISO)`, big-endian; the valid record with
 /// the highest sequence wins.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use dflockd_server::FenceFile;
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("fences");
+/// let (file, first_start) = FenceFile::open(&path, 5_000)?;
+/// drop(file); // the server restarts, with a clock that went backwards
+/// let (_file, second_start) = FenceFile::open(&path, 10)?;
+/// assert!(second_start > first_start); // fences stay monotonic
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct FenceFile {
     file: File,
@@ -55,6 +89,16 @@ impl FenceFile {
     /// Opens (or creates) and locks the file, recovers the ceiling, and
     /// persists `max(ceiling, now) + 2^20`. Returns the file and the value
     /// the counter must start from (its first fence is that value + 1).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use dflockd_server::FenceFile;
+    /// let dir = tempfile::tempdir()?;
+    /// // A fresh file starts from the clock; the first fence is `start + 1`.
+    /// let (_file, start) = FenceFile::open(&dir.path().join("fences"), 1_700_000_000_000_000_000)?;
+    /// assert_eq!(start, 1_700_000_000_000_000_000);
+    /// # Ok(()) }
+    /// ```
     pub fn open(path: &Path, now_nanos: u64) -> Result<(FenceFile, u64), FenceFileError> {
         let io = |source| FenceFileError::Io {
             path: path.to_owned(),
@@ -116,11 +160,33 @@ impl FenceFile {
     }
 
     /// The last persisted ceiling: every fence issued is below it.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use dflockd_server::{FENCE_RANGE, FenceFile};
+    /// let dir = tempfile::tempdir()?;
+    /// let (file, start) = FenceFile::open(&dir.path().join("fences"), 0)?;
+    /// assert_eq!(file.ceiling(), start + FENCE_RANGE);
+    /// # Ok(()) }
+    /// ```
     pub fn ceiling(&self) -> u64 {
         self.ceiling
     }
 
     /// Writes the next journal record and syncs file and directory.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use dflockd_server::FenceFile;
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("fences");
+    /// let (mut file, _) = FenceFile::open(&path, 0)?;
+    /// file.persist(5_000_000)?; // about to issue fences up to 5,000,000
+    /// drop(file);
+    /// let (_file, start) = FenceFile::open(&path, 0)?;
+    /// assert_eq!(start, 5_000_000); // a restart never reissues them
+    /// # Ok(()) }
+    /// ```
     pub fn persist(&mut self, ceiling: u64) -> std::io::Result<()> {
         let seq = self.seq + 1;
         let mut record = [0u8; RECORD];

@@ -16,6 +16,16 @@ use crate::fence::{FenceFileError, ServerMint};
 use crate::shared::{ConnGuard, Shared};
 
 /// Why a server could not start.
+///
+/// ```
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use dflockd_server::{Server, ServerConfig, StartError};
+/// let first = Server::start(ServerConfig::ephemeral()).await?;
+/// let mut config = ServerConfig::ephemeral();
+/// config.port = first.local_addr().port(); // already taken
+/// assert!(matches!(Server::start(config).await, Err(StartError::Bind { .. })));
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Error)]
 pub enum StartError {
     /// The listen address could not be bound.
@@ -51,6 +61,18 @@ pub struct Server;
 
 impl Server {
     /// Binds the listener and starts serving in the background.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use dflockd_server::{Server, ServerConfig, Secret};
+    /// let mut config = ServerConfig::ephemeral();
+    /// config.max_locks = 10_000;
+    /// config.auth_token = Some(Secret::new("s3cret"));
+    /// let server = Server::start(config).await?;
+    /// assert_ne!(server.local_addr().port(), 0);
+    /// server.shutdown().await;
+    /// # Ok(()) }
+    /// ```
     pub async fn start(config: ServerConfig) -> Result<ServerHandle, StartError> {
         let mint = ServerMint::open(config.fence_state_file.as_deref())?;
         let addr = format!("{}:{}", config.host, config.port);
@@ -93,6 +115,15 @@ impl Server {
 /// Controls a running server. Dropping the handle stops the server at once
 /// (connections are closed); use [`shutdown`](Self::shutdown) for a graceful
 /// drain.
+///
+/// ```
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let server = dflockd_server::Server::start(dflockd_server::ServerConfig::ephemeral()).await?;
+/// let addr = server.local_addr(); // hand this to clients
+/// server.shutdown().await; // graceful; `drop(server)` would stop it at once
+/// assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+/// # Ok(()) }
+/// ```
 pub struct ServerHandle {
     local_addr: SocketAddr,
     shared: Arc<Shared>,
@@ -101,6 +132,15 @@ pub struct ServerHandle {
 
 impl ServerHandle {
     /// The address the server listens on (with the real port when 0 was asked).
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let server = dflockd_server::Server::start(dflockd_server::ServerConfig::ephemeral()).await?;
+    /// let addr = server.local_addr();
+    /// assert!(addr.ip().is_loopback());
+    /// assert_ne!(addr.port(), 0); // the port the OS picked
+    /// # Ok(()) }
+    /// ```
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
@@ -109,17 +149,46 @@ impl ServerHandle {
     /// requests are answered `error`, every connection's next request gets
     /// `error_draining`, and connections still open after the shutdown
     /// timeout are closed.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let server = dflockd_server::Server::start(dflockd_server::ServerConfig::default()).await?;
+    /// tokio::signal::ctrl_c().await?;
+    /// server.begin_drain(); // clients get `error_draining` and move on
+    /// server.wait().await;
+    /// # Ok(()) }
+    /// ```
     pub fn begin_drain(&self) {
         self.shared.begin_drain();
     }
 
     /// Closes every connection at once (no further replies).
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let server = dflockd_server::Server::start(dflockd_server::ServerConfig::ephemeral()).await?;
+    /// let _client = tokio::net::TcpStream::connect(server.local_addr()).await?;
+    /// // Simulate a crash: no drain, every connection dropped at once.
+    /// server.force_close();
+    /// server.wait().await;
+    /// # Ok(()) }
+    /// ```
     pub fn force_close(&self) {
         self.shared.begin_drain();
         self.shared.kill.cancel();
     }
 
     /// Waits until the server has stopped (after a drain or force close).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let server = dflockd_server::Server::start(dflockd_server::ServerConfig::default()).await?;
+    /// let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    /// term.recv().await;
+    /// server.begin_drain();
+    /// server.wait().await; // returns once the last connection is gone (or the shutdown timeout)
+    /// # Ok(()) }
+    /// ```
     pub async fn wait(mut self) {
         if let Some(task) = self.task.take() {
             let _ = task.await;
@@ -127,6 +196,14 @@ impl ServerHandle {
     }
 
     /// Drains and waits until the server has stopped.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let server = dflockd_server::Server::start(dflockd_server::ServerConfig::ephemeral()).await?;
+    /// // … run tests against server.local_addr() …
+    /// server.shutdown().await;
+    /// # Ok(()) }
+    /// ```
     pub async fn shutdown(self) {
         self.begin_drain();
         self.wait().await;

@@ -8,6 +8,13 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use thiserror::Error;
 
 /// Why a certificate or key could not be loaded.
+///
+/// ```
+/// use dflockd_server::{TlsConfig, TlsError};
+/// let key = rcgen::KeyPair::generate().unwrap().serialize_pem();
+/// assert!(matches!(TlsConfig::from_pem(b"", key.as_bytes()), Err(TlsError::NoCertificate)));
+/// assert!(matches!(TlsConfig::from_pem(b"", b""), Err(TlsError::Pem { what: "private key", .. })));
+/// ```
 #[derive(Debug, Error)]
 pub enum TlsError {
     /// A PEM file could not be read or parsed.
@@ -42,6 +49,18 @@ pub struct TlsConfig {
 impl TlsConfig {
     /// Loads a PEM certificate chain and a PEM private key (PKCS#8, PKCS#1
     /// or SEC1) from files.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let dir = tempfile::tempdir()?;
+    /// # let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])?;
+    /// # std::fs::write(dir.path().join("cert.pem"), ck.cert.pem())?;
+    /// # std::fs::write(dir.path().join("key.pem"), ck.signing_key.serialize_pem())?;
+    /// let tls = dflockd_server::TlsConfig::from_pem_files(dir.path().join("cert.pem"), dir.path().join("key.pem"))?;
+    /// let mut config = dflockd_server::ServerConfig::ephemeral();
+    /// config.tls = Some(tls);
+    /// # Ok(()) }
+    /// ```
     pub fn from_pem_files(
         cert: impl AsRef<Path>,
         key: impl AsRef<Path>,
@@ -60,6 +79,16 @@ impl TlsConfig {
     }
 
     /// Builds a configuration from PEM text in memory.
+    ///
+    /// ```
+    /// use dflockd_server::TlsConfig;
+    /// let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    /// let tls = TlsConfig::from_pem(ck.cert.pem().as_bytes(), ck.signing_key.serialize_pem().as_bytes());
+    /// assert!(tls.is_ok());
+    /// // A key that does not belong to the certificate is refused.
+    /// let other = rcgen::KeyPair::generate().unwrap().serialize_pem();
+    /// assert!(TlsConfig::from_pem(ck.cert.pem().as_bytes(), other.as_bytes()).is_err());
+    /// ```
     pub fn from_pem(cert: &[u8], key: &[u8]) -> Result<TlsConfig, TlsError> {
         let certs = CertificateDer::pem_slice_iter(cert)
             .collect::<Result<Vec<_>, _>>()
