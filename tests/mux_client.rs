@@ -62,6 +62,38 @@ async fn wait_for_waiters(client: &Client, key: &str, n: u64) {
     }
 }
 
+/// Waits on every ticket at once, in reverse order (the queue, not the
+/// spawn order, decides who is granted first); each grantee records its
+/// index and fence, then releases. `release_holder` lets go of the key once
+/// all `n` waits are queued. Returns the grant order.
+async fn drain_in_queue_order(
+    client: &Client,
+    key: &str,
+    tickets: Vec<(usize, Ticket)>,
+    holder: Lease,
+) -> Vec<(usize, u64)> {
+    let n = tickets.len() as u64;
+    let order = Arc::new(Mutex::new(Vec::with_capacity(tickets.len())));
+    let tasks: Vec<_> = tickets
+        .into_iter()
+        .rev()
+        .map(|(i, ticket)| {
+            let order = Arc::clone(&order);
+            tokio::spawn(async move {
+                let lease = ticket.wait(WAIT).await.unwrap();
+                order.lock().unwrap().push((i, lease.fence()));
+                lease.release().await.unwrap();
+            })
+        })
+        .collect();
+    wait_for_waiters(client, key, n).await;
+    holder.release().await.unwrap();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    std::mem::take(&mut *order.lock().unwrap())
+}
+
 /// 2,000 handles of one process queue on one key through one connection;
 /// each releases as soon as it is granted, so the grants must follow the
 /// enqueue order exactly, with strictly increasing fences.
@@ -80,27 +112,8 @@ async fn thousands_of_waiters_through_one_connection_in_fifo_order() {
     let stats = client.stats(0).await.unwrap();
     assert_eq!(stats.connections, 1, "everything on one connection");
     assert_eq!(waiters(&client, key).await, N as u64);
-    let order = Arc::new(Mutex::new(Vec::with_capacity(N)));
-    // Wait on every ticket at once, in reverse: the queue decides the order.
-    let tasks: Vec<_> = tickets
-        .into_iter()
-        .enumerate()
-        .rev()
-        .map(|(i, ticket)| {
-            let order = Arc::clone(&order);
-            tokio::spawn(async move {
-                let lease = ticket.wait(WAIT).await.unwrap();
-                order.lock().unwrap().push((i, lease.fence()));
-                lease.release().await.unwrap();
-            })
-        })
-        .collect();
-    wait_for_waiters(&client, key, N as u64).await;
-    holder.release().await.unwrap();
-    for task in tasks {
-        task.await.unwrap();
-    }
-    let order = std::mem::take(&mut *order.lock().unwrap());
+    let tickets = tickets.into_iter().enumerate().collect();
+    let order = drain_in_queue_order(&client, key, tickets, holder).await;
     let indices: Vec<usize> = order.iter().map(|(i, _)| *i).collect();
     assert_eq!(indices, (0..N).collect::<Vec<_>>(), "grants in FIFO order");
     assert!(order.windows(2).all(|w| w[0].1 < w[1].1), "fences grow");
@@ -154,25 +167,7 @@ async fn mux_and_plain_clients_share_one_fifo() {
         let who = if i % 2 == 0 { &mux } else { &plain };
         tickets.push((i, queued(who, key).await));
     }
-    let order = Arc::new(Mutex::new(Vec::new()));
-    let tasks: Vec<_> = tickets
-        .into_iter()
-        .rev()
-        .map(|(i, ticket)| {
-            let order = Arc::clone(&order);
-            tokio::spawn(async move {
-                let lease = ticket.wait(WAIT).await.unwrap();
-                order.lock().unwrap().push((i, lease.fence()));
-                lease.release().await.unwrap();
-            })
-        })
-        .collect();
-    wait_for_waiters(&mux, key, 6).await;
-    holder.release().await.unwrap();
-    for task in tasks {
-        task.await.unwrap();
-    }
-    let order = order.lock().unwrap();
+    let order = drain_in_queue_order(&mux, key, tickets, holder).await;
     assert_eq!(
         order.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
         (0..6).collect::<Vec<_>>()

@@ -829,18 +829,18 @@ impl Target {
         let wait = seconds(timeout)?;
         let lease = self.lease()?;
         let orphan = (self.key.clone(), self.kind.namespace());
+        let acquire = |timeout| Request::Acquire {
+            key: self.key.clone(),
+            kind: self.kind,
+            timeout,
+            lease,
+        };
         let lane = self.inner().lane(self.server).await?;
         if lane.is_mux() {
-            let request = Request::Acquire {
-                key: self.key.clone(),
-                kind: self.kind,
-                timeout: wait,
-                lease,
-            };
             let sent_at = Instant::now();
             let (reply, lane) = mux_lane::call(
                 &lane,
-                request,
+                acquire(wait),
                 0,
                 Some(orphan),
                 wait.as_duration() + REPLY_SLACK,
@@ -850,15 +850,9 @@ impl Target {
             return Ok(grant_or_timeout(reply)?.map(|g| self.track_waited(g, &lane, sent_at)));
         }
         let sent_at = Instant::now();
-        let request = Request::Acquire {
-            key: self.key.clone(),
-            kind: self.kind,
-            timeout: dflockd_proto::Seconds::ZERO,
-            lease,
-        };
         let (tx, rx) = oneshot::channel();
         lane.send(LaneRequest {
-            request,
+            request: acquire(dflockd_proto::Seconds::ZERO),
             reply: Some(tx),
             orphan: Some(orphan.clone()),
         });
@@ -875,15 +869,14 @@ impl Target {
             &self.inner().options,
         )
         .await?;
-        let request = Request::Acquire {
-            key: self.key.clone(),
-            kind: self.kind,
-            timeout: wait,
-            lease,
-        };
         let sent_at = Instant::now();
-        let (reply, conn) =
-            guarded_request(conn, request, orphan, wait.as_duration() + REPLY_SLACK).await?;
+        let (reply, conn) = guarded_request(
+            conn,
+            acquire(wait),
+            orphan,
+            wait.as_duration() + REPLY_SLACK,
+        )
+        .await?;
         Ok(grant_or_timeout(reply)?.map(|granted| self.bind(granted, conn, sent_at, true)))
     }
 

@@ -183,11 +183,12 @@ pub(crate) fn spawn_lane(
     let id = next_lane_id();
     let (tx, rx) = mpsc::unbounded_channel();
     let closed = CancellationToken::new();
-    let pending = Arc::new(Mutex::new(VecDeque::<Pending>::new()));
     let pushed = Arc::new(Notify::new());
-    // Where renew replies go: set by the writer from the first batch (a
-    // lane belongs to one client, so to one lease supervisor).
     let renew_to = Arc::new(OnceLock::<RenewSink>::new());
+    let pending = Arc::new(Mutex::new(PlainFraming {
+        queue: VecDeque::new(),
+        renew_to: Arc::clone(&renew_to),
+    }));
     let (reader, writer) = conn.into_parts();
     let handle = LaneHandle {
         id,
@@ -200,7 +201,6 @@ pub(crate) fn spawn_lane(
         rx,
         Arc::clone(&pending),
         Arc::clone(&pushed),
-        Arc::clone(&renew_to),
         closed.clone(),
         timing,
     ));
@@ -222,6 +222,7 @@ pub(crate) fn spawn_lane(
         let failed: Vec<Pending> = pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .queue
             .drain(..)
             .collect();
         // The failure concerns the oldest request (its reply was late,
@@ -233,12 +234,70 @@ pub(crate) fn spawn_lane(
     handle
 }
 
-async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
+/// How a lane turns what it is asked to send into bytes, and remembers what
+/// each reply will be for. The writer holds the lock on it while it batches,
+/// the reader while it matches a reply.
+pub(crate) trait Framing: Send + 'static {
+    /// Appends `outgoing` to `out` and records its pending replies, which
+    /// are late after `deadline`.
+    fn push(&mut self, outgoing: Outgoing, deadline: Instant, out: &mut Vec<u8>);
+}
+
+/// A plain lane's framing: v2 frames, replies in request order.
+pub(crate) struct PlainFraming {
+    pub(crate) queue: VecDeque<Pending>,
+    /// Where renew replies go: set from the first batch (a lane belongs to
+    /// one client, so to one lease supervisor).
+    pub(crate) renew_to: Arc<OnceLock<RenewSink>>,
+}
+
+impl Framing for PlainFraming {
+    fn push(&mut self, outgoing: Outgoing, deadline: Instant, out: &mut Vec<u8>) {
+        match outgoing {
+            Outgoing::One(request) => {
+                // A request that may wait is bounded by its own timeout
+                // (it has a connection of its own), not the reply timeout.
+                let deadline = if request.request.may_block() {
+                    deadline + Duration::from_secs(86_400 * 365)
+                } else {
+                    deadline
+                };
+                request.request.encode(out);
+                self.queue.push_back(Pending {
+                    reply: request.reply.map(ReplyTo::Caller),
+                    orphan: request.orphan,
+                    deadline,
+                });
+            }
+            // Only multiplexed lanes take these.
+            Outgoing::Tagged(tagged) => Outgoing::Tagged(tagged)
+                .fail(Error::Protocol("tagged request on a plain lane".into())),
+            Outgoing::Cancel(_) => {}
+            Outgoing::Renewals(batch) => {
+                let (wire, tags, sink) = batch.into_parts();
+                out.extend_from_slice(&wire);
+                if self.renew_to.get().is_none() {
+                    let _ = self.renew_to.set(sink);
+                }
+                self.queue.extend(tags.into_iter().map(|tag| Pending {
+                    reply: Some(ReplyTo::Renew(tag)),
+                    orphan: None,
+                    deadline,
+                }));
+            }
+        }
+    }
+}
+
+/// A lane's writer: batches everything queued into one write (up to 64 KiB),
+/// pings after `keepalive` of silence, and closes the lane when a write
+/// fails or takes longer than the reply timeout. Requests still queued when
+/// it stops never reached the wire and are failed.
+pub(crate) async fn write_loop<W: tokio::io::AsyncWrite + Unpin, F: Framing>(
     mut writer: W,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    pending: Arc<Mutex<VecDeque<Pending>>>,
+    framing: Arc<Mutex<F>>,
     pushed: Arc<Notify>,
-    renew_to: Arc<OnceLock<RenewSink>>,
     closed: CancellationToken,
     timing: LaneTiming,
 ) {
@@ -257,50 +316,20 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
         };
         out.clear();
         {
-            let mut queue = pending.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut framing = framing.lock().unwrap_or_else(PoisonError::into_inner);
             let deadline = Instant::now() + timing.reply_timeout;
             let mut next = Some(first);
-            // Batch everything already queued into one write.
             while let Some(outgoing) = next.take() {
-                match outgoing {
-                    Outgoing::One(request) => {
-                        let slack = if request.request.may_block() {
-                            Duration::MAX
-                        } else {
-                            Duration::ZERO
-                        };
-                        request.request.encode(&mut out);
-                        queue.push_back(Pending {
-                            reply: request.reply.map(ReplyTo::Caller),
-                            orphan: request.orphan,
-                            deadline: deadline
-                                .checked_add(slack)
-                                .unwrap_or(deadline + Duration::from_secs(86_400 * 365)),
-                        });
-                    }
-                    // Only multiplexed lanes take these.
-                    Outgoing::Tagged(tagged) => Outgoing::Tagged(tagged)
-                        .fail(Error::Protocol("tagged request on a plain lane".into())),
-                    Outgoing::Cancel(_) => {}
-                    Outgoing::Renewals(batch) => {
-                        let (wire, tags, sink) = batch.into_parts();
-                        out.extend_from_slice(&wire);
-                        if renew_to.get().is_none() {
-                            let _ = renew_to.set(sink);
-                        }
-                        queue.extend(tags.into_iter().map(|tag| Pending {
-                            reply: Some(ReplyTo::Renew(tag)),
-                            orphan: None,
-                            deadline,
-                        }));
-                    }
-                }
+                framing.push(outgoing, deadline, &mut out);
                 if out.len() < 64 * 1024 {
                     next = rx.try_recv().ok();
                 }
             }
         }
         pushed.notify_one();
+        if out.is_empty() {
+            continue;
+        }
         let write = async {
             writer.write_all(&out).await?;
             writer.flush().await
@@ -315,7 +344,6 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
         quiet_since = Instant::now();
     }
     closed.cancel();
-    // Requests still queued never reached the wire: fail them now.
     rx.close();
     while let Ok(outgoing) = rx.try_recv() {
         outgoing.fail(Error::ConnectionClosed);
@@ -329,7 +357,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     lane: LaneRef,
     mut reader: BufReader<R>,
     tx: mpsc::UnboundedSender<Outgoing>,
-    pending: Arc<Mutex<VecDeque<Pending>>>,
+    pending: Arc<Mutex<PlainFraming>>,
     pushed: Arc<Notify>,
     renew_to: &OnceLock<RenewSink>,
     closed: CancellationToken,
@@ -367,7 +395,7 @@ async fn read_replies<R: AsyncRead + Unpin>(
     reader: &mut BufReader<R>,
     line: &mut Vec<u8>,
     tx: &mpsc::UnboundedSender<Outgoing>,
-    pending: &Mutex<VecDeque<Pending>>,
+    pending: &Mutex<PlainFraming>,
     pushed: &Notify,
     renew_to: &OnceLock<RenewSink>,
     closed: &CancellationToken,
@@ -379,6 +407,7 @@ async fn read_replies<R: AsyncRead + Unpin>(
         let deadline = pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .queue
             .front()
             .map(|p| p.deadline);
         let read = tokio::select! {
@@ -412,6 +441,7 @@ async fn read_replies<R: AsyncRead + Unpin>(
             let Some(entry) = pending
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
+                .queue
                 .pop_front()
             else {
                 // A reply nobody asked for: the stream is out of step.

@@ -22,15 +22,15 @@ use dflockd_proto::{
     Key, MUX_ACCEPTED, MUX_HELLO, Namespace, Request, encode_mux_request, parse_mux_reply,
     prefix_frames,
 };
-use tokio::io::{AsyncRead, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, BufReader};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::connection::{Connection, read_line};
 use crate::lane::{
-    LaneHandle, LaneId, LaneRef, LaneRequest, LaneTiming, Outgoing, Pending, ReplyTo,
-    TaggedRequest, deliver, fail_pending, flush_renewed, next_lane_id,
+    Framing, LaneHandle, LaneId, LaneRef, LaneRequest, LaneTiming, Outgoing, Pending, ReplyTo,
+    TaggedRequest, deliver, fail_pending, flush_renewed, next_lane_id, write_loop,
 };
 use crate::supervisor::{RenewReply, RenewSink};
 use crate::{Error, Result};
@@ -232,10 +232,14 @@ pub(crate) fn spawn_mux_lane(
     let id = next_lane_id();
     let (tx, rx) = mpsc::unbounded_channel();
     let closed = CancellationToken::new();
-    let in_flight = Arc::new(Mutex::new(InFlight::default()));
     let pushed = Arc::new(Notify::new());
     let renew_to = Arc::new(OnceLock::<RenewSink>::new());
     let ids = Arc::new(MuxIds::new());
+    let in_flight = Arc::new(Mutex::new(MuxFraming {
+        in_flight: InFlight::default(),
+        ids: Arc::clone(&ids),
+        renew_to: Arc::clone(&renew_to),
+    }));
     let (reader, writer) = conn.into_parts();
     let handle = LaneHandle {
         id,
@@ -248,8 +252,6 @@ pub(crate) fn spawn_mux_lane(
         rx,
         Arc::clone(&in_flight),
         Arc::clone(&pushed),
-        Arc::clone(&renew_to),
-        ids,
         closed.clone(),
         timing,
     ));
@@ -273,9 +275,9 @@ pub(crate) fn spawn_mux_lane(
         flush_renewed(&mut renewed, &renew_to);
         closed.cancel();
         let failed: Vec<Pending> = {
-            let mut in_flight = in_flight.lock().unwrap_or_else(PoisonError::into_inner);
-            in_flight.deadlines.clear();
-            in_flight.by_id.drain().map(|(_, p)| p).collect()
+            let mut framing = in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+            framing.in_flight.deadlines.clear();
+            framing.in_flight.by_id.drain().map(|(_, p)| p).collect()
         };
         fail_pending(failed, failure, &renew_to);
         tracing::debug!(lane = id.0, "multiplexed lane closed");
@@ -284,112 +286,66 @@ pub(crate) fn spawn_mux_lane(
     handle
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
-    mut writer: W,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    in_flight: Arc<Mutex<InFlight>>,
-    pushed: Arc<Notify>,
-    renew_to: Arc<OnceLock<RenewSink>>,
+/// A multiplexed lane's framing: ids on every frame, replies matched by id.
+struct MuxFraming {
+    in_flight: InFlight,
     ids: Arc<MuxIds>,
-    closed: CancellationToken,
-    timing: LaneTiming,
-) {
-    let mut out = Vec::with_capacity(4096);
-    let mut quiet_since = Instant::now();
-    loop {
-        let first = tokio::select! {
-            _ = closed.cancelled() => break,
-            request = rx.recv() => match request {
-                Some(request) => request,
-                None => break,
-            },
-            _ = tokio::time::sleep_until(quiet_since + timing.keepalive) => {
-                Outgoing::One(LaneRequest { request: Request::Ping, reply: None, orphan: None })
+    renew_to: Arc<OnceLock<RenewSink>>,
+}
+
+impl Framing for MuxFraming {
+    fn push(&mut self, outgoing: Outgoing, deadline: Instant, out: &mut Vec<u8>) {
+        match outgoing {
+            Outgoing::One(request) => {
+                let id = self.ids.take_ids(1);
+                encode_mux_request(id, 0, &request.request, out);
+                self.in_flight.insert(id, pending(request, deadline), true);
             }
-        };
-        out.clear();
-        {
-            let mut in_flight = in_flight.lock().unwrap_or_else(PoisonError::into_inner);
-            let deadline = Instant::now() + timing.reply_timeout;
-            let mut next = Some(first);
-            while let Some(outgoing) = next.take() {
-                match outgoing {
-                    Outgoing::One(request) => {
-                        let id = ids.take_ids(1);
-                        encode_mux_request(id, 0, &request.request, &mut out);
-                        in_flight.insert(id, pending(request, deadline), true);
-                    }
-                    Outgoing::Tagged(TaggedRequest {
+            Outgoing::Tagged(TaggedRequest {
+                id,
+                ticket,
+                request,
+            }) => {
+                encode_mux_request(id, ticket, &request.request, out);
+                // A waiting request's caller bounds it (and cancels).
+                let bounded = !request.request.may_block();
+                self.in_flight
+                    .insert(id, pending(request, deadline), bounded);
+            }
+            Outgoing::Cancel(target) => {
+                if self.in_flight.by_id.contains_key(&target) {
+                    let id = self.ids.take_ids(1);
+                    dflockd_proto::MuxRequest {
                         id,
-                        ticket,
-                        request,
-                    }) => {
-                        encode_mux_request(id, ticket, &request.request, &mut out);
-                        // A waiting request's caller bounds it (and cancels).
-                        let bounded = !request.request.may_block();
-                        in_flight.insert(id, pending(request, deadline), bounded);
+                        ticket: 0,
+                        body: dflockd_proto::MuxBody::Cancel(target),
                     }
-                    Outgoing::Cancel(target) => {
-                        if in_flight.by_id.contains_key(&target) {
-                            let id = ids.take_ids(1);
-                            dflockd_proto::MuxRequest {
-                                id,
-                                ticket: 0,
-                                body: dflockd_proto::MuxBody::Cancel(target),
-                            }
-                            .encode(&mut out);
-                            let cancel = LaneRequest {
-                                request: Request::Ping,
-                                reply: None,
-                                orphan: None,
-                            };
-                            in_flight.insert(id, pending(cancel, deadline), true);
-                        }
-                    }
-                    Outgoing::Renewals(batch) => {
-                        let (wire, tags, sink) = batch.into_parts();
-                        if renew_to.get().is_none() {
-                            let _ = renew_to.set(sink);
-                        }
-                        let first_id = ids.take_ids(tags.len() as u64);
-                        prefix_frames(&wire, first_id, &mut out);
-                        for (i, tag) in tags.into_iter().enumerate() {
-                            let entry = Pending {
-                                reply: Some(ReplyTo::Renew(tag)),
-                                orphan: None,
-                                deadline,
-                            };
-                            in_flight.insert(first_id + i as u64, entry, true);
-                        }
-                    }
+                    .encode(out);
+                    let cancel = LaneRequest {
+                        request: Request::Ping,
+                        reply: None,
+                        orphan: None,
+                    };
+                    self.in_flight.insert(id, pending(cancel, deadline), true);
                 }
-                if out.len() < 64 * 1024 {
-                    next = rx.try_recv().ok();
+            }
+            Outgoing::Renewals(batch) => {
+                let (wire, tags, sink) = batch.into_parts();
+                if self.renew_to.get().is_none() {
+                    let _ = self.renew_to.set(sink);
+                }
+                let first_id = self.ids.take_ids(tags.len() as u64);
+                prefix_frames(&wire, first_id, out);
+                for (i, tag) in tags.into_iter().enumerate() {
+                    let entry = Pending {
+                        reply: Some(ReplyTo::Renew(tag)),
+                        orphan: None,
+                        deadline,
+                    };
+                    self.in_flight.insert(first_id + i as u64, entry, true);
                 }
             }
         }
-        pushed.notify_one();
-        if out.is_empty() {
-            continue;
-        }
-        let write = async {
-            writer.write_all(&out).await?;
-            writer.flush().await
-        };
-        let written = tokio::select! {
-            _ = closed.cancelled() => break,
-            written = tokio::time::timeout(timing.reply_timeout, write) => written,
-        };
-        if !matches!(written, Ok(Ok(()))) {
-            break;
-        }
-        quiet_since = Instant::now();
-    }
-    closed.cancel();
-    rx.close();
-    while let Ok(outgoing) = rx.try_recv() {
-        outgoing.fail(Error::ConnectionClosed);
     }
 }
 
@@ -408,7 +364,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     lane: &LaneRef,
     mut reader: BufReader<R>,
     tx: &mpsc::UnboundedSender<Outgoing>,
-    in_flight: &Mutex<InFlight>,
+    in_flight: &Mutex<MuxFraming>,
     pushed: &Notify,
     renew_to: &OnceLock<RenewSink>,
     closed: &CancellationToken,
@@ -420,6 +376,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         let deadline = in_flight
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .in_flight
             .next_deadline();
         let read = tokio::select! {
             _ = closed.cancelled() => return None,
@@ -448,6 +405,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             let entry = in_flight
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
+                .in_flight
                 .by_id
                 .remove(&id);
             let Some(entry) = entry else {
