@@ -95,11 +95,7 @@ impl Outgoing {
 
 /// Fails requests whose replies will never come: the first gets `first`
 /// (why the lane failed), the others `ConnectionClosed`.
-pub(crate) fn fail_pending(
-    entries: Vec<Pending>,
-    mut first: Option<Error>,
-    renew_to: &OnceLock<RenewSink>,
-) {
+fn fail_pending(entries: Vec<Pending>, mut first: Option<Error>, renew_to: &OnceLock<RenewSink>) {
     let mut renewed = Vec::new();
     for entry in entries {
         let error = first.take().unwrap_or(Error::ConnectionClosed);
@@ -174,57 +170,78 @@ pub(crate) struct LaneTiming {
     pub(crate) reply_timeout: Duration,
 }
 
-/// Starts a lane on `conn`. `on_close` runs once when the lane ends.
+/// Starts a plain lane on `conn`. `on_close` runs once when the lane ends.
 pub(crate) fn spawn_lane(
     conn: Connection,
     timing: LaneTiming,
     on_close: impl FnOnce(LaneId) + Send + 'static,
 ) -> LaneHandle {
+    let renew_to = Arc::new(OnceLock::<RenewSink>::new());
+    let framing = PlainFraming {
+        queue: VecDeque::new(),
+        renew_to: Arc::clone(&renew_to),
+    };
+    spawn_framed(conn, timing, on_close, framing, renew_to, None)
+}
+
+/// Starts a lane with any framing: a writer task and a reader task sharing
+/// `framing`. `renew_to` is where renew replies go (set from the first
+/// renewal batch: a lane belongs to one client, so to one supervisor).
+pub(crate) fn spawn_framed<F: Framing>(
+    conn: Connection,
+    timing: LaneTiming,
+    on_close: impl FnOnce(LaneId) + Send + 'static,
+    framing: F,
+    renew_to: Arc<OnceLock<RenewSink>>,
+    mux: Option<Arc<crate::mux_lane::MuxIds>>,
+) -> LaneHandle {
     let id = next_lane_id();
     let (tx, rx) = mpsc::unbounded_channel();
     let closed = CancellationToken::new();
     let pushed = Arc::new(Notify::new());
-    let renew_to = Arc::new(OnceLock::<RenewSink>::new());
-    let pending = Arc::new(Mutex::new(PlainFraming {
-        queue: VecDeque::new(),
-        renew_to: Arc::clone(&renew_to),
-    }));
+    let framing = Arc::new(Mutex::new(framing));
     let (reader, writer) = conn.into_parts();
     let handle = LaneHandle {
         id,
         tx: tx.clone(),
         closed: closed.clone(),
-        mux: None,
+        mux,
     };
     tokio::spawn(write_loop(
         writer,
         rx,
-        Arc::clone(&pending),
+        Arc::clone(&framing),
         Arc::clone(&pushed),
         closed.clone(),
         timing,
     ));
     tokio::spawn(async move {
-        let failure = read_loop(
-            LaneRef {
-                id,
-                closed: closed.clone(),
-            },
-            reader,
-            tx,
-            Arc::clone(&pending),
-            pushed,
+        let lane = LaneRef {
+            id,
+            closed: closed.clone(),
+        };
+        let mut line = Vec::with_capacity(128);
+        // Renew replies read in one go, handed over together.
+        let mut renewed: Vec<RenewReply> = Vec::new();
+        let mut reader = reader;
+        let failure = read_replies(
+            &lane,
+            &mut reader,
+            &mut line,
+            &tx,
+            &framing,
+            &pushed,
             &renew_to,
-            closed.clone(),
+            &closed,
+            &mut renewed,
         )
         .await;
+        flush_renewed(&mut renewed, &renew_to);
         closed.cancel();
-        let failed: Vec<Pending> = pending
+        let failed = framing
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .queue
-            .drain(..)
-            .collect();
+            .drain();
         // The failure concerns the oldest request (its reply was late,
         // malformed or cut off); the ones behind it just lost the connection.
         fail_pending(failed, failure, &renew_to);
@@ -241,6 +258,13 @@ pub(crate) trait Framing: Send + 'static {
     /// Appends `outgoing` to `out` and records its pending replies, which
     /// are late after `deadline`.
     fn push(&mut self, outgoing: Outgoing, deadline: Instant, out: &mut Vec<u8>);
+    /// The earliest reply deadline still pending.
+    fn next_deadline(&mut self) -> Option<Instant>;
+    /// Parses one reply line and takes the request it answers. An error
+    /// (malformed, or answering nothing) means the stream is out of step.
+    fn take_reply(&mut self, line: &[u8]) -> Result<(Pending, Reply)>;
+    /// Everything still pending, for failing it when the lane closes.
+    fn drain(&mut self) -> Vec<Pending>;
 }
 
 /// A plain lane's framing: v2 frames, replies in request order.
@@ -287,13 +311,31 @@ impl Framing for PlainFraming {
             }
         }
     }
+
+    fn next_deadline(&mut self) -> Option<Instant> {
+        self.queue.front().map(|p| p.deadline)
+    }
+
+    fn take_reply(&mut self, line: &[u8]) -> Result<(Pending, Reply)> {
+        let reply = Reply::parse(line).map_err(|e| Error::Protocol(e.to_string()))?;
+        // In order: the oldest pending request is the one answered.
+        let entry = self
+            .queue
+            .pop_front()
+            .ok_or_else(|| Error::Protocol("reply to no request".into()))?;
+        Ok((entry, reply))
+    }
+
+    fn drain(&mut self) -> Vec<Pending> {
+        self.queue.drain(..).collect()
+    }
 }
 
 /// A lane's writer: batches everything queued into one write (up to 64 KiB),
 /// pings after `keepalive` of silence, and closes the lane when a write
 /// fails or takes longer than the reply timeout. Requests still queued when
 /// it stops never reached the wire and are failed.
-pub(crate) async fn write_loop<W: tokio::io::AsyncWrite + Unpin, F: Framing>(
+async fn write_loop<W: tokio::io::AsyncWrite + Unpin, F: Framing>(
     mut writer: W,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     framing: Arc<Mutex<F>>,
@@ -350,38 +392,7 @@ pub(crate) async fn write_loop<W: tokio::io::AsyncWrite + Unpin, F: Framing>(
     }
 }
 
-/// Matches replies to pending requests in order until the lane fails or is
-/// closed. Returns why it failed, for the oldest pending request: the reply
-/// timed out, was malformed or too long, or the connection ended.
-async fn read_loop<R: AsyncRead + Unpin>(
-    lane: LaneRef,
-    mut reader: BufReader<R>,
-    tx: mpsc::UnboundedSender<Outgoing>,
-    pending: Arc<Mutex<PlainFraming>>,
-    pushed: Arc<Notify>,
-    renew_to: &OnceLock<RenewSink>,
-    closed: CancellationToken,
-) -> Option<Error> {
-    let mut line = Vec::with_capacity(128);
-    // Renew replies read in one go, handed over together.
-    let mut renewed: Vec<RenewReply> = Vec::new();
-    let failure = read_replies(
-        &lane,
-        &mut reader,
-        &mut line,
-        &tx,
-        &pending,
-        &pushed,
-        renew_to,
-        &closed,
-        &mut renewed,
-    )
-    .await;
-    flush_renewed(&mut renewed, renew_to);
-    failure
-}
-
-pub(crate) fn flush_renewed(renewed: &mut Vec<RenewReply>, renew_to: &OnceLock<RenewSink>) {
+fn flush_renewed(renewed: &mut Vec<RenewReply>, renew_to: &OnceLock<RenewSink>) {
     if !renewed.is_empty()
         && let Some(sink) = renew_to.get()
     {
@@ -389,13 +400,16 @@ pub(crate) fn flush_renewed(renewed: &mut Vec<RenewReply>, renew_to: &OnceLock<R
     }
 }
 
+/// Matches replies to pending requests until the lane fails or is closed.
+/// Returns why it failed, for the oldest pending request: the reply timed
+/// out, was malformed or too long, or the connection ended.
 #[allow(clippy::too_many_arguments)]
-async fn read_replies<R: AsyncRead + Unpin>(
+async fn read_replies<R: AsyncRead + Unpin, F: Framing>(
     lane: &LaneRef,
     reader: &mut BufReader<R>,
     line: &mut Vec<u8>,
     tx: &mpsc::UnboundedSender<Outgoing>,
-    pending: &Mutex<PlainFraming>,
+    pending: &Mutex<F>,
     pushed: &Notify,
     renew_to: &OnceLock<RenewSink>,
     closed: &CancellationToken,
@@ -407,9 +421,7 @@ async fn read_replies<R: AsyncRead + Unpin>(
         let deadline = pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .queue
-            .front()
-            .map(|p| p.deadline);
+            .next_deadline();
         let read = tokio::select! {
             _ = closed.cancelled() => return None,
             read = read_line(reader, line) => read,
@@ -432,20 +444,14 @@ async fn read_replies<R: AsyncRead + Unpin>(
         // hundreds of pipelined replies (renewals), and the select's timer
         // and notification are not worth setting up for each.
         loop {
-            let reply = Reply::parse(line);
-            line.clear();
-            let reply = match reply {
-                Ok(reply) => reply,
-                Err(error) => return Some(Error::Protocol(error.to_string())),
-            };
-            let Some(entry) = pending
+            let taken = pending
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .queue
-                .pop_front()
-            else {
-                // A reply nobody asked for: the stream is out of step.
-                return Some(Error::Protocol("reply to no request".into()));
+                .take_reply(line);
+            line.clear();
+            let (entry, reply) = match taken {
+                Ok(taken) => taken,
+                Err(error) => return Some(error),
             };
             deliver(lane, entry, reply, tx, renewed);
             if !reader.buffer().contains(&b'\n') {
@@ -459,7 +465,7 @@ async fn read_replies<R: AsyncRead + Unpin>(
     }
 }
 
-pub(crate) fn deliver(
+fn deliver(
     lane: &LaneRef,
     entry: Pending,
     reply: Reply,

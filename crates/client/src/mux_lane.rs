@@ -15,24 +15,22 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use dflockd_proto::{
-    Key, MUX_ACCEPTED, MUX_HELLO, Namespace, Request, encode_mux_request, parse_mux_reply,
+    Key, MUX_ACCEPTED, MUX_HELLO, Namespace, Reply, Request, encode_mux_request, parse_mux_reply,
     prefix_frames,
 };
-use tokio::io::{AsyncRead, BufReader};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use crate::connection::{Connection, read_line};
+use crate::connection::Connection;
 use crate::lane::{
     Framing, LaneHandle, LaneId, LaneRef, LaneRequest, LaneTiming, Outgoing, Pending, ReplyTo,
-    TaggedRequest, deliver, fail_pending, flush_renewed, next_lane_id, write_loop,
+    TaggedRequest, spawn_framed,
 };
-use crate::supervisor::{RenewReply, RenewSink};
+use crate::supervisor::RenewSink;
 use crate::{Error, Result};
 
 /// Where a multiplexed lane's request ids and two-phase tickets come from.
@@ -229,61 +227,14 @@ pub(crate) fn spawn_mux_lane(
     timing: LaneTiming,
     on_close: impl FnOnce(LaneId) + Send + 'static,
 ) -> LaneHandle {
-    let id = next_lane_id();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let closed = CancellationToken::new();
-    let pushed = Arc::new(Notify::new());
     let renew_to = Arc::new(OnceLock::<RenewSink>::new());
     let ids = Arc::new(MuxIds::new());
-    let in_flight = Arc::new(Mutex::new(MuxFraming {
+    let framing = MuxFraming {
         in_flight: InFlight::default(),
         ids: Arc::clone(&ids),
         renew_to: Arc::clone(&renew_to),
-    }));
-    let (reader, writer) = conn.into_parts();
-    let handle = LaneHandle {
-        id,
-        tx: tx.clone(),
-        closed: closed.clone(),
-        mux: Some(Arc::clone(&ids)),
     };
-    tokio::spawn(write_loop(
-        writer,
-        rx,
-        Arc::clone(&in_flight),
-        Arc::clone(&pushed),
-        closed.clone(),
-        timing,
-    ));
-    tokio::spawn(async move {
-        let lane = LaneRef {
-            id,
-            closed: closed.clone(),
-        };
-        let mut renewed = Vec::new();
-        let failure = read_loop(
-            &lane,
-            reader,
-            &tx,
-            &in_flight,
-            &pushed,
-            &renew_to,
-            &closed,
-            &mut renewed,
-        )
-        .await;
-        flush_renewed(&mut renewed, &renew_to);
-        closed.cancel();
-        let failed: Vec<Pending> = {
-            let mut framing = in_flight.lock().unwrap_or_else(PoisonError::into_inner);
-            framing.in_flight.deadlines.clear();
-            framing.in_flight.by_id.drain().map(|(_, p)| p).collect()
-        };
-        fail_pending(failed, failure, &renew_to);
-        tracing::debug!(lane = id.0, "multiplexed lane closed");
-        on_close(id);
-    });
-    handle
+    spawn_framed(conn, timing, on_close, framing, renew_to, Some(ids))
 }
 
 /// A multiplexed lane's framing: ids on every frame, replies matched by id.
@@ -347,6 +298,25 @@ impl Framing for MuxFraming {
             }
         }
     }
+
+    fn next_deadline(&mut self) -> Option<Instant> {
+        self.in_flight.next_deadline()
+    }
+
+    fn take_reply(&mut self, line: &[u8]) -> Result<(Pending, Reply)> {
+        let (id, reply) = parse_mux_reply(line).map_err(|e| Error::Protocol(e.to_string()))?;
+        let entry = self
+            .in_flight
+            .by_id
+            .remove(&id)
+            .ok_or_else(|| Error::Protocol(format!("reply to unknown request {id}")))?;
+        Ok((entry, reply))
+    }
+
+    fn drain(&mut self) -> Vec<Pending> {
+        self.in_flight.deadlines.clear();
+        self.in_flight.by_id.drain().map(|(_, p)| p).collect()
+    }
 }
 
 fn pending(request: LaneRequest, deadline: Instant) -> Pending {
@@ -354,70 +324,5 @@ fn pending(request: LaneRequest, deadline: Instant) -> Pending {
         reply: request.reply.map(ReplyTo::Caller),
         orphan: request.orphan,
         deadline,
-    }
-}
-
-/// Matches replies to requests by id until the lane fails or is closed;
-/// returns why it failed.
-#[allow(clippy::too_many_arguments)]
-async fn read_loop<R: AsyncRead + Unpin>(
-    lane: &LaneRef,
-    mut reader: BufReader<R>,
-    tx: &mpsc::UnboundedSender<Outgoing>,
-    in_flight: &Mutex<MuxFraming>,
-    pushed: &Notify,
-    renew_to: &OnceLock<RenewSink>,
-    closed: &CancellationToken,
-    renewed: &mut Vec<RenewReply>,
-) -> Option<Error> {
-    let mut line = Vec::with_capacity(128);
-    loop {
-        flush_renewed(renewed, renew_to);
-        let deadline = in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .in_flight
-            .next_deadline();
-        let read = tokio::select! {
-            _ = closed.cancelled() => return None,
-            read = read_line(&mut reader, &mut line) => read,
-            _ = pushed.notified() => continue,
-            _ = async {
-                match deadline {
-                    Some(deadline) => tokio::time::sleep_until(deadline).await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                tracing::debug!("reply timeout: closing multiplexed lane");
-                return Some(Error::ReplyTimeout);
-            }
-        };
-        if let Err(error) = read {
-            return Some(error);
-        }
-        loop {
-            let parsed = parse_mux_reply(&line);
-            line.clear();
-            let (id, reply) = match parsed {
-                Ok(parsed) => parsed,
-                Err(error) => return Some(Error::Protocol(error.to_string())),
-            };
-            let entry = in_flight
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .in_flight
-                .by_id
-                .remove(&id);
-            let Some(entry) = entry else {
-                return Some(Error::Protocol(format!("reply to unknown request {id}")));
-            };
-            deliver(lane, entry, reply, tx, renewed);
-            if !reader.buffer().contains(&b'\n') {
-                break;
-            }
-            if let Err(error) = read_line(&mut reader, &mut line).await {
-                return Some(error);
-            }
-        }
     }
 }
