@@ -327,3 +327,47 @@ async fn the_largest_timeout_waits_and_can_be_cancelled() {
     assert_eq!(reply_to(&mut c, 5).await, "ok");
     holder.wait_lock_waiters("huge", 0).await;
 }
+
+/// A ticket whose `w` was granted is enqueued again before a `cancel` of
+/// the old `w` arrives: the cancel must not withdraw the new place, and the
+/// old `w` is answered with its grant — before the cancel's `ok`.
+#[tokio::test]
+async fn cancel_of_a_granted_wait_leaves_the_tickets_new_place_alone() {
+    let server = start().await;
+    let mut c = mux(&server).await;
+    c.send(b"1 l\nk\n0\n").await;
+    let first = token_of(&reply_to(&mut c, 1).await);
+    c.send(b"2 e 1\nk\n\n3 w 1\nk\n30\n").await;
+    assert_eq!(reply_to(&mut c, 2).await, "queued");
+    let mut watcher = plain(&server).await;
+    watcher.wait_lock_waiters("k", 1).await;
+    // One batch: release (grants w 3), a new place on ticket 1, cancel w 3.
+    c.send(format!("4 r\nk\n{first}\n5 e 1\nk\n\n6 cancel\n_\n3\n"))
+        .await;
+    assert_eq!(reply_to(&mut c, 4).await, "ok");
+    assert_eq!(reply_to(&mut c, 5).await, "queued");
+    let granted = token_of(&reply_to(&mut c, 3).await);
+    assert_eq!(reply_to(&mut c, 6).await, "ok");
+    // The new place is still queued behind the grant.
+    watcher.wait_lock_waiters("k", 1).await;
+    c.send(format!("7 r\nk\n{granted}\n8 w 1\nk\n5\n")).await;
+    assert_eq!(reply_to(&mut c, 7).await, "ok");
+    assert!(reply_to(&mut c, 8).await.starts_with("ok "));
+}
+
+/// Two-phase places count towards the per-connection cap too.
+#[tokio::test]
+async fn queued_tickets_count_towards_the_waiting_cap() {
+    let server = start_with(|c| c.mux_max_waiting = 3).await;
+    let mut holder = plain(&server).await;
+    holder.grant(b"l\ncapped\n0\n").await;
+    let mut c = mux(&server).await;
+    for ticket in 1..=3u64 {
+        c.send(format!("{ticket} e {ticket}\ncapped\n\n")).await;
+        assert_eq!(reply_to(&mut c, ticket).await, "queued");
+    }
+    c.send(b"4 e 4\ncapped\n\n5 l\ncapped\n30\n").await;
+    assert_eq!(reply_to(&mut c, 4).await, "error_max_waiters");
+    assert_eq!(reply_to(&mut c, 5).await, "error_max_waiters");
+    holder.wait_lock_waiters("capped", 3).await;
+}

@@ -958,6 +958,78 @@ impl<W, M: Mint> LockTable<W, M> {
         true
     }
 
+    /// The waiter holding the queue place of (`conn`, `ticket`, `rid`), while
+    /// it is queued (not granted yet).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Limit, Namespace};
+    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap();
+    /// table.enqueue(ConnId(2), 7, &rid, Limit::ONE, None, t0).unwrap();
+    /// assert!(table.queued_place(ConnId(2), 7, &rid).is_some());
+    /// assert!(table.queued_place(ConnId(2), 8, &rid).is_none());
+    /// ```
+    pub fn queued_place(&self, conn: ConnId, ticket: u64, rid: &ResourceId) -> Option<WaiterId> {
+        self.conns
+            .get(&conn)?
+            .phase1
+            .get(&(rid.clone(), ticket))?
+            .waiter
+    }
+
+    /// [`cancel_wait`](Self::cancel_wait), but only while the place is still
+    /// held by `waiter`: on a multiplexed connection the same ticket may have
+    /// been granted and enqueued again since, and that newer place must not
+    /// be withdrawn in the old request's name.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Limit, Namespace};
+    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap();
+    /// table.enqueue(ConnId(2), 7, &rid, Limit::ONE, None, t0).unwrap();
+    /// let place = table.queued_place(ConnId(2), 7, &rid).unwrap();
+    /// assert!(table.cancel_wait_of(ConnId(2), 7, &rid, place, t0));
+    /// assert!(!table.cancel_wait_of(ConnId(2), 7, &rid, place, t0));
+    /// ```
+    pub fn cancel_wait_of(
+        &mut self,
+        conn: ConnId,
+        ticket: u64,
+        rid: &ResourceId,
+        waiter: WaiterId,
+        now: Duration,
+    ) -> bool {
+        self.queued_place(conn, ticket, rid) == Some(waiter)
+            && self.cancel_wait(conn, ticket, rid, now)
+    }
+
+    /// How many waiters connection `conn` has queued (blocking requests and
+    /// two-phase places together).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Limit, Namespace};
+    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap();
+    /// table.enqueue(ConnId(2), 1, &rid, Limit::ONE, None, t0).unwrap();
+    /// table.enqueue(ConnId(2), 2, &rid, Limit::ONE, None, t0).unwrap();
+    /// assert_eq!(table.waiters_of(ConnId(2)), 2);
+    /// ```
+    pub fn waiters_of(&self, conn: ConnId) -> usize {
+        self.conns.get(&conn).map_or(0, |c| c.waiters.len())
+    }
+
     /// Restarts the lease of a grant that its waiting request has just
     /// observed (`now + lease`). Fails with `LeaseExpired` if it already ran
     /// out (and evicts it).

@@ -62,8 +62,11 @@ impl Drop for DisconnectOnDrop {
 #[derive(Debug, Clone, Copy)]
 enum Pending {
     Acquire(dflockd_core::WaiterId),
-    /// A two-phase `w`, by its ticket.
-    Wait(u64),
+    /// A two-phase `w`: its ticket and the waiter holding the ticket's place.
+    Wait {
+        ticket: u64,
+        waiter: dflockd_core::WaiterId,
+    },
 }
 
 impl Pending {
@@ -72,7 +75,7 @@ impl Pending {
     fn withdraw(self, shared: &Shared, conn: ConnId, rid: &ResourceId) -> bool {
         shared.with_table(|t, now| match self {
             Pending::Acquire(waiter) => t.cancel_acquire(conn, rid, waiter, now),
-            Pending::Wait(ticket) => t.cancel_wait(conn, ticket, rid, now),
+            Pending::Wait { ticket, waiter } => t.cancel_wait_of(conn, ticket, rid, waiter, now),
         })
     }
 }
@@ -386,18 +389,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             } => {
                 let rid = ResourceId::new(namespace, key);
                 let wait = (timeout != Seconds::ZERO).then(notify);
-                let outcome = self
-                    .shared
-                    .with_table(|t, now| t.wait(id, ticket, &rid, now, wait));
-                match outcome {
-                    Ok(WaitOutcome::Pending) => {
+                let (outcome, place) = self.shared.with_table(|t, now| {
+                    let outcome = t.wait(id, ticket, &rid, now, wait);
+                    let place = t.queued_place(id, ticket, &rid);
+                    (outcome, place)
+                });
+                match (outcome, place) {
+                    (Ok(WaitOutcome::Pending), Some(waiter)) => {
                         return Step::Waiting {
                             rid,
-                            pending: Pending::Wait(ticket),
+                            pending: Pending::Wait { ticket, waiter },
                             timeout,
                         };
                     }
-                    other => wait_reply(other),
+                    // A pending wait always has a queued place.
+                    (Ok(WaitOutcome::Pending), None) => Reply::Failure(Status::Error),
+                    (other, _) => wait_reply(other),
                 }
             }
         };

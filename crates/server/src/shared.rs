@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use dflockd_core::{ConnId, Grant, LockTable};
+use dflockd_core::{ConnId, Grant, LockTable, ResourceId};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -21,16 +21,21 @@ pub(crate) enum Notify {
     Once(oneshot::Sender<Grant>),
     Mux {
         id: u64,
-        to: mpsc::UnboundedSender<(u64, Grant)>,
+        to: mpsc::UnboundedSender<MuxGrant>,
     },
 }
 
+/// A grant for a waiting request of a multiplexed connection: its id, the
+/// resource (so a grant nobody waits for any more can still be released)
+/// and the grant.
+pub(crate) type MuxGrant = (u64, ResourceId, Grant);
+
 impl Notify {
     /// Hands the grant over; gives it back if the request is gone.
-    fn send(self, grant: Grant) -> Result<(), Grant> {
+    fn send(self, resource: &ResourceId, grant: Grant) -> Result<(), Grant> {
         match self {
             Notify::Once(tx) => tx.send(grant),
-            Notify::Mux { id, to } => to.send((id, grant)).map_err(|e| e.0.1),
+            Notify::Mux { id, to } => to.send((id, resource.clone(), grant)).map_err(|e| e.0.2),
         }
     }
 }
@@ -82,7 +87,7 @@ impl Shared {
                 .take_deliveries()
                 .filter_map(|d| {
                     d.notify
-                        .send(d.grant)
+                        .send(&d.resource, d.grant)
                         .err()
                         .map(|grant| (d.resource, grant.token))
                 })

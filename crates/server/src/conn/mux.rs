@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dflockd_core::{Grant, ResourceId};
-use dflockd_proto::{MuxBody, MuxError, MuxRequest, Progress, Reply, Status, encode_mux_reply};
+use dflockd_proto::{
+    MuxBody, MuxError, MuxRequest, Progress, Reply, Request, Status, encode_mux_reply,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -21,7 +23,7 @@ use tokio_util::time::{DelayQueue, delay_queue};
 
 use super::{Close, Connection, Pending, Step, error_reply};
 use crate::config::IdlePolicy;
-use crate::shared::{Notify, Shared};
+use crate::shared::{MuxGrant, Notify, Shared};
 
 /// Longest span one `DelayQueue` entry may cover (its wheel reaches about
 /// two years; v2 timeouts reach 292 years). A longer timeout is re-armed
@@ -34,8 +36,9 @@ struct Waiting {
     pending: Pending,
     /// When its timeout really ends.
     deadline: Instant,
-    /// Its timeout in the delay queue; `None` once it fired (the grant
-    /// raced the timeout and is on its way).
+    /// Its timeout in the delay queue; `None` when no timer is pending (it
+    /// fired, or the request was cancelled or drained, while its grant was
+    /// already on its way).
     expiry: Option<delay_queue::Key>,
 }
 
@@ -46,8 +49,8 @@ struct Mux {
     shared: Arc<Shared>,
     waiting: HashMap<u64, Waiting>,
     expiries: DelayQueue<u64>,
-    grants: mpsc::UnboundedReceiver<(u64, Grant)>,
-    grants_tx: mpsc::UnboundedSender<(u64, Grant)>,
+    grants: mpsc::UnboundedReceiver<MuxGrant>,
+    grants_tx: mpsc::UnboundedSender<MuxGrant>,
     /// Set once the drain has answered the waiting requests.
     drained: bool,
 }
@@ -55,11 +58,9 @@ struct Mux {
 impl Drop for Mux {
     fn drop(&mut self) {
         self.grants.close();
-        while let Ok((id, grant)) = self.grants.try_recv() {
-            if let Some(waiting) = self.waiting.remove(&id) {
-                self.shared
-                    .with_table(|t, now| t.release_undelivered(&waiting.rid, grant.token, now));
-            }
+        while let Ok((_, rid, grant)) = self.grants.try_recv() {
+            self.shared
+                .with_table(|t, now| t.release_undelivered(&rid, grant.token, now));
         }
     }
 }
@@ -120,13 +121,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 || self.decoder.in_frame();
             tokio::select! {
                 biased;
-                Some((id, grant)) = mux.grants.recv() => {
-                    self.mux_granted(mux, id, grant);
-                    deadline = Instant::now() + read_timeout;
+                Some((id, rid, grant)) = mux.grants.recv() => {
+                    self.mux_granted(mux, id, &rid, grant);
+                    // Idle time restarts; a frame once started keeps its deadline.
+                    if !self.decoder.in_frame() {
+                        deadline = Instant::now() + read_timeout;
+                    }
                 }
                 Some(expired) = poll_fn(|cx| mux.expiries.poll_expired(cx)) => {
                     self.mux_expired(mux, expired.into_inner());
-                    deadline = Instant::now() + read_timeout;
+                    if !self.decoder.in_frame() {
+                        deadline = Instant::now() + read_timeout;
+                    }
                 }
                 _ = self.shared.drain.cancelled(), if !mux.drained => {
                     self.mux_drain(mux);
@@ -188,10 +194,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             MuxBody::Request(body) => (body, request.ticket),
         };
         let (body, ticket) = request;
+        // The cap counts what the connection has queued in the table —
+        // blocking waits and two-phase places alike — and applies to every
+        // request that may add to it.
         let cap = self.shared.config.mux_max_waiting;
-        if body.may_block() && cap > 0 && mux.waiting.len() >= cap {
-            encode_mux_reply(id, &Reply::Failure(Status::ErrorMaxWaiters), &mut self.out);
-            return Ok(());
+        let may_queue = body.may_block() || matches!(body, Request::Enqueue { .. });
+        if may_queue && cap > 0 {
+            let conn = self.id;
+            let queued = self.shared.with_table(|t, _| t.waiters_of(conn));
+            if queued >= cap {
+                encode_mux_reply(id, &Reply::Failure(Status::ErrorMaxWaiters), &mut self.out);
+                return Ok(());
+            }
         }
         let to = mux.grants_tx.clone();
         match self.apply(body, ticket, || Notify::Mux { id, to }) {
@@ -219,11 +233,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// A waiting request was granted: its lease restarts now, when the
     /// connection observes the grant (as on a plain connection).
-    fn mux_granted(&mut self, mux: &mut Mux, id: u64, grant: Grant) {
+    fn mux_granted(&mut self, mux: &mut Mux, id: u64, rid: &ResourceId, grant: Grant) {
         let Some(waiting) = mux.waiting.remove(&id) else {
-            // Unreachable: an entry leaves the map only when its grant is
-            // read here or when it was withdrawn (then no grant comes).
-            tracing::warn!(id, "grant for a request that is not waiting");
+            // Not expected (an entry leaves the map only when its grant is
+            // read here, or when it was withdrawn and no grant comes), but
+            // never leave a grant without an owner.
+            tracing::warn!(id, "grant for a request that is not waiting: released");
+            self.shared
+                .with_table(|t, now| t.release_undelivered(rid, grant.token, now));
             return;
         };
         if let Some(key) = waiting.expiry {
@@ -277,8 +294,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Withdraws waiting request `id` and answers it with `reply`. If it was
-    /// granted meanwhile, the grant is already in the channel: the entry
-    /// stays and the grant is answered when it is read.
+    /// granted meanwhile, the grant is already in the channel (the table
+    /// delivers under its lock): it is answered now, so the grant's reply
+    /// comes before whatever caused the withdrawal is answered.
     fn mux_withdraw(&mut self, mux: &mut Mux, id: u64, reply: Reply) {
         let Some(waiting) = mux.waiting.get(&id) else {
             return;
@@ -289,6 +307,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         {
             mux.waiting.remove(&id);
             encode_mux_reply(id, &reply, &mut self.out);
+            return;
+        }
+        while let Ok((granted, rid, grant)) = mux.grants.try_recv() {
+            self.mux_granted(mux, granted, &rid, grant);
         }
     }
 }
