@@ -15,7 +15,7 @@ use crate::connection::{
     Connection, Enqueued, Granted, REPLY_SLACK, expect_enqueued, expect_ok, expect_stats,
     grant_or_timeout, lease_of, seconds,
 };
-use crate::lane::{LaneHandle, LaneRef, LaneRequest, LaneTiming, spawn_lane};
+use crate::lane::{LaneHandle, LaneRef, LaneRequest, LaneTiming, ReplyGuard, spawn_lane};
 use crate::lease::{Lease, LeaseLost, LeaseShared};
 use crate::mux_lane::{self, OnDrop};
 use crate::options::{AuthToken, ConnectOptions, ServerAddr, TlsOptions};
@@ -851,13 +851,13 @@ impl Target {
         }
         let sent_at = Instant::now();
         let (tx, rx) = oneshot::channel();
+        let mut pending = ReplyGuard::new(rx, &lane, Some(orphan.clone()));
         lane.send(LaneRequest {
             request: acquire(dflockd_proto::Seconds::ZERO),
             reply: Some(tx),
             orphan: Some(orphan.clone()),
         });
-        // A dropped reply means the lane died with the request queued.
-        let (reply, lane) = rx.await.map_err(|_| Error::ConnectionClosed)??;
+        let (reply, lane) = pending.recv().await?;
         if let Some(granted) = grant_or_timeout(reply)? {
             return Ok(Some(self.track(granted, &lane, sent_at, None, false)));
         }
@@ -1026,6 +1026,10 @@ async fn guarded_request(
     const RACE_GRACE: Duration = Duration::from_millis(200);
     let (tx, rx) = oneshot::channel::<Result<(Reply, Connection)>>();
     let mut tx = tx;
+    let mut result = ExchangeGuard {
+        rx: Some(rx),
+        orphan: orphan.clone(),
+    };
     tokio::spawn(async move {
         let reply = {
             let exchange = conn.request(&request, reply_timeout);
@@ -1040,20 +1044,8 @@ async fn guarded_request(
         };
         match reply {
             Some(Ok(reply)) => {
-                if let Err(Ok((reply, mut conn))) = tx.send(Ok((reply, conn))) {
-                    match reply {
-                        Reply::Granted { token, .. } | Reply::Acquired { token, .. } => {
-                            tracing::debug!(
-                                fence = token.fence(),
-                                "releasing a grant whose caller went away"
-                            );
-                            let _ = conn.release(&orphan.0, orphan.1, token).await;
-                        }
-                        // An enqueue whose caller went away: its place may
-                        // be granted before the connection closes.
-                        Reply::Queued => abandon_queued(conn, orphan).await,
-                        _ => {}
-                    }
+                if let Err(Ok((reply, conn))) = tx.send(Ok((reply, conn))) {
+                    settle_orphaned(reply, conn, orphan).await;
                 }
             }
             Some(Err(error)) => {
@@ -1062,7 +1054,61 @@ async fn guarded_request(
             None => {} // dropping the connection withdraws the waiter
         }
     });
-    rx.await.map_err(|_| Error::ConnectionClosed)?
+    result.recv().await
+}
+
+/// The caller's end of a [`guarded_request`]. If the caller goes away after
+/// the reply was handed over but before reading it, dropping this settles
+/// the reply in the background (releases a grant, gives up a queue place)
+/// instead of leaving it to the connection's close — which frees nothing on
+/// a server without auto-release.
+struct ExchangeGuard {
+    rx: Option<oneshot::Receiver<Result<(Reply, Connection)>>>,
+    orphan: (Key, Namespace),
+}
+
+impl ExchangeGuard {
+    async fn recv(&mut self) -> Result<(Reply, Connection)> {
+        let Some(rx) = self.rx.as_mut() else {
+            return Err(Error::ConnectionClosed);
+        };
+        let result = rx.await;
+        self.rx = None;
+        result.map_err(|_| Error::ConnectionClosed)?
+    }
+}
+
+impl Drop for ExchangeGuard {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
+        // From here on the task cannot hand the reply over: it settles it.
+        rx.close();
+        if let Ok(Ok((reply, conn))) = rx.try_recv()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(settle_orphaned(reply, conn, self.orphan.clone()));
+        }
+    }
+}
+
+/// Settles a reply whose caller went away, on the connection it came from:
+/// a grant is released; a queue place (`queued`) is given up.
+async fn settle_orphaned(reply: Reply, mut conn: Connection, orphan: (Key, Namespace)) {
+    match reply {
+        Reply::Granted { token, .. } | Reply::Acquired { token, .. } => {
+            tracing::debug!(
+                fence = token.fence(),
+                "releasing a grant whose caller went away"
+            );
+            let _ = conn.release(&orphan.0, orphan.1, token).await;
+        }
+        // An enqueue whose caller went away: its place may be granted
+        // before the connection closes.
+        Reply::Queued => abandon_queued(conn, orphan).await,
+        _ => {}
+    }
 }
 
 fn orphan_of(target: &Target) -> (Key, Namespace) {

@@ -487,24 +487,87 @@ fn deliver(
         None => Some(reply),
     };
     // The caller gave up (its future was dropped) but was granted: release.
-    if let (
-        Some(Reply::Granted { token, .. } | Reply::Acquired { token, .. }),
-        Some((key, namespace)),
-    ) = (undelivered, entry.orphan)
-    {
-        tracing::debug!(
-            fence = token.fence(),
-            "releasing a grant whose caller went away"
-        );
-        let request = Request::Release {
-            key,
-            namespace,
-            token: token.to_string().into_bytes(),
+    if let (Some(reply), Some(orphan)) = (undelivered, entry.orphan) {
+        release_orphan(tx, &reply, orphan);
+    }
+}
+
+/// Releases the grant in `reply`, if any, over the lane: its caller is gone.
+fn release_orphan(tx: &mpsc::UnboundedSender<Outgoing>, reply: &Reply, orphan: (Key, Namespace)) {
+    let (Reply::Granted { token, .. } | Reply::Acquired { token, .. }) = reply else {
+        return;
+    };
+    tracing::debug!(
+        fence = token.fence(),
+        "releasing a grant whose caller went away"
+    );
+    let (key, namespace) = orphan;
+    let request = Request::Release {
+        key,
+        namespace,
+        token: token.to_string().into_bytes(),
+    };
+    let _ = tx.send(Outgoing::One(LaneRequest {
+        request,
+        reply: None,
+        orphan: None,
+    }));
+}
+
+/// A caller's end of one request's reply. If the caller goes away after
+/// the reply arrived but before reading it (say a `select!` whose other
+/// branch won in the same tick), a grant in it would have no owner while
+/// its connection stays open: dropping the guard releases it. A reply that
+/// arrives after that finds the channel closed, and the lane releases it
+/// (the request's `orphan`).
+pub(crate) struct ReplyGuard {
+    rx: Option<oneshot::Receiver<Result<(Reply, LaneRef)>>>,
+    tx: mpsc::UnboundedSender<Outgoing>,
+    orphan: Option<(Key, Namespace)>,
+}
+
+impl ReplyGuard {
+    /// Guards `rx`, the reply channel of a request sent on `lane` for
+    /// `orphan` (the resource a grant in the reply would hold).
+    pub(crate) fn new(
+        rx: oneshot::Receiver<Result<(Reply, LaneRef)>>,
+        lane: &LaneHandle,
+        orphan: Option<(Key, Namespace)>,
+    ) -> ReplyGuard {
+        ReplyGuard {
+            rx: Some(rx),
+            tx: lane.tx.clone(),
+            orphan,
+        }
+    }
+
+    /// Waits for the reply. A dropped channel means the lane died with the
+    /// request queued.
+    pub(crate) async fn recv(&mut self) -> Result<(Reply, LaneRef)> {
+        let Some(rx) = self.rx.as_mut() else {
+            return Err(Error::ConnectionClosed);
         };
-        let _ = tx.send(Outgoing::One(LaneRequest {
-            request,
-            reply: None,
-            orphan: None,
-        }));
+        let reply = rx.await;
+        self.rx = None;
+        reply.map_err(|_| Error::ConnectionClosed)?
+    }
+
+    /// Gives the reply up. Returns it if it had already arrived (after
+    /// releasing a grant in it); `None` if it had not, in which case the
+    /// lane will release a grant that comes later.
+    pub(crate) fn abandon(&mut self) -> Option<Reply> {
+        let mut rx = self.rx.take()?;
+        rx.close();
+        let (reply, _) = rx.try_recv().ok()?.ok()?;
+        if let Some(orphan) = self.orphan.clone() {
+            release_orphan(&self.tx, &reply, orphan);
+        }
+        Some(reply)
+    }
+}
+
+impl Drop for ReplyGuard {
+    fn drop(&mut self) {
+        self.abandon();
     }
 }

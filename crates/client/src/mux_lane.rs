@@ -27,8 +27,8 @@ use tokio::time::Instant;
 
 use crate::connection::Connection;
 use crate::lane::{
-    Framing, LaneHandle, LaneId, LaneRef, LaneRequest, LaneTiming, Outgoing, Pending, ReplyTo,
-    TaggedRequest, spawn_framed,
+    Framing, LaneHandle, LaneId, LaneRef, LaneRequest, LaneTiming, Outgoing, Pending, ReplyGuard,
+    ReplyTo, TaggedRequest, spawn_framed,
 };
 use crate::supervisor::RenewSink;
 use crate::{Error, Result};
@@ -103,21 +103,33 @@ pub(crate) enum OnDrop {
 struct DropGuard {
     lane: LaneHandle,
     id: u64,
+    reply: ReplyGuard,
+    /// `None` once the caller has its reply.
     action: Option<OnDrop>,
 }
 
 impl Drop for DropGuard {
     fn drop(&mut self) {
-        match self.action.take() {
-            None => {}
-            Some(OnDrop::Cancel) => {
+        let Some(action) = self.action.take() else {
+            return;
+        };
+        // A reply that arrived but was never read: its grant is released by
+        // the reply guard, and the request is over — unless it left a queue
+        // place behind.
+        let arrived = self.reply.abandon();
+        match (action, arrived) {
+            (OnDrop::Cancel, None) => {
                 let _ = self.lane.tx.send(Outgoing::Cancel(self.id));
             }
-            Some(OnDrop::Abandon {
-                key,
-                namespace,
-                ticket,
-            }) => abandon(&self.lane, key, namespace, ticket),
+            (
+                OnDrop::Abandon {
+                    key,
+                    namespace,
+                    ticket,
+                },
+                None | Some(Reply::Queued),
+            ) => abandon(&self.lane, key, namespace, ticket),
+            _ => {}
         }
     }
 }
@@ -162,6 +174,7 @@ pub(crate) async fn call(
     let mut guard = DropGuard {
         lane: lane.clone(),
         id,
+        reply: ReplyGuard::new(rx, lane, orphan.clone()),
         action: Some(on_drop),
     };
     let tagged = Outgoing::Tagged(TaggedRequest {
@@ -178,14 +191,10 @@ pub(crate) async fn call(
         outgoing.fail(Error::ConnectionClosed);
         return Err(Error::ConnectionClosed);
     }
-    match tokio::time::timeout(reply_timeout, rx).await {
-        Ok(Ok(result)) => {
+    match tokio::time::timeout(reply_timeout, guard.reply.recv()).await {
+        Ok(result) => {
             guard.action = None;
             result
-        }
-        Ok(Err(_)) => {
-            guard.action = None;
-            Err(Error::ConnectionClosed)
         }
         // Late: the guard cancels the request as it drops.
         Err(_) => Err(Error::ReplyTimeout),

@@ -364,3 +364,67 @@ async fn dropped_guards_free_the_key_auto_release_on() {
 async fn dropped_guards_free_the_key_auto_release_off() {
     drop_guards(auto_release_off("dropped_guards_free_the_key_auto_release_off").await).await;
 }
+
+// ---------------------------------------------------------------------------
+// A reply that arrived but was never read
+
+/// The future is polled once (its blocking acquire, or its ticket's wait,
+/// is on the wire), the holder lets go, the grant reaches the client — and
+/// the future is dropped without being polled again, as when a `select!`'s
+/// other branch wins in the same tick. The grant must be released, not left
+/// held by a connection that stays open (mux) or freed only by the
+/// server's auto-release (plain).
+async fn drop_unread_grant(server: TestServer) {
+    let keys = Keys::new("drop-unread");
+    let holder = server.client();
+    let waiter = server.client();
+    for (name, two_phase) in [("acquire", false), ("wait", true)] {
+        let key = keys.key(name);
+        let held = hold(&holder, &key).await;
+        let lock = waiter.lock(&key).unwrap();
+        let mut pending: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = if two_phase {
+            let Enqueue::Queued(ticket) = lock.enqueue().await.unwrap() else {
+                panic!("{key}: a held key queues");
+            };
+            Box::pin(async move {
+                drop(ticket.wait(Duration::from_secs(20)).await);
+            })
+        } else {
+            let lock = lock.clone();
+            Box::pin(async move {
+                drop(lock.acquire_within(Duration::from_secs(20)).await);
+            })
+        };
+        // Poll it until its waiting request is queued on the server, then
+        // stop polling.
+        let what = format!("{key}: waiter queued");
+        let queued = eventually(&what, FREE_WITHIN, || async {
+            waiters(&holder, 0, &key).await == 1
+        });
+        tokio::select! {
+            _ = &mut pending => panic!("{key}: finished without waiting"),
+            _ = queued => {}
+        }
+        held.release().await.unwrap();
+        // Granted to the waiter on the server…
+        eventually(&format!("{key}: granted"), FREE_WITHIN, || async {
+            waiters(&holder, 0, &key).await == 0
+        })
+        .await;
+        // …and given time to reach the client, which never reads it.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(pending);
+        settle(&holder, &key).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_grant_of_a_dropped_future_is_released_auto_release_on() {
+    drop_unread_grant(auto_release_on().await).await;
+}
+
+/// Embedded-only: auto-release-on-disconnect off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_grant_of_a_dropped_future_is_released_auto_release_off() {
+    drop_unread_grant(auto_release_off("unread_grant_auto_release_off").await).await;
+}
