@@ -455,10 +455,13 @@ impl ClientInner {
 
 /// A dflockd client: build once per process and clone freely.
 ///
-/// One `ServerConn` actor per server multiplexes every non-blocking request
-/// of the process over one pipelined connection; a blocking acquire gets a
-/// connection of its own for as long as its lease lives; one
-/// `LeaseSupervisor` actor renews every lease.
+/// One `ServerConn` actor per server owns one pipelined connection. On a
+/// server that offers the multiplexed extension (this project's `dflockd`)
+/// that connection carries everything of the process, blocking waits and
+/// two-phase tickets included; on a plain dflockd server it carries the
+/// non-blocking requests and a blocking acquire gets a connection of its own
+/// for as long as its lease lives. One `LeaseSupervisor` actor renews every
+/// lease.
 ///
 /// ```no_run
 /// # async fn demo() -> dflockd_client::Result<()> {
@@ -698,7 +701,8 @@ pub enum Enqueue {
     Queued(Ticket),
 }
 
-/// A place in a key's queue, held by its own connection.
+/// A place in a key's queue: a ticket on the multiplexed connection, or (on
+/// a plain server) a connection of its own, pinged while it waits.
 ///
 /// Dropping a ticket without [`wait`](Self::wait)ing gives the place up in
 /// the background; a grant the place may have received meanwhile is
