@@ -352,20 +352,56 @@ fn elapsed_us(t0: Instant) -> u32 {
     u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX)
 }
 
+/// Each worker takes its own key, `l key 10` then `r`: one op is both
+/// requests (the Go dflockd bench's workload).
 async fn uncontended(
     addr: &str,
     workers: usize,
     duration: Duration,
     run_id: u32,
 ) -> std::io::Result<(Duration, Vec<Sample>)> {
+    let key = move |w: usize| format!("bench-{run_id}-{w}");
+    drive(addr, workers, duration, key, Handoff::No).await
+}
+
+/// All workers hand one key to each other; an op is one grant (its
+/// acquire's latency), a `timeout` is retried.
+async fn contended(
+    addr: &str,
+    workers: usize,
+    duration: Duration,
+    run_id: u32,
+) -> std::io::Result<(Duration, Vec<Sample>)> {
+    let key = move |_| format!("bench-{run_id}-contended");
+    drive(addr, workers, duration, key, Handoff::Yes).await
+}
+
+/// Whether workers share a key and queue for it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Handoff {
+    /// A key per worker: an op is acquire + release, the release must be `ok`.
+    No,
+    /// One key: an op is a grant, timed from its acquire; `timeout` retries.
+    Yes,
+}
+
+/// Runs `workers` workers, one persistent connection each, until
+/// `duration` has passed; worker `w` locks `key(w)`.
+async fn drive(
+    addr: &str,
+    workers: usize,
+    duration: Duration,
+    key: impl Fn(usize) -> String,
+    handoff: Handoff,
+) -> std::io::Result<(Duration, Vec<Sample>)> {
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = Vec::new();
     for w in 0..workers {
         let addr = addr.to_owned();
+        let key = key(w);
         tasks.push(tokio::spawn(async move {
             let (mut read, mut write) = connect(&addr).await?;
-            let key = format!("bench-{run_id}-{w}");
             let acquire = format!("l\n{key}\n10\n").into_bytes();
             let mut release = Vec::with_capacity(64);
             let mut line = String::with_capacity(64);
@@ -375,9 +411,16 @@ async fn uncontended(
                 write.write_all(&acquire).await?;
                 line.clear();
                 read.read_line(&mut line).await?;
+                if handoff == Handoff::Yes && line == "timeout\n" {
+                    continue;
+                }
                 let Some(token) = grant_token(&line) else {
                     return Err(std::io::Error::other(format!("unexpected reply {line:?}")));
                 };
+                if handoff == Handoff::Yes {
+                    sample.latencies_us.push(elapsed_us(t0));
+                    sample.ops += 1;
+                }
                 release.clear();
                 release.extend_from_slice(b"r\n");
                 release.extend_from_slice(key.as_bytes());
@@ -387,58 +430,13 @@ async fn uncontended(
                 write.write_all(&release).await?;
                 line.clear();
                 read.read_line(&mut line).await?;
-                if line != "ok\n" {
-                    return Err(std::io::Error::other(format!("unexpected reply {line:?}")));
+                if handoff == Handoff::No {
+                    if line != "ok\n" {
+                        return Err(std::io::Error::other(format!("unexpected reply {line:?}")));
+                    }
+                    sample.ops += 1;
+                    sample.latencies_us.push(elapsed_us(t0));
                 }
-                sample.ops += 1;
-                sample.latencies_us.push(elapsed_us(t0));
-            }
-            Ok::<_, std::io::Error>(sample)
-        }));
-    }
-    let mut samples = Vec::new();
-    for task in tasks {
-        samples.push(task.await.map_err(std::io::Error::other)??);
-    }
-    Ok((start.elapsed(), samples))
-}
-
-async fn contended(
-    addr: &str,
-    workers: usize,
-    duration: Duration,
-    run_id: u32,
-) -> std::io::Result<(Duration, Vec<Sample>)> {
-    let start = Instant::now();
-    let deadline = start + duration;
-    let key = format!("bench-{run_id}-contended");
-    let mut tasks = Vec::new();
-    for _ in 0..workers {
-        let addr = addr.to_owned();
-        let key = key.clone();
-        tasks.push(tokio::spawn(async move {
-            let (mut read, mut write) = connect(&addr).await?;
-            let acquire = format!("l\n{key}\n10\n").into_bytes();
-            let mut line = String::with_capacity(64);
-            let mut sample = Sample::default();
-            while Instant::now() < deadline {
-                let t0 = Instant::now();
-                write.write_all(&acquire).await?;
-                line.clear();
-                read.read_line(&mut line).await?;
-                if line == "timeout\n" {
-                    continue;
-                }
-                let Some(token) = grant_token(&line) else {
-                    return Err(std::io::Error::other(format!("unexpected reply {line:?}")));
-                };
-                sample.latencies_us.push(elapsed_us(t0));
-                sample.ops += 1;
-                write
-                    .write_all(format!("r\n{key}\n{token}\n").as_bytes())
-                    .await?;
-                line.clear();
-                read.read_line(&mut line).await?;
             }
             Ok::<_, std::io::Error>(sample)
         }));
