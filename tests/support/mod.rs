@@ -7,8 +7,11 @@
 
 #![allow(dead_code)]
 
+#[path = "../../crates/server/tests/interop/pki.rs"]
+mod pki;
+
 use std::io::ErrorKind;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -469,27 +472,12 @@ pub struct TestPki {
 
 /// Generates a CA and a leaf certificate with rcgen.
 pub fn test_pki() -> TestPki {
-    let ca_key = rcgen::KeyPair::generate().expect("CA key");
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).expect("CA cert");
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-
-    let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
-    let mut leaf_params =
-        rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("leaf params");
-    leaf_params
-        .subject_alt_names
-        .push(rcgen::SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-    let leaf = leaf_params
-        .signed_by(&leaf_key, &issuer)
-        .expect("leaf cert");
-
-    let server = TlsConfig::from_pem(leaf.pem().as_bytes(), leaf_key.serialize_pem().as_bytes())
+    let pem = pki::generate("dflockd conformance test CA");
+    let server = TlsConfig::from_pem(pem.cert_pem.as_bytes(), pem.key_pem.as_bytes())
         .expect("server TLS config");
 
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_cert.pem().as_bytes()) {
+    for cert in CertificateDer::pem_slice_iter(pem.ca_pem.as_bytes()) {
         roots.add(cert.expect("CA PEM")).expect("add root");
     }
     let client = rustls::ClientConfig::builder_with_provider(Arc::new(

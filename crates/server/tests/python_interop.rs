@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "interop/pki.rs"]
+mod pki;
 #[path = "interop/venv.rs"]
 mod venv;
 use venv::interop_python;
@@ -74,34 +76,16 @@ struct TestPki {
 
 fn test_pki() -> TestPki {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca_key = rcgen::KeyPair::generate().expect("ca key");
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    // Distinct names: OpenSSL treats a leaf whose issuer equals its subject as self-signed.
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "dflockd interop test CA");
-    let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
-    let mut leaf_params =
-        rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
-            .expect("leaf params");
-    leaf_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "localhost");
-    let leaf = leaf_params
-        .signed_by(&leaf_key, &issuer)
-        .expect("leaf cert");
-    let write = |name: &str, text: String| {
+    let pem = pki::generate("dflockd interop test CA");
+    let write = |name: &str, text: &str| {
         let path = dir.path().join(name);
         std::fs::write(&path, text).expect("write pem");
         path
     };
     TestPki {
-        ca: write("ca.pem", ca_cert.pem()),
-        cert: write("cert.pem", leaf.pem()),
-        key: write("key.pem", leaf_key.serialize_pem()),
+        ca: write("ca.pem", &pem.ca_pem),
+        cert: write("cert.pem", &pem.cert_pem),
+        key: write("key.pem", &pem.key_pem),
         _dir: dir,
     }
 }

@@ -23,8 +23,10 @@
 
 #![allow(dead_code)]
 
+#[path = "../../../server/tests/interop/pki.rs"]
+mod pki;
+
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use dflockd_client::{Client, ClientBuilder, ConnectOptions, Connection, ServerAddr, TlsOptions};
@@ -332,9 +334,8 @@ pub async fn lock_becomes_free(client: &Client, key: &str, within: Duration) {
     }
 }
 
-/// A test PKI: a CA and a leaf for `localhost` and 127.0.0.1 signed by it.
-/// The CA and the leaf have distinct CommonNames (OpenSSL-based servers
-/// treat a leaf whose issuer equals its subject as self-signed).
+/// A test PKI: a CA and a leaf for `localhost` and 127.0.0.1 signed by it
+/// (see the shared `pki` module).
 pub struct TestPki {
     /// The CA certificate (PEM).
     pub ca_pem: String,
@@ -347,31 +348,11 @@ pub struct TestPki {
 impl TestPki {
     /// Generates a fresh CA and leaf with rcgen.
     pub fn generate() -> TestPki {
-        let ca_key = rcgen::KeyPair::generate().expect("CA key");
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "dflockd client test CA");
-        let ca_cert = ca_params.self_signed(&ca_key).expect("CA cert");
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-
-        let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
-        let mut leaf_params =
-            rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("leaf params");
-        leaf_params
-            .subject_alt_names
-            .push(rcgen::SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-        leaf_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "localhost");
-        let leaf = leaf_params
-            .signed_by(&leaf_key, &issuer)
-            .expect("leaf cert");
+        let pem = pki::generate("dflockd client test CA");
         TestPki {
-            ca_pem: ca_cert.pem(),
-            cert_pem: leaf.pem(),
-            key_pem: leaf_key.serialize_pem(),
+            ca_pem: pem.ca_pem,
+            cert_pem: pem.cert_pem,
+            key_pem: pem.key_pem,
         }
     }
 
