@@ -34,6 +34,26 @@ async fn steal(conn: &mut Connection, lease: &Lease) {
     .expect("token-bearer release");
 }
 
+/// Two leases of `client` on keys of `keys`: "control", granted at once
+/// (on the control lane, or the mux connection), and "wait", granted after
+/// queueing behind `holder` (on a wait lane in plain mode).
+async fn control_and_waited(
+    client: &dflockd_client::Client,
+    holder: &dflockd_client::Client,
+    keys: &Keys,
+    lease: Duration,
+) -> (dflockd_client::Lease, dflockd_client::Lease) {
+    let control = client
+        .lock(&keys.key("control"))
+        .unwrap()
+        .with_lease(lease)
+        .acquire()
+        .await
+        .unwrap();
+    let waited = contended_lease(holder, client, &keys.key("wait"), lease).await;
+    (control, waited)
+}
+
 /// A 1 s lease stays held for 3+ s because it is renewed, and its deadline
 /// moves forward — for a lease granted on the control lane and one granted on
 /// a wait lane alike.
@@ -43,14 +63,7 @@ async fn renewals_keep_a_one_second_lease_alive() {
     let keys = Keys::new("renew");
     let (client, other) = (server.client(), server.client());
     let one = Duration::from_secs(1);
-    let control = client
-        .lock(&keys.key("control"))
-        .unwrap()
-        .with_lease(one)
-        .acquire()
-        .await
-        .unwrap();
-    let waited = contended_lease(&other, &client, &keys.key("wait"), one).await;
+    let (control, waited) = control_and_waited(&client, &other, &keys, one).await;
     let first = [control.deadline(), waited.deadline()];
     let started = Instant::now();
     while started.elapsed() < Duration::from_millis(3300) {
@@ -96,14 +109,7 @@ async fn refused_renewal_is_lease_loss() {
     let keys = Keys::new("refused");
     let (client, other) = (server.client(), server.client());
     let lease_len = Duration::from_secs(3);
-    let control = client
-        .lock(&keys.key("control"))
-        .unwrap()
-        .with_lease(lease_len)
-        .acquire()
-        .await
-        .unwrap();
-    let waited = contended_lease(&other, &client, &keys.key("wait"), lease_len).await;
+    let (control, waited) = control_and_waited(&client, &other, &keys, lease_len).await;
     let mut raw = server.connection().await;
     for lease in [&control, &waited] {
         let token = lease.cancellation_token();
@@ -132,14 +138,7 @@ async fn connection_loss_is_lease_loss() {
     let keys = Keys::new("connlost");
     let (client, other) = (server.client(), server.client());
     let lease_len = Duration::from_secs(30);
-    let control = client
-        .lock(&keys.key("control"))
-        .unwrap()
-        .with_lease(lease_len)
-        .acquire()
-        .await
-        .unwrap();
-    let waited = contended_lease(&other, &client, &keys.key("wait"), lease_len).await;
+    let (control, waited) = control_and_waited(&client, &other, &keys, lease_len).await;
     let tokens = [control.cancellation_token(), waited.cancellation_token()];
     server.handle().force_close();
     let closed_at = Instant::now();
@@ -292,14 +291,7 @@ async fn keepalive_keeps_idle_connections_and_their_leases() {
         .unwrap();
     let silent = server.client(); // keepalive 10 s: silent for far longer than 1 s
 
-    let control = pinging
-        .lock(&keys.key("control"))
-        .unwrap()
-        .with_lease(lease_len)
-        .acquire()
-        .await
-        .unwrap();
-    let waited = contended_lease(&holder, &pinging, &keys.key("wait"), lease_len).await;
+    let (control, waited) = control_and_waited(&pinging, &holder, &keys, lease_len).await;
     let silent_control = silent
         .lock(&keys.key("silent-control"))
         .unwrap()
