@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use dflockd_client::{Client, Enqueue, Lease};
 use dflockd_server::ServerConfig;
+use support::queued_ticket;
 use support::{Keys, TestServer, eventually, lock_becomes_free, no_waiters, waiters};
 
 /// Delays after which the future is dropped.
@@ -179,10 +180,7 @@ async fn drop_wait(server: TestServer) {
             let (holder, waiter) = (holder.clone(), waiter.clone());
             async move {
                 let held = hold(&holder, &key).await;
-                let Enqueue::Queued(ticket) = waiter.lock(&key).unwrap().enqueue().await.unwrap()
-                else {
-                    panic!("{key}: a held key queues");
-                };
+                let ticket = queued_ticket(&waiter, &key).await;
                 let result =
                     tokio::time::timeout(delay, ticket.wait(Duration::from_secs(20))).await;
                 assert!(result.is_err(), "{key}: granted a held lock: {result:?}");
@@ -198,10 +196,7 @@ async fn drop_wait(server: TestServer) {
         let (holder, waiter) = (holder.clone(), waiter.clone());
         async move {
             let held = hold(&holder, &key).await;
-            let Enqueue::Queued(ticket) = waiter.lock(&key).unwrap().enqueue().await.unwrap()
-            else {
-                panic!("{key}: a held key queues");
-            };
+            let ticket = queued_ticket(&waiter, &key).await;
             let releaser = release_later(held, RELEASE_AT);
             let result = tokio::time::timeout(delay, ticket.wait(Duration::from_secs(20))).await;
             drop(result);
@@ -285,9 +280,7 @@ async fn drop_guards(server: TestServer) {
     // A ticket dropped while still queued leaves the queue.
     let key = keys.key("ticket-queued");
     let held = hold(&holder, &key).await;
-    let Enqueue::Queued(ticket) = waiter.lock(&key).unwrap().enqueue().await.unwrap() else {
-        panic!("queued");
-    };
+    let ticket = queued_ticket(&waiter, &key).await;
     drop(ticket);
     no_waiters(&holder, 0, &key).await;
     held.release().await.unwrap();
@@ -297,9 +290,7 @@ async fn drop_guards(server: TestServer) {
     // nobody called wait): the grant must not outlive the ticket.
     let key = keys.key("ticket-granted");
     let held = hold(&holder, &key).await;
-    let Enqueue::Queued(ticket) = waiter.lock(&key).unwrap().enqueue().await.unwrap() else {
-        panic!("queued");
-    };
+    let ticket = queued_ticket(&waiter, &key).await;
     held.release().await.unwrap();
     // The server has promoted the ticket: the key is held, nobody waits.
     eventually("the ticket's place was granted", support::BOUND, || async {

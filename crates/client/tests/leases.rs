@@ -18,6 +18,7 @@ use dflockd_server::ServerConfig;
 use kameo::actor::Spawn;
 use kameo::error::Infallible;
 use kameo::prelude::*;
+use support::queued_ticket;
 use support::{BOUND, Keys, TestServer, contended_lease, embedded_only};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -365,16 +366,8 @@ async fn queued_ticket_keeps_its_place_past_the_server_read_timeout() {
         .acquire()
         .await
         .unwrap();
-    let dflockd_client::Enqueue::Queued(kept) =
-        pinging.lock(&key).unwrap().enqueue().await.unwrap()
-    else {
-        panic!("held key queues");
-    };
-    let dflockd_client::Enqueue::Queued(dropped) =
-        silent.lock(&key).unwrap().enqueue().await.unwrap()
-    else {
-        panic!("held key queues");
-    };
+    let kept = queued_ticket(&pinging, &key).await;
+    let dropped = queued_ticket(&silent, &key).await;
     // Idle for 2.5 read timeouts: the time must really pass.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     held.release().await.unwrap();

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use dflockd_client::{Client, Enqueue, Error, Released, Sharding};
 use dflockd_server::ServerConfig;
+use support::queued_ticket;
 use support::{BOUND, Keys, TestServer, eventually, listed, no_waiters, waiters};
 use tokio::time::Instant;
 
@@ -251,9 +252,7 @@ async fn two_phase_queued_then_granted() {
     let key = keys.key("k");
     let (a, b) = (server.client(), server.client());
     let held = a.lock(&key).unwrap().acquire().await.unwrap();
-    let Enqueue::Queued(ticket) = b.lock(&key).unwrap().enqueue().await.unwrap() else {
-        panic!("a held key queues");
-    };
+    let ticket = queued_ticket(&b, &key).await;
     assert_eq!(waiters(&a, 0, &key).await, 1);
     let first = held.fence();
     held.release().await.unwrap();
@@ -271,9 +270,7 @@ async fn two_phase_wait_timeout_forfeits_the_place() {
     let key = keys.key("k");
     let (a, b) = (server.client(), server.client());
     let held = a.lock(&key).unwrap().acquire().await.unwrap();
-    let Enqueue::Queued(ticket) = b.lock(&key).unwrap().enqueue().await.unwrap() else {
-        panic!("a held key queues");
-    };
+    let ticket = queued_ticket(&b, &key).await;
     assert_eq!(waiters(&a, 0, &key).await, 1);
     let started = Instant::now();
     let result = ticket.wait(Duration::from_secs(1)).await;

@@ -404,3 +404,18 @@ pub fn multiplex_mode() -> bool {
         Ok("0" | "off" | "false")
     )
 }
+
+/// A two-phase ticket of `client` for lock `key`, which must be held by
+/// someone else (so the enqueue answers `queued`).
+pub async fn queued_ticket(client: &Client, key: &str) -> dflockd_client::Ticket {
+    match client
+        .lock(key)
+        .expect("lock")
+        .enqueue()
+        .await
+        .expect("enqueue")
+    {
+        dflockd_client::Enqueue::Queued(ticket) => ticket,
+        dflockd_client::Enqueue::Acquired(_) => panic!("{key}: expected a held key to queue"),
+    }
+}
