@@ -572,20 +572,18 @@ async fn run(scenario: Scenario, seed: u64) -> Report {
     for loss in &record.losses {
         *reasons.entry(format!("{:?}", loss.reason)).or_default() += 1;
     }
-    let worst_vs_deadline = record
-        .losses
-        .iter()
-        .map(|l| l.slack_vs_deadline)
-        .max()
-        .map(|n| format!("{:.1} ms", n as f64 / 1e6))
-        .unwrap_or_else(|| "n/a".into());
-    let worst_vs_expiry = record
-        .losses
-        .iter()
-        .map(|l| l.slack_vs_expiry)
-        .max()
-        .map(|n| format!("{:.1} ms", n as f64 / 1e6))
-        .unwrap_or_else(|| "n/a".into());
+    // The latest loss signal relative to a reference, as printed.
+    let worst = |slack: fn(&Loss) -> i128| {
+        record
+            .losses
+            .iter()
+            .map(slack)
+            .max()
+            .map(|n| format!("{:.1} ms", n as f64 / 1e6))
+            .unwrap_or_else(|| "n/a".into())
+    };
+    let worst_vs_deadline = worst(|l| l.slack_vs_deadline);
+    let worst_vs_expiry = worst(|l| l.slack_vs_expiry);
     let faults = faults.lock().unwrap().clone();
     let report = Report {
         seed,
