@@ -454,6 +454,7 @@ async fn lease_scope_children_stop_before_the_key_is_regranted() {
         .server(server.local_addr().into())
         .build()
         .unwrap();
+    let observer = other.clone();
     let waiter = tokio::spawn(async move {
         let lease = other
             .lock("recipes/scope")
@@ -464,7 +465,20 @@ async fn lease_scope_children_stop_before_the_key_is_regranted() {
             .unwrap();
         (Instant::now(), lease)
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Once the waiter is queued, cut the holder off.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let waiting = |s: dflockd::client::Stats| {
+            s.locks
+                .iter()
+                .find(|l| l.key == "recipes/scope")
+                .map_or(0, |l| l.waiters)
+        };
+        while waiting(observer.stats(0).await.unwrap()) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the waiter queues");
     link.blackhole(); // renewals stop arriving; the server expires the lease
     tokio::time::timeout(Duration::from_secs(5), scope.stopped())
         .await

@@ -38,6 +38,24 @@ impl Background {
     }
 }
 
+/// Blocks until lock `key` has `n` waiters (bounded).
+fn wait_for_waiters(client: &Client, key: &str, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stats = client.stats(0).unwrap();
+        let waiting = stats
+            .locks
+            .iter()
+            .find(|l| l.key == key)
+            .map_or(0, |l| l.waiters);
+        if waiting == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{key}: never {n} waiters");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 impl Drop for Background {
     fn drop(&mut self) {
         if let Some(server) = self.server.take() {
@@ -61,7 +79,7 @@ fn acquire_contend_release_from_threads() {
                 .map(|l| l.fence())
         })
     };
-    std::thread::sleep(Duration::from_millis(200));
+    wait_for_waiters(&client, "blocking-basic", 1);
     let first = lease.fence();
     assert_eq!(lease.release().unwrap(), Released::Released);
     let second = other.join().unwrap().expect("granted after release");
@@ -84,7 +102,7 @@ fn interrupt_stops_a_blocked_acquire_without_leaking() {
             (result.map(|l| l.is_some()), started.elapsed())
         })
     };
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for_waiters(&client, "blocking-interrupt", 1);
     stop.interrupt();
     let (result, took) = waiter.join().unwrap();
     assert!(matches!(result, Err(Error::Interrupted)), "{result:?}");
