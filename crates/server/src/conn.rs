@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
 use crate::config::IdlePolicy;
-use crate::shared::{Notify, Shared};
+use crate::shared::{Notify, Shared, Table};
 
 mod mux;
 
@@ -277,7 +277,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     async fn execute(&mut self, request: Request) -> Result<(), Close> {
         let mut receiver = None;
-        let step = self.apply(request, 0, || {
+        let step = self.apply(request, 0, None, || {
             let (tx, rx) = oneshot::channel();
             receiver = Some(rx);
             Notify::Once(tx)
@@ -302,8 +302,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// the notification `notify` makes (called only then) and comes back as
     /// [`Step::Waiting`]; everything else is answered at once. `ticket`
     /// names the two-phase state of `e`/`w` (always 0 on plain connections).
-    fn apply(&self, request: Request, ticket: u64, notify: impl FnOnce() -> Notify) -> Step {
+    /// With `queue_cap`, a request that may queue (a waiting `l`/`w`, any
+    /// `e`) is refused with `error_max_waiters` while the connection already
+    /// has that many waiters in the table (the mux per-connection cap).
+    fn apply(
+        &self,
+        request: Request,
+        ticket: u64,
+        queue_cap: Option<usize>,
+        notify: impl FnOnce() -> Notify,
+    ) -> Step {
         let id = self.id;
+        let full = |t: &Table| queue_cap.is_some_and(|cap| t.waiters_of(id) >= cap);
         let reply = match request {
             Request::Ping => Reply::Ok,
             // The handshake consumed the only `auth` that is ever valid.
@@ -325,9 +335,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 let rid = ResourceId::new(kind.namespace(), key);
                 let limit = kind.limit();
                 let wait = (timeout != Seconds::ZERO).then(notify);
-                let outcome = self
-                    .shared
-                    .with_table(|t, now| t.acquire(id, &rid, limit, lease, now, wait));
+                let outcome = self.shared.with_table(|t, now| {
+                    if wait.is_some() && full(t) {
+                        return Err(LockError::MaxWaiters);
+                    }
+                    t.acquire(id, &rid, limit, lease, now, wait)
+                });
                 match outcome {
                     Ok(AcquireOutcome::Queued(waiter)) => {
                         return Step::Waiting {
@@ -371,10 +384,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             Request::Enqueue { key, kind, lease } => {
                 let rid = ResourceId::new(kind.namespace(), key);
                 let limit = kind.limit();
-                match self
-                    .shared
-                    .with_table(|t, now| t.enqueue(id, ticket, &rid, limit, lease, now))
-                {
+                match self.shared.with_table(|t, now| {
+                    if full(t) {
+                        return Err(LockError::MaxWaiters);
+                    }
+                    t.enqueue(id, ticket, &rid, limit, lease, now)
+                }) {
                     Ok(EnqueueOutcome::Acquired(Grant { token, lease })) => {
                         Reply::Acquired { token, lease }
                     }
@@ -390,6 +405,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 let rid = ResourceId::new(namespace, key);
                 let wait = (timeout != Seconds::ZERO).then(notify);
                 let (outcome, place) = self.shared.with_table(|t, now| {
+                    if wait.is_some() && full(t) {
+                        return (Err(LockError::MaxWaiters), None);
+                    }
                     let outcome = t.wait(id, ticket, &rid, now, wait);
                     let place = t.queued_place(id, ticket, &rid);
                     (outcome, place)

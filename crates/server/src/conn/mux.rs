@@ -13,9 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dflockd_core::{Grant, ResourceId};
-use dflockd_proto::{
-    MuxBody, MuxError, MuxRequest, Progress, Reply, Request, Status, encode_mux_reply,
-};
+use dflockd_proto::{MuxBody, MuxError, MuxRequest, Progress, Reply, Status, encode_mux_reply};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -167,12 +165,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
             Err(MuxError::Invalid { id, error }) => {
                 tracing::debug!(id, code = error.code(), %error, "rejected mux request");
-                if mux.waiting.contains_key(&id) {
-                    encode_mux_reply(id, &Reply::Failure(Status::Error), &mut self.out);
-                    return Err(Close::Protocol);
-                }
                 encode_mux_reply(id, &Reply::Failure(Status::Error), &mut self.out);
-                return Ok(());
+                // Reusing the id of a waiting request is a broken client.
+                return if mux.waiting.contains_key(&id) {
+                    Err(Close::Protocol)
+                } else {
+                    Ok(())
+                };
             }
         };
         let id = request.id;
@@ -185,7 +184,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             encode_mux_reply(id, &Reply::Failure(Status::Error), &mut self.out);
             return Err(Close::Protocol);
         }
-        let request = match request.body {
+        let (body, ticket) = match request.body {
             MuxBody::Cancel(target) => {
                 self.mux_cancel(mux, target);
                 encode_mux_reply(id, &Reply::Ok, &mut self.out);
@@ -193,22 +192,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
             MuxBody::Request(body) => (body, request.ticket),
         };
-        let (body, ticket) = request;
         // The cap counts what the connection has queued in the table —
-        // blocking waits and two-phase places alike — and applies to every
-        // request that may add to it.
-        let cap = self.shared.config.mux_max_waiting;
-        let may_queue = body.may_block() || matches!(body, Request::Enqueue { .. });
-        if may_queue && cap > 0 {
-            let conn = self.id;
-            let queued = self.shared.with_table(|t, _| t.waiters_of(conn));
-            if queued >= cap {
-                encode_mux_reply(id, &Reply::Failure(Status::ErrorMaxWaiters), &mut self.out);
-                return Ok(());
-            }
-        }
+        // blocking waits and two-phase places alike.
+        let cap = Some(self.shared.config.mux_max_waiting).filter(|&cap| cap > 0);
         let to = mux.grants_tx.clone();
-        match self.apply(body, ticket, || Notify::Mux { id, to }) {
+        match self.apply(body, ticket, cap, || Notify::Mux { id, to }) {
             Step::Reply(reply) => encode_mux_reply(id, &reply, &mut self.out),
             Step::Waiting {
                 rid,
