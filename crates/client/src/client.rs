@@ -733,13 +733,10 @@ enum Place {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let key = self.target.key.clone();
-        let namespace = self.target.kind.namespace();
-        match self.place.take() {
-            // Dropping the handle tells its task to give the place up.
-            Some(Place::Conn(_)) => {}
-            Some(Place::Mux { lane, ticket }) => mux_lane::abandon(&lane, key, namespace, ticket),
-            None => {}
+        // A plain place's task gives the place up when its handle drops.
+        if let Some(Place::Mux { lane, ticket }) = self.place.take() {
+            let (key, namespace) = self.target.resource();
+            mux_lane::abandon(&lane, key, namespace, ticket);
         }
     }
 }
@@ -787,7 +784,7 @@ impl Ticket {
         let conn = match place {
             Place::Conn(queued) => queued.take().await?,
             Place::Mux { lane, ticket } => {
-                let orphan = (target.key.clone(), target.kind.namespace());
+                let orphan = target.resource();
                 let (reply, lane) = mux_lane::call(
                     &lane,
                     request,
@@ -803,13 +800,8 @@ impl Ticket {
                 };
             }
         };
-        let (reply, conn) = guarded_request(
-            conn,
-            request,
-            (target.key.clone(), target.kind.namespace()),
-            timeout + REPLY_SLACK,
-        )
-        .await?;
+        let (reply, conn) =
+            guarded_request(conn, request, target.resource(), timeout + REPLY_SLACK).await?;
         match grant_or_timeout(reply)? {
             Some(granted) => Ok(target.bind(granted, conn, sent_at, true)),
             None => Err(Error::Timeout),
@@ -822,6 +814,12 @@ impl Target {
         &self.client.inner
     }
 
+    /// The resource a grant for this handle holds (a grant nobody owns any
+    /// more is released by it).
+    fn resource(&self) -> (Key, Namespace) {
+        (self.key.clone(), self.kind.namespace())
+    }
+
     fn lease(&self) -> Result<Option<dflockd_proto::Lease>> {
         lease_of(self.lease)
     }
@@ -832,7 +830,7 @@ impl Target {
     async fn acquire_within(&self, timeout: Duration) -> Result<Option<Lease>> {
         let wait = seconds(timeout)?;
         let lease = self.lease()?;
-        let orphan = (self.key.clone(), self.kind.namespace());
+        let orphan = self.resource();
         let acquire = |timeout| Request::Acquire {
             key: self.key.clone(),
             kind: self.kind,
@@ -899,7 +897,7 @@ impl Target {
                 namespace: self.kind.namespace(),
                 ticket,
             };
-            let orphan = (self.key.clone(), self.kind.namespace());
+            let orphan = self.resource();
             let (reply, lane_ref) =
                 mux_lane::call(&lane, request, ticket, Some(orphan), REPLY_SLACK, on_drop).await?;
             return Ok(match expect_enqueued(reply)? {
@@ -923,7 +921,7 @@ impl Target {
             lease: self.lease()?,
         };
         let sent_at = Instant::now();
-        let orphan = (self.key.clone(), self.kind.namespace());
+        let orphan = self.resource();
         let (reply, conn) = guarded_request(conn, request, orphan, REPLY_SLACK).await?;
         Ok(match expect_enqueued(reply)? {
             Enqueued::Acquired(granted) => {
@@ -934,7 +932,7 @@ impl Target {
                 place: Some(Place::Conn(QueuedConn::spawn(
                     conn,
                     self.inner().timing.keepalive,
-                    orphan_of(self),
+                    self.resource(),
                 ))),
             }),
         })
@@ -1113,10 +1111,6 @@ async fn settle_orphaned(reply: Reply, mut conn: Connection, orphan: (Key, Names
         Reply::Queued => abandon_queued(conn, orphan).await,
         _ => {}
     }
-}
-
-fn orphan_of(target: &Target) -> (Key, Namespace) {
-    (target.key.clone(), target.kind.namespace())
 }
 
 /// A plain-mode queue place: the connection that enqueued, owned by a task
