@@ -735,8 +735,7 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         // A plain place's task gives the place up when its handle drops.
         if let Some(Place::Mux { lane, ticket }) = self.place.take() {
-            let (key, namespace) = self.target.resource();
-            mux_lane::abandon(&lane, key, namespace, ticket);
+            mux_lane::abandon(&lane, self.target.resource(), ticket);
         }
     }
 }
@@ -892,14 +891,15 @@ impl Target {
                 lease: self.lease()?,
             };
             let sent_at = Instant::now();
-            let on_drop = OnDrop::Abandon {
-                key: self.key.clone(),
-                namespace: self.kind.namespace(),
+            let (reply, lane_ref) = mux_lane::call(
+                &lane,
+                request,
                 ticket,
-            };
-            let orphan = self.resource();
-            let (reply, lane_ref) =
-                mux_lane::call(&lane, request, ticket, Some(orphan), REPLY_SLACK, on_drop).await?;
+                Some(self.resource()),
+                REPLY_SLACK,
+                OnDrop::Abandon,
+            )
+            .await?;
             return Ok(match expect_enqueued(reply)? {
                 Enqueued::Acquired(granted) => {
                     Enqueue::Acquired(self.track(granted, &lane_ref, sent_at, None, false))

@@ -91,18 +91,17 @@ pub(crate) async fn negotiate(conn: &mut Connection, reply_timeout: Duration) ->
 pub(crate) enum OnDrop {
     /// Withdraw the waiting request (`cancel`).
     Cancel,
-    /// Give up a two-phase place: poll it with `w <key> 0` on its ticket,
-    /// which withdraws it if still queued; a grant it had is released.
-    Abandon {
-        key: Key,
-        namespace: Namespace,
-        ticket: u64,
-    },
+    /// Give up the call's two-phase place: poll it with `w <key> 0` on its
+    /// ticket, which withdraws it if still queued; a grant it had is
+    /// released.
+    Abandon,
 }
 
 struct DropGuard {
     lane: LaneHandle,
     id: u64,
+    ticket: u64,
+    resource: Option<(Key, Namespace)>,
     reply: ReplyGuard,
     /// `None` once the caller has its reply.
     action: Option<OnDrop>,
@@ -121,22 +120,21 @@ impl Drop for DropGuard {
             (OnDrop::Cancel, None) => {
                 let _ = self.lane.tx.send(Outgoing::Cancel(self.id));
             }
-            (
-                OnDrop::Abandon {
-                    key,
-                    namespace,
-                    ticket,
-                },
-                None | Some(Reply::Queued),
-            ) => abandon(&self.lane, key, namespace, ticket),
+            (OnDrop::Abandon, None | Some(Reply::Queued)) => {
+                if let Some(resource) = self.resource.take() {
+                    abandon(&self.lane, resource, self.ticket);
+                }
+            }
             _ => {}
         }
     }
 }
 
-/// Gives up the two-phase place `ticket` holds on `key` (see [`OnDrop`]).
-pub(crate) fn abandon(lane: &LaneHandle, key: Key, namespace: Namespace, ticket: u64) {
+/// Gives up the two-phase place `ticket` holds on `resource` (see
+/// [`OnDrop`]).
+pub(crate) fn abandon(lane: &LaneHandle, resource: (Key, Namespace), ticket: u64) {
     let Some(ids) = &lane.mux else { return };
+    let (key, namespace) = resource;
     let poll = Request::Wait {
         key: key.clone(),
         namespace,
@@ -174,6 +172,8 @@ pub(crate) async fn call(
     let mut guard = DropGuard {
         lane: lane.clone(),
         id,
+        ticket,
+        resource: orphan.clone(),
         reply: ReplyGuard::new(rx, lane, orphan.clone()),
         action: Some(on_drop),
     };
