@@ -3,8 +3,11 @@
 //! the old one by that skew (no client-side rule can prevent it); with
 //! `disconnect_lock_delay` ≥ skew there is no overlap.
 
+mod client_support;
+
 use std::time::Duration;
 
+use client_support::queued_waiter;
 use dflockd::client::Client;
 use dflockd::server::{Server, ServerConfig};
 use dflockd_faultproxy::{FaultProxy, Side};
@@ -41,25 +44,8 @@ async fn overlap_after_asymmetric_reset(lock_delay: Duration) -> Duration {
         .server(server.local_addr().into())
         .build()
         .unwrap();
-    let observer = next.clone();
-    let new_started = tokio::spawn(async move {
-        let lease = next
-            .lock("asymmetric")
-            .unwrap()
-            .acquire_within(Duration::from_secs(10))
-            .await
-            .unwrap()
-            .unwrap();
-        (Instant::now(), lease)
-    });
-    // Wait until the new holder is queued behind the old one.
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while observer.stats(0).await.unwrap().locks[0].waiters == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the next holder queues");
+    // The new holder queues behind the old one.
+    let new_started = queued_waiter(&next, "asymmetric").await;
     // Every connection of the old holder: the server side is reset now, the
     // client side SKEW later.
     for link in proxy.links() {

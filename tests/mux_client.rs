@@ -7,6 +7,7 @@
 //! (`cargo bench -p dflockd-client --bench mux`); this is the CI-sized
 //! version of the FIFO one.
 
+mod client_support;
 #[path = "../crates/server/tests/interop/venv.rs"]
 mod venv;
 
@@ -16,6 +17,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use client_support::{wait_for_waiters, waiters};
 use dflockd::client::{Client, Enqueue, Lease, Ticket};
 use dflockd::server::{Server, ServerConfig, ServerHandle};
 
@@ -39,26 +41,6 @@ async fn queued(client: &Client, key: &str) -> Ticket {
     match client.lock(key).unwrap().enqueue().await.unwrap() {
         Enqueue::Queued(ticket) => ticket,
         Enqueue::Acquired(_) => panic!("{key} was free"),
-    }
-}
-
-async fn waiters(client: &Client, key: &str) -> u64 {
-    let stats = client.stats(0).await.unwrap();
-    stats
-        .locks
-        .iter()
-        .find(|l| l.key == key)
-        .map_or(0, |l| l.waiters)
-}
-
-async fn wait_for_waiters(client: &Client, key: &str, n: u64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while waiters(client, key).await != n {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{key}: never reached {n} waiters"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

@@ -1,9 +1,12 @@
 //! Coordination recipes under failure: leader election across randomized
 //! failovers, singleton jobs, and lease scopes.
 
+mod client_support;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use client_support::queued_waiter;
 use dflockd::client::{Client, LossReason};
 use dflockd::server::{Server, ServerConfig, ServerHandle};
 use dflockd::{LeaderElection, LeaseScope, Singleton};
@@ -454,31 +457,8 @@ async fn lease_scope_children_stop_before_the_key_is_regranted() {
         .server(server.local_addr().into())
         .build()
         .unwrap();
-    let observer = other.clone();
-    let waiter = tokio::spawn(async move {
-        let lease = other
-            .lock("recipes/scope")
-            .unwrap()
-            .acquire_within(Duration::from_secs(10))
-            .await
-            .unwrap()
-            .unwrap();
-        (Instant::now(), lease)
-    });
     // Once the waiter is queued, cut the holder off.
-    tokio::time::timeout(Duration::from_secs(5), async {
-        let waiting = |s: dflockd::client::Stats| {
-            s.locks
-                .iter()
-                .find(|l| l.key == "recipes/scope")
-                .map_or(0, |l| l.waiters)
-        };
-        while waiting(observer.stats(0).await.unwrap()) == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the waiter queues");
+    let waiter = queued_waiter(&other, "recipes/scope").await;
     link.blackhole(); // renewals stop arriving; the server expires the lease
     tokio::time::timeout(Duration::from_secs(5), scope.stopped())
         .await

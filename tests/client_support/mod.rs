@@ -1,0 +1,49 @@
+//! Helpers for the end-to-end tests that drive the server through the
+//! dflockd client (the raw-protocol helpers are in `tests/support`).
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use dflockd::client::{Client, Lease};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// How many waiters lock `key` has on server 0.
+pub async fn waiters(client: &Client, key: &str) -> u64 {
+    let stats = client.stats(0).await.expect("stats");
+    stats
+        .locks
+        .iter()
+        .find(|l| l.key == key)
+        .map_or(0, |l| l.waiters)
+}
+
+/// Polls until lock `key` has exactly `n` waiters (bounded: 20 s).
+pub async fn wait_for_waiters(client: &Client, key: &str, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while waiters(client, key).await != n {
+        assert!(
+            Instant::now() < deadline,
+            "{key}: never reached {n} waiters"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Starts `client` waiting (up to 10 s) for the held lock `key` and returns
+/// once its request is queued on the server. The task yields when it was
+/// granted, and the lease.
+pub async fn queued_waiter(client: &Client, key: &str) -> JoinHandle<(Instant, Lease)> {
+    let lock = client.lock(key).expect("lock");
+    let waiter = tokio::spawn(async move {
+        let lease = lock
+            .acquire_within(Duration::from_secs(10))
+            .await
+            .expect("acquire")
+            .expect("granted within 10 s");
+        (Instant::now(), lease)
+    });
+    wait_for_waiters(client, key, 1).await;
+    waiter
+}
