@@ -47,6 +47,29 @@ async fn auto_release_off(test: &str) -> TestServer {
     TestServer::embedded(config).await
 }
 
+/// Two tests of `scenario`: `<name>::auto_release_on` against the shared
+/// server (embedded or external), and — embedded-only —
+/// `<name>::auto_release_off` against a server with
+/// `auto_release_on_disconnect: false`.
+macro_rules! in_both_server_modes {
+    ($name:ident, $scenario:ident) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn auto_release_on() {
+                $scenario(super::auto_release_on().await).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn auto_release_off() {
+                let test = concat!(stringify!($name), "::auto_release_off");
+                $scenario(super::auto_release_off(test).await).await;
+            }
+        }
+    };
+}
+
 /// Runs `scenario(key, delay)` for every delay, concurrently, each on a key
 /// of its own.
 async fn for_each_delay<F, Fut>(keys: &Keys, scenario: F)
@@ -156,16 +179,7 @@ async fn drop_acquire(server: TestServer) {
     for_each_delay(&keys, racing).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dropped_acquire_leaves_nothing_auto_release_on() {
-    drop_acquire(auto_release_on().await).await;
-}
-
-/// Embedded-only: auto-release-on-disconnect off.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dropped_acquire_leaves_nothing_auto_release_off() {
-    drop_acquire(auto_release_off("dropped_acquire_leaves_nothing_auto_release_off").await).await;
-}
+in_both_server_modes!(dropped_acquire_leaves_nothing, drop_acquire);
 
 // ---------------------------------------------------------------------------
 // Ticket::wait
@@ -207,16 +221,7 @@ async fn drop_wait(server: TestServer) {
     for_each_delay(&Keys::new("drop-wait-race"), racing).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dropped_wait_leaves_nothing_auto_release_on() {
-    drop_wait(auto_release_on().await).await;
-}
-
-/// Embedded-only: auto-release-on-disconnect off.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dropped_wait_leaves_nothing_auto_release_off() {
-    drop_wait(auto_release_off("dropped_wait_leaves_nothing_auto_release_off").await).await;
-}
+in_both_server_modes!(dropped_wait_leaves_nothing, drop_wait);
 
 // ---------------------------------------------------------------------------
 // enqueue
@@ -258,16 +263,7 @@ async fn drop_enqueue(server: TestServer) {
     for_each_delay(&Keys::new("drop-enqueue-race"), racing).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dropped_enqueue_leaves_nothing_auto_release_on() {
-    drop_enqueue(auto_release_on().await).await;
-}
-
-/// Embedded-only: auto-release-on-disconnect off.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dropped_enqueue_leaves_nothing_auto_release_off() {
-    drop_enqueue(auto_release_off("dropped_enqueue_leaves_nothing_auto_release_off").await).await;
-}
+in_both_server_modes!(dropped_enqueue_leaves_nothing, drop_enqueue);
 
 // ---------------------------------------------------------------------------
 // Ticket and Lease guards
@@ -345,16 +341,7 @@ async fn futures_join<T: Send + 'static>(
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dropped_guards_free_the_key_auto_release_on() {
-    drop_guards(auto_release_on().await).await;
-}
-
-/// Embedded-only: auto-release-on-disconnect off.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dropped_guards_free_the_key_auto_release_off() {
-    drop_guards(auto_release_off("dropped_guards_free_the_key_auto_release_off").await).await;
-}
+in_both_server_modes!(dropped_guards_free_the_key, drop_guards);
 
 // ---------------------------------------------------------------------------
 // A reply that arrived but was never read
@@ -409,13 +396,7 @@ async fn drop_unread_grant(server: TestServer) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unread_grant_of_a_dropped_future_is_released_auto_release_on() {
-    drop_unread_grant(auto_release_on().await).await;
-}
-
-/// Embedded-only: auto-release-on-disconnect off.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unread_grant_of_a_dropped_future_is_released_auto_release_off() {
-    drop_unread_grant(auto_release_off("unread_grant_auto_release_off").await).await;
-}
+in_both_server_modes!(
+    unread_grant_of_a_dropped_future_is_released,
+    drop_unread_grant
+);
