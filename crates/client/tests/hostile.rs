@@ -304,24 +304,31 @@ async fn malformed_other_replies() {
     );
 }
 
-/// A server that renews to zero seconds (`ok 0`) does not drive a renew
-/// busy loop: the lease is reported lost and renewing stops.
-#[tokio::test]
-async fn zero_second_renewal_is_not_a_busy_loop() {
-    let server = FakeServer::start(|f: &Frame| match f.cmd.as_str() {
+/// A fake server that grants `l` with a 1 s lease and answers every renew
+/// with `renew_reply`, and a 1 s lease acquired from it.
+async fn one_second_lease(renew_reply: &'static [u8]) -> (FakeServer, dflockd_client::Lease) {
+    let server = FakeServer::start(move |f: &Frame| match f.cmd.as_str() {
         "l" => format!("ok {TOKEN} 1\n").into_bytes(),
-        "n" => b"ok 0\n".to_vec(),
+        "n" => renew_reply.to_vec(),
         _ => b"ok\n".to_vec(),
     })
     .await;
-    let client = server.client();
-    let lease = client
+    let lease = server
+        .client()
         .lock("k")
         .unwrap()
         .with_lease(Duration::from_secs(1))
         .acquire()
         .await
         .unwrap();
+    (server, lease)
+}
+
+/// A server that renews to zero seconds (`ok 0`) does not drive a renew
+/// busy loop: the lease is reported lost and renewing stops.
+#[tokio::test]
+async fn zero_second_renewal_is_not_a_busy_loop() {
+    let (server, lease) = one_second_lease(b"ok 0\n").await;
     let started = Instant::now();
     bounded("loss", lease.lost()).await;
     assert_eq!(lease.loss_reason(), Some(LossReason::Refused));
@@ -337,20 +344,7 @@ async fn zero_second_renewal_is_not_a_busy_loop() {
 /// in a tight loop.
 #[tokio::test]
 async fn one_second_renewals_are_paced() {
-    let server = FakeServer::start(|f: &Frame| match f.cmd.as_str() {
-        "l" => format!("ok {TOKEN} 1\n").into_bytes(),
-        "n" => b"ok 1\n".to_vec(),
-        _ => b"ok\n".to_vec(),
-    })
-    .await;
-    let client = server.client();
-    let lease = client
-        .lock("k")
-        .unwrap()
-        .with_lease(Duration::from_secs(1))
-        .acquire()
-        .await
-        .unwrap();
+    let (server, lease) = one_second_lease(b"ok 1\n").await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(!lease.is_lost());
     let renewals = server.count("n");
