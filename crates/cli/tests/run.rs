@@ -31,6 +31,23 @@ async fn output(mut cmd: Command) -> Output {
         .expect("join")
 }
 
+/// Waits (bounded) until the command under `dflock run` prints "ready".
+async fn await_ready(mut stdout: std::process::ChildStdout) {
+    let ready = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 6];
+        stdout.read_exact(&mut buf).map(|_| buf)
+    });
+    assert_eq!(
+        &tokio::time::timeout(Duration::from_secs(10), ready)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap(),
+        b"ready\n"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passes_the_command_exit_status_through() {
     let server = server().await;
@@ -137,21 +154,8 @@ async fn forwards_sigterm_to_the_command() {
     cmd.stdout(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
     let pid = child.id();
-    // Wait until the command runs (it prints "ready").
-    let mut stdout = child.stdout.take().unwrap();
-    let ready = tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut buf = [0u8; 6];
-        stdout.read_exact(&mut buf).map(|_| buf)
-    });
-    assert_eq!(
-        &tokio::time::timeout(Duration::from_secs(10), ready)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap(),
-        b"ready\n"
-    );
+    let stdout = child.stdout.take().unwrap();
+    await_ready(stdout).await;
     assert!(
         Command::new("kill")
             .args(["-TERM", &pid.to_string()])
@@ -194,20 +198,8 @@ async fn kills_the_command_when_the_lease_is_lost() {
     );
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let ready = tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut buf = [0u8; 6];
-        stdout.read_exact(&mut buf).map(|_| buf)
-    });
-    assert_eq!(
-        &tokio::time::timeout(Duration::from_secs(10), ready)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap(),
-        b"ready\n"
-    );
+    let stdout = child.stdout.take().unwrap();
+    await_ready(stdout).await;
     // The server goes away: every connection closes, the lease is lost.
     server.force_close();
     let started = Instant::now();
