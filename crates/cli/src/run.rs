@@ -80,6 +80,20 @@ pub async fn run(connection: &ConnectionArgs, args: RunArgs) -> u8 {
             return exit::UNAVAILABLE;
         }
     };
+    // Before the command starts: a SIGINT/SIGTERM that arrived between its
+    // start and the handlers would kill dflock with the default action and
+    // leave the command running, orphaned and unsignalled.
+    let (mut sigint, mut sigterm) = match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(i), Ok(t)) => (i, t),
+        _ => {
+            eprintln!("dflock: cannot install signal handlers");
+            let _ = lease.release().await;
+            return exit::UNAVAILABLE;
+        }
+    };
     let mut child = match Command::new(&args.command[0])
         .args(&args.command[1..])
         .env("DFLOCK_KEY", &args.key)
@@ -95,17 +109,6 @@ pub async fn run(connection: &ConnectionArgs, args: RunArgs) -> u8 {
         }
     };
     let pid = child.id().map(|id| Pid::from_raw(id as i32));
-    let (mut sigint, mut sigterm) = match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(i), Ok(t)) => (i, t),
-        _ => {
-            eprintln!("dflock: cannot install signal handlers");
-            let _ = child.kill().await;
-            return exit::UNAVAILABLE;
-        }
-    };
     let forward = |sig: Signal| {
         if let Some(pid) = pid {
             let _ = kill(pid, sig);
