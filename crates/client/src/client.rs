@@ -1120,23 +1120,67 @@ async fn settle_orphaned(reply: Reply, mut conn: Connection, orphan: (Key, Names
 /// connection whose ticket is held longer than that, and the place with it.
 struct QueuedConn {
     handback: oneshot::Sender<oneshot::Sender<Connection>>,
+    orphan: (Key, Namespace),
 }
 
 impl QueuedConn {
     fn spawn(conn: Connection, keepalive: Duration, orphan: (Key, Namespace)) -> QueuedConn {
         let (handback, requests) = oneshot::channel();
-        tokio::spawn(keep_queued(conn, keepalive, orphan, requests));
-        QueuedConn { handback }
+        tokio::spawn(keep_queued(conn, keepalive, orphan.clone(), requests));
+        QueuedConn { handback, orphan }
     }
 
     /// The connection back, for the `w`. Fails if a ping found it broken
     /// (the place is gone with it).
+    ///
+    /// Cancel-safe: if the caller goes away after the connection was handed
+    /// over but before reading it, the place is given up (and a grant it
+    /// received meanwhile released) instead of the connection being dropped
+    /// with the grant still held for it — which a server without
+    /// auto-release-on-disconnect would keep until the lease ran out.
     async fn take(self) -> Result<Connection> {
         let (tx, rx) = oneshot::channel();
+        let mut handback = Handback {
+            rx: Some(rx),
+            orphan: self.orphan,
+        };
         self.handback
             .send(tx)
             .map_err(|_| Error::ConnectionClosed)?;
-        rx.await.map_err(|_| Error::ConnectionClosed)
+        handback.recv().await
+    }
+}
+
+/// The receiving end of a [`QueuedConn::take`]; see there.
+struct Handback {
+    rx: Option<oneshot::Receiver<Connection>>,
+    orphan: (Key, Namespace),
+}
+
+impl Handback {
+    async fn recv(&mut self) -> Result<Connection> {
+        let Some(rx) = self.rx.as_mut() else {
+            return Err(Error::ConnectionClosed);
+        };
+        let result = rx.await;
+        self.rx = None;
+        result.map_err(|_| Error::ConnectionClosed)
+    }
+}
+
+impl Drop for Handback {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
+        // From here on the keeper cannot hand the connection over: it gives
+        // the place up itself. One already handed over is given up here.
+        rx.close();
+        if let Ok(conn) = rx.try_recv()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(abandon_queued(conn, self.orphan.clone()));
+        }
     }
 }
 
