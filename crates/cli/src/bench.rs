@@ -103,6 +103,19 @@ fn summarize(
     } else {
         lat.iter().map(|&l| f64::from(l)).sum::<f64>() / lat.len() as f64
     };
+    if std::env::var_os("DFLOCK_BENCH_DEBUG").is_some() {
+        eprintln!(
+            "{workload} {workers}: p50 {} p75 {} p90 {} p95 {} p98 {} p99 {} p99.5 {} p99.9 {}",
+            pct(0.5),
+            pct(0.75),
+            pct(0.9),
+            pct(0.95),
+            pct(0.98),
+            pct(0.99),
+            pct(0.995),
+            pct(0.999)
+        );
+    }
     Summary {
         workload,
         workers,

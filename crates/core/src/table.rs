@@ -1,4 +1,5 @@
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::collections::HashMap as StdHashMap;
 use std::time::Duration;
 
 use dflockd_proto::{
@@ -7,6 +8,14 @@ use dflockd_proto::{
 use thiserror::Error;
 
 use crate::{Mint, MintError};
+
+/// The table's hash maps. Their keys are values the server assigns
+/// (connection ids, minted tokens, waiter ids) or [`ResourceId`]s, which
+/// hash as their precomputed keyed hash; so the fast foldhash (seeded per
+/// process) is enough, and each lookup costs a few instructions where
+/// SipHash over the key took about 250. A client can name a token in
+/// `r`/`n`, but such a lookup only ever finds the server's own entries.
+type HashMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
 
 /// A connection identity, unique per server (0 is reserved for "nobody").
 ///
@@ -45,19 +54,33 @@ pub struct WaiterId(u64);
 
 /// One resource: a key in a namespace.
 ///
+/// It carries its key's hash, computed once when it is named (with a keyed
+/// SipHash whose key is random per process, so clients cannot choose
+/// colliding keys); the table's maps then hash only that number, however
+/// many of them one request looks up, and the hashing happens outside the
+/// server's table lock.
+///
 /// ```
 /// use dflockd_core::ResourceId;
 /// use dflockd_proto::{Key, Namespace};
 /// let a = ResourceId::new(Namespace::Lock, Key::new("x").unwrap());
 /// let b = ResourceId::new(Namespace::Semaphore, Key::new("x").unwrap());
 /// assert_ne!(a, b);
+/// assert_eq!(a, ResourceId::new(Namespace::Lock, Key::new("x").unwrap()));
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ResourceId {
-    /// Lock or semaphore namespace.
-    pub namespace: Namespace,
-    /// The user key.
-    pub key: Key,
+    // Field order is the order: namespace, then key (the hash is a
+    // function of both, so it never decides).
+    namespace: Namespace,
+    key: Key,
+    hash: u64,
+}
+
+impl std::hash::Hash for ResourceId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
 }
 
 impl ResourceId {
@@ -66,10 +89,41 @@ impl ResourceId {
     /// ```
     /// use dflockd_proto::{Key, Namespace};
     /// let r = dflockd_core::ResourceId::new(Namespace::Lock, Key::new("k").unwrap());
-    /// assert_eq!(r.key.as_bytes(), b"k");
+    /// assert_eq!(r.key().as_bytes(), b"k");
     /// ```
     pub fn new(namespace: Namespace, key: Key) -> ResourceId {
-        ResourceId { namespace, key }
+        use std::hash::BuildHasher;
+        static KEYED: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+        let hash = KEYED
+            .get_or_init(std::hash::RandomState::new)
+            .hash_one((namespace, key.as_bytes()));
+        ResourceId {
+            namespace,
+            key,
+            hash,
+        }
+    }
+
+    /// The namespace (lock or semaphore).
+    ///
+    /// ```
+    /// use dflockd_proto::{Key, Namespace};
+    /// let r = dflockd_core::ResourceId::new(Namespace::Semaphore, Key::new("pool").unwrap());
+    /// assert_eq!(r.namespace(), Namespace::Semaphore);
+    /// ```
+    pub fn namespace(&self) -> Namespace {
+        self.namespace
+    }
+
+    /// The key.
+    ///
+    /// ```
+    /// use dflockd_proto::{Key, Namespace};
+    /// let r = dflockd_core::ResourceId::new(Namespace::Lock, Key::new("jobs/7").unwrap());
+    /// assert_eq!(r.key().as_bytes(), b"jobs/7");
+    /// ```
+    pub fn key(&self) -> &Key {
+        &self.key
     }
 }
 
@@ -312,7 +366,7 @@ impl Holders {
         if limit.get() == 1 {
             Holders::Inline(None)
         } else {
-            Holders::Map(HashMap::new())
+            Holders::Map(Default::default())
         }
     }
 
@@ -350,7 +404,7 @@ impl Holders {
                 // Not reachable for a limit-1 resource (grants check room
                 // first); stay correct anyway.
                 let Holders::Inline(Some((t, h))) =
-                    std::mem::replace(self, Holders::Map(HashMap::new()))
+                    std::mem::replace(self, Holders::Map(Default::default()))
                 else {
                     unreachable!()
                 };
@@ -429,10 +483,10 @@ struct Conn<W> {
 impl<W> Default for Conn<W> {
     fn default() -> Self {
         Conn {
-            held: HashMap::new(),
-            waiters: HashMap::new(),
-            phase1: HashMap::new(),
-            uncollected: HashMap::new(),
+            held: Default::default(),
+            waiters: Default::default(),
+            phase1: Default::default(),
+            uncollected: Default::default(),
         }
     }
 }
@@ -478,8 +532,8 @@ impl<W, M: Mint> LockTable<W, M> {
         LockTable {
             config,
             mint,
-            resources: HashMap::new(),
-            conns: HashMap::new(),
+            resources: Default::default(),
+            conns: Default::default(),
             deadlines: BTreeMap::new(),
             delays: BTreeMap::new(),
             next_waiter: 0,
@@ -646,8 +700,12 @@ impl<W, M: Mint> LockTable<W, M> {
         self.prepare(rid, limit, now)?;
         let resource = self.resources.get_mut(rid).expect("prepared above");
         if resource.has_room(now) && resource.queue.is_empty() {
-            let grant = self.grant_now(conn, rid, lease, now)?;
-            return Ok(AcquireOutcome::Granted(grant));
+            // The grant, with the resource already in hand (the hot path).
+            let token = self.mint.mint()?;
+            let deadline = deadline(now, lease);
+            resource.holders.insert(token, Holder { conn, deadline });
+            self.index_holder(conn, rid, token, deadline);
+            return Ok(AcquireOutcome::Granted(Grant { token, lease }));
         }
         if self.config.max_waiters > 0 && resource.queue.len() >= self.config.max_waiters {
             return Err(LockError::MaxWaiters);
@@ -1320,29 +1378,25 @@ impl<W, M: Mint> LockTable<W, M> {
     /// expired holders and promotes waiters (so nobody queues behind a dead
     /// lease).
     fn prepare(&mut self, rid: &ResourceId, limit: Limit, now: Duration) -> Result<(), LockError> {
-        match self.resources.get_mut(rid) {
-            Some(resource) => {
-                if resource.limit != limit {
-                    return Err(LockError::LimitMismatch);
-                }
-                resource.last_activity = now;
+        let count = self.resources.len();
+        let Some(resource) = self.resources.get_mut(rid) else {
+            if count >= self.config.max_locks {
+                return Err(LockError::MaxLocks);
             }
-            None => {
-                if self.resources.len() >= self.config.max_locks {
-                    return Err(LockError::MaxLocks);
-                }
-                let resource = Resource {
-                    limit,
-                    holders: Holders::new(limit),
-                    queue: BTreeMap::new(),
-                    last_activity: now,
-                    blocked_until: None,
-                };
-                self.resources.insert(rid.clone(), resource);
-                return Ok(());
-            }
+            let resource = Resource {
+                limit,
+                holders: Holders::new(limit),
+                queue: BTreeMap::new(),
+                last_activity: now,
+                blocked_until: None,
+            };
+            self.resources.insert(rid.clone(), resource);
+            return Ok(());
+        };
+        if resource.limit != limit {
+            return Err(LockError::LimitMismatch);
         }
-        let resource = &self.resources[rid];
+        resource.last_activity = now;
         let expired = resource.holders.expired(now);
         if !expired.is_empty() {
             for token in expired {
@@ -1378,6 +1432,11 @@ impl<W, M: Mint> LockTable<W, M> {
             resource.holders.insert(token, Holder { conn, deadline });
             resource.last_activity = now;
         }
+        self.index_holder(conn, rid, token, deadline);
+    }
+
+    /// Records a new holder in its connection's holds and the deadlines.
+    fn index_holder(&mut self, conn: ConnId, rid: &ResourceId, token: Token, deadline: Duration) {
         self.conns
             .entry(conn)
             .or_default()

@@ -98,7 +98,7 @@ impl FrameDecoder {
         while used < input.len() {
             let rest = &input[used..];
             let cap = self.cap();
-            match rest.iter().position(|&b| b == b'\n') {
+            match memchr::memchr(b'\n', rest) {
                 None => {
                     used += rest.len();
                     if !self.discarding {

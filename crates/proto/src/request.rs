@@ -246,8 +246,8 @@ impl Request {
         let command = Command::parse(frame.command).ok_or(ProtoError::UnknownCommand)?;
         let key = || Key::from_bytes(frame.key);
         // Lines are raw bytes (spec §1.6): split and trim them without
-        // replacing non-UTF-8 bytes, as Go's `strings` functions do.
-        let arg = fields(frame.argument);
+        // replacing non-UTF-8 bytes, as Go's `strings` functions do. Split
+        // only for the commands whose argument has several fields.
         Ok(match command {
             Command::Auth => Request::Auth {
                 token: trim_space(frame.argument).to_vec(),
@@ -256,6 +256,7 @@ impl Request {
             Command::Stats => Request::Stats,
             Command::Acquire(namespace) => {
                 let key = key()?;
+                let arg = fields(frame.argument);
                 let (timeout, limit_field, lease) = match (namespace, arg.as_slice()) {
                     (Namespace::Lock, [t]) => (t, None, None),
                     (Namespace::Lock, [t, l]) => (t, None, Some(l)),
@@ -291,6 +292,7 @@ impl Request {
             }
             Command::Renew(namespace) => {
                 let key = key()?;
+                let arg = fields(frame.argument);
                 let (token, lease) = match arg.as_slice() {
                     [] => return Err(ProtoError::EmptyToken),
                     [t] => (t, None),
@@ -306,6 +308,7 @@ impl Request {
             }
             Command::Enqueue(namespace) => {
                 let key = key()?;
+                let arg = fields(frame.argument);
                 let (kind, lease) = match (namespace, arg.as_slice()) {
                     (Namespace::Lock, []) => (Kind::Lock, None),
                     (Namespace::Lock, [l]) => (Kind::Lock, Some(l)),

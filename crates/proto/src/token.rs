@@ -77,15 +77,20 @@ impl Token {
         if bytes.len() != 32 {
             return None;
         }
-        // One pass, lowercase hex only (the server's release/renew hot path).
+        // One pass, lowercase hex only (the server's release/renew hot
+        // path): a table lookup per digit; any invalid digit sets a high
+        // bit in `bad`, checked once at the end.
+        let mut bad = 0u8;
         let mut words = [0u64; 2];
-        for (i, &b) in bytes.iter().enumerate() {
-            let digit = match b {
-                b'0'..=b'9' => b - b'0',
-                b'a'..=b'f' => b - b'a' + 10,
-                _ => return None,
-            };
-            words[i / 16] = (words[i / 16] << 4) | u64::from(digit);
+        for (word, half) in words.iter_mut().zip(bytes.chunks_exact(16)) {
+            for &b in half {
+                let digit = HEX_VALUE[usize::from(b)];
+                bad |= digit;
+                *word = (*word << 4) | u64::from(digit & 0x0f);
+            }
+        }
+        if bad & 0xf0 != 0 {
+            return None;
         }
         Some(Token {
             fence: words[0],
@@ -101,16 +106,43 @@ impl Token {
     /// assert_eq!(out, b"00000000000000010000000000000002");
     /// ```
     pub fn write_hex(self, out: &mut Vec<u8>) {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut hex = [0u8; 32];
-        for (half, word) in [self.fence, self.salt].into_iter().enumerate() {
-            for i in 0..16 {
-                hex[half * 16 + i] = HEX[((word >> ((15 - i) * 4)) & 0xf) as usize];
+        for (digits, word) in hex.chunks_exact_mut(16).zip([self.fence, self.salt]) {
+            for (pair, byte) in digits.chunks_exact_mut(2).zip(word.to_be_bytes()) {
+                pair.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
             }
         }
         out.extend_from_slice(&hex);
     }
 }
+
+/// The value of each lowercase hex digit; 0xff for every other byte.
+const HEX_VALUE: [u8; 256] = {
+    let mut table = [0xffu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        table[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        table[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    table
+};
+
+/// The two lowercase hex digits of each byte value.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut table = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        table[i] = [HEX[i >> 4], HEX[i & 0x0f]];
+        i += 1;
+    }
+    table
+};
 
 impl fmt::Display for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

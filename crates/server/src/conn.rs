@@ -223,6 +223,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             let bounded =
                 self.shared.config.idle == IdlePolicy::ReadTimeout || self.decoder.in_frame();
             let read = tokio::select! {
+                // The read first: no random branch order per request, and
+                // the timer is not polled when bytes are already there.
+                biased;
                 read = self.stream.read_buf(&mut self.buf) => read,
                 _ = &mut self.timer, if bounded => {
                     if Instant::now() >= deadline {
