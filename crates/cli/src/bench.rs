@@ -58,10 +58,17 @@ pub struct BenchArgs {
     /// median of the rounds' ratios.
     #[arg(long, default_value_t = 3)]
     rounds: u32,
+    /// Threads of the load generator's runtime, the same for the baseline
+    /// and the server [default: one per core].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    client_threads: Option<u16>,
     /// One JSON object per result instead of a table.
     #[arg(long)]
     json: bool,
 }
+
+/// `--client-threads`, set once when the bench starts.
+static CLIENT_THREADS: std::sync::OnceLock<Option<u16>> = std::sync::OnceLock::new();
 
 #[derive(Debug, Default)]
 struct Sample {
@@ -139,6 +146,7 @@ pub async fn bench(connection: &ConnectionArgs, args: BenchArgs) -> u8 {
     let run_id = std::process::id();
     let duration = Duration::from_secs(args.seconds.max(1));
     let rounds = args.rounds.max(1);
+    let _ = CLIENT_THREADS.set(args.client_threads);
     if !args.json {
         println!(
             "{:<12} {:>7} {:>12} {:>10} {:>9} {:>9} {:>9} {:>10} {:>10}",
@@ -400,6 +408,10 @@ enum Handoff {
 
 /// Runs `workers` workers, one persistent connection each, until
 /// `duration` has passed; worker `w` locks `key(w)`.
+///
+/// The workers run on a runtime of their own (`--client-threads`), on its
+/// own OS threads, so the load generator's shape is the same whatever the
+/// rest of `dflock` runs on.
 async fn drive(
     addr: &str,
     workers: usize,
@@ -407,12 +419,44 @@ async fn drive(
     key: impl Fn(usize) -> String,
     handoff: Handoff,
 ) -> std::io::Result<(Duration, Vec<Sample>)> {
+    let threads = CLIENT_THREADS.get().copied().flatten().map(usize::from);
+    let keys: Vec<String> = (0..workers).map(key).collect();
+    let addr = addr.to_owned();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("bench-load".into())
+        .spawn(move || {
+            let runtime = match threads {
+                Some(1) => tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build(),
+                Some(threads) => tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(threads)
+                    .enable_all()
+                    .build(),
+                None => tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build(),
+            };
+            let result =
+                runtime.and_then(|rt| rt.block_on(drive_workers(addr, keys, duration, handoff)));
+            let _ = tx.send(result);
+        })?;
+    rx.await
+        .map_err(|_| std::io::Error::other("the load generator's thread panicked"))?
+}
+
+async fn drive_workers(
+    addr: String,
+    keys: Vec<String>,
+    duration: Duration,
+    handoff: Handoff,
+) -> std::io::Result<(Duration, Vec<Sample>)> {
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = Vec::new();
-    for w in 0..workers {
-        let addr = addr.to_owned();
-        let key = key(w);
+    for key in keys {
+        let addr = addr.clone();
         tasks.push(tokio::spawn(async move {
             let (mut read, mut write) = connect(&addr).await?;
             let acquire = format!("l\n{key}\n10\n").into_bytes();

@@ -22,6 +22,24 @@ pub enum Progress {
     Oversize,
 }
 
+/// What [`FrameDecoder::decode`] found.
+///
+/// ```
+/// use dflockd_proto::{Decoded, FrameDecoder};
+/// let mut d = FrameDecoder::new();
+/// assert_eq!(d.decode(b"ping\n_\n"), (7, Decoded::NeedMore));
+/// assert!(matches!(d.decode(b"_\n"), (2, Decoded::Frame(f)) if f.command == b"ping"));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoded<'a> {
+    /// Every byte was consumed and no frame is complete yet.
+    NeedMore,
+    /// A whole frame.
+    Frame(RawFrame<'a>),
+    /// A line exceeded its cap (see [`Progress::Oversize`]).
+    Oversize,
+}
+
 /// The three lines of one request frame, trailing CRs removed.
 ///
 /// ```
@@ -135,6 +153,83 @@ impl FrameDecoder {
             }
         }
         (used, Progress::NeedMore)
+    }
+
+    /// [`feed`](Self::feed) and [`frame`](Self::frame) in one step, without
+    /// copying when it can: if no part of a frame is buffered and `input`
+    /// holds a whole frame, the frame is returned borrowed from `input`
+    /// (the common case for a server reading request after request);
+    /// otherwise the bytes go through `feed`. Either way the result, the
+    /// bytes consumed and the line count are the same as `feed`'s.
+    ///
+    /// ```
+    /// use dflockd_proto::{Decoded, FrameDecoder, RawFrame};
+    /// let mut d = FrameDecoder::new();
+    /// let input = b"r\r\njobs\r\n0123\r\nping\n";
+    /// let (used, decoded) = d.decode(input);
+    /// assert_eq!(used, 15);
+    /// assert_eq!(decoded, Decoded::Frame(RawFrame { command: b"r", key: b"jobs", argument: b"0123" }));
+    /// assert_eq!(d.decode(&input[used..]), (5, Decoded::NeedMore));
+    /// assert_eq!(d.lines_completed(), 4);
+    /// ```
+    pub fn decode<'a>(&'a mut self, input: &'a [u8]) -> (usize, Decoded<'a>) {
+        if let Some((used, frame)) = self.whole_frame(input) {
+            return (used, Decoded::Frame(frame));
+        }
+        let (used, progress) = self.feed(input);
+        let decoded = match progress {
+            Progress::Frame => Decoded::Frame(self.frame()),
+            Progress::NeedMore => Decoded::NeedMore,
+            Progress::Oversize => Decoded::Oversize,
+        };
+        (used, decoded)
+    }
+
+    /// A whole frame at the start of `input`, borrowed, if the decoder is
+    /// between frames and every line is within its cap (anything else is
+    /// left to `feed`, which also reports oversize lines).
+    fn whole_frame<'a>(&mut self, input: &'a [u8]) -> Option<(usize, RawFrame<'a>)> {
+        if self.in_frame() {
+            return None;
+        }
+        let mut lines: [&[u8]; 3] = [&[]; 3];
+        let mut used = 0;
+        for i in 0..3 {
+            let rest = &input[used..];
+            let lf = memchr::memchr(b'\n', rest)?;
+            let cap = if i == 2 && lines[0] == b"auth" {
+                MAX_AUTH_LINE
+            } else {
+                MAX_LINE
+            };
+            if lf > cap {
+                return None;
+            }
+            let mut line = &rest[..lf];
+            while let [head @ .., b'\r'] = line {
+                line = head;
+            }
+            lines[i] = line;
+            used += lf + 1;
+        }
+        // Now between frames again, as after `feed` and `frame`.
+        if self.frame_ready {
+            self.frame_ready = false;
+            for line in &mut self.lines {
+                line.clear();
+            }
+            self.current = 0;
+        }
+        self.lines_completed += 3;
+        let [command, key, argument] = lines;
+        Some((
+            used,
+            RawFrame {
+                command,
+                key,
+                argument,
+            },
+        ))
     }
 
     /// The frame completed by the last [`feed`](Self::feed) that returned

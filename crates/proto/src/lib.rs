@@ -36,7 +36,7 @@ mod stats;
 mod token;
 mod values;
 
-pub use decoder::{FrameDecoder, Progress, RawFrame};
+pub use decoder::{Decoded, FrameDecoder, Progress, RawFrame};
 pub use error::ProtoError;
 pub use key::Key;
 pub use mux::{

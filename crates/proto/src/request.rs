@@ -243,8 +243,34 @@ impl Request {
     /// }
     /// ```
     pub fn parse(frame: &RawFrame<'_>) -> Result<Request, ProtoError> {
+        Request::parse_reusing(frame, None)
+    }
+
+    /// [`parse`](Self::parse), sharing `recent`'s bytes when the frame names
+    /// the same key (a server keeps the last key of each connection: a
+    /// client's release or renew almost always names the key it just
+    /// locked, and then no new key is allocated).
+    ///
+    /// ```
+    /// use dflockd_proto::{FrameDecoder, Key, Request};
+    /// let recent = Key::new("jobs/7").unwrap();
+    /// let mut d = FrameDecoder::new();
+    /// d.feed(b"r\njobs/7\n0123\n");
+    /// let Request::Release { key, .. } = Request::parse_reusing(&d.frame(), Some(&recent)).unwrap() else {
+    ///     panic!()
+    /// };
+    /// assert_eq!(key, recent);
+    /// ```
+    pub fn parse_reusing(
+        frame: &RawFrame<'_>,
+        recent: Option<&Key>,
+    ) -> Result<Request, ProtoError> {
         let command = Command::parse(frame.command).ok_or(ProtoError::UnknownCommand)?;
-        let key = || Key::from_bytes(frame.key);
+        let key = || match recent {
+            // Equal bytes are a valid key already.
+            Some(recent) if recent.as_bytes() == frame.key => Ok(recent.clone()),
+            _ => Key::from_bytes(frame.key),
+        };
         // Lines are raw bytes (spec §1.6): split and trim them without
         // replacing non-UTF-8 bytes, as Go's `strings` functions do. Split
         // only for the commands whose argument has several fields.

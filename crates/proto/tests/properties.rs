@@ -3,9 +3,9 @@
 //! reference model of the line rules (spec §1.3), tokens and sharding.
 
 use dflockd_proto::{
-    FrameDecoder, Key, Kind, Lease, Limit, MAX_AUTH_LINE, MAX_LIMIT, MAX_LINE, MAX_SECONDS,
-    Namespace, Progress, ProtoError, Reply, Request, Seconds, Status, Token, TokenError,
-    fence_from_token, shard,
+    Decoded, FrameDecoder, Key, Kind, Lease, Limit, MAX_AUTH_LINE, MAX_LIMIT, MAX_LINE,
+    MAX_SECONDS, Namespace, Progress, ProtoError, RawFrame, Reply, Request, Seconds, Status, Token,
+    TokenError, fence_from_token, shard,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -61,7 +61,18 @@ fn arg_cap(command: &[u8]) -> usize {
 /// * `NeedMore` means everything offered was consumed;
 /// * `Frame`/`Oversize` end exactly after an LF;
 /// * the decoder never exposes (so never stores) a line above its cap.
+///
+/// It runs twice, through `feed` + `frame` and through `decode` (which
+/// borrows whole frames from the input instead of copying them), and the
+/// two runs must agree exactly.
 fn run(input: &[u8], cuts: &[usize]) -> Run {
+    let fed = run_with(input, cuts, false);
+    let decoded = run_with(input, cuts, true);
+    assert_eq!(fed, decoded, "decode disagrees with feed");
+    fed
+}
+
+fn run_with(input: &[u8], cuts: &[usize], use_decode: bool) -> Run {
     let mut bounds: Vec<usize> = cuts.iter().map(|&c| c.min(input.len())).collect();
     bounds.push(0);
     bounds.push(input.len());
@@ -76,7 +87,21 @@ fn run(input: &[u8], cuts: &[usize]) -> Run {
         let mut pos = 0;
         while pos < chunk.len() {
             let rest = &chunk[pos..];
-            let (used, progress) = d.feed(rest);
+            let (used, progress, f) = if use_decode {
+                let (used, decoded) = d.decode(rest);
+                let (progress, f) = match decoded {
+                    Decoded::NeedMore => (Progress::NeedMore, None),
+                    Decoded::Oversize => (Progress::Oversize, None),
+                    Decoded::Frame(f) => (
+                        Progress::Frame,
+                        Some([f.command.to_vec(), f.key.to_vec(), f.argument.to_vec()]),
+                    ),
+                };
+                (used, progress, f)
+            } else {
+                let (used, progress) = d.feed(rest);
+                (used, progress, None)
+            };
             assert!(
                 used >= 1 && used <= rest.len(),
                 "feed consumed {used} of {}",
@@ -92,7 +117,15 @@ fn run(input: &[u8], cuts: &[usize]) -> Run {
             }
             pos += used;
             consumed += used;
-            let f = d.frame();
+            let stored = d.frame();
+            let f = match &f {
+                Some([command, key, argument]) => RawFrame {
+                    command,
+                    key,
+                    argument,
+                },
+                None => stored,
+            };
             assert!(
                 f.command.len() <= MAX_LINE,
                 "command line of {} bytes stored",

@@ -10,7 +10,7 @@ use dflockd_core::{
     AcquireOutcome, ConnId, EnqueueOutcome, Grant, LockError, ResourceId, WaitOutcome,
 };
 use dflockd_proto::{
-    FrameDecoder, MUX_ACCEPTED, Progress, Reply, Request, Seconds, Status, is_mux_hello,
+    Decoded, FrameDecoder, MUX_ACCEPTED, RawFrame, Reply, Request, Seconds, Status, is_mux_hello,
 };
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -100,6 +100,9 @@ pub(crate) struct Connection<S> {
     pos: usize,
     decoder: FrameDecoder,
     out: Vec<u8>,
+    /// The resource the last request named: the next request on the same
+    /// key (a release after an acquire, a renew) shares its bytes and hash.
+    recent: std::cell::Cell<Option<ResourceId>>,
     /// The read-deadline timer. It is re-armed only when it fires early (the
     /// deadline moved on since), not on every request.
     timer: Pin<Box<Sleep>>,
@@ -115,6 +118,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             pos: 0,
             decoder: FrameDecoder::new(),
             out: Vec::with_capacity(256),
+            recent: std::cell::Cell::new(None),
             timer: Box::pin(tokio::time::sleep(shared.config.read_timeout)),
         }
     }
@@ -137,29 +141,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             self.handshake().await?;
         }
         loop {
-            match self.next_frame().await {
-                Ok(()) => {}
+            let recent = self.recent.take();
+            let hint = recent.as_ref().map(ResourceId::key);
+            let parsed = self
+                .next_frame(|frame| {
+                    // `hello` is no v2 command: looked for only among the
+                    // frames v2 refuses, off the hot path.
+                    Request::parse_reusing(frame, hint)
+                        .map_err(|error| (error, is_mux_hello(frame)))
+                })
+                .await;
+            self.recent.set(recent);
+            let parsed = match parsed {
+                Ok(parsed) => parsed,
                 Err(ReadFailure::Eof) => return Err(Close::Gone),
                 Err(ReadFailure::Timeout | ReadFailure::Oversize) => {
                     self.out.extend_from_slice(b"error\n");
                     let _ = self.flush().await;
                     return Err(Close::Protocol);
                 }
-            }
+            };
             if self.shared.is_draining() {
                 Reply::Failure(Status::ErrorDraining).encode(&mut self.out);
                 let _ = self.flush().await;
                 return Err(Close::Protocol);
             }
-            if self.shared.config.mux && is_mux_hello(&self.decoder.frame()) {
-                self.out.extend_from_slice(MUX_ACCEPTED.as_bytes());
-                self.out.push(b'\n');
-                return self.run_mux().await;
-            }
-            let parsed = Request::parse(&self.decoder.frame());
             match parsed {
                 Ok(request) => self.execute(request).await?,
-                Err(error) => {
+                Err((_, true)) if self.shared.config.mux => {
+                    self.out.extend_from_slice(MUX_ACCEPTED.as_bytes());
+                    self.out.push(b'\n');
+                    return self.run_mux().await;
+                }
+                Err((error, _)) => {
                     tracing::debug!(code = error.code(), %error, "rejected request");
                     Reply::Failure(Status::Error).encode(&mut self.out);
                 }
@@ -170,11 +184,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// The first frame must be `auth` with the configured secret; anything
     /// else is answered `error_auth`, followed by a pause and a close.
     async fn handshake(&mut self) -> Result<(), Close> {
-        let authorised = match self.next_frame().await {
-            Ok(()) => match Request::parse(&self.decoder.frame()) {
+        let shared = Arc::clone(&self.shared);
+        let authorised = self
+            .next_frame(|frame| match Request::parse(frame) {
                 Ok(Request::Auth { token }) => {
-                    let expected = self
-                        .shared
+                    let expected = shared
                         .config
                         .auth_token
                         .as_ref()
@@ -182,9 +196,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     !token.is_empty() && bool::from(token.as_slice().ct_eq(expected))
                 }
                 _ => false,
-            },
-            Err(_) => false,
-        };
+            })
+            .await
+            .unwrap_or(false);
         if authorised {
             Reply::Ok.encode(&mut self.out);
             return Ok(());
@@ -199,17 +213,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Reads until the decoder completes a frame. Replies queued so far are
     /// written only when no complete frame is buffered, so pipelined
     /// requests get their replies in as few writes as possible.
-    async fn next_frame(&mut self) -> Result<(), ReadFailure> {
+    ///
+    /// The frame is handed to `on_frame` (it may borrow the read buffer, so
+    /// it is looked at there and then) and its result returned.
+    async fn next_frame<T>(
+        &mut self,
+        mut on_frame: impl FnMut(&RawFrame<'_>) -> T,
+    ) -> Result<T, ReadFailure> {
         let read_timeout = self.shared.config.read_timeout;
         let mut armed_at = self.decoder.lines_completed();
         let mut deadline = Instant::now() + read_timeout;
         loop {
-            let (used, progress) = self.decoder.feed(&self.buf[self.pos..]);
+            let (used, decoded) = self.decoder.decode(&self.buf[self.pos..]);
             self.pos += used;
-            match progress {
-                Progress::Frame => return Ok(()),
-                Progress::Oversize => return Err(ReadFailure::Oversize),
-                Progress::NeedMore => {}
+            match decoded {
+                Decoded::Frame(frame) => return Ok(on_frame(&frame)),
+                Decoded::Oversize => return Err(ReadFailure::Oversize),
+                Decoded::NeedMore => {}
             }
             self.buf.clear();
             self.pos = 0;
@@ -301,6 +321,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Ok(())
     }
 
+    /// The resource `key` names in `namespace`: the recent one again if it
+    /// is the same (no new hash), else a new one that becomes the recent.
+    fn resource(&self, namespace: dflockd_proto::Namespace, key: dflockd_proto::Key) -> ResourceId {
+        let rid = match self.recent.take() {
+            Some(recent) if recent.namespace() == namespace && *recent.key() == key => recent,
+            _ => ResourceId::new(namespace, key),
+        };
+        self.recent.set(Some(rid.clone()));
+        rid
+    }
+
     /// Applies a request to the table. A request that must wait registers
     /// the notification `notify` makes (called only then) and comes back as
     /// [`Step::Waiting`]; everything else is answered at once. `ticket`
@@ -335,7 +366,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 timeout,
                 lease,
             } => {
-                let rid = ResourceId::new(kind.namespace(), key);
+                let rid = self.resource(kind.namespace(), key);
                 let limit = kind.limit();
                 let wait = (timeout != Seconds::ZERO).then(notify);
                 let outcome = self.shared.with_table(|t, now| {
@@ -360,7 +391,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 namespace,
                 token,
             } => {
-                let rid = ResourceId::new(namespace, key);
+                let rid = self.resource(namespace, key);
                 match self
                     .shared
                     .with_table(|t, now| t.release(&rid, &token, now))
@@ -375,7 +406,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 token,
                 lease,
             } => {
-                let rid = ResourceId::new(namespace, key);
+                let rid = self.resource(namespace, key);
                 match self
                     .shared
                     .with_table(|t, now| t.renew(&rid, &token, lease, now))
@@ -385,7 +416,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
             }
             Request::Enqueue { key, kind, lease } => {
-                let rid = ResourceId::new(kind.namespace(), key);
+                let rid = self.resource(kind.namespace(), key);
                 let limit = kind.limit();
                 match self.shared.with_table(|t, now| {
                     if full(t) {
@@ -405,7 +436,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 namespace,
                 timeout,
             } => {
-                let rid = ResourceId::new(namespace, key);
+                let rid = self.resource(namespace, key);
                 let wait = (timeout != Seconds::ZERO).then(notify);
                 let (outcome, place) = self.shared.with_table(|t, now| {
                     if wait.is_some() && full(t) {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dflockd_core::{Grant, ResourceId};
-use dflockd_proto::{MuxBody, MuxError, MuxRequest, Progress, Reply, Status, encode_mux_reply};
+use dflockd_proto::{Decoded, MuxBody, MuxError, MuxRequest, Reply, Status, encode_mux_reply};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -88,21 +88,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             // Serve every complete frame already buffered, then write the
             // replies in one go.
             loop {
-                let (used, progress) = self.decoder.feed(&self.buf[self.pos..]);
+                let (used, decoded) = self.decoder.decode(&self.buf[self.pos..]);
                 self.pos += used;
-                match progress {
-                    Progress::Frame => {
-                        if let Err(close) = self.mux_frame(mux) {
+                match decoded {
+                    Decoded::Frame(frame) => {
+                        let parsed = MuxRequest::parse(&frame);
+                        if let Err(close) = self.mux_frame(mux, parsed) {
                             let _ = self.flush().await;
                             return Err(close);
                         }
                     }
-                    Progress::Oversize => {
+                    Decoded::Oversize => {
                         self.out.extend_from_slice(b"error\n");
                         let _ = self.flush().await;
                         return Err(Close::Protocol);
                     }
-                    Progress::NeedMore => break,
+                    Decoded::NeedMore => break,
                 }
             }
             self.buf.clear();
@@ -154,8 +155,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Serves one mux frame. Errors close the connection: a frame without
     /// an id (its reply could not be addressed), a duplicate id of a waiting
     /// request, or a request after the drain started.
-    fn mux_frame(&mut self, mux: &mut Mux) -> Result<(), Close> {
-        let parsed = MuxRequest::parse(&self.decoder.frame());
+    fn mux_frame(
+        &mut self,
+        mux: &mut Mux,
+        parsed: Result<MuxRequest, MuxError>,
+    ) -> Result<(), Close> {
         let request = match parsed {
             Ok(request) => request,
             Err(MuxError::NoId) => {
