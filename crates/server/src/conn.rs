@@ -1,7 +1,7 @@
 //! One connection: read a frame, validate it, apply it to the table, write
 //! the reply; in order, one request at a time (spec §1.9).
 
-use std::pin::Pin;
+use std::future::poll_fn;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -15,9 +15,9 @@ use dflockd_proto::{
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
-use tokio::time::{Instant, Sleep};
 
 use crate::config::IdlePolicy;
+use crate::idle::WatchGuard;
 use crate::shared::{Notify, Shared, Table};
 
 mod mux;
@@ -103,9 +103,8 @@ pub(crate) struct Connection<S> {
     /// The resource the last request named: the next request on the same
     /// key (a release after an acquire, a renew) shares its bytes and hash.
     recent: std::cell::Cell<Option<ResourceId>>,
-    /// The read-deadline timer. It is re-armed only when it fires early (the
-    /// deadline moved on since), not on every request.
-    timer: Pin<Box<Sleep>>,
+    /// The read deadline (see [`crate::idle`]).
+    watch: WatchGuard,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -119,7 +118,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             decoder: FrameDecoder::new(),
             out: Vec::with_capacity(256),
             recent: std::cell::Cell::new(None),
-            timer: Box::pin(tokio::time::sleep(shared.config.read_timeout)),
+            watch: shared.reaper.watch(id),
         }
     }
 
@@ -220,9 +219,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         &mut self,
         mut on_frame: impl FnMut(&RawFrame<'_>) -> T,
     ) -> Result<T, ReadFailure> {
-        let read_timeout = self.shared.config.read_timeout;
+        let reaper = Arc::clone(&self.shared.reaper);
         let mut armed_at = self.decoder.lines_completed();
-        let mut deadline = Instant::now() + read_timeout;
+        let mut since = reaper.now();
         loop {
             let (used, decoded) = self.decoder.decode(&self.buf[self.pos..]);
             self.pos += used;
@@ -238,21 +237,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
             if self.decoder.lines_completed() != armed_at {
                 armed_at = self.decoder.lines_completed();
-                deadline = Instant::now() + read_timeout;
+                since = reaper.now();
             }
             let bounded =
                 self.shared.config.idle == IdlePolicy::ReadTimeout || self.decoder.in_frame();
+            self.watch.set(bounded.then_some(since));
             let read = tokio::select! {
                 // The read first: no random branch order per request, and
-                // the timer is not polled when bytes are already there.
+                // the deadline is not polled when bytes are already there.
                 biased;
                 read = self.stream.read_buf(&mut self.buf) => read,
-                _ = &mut self.timer, if bounded => {
-                    if Instant::now() >= deadline {
+                _ = poll_fn(|cx| self.watch.poll_flagged(cx)), if bounded => {
+                    if self.watch.confirm(&reaper) {
                         return Err(ReadFailure::Timeout);
                     }
-                    // Fired for an older deadline: wait for the current one.
-                    self.timer.as_mut().reset(deadline);
                     continue;
                 }
             };
@@ -475,6 +473,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         pending: Pending,
     ) -> Result<Reply, Close> {
         self.flush().await?;
+        // No read deadline while the request waits.
+        self.watch.set(None);
         // Keep unprocessed pipelined bytes at the front of the buffer.
         self.buf.drain(..self.pos);
         self.pos = 0;

@@ -22,6 +22,7 @@ pub mod cli;
 mod config;
 mod conn;
 mod fence;
+mod idle;
 mod server;
 mod shared;
 mod tls;

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ServerConfig;
 use crate::fence::ServerMint;
+use crate::idle::Reaper;
 
 /// How a waiting request is woken: the table's grant goes to the request's
 /// own channel (plain connections, one waiting request at a time), or to
@@ -57,11 +58,14 @@ pub(crate) struct Shared {
     pub(crate) delay_started: tokio::sync::Notify,
     /// Cancelled when remaining connections must be closed at once.
     pub(crate) kill: CancellationToken,
+    /// Read deadlines of all connections.
+    pub(crate) reaper: Arc<Reaper>,
 }
 
 impl Shared {
     pub(crate) fn new(config: ServerConfig, table: Table) -> Shared {
         Shared {
+            reaper: Arc::new(Reaper::new(config.read_timeout)),
             config,
             table: Mutex::new(table),
             origin: Instant::now(),

@@ -81,9 +81,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     async fn mux_loop(&mut self, mux: &mut Mux) -> Result<(), Close> {
-        let read_timeout = self.shared.config.read_timeout;
+        let reaper = Arc::clone(&self.shared.reaper);
         let mut armed_at = self.decoder.lines_completed();
-        let mut deadline = Instant::now() + read_timeout;
+        let mut since = reaper.now();
         loop {
             // Serve every complete frame already buffered, then write the
             // replies in one go.
@@ -111,26 +111,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             self.flush().await?;
             if self.decoder.lines_completed() != armed_at {
                 armed_at = self.decoder.lines_completed();
-                deadline = Instant::now() + read_timeout;
+                since = reaper.now();
             }
             // As on a plain connection, no read deadline runs while a
             // request waits; a frame once started must complete in time.
             let bounded = (self.shared.config.idle == IdlePolicy::ReadTimeout
                 && mux.waiting.is_empty())
                 || self.decoder.in_frame();
+            self.watch.set(bounded.then_some(since));
             tokio::select! {
                 biased;
                 Some((id, rid, grant)) = mux.grants.recv() => {
                     self.mux_granted(mux, id, &rid, grant);
                     // Idle time restarts; a frame once started keeps its deadline.
                     if !self.decoder.in_frame() {
-                        deadline = Instant::now() + read_timeout;
+                        since = reaper.now();
                     }
                 }
                 Some(expired) = poll_fn(|cx| mux.expiries.poll_expired(cx)) => {
                     self.mux_expired(mux, expired.into_inner());
                     if !self.decoder.in_frame() {
-                        deadline = Instant::now() + read_timeout;
+                        since = reaper.now();
                     }
                 }
                 _ = self.shared.drain.cancelled(), if !mux.drained => {
@@ -140,13 +141,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     Ok(0) | Err(_) => return Err(Close::Gone),
                     Ok(_) => {}
                 },
-                _ = &mut self.timer, if bounded => {
-                    if Instant::now() >= deadline {
+                _ = poll_fn(|cx| self.watch.poll_flagged(cx)), if bounded => {
+                    if self.watch.confirm(&reaper) {
                         self.out.extend_from_slice(b"error\n");
                         let _ = self.flush().await;
                         return Err(Close::Protocol);
                     }
-                    self.timer.as_mut().reset(deadline);
                 }
             }
         }
