@@ -272,50 +272,62 @@ impl Mint for ServerMint {
     }
 }
 
-/// Salts from the OS CSPRNG, fetched 4 KiB at a time.
+/// Salts from a ChaCha12 CSPRNG (`rand`'s `StdRng`) seeded once from the
+/// OS. Minting happens under the table lock; the former pool refilled from
+/// `getrandom` every 512 tokens, and that syscall inside the critical
+/// section (10–100 µs, and a point where the kernel may preempt the lock
+/// holder) showed up in the server's tail latency. The generator makes no
+/// syscall after seeding.
 struct SaltPool {
-    buf: [u8; 4096],
-    pos: usize,
+    rng: rand::rngs::StdRng,
 }
 
 impl Default for SaltPool {
     fn default() -> Self {
-        SaltPool {
-            buf: [0; 4096],
-            pos: 4096,
-        }
+        use rand::SeedableRng;
+        let rng =
+            rand::rngs::StdRng::try_from_rng(&mut rand::rngs::SysRng).unwrap_or_else(|error| {
+                // Never expected on a supported OS; seed from the std library's
+                // randomly keyed hasher rather than use fixed salts.
+                tracing::error!(%error, "OS random source failed; using a fallback seed");
+                use std::hash::{BuildHasher, Hasher};
+                let mut seed = [0u8; 32];
+                for chunk in seed.chunks_mut(8) {
+                    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                    h.write_u64(unix_nanos());
+                    chunk.copy_from_slice(&h.finish().to_le_bytes());
+                }
+                rand::rngs::StdRng::from_seed(seed)
+            });
+        SaltPool { rng }
     }
 }
 
 impl SaltPool {
     fn next(&mut self) -> u64 {
-        if self.pos + 8 > self.buf.len() {
-            if let Err(error) = getrandom::fill(&mut self.buf) {
-                // Never expected on a supported OS; fall back to the std
-                // library's randomly keyed hasher rather than fixed salts.
-                tracing::error!(%error, "OS random source failed; using fallback salts");
-                use std::hash::{BuildHasher, Hasher};
-                for chunk in self.buf.chunks_mut(8) {
-                    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-                    h.write_u64(unix_nanos());
-                    chunk.copy_from_slice(&h.finish().to_le_bytes());
-                }
-            }
-            self.pos = 0;
-        }
-        let salt = u64::from_le_bytes(
-            self.buf[self.pos..self.pos + 8]
-                .try_into()
-                .expect("8 bytes"),
-        );
-        self.pos += 8;
-        salt
+        rand::Rng::next_u64(&mut self.rng)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn salts_are_unpredictable_per_server_and_per_token() {
+        let mut a = ServerMint::open(None).unwrap();
+        let mut b = ServerMint::open(None).unwrap();
+        let salts_a: Vec<u64> = (0..1000).map(|_| a.mint().unwrap().salt()).collect();
+        let salts_b: Vec<u64> = (0..1000).map(|_| b.mint().unwrap().salt()).collect();
+        let distinct: std::collections::HashSet<_> = salts_a.iter().chain(&salts_b).collect();
+        assert_eq!(distinct.len(), 2000, "a salt repeated");
+        // Roughly half the bits set: not a constant or a counter.
+        let ones: u32 = salts_a.iter().map(|s| s.count_ones()).sum();
+        assert!(
+            (30_000..34_000).contains(&ones),
+            "{ones} bits set of 64,000"
+        );
+    }
 
     #[test]
     fn crc64_is_go_iso() {
