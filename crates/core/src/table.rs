@@ -778,6 +778,29 @@ impl<W, M: Mint> LockTable<W, M> {
         now: Duration,
     ) -> Result<(), LockError> {
         let token = Token::parse_wire(token).ok_or(LockError::NotHeld)?;
+        self.release_token(rid, token, now)
+    }
+
+    /// [`release`](Self::release) with the token already parsed (a server
+    /// parses it before taking its table lock).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
+    /// table.release_token(&rid, grant.token, t0).unwrap();
+    /// assert_eq!(table.release_token(&rid, grant.token, t0), Err(LockError::NotHeld));
+    /// ```
+    pub fn release_token(
+        &mut self,
+        rid: &ResourceId,
+        token: Token,
+        now: Duration,
+    ) -> Result<(), LockError> {
         self.remove_holder(rid, token, now)
             .ok_or(LockError::NotHeld)?;
         self.promote(rid, now);
@@ -834,6 +857,29 @@ impl<W, M: Mint> LockTable<W, M> {
         now: Duration,
     ) -> Result<Lease, LockError> {
         let token = Token::parse_wire(token).ok_or(LockError::NotHeld)?;
+        self.renew_token(rid, token, lease, now)
+    }
+
+    /// [`renew`](Self::renew) with the token already parsed.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
+    /// let renewed = table.renew_token(&rid, grant.token, Some(Lease::new(60).unwrap()), t0).unwrap();
+    /// assert_eq!(renewed.get(), 60);
+    /// ```
+    pub fn renew_token(
+        &mut self,
+        rid: &ResourceId,
+        token: Token,
+        lease: Option<Lease>,
+        now: Duration,
+    ) -> Result<Lease, LockError> {
         let lease = lease.unwrap_or(self.config.default_lease);
         self.restart_lease(rid, token, lease, now)
             .ok_or(LockError::NotHeld)?;

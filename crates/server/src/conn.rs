@@ -10,7 +10,8 @@ use dflockd_core::{
     AcquireOutcome, ConnId, EnqueueOutcome, Grant, LockError, ResourceId, WaitOutcome,
 };
 use dflockd_proto::{
-    Decoded, FrameDecoder, MUX_ACCEPTED, RawFrame, Reply, Request, Seconds, Status, is_mux_hello,
+    Decoded, FrameDecoder, MUX_ACCEPTED, RawFrame, Reply, Request, Seconds, Status, Token,
+    is_mux_hello,
 };
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -366,12 +367,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             } => {
                 let rid = self.resource(kind.namespace(), key);
                 let limit = kind.limit();
-                let wait = (timeout != Seconds::ZERO).then(notify);
+                let may_wait = timeout != Seconds::ZERO;
                 let outcome = self.shared.with_table(|t, now| {
-                    if wait.is_some() && full(t) {
+                    if may_wait && full(t) {
                         return Err(LockError::MaxWaiters);
                     }
-                    t.acquire(id, &rid, limit, lease, now, wait)
+                    // Try without a notification first: a free key (the
+                    // common case) then costs no channel. Only a request
+                    // that must queue makes one, and the second call finds
+                    // the resource as the first left it.
+                    match t.acquire(id, &rid, limit, lease, now, None) {
+                        Ok(AcquireOutcome::Timeout) if may_wait => {
+                            t.acquire(id, &rid, limit, lease, now, Some(notify()))
+                        }
+                        other => other,
+                    }
                 });
                 match outcome {
                     Ok(AcquireOutcome::Queued(waiter)) => {
@@ -390,10 +400,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 token,
             } => {
                 let rid = self.resource(namespace, key);
-                match self
-                    .shared
-                    .with_table(|t, now| t.release(&rid, &token, now))
-                {
+                // Parsed before the table lock is taken; a malformed token
+                // holds nothing.
+                let released = match Token::parse_wire(&token) {
+                    Some(token) => self
+                        .shared
+                        .with_table(|t, now| t.release_token(&rid, token, now)),
+                    None => Err(LockError::NotHeld),
+                };
+                match released {
                     Ok(()) => Reply::Ok,
                     Err(error) => error_reply(&error),
                 }
@@ -405,10 +420,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 lease,
             } => {
                 let rid = self.resource(namespace, key);
-                match self
-                    .shared
-                    .with_table(|t, now| t.renew(&rid, &token, lease, now))
-                {
+                let renewed = match Token::parse_wire(&token) {
+                    Some(token) => self
+                        .shared
+                        .with_table(|t, now| t.renew_token(&rid, token, lease, now)),
+                    None => Err(LockError::NotHeld),
+                };
+                match renewed {
                     Ok(lease) => Reply::Renewed(Seconds::new(lease.get()).unwrap_or(Seconds::ZERO)),
                     Err(error) => error_reply(&error),
                 }
