@@ -243,7 +243,9 @@ fn warn_unbounded(config: &ServerConfig, addr: &SocketAddr) {
 
 async fn run(listener: TcpListener, shared: Arc<Shared>) {
     let timers = tokio::spawn(timers(Arc::clone(&shared)));
-    let reaper = tokio::spawn(Arc::clone(&shared.reaper).run());
+    // Stopped when this task ends, however it ends.
+    let _reaper =
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(Arc::clone(&shared.reaper).run()));
     // Connection tasks. A force close aborts them, so their hot loops need
     // not watch a cancellation signal on every read and write.
     let mut connections = JoinSet::new();
@@ -293,7 +295,6 @@ async fn run(listener: TcpListener, shared: Arc<Shared>) {
         while connections.join_next().await.is_some() {}
     }
     let _ = timers.await;
-    reaper.abort();
     tracing::info!("stopped");
 }
 
