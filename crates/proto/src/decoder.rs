@@ -140,9 +140,8 @@ impl FrameDecoder {
                         return (used, Progress::Oversize);
                     }
                     line.extend_from_slice(&rest[..lf]);
-                    while line.last() == Some(&b'\r') {
-                        line.pop();
-                    }
+                    let kept = without_trailing_cr(line).len();
+                    line.truncate(kept);
                     self.lines_completed += 1;
                     self.current += 1;
                     if self.current == 3 {
@@ -197,19 +196,10 @@ impl FrameDecoder {
         for i in 0..3 {
             let rest = &input[used..];
             let lf = memchr::memchr(b'\n', rest)?;
-            let cap = if i == 2 && lines[0] == b"auth" {
-                MAX_AUTH_LINE
-            } else {
-                MAX_LINE
-            };
-            if lf > cap {
+            if lf > line_cap(i, lines[0]) {
                 return None;
             }
-            let mut line = &rest[..lf];
-            while let [head @ .., b'\r'] = line {
-                line = head;
-            }
-            lines[i] = line;
+            lines[i] = without_trailing_cr(&rest[..lf]);
             used += lf + 1;
         }
         // Now between frames again, as after `feed` and `frame`.
@@ -272,12 +262,26 @@ impl FrameDecoder {
     }
 
     fn cap(&self) -> usize {
-        if self.current == 2 && self.lines[0] == b"auth" {
-            MAX_AUTH_LINE
-        } else {
-            MAX_LINE
-        }
+        line_cap(self.current, &self.lines[0])
     }
+}
+
+/// The cap of line `index` (0 to 2) of a frame whose command line is
+/// `command`: only an `auth` argument may be longer.
+fn line_cap(index: usize, command: &[u8]) -> usize {
+    if index == 2 && command == b"auth" {
+        MAX_AUTH_LINE
+    } else {
+        MAX_LINE
+    }
+}
+
+/// `line` without its trailing CRs (all of them).
+fn without_trailing_cr(mut line: &[u8]) -> &[u8] {
+    while let [head @ .., b'\r'] = line {
+        line = head;
+    }
+    line
 }
 
 #[cfg(test)]
