@@ -696,6 +696,36 @@ impl<W, M: Mint> LockTable<W, M> {
         now: Duration,
         wait: Option<W>,
     ) -> Result<AcquireOutcome, LockError> {
+        self.acquire_with(conn, rid, limit, lease, now, wait.map(|w| move || w))
+    }
+
+    /// [`acquire`](Self::acquire), making the notification only if the
+    /// request queues: a server's wake-up channel costs an allocation, and
+    /// most acquires are granted at once.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// let made = std::cell::Cell::new(0);
+    /// let make = || { made.set(made.get() + 1); "waiter" };
+    /// assert!(matches!(table.acquire_with(ConnId(1), &rid, Limit::ONE, None, t0, Some(make)).unwrap(), AcquireOutcome::Granted(_)));
+    /// assert_eq!(made.get(), 0); // granted: no notification made
+    /// assert!(matches!(table.acquire_with(ConnId(2), &rid, Limit::ONE, None, t0, Some(make)).unwrap(), AcquireOutcome::Queued(_)));
+    /// assert_eq!(made.get(), 1);
+    /// ```
+    pub fn acquire_with(
+        &mut self,
+        conn: ConnId,
+        rid: &ResourceId,
+        limit: Limit,
+        lease: Option<Lease>,
+        now: Duration,
+        wait: Option<impl FnOnce() -> W>,
+    ) -> Result<AcquireOutcome, LockError> {
         let lease = lease.unwrap_or(self.config.default_lease);
         self.prepare(rid, limit, now)?;
         let resource = self.resources.get_mut(rid).expect("prepared above");
@@ -713,7 +743,7 @@ impl<W, M: Mint> LockTable<W, M> {
         let Some(notify) = wait else {
             return Ok(AcquireOutcome::Timeout);
         };
-        let id = self.push_waiter(conn, rid, lease, WaiterKind::Blocking(notify));
+        let id = self.push_waiter(conn, rid, lease, WaiterKind::Blocking(notify()));
         Ok(AcquireOutcome::Queued(id))
     }
 

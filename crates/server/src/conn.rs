@@ -367,21 +367,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             } => {
                 let rid = self.resource(kind.namespace(), key);
                 let limit = kind.limit();
-                let may_wait = timeout != Seconds::ZERO;
+                // The wake-up channel is made only if the request queues.
+                let wait = (timeout != Seconds::ZERO).then_some(notify);
                 let outcome = self.shared.with_table(|t, now| {
-                    if may_wait && full(t) {
+                    if wait.is_some() && full(t) {
                         return Err(LockError::MaxWaiters);
                     }
-                    // Try without a notification first: a free key (the
-                    // common case) then costs no channel. Only a request
-                    // that must queue makes one, and the second call finds
-                    // the resource as the first left it.
-                    match t.acquire(id, &rid, limit, lease, now, None) {
-                        Ok(AcquireOutcome::Timeout) if may_wait => {
-                            t.acquire(id, &rid, limit, lease, now, Some(notify()))
-                        }
-                        other => other,
-                    }
+                    t.acquire_with(id, &rid, limit, lease, now, wait)
                 });
                 match outcome {
                     Ok(AcquireOutcome::Queued(waiter)) => {
