@@ -246,7 +246,7 @@ impl ServerMint {
             }
             None => (now, None),
         };
-        let mut salts = SaltPool::default();
+        let mut salts = Salts::default();
         Ok(ServerMint {
             counter: FenceCounter::new(seed, move || salts.next()),
             file,
@@ -273,16 +273,16 @@ impl Mint for ServerMint {
 }
 
 /// Salts from a ChaCha12 CSPRNG (`rand`'s `StdRng`) seeded once from the
-/// OS. Minting happens under the table lock; the former pool refilled from
+/// OS. Minting happens under the table lock; a former pool refilled from
 /// `getrandom` every 512 tokens, and that syscall inside the critical
 /// section (10–100 µs, and a point where the kernel may preempt the lock
 /// holder) showed up in the server's tail latency. The generator makes no
 /// syscall after seeding.
-struct SaltPool {
+struct Salts {
     rng: rand::rngs::StdRng,
 }
 
-impl Default for SaltPool {
+impl Default for Salts {
     fn default() -> Self {
         use rand::SeedableRng;
         let rng =
@@ -299,11 +299,11 @@ impl Default for SaltPool {
                 }
                 rand::rngs::StdRng::from_seed(seed)
             });
-        SaltPool { rng }
+        Salts { rng }
     }
 }
 
-impl SaltPool {
+impl Salts {
     fn next(&mut self) -> u64 {
         rand::Rng::next_u64(&mut self.rng)
     }
