@@ -32,9 +32,11 @@
 //! ```
 #![warn(missing_docs)]
 
+mod budget;
 mod fence;
 mod table;
 
+pub use budget::ResourceBudget;
 pub use fence::{FenceCounter, Mint, MintError};
 pub use table::{
     AcquireOutcome, ConnId, Delivery, EnqueueOutcome, Grant, LockError, LockTable, ResourceId,

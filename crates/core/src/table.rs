@@ -1,5 +1,6 @@
 use std::collections::BTreeMap;
 use std::collections::HashMap as StdHashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use dflockd_proto::{
@@ -7,7 +8,7 @@ use dflockd_proto::{
 };
 use thiserror::Error;
 
-use crate::{Mint, MintError};
+use crate::{Mint, MintError, ResourceBudget};
 
 /// The table's hash maps. Their keys are values the server assigns
 /// (connection ids, minted tokens, waiter ids) or [`ResourceId`]s, which
@@ -124,6 +125,25 @@ impl ResourceId {
     /// ```
     pub fn key(&self) -> &Key {
         &self.key
+    }
+
+    /// Which of `shards` tables holds this resource, for a server that
+    /// splits its keys over several tables: a function of the resource's
+    /// cached hash, so the same in every call of one process (and spread
+    /// unpredictably from outside, as the hash is keyed). `shards` must not
+    /// be zero.
+    ///
+    /// ```
+    /// use dflockd_proto::{Key, Namespace};
+    /// let r = dflockd_core::ResourceId::new(Namespace::Lock, Key::new("k").unwrap());
+    /// assert!(r.shard(16) < 16);
+    /// assert_eq!(r.shard(16), r.clone().shard(16));
+    /// assert_eq!(r.shard(1), 0);
+    /// ```
+    pub fn shard(&self, shards: usize) -> usize {
+        // The high half: the tables' own hash maps see the whole hash, and
+        // foldhash mixes it again, so their buckets stay spread.
+        ((self.hash >> 32) % shards.max(1) as u64) as usize
     }
 }
 
@@ -510,6 +530,8 @@ impl<W> Default for Conn<W> {
 pub struct LockTable<W, M> {
     config: TableConfig,
     mint: M,
+    /// The resource cap; shared with the other shards of a sharded server.
+    budget: Arc<ResourceBudget>,
     resources: HashMap<ResourceId, Resource<W>>,
     conns: HashMap<ConnId, Conn<W>>,
     /// Lease deadlines in time order, for the sweep.
@@ -529,9 +551,33 @@ impl<W, M: Mint> LockTable<W, M> {
     /// assert_eq!(t.resource_count(), 0);
     /// ```
     pub fn new(config: TableConfig, mint: M) -> Self {
+        let budget = Arc::new(ResourceBudget::new(config.max_locks));
+        LockTable::sharing(config, mint, budget)
+    }
+
+    /// An empty table that counts its resources against `budget`, which
+    /// other tables may share: one shard of a server that splits its keys
+    /// over several tables. The budget's cap replaces `config.max_locks`.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use dflockd_core::*;
+    /// use dflockd_proto::{Key, Limit, Namespace};
+    /// let budget = Arc::new(ResourceBudget::new(1));
+    /// let mut a: LockTable<(), _> = LockTable::sharing(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0), Arc::clone(&budget));
+    /// let mut b: LockTable<(), _> = LockTable::sharing(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0), Arc::clone(&budget));
+    /// let x = ResourceId::new(Namespace::Lock, Key::new("x").unwrap());
+    /// let y = ResourceId::new(Namespace::Lock, Key::new("y").unwrap());
+    /// assert!(a.acquire(ConnId(1), &x, Limit::ONE, None, Duration::ZERO, None).is_ok());
+    /// // The one resource the budget allows exists (in the other table).
+    /// assert_eq!(b.acquire(ConnId(1), &y, Limit::ONE, None, Duration::ZERO, None), Err(LockError::MaxLocks));
+    /// ```
+    pub fn sharing(config: TableConfig, mint: M, budget: Arc<ResourceBudget>) -> Self {
         LockTable {
             config,
             mint,
+            budget,
             resources: Default::default(),
             conns: Default::default(),
             deadlines: BTreeMap::new(),
@@ -1367,7 +1413,9 @@ impl<W, M: Mint> LockTable<W, M> {
         // hold nothing any more can go too.
         self.conns
             .retain(|_, c| !(c.held.is_empty() && c.waiters.is_empty() && c.phase1.is_empty()));
-        before - self.resources.len()
+        let removed = before - self.resources.len();
+        self.budget.give_back(removed);
+        removed
     }
 
     /// The `stats` document, with `connections` supplied by the caller.
@@ -1454,9 +1502,8 @@ impl<W, M: Mint> LockTable<W, M> {
     /// expired holders and promotes waiters (so nobody queues behind a dead
     /// lease).
     fn prepare(&mut self, rid: &ResourceId, limit: Limit, now: Duration) -> Result<(), LockError> {
-        let count = self.resources.len();
         let Some(resource) = self.resources.get_mut(rid) else {
-            if count >= self.config.max_locks {
+            if !self.budget.try_take() {
                 return Err(LockError::MaxLocks);
             }
             let resource = Resource {
@@ -1638,6 +1685,13 @@ impl<W, M: Mint> LockTable<W, M> {
 
 fn deadline(now: Duration, lease: Lease) -> Duration {
     now.saturating_add(lease.as_duration())
+}
+
+impl<W, M> Drop for LockTable<W, M> {
+    fn drop(&mut self) {
+        // A shared budget outlives this table.
+        self.budget.give_back(self.resources.len());
+    }
 }
 
 impl<W, M> std::fmt::Debug for LockTable<W, M> {

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 
 use crate::config::IdlePolicy;
 use crate::idle::WatchGuard;
-use crate::shared::{Notify, Shared, Table};
+use crate::shared::{Notify, Shared};
 
 mod mux;
 
@@ -52,7 +52,7 @@ impl Drop for DisconnectOnDrop {
         let auto_release = self.shared.config.auto_release_on_disconnect;
         let id = self.id;
         self.shared
-            .with_table(|t, now| t.disconnect(id, auto_release, now));
+            .each_shard(|t, now| t.disconnect(id, auto_release, now));
         if auto_release && !self.shared.config.disconnect_lock_delay.is_zero() {
             self.shared.delay_started.notify_one();
         }
@@ -74,7 +74,7 @@ impl Pending {
     /// Withdraws the request from the table. `false` if it was granted
     /// meanwhile (the grant is on its way to the request's notification).
     fn withdraw(self, shared: &Shared, conn: ConnId, rid: &ResourceId) -> bool {
-        shared.with_table(|t, now| match self {
+        shared.with_shard(rid, |t, now| match self {
             Pending::Acquire(waiter) => t.cancel_acquire(conn, rid, waiter, now),
             Pending::Wait { ticket, waiter } => t.cancel_wait_of(conn, ticket, rid, waiter, now),
         })
@@ -104,6 +104,9 @@ pub(crate) struct Connection<S> {
     /// The resource the last request named: the next request on the same
     /// key (a release after an acquire, a renew) shares its bytes and hash.
     recent: std::cell::Cell<Option<ResourceId>>,
+    /// At least the number of waiters this connection has in the table (see
+    /// [`Self::at_queue_cap`]).
+    queued: std::cell::Cell<usize>,
     /// The read deadline (see [`crate::idle`]).
     watch: WatchGuard,
 }
@@ -119,6 +122,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             decoder: FrameDecoder::new(),
             out: Vec::with_capacity(256),
             recent: std::cell::Cell::new(None),
+            queued: std::cell::Cell::new(0),
             watch: shared.reaper.watch(id),
         }
     }
@@ -320,6 +324,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Ok(())
     }
 
+    /// Whether the connection already has `cap` requests queued in the
+    /// table (the mux per-connection cap). Only a request of this connection
+    /// adds a waiter of it, so [`Self::queued`], raised by each one that
+    /// queued, bounds the true count from above; the true count is summed
+    /// over the shards only when that bound reaches the cap.
+    fn at_queue_cap(&self, cap: Option<usize>) -> bool {
+        let Some(cap) = cap else {
+            return false;
+        };
+        if self.queued.get() < cap {
+            return false;
+        }
+        let exact = self.shared.waiters_of(self.id);
+        self.queued.set(exact);
+        exact >= cap
+    }
+
     /// The resource `key` names in `namespace`: the recent one again if it
     /// is the same (no new hash), else a new one that becomes the recent.
     fn resource(&self, namespace: dflockd_proto::Namespace, key: dflockd_proto::Key) -> ResourceId {
@@ -346,19 +367,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         notify: impl FnOnce() -> Notify,
     ) -> Step {
         let id = self.id;
-        let full = |t: &Table| queue_cap.is_some_and(|cap| t.waiters_of(id) >= cap);
         let reply = match request {
             Request::Ping => Reply::Ok,
             // The handshake consumed the only `auth` that is ever valid.
             Request::Auth { .. } => Reply::Failure(Status::Error),
-            Request::Stats => {
-                let connections = self.shared.connections() as u64;
-                let stats = self.shared.with_table(|t, now| t.stats(connections, now));
-                match serde_json::to_string(&stats) {
-                    Ok(json) => Reply::Stats(json),
-                    Err(_) => Reply::Failure(Status::Error),
-                }
-            }
+            Request::Stats => match serde_json::to_string(&self.shared.stats()) {
+                Ok(json) => Reply::Stats(json),
+                Err(_) => Reply::Failure(Status::Error),
+            },
             Request::Acquire {
                 key,
                 kind,
@@ -369,14 +385,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 let limit = kind.limit();
                 // The wake-up channel is made only if the request queues.
                 let wait = (timeout != Seconds::ZERO).then_some(notify);
-                let outcome = self.shared.with_table(|t, now| {
-                    if wait.is_some() && full(t) {
-                        return Err(LockError::MaxWaiters);
-                    }
-                    t.acquire_with(id, &rid, limit, lease, now, wait)
-                });
+                let outcome = if wait.is_some() && self.at_queue_cap(queue_cap) {
+                    Err(LockError::MaxWaiters)
+                } else {
+                    self.shared.with_shard(&rid, |t, now| {
+                        t.acquire_with(id, &rid, limit, lease, now, wait)
+                    })
+                };
                 match outcome {
                     Ok(AcquireOutcome::Queued(waiter)) => {
+                        self.queued.set(self.queued.get() + 1);
                         return Step::Waiting {
                             rid,
                             pending: Pending::Acquire(waiter),
@@ -397,7 +415,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 let released = match Token::parse_wire(&token) {
                     Some(token) => self
                         .shared
-                        .with_table(|t, now| t.release_token(&rid, token, now)),
+                        .with_shard(&rid, |t, now| t.release_token(&rid, token, now)),
                     None => Err(LockError::NotHeld),
                 };
                 match released {
@@ -415,7 +433,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 let renewed = match Token::parse_wire(&token) {
                     Some(token) => self
                         .shared
-                        .with_table(|t, now| t.renew_token(&rid, token, lease, now)),
+                        .with_shard(&rid, |t, now| t.renew_token(&rid, token, lease, now)),
                     None => Err(LockError::NotHeld),
                 };
                 match renewed {
@@ -426,16 +444,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             Request::Enqueue { key, kind, lease } => {
                 let rid = self.resource(kind.namespace(), key);
                 let limit = kind.limit();
-                match self.shared.with_table(|t, now| {
-                    if full(t) {
-                        return Err(LockError::MaxWaiters);
-                    }
-                    t.enqueue(id, ticket, &rid, limit, lease, now)
-                }) {
+                let outcome = if self.at_queue_cap(queue_cap) {
+                    Err(LockError::MaxWaiters)
+                } else {
+                    self.shared.with_shard(&rid, |t, now| {
+                        t.enqueue(id, ticket, &rid, limit, lease, now)
+                    })
+                };
+                match outcome {
                     Ok(EnqueueOutcome::Acquired(Grant { token, lease })) => {
                         Reply::Acquired { token, lease }
                     }
-                    Ok(EnqueueOutcome::Queued) => Reply::Queued,
+                    Ok(EnqueueOutcome::Queued) => {
+                        self.queued.set(self.queued.get() + 1);
+                        Reply::Queued
+                    }
                     Err(error) => error_reply(&error),
                 }
             }
@@ -446,14 +469,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             } => {
                 let rid = self.resource(namespace, key);
                 let wait = (timeout != Seconds::ZERO).then(notify);
-                let (outcome, place) = self.shared.with_table(|t, now| {
-                    if wait.is_some() && full(t) {
-                        return (Err(LockError::MaxWaiters), None);
-                    }
-                    let outcome = t.wait(id, ticket, &rid, now, wait);
-                    let place = t.queued_place(id, ticket, &rid);
-                    (outcome, place)
-                });
+                let (outcome, place) = if wait.is_some() && self.at_queue_cap(queue_cap) {
+                    (Err(LockError::MaxWaiters), None)
+                } else {
+                    self.shared.with_shard(&rid, |t, now| {
+                        let outcome = t.wait(id, ticket, &rid, now, wait);
+                        let place = t.queued_place(id, ticket, &rid);
+                        (outcome, place)
+                    })
+                };
                 match (outcome, place) {
                     (Ok(WaitOutcome::Pending), Some(waiter)) => {
                         return Step::Waiting {
@@ -530,8 +554,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     (Woken::Expired, None) => return Ok(Reply::Failure(Status::Timeout)),
                     (woken, raced) => {
                         if let Some(grant) = raced {
-                            self.shared
-                                .with_table(|t, now| t.release_undelivered(rid, grant.token, now));
+                            self.shared.with_shard(rid, |t, now| {
+                                t.release_undelivered(rid, grant.token, now)
+                            });
                         }
                         return match woken {
                             Woken::Drained => Ok(Reply::Failure(Status::Error)),
@@ -547,7 +572,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         // The lease restarts when the waiting request observes its grant.
         let observed = self
             .shared
-            .with_table(|t, now| t.observe(rid, grant.token, grant.lease, now));
+            .with_shard(rid, |t, now| t.observe(rid, grant.token, grant.lease, now));
         Ok(match observed {
             Ok(Grant { token, lease }) => Reply::Granted { token, lease },
             Err(error) => error_reply(&error),

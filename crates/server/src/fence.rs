@@ -4,9 +4,11 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use dflockd_core::{FenceCounter, Mint, MintError};
+use dflockd_core::{Mint, MintError};
 use dflockd_proto::Token;
 use thiserror::Error;
 
@@ -228,47 +230,99 @@ pub fn unix_nanos() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
-/// The server's token source: one counter for all keys and both namespaces.
+/// The server's token source: one fence counter for all keys and both
+/// namespaces, shared by every shard of the lock table, each shard with its
+/// own salt generator. [`ServerMint::share`] makes another handle on the
+/// same counter.
 #[derive(Debug)]
 pub struct ServerMint {
-    counter: FenceCounter,
-    file: Option<FenceFile>,
+    fences: Arc<Fences>,
+    salts: Salts,
+}
+
+/// The shared fence counter. Fences come from one atomic, so they strictly
+/// increase in the order they are minted, whichever shard mints them; with
+/// a fence-state file no fence at or above the persisted ceiling is handed
+/// out before a higher ceiling is on disk.
+#[derive(Debug)]
+struct Fences {
+    last: AtomicU64,
+    /// Every fence handed out is below this (`u64::MAX` without a file).
+    ceiling: AtomicU64,
+    file: Mutex<Option<FenceFile>>,
+}
+
+impl Fences {
+    fn next(&self) -> Result<u64, MintError> {
+        let mut last = self.last.load(Ordering::Acquire);
+        loop {
+            let next = last.checked_add(1).ok_or(MintError::Exhausted)?;
+            if next >= self.ceiling.load(Ordering::Acquire) {
+                self.extend(next)?;
+            }
+            match self
+                .last
+                .compare_exchange_weak(last, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Ok(next),
+                Err(current) => last = current,
+            }
+        }
+    }
+
+    /// Persists a ceiling above `next` unless another shard already did.
+    /// Rare (once per [`FENCE_RANGE`] fences), so a lock is fine here.
+    fn extend(&self, next: u64) -> Result<(), MintError> {
+        let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(file) = file.as_mut() else {
+            // No file: the ceiling is `u64::MAX`, and `next` reached it.
+            return Err(MintError::Exhausted);
+        };
+        if next >= file.ceiling() {
+            let target = next.checked_add(FENCE_RANGE).ok_or(MintError::Exhausted)?;
+            file.persist(target)
+                .map_err(|e| MintError::Persistence(e.to_string()))?;
+        }
+        self.ceiling.store(file.ceiling(), Ordering::Release);
+        Ok(())
+    }
 }
 
 impl ServerMint {
     /// Seeds from the wall clock, or from the fence-state file if given.
     pub fn open(fence_state_file: Option<&Path>) -> Result<ServerMint, FenceFileError> {
         let now = unix_nanos();
-        let (seed, file) = match fence_state_file {
+        let (seed, ceiling, file) = match fence_state_file {
             Some(path) => {
                 let (file, start) = FenceFile::open(path, now)?;
-                (start, Some(file))
+                (start, file.ceiling(), Some(file))
             }
-            None => (now, None),
+            None => (now, u64::MAX, None),
         };
-        let mut salts = Salts::default();
         Ok(ServerMint {
-            counter: FenceCounter::new(seed, move || salts.next()),
-            file,
+            fences: Arc::new(Fences {
+                last: AtomicU64::new(seed),
+                ceiling: AtomicU64::new(ceiling),
+                file: Mutex::new(file),
+            }),
+            salts: Salts::default(),
         })
+    }
+
+    /// Another handle on the same fence counter, with its own salts: one
+    /// per shard of the lock table.
+    pub fn share(&self) -> ServerMint {
+        ServerMint {
+            fences: Arc::clone(&self.fences),
+            salts: Salts::default(),
+        }
     }
 }
 
 impl Mint for ServerMint {
     fn mint(&mut self) -> Result<Token, MintError> {
-        let next = self
-            .counter
-            .last()
-            .checked_add(1)
-            .ok_or(MintError::Exhausted)?;
-        if let Some(file) = &mut self.file
-            && next >= file.ceiling()
-        {
-            let target = next.checked_add(FENCE_RANGE).ok_or(MintError::Exhausted)?;
-            file.persist(target)
-                .map_err(|e| MintError::Persistence(e.to_string()))?;
-        }
-        self.counter.mint()
+        let fence = self.fences.next()?;
+        Ok(Token::new(fence, self.salts.next()))
     }
 }
 
@@ -303,6 +357,13 @@ impl Default for Salts {
     }
 }
 
+impl std::fmt::Debug for Salts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The generator's state predicts future salts: never printed.
+        f.write_str("Salts(..)")
+    }
+}
+
 impl Salts {
     fn next(&mut self) -> u64 {
         rand::Rng::next_u64(&mut self.rng)
@@ -327,6 +388,30 @@ mod tests {
             (30_000..34_000).contains(&ones),
             "{ones} bits set of 64,000"
         );
+    }
+
+    #[test]
+    fn shared_handles_mint_distinct_increasing_fences() {
+        let mint = ServerMint::open(None).unwrap();
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let mut handle = mint.share();
+                std::thread::spawn(move || {
+                    (0..20_000)
+                        .map(|_| handle.mint().unwrap().fence())
+                        .collect::<Vec<u64>>()
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for handle in handles {
+            let fences = handle.join().unwrap();
+            assert!(fences.windows(2).all(|w| w[0] < w[1]), "not increasing");
+            all.extend(fences);
+        }
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 80_000, "a fence was minted twice");
     }
 
     #[test]
@@ -408,12 +493,19 @@ mod tests {
         let path = dir.path().join("fence");
         let mut mint = ServerMint::open(Some(&path)).unwrap();
         let first = mint.mint().unwrap().fence();
-        let ceiling = mint.file.as_ref().unwrap().ceiling();
+        let ceiling = mint.fences.ceiling.load(Ordering::Acquire);
         assert!(first < ceiling);
         // Jump the counter to just below the ceiling.
-        mint.counter = FenceCounter::with_fixed_salt(ceiling - 2, 0);
+        mint.fences.last.store(ceiling - 2, Ordering::Release);
         assert_eq!(mint.mint().unwrap().fence(), ceiling - 1);
-        assert_eq!(mint.mint().unwrap().fence(), ceiling);
-        assert_eq!(mint.file.as_ref().unwrap().ceiling(), ceiling + FENCE_RANGE);
+        // The next fence would reach the ceiling: a higher one is persisted
+        // first, by whichever handle mints it.
+        let mut other = mint.share();
+        assert_eq!(other.mint().unwrap().fence(), ceiling);
+        let persisted = mint.fences.file.lock().unwrap().as_ref().unwrap().ceiling();
+        assert_eq!(persisted, ceiling + FENCE_RANGE);
+        drop((mint, other));
+        let (_file, start) = FenceFile::open(&path, 0).unwrap();
+        assert_eq!(start, ceiling + FENCE_RANGE);
     }
 }

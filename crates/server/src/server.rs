@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use dflockd_core::{LockTable, TableConfig};
+use dflockd_core::{LockTable, ResourceBudget, TableConfig};
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -13,7 +13,7 @@ use tracing::Instrument;
 use crate::config::ServerConfig;
 use crate::conn::Connection;
 use crate::fence::{FenceFileError, ServerMint};
-use crate::shared::{ConnGuard, Shared};
+use crate::shared::{ConnGuard, SHARDS, Shared};
 
 /// Why a server could not start.
 ///
@@ -91,17 +91,19 @@ impl Server {
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
         warn_unbounded(&config, &local_addr);
-        let table = LockTable::new(
-            TableConfig {
-                default_lease: config.default_lease,
-                max_locks: config.max_locks,
-                max_waiters: config.max_waiters,
-                gc_max_idle: config.gc_max_idle,
-                disconnect_lock_delay: config.disconnect_lock_delay,
-            },
-            mint,
-        );
-        let shared = Arc::new(Shared::new(config, table));
+        let table_config = TableConfig {
+            default_lease: config.default_lease,
+            max_locks: config.max_locks,
+            max_waiters: config.max_waiters,
+            gc_max_idle: config.gc_max_idle,
+            disconnect_lock_delay: config.disconnect_lock_delay,
+        };
+        // One fence counter and one resource cap for all shards.
+        let budget = Arc::new(ResourceBudget::new(config.max_locks));
+        let shards = (0..SHARDS)
+            .map(|_| LockTable::sharing(table_config, mint.share(), Arc::clone(&budget)))
+            .collect();
+        let shared = Arc::new(Shared::new(config, shards));
         let task = tokio::spawn(run(listener, Arc::clone(&shared)));
         tracing::info!(addr = %local_addr, tls = shared.config.tls.is_some(), auth = shared.config.auth_token.is_some(), "dflockd listening");
         Ok(ServerHandle {
@@ -339,9 +341,7 @@ async fn timers(shared: Arc<Shared>) {
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let delay_end = shared
-            .with_table(|t, _| t.next_delay_end())
-            .map(|d| shared.instant_at(d));
+        let delay_end = shared.next_delay_end().map(|d| shared.instant_at(d));
         let delay_over = async {
             match delay_end {
                 Some(at) => tokio::time::sleep_until(at).await,
@@ -351,19 +351,23 @@ async fn timers(shared: Arc<Shared>) {
         tokio::select! {
             _ = shared.drain.cancelled() => return,
             _ = sweep.tick() => {
-                let evicted = shared.with_table(|t, now| t.sweep(now));
+                let mut evicted = 0;
+                shared.each_shard(|t, now| evicted += t.sweep(now));
                 if evicted > 0 {
                     tracing::debug!(evicted, "expired leases evicted");
                 }
             }
             _ = gc.tick() => {
-                let removed = shared.with_table(|t, now| t.gc(now));
+                let mut removed = 0;
+                shared.each_shard(|t, now| removed += t.gc(now));
                 if removed > 0 {
                     tracing::debug!(removed, "idle resources collected");
                 }
             }
             _ = delay_over => {
-                shared.with_table(|t, now| t.end_delays(now));
+                shared.each_shard(|t, now| {
+                    t.end_delays(now);
+                });
             }
             // A new lock-delay may end before the one we are sleeping for.
             _ = shared.delay_started.notified() => {}

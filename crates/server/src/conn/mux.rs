@@ -58,7 +58,7 @@ impl Drop for Mux {
         self.grants.close();
         while let Ok((_, rid, grant)) = self.grants.try_recv() {
             self.shared
-                .with_table(|t, now| t.release_undelivered(&rid, grant.token, now));
+                .with_shard(&rid, |t, now| t.release_undelivered(&rid, grant.token, now));
         }
     }
 }
@@ -232,15 +232,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             // never leave a grant without an owner.
             tracing::warn!(id, "grant for a request that is not waiting: released");
             self.shared
-                .with_table(|t, now| t.release_undelivered(rid, grant.token, now));
+                .with_shard(rid, |t, now| t.release_undelivered(rid, grant.token, now));
             return;
         };
         if let Some(key) = waiting.expiry {
             mux.expiries.remove(&key);
         }
-        let observed = self
-            .shared
-            .with_table(|t, now| t.observe(&waiting.rid, grant.token, grant.lease, now));
+        let observed = self.shared.with_shard(&waiting.rid, |t, now| {
+            t.observe(&waiting.rid, grant.token, grant.lease, now)
+        });
         let reply = match observed {
             Ok(Grant { token, lease }) => Reply::Granted { token, lease },
             Err(error) => error_reply(&error),
