@@ -11,6 +11,7 @@
 //!   reach on this machine with this client.
 
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
@@ -41,9 +42,10 @@ pub struct BenchArgs {
     /// Worker counts to run each workload at, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,10,50")]
     workers: Vec<usize>,
-    /// Seconds per measurement.
-    #[arg(long, default_value_t = 5)]
-    seconds: u64,
+    /// Seconds per measurement (fractions allowed: many short rounds
+    /// resist a noisy machine better than a few long ones).
+    #[arg(long, default_value = "5", value_parser = parse_seconds)]
+    seconds: Duration,
     /// `hold`: how many leases.
     #[arg(long, default_value_t = 10_000)]
     leases: usize,
@@ -65,6 +67,17 @@ pub struct BenchArgs {
     /// One JSON object per result instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// `--seconds`: a positive number of seconds, at least a millisecond.
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of seconds"))?;
+    if !(0.001..=1e9).contains(&seconds) {
+        return Err(format!("`{text}`: between 0.001 and 1e9 seconds"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 /// `--client-threads`, set once when the bench starts.
@@ -144,7 +157,7 @@ pub async fn bench(connection: &ConnectionArgs, args: BenchArgs) -> u8 {
     };
     let target = format!("{}:{}", addrs[0].host(), addrs[0].port());
     let run_id = std::process::id();
-    let duration = Duration::from_secs(args.seconds.max(1));
+    let duration = args.seconds;
     let rounds = args.rounds.max(1);
     let _ = CLIENT_THREADS.set(args.client_threads);
     if !args.json {
@@ -452,13 +465,18 @@ async fn drive_workers(
     duration: Duration,
     handoff: Handoff,
 ) -> std::io::Result<(Duration, Vec<Sample>)> {
-    let start = Instant::now();
-    let deadline = start + duration;
+    // The clock starts once every worker is connected: connection set-up
+    // is not part of any workload.
+    let ready = Arc::new(tokio::sync::Barrier::new(keys.len() + 1));
     let mut tasks = Vec::new();
     for key in keys {
         let addr = addr.clone();
+        let ready = Arc::clone(&ready);
         tasks.push(tokio::spawn(async move {
-            let (mut read, mut write) = connect(&addr).await?;
+            let connected = connect(&addr).await;
+            ready.wait().await;
+            let (mut read, mut write) = connected?;
+            let deadline = Instant::now() + duration;
             let acquire = format!("l\n{key}\n10\n").into_bytes();
             let mut release = Vec::with_capacity(64);
             let mut line = String::with_capacity(64);
@@ -498,6 +516,8 @@ async fn drive_workers(
             Ok::<_, std::io::Error>(sample)
         }));
     }
+    ready.wait().await;
+    let start = Instant::now();
     let mut samples = Vec::new();
     for task in tasks {
         samples.push(task.await.map_err(std::io::Error::other)??);
@@ -534,7 +554,7 @@ async fn hold(connection: &ConnectionArgs, args: &BenchArgs) -> Result<(), Strin
     let cpu0 = args.server_pid.and_then(proc_cpu);
     let renew0 = client.renewals_sent();
     let t0 = Instant::now();
-    tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+    tokio::time::sleep(args.seconds).await;
     let held_for = t0.elapsed();
     let renews = client.renewals_sent() - renew0;
     let lost = leases.iter().filter(|l| l.is_lost()).count();
