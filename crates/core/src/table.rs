@@ -69,13 +69,21 @@ pub struct WaiterId(u64);
 /// assert_ne!(a, b);
 /// assert_eq!(a, ResourceId::new(Namespace::Lock, Key::new("x").unwrap()));
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Eq, PartialOrd, Ord)]
 pub struct ResourceId {
     // Field order is the order: namespace, then key (the hash is a
     // function of both, so it never decides).
     namespace: Namespace,
     key: Key,
     hash: u64,
+}
+
+impl PartialEq for ResourceId {
+    fn eq(&self, other: &ResourceId) -> bool {
+        // The cached hash first: different resources almost always differ
+        // there, and equal ones usually share their key's bytes.
+        self.hash == other.hash && self.namespace == other.namespace && self.key == other.key
+    }
 }
 
 impl std::hash::Hash for ResourceId {
@@ -716,6 +724,27 @@ impl<W, M: Mint> LockTable<W, M> {
     /// ```
     pub fn take_deliveries(&mut self) -> std::vec::Drain<'_, Delivery<W>> {
         self.deliveries.drain(..)
+    }
+
+    /// Whether grants wait in [`take_deliveries`](Self::take_deliveries):
+    /// a check cheaper than draining nothing, for the common call that
+    /// woke nobody.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Limit, Namespace};
+    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// # let t0 = Duration::ZERO;
+    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
+    /// assert!(!table.has_deliveries());
+    /// table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, Some("c2")).unwrap();
+    /// table.release(&rid, grant.token.to_string().as_bytes(), t0).unwrap();
+    /// assert!(table.has_deliveries());
+    /// ```
+    pub fn has_deliveries(&self) -> bool {
+        !self.deliveries.is_empty()
     }
 
     /// `l` / `sl`. With `wait = None` this is a try-lock: it never queues.

@@ -172,6 +172,10 @@ impl FrameDecoder {
     /// assert_eq!(d.lines_completed(), 4);
     /// ```
     pub fn decode<'a>(&'a mut self, input: &'a [u8]) -> (usize, Decoded<'a>) {
+        if input.is_empty() {
+            // The usual call after the last buffered frame: nothing to do.
+            return (0, Decoded::NeedMore);
+        }
         if let Some((used, frame)) = self.whole_frame(input) {
             return (used, Decoded::Frame(frame));
         }

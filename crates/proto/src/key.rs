@@ -15,10 +15,24 @@ use crate::{MAX_LINE, ProtoError};
 /// assert!(Key::new(&"x".repeat(257)).is_err());
 /// assert_eq!(Key::new("日本").unwrap().as_bytes().len(), 6);
 /// ```
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Eq, PartialOrd, Ord)]
 // Shared bytes: the lock table keeps the key in several indexes, and a
 // clone is then a reference-count bump, not an allocation.
 pub struct Key(std::sync::Arc<[u8]>);
+
+impl PartialEq for Key {
+    /// Byte equality; clones of one key compare without reading the bytes
+    /// (`Arc`'s own shortcut does not apply to an unsized `[u8]`).
+    fn eq(&self, other: &Key) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0) || self.0[..] == other.0[..]
+    }
+}
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0[..].hash(state);
+    }
+}
 
 impl Key {
     /// Validates a UTF-8 key.

@@ -155,7 +155,9 @@ impl Shared {
         let mut table = table.lock().unwrap_or_else(PoisonError::into_inner);
         let now = origin.elapsed();
         let result = f(&mut table, now);
-        loop {
+        // Releasing an undelivered grant may grant the next waiter: repeat
+        // until every grant found its request or was released.
+        while table.has_deliveries() {
             let undelivered: Vec<_> = table
                 .take_deliveries()
                 .filter_map(|d| {
@@ -165,9 +167,6 @@ impl Shared {
                         .map(|grant| (d.resource, grant.token))
                 })
                 .collect();
-            if undelivered.is_empty() {
-                break;
-            }
             for (resource, token) in undelivered {
                 table.release_undelivered(&resource, token, now);
             }
