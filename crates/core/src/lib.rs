@@ -34,6 +34,7 @@
 
 mod budget;
 mod fence;
+mod lease_index;
 mod table;
 
 pub use budget::ResourceBudget;

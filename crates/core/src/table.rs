@@ -8,6 +8,7 @@ use dflockd_proto::{
 };
 use thiserror::Error;
 
+use crate::lease_index::LeaseIndex;
 use crate::{Mint, MintError, ResourceBudget};
 
 /// The table's hash maps. Their keys are values the server assigns
@@ -69,26 +70,57 @@ pub struct WaiterId(u64);
 /// assert_ne!(a, b);
 /// assert_eq!(a, ResourceId::new(Namespace::Lock, Key::new("x").unwrap()));
 /// ```
-#[derive(Debug, Clone, Eq, PartialOrd, Ord)]
-pub struct ResourceId {
-    // Field order is the order: namespace, then key (the hash is a
-    // function of both, so it never decides).
+#[derive(Clone)]
+pub struct ResourceId(Arc<Named>);
+
+/// What a [`ResourceId`] shares between its clones: the table keeps one
+/// resource's id in several indexes (its map entry, each lease's owner and
+/// deadline entries), each then a pointer.
+#[derive(Debug)]
+struct Named {
     namespace: Namespace,
     key: Key,
     hash: u64,
+}
+
+impl std::fmt::Debug for ResourceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResourceId")
+            .field("namespace", &self.0.namespace)
+            .field("key", &self.0.key)
+            .finish()
+    }
+}
+
+impl Ord for ResourceId {
+    /// Namespace, then key.
+    fn cmp(&self, other: &ResourceId) -> std::cmp::Ordering {
+        (self.0.namespace, &self.0.key).cmp(&(other.0.namespace, &other.0.key))
+    }
+}
+
+impl PartialOrd for ResourceId {
+    fn partial_cmp(&self, other: &ResourceId) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 impl PartialEq for ResourceId {
     fn eq(&self, other: &ResourceId) -> bool {
         // The cached hash first: different resources almost always differ
         // there, and equal ones usually share their key's bytes.
-        self.hash == other.hash && self.namespace == other.namespace && self.key == other.key
+        Arc::ptr_eq(&self.0, &other.0)
+            || (self.0.hash == other.0.hash
+                && self.0.namespace == other.0.namespace
+                && self.0.key == other.0.key)
     }
 }
 
+impl Eq for ResourceId {}
+
 impl std::hash::Hash for ResourceId {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        state.write_u64(self.hash);
+        state.write_u64(self.0.hash);
     }
 }
 
@@ -106,11 +138,11 @@ impl ResourceId {
         let hash = KEYED
             .get_or_init(std::hash::RandomState::new)
             .hash_one((namespace, key.as_bytes()));
-        ResourceId {
+        ResourceId(Arc::new(Named {
             namespace,
             key,
             hash,
-        }
+        }))
     }
 
     /// The namespace (lock or semaphore).
@@ -121,7 +153,7 @@ impl ResourceId {
     /// assert_eq!(r.namespace(), Namespace::Semaphore);
     /// ```
     pub fn namespace(&self) -> Namespace {
-        self.namespace
+        self.0.namespace
     }
 
     /// The key.
@@ -132,7 +164,7 @@ impl ResourceId {
     /// assert_eq!(r.key().as_bytes(), b"jobs/7");
     /// ```
     pub fn key(&self) -> &Key {
-        &self.key
+        &self.0.key
     }
 
     /// Which of `shards` tables holds this resource, for a server that
@@ -151,7 +183,7 @@ impl ResourceId {
     pub fn shard(&self, shards: usize) -> usize {
         // The high half: the tables' own hash maps see the whole hash, and
         // foldhash mixes it again, so their buckets stay spread.
-        ((self.hash >> 32) % shards.max(1) as u64) as usize
+        ((self.0.hash >> 32) % shards.max(1) as u64) as usize
     }
 }
 
@@ -543,7 +575,7 @@ pub struct LockTable<W, M> {
     resources: HashMap<ResourceId, Resource<W>>,
     conns: HashMap<ConnId, Conn<W>>,
     /// Lease deadlines in time order, for the sweep.
-    deadlines: BTreeMap<(Duration, Token), ResourceId>,
+    deadlines: LeaseIndex,
     /// Lock-delays in time order: when each blocked resource may grant again.
     delays: BTreeMap<(Duration, ResourceId), ()>,
     next_waiter: u64,
@@ -588,7 +620,7 @@ impl<W, M: Mint> LockTable<W, M> {
             budget,
             resources: Default::default(),
             conns: Default::default(),
-            deadlines: BTreeMap::new(),
+            deadlines: LeaseIndex::default(),
             delays: BTreeMap::new(),
             next_waiter: 0,
             deliveries: Vec::new(),
@@ -682,8 +714,10 @@ impl<W, M: Mint> LockTable<W, M> {
     /// // The caller sleeps until then and calls `sweep`.
     /// assert_eq!(table.next_deadline(), Some(Duration::from_secs(10)));
     /// ```
-    pub fn next_deadline(&self) -> Option<Duration> {
-        self.deadlines.keys().next().map(|(d, _)| *d)
+    pub fn next_deadline(&mut self) -> Option<Duration> {
+        let resources = &self.resources;
+        self.deadlines
+            .next(|rid, token| lease_deadline(resources, rid, token))
     }
 
     /// When the earliest disconnect lock-delay ends, if one is running; call
@@ -1286,9 +1320,9 @@ impl<W, M: Mint> LockTable<W, M> {
             self.promote(rid, now);
             return None;
         }
-        let old = std::mem::replace(&mut holder.deadline, deadline(now, lease));
+        holder.deadline = deadline(now, lease);
         let new = holder.deadline;
-        self.move_deadline(rid, token, old, new);
+        self.move_deadline(rid, token, new);
         Some(())
     }
 
@@ -1364,12 +1398,14 @@ impl<W, M: Mint> LockTable<W, M> {
     pub fn sweep(&mut self, now: Duration) -> usize {
         self.end_delays(now);
         let mut evicted = 0;
-        while let Some(entry) = self.deadlines.first_entry() {
-            let (deadline, token) = *entry.key();
-            if deadline > now {
+        loop {
+            let resources = &self.resources;
+            let Some((rid, token)) = self
+                .deadlines
+                .pop_due(now, |rid, token| lease_deadline(resources, rid, token))
+            else {
                 break;
-            }
-            let rid = entry.get().clone();
+            };
             self.remove_holder(&rid, token, now);
             self.promote(&rid, now);
             evicted += 1;
@@ -1468,7 +1504,7 @@ impl<W, M: Mint> LockTable<W, M> {
             ..Stats::default()
         };
         for (rid, r) in &self.resources {
-            let key = rid.key.to_string_lossy();
+            let key = rid.key().to_string_lossy();
             let limit = r.limit.get();
             if r.is_idle() {
                 let entry = IdleEntry {
@@ -1589,12 +1625,25 @@ impl<W, M: Mint> LockTable<W, M> {
 
     /// Records a new holder in its connection's holds and the deadlines.
     fn index_holder(&mut self, conn: ConnId, rid: &ResourceId, token: Token, deadline: Duration) {
+        let rid = self.canonical(rid);
         self.conns
             .entry(conn)
             .or_default()
             .held
             .insert(token, rid.clone());
-        self.deadlines.insert((deadline, token), rid.clone());
+        let resources = &self.resources;
+        self.deadlines.push(deadline, token, &rid, |rid, token| {
+            lease_deadline(resources, rid, token)
+        });
+    }
+
+    /// The id the table stored for `rid`'s resource. Indexes keep that one,
+    /// so however many requests name a resource (each parsing its own
+    /// copy), the resource's name is held in memory once.
+    fn canonical(&self, rid: &ResourceId) -> ResourceId {
+        self.resources
+            .get_key_value(rid)
+            .map_or_else(|| rid.clone(), |(stored, _)| stored.clone())
     }
 
     /// Removes a holder and everything that points at it. Returns its owner.
@@ -1602,7 +1651,7 @@ impl<W, M: Mint> LockTable<W, M> {
         let resource = self.resources.get_mut(rid)?;
         let holder = resource.holders.remove(&token)?;
         resource.last_activity = now;
-        self.deadlines.remove(&(holder.deadline, token));
+        // Its deadline entry goes stale; the index drops it lazily.
         if let Some(c) = self.conns.get_mut(&holder.conn) {
             c.held.remove(&token);
             if !c.uncollected.is_empty()
@@ -1614,12 +1663,13 @@ impl<W, M: Mint> LockTable<W, M> {
         Some(holder.conn)
     }
 
-    fn move_deadline(&mut self, rid: &ResourceId, token: Token, old: Duration, new: Duration) {
-        if let Some(r) = self.deadlines.remove(&(old, token)) {
-            self.deadlines.insert((new, token), r);
-        } else {
-            self.deadlines.insert((new, token), rid.clone());
-        }
+    /// A lease restarted: index its new deadline (the old entry is stale).
+    fn move_deadline(&mut self, rid: &ResourceId, token: Token, new: Duration) {
+        let rid = self.canonical(rid);
+        let resources = &self.resources;
+        self.deadlines.push(new, token, &rid, |rid, token| {
+            lease_deadline(resources, rid, token)
+        });
     }
 
     fn push_waiter(
@@ -1716,6 +1766,15 @@ fn deadline(now: Duration, lease: Lease) -> Duration {
     now.saturating_add(lease.as_duration())
 }
 
+/// The deadline of the lease `token` holds on `rid`, if it holds one.
+fn lease_deadline<W>(
+    resources: &HashMap<ResourceId, Resource<W>>,
+    rid: &ResourceId,
+    token: Token,
+) -> Option<Duration> {
+    resources.get(rid)?.holders.deadline(&token)
+}
+
 impl<W, M> Drop for LockTable<W, M> {
     fn drop(&mut self) {
         // A shared budget outlives this table.
@@ -1728,7 +1787,14 @@ impl<W, M> std::fmt::Debug for LockTable<W, M> {
         f.debug_struct("LockTable")
             .field("resources", &self.resources.len())
             .field("connections", &self.conns.len())
-            .field("leases", &self.deadlines.len())
+            .field(
+                "leases",
+                &self
+                    .resources
+                    .values()
+                    .map(|r| r.holders.len())
+                    .sum::<usize>(),
+            )
             .finish()
     }
 }
