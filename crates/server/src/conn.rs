@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 
 use crate::config::IdlePolicy;
 use crate::idle::WatchGuard;
-use crate::shared::{Notify, Shared};
+use crate::shared::{Notify, ShardSet, Shared, Table};
 
 mod mux;
 
@@ -45,14 +45,17 @@ enum ReadFailure {
 struct DisconnectOnDrop {
     shared: Arc<Shared>,
     id: ConnId,
+    used: Arc<ShardSet>,
 }
 
 impl Drop for DisconnectOnDrop {
     fn drop(&mut self) {
         let auto_release = self.shared.config.auto_release_on_disconnect;
         let id = self.id;
+        // Only a request of this connection leaves state of it in a table,
+        // and each marked the table it used.
         self.shared
-            .each_shard(|t, now| t.disconnect(id, auto_release, now));
+            .each_shard_in(&self.used, |t, now| t.disconnect(id, auto_release, now));
         if auto_release && !self.shared.config.disconnect_lock_delay.is_zero() {
             self.shared.delay_started.notify_one();
         }
@@ -107,6 +110,8 @@ pub(crate) struct Connection<S> {
     /// At least the number of waiters this connection has in the table (see
     /// [`Self::at_queue_cap`]).
     queued: std::cell::Cell<usize>,
+    /// The tables this connection's requests went to.
+    used: Arc<ShardSet>,
     /// The read deadline (see [`crate::idle`]).
     watch: WatchGuard,
 }
@@ -123,6 +128,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             out: Vec::with_capacity(256),
             recent: std::cell::Cell::new(None),
             queued: std::cell::Cell::new(0),
+            used: Arc::default(),
             watch: shared.reaper.watch(id),
         }
     }
@@ -135,6 +141,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let _cleanup = DisconnectOnDrop {
             shared: Arc::clone(&self.shared),
             id: self.id,
+            used: Arc::clone(&self.used),
         };
         let outcome = self.run().await;
         tracing::debug!(?outcome, "connection closed");
@@ -324,6 +331,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Ok(())
     }
 
+    /// Runs `f` on the table that holds `rid`, noting that this connection
+    /// used it (see [`ShardSet`]).
+    fn table<R>(&self, rid: &ResourceId, f: impl FnOnce(&mut Table, Duration) -> R) -> R {
+        let shard = self.shared.shard_of(rid);
+        self.used.insert(shard);
+        self.shared.with_shard_at(shard, f)
+    }
+
     /// Whether the connection already has `cap` requests queued in the
     /// table (the mux per-connection cap). Only a request of this connection
     /// adds a waiter of it, so [`Self::queued`], raised by each one that
@@ -336,7 +351,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         if self.queued.get() < cap {
             return false;
         }
-        let exact = self.shared.waiters_of(self.id);
+        let exact = self.shared.waiters_of(self.id, &self.used);
         self.queued.set(exact);
         exact >= cap
     }
@@ -388,7 +403,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 let outcome = if wait.is_some() && self.at_queue_cap(queue_cap) {
                     Err(LockError::MaxWaiters)
                 } else {
-                    self.shared.with_shard(&rid, |t, now| {
+                    self.table(&rid, |t, now| {
                         t.acquire_with(id, &rid, limit, lease, now, wait)
                     })
                 };
@@ -413,9 +428,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 // Parsed before the table lock is taken; a malformed token
                 // holds nothing.
                 let released = match Token::parse_wire(&token) {
-                    Some(token) => self
-                        .shared
-                        .with_shard(&rid, |t, now| t.release_token(&rid, token, now)),
+                    Some(token) => self.table(&rid, |t, now| t.release_token(&rid, token, now)),
                     None => Err(LockError::NotHeld),
                 };
                 match released {
@@ -431,9 +444,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             } => {
                 let rid = self.resource(namespace, key);
                 let renewed = match Token::parse_wire(&token) {
-                    Some(token) => self
-                        .shared
-                        .with_shard(&rid, |t, now| t.renew_token(&rid, token, lease, now)),
+                    Some(token) => {
+                        self.table(&rid, |t, now| t.renew_token(&rid, token, lease, now))
+                    }
                     None => Err(LockError::NotHeld),
                 };
                 match renewed {
@@ -447,7 +460,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 let outcome = if self.at_queue_cap(queue_cap) {
                     Err(LockError::MaxWaiters)
                 } else {
-                    self.shared.with_shard(&rid, |t, now| {
+                    self.table(&rid, |t, now| {
                         t.enqueue(id, ticket, &rid, limit, lease, now)
                     })
                 };
@@ -472,7 +485,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 let (outcome, place) = if wait.is_some() && self.at_queue_cap(queue_cap) {
                     (Err(LockError::MaxWaiters), None)
                 } else {
-                    self.shared.with_shard(&rid, |t, now| {
+                    self.table(&rid, |t, now| {
                         let outcome = t.wait(id, ticket, &rid, now, wait);
                         let place = t.queued_place(id, ticket, &rid);
                         (outcome, place)

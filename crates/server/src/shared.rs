@@ -47,9 +47,30 @@ pub(crate) type Table = LockTable<Notify, ServerMint>;
 /// requests on different keys rarely wait for each other, and above all not
 /// for a thread the kernel preempted while it held the lock (with one table
 /// that stall reached every connection and showed in the server's p99).
-/// Sixteen keeps the chance that two busy threads want the same table small
-/// on the machines this runs on, for a few hundred bytes per idle table.
-pub(crate) const SHARDS: usize = 16;
+/// With 64, two busy threads rarely want the same table, an idle table
+/// costs a few hundred bytes, and a connection's set of tables fits a
+/// [`ShardSet`].
+pub(crate) const SHARDS: usize = 64;
+
+/// The tables a connection has used (a bit per shard), so that its
+/// disconnect visits only those. Shared between the connection and its
+/// cleanup guard, which runs however the connection's task ends.
+#[derive(Debug, Default)]
+pub(crate) struct ShardSet(AtomicU64);
+
+impl ShardSet {
+    pub(crate) fn insert(&self, shard: usize) {
+        let bit = 1u64 << (shard % SHARDS);
+        // Almost always set already: a load, not a read-modify-write.
+        if self.0.load(Ordering::Relaxed) & bit == 0 {
+            self.0.fetch_or(bit, Ordering::Relaxed);
+        }
+    }
+
+    fn bits(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
 
 pub(crate) struct Shared {
     pub(crate) config: ServerConfig,
@@ -96,7 +117,31 @@ impl Shared {
         rid: &ResourceId,
         f: impl FnOnce(&mut Table, Duration) -> R,
     ) -> R {
-        Self::with_table(&self.shards[rid.shard(self.shards.len())], self.origin, f)
+        self.with_shard_at(self.shard_of(rid), f)
+    }
+
+    /// Which table holds `rid`.
+    pub(crate) fn shard_of(&self, rid: &ResourceId) -> usize {
+        rid.shard(self.shards.len())
+    }
+
+    /// Runs `f` on table `shard` (see [`Self::with_table`]).
+    pub(crate) fn with_shard_at<R>(
+        &self,
+        shard: usize,
+        f: impl FnOnce(&mut Table, Duration) -> R,
+    ) -> R {
+        Self::with_table(&self.shards[shard], self.origin, f)
+    }
+
+    /// Runs `f` on each table in `set`, one lock at a time.
+    pub(crate) fn each_shard_in(&self, set: &ShardSet, mut f: impl FnMut(&mut Table, Duration)) {
+        let bits = set.bits();
+        for (index, shard) in self.shards.iter().enumerate() {
+            if bits & (1 << index) != 0 {
+                Self::with_table(shard, self.origin, &mut f);
+            }
+        }
     }
 
     /// Runs `f` on every table in turn, one lock at a time (so never two
@@ -126,10 +171,11 @@ impl Shared {
         all
     }
 
-    /// How many waiters connection `conn` has queued, over all tables.
-    pub(crate) fn waiters_of(&self, conn: ConnId) -> usize {
+    /// How many waiters connection `conn` has queued, over the tables it
+    /// has used.
+    pub(crate) fn waiters_of(&self, conn: ConnId, used: &ShardSet) -> usize {
         let mut total = 0;
-        self.each_shard(|t, _| total += t.waiters_of(conn));
+        self.each_shard_in(used, |t, _| total += t.waiters_of(conn));
         total
     }
 
