@@ -231,9 +231,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         &mut self,
         mut on_frame: impl FnMut(&RawFrame<'_>) -> T,
     ) -> Result<T, ReadFailure> {
-        let reaper = Arc::clone(&self.shared.reaper);
-        let mut armed_at = self.decoder.lines_completed();
-        let mut since = reaper.now();
+        self.watch.restart(self.decoder.lines_completed());
         loop {
             let (used, decoded) = self.decoder.decode(&self.buf[self.pos..]);
             self.pos += used;
@@ -247,20 +245,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             if self.flush().await.is_err() {
                 return Err(ReadFailure::Eof);
             }
-            if self.decoder.lines_completed() != armed_at {
-                armed_at = self.decoder.lines_completed();
-                since = reaper.now();
-            }
             let bounded =
                 self.shared.config.idle == IdlePolicy::ReadTimeout || self.decoder.in_frame();
-            self.watch.set(bounded.then_some(since));
+            self.watch.arm(self.decoder.lines_completed(), bounded);
             let read = tokio::select! {
                 // The read first: no random branch order per request, and
                 // the deadline is not polled when bytes are already there.
                 biased;
                 read = self.stream.read_buf(&mut self.buf) => read,
                 _ = poll_fn(|cx| self.watch.poll_flagged(cx)), if bounded => {
-                    if self.watch.confirm(&reaper) {
+                    if self.watch.overdue() {
                         return Err(ReadFailure::Timeout);
                     }
                     continue;

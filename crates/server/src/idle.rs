@@ -125,6 +125,8 @@ impl Reaper {
             reaper: Arc::clone(self),
             id,
             watch,
+            armed_at: 0,
+            since: self.now(),
         }
     }
 
@@ -149,12 +151,40 @@ impl Reaper {
     }
 }
 
-/// A registered [`Watch`]; unregisters on drop.
+/// A registered [`Watch`]; unregisters on drop. It also keeps the
+/// connection's side of the bookkeeping: the decoder's line count when the
+/// deadline was last restarted, and the tick it was restarted at.
 #[derive(Debug)]
 pub(crate) struct WatchGuard {
     reaper: Arc<Reaper>,
     id: ConnId,
     watch: Arc<Watch>,
+    armed_at: u64,
+    since: u64,
+}
+
+impl WatchGuard {
+    /// Starts the deadline afresh from now; `lines` is the decoder's count
+    /// of completed lines.
+    pub(crate) fn restart(&mut self, lines: u64) {
+        self.armed_at = lines;
+        self.since = self.reaper.now();
+    }
+
+    /// Runs the deadline if `bounded`, else none; a line completed since the
+    /// last restart restarts it (the deadline is per line).
+    pub(crate) fn arm(&mut self, lines: u64, bounded: bool) {
+        if lines != self.armed_at {
+            self.restart(lines);
+        }
+        self.watch.set(bounded.then_some(self.since));
+    }
+
+    /// After [`Watch::poll_flagged`]: whether the deadline really passed
+    /// (see [`Watch::confirm`]).
+    pub(crate) fn overdue(&self) -> bool {
+        self.watch.confirm(&self.reaper)
+    }
 }
 
 impl std::ops::Deref for WatchGuard {

@@ -81,9 +81,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     async fn mux_loop(&mut self, mux: &mut Mux) -> Result<(), Close> {
-        let reaper = Arc::clone(&self.shared.reaper);
-        let mut armed_at = self.decoder.lines_completed();
-        let mut since = reaper.now();
+        self.watch.restart(self.decoder.lines_completed());
         loop {
             // Serve every complete frame already buffered, then write the
             // replies in one go.
@@ -109,29 +107,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             self.buf.clear();
             self.pos = 0;
             self.flush().await?;
-            if self.decoder.lines_completed() != armed_at {
-                armed_at = self.decoder.lines_completed();
-                since = reaper.now();
-            }
             // As on a plain connection, no read deadline runs while a
             // request waits; a frame once started must complete in time.
             let bounded = (self.shared.config.idle == IdlePolicy::ReadTimeout
                 && mux.waiting.is_empty())
                 || self.decoder.in_frame();
-            self.watch.set(bounded.then_some(since));
+            self.watch.arm(self.decoder.lines_completed(), bounded);
             tokio::select! {
                 biased;
                 Some((id, rid, grant)) = mux.grants.recv() => {
                     self.mux_granted(mux, id, &rid, grant);
                     // Idle time restarts; a frame once started keeps its deadline.
                     if !self.decoder.in_frame() {
-                        since = reaper.now();
+                        self.watch.restart(self.decoder.lines_completed());
                     }
                 }
                 Some(expired) = poll_fn(|cx| mux.expiries.poll_expired(cx)) => {
                     self.mux_expired(mux, expired.into_inner());
                     if !self.decoder.in_frame() {
-                        since = reaper.now();
+                        self.watch.restart(self.decoder.lines_completed());
                     }
                 }
                 _ = self.shared.drain.cancelled(), if !mux.drained => {
@@ -142,7 +136,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     Ok(_) => {}
                 },
                 _ = poll_fn(|cx| self.watch.poll_flagged(cx)), if bounded => {
-                    if self.watch.confirm(&reaper) {
+                    if self.watch.overdue() {
                         self.out.extend_from_slice(b"error\n");
                         let _ = self.flush().await;
                         return Err(Close::Protocol);
