@@ -13,7 +13,7 @@ use tracing::Instrument;
 use crate::config::ServerConfig;
 use crate::conn::Connection;
 use crate::fence::{FenceFileError, ServerMint};
-use crate::shared::{ConnGuard, SHARDS, Shared};
+use crate::shared::{ConnGuard, Shared};
 
 /// Why a server could not start.
 ///
@@ -100,10 +100,9 @@ impl Server {
         };
         // One fence counter and one resource cap for all shards.
         let budget = Arc::new(ResourceBudget::new(config.max_locks));
-        let shards = (0..SHARDS)
-            .map(|_| LockTable::sharing(table_config, mint.share(), Arc::clone(&budget)))
-            .collect();
-        let shared = Arc::new(Shared::new(config, shards));
+        let shared = Arc::new(Shared::new(config, || {
+            LockTable::sharing(table_config, mint.share(), Arc::clone(&budget))
+        }));
         let task = tokio::spawn(run(listener, Arc::clone(&shared)));
         tracing::info!(addr = %local_addr, tls = shared.config.tls.is_some(), auth = shared.config.auth_token.is_some(), "dflockd listening");
         Ok(ServerHandle {

@@ -51,6 +51,7 @@ pub(crate) type Table = LockTable<Notify, ServerMint>;
 /// costs a few hundred bytes, and a connection's set of tables fits a
 /// [`ShardSet`].
 pub(crate) const SHARDS: usize = 64;
+const _: () = assert!(SHARDS <= u64::BITS as usize, "a ShardSet is one u64");
 
 /// The tables a connection has used (a bit per shard), so that its
 /// disconnect visits only those. Shared between the connection and its
@@ -60,7 +61,7 @@ pub(crate) struct ShardSet(AtomicU64);
 
 impl ShardSet {
     pub(crate) fn insert(&self, shard: usize) {
-        let bit = 1u64 << (shard % SHARDS);
+        let bit = 1u64 << shard;
         // Almost always set already: a load, not a read-modify-write.
         if self.0.load(Ordering::Relaxed) & bit == 0 {
             self.0.fetch_or(bit, Ordering::Relaxed);
@@ -94,12 +95,16 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// `shards` must share one fence counter and one resource budget.
-    pub(crate) fn new(config: ServerConfig, shards: Vec<Table>) -> Shared {
+    /// A server state whose [`SHARDS`] tables come from `shard`; they must
+    /// share one fence counter and one resource budget.
+    pub(crate) fn new(config: ServerConfig, shard: impl FnMut() -> Table) -> Shared {
         Shared {
             reaper: Arc::new(Reaper::new(config.read_timeout)),
             config,
-            shards: shards.into_iter().map(Mutex::new).collect(),
+            shards: std::iter::repeat_with(shard)
+                .take(SHARDS)
+                .map(Mutex::new)
+                .collect(),
             origin: Instant::now(),
             next_conn: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
