@@ -839,12 +839,8 @@ impl<W, M: Mint> LockTable<W, M> {
         self.prepare(rid, limit, now)?;
         let resource = self.resources.get_mut(rid).expect("prepared above");
         if resource.has_room(now) && resource.queue.is_empty() {
-            // The grant, with the resource already in hand (the hot path).
-            let token = self.mint.mint()?;
-            let deadline = deadline(now, lease);
-            resource.holders.insert(token, Holder { conn, deadline });
-            self.index_holder(conn, rid, token, deadline);
-            return Ok(AcquireOutcome::Granted(Grant { token, lease }));
+            let grant = self.grant_now(conn, rid, lease, now)?;
+            return Ok(AcquireOutcome::Granted(grant));
         }
         if self.config.max_waiters > 0 && resource.queue.len() >= self.config.max_waiters {
             return Err(LockError::MaxWaiters);
@@ -1322,7 +1318,9 @@ impl<W, M: Mint> LockTable<W, M> {
         }
         holder.deadline = deadline(now, lease);
         let new = holder.deadline;
-        self.move_deadline(rid, token, new);
+        // The old deadline's entry goes stale.
+        let rid = self.canonical(rid);
+        self.index_deadline(&rid, token, new);
         Some(())
     }
 
@@ -1631,8 +1629,14 @@ impl<W, M: Mint> LockTable<W, M> {
             .or_default()
             .held
             .insert(token, rid.clone());
+        self.index_deadline(&rid, token, deadline);
+    }
+
+    /// Puts a lease's deadline in the index; `rid` is the table's own id
+    /// (see [`Self::canonical`]).
+    fn index_deadline(&mut self, rid: &ResourceId, token: Token, deadline: Duration) {
         let resources = &self.resources;
-        self.deadlines.push(deadline, token, &rid, |rid, token| {
+        self.deadlines.push(deadline, token, rid, |rid, token| {
             lease_deadline(resources, rid, token)
         });
     }
@@ -1661,15 +1665,6 @@ impl<W, M: Mint> LockTable<W, M> {
             }
         }
         Some(holder.conn)
-    }
-
-    /// A lease restarted: index its new deadline (the old entry is stale).
-    fn move_deadline(&mut self, rid: &ResourceId, token: Token, new: Duration) {
-        let rid = self.canonical(rid);
-        let resources = &self.resources;
-        self.deadlines.push(new, token, &rid, |rid, token| {
-            lease_deadline(resources, rid, token)
-        });
     }
 
     fn push_waiter(
