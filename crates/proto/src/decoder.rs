@@ -105,13 +105,7 @@ impl FrameDecoder {
     /// assert_eq!(d.feed(&input[n..]), (10, Progress::Frame));
     /// ```
     pub fn feed(&mut self, input: &[u8]) -> (usize, Progress) {
-        if self.frame_ready {
-            self.frame_ready = false;
-            for line in &mut self.lines {
-                line.clear();
-            }
-            self.current = 0;
-        }
+        self.forget_finished_frame();
         let mut used = 0;
         while used < input.len() {
             let rest = &input[used..];
@@ -207,13 +201,7 @@ impl FrameDecoder {
             used += lf + 1;
         }
         // Now between frames again, as after `feed` and `frame`.
-        if self.frame_ready {
-            self.frame_ready = false;
-            for line in &mut self.lines {
-                line.clear();
-            }
-            self.current = 0;
-        }
+        self.forget_finished_frame();
         self.lines_completed += 3;
         let [command, key, argument] = lines;
         Some((
@@ -263,6 +251,17 @@ impl FrameDecoder {
     /// ```
     pub fn lines_completed(&self) -> u64 {
         self.lines_completed
+    }
+
+    /// Drops the lines of a frame already handed out, before the next one.
+    fn forget_finished_frame(&mut self) {
+        if self.frame_ready {
+            self.frame_ready = false;
+            for line in &mut self.lines {
+                line.clear();
+            }
+            self.current = 0;
+        }
     }
 
     fn cap(&self) -> usize {
