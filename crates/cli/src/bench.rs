@@ -80,8 +80,16 @@ fn parse_seconds(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
-/// `--client-threads`, set once when the bench starts.
-static CLIENT_THREADS: std::sync::OnceLock<Option<u16>> = std::sync::OnceLock::new();
+/// How each measurement drives its server: for how long, under which
+/// run's key names, and on how many load-generator threads.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    duration: Duration,
+    /// Part of every key, so runs do not share keys.
+    run_id: u32,
+    /// `--client-threads`; `None` is one per core.
+    client_threads: Option<u16>,
+}
 
 #[derive(Debug, Default)]
 struct Sample {
@@ -156,10 +164,12 @@ pub async fn bench(connection: &ConnectionArgs, args: BenchArgs) -> u8 {
         }
     };
     let target = format!("{}:{}", addrs[0].host(), addrs[0].port());
-    let run_id = std::process::id();
-    let duration = args.seconds;
+    let load = Load {
+        duration: args.seconds,
+        run_id: std::process::id(),
+        client_threads: args.client_threads,
+    };
     let rounds = args.rounds.max(1);
-    let _ = CLIENT_THREADS.set(args.client_threads);
     if !args.json {
         println!(
             "{:<12} {:>7} {:>12} {:>10} {:>9} {:>9} {:>9} {:>10} {:>10}",
@@ -195,8 +205,7 @@ pub async fn bench(connection: &ConnectionArgs, args: BenchArgs) -> u8 {
         connection,
         &target,
         baseline_addr.as_deref(),
-        run_id,
-        duration,
+        load,
         rounds,
     )
     .await;
@@ -216,8 +225,7 @@ async fn run_workloads(
     connection: &ConnectionArgs,
     target: &str,
     baseline_addr: Option<&str>,
-    run_id: u32,
-    duration: Duration,
+    load: Load,
     rounds: u32,
 ) -> u8 {
     let paired = args.workloads.contains(&Workload::Baseline)
@@ -235,7 +243,7 @@ async fn run_workloads(
             Workload::Baseline if paired => {
                 let base = baseline_addr.unwrap_or_default();
                 for &workers in &args.workers {
-                    match paired_rounds(base, target, workers, duration, run_id, rounds).await {
+                    match paired_rounds(base, target, workers, load, rounds).await {
                         Ok((baseline, ours, ratios)) => {
                             print_row(args.json, &baseline, None, rounds);
                             print_row(args.json, &ours, Some(&ratios), rounds);
@@ -255,9 +263,9 @@ async fn run_workloads(
                 };
                 for &workers in &args.workers {
                     let result = if *workload == Workload::Contended {
-                        contended(addr, workers, duration, run_id).await
+                        contended(addr, workers, load).await
                     } else {
-                        uncontended(addr, workers, duration, run_id).await
+                        uncontended(addr, workers, load).await
                     };
                     match result {
                         Ok((elapsed, samples)) => {
@@ -305,8 +313,7 @@ async fn paired_rounds(
     base: &str,
     target: &str,
     workers: usize,
-    duration: Duration,
-    run_id: u32,
+    load: Load,
     rounds: u32,
 ) -> std::io::Result<(Summary, Summary, Ratios)> {
     let mut all = [(Duration::ZERO, Vec::new()), (Duration::ZERO, Vec::new())];
@@ -319,7 +326,7 @@ async fn paired_rounds(
         let mut this = [None, None];
         for side in order {
             let addr = if side == 0 { base } else { target };
-            let (elapsed, samples) = uncontended(addr, workers, duration, run_id).await?;
+            let (elapsed, samples) = uncontended(addr, workers, load).await?;
             let summary = summarize("", workers, elapsed, &samples);
             this[side] = Some((summary.ops_per_s, summary.p99_us));
             all[side].0 += elapsed;
@@ -391,11 +398,10 @@ fn elapsed_us(t0: Instant) -> u32 {
 async fn uncontended(
     addr: &str,
     workers: usize,
-    duration: Duration,
-    run_id: u32,
+    load: Load,
 ) -> std::io::Result<(Duration, Vec<Sample>)> {
-    let key = move |w: usize| format!("bench-{run_id}-{w}");
-    drive(addr, workers, duration, key, Handoff::No).await
+    let key = move |w: usize| format!("bench-{}-{w}", load.run_id);
+    drive(addr, workers, load, key, Handoff::No).await
 }
 
 /// All workers hand one key to each other; an op is one grant (its
@@ -403,11 +409,10 @@ async fn uncontended(
 async fn contended(
     addr: &str,
     workers: usize,
-    duration: Duration,
-    run_id: u32,
+    load: Load,
 ) -> std::io::Result<(Duration, Vec<Sample>)> {
-    let key = move |_| format!("bench-{run_id}-contended");
-    drive(addr, workers, duration, key, Handoff::Yes).await
+    let key = move |_| format!("bench-{}-contended", load.run_id);
+    drive(addr, workers, load, key, Handoff::Yes).await
 }
 
 /// Whether workers share a key and queue for it.
@@ -420,7 +425,7 @@ enum Handoff {
 }
 
 /// Runs `workers` workers, one persistent connection each, until
-/// `duration` has passed; worker `w` locks `key(w)`.
+/// `load.duration` has passed; worker `w` locks `key(w)`.
 ///
 /// The workers run on a runtime of their own (`--client-threads`), on its
 /// own OS threads, so the load generator's shape is the same whatever the
@@ -428,11 +433,12 @@ enum Handoff {
 async fn drive(
     addr: &str,
     workers: usize,
-    duration: Duration,
+    load: Load,
     key: impl Fn(usize) -> String,
     handoff: Handoff,
 ) -> std::io::Result<(Duration, Vec<Sample>)> {
-    let threads = CLIENT_THREADS.get().copied().flatten().map(usize::from);
+    let threads = load.client_threads.map(usize::from);
+    let duration = load.duration;
     let keys: Vec<String> = (0..workers).map(key).collect();
     let addr = addr.to_owned();
     let (tx, rx) = tokio::sync::oneshot::channel();
