@@ -1028,7 +1028,7 @@ async fn guarded_request(
     const RACE_GRACE: Duration = Duration::from_millis(200);
     let (tx, rx) = oneshot::channel::<Result<(Reply, Connection)>>();
     let mut tx = tx;
-    let mut result = ExchangeGuard {
+    let mut result = Handover {
         rx: Some(rx),
         orphan: orphan.clone(),
     };
@@ -1056,41 +1056,64 @@ async fn guarded_request(
             None => {} // dropping the connection withdraws the waiter
         }
     });
-    result.recv().await
+    result.recv().await?
 }
 
-/// The caller's end of a [`guarded_request`]. If the caller goes away after
-/// the reply was handed over but before reading it, dropping this settles
-/// the reply in the background (releases a grant, gives up a queue place)
-/// instead of leaving it to the connection's close — which frees nothing on
-/// a server without auto-release.
-struct ExchangeGuard {
-    rx: Option<oneshot::Receiver<Result<(Reply, Connection)>>>,
+/// The caller's end of a value a background task hands over: a reply and
+/// its connection ([`guarded_request`]), or a queued ticket's connection
+/// ([`QueuedConn::take`]). If the caller goes away after the value was
+/// handed over but before reading it, dropping this settles the value in the
+/// background (releases a grant, gives up a queue place) instead of leaving
+/// it to the connection's close — which frees nothing on a server without
+/// auto-release.
+struct Handover<T: Orphan> {
+    rx: Option<oneshot::Receiver<T>>,
     orphan: (Key, Namespace),
 }
 
-impl ExchangeGuard {
-    async fn recv(&mut self) -> Result<(Reply, Connection)> {
+/// A handed-over value that must be settled if nobody reads it.
+trait Orphan: Send + Sized + 'static {
+    /// Frees whatever the value holds on the server for `orphan`'s key.
+    fn settle(self, orphan: (Key, Namespace)) -> impl Future<Output = ()> + Send + 'static;
+}
+
+impl Orphan for Result<(Reply, Connection)> {
+    async fn settle(self, orphan: (Key, Namespace)) {
+        if let Ok((reply, conn)) = self {
+            settle_orphaned(reply, conn, orphan).await;
+        }
+    }
+}
+
+impl Orphan for Connection {
+    fn settle(self, orphan: (Key, Namespace)) -> impl Future<Output = ()> + Send + 'static {
+        abandon_queued(self, orphan)
+    }
+}
+
+impl<T: Orphan> Handover<T> {
+    async fn recv(&mut self) -> Result<T> {
         let Some(rx) = self.rx.as_mut() else {
             return Err(Error::ConnectionClosed);
         };
         let result = rx.await;
         self.rx = None;
-        result.map_err(|_| Error::ConnectionClosed)?
+        result.map_err(|_| Error::ConnectionClosed)
     }
 }
 
-impl Drop for ExchangeGuard {
+impl<T: Orphan> Drop for Handover<T> {
     fn drop(&mut self) {
         let Some(mut rx) = self.rx.take() else {
             return;
         };
-        // From here on the task cannot hand the reply over: it settles it.
+        // From here on the task cannot hand the value over: it settles it
+        // itself. One already handed over is settled here.
         rx.close();
-        if let Ok(Ok((reply, conn))) = rx.try_recv()
+        if let Ok(value) = rx.try_recv()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
-            runtime.spawn(settle_orphaned(reply, conn, self.orphan.clone()));
+            runtime.spawn(value.settle(self.orphan.clone()));
         }
     }
 }
@@ -1140,7 +1163,7 @@ impl QueuedConn {
     /// auto-release-on-disconnect would keep until the lease ran out.
     async fn take(self) -> Result<Connection> {
         let (tx, rx) = oneshot::channel();
-        let mut handback = Handback {
+        let mut handback = Handover {
             rx: Some(rx),
             orphan: self.orphan,
         };
@@ -1148,39 +1171,6 @@ impl QueuedConn {
             .send(tx)
             .map_err(|_| Error::ConnectionClosed)?;
         handback.recv().await
-    }
-}
-
-/// The receiving end of a [`QueuedConn::take`]; see there.
-struct Handback {
-    rx: Option<oneshot::Receiver<Connection>>,
-    orphan: (Key, Namespace),
-}
-
-impl Handback {
-    async fn recv(&mut self) -> Result<Connection> {
-        let Some(rx) = self.rx.as_mut() else {
-            return Err(Error::ConnectionClosed);
-        };
-        let result = rx.await;
-        self.rx = None;
-        result.map_err(|_| Error::ConnectionClosed)
-    }
-}
-
-impl Drop for Handback {
-    fn drop(&mut self) {
-        let Some(mut rx) = self.rx.take() else {
-            return;
-        };
-        // From here on the keeper cannot hand the connection over: it gives
-        // the place up itself. One already handed over is given up here.
-        rx.close();
-        if let Ok(conn) = rx.try_recv()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            runtime.spawn(abandon_queued(conn, self.orphan.clone()));
-        }
     }
 }
 
