@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use dflockd_core::ConnId;
@@ -127,6 +127,7 @@ impl Reaper {
             watch,
             armed_at: 0,
             since: self.now(),
+            registered: None,
         }
     }
 
@@ -161,6 +162,10 @@ pub(crate) struct WatchGuard {
     watch: Arc<Watch>,
     armed_at: u64,
     since: u64,
+    /// The waker last handed to the watch, while the reaper has not used
+    /// it: a connection's task keeps one waker, so most polls need not
+    /// register it again (two atomic swaps per request saved).
+    registered: Option<Waker>,
 }
 
 impl WatchGuard {
@@ -180,7 +185,29 @@ impl WatchGuard {
         self.watch.set(bounded.then_some(self.since));
     }
 
-    /// After [`Watch::poll_flagged`]: whether the deadline really passed
+    /// Ready once the reaper has flagged the watch (see
+    /// [`Watch::poll_flagged`]); registers `cx`'s waker only if it is not
+    /// the one registered already.
+    pub(crate) fn poll_flagged(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.watch.expired.load(Ordering::Acquire) {
+            // The reaper flags before it wakes, and a wake uses up the
+            // registration: the next poll registers afresh.
+            self.registered = None;
+            return Poll::Ready(());
+        }
+        if self
+            .registered
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()))
+        {
+            return Poll::Pending;
+        }
+        let flagged = self.watch.poll_flagged(cx);
+        self.registered = flagged.is_pending().then(|| cx.waker().clone());
+        flagged
+    }
+
+    /// After [`Self::poll_flagged`]: whether the deadline really passed
     /// (see [`Watch::confirm`]).
     pub(crate) fn overdue(&self) -> bool {
         self.watch.confirm(&self.reaper)
@@ -213,14 +240,18 @@ mod tests {
         let timeout = Duration::from_millis(800);
         let reaper = Arc::new(Reaper::new(timeout));
         let task = tokio::spawn(Arc::clone(&reaper).run());
-        let watch = reaper.watch(ConnId(1));
+        let mut watch = reaper.watch(ConnId(1));
         // Stamped at every offset within a tick, including just before the
         // clock ticks (the case a `>=` comparison would close early).
         for offset_ms in [0, 30, 60, 99] {
             tokio::time::sleep(Duration::from_millis(offset_ms)).await;
             let started = tokio::time::Instant::now();
             watch.set(Some(reaper.now()));
-            std::future::poll_fn(|cx| watch.poll_flagged(cx)).await;
+            // Each round needs a fresh wake: a registration the previous
+            // wake used up must not be taken for a live one.
+            let flagged = std::future::poll_fn(|cx| watch.poll_flagged(cx));
+            let woken = tokio::time::timeout(timeout * 2, flagged).await;
+            assert!(woken.is_ok(), "no wake in round {offset_ms}");
             assert!(watch.confirm(&reaper));
             let waited = started.elapsed();
             assert!(waited >= timeout, "fired after {waited:?}");
