@@ -10,7 +10,7 @@ use crate::table::ResourceId;
 
 /// Entries a heap may hold beyond 1.25 times its live size before it is
 /// compacted.
-const SLACK: usize = 1024;
+const SLACK: usize = 128;
 
 /// One lease deadline. Ordered by deadline, then token (tokens are unique,
 /// so the order is total among live entries).
