@@ -401,3 +401,42 @@ async fn connection_flood_respects_the_caps_while_established_clients_keep_worki
     }
     assert_answers(&mut established).await;
 }
+
+/// Protection: the write timeout. A client that pipelines requests but
+/// never reads the replies fills both sockets' buffers; the server must give
+/// up on the stalled write after `write_timeout` and close the connection,
+/// not keep it (and its task) forever. Confirmed to fail with no write
+/// timeout ("never closed").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_closed_by_the_write_timeout() {
+    let server = Server::start(ServerConfig {
+        write_timeout: Some(Duration::from_millis(300)),
+        ..ServerConfig::ephemeral()
+    })
+    .await
+    .expect("server starts");
+    let stream = TcpStream::connect(server.local_addr())
+        .await
+        .expect("connect");
+    // The read half stays open and unread.
+    let (_unread, mut write) = stream.into_split();
+    let pump = tokio::spawn(async move {
+        // Stats replies are the largest; 64 MiB of them is far beyond any
+        // loopback socket buffer. A failed write means the server closed.
+        let frames = b"stats\n_\n_\n".repeat(1024);
+        for _ in 0..64 * 1024 * 1024 / (1024 * 100) {
+            if write.write_all(&frames).await.is_err() {
+                return true;
+            }
+        }
+        false
+    });
+    // The server closes with our requests unread, which resets the
+    // connection: the pump's next write fails.
+    let closed = timeout(Duration::from_secs(20), pump)
+        .await
+        .expect("never closed")
+        .expect("pump task");
+    assert!(closed, "all 64 MiB written without the server closing");
+    assert!(ping(&server).await.starts_with("ok {"));
+}

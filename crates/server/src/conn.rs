@@ -14,7 +14,7 @@ use dflockd_proto::{
     is_mux_hello,
 };
 use subtle::ConstantTimeEq;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::oneshot;
 
 use crate::config::IdlePolicy;
@@ -104,6 +104,8 @@ pub(crate) struct Connection<S> {
     pos: usize,
     decoder: FrameDecoder,
     out: Vec<u8>,
+    /// How much of `out` is written (see [`Self::poll_write_out`]).
+    written: usize,
     /// The resource the last request named: the next request on the same
     /// key (a release after an acquire, a renew) shares its bytes and hash.
     recent: std::cell::Cell<Option<ResourceId>>,
@@ -126,6 +128,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             pos: 0,
             decoder: FrameDecoder::new(),
             out: Vec::with_capacity(256),
+            written: 0,
             recent: std::cell::Cell::new(None),
             queued: std::cell::Cell::new(0),
             used: Arc::default(),
@@ -267,18 +270,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
+    /// Writes the queued replies out. A write that cannot finish at once is
+    /// bounded by the write timeout.
     async fn flush(&mut self) -> Result<(), Close> {
         if self.out.is_empty() {
             return Ok(());
         }
-        let write = async {
-            self.stream.write_all(&self.out).await?;
-            self.stream.flush().await
-        };
-        tokio::pin!(write);
-        // Fast path: the socket is almost always writable, so the write
-        // completes on its first poll and no timer is needed.
-        let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+        // Fast path: the socket is almost always writable, so the replies go
+        // out on the first poll and no timer is needed.
+        let first = poll_fn(|cx| Poll::Ready(self.poll_write_out(cx))).await;
         let result = match first {
             Poll::Ready(result) => result,
             Poll::Pending => {
@@ -290,16 +290,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     }
                 };
                 tokio::select! {
-                    result = &mut write => result,
+                    result = poll_fn(|cx| self.poll_write_out(cx)) => result,
                     _ = expiry => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "write timeout")),
                 }
             }
         };
         self.out.clear();
+        self.written = 0;
         result.map_err(|error| {
             tracing::debug!(%error, "write failed");
             Close::Gone
         })
+    }
+
+    /// Writes `out` from `written` on, then flushes (a TLS stream holds
+    /// records until then); `written` keeps the progress across polls.
+    fn poll_write_out(&mut self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        let mut stream = std::pin::Pin::new(&mut self.stream);
+        while self.written < self.out.len() {
+            match stream.as_mut().poll_write(cx, &self.out[self.written..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => self.written += n,
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        stream.poll_flush(cx)
     }
 
     async fn execute(&mut self, request: Request) -> Result<(), Close> {
