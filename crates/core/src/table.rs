@@ -1,5 +1,6 @@
 use std::collections::BTreeMap;
 use std::collections::HashMap as StdHashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -521,6 +522,44 @@ impl<W> Resource<W> {
     }
 }
 
+/// What [`LockTable::remove_holder`] reports of a removed holder.
+#[derive(Debug, Clone, Copy)]
+struct Removed {
+    /// Waiters are queued: the freed slot may go to one of them.
+    waiters: bool,
+}
+
+/// What a new request finds at a resource, once [`LockTable::prepare`] has
+/// evicted expired holders: taken from the same lookup, so an uncontended
+/// acquire does not look the resource up again to decide.
+#[derive(Debug, Clone, Copy)]
+struct Arrival {
+    /// A slot is free (and no lock delay runs).
+    room: bool,
+    /// Waiters already queued.
+    queued: usize,
+}
+
+impl Arrival {
+    /// What a request that finds nothing grantable sees.
+    const FULL: Arrival = Arrival {
+        room: false,
+        queued: 0,
+    };
+
+    fn at<W>(resource: &Resource<W>, now: Duration) -> Arrival {
+        Arrival {
+            room: resource.has_room(now),
+            queued: resource.queue.len(),
+        }
+    }
+
+    /// Granted on arrival: room, and nobody ahead (FIFO).
+    fn grantable(self) -> bool {
+        self.room && self.queued == 0
+    }
+}
+
 /// Two-phase state for one (connection, resource, ticket). Plain
 /// connections always use ticket 0, so they have one per resource; a
 /// multiplexed connection names a ticket per handle.
@@ -836,13 +875,12 @@ impl<W, M: Mint> LockTable<W, M> {
         wait: Option<impl FnOnce() -> W>,
     ) -> Result<AcquireOutcome, LockError> {
         let lease = lease.unwrap_or(self.config.default_lease);
-        self.prepare(rid, limit, now)?;
-        let resource = self.resources.get_mut(rid).expect("prepared above");
-        if resource.has_room(now) && resource.queue.is_empty() {
+        let arrival = self.prepare(rid, limit, now)?;
+        if arrival.grantable() {
             let grant = self.grant_now(conn, rid, lease, now)?;
             return Ok(AcquireOutcome::Granted(grant));
         }
-        if self.config.max_waiters > 0 && resource.queue.len() >= self.config.max_waiters {
+        if self.config.max_waiters > 0 && arrival.queued >= self.config.max_waiters {
             return Err(LockError::MaxWaiters);
         }
         let Some(notify) = wait else {
@@ -936,9 +974,12 @@ impl<W, M: Mint> LockTable<W, M> {
         token: Token,
         now: Duration,
     ) -> Result<(), LockError> {
-        self.remove_holder(rid, token, now)
+        let removed = self
+            .remove_holder(rid, token, now)
             .ok_or(LockError::NotHeld)?;
-        self.promote(rid, now);
+        if removed.waiters {
+            self.promote(rid, now);
+        }
         Ok(())
     }
 
@@ -961,7 +1002,10 @@ impl<W, M: Mint> LockTable<W, M> {
     /// assert_eq!(table.holder_count(), 0);
     /// ```
     pub fn release_undelivered(&mut self, rid: &ResourceId, token: Token, now: Duration) {
-        if self.remove_holder(rid, token, now).is_some() {
+        if self
+            .remove_holder(rid, token, now)
+            .is_some_and(|removed| removed.waiters)
+        {
             self.promote(rid, now);
         }
     }
@@ -1055,9 +1099,8 @@ impl<W, M: Mint> LockTable<W, M> {
             return Err(LockError::AlreadyEnqueued);
         }
         let lease = lease.unwrap_or(self.config.default_lease);
-        self.prepare(rid, limit, now)?;
-        let resource = self.resources.get_mut(rid).expect("prepared above");
-        if resource.has_room(now) && resource.queue.is_empty() {
+        let arrival = self.prepare(rid, limit, now)?;
+        if arrival.grantable() {
             let grant = self.grant_now(conn, rid, lease, now)?;
             self.set_phase1(
                 conn,
@@ -1072,7 +1115,7 @@ impl<W, M: Mint> LockTable<W, M> {
             );
             return Ok(EnqueueOutcome::Acquired(grant));
         }
-        if self.config.max_waiters > 0 && resource.queue.len() >= self.config.max_waiters {
+        if self.config.max_waiters > 0 && arrival.queued >= self.config.max_waiters {
             return Err(LockError::MaxWaiters);
         }
         let id = self.push_waiter(conn, rid, lease, WaiterKind::TwoPhase(ticket));
@@ -1564,7 +1607,12 @@ impl<W, M: Mint> LockTable<W, M> {
     /// Resolves or creates the resource, checks its limit, evicts its
     /// expired holders and promotes waiters (so nobody queues behind a dead
     /// lease).
-    fn prepare(&mut self, rid: &ResourceId, limit: Limit, now: Duration) -> Result<(), LockError> {
+    fn prepare(
+        &mut self,
+        rid: &ResourceId,
+        limit: Limit,
+        now: Duration,
+    ) -> Result<Arrival, LockError> {
         let Some(resource) = self.resources.get_mut(rid) else {
             if !self.budget.try_take() {
                 return Err(LockError::MaxLocks);
@@ -1576,21 +1624,26 @@ impl<W, M: Mint> LockTable<W, M> {
                 last_activity: now,
                 blocked_until: None,
             };
+            let arrival = Arrival::at(&resource, now);
             self.resources.insert(rid.clone(), resource);
-            return Ok(());
+            return Ok(arrival);
         };
         if resource.limit != limit {
             return Err(LockError::LimitMismatch);
         }
         resource.last_activity = now;
         let expired = resource.holders.expired(now);
-        if !expired.is_empty() {
-            for token in expired {
-                self.remove_holder(rid, token, now);
-            }
-            self.promote(rid, now);
+        if expired.is_empty() {
+            return Ok(Arrival::at(resource, now));
         }
-        Ok(())
+        for token in expired {
+            self.remove_holder(rid, token, now);
+        }
+        self.promote(rid, now);
+        Ok(self
+            .resources
+            .get(rid)
+            .map_or(Arrival::FULL, |resource| Arrival::at(resource, now)))
     }
 
     fn grant_now(
@@ -1614,16 +1667,23 @@ impl<W, M: Mint> LockTable<W, M> {
         now: Duration,
     ) {
         let deadline = deadline(now, lease);
-        if let Some(resource) = self.resources.get_mut(rid) {
-            resource.holders.insert(token, Holder { conn, deadline });
-            resource.last_activity = now;
-        }
+        // One lookup both records the holder and finds the table's own id
+        // (see [`Self::canonical`]) for the indexes.
+        let rid = match self.resources.entry(rid.clone()) {
+            Entry::Occupied(mut stored) => {
+                let resource = stored.get_mut();
+                resource.holders.insert(token, Holder { conn, deadline });
+                resource.last_activity = now;
+                stored.key().clone()
+            }
+            Entry::Vacant(_) => rid.clone(),
+        };
         self.index_holder(conn, rid, token, deadline);
     }
 
-    /// Records a new holder in its connection's holds and the deadlines.
-    fn index_holder(&mut self, conn: ConnId, rid: &ResourceId, token: Token, deadline: Duration) {
-        let rid = self.canonical(rid);
+    /// Records a new holder in its connection's holds and the deadlines;
+    /// `rid` is the table's own id.
+    fn index_holder(&mut self, conn: ConnId, rid: ResourceId, token: Token, deadline: Duration) {
         self.conns
             .entry(conn)
             .or_default()
@@ -1650,11 +1710,14 @@ impl<W, M: Mint> LockTable<W, M> {
             .map_or_else(|| rid.clone(), |(stored, _)| stored.clone())
     }
 
-    /// Removes a holder and everything that points at it. Returns its owner.
-    fn remove_holder(&mut self, rid: &ResourceId, token: Token, now: Duration) -> Option<ConnId> {
+    /// Removes a holder and everything that points at it.
+    fn remove_holder(&mut self, rid: &ResourceId, token: Token, now: Duration) -> Option<Removed> {
         let resource = self.resources.get_mut(rid)?;
         let holder = resource.holders.remove(&token)?;
         resource.last_activity = now;
+        let removed = Removed {
+            waiters: !resource.queue.is_empty(),
+        };
         // Its deadline entry goes stale; the index drops it lazily.
         if let Some(c) = self.conns.get_mut(&holder.conn) {
             c.held.remove(&token);
@@ -1664,7 +1727,7 @@ impl<W, M: Mint> LockTable<W, M> {
                 c.phase1.remove(&(rid.clone(), ticket));
             }
         }
-        Some(holder.conn)
+        Some(removed)
     }
 
     fn push_waiter(
