@@ -1,6 +1,5 @@
 use std::collections::BTreeMap;
 use std::collections::HashMap as StdHashMap;
-use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -406,6 +405,9 @@ struct Waiter<W> {
 }
 
 struct Resource<W> {
+    /// The table's own copy of the resource's id (the map's key): indexes
+    /// clone this one (see [`LockTable::canonical`]).
+    id: ResourceId,
     limit: Limit,
     holders: Holders,
     queue: BTreeMap<WaiterId, Waiter<W>>,
@@ -1618,6 +1620,7 @@ impl<W, M: Mint> LockTable<W, M> {
                 return Err(LockError::MaxLocks);
             }
             let resource = Resource {
+                id: rid.clone(),
                 limit,
                 holders: Holders::new(limit),
                 queue: BTreeMap::new(),
@@ -1667,29 +1670,24 @@ impl<W, M: Mint> LockTable<W, M> {
         now: Duration,
     ) {
         let deadline = deadline(now, lease);
-        // One lookup both records the holder and finds the table's own id
+        // The lookup that records the holder also yields the table's own id
         // (see [`Self::canonical`]) for the indexes.
-        let rid = match self.resources.entry(rid.clone()) {
-            Entry::Occupied(mut stored) => {
-                let resource = stored.get_mut();
+        let rid = match self.resources.get_mut(rid) {
+            Some(resource) => {
                 resource.holders.insert(token, Holder { conn, deadline });
                 resource.last_activity = now;
-                stored.key().clone()
+                resource.id.clone()
             }
-            Entry::Vacant(_) => rid.clone(),
+            None => rid.clone(),
         };
         self.index_holder(conn, rid, token, deadline);
     }
 
-    /// Records a new holder in its connection's holds and the deadlines;
+    /// Records a new holder in the deadlines and its connection's holds;
     /// `rid` is the table's own id.
     fn index_holder(&mut self, conn: ConnId, rid: ResourceId, token: Token, deadline: Duration) {
-        self.conns
-            .entry(conn)
-            .or_default()
-            .held
-            .insert(token, rid.clone());
         self.index_deadline(&rid, token, deadline);
+        self.conns.entry(conn).or_default().held.insert(token, rid);
     }
 
     /// Puts a lease's deadline in the index; `rid` is the table's own id
@@ -1706,8 +1704,8 @@ impl<W, M: Mint> LockTable<W, M> {
     /// copy), the resource's name is held in memory once.
     fn canonical(&self, rid: &ResourceId) -> ResourceId {
         self.resources
-            .get_key_value(rid)
-            .map_or_else(|| rid.clone(), |(stored, _)| stored.clone())
+            .get(rid)
+            .map_or_else(|| rid.clone(), |resource| resource.id.clone())
     }
 
     /// Removes a holder and everything that points at it.

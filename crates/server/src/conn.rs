@@ -368,15 +368,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         exact >= cap
     }
 
-    /// The resource `key` names in `namespace`: the recent one again if it
-    /// is the same (no new hash), else a new one that becomes the recent.
-    fn resource(&self, namespace: dflockd_proto::Namespace, key: dflockd_proto::Key) -> ResourceId {
+    /// Runs `f` with the resource `key` names in `namespace`: the recent one
+    /// again if it is the same (no new hash, no new allocation), else a new
+    /// one, which becomes the recent. The id is lent, not cloned, so a
+    /// request costs no reference-count traffic for it.
+    fn with_resource<R>(
+        &self,
+        namespace: dflockd_proto::Namespace,
+        key: dflockd_proto::Key,
+        f: impl FnOnce(&ResourceId) -> R,
+    ) -> R {
         let rid = match self.recent.take() {
             Some(recent) if recent.namespace() == namespace && *recent.key() == key => recent,
             _ => ResourceId::new(namespace, key),
         };
-        self.recent.set(Some(rid.clone()));
-        rid
+        let result = f(&rid);
+        self.recent.set(Some(rid));
+        result
     }
 
     /// Applies a request to the table. A request that must wait registers
@@ -394,130 +402,120 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         notify: impl FnOnce() -> Notify,
     ) -> Step {
         let id = self.id;
-        let reply = match request {
-            Request::Ping => Reply::Ok,
+        match request {
+            Request::Ping => Step::Reply(Reply::Ok),
             // The handshake consumed the only `auth` that is ever valid.
-            Request::Auth { .. } => Reply::Failure(Status::Error),
-            Request::Stats => match serde_json::to_string(&self.shared.stats()) {
+            Request::Auth { .. } => Step::Reply(Reply::Failure(Status::Error)),
+            Request::Stats => Step::Reply(match serde_json::to_string(&self.shared.stats()) {
                 Ok(json) => Reply::Stats(json),
                 Err(_) => Reply::Failure(Status::Error),
-            },
+            }),
             Request::Acquire {
                 key,
                 kind,
                 timeout,
                 lease,
-            } => {
-                let rid = self.resource(kind.namespace(), key);
+            } => self.with_resource(kind.namespace(), key, |rid| {
                 let limit = kind.limit();
                 // The wake-up channel is made only if the request queues.
                 let wait = (timeout != Seconds::ZERO).then_some(notify);
                 let outcome = if wait.is_some() && self.at_queue_cap(queue_cap) {
                     Err(LockError::MaxWaiters)
                 } else {
-                    self.table(&rid, |t, now| {
-                        t.acquire_with(id, &rid, limit, lease, now, wait)
+                    self.table(rid, |t, now| {
+                        t.acquire_with(id, rid, limit, lease, now, wait)
                     })
                 };
                 match outcome {
                     Ok(AcquireOutcome::Queued(waiter)) => {
                         self.queued.set(self.queued.get() + 1);
-                        return Step::Waiting {
-                            rid,
+                        Step::Waiting {
+                            rid: rid.clone(),
                             pending: Pending::Acquire(waiter),
                             timeout,
-                        };
+                        }
                     }
-                    other => acquire_reply(other),
+                    other => Step::Reply(acquire_reply(other)),
                 }
-            }
+            }),
             Request::Release {
                 key,
                 namespace,
                 token,
-            } => {
-                let rid = self.resource(namespace, key);
+            } => self.with_resource(namespace, key, |rid| {
                 // Parsed before the table lock is taken; a malformed token
                 // holds nothing.
                 let released = match Token::parse_wire(&token) {
-                    Some(token) => self.table(&rid, |t, now| t.release_token(&rid, token, now)),
+                    Some(token) => self.table(rid, |t, now| t.release_token(rid, token, now)),
                     None => Err(LockError::NotHeld),
                 };
-                match released {
+                Step::Reply(match released {
                     Ok(()) => Reply::Ok,
                     Err(error) => error_reply(&error),
-                }
-            }
+                })
+            }),
             Request::Renew {
                 key,
                 namespace,
                 token,
                 lease,
-            } => {
-                let rid = self.resource(namespace, key);
+            } => self.with_resource(namespace, key, |rid| {
                 let renewed = match Token::parse_wire(&token) {
-                    Some(token) => {
-                        self.table(&rid, |t, now| t.renew_token(&rid, token, lease, now))
-                    }
+                    Some(token) => self.table(rid, |t, now| t.renew_token(rid, token, lease, now)),
                     None => Err(LockError::NotHeld),
                 };
-                match renewed {
+                Step::Reply(match renewed {
                     Ok(lease) => Reply::Renewed(Seconds::new(lease.get()).unwrap_or(Seconds::ZERO)),
                     Err(error) => error_reply(&error),
-                }
-            }
+                })
+            }),
             Request::Enqueue { key, kind, lease } => {
-                let rid = self.resource(kind.namespace(), key);
-                let limit = kind.limit();
-                let outcome = if self.at_queue_cap(queue_cap) {
-                    Err(LockError::MaxWaiters)
-                } else {
-                    self.table(&rid, |t, now| {
-                        t.enqueue(id, ticket, &rid, limit, lease, now)
+                self.with_resource(kind.namespace(), key, |rid| {
+                    let limit = kind.limit();
+                    let outcome = if self.at_queue_cap(queue_cap) {
+                        Err(LockError::MaxWaiters)
+                    } else {
+                        self.table(rid, |t, now| t.enqueue(id, ticket, rid, limit, lease, now))
+                    };
+                    Step::Reply(match outcome {
+                        Ok(EnqueueOutcome::Acquired(Grant { token, lease })) => {
+                            Reply::Acquired { token, lease }
+                        }
+                        Ok(EnqueueOutcome::Queued) => {
+                            self.queued.set(self.queued.get() + 1);
+                            Reply::Queued
+                        }
+                        Err(error) => error_reply(&error),
                     })
-                };
-                match outcome {
-                    Ok(EnqueueOutcome::Acquired(Grant { token, lease })) => {
-                        Reply::Acquired { token, lease }
-                    }
-                    Ok(EnqueueOutcome::Queued) => {
-                        self.queued.set(self.queued.get() + 1);
-                        Reply::Queued
-                    }
-                    Err(error) => error_reply(&error),
-                }
+                })
             }
             Request::Wait {
                 key,
                 namespace,
                 timeout,
-            } => {
-                let rid = self.resource(namespace, key);
+            } => self.with_resource(namespace, key, |rid| {
                 let wait = (timeout != Seconds::ZERO).then(notify);
                 let (outcome, place) = if wait.is_some() && self.at_queue_cap(queue_cap) {
                     (Err(LockError::MaxWaiters), None)
                 } else {
-                    self.table(&rid, |t, now| {
-                        let outcome = t.wait(id, ticket, &rid, now, wait);
-                        let place = t.queued_place(id, ticket, &rid);
+                    self.table(rid, |t, now| {
+                        let outcome = t.wait(id, ticket, rid, now, wait);
+                        let place = t.queued_place(id, ticket, rid);
                         (outcome, place)
                     })
                 };
                 match (outcome, place) {
-                    (Ok(WaitOutcome::Pending), Some(waiter)) => {
-                        return Step::Waiting {
-                            rid,
-                            pending: Pending::Wait { ticket, waiter },
-                            timeout,
-                        };
-                    }
+                    (Ok(WaitOutcome::Pending), Some(waiter)) => Step::Waiting {
+                        rid: rid.clone(),
+                        pending: Pending::Wait { ticket, waiter },
+                        timeout,
+                    },
                     // A pending wait always has a queued place.
-                    (Ok(WaitOutcome::Pending), None) => Reply::Failure(Status::Error),
-                    (other, _) => wait_reply(other),
+                    (Ok(WaitOutcome::Pending), None) => Step::Reply(Reply::Failure(Status::Error)),
+                    (other, _) => Step::Reply(wait_reply(other)),
                 }
-            }
-        };
-        Step::Reply(reply)
+            }),
+        }
     }
 
     /// Waits for a queued request's grant, its timeout, the drain, or the
