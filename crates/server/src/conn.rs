@@ -84,6 +84,16 @@ impl Pending {
     }
 }
 
+/// A request that queued, as [`Connection::execute`] hands it to
+/// [`Connection::block`].
+struct Blocked {
+    /// Where the grant will arrive.
+    grant: oneshot::Receiver<Grant>,
+    rid: ResourceId,
+    pending: Pending,
+    timeout: Seconds,
+}
+
 /// Where [`Connection::apply`] left a request.
 enum Step {
     /// Answered.
@@ -181,7 +191,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 return Err(Close::Protocol);
             }
             match parsed {
-                Ok(request) => self.execute(request).await?,
+                Ok(request) => {
+                    if let Some(blocked) = self.execute(request) {
+                        let reply = self
+                            .block(
+                                blocked.grant,
+                                blocked.timeout,
+                                &blocked.rid,
+                                blocked.pending,
+                            )
+                            .await?;
+                        reply.encode(&mut self.out);
+                    }
+                }
                 Err((_, true)) if self.shared.config.mux => {
                     self.out.extend_from_slice(MUX_ACCEPTED.as_bytes());
                     self.out.push(b'\n');
@@ -320,27 +342,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         stream.poll_flush(cx)
     }
 
-    async fn execute(&mut self, request: Request) -> Result<(), Close> {
+    /// Applies a request. An immediate reply is queued for writing; a
+    /// request that must wait comes back as [`Blocked`], for
+    /// [`Self::block`]. Synchronous, so the common case builds no future.
+    fn execute(&mut self, request: Request) -> Option<Blocked> {
         let mut receiver = None;
         let step = self.apply(request, 0, None, || {
             let (tx, rx) = oneshot::channel();
             receiver = Some(rx);
             Notify::Once(tx)
         });
-        let reply = match (step, receiver) {
-            (Step::Reply(reply), _) => reply,
+        match (step, receiver) {
+            (Step::Reply(reply), _) => {
+                reply.encode(&mut self.out);
+                None
+            }
             (
                 Step::Waiting {
                     rid,
                     pending,
                     timeout,
                 },
-                Some(rx),
-            ) => self.block(rx, timeout, &rid, pending).await?,
-            (Step::Waiting { .. }, None) => Reply::Failure(Status::Error),
-        };
-        reply.encode(&mut self.out);
-        Ok(())
+                Some(grant),
+            ) => Some(Blocked {
+                grant,
+                rid,
+                pending,
+                timeout,
+            }),
+            (Step::Waiting { .. }, None) => {
+                Reply::Failure(Status::Error).encode(&mut self.out);
+                None
+            }
+        }
     }
 
     /// Runs `f` on the table that holds `rid`, noting that this connection
