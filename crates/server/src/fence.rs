@@ -252,22 +252,30 @@ struct Fences {
     file: Mutex<Option<FenceFile>>,
 }
 
+/// Fences stop here: a counter at or past it is exhausted. Far above any
+/// clock-seeded start (about 2^61 in this century), and far enough below
+/// `u64::MAX` that the increments of failed calls can never wrap it.
+const EXHAUSTED_AT: u64 = u64::MAX - (1 << 32);
+
 impl Fences {
     fn next(&self) -> Result<u64, MintError> {
-        let mut last = self.last.load(Ordering::Acquire);
-        loop {
-            let next = last.checked_add(1).ok_or(MintError::Exhausted)?;
-            if next >= self.ceiling.load(Ordering::Acquire) {
-                self.extend(next)?;
-            }
-            match self
-                .last
-                .compare_exchange_weak(last, next, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => return Ok(next),
-                Err(current) => last = current,
-            }
+        // One read-modify-write: the counter's cache line moves between
+        // cores once per fence, not twice as with a load and a
+        // compare-exchange.
+        let last = self.last.fetch_add(1, Ordering::AcqRel);
+        if last >= EXHAUSTED_AT {
+            // Hold the counter in the band so that it never wraps around to
+            // small fences, however many calls fail.
+            self.last.store(EXHAUSTED_AT, Ordering::Release);
+            return Err(MintError::Exhausted);
         }
+        let next = last + 1;
+        if next >= self.ceiling.load(Ordering::Acquire) {
+            // `next` is ours alone; it is handed out only once a ceiling
+            // above it is on disk.
+            self.extend(next)?;
+        }
+        Ok(next)
     }
 
     /// Persists a ceiling above `next` unless another shard already did.
@@ -388,6 +396,21 @@ mod tests {
             (30_000..34_000).contains(&ones),
             "{ones} bits set of 64,000"
         );
+    }
+
+    #[test]
+    fn exhaustion_is_final_and_the_counter_never_wraps() {
+        let mint = ServerMint::open(None).unwrap();
+        let fences = &mint.fences;
+        fences.last.store(EXHAUSTED_AT - 2, Ordering::Relaxed);
+        assert_eq!(fences.next().unwrap(), EXHAUSTED_AT - 1);
+        assert_eq!(fences.next().unwrap(), EXHAUSTED_AT);
+        for _ in 0..10_000 {
+            assert!(matches!(fences.next(), Err(MintError::Exhausted)));
+        }
+        // Failed calls leave the counter in the band, nowhere near wrapping.
+        let last = fences.last.load(Ordering::Relaxed);
+        assert!((EXHAUSTED_AT..EXHAUSTED_AT + 2).contains(&last), "{last}");
     }
 
     #[test]
