@@ -193,14 +193,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             match parsed {
                 Ok(request) => {
                     if let Some(blocked) = self.execute(request) {
-                        let reply = self
-                            .block(
-                                blocked.grant,
-                                blocked.timeout,
-                                &blocked.rid,
-                                blocked.pending,
-                            )
-                            .await?;
+                        let reply = self.block(blocked).await?;
                         reply.encode(&mut self.out);
                     }
                 }
@@ -556,13 +549,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// peer going away. Meanwhile pipelined bytes are buffered (bounded) and
     /// a peer close cancels the wait at once (spec §1.9). No read deadline
     /// runs during the wait.
-    async fn block(
-        &mut self,
-        mut rx: oneshot::Receiver<Grant>,
-        timeout: Seconds,
-        rid: &ResourceId,
-        pending: Pending,
-    ) -> Result<Reply, Close> {
+    async fn block(&mut self, blocked: Blocked) -> Result<Reply, Close> {
+        let Blocked {
+            grant: mut rx,
+            rid,
+            pending,
+            timeout,
+        } = blocked;
+        let rid = &rid;
         self.flush().await?;
         // No read deadline while the request waits.
         self.watch.set(None);
