@@ -405,8 +405,9 @@ struct Waiter<W> {
 }
 
 struct Resource<W> {
-    /// The table's own copy of the resource's id (the map's key): indexes
-    /// clone this one (see [`LockTable::canonical`]).
+    /// The table's own copy of the resource's id (the map's key). Indexes
+    /// clone this one, so however many requests name a resource (each
+    /// parsing its own copy), its name is held in memory once.
     id: ResourceId,
     limit: Limit,
     holders: Holders,
@@ -1355,7 +1356,8 @@ impl<W, M: Mint> LockTable<W, M> {
         lease: Lease,
         now: Duration,
     ) -> Option<()> {
-        let holder = self.resources.get_mut(rid)?.holders.get_mut(&token)?;
+        let resource = self.resources.get_mut(rid)?;
+        let holder = resource.holders.get_mut(&token)?;
         if holder.deadline <= now {
             self.remove_holder(rid, token, now);
             self.promote(rid, now);
@@ -1363,8 +1365,9 @@ impl<W, M: Mint> LockTable<W, M> {
         }
         holder.deadline = deadline(now, lease);
         let new = holder.deadline;
-        // The old deadline's entry goes stale.
-        let rid = self.canonical(rid);
+        // The old deadline's entry goes stale; the new one names the
+        // table's own id.
+        let rid = resource.id.clone();
         self.index_deadline(&rid, token, new);
         Some(())
     }
@@ -1671,7 +1674,7 @@ impl<W, M: Mint> LockTable<W, M> {
     ) {
         let deadline = deadline(now, lease);
         // The lookup that records the holder also yields the table's own id
-        // (see [`Self::canonical`]) for the indexes.
+        // (`Resource::id`) for the indexes.
         let rid = match self.resources.get_mut(rid) {
             Some(resource) => {
                 resource.holders.insert(token, Holder { conn, deadline });
@@ -1691,21 +1694,12 @@ impl<W, M: Mint> LockTable<W, M> {
     }
 
     /// Puts a lease's deadline in the index; `rid` is the table's own id
-    /// (see [`Self::canonical`]).
+    /// (`Resource::id`).
     fn index_deadline(&mut self, rid: &ResourceId, token: Token, deadline: Duration) {
         let resources = &self.resources;
         self.deadlines.push(deadline, token, rid, |rid, token| {
             lease_deadline(resources, rid, token)
         });
-    }
-
-    /// The id the table stored for `rid`'s resource. Indexes keep that one,
-    /// so however many requests name a resource (each parsing its own
-    /// copy), the resource's name is held in memory once.
-    fn canonical(&self, rid: &ResourceId) -> ResourceId {
-        self.resources
-            .get(rid)
-            .map_or_else(|| rid.clone(), |resource| resource.id.clone())
     }
 
     /// Removes a holder and everything that points at it.
