@@ -210,6 +210,11 @@ pub struct TableConfig {
     /// window where a holder that has not yet noticed its connection died
     /// overlaps the next holder.
     pub disconnect_lock_delay: Duration,
+    /// How far the `now` the caller passes may lag the true time (a coarse
+    /// clock's tick; zero for a precise clock). Every lease and lock-delay
+    /// is lengthened by it, so none ends before its full length has truly
+    /// passed.
+    pub clock_granularity: Duration,
 }
 
 impl Default for TableConfig {
@@ -220,6 +225,7 @@ impl Default for TableConfig {
             max_waiters: 0,
             gc_max_idle: Duration::from_secs(60),
             disconnect_lock_delay: Duration::ZERO,
+            clock_granularity: Duration::ZERO,
         }
     }
 }
@@ -1363,7 +1369,7 @@ impl<W, M: Mint> LockTable<W, M> {
             self.promote(rid, now);
             return None;
         }
-        holder.deadline = deadline(now, lease);
+        holder.deadline = deadline(now, lease, self.config.clock_granularity);
         let new = holder.deadline;
         // The old deadline's entry goes stale; the new one names the
         // table's own id.
@@ -1567,8 +1573,13 @@ impl<W, M: Mint> LockTable<W, M> {
                 stats.locks.push(LockEntry {
                     key,
                     owner_conn_id: holder.map_or(0, |h| h.conn.0),
-                    lease_expires_in_s: holder
-                        .map_or(0.0, |h| h.deadline.saturating_sub(now).as_secs_f64()),
+                    // The lease as granted: the clock's allowance left out.
+                    lease_expires_in_s: holder.map_or(0.0, |h| {
+                        h.deadline
+                            .saturating_sub(now)
+                            .saturating_sub(self.config.clock_granularity)
+                            .as_secs_f64()
+                    }),
                     waiters: r.queue.len() as u64,
                 });
             } else {
@@ -1586,14 +1597,19 @@ impl<W, M: Mint> LockTable<W, M> {
     /// Starts a lock-delay on `rid` after its holder's connection closed:
     /// `min(remaining lease, configured delay)`.
     fn delay_after_disconnect(&mut self, rid: &ResourceId, deadline: Duration, now: Duration) {
-        let delay = self
-            .config
-            .disconnect_lock_delay
-            .min(deadline.saturating_sub(now));
-        if delay.is_zero() {
+        let configured = self.config.disconnect_lock_delay;
+        if configured.is_zero() {
             return;
         }
-        let until = now + delay;
+        // At most the rest of the lease (whose deadline has the clock's
+        // allowance already); a configured delay gets the allowance too.
+        let until = deadline.min(
+            now.saturating_add(configured)
+                .saturating_add(self.config.clock_granularity),
+        );
+        if until <= now {
+            return;
+        }
         let Some(resource) = self.resources.get_mut(rid) else {
             return;
         };
@@ -1672,7 +1688,7 @@ impl<W, M: Mint> LockTable<W, M> {
         lease: Lease,
         now: Duration,
     ) {
-        let deadline = deadline(now, lease);
+        let deadline = deadline(now, lease, self.config.clock_granularity);
         // The lookup that records the holder also yields the table's own id
         // (`Resource::id`) for the indexes.
         let rid = match self.resources.get_mut(rid) {
@@ -1812,8 +1828,11 @@ impl<W, M: Mint> LockTable<W, M> {
     }
 }
 
-fn deadline(now: Duration, lease: Lease) -> Duration {
+/// When a lease granted or renewed at `now` ends, on a clock that may lag
+/// by `granularity` (see [`TableConfig::clock_granularity`]).
+fn deadline(now: Duration, lease: Lease, granularity: Duration) -> Duration {
     now.saturating_add(lease.as_duration())
+        .saturating_add(granularity)
 }
 
 /// The deadline of the lease `token` holds on `rid`, if it holds one.

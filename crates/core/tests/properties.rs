@@ -184,6 +184,7 @@ fn config() -> impl Strategy<Value = TableConfig> {
             max_waiters,
             gc_max_idle: Duration::from_millis(gc_ms),
             disconnect_lock_delay: Duration::ZERO,
+            clock_granularity: Duration::ZERO,
         })
 }
 
@@ -1298,6 +1299,7 @@ fn scripted_races() {
         max_waiters: 0,
         gc_max_idle: Duration::ZERO,
         disconnect_lock_delay: Duration::ZERO,
+        clock_granularity: Duration::ZERO,
     };
     let own = ResPick::Own;
     let ops = [

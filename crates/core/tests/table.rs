@@ -1213,6 +1213,67 @@ fn lock_delay_never_outlasts_the_remaining_lease() {
     ));
 }
 
+// ------------------------------------------------------ clock granularity
+
+fn ms(ms: u64) -> Duration {
+    Duration::from_millis(ms)
+}
+
+/// A table on a clock that lags by up to `g` (a coarse clock's tick).
+fn coarse_table(g: u64, delay: u64) -> Table {
+    table_with(TableConfig {
+        clock_granularity: ms(g),
+        disconnect_lock_delay: ms(delay),
+        ..TableConfig::default()
+    })
+}
+
+#[test]
+fn a_lagging_clock_lengthens_leases_by_its_granularity() {
+    let mut t = coarse_table(4, 0);
+    let k = lock("coarse");
+    let g = granted(t.acquire(C1, &k, Limit::ONE, lease(5), T0, None));
+    // The grant's `now` may have been up to 4 ms late: the lease may end
+    // only once 5 s have passed after the latest true time it stands for.
+    assert!(matches!(
+        try_lock(&mut t, C2, &k, ms(5003)),
+        Ok(AcquireOutcome::Timeout)
+    ));
+    // Stats show the lease as granted, without the allowance.
+    let stats = t.stats(0, T0);
+    assert_eq!(stats.locks[0].lease_expires_in_s, 5.0);
+    // A renewal gets the allowance too.
+    t.renew(&k, &wire(&g), lease(5), ms(1000)).unwrap();
+    assert_eq!(t.sweep(ms(6003)), 0);
+    assert_eq!(t.sweep(ms(6004)), 1);
+    assert!(matches!(
+        try_lock(&mut t, C2, &k, ms(6004)),
+        Ok(AcquireOutcome::Granted(_))
+    ));
+}
+
+#[test]
+fn a_lagging_clock_lengthens_the_lock_delay_but_not_past_the_lease() {
+    let mut t = coarse_table(4, 2_000);
+    let k = lock("delayed");
+    granted(t.acquire(C1, &k, Limit::ONE, lease(10), T0, None));
+    t.disconnect(C1, true, ms(1000));
+    assert_eq!(t.next_delay_end(), Some(ms(3004)));
+    // With one second of lease left, the rest of the lease (allowance
+    // included) bounds the delay.
+    let k2 = lock("short");
+    granted(t.acquire(C2, &k2, Limit::ONE, lease(5), T0, None));
+    t.disconnect(C2, true, ms(4000));
+    assert!(matches!(
+        try_lock(&mut t, C3, &k2, ms(5003)),
+        Ok(AcquireOutcome::Timeout)
+    ));
+    assert!(matches!(
+        try_lock(&mut t, C3, &k2, ms(5004)),
+        Ok(AcquireOutcome::Granted(_))
+    ));
+}
+
 #[test]
 fn explicit_release_and_expiry_are_not_delayed_and_delay_survives_gc() {
     let config = TableConfig {

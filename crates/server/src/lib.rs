@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+mod clock;
 mod config;
 mod conn;
 mod fence;

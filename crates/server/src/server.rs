@@ -10,6 +10,7 @@ use tokio::task::JoinHandle;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use crate::clock::TableClock;
 use crate::config::ServerConfig;
 use crate::conn::Connection;
 use crate::fence::{FenceFileError, ServerMint};
@@ -91,16 +92,18 @@ impl Server {
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
         warn_unbounded(&config, &local_addr);
+        let clock = TableClock::start();
         let table_config = TableConfig {
             default_lease: config.default_lease,
             max_locks: config.max_locks,
             max_waiters: config.max_waiters,
             gc_max_idle: config.gc_max_idle,
             disconnect_lock_delay: config.disconnect_lock_delay,
+            clock_granularity: clock.granularity(),
         };
         // One fence counter and one resource cap for all shards.
         let budget = Arc::new(ResourceBudget::new(config.max_locks));
-        let shared = Arc::new(Shared::new(config, || {
+        let shared = Arc::new(Shared::new(config, clock, || {
             LockTable::sharing(table_config, mint.share(), Arc::clone(&budget))
         }));
         let task = tokio::spawn(run(listener, Arc::clone(&shared)));
@@ -340,7 +343,7 @@ async fn timers(shared: Arc<Shared>) {
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let delay_end = shared.next_delay_end().map(|d| shared.instant_at(d));
+        let delay_end = shared.next_delay_end().map(|d| shared.instant_after(d));
         let delay_over = async {
             match delay_end {
                 Some(at) => tokio::time::sleep_until(at).await,

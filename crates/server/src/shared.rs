@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::TableClock;
 use crate::config::ServerConfig;
 use crate::fence::ServerMint;
 use crate::idle::Reaper;
@@ -90,7 +91,8 @@ pub(crate) struct Shared {
     pub(crate) config: ServerConfig,
     /// The lock table, split by key (see [`SHARDS`]).
     shards: Box<[Lane<Mutex<Table>>]>,
-    origin: Instant,
+    /// The tables' clock.
+    clock: TableClock,
     next_conn: AtomicU64,
     connections: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
@@ -109,8 +111,13 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// A server state whose [`SHARDS`] tables come from `shard`; they must
-    /// share one fence counter and one resource budget.
-    pub(crate) fn new(config: ServerConfig, shard: impl FnMut() -> Table) -> Shared {
+    /// share one fence counter and one resource budget, and count time on
+    /// `clock` (with its granularity in their configuration).
+    pub(crate) fn new(
+        config: ServerConfig,
+        clock: TableClock,
+        shard: impl FnMut() -> Table,
+    ) -> Shared {
         Shared {
             reaper: Arc::new(Reaper::new(config.read_timeout)),
             config,
@@ -118,7 +125,7 @@ impl Shared {
                 .take(SHARDS)
                 .map(|table| Lane(Mutex::new(table)))
                 .collect(),
-            origin: Instant::now(),
+            clock,
             next_conn: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
@@ -149,7 +156,7 @@ impl Shared {
         shard: usize,
         f: impl FnOnce(&mut Table, Duration) -> R,
     ) -> R {
-        Self::with_table(&self.shards[shard], self.origin, f)
+        Self::with_table(&self.shards[shard], &self.clock, f)
     }
 
     /// Runs `f` on each table in `set`, one lock at a time.
@@ -157,7 +164,7 @@ impl Shared {
         let bits = set.bits();
         for (index, shard) in self.shards.iter().enumerate() {
             if bits & (1 << index) != 0 {
-                Self::with_table(shard, self.origin, &mut f);
+                Self::with_table(shard, &self.clock, &mut f);
             }
         }
     }
@@ -166,7 +173,7 @@ impl Shared {
     /// locks at once, and no lock order to get wrong).
     pub(crate) fn each_shard(&self, mut f: impl FnMut(&mut Table, Duration)) {
         for shard in self.shards.iter() {
-            Self::with_table(shard, self.origin, &mut f);
+            Self::with_table(shard, &self.clock, &mut f);
         }
     }
 
@@ -213,11 +220,11 @@ impl Shared {
     /// released again, so nothing leaks.
     fn with_table<R>(
         table: &Mutex<Table>,
-        origin: Instant,
+        clock: &TableClock,
         f: impl FnOnce(&mut Table, Duration) -> R,
     ) -> R {
         let mut table = table.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = origin.elapsed();
+        let now = clock.now();
         let result = f(&mut table, now);
         // Releasing an undelivered grant may grant the next waiter: repeat
         // until every grant found its request or was released.
@@ -238,9 +245,9 @@ impl Shared {
         result
     }
 
-    /// The instant a table time (duration since the origin) stands for.
-    pub(crate) fn instant_at(&self, time: Duration) -> Instant {
-        self.origin + time
+    /// A runtime instant by which the tables' clock has reached `time`.
+    pub(crate) fn instant_after(&self, time: Duration) -> Instant {
+        self.clock.instant_after(time)
     }
 
     /// Admits a new connection if the caps allow it.
