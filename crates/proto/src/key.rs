@@ -15,22 +15,52 @@ use crate::{MAX_LINE, ProtoError};
 /// assert!(Key::new(&"x".repeat(257)).is_err());
 /// assert_eq!(Key::new("日本").unwrap().as_bytes().len(), 6);
 /// ```
-#[derive(Clone, Eq, PartialOrd, Ord)]
-// Shared bytes: the lock table keeps the key in several indexes, and a
-// clone is then a reference-count bump, not an allocation.
-pub struct Key(std::sync::Arc<[u8]>);
+#[derive(Clone)]
+pub struct Key(Repr);
+
+/// Most keys are short: they live in place, so making or cloning one is a
+/// copy, with no allocation and no shared reference count for two threads
+/// to pass between them. A longer key's bytes are shared, and a clone is a
+/// reference-count bump.
+#[derive(Clone)]
+enum Repr {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Shared(std::sync::Arc<[u8]>),
+}
+
+/// The longest key kept in place (the key stays 24 bytes, the size of the
+/// shared form plus its tag).
+const INLINE: usize = 22;
 
 impl PartialEq for Key {
-    /// Byte equality; clones of one key compare without reading the bytes
-    /// (`Arc`'s own shortcut does not apply to an unsized `[u8]`).
+    /// Byte equality; clones of one shared key compare without reading the
+    /// bytes (`Arc`'s own shortcut does not apply to an unsized `[u8]`).
     fn eq(&self, other: &Key) -> bool {
-        std::sync::Arc::ptr_eq(&self.0, &other.0) || self.0[..] == other.0[..]
+        match (&self.0, &other.0) {
+            (Repr::Shared(a), Repr::Shared(b)) if std::sync::Arc::ptr_eq(a, b) => true,
+            _ => self.as_bytes() == other.as_bytes(),
+        }
+    }
+}
+
+impl Eq for Key {}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Key) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Key {
+    /// Byte order.
+    fn cmp(&self, other: &Key) -> std::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
     }
 }
 
 impl std::hash::Hash for Key {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.0[..].hash(state);
+        self.as_bytes().hash(state);
     }
 }
 
@@ -58,7 +88,14 @@ impl Key {
         {
             return Err(ProtoError::InvalidKey);
         }
-        Ok(Key(key.into()))
+        Ok(Key(match u8::try_from(key.len()) {
+            Ok(len) if key.len() <= INLINE => {
+                let mut bytes = [0; INLINE];
+                bytes[..key.len()].copy_from_slice(key);
+                Repr::Inline { len, bytes }
+            }
+            _ => Repr::Shared(key.into()),
+        }))
     }
 
     /// The key's bytes.
@@ -67,7 +104,10 @@ impl Key {
     /// assert_eq!(dflockd_proto::Key::new("k").unwrap().as_bytes(), b"k");
     /// ```
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        match &self.0 {
+            Repr::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Repr::Shared(bytes) => bytes,
+        }
     }
 
     /// The key as text, with invalid UTF-8 replaced by U+FFFD (as the Go
@@ -77,19 +117,19 @@ impl Key {
     /// assert_eq!(dflockd_proto::Key::new("k").unwrap().to_string_lossy(), "k");
     /// ```
     pub fn to_string_lossy(&self) -> String {
-        String::from_utf8_lossy(&self.0).into_owned()
+        String::from_utf8_lossy(self.as_bytes()).into_owned()
     }
 }
 
 impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Key({:?})", String::from_utf8_lossy(&self.0))
+        write!(f, "Key({:?})", String::from_utf8_lossy(self.as_bytes()))
     }
 }
 
 impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&String::from_utf8_lossy(&self.0))
+        f.write_str(&String::from_utf8_lossy(self.as_bytes()))
     }
 }
 

@@ -829,6 +829,26 @@ proptest! {
     }
 
     #[test]
+    fn keys_compare_order_and_hash_as_their_bytes(
+        // Around the in-place limit (22 bytes), so short and long keys meet.
+        a in prop_oneof![key_bytes(), "[ab]{20,25}".prop_map(String::into_bytes)],
+        b in prop_oneof![key_bytes(), "[ab]{20,25}".prop_map(String::into_bytes)],
+    ) {
+        use std::hash::BuildHasher;
+        let hasher = std::hash::RandomState::new();
+        let (ka, kb) = (Key::from_bytes(&a).unwrap(), Key::from_bytes(&b).unwrap());
+        prop_assert_eq!(ka.as_bytes(), &a[..]);
+        prop_assert_eq!(ka == kb, a == b);
+        prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
+        let copy = ka.clone();
+        prop_assert!(copy == ka);
+        prop_assert_eq!(hasher.hash_one(&copy), hasher.hash_one(&ka));
+        if a == b {
+            prop_assert_eq!(hasher.hash_one(&ka), hasher.hash_one(&kb));
+        }
+    }
+
+    #[test]
     fn value_ranges(n in prop_oneof![0..=3u64, (MAX_SECONDS - 2)..=(MAX_SECONDS + 2), 1_048_574..=1_048_578u64, any::<u64>()]) {
         prop_assert_eq!(Seconds::new(n).is_ok(), n <= MAX_SECONDS);
         prop_assert_eq!(Lease::new(n).is_ok(), (1..=MAX_SECONDS).contains(&n));
