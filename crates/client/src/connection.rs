@@ -307,7 +307,7 @@ impl Connection {
         let request = Request::Release {
             key: key.clone(),
             namespace,
-            token: token.to_string().into_bytes(),
+            token: token.into(),
         };
         expect_ok(self.request(&request, REPLY_SLACK).await?)
     }
@@ -334,7 +334,7 @@ impl Connection {
         let request = Request::Renew {
             key: key.clone(),
             namespace,
-            token: token.to_string().into_bytes(),
+            token: token.into(),
             lease: lease_of(lease)?,
         };
         expect_renewed(self.request(&request, REPLY_SLACK).await?)

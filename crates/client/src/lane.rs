@@ -505,7 +505,7 @@ fn release_orphan(tx: &mpsc::UnboundedSender<Outgoing>, reply: &Reply, orphan: (
     let request = Request::Release {
         key,
         namespace,
-        token: token.to_string().into_bytes(),
+        token: (*token).into(),
     };
     let _ = tx.send(Outgoing::One(LaneRequest {
         request,

@@ -395,7 +395,7 @@ impl Inner {
                 dflockd_proto::Request::Release {
                     key: self.key.clone(),
                     namespace: self.kind.namespace(),
-                    token: self.token.to_string().into_bytes(),
+                    token: self.token.into(),
                 },
                 None,
             )

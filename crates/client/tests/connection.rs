@@ -245,7 +245,7 @@ async fn raw_requests() {
     let release = Request::Release {
         key: k,
         namespace: LOCK,
-        token: token.to_string().into_bytes(),
+        token: token.into(),
     };
     assert_eq!(conn.request(&release, timeout).await.unwrap(), Reply::Ok);
 }

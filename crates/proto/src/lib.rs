@@ -34,6 +34,7 @@ mod request;
 mod shard;
 mod stats;
 mod token;
+mod token_text;
 mod values;
 
 pub use decoder::{Decoded, FrameDecoder, Progress, RawFrame};
@@ -48,6 +49,7 @@ pub use request::{Command, Kind, Namespace, Request};
 pub use shard::{ShardError, shard};
 pub use stats::{IdleEntry, LockEntry, SemaphoreEntry, Stats};
 pub use token::{Token, TokenError, fence_from_token};
+pub use token_text::TokenText;
 pub use values::{Lease, Limit, Seconds, ValueError};
 
 /// Longest command or key line, and argument line except for `auth`, in bytes

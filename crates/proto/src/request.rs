@@ -1,5 +1,5 @@
 use crate::values::{fields, parse_i64, push_decimal, trim_space};
-use crate::{Key, Lease, Limit, ProtoError, RawFrame, Seconds, Token};
+use crate::{Key, Lease, Limit, ProtoError, RawFrame, Seconds, Token, TokenText};
 
 /// The two independent key spaces: `l foo` and `sl foo …` are different
 /// resources.
@@ -189,7 +189,7 @@ pub enum Request {
         /// Which namespace.
         namespace: Namespace,
         /// The token as sent.
-        token: Vec<u8>,
+        token: TokenText,
     },
     /// `n key <token> [<lease>]` / `sn …`.
     Renew {
@@ -198,7 +198,7 @@ pub enum Request {
         /// Which namespace.
         namespace: Namespace,
         /// The token as sent.
-        token: Vec<u8>,
+        token: TokenText,
         /// New lease length; `None` uses the server default.
         lease: Option<Lease>,
     },
@@ -313,7 +313,7 @@ impl Request {
                 Request::Release {
                     key,
                     namespace,
-                    token: token.to_vec(),
+                    token: token.into(),
                 }
             }
             Command::Renew(namespace) => {
@@ -328,7 +328,7 @@ impl Request {
                 Request::Renew {
                     key,
                     namespace,
-                    token: token.to_vec(),
+                    token: (*token).into(),
                     lease,
                 }
             }
@@ -477,7 +477,7 @@ impl Request {
     /// let request = Request::Renew {
     ///     key,
     ///     namespace: Namespace::Semaphore,
-    ///     token: token.to_string().into_bytes(),
+    ///     token: token.into(),
     ///     lease: Lease::new(10).ok(),
     /// };
     /// assert_eq!(out, request.encode_to_vec());
@@ -506,7 +506,7 @@ impl Request {
     ///
     /// ```
     /// use dflockd_proto::{Key, Namespace, Request};
-    /// let r = Request::Release { key: Key::new("k").unwrap(), namespace: Namespace::Lock, token: b"junk".to_vec() };
+    /// let r = Request::Release { key: Key::new("k").unwrap(), namespace: Namespace::Lock, token: b"junk"[..].into() };
     /// assert_eq!(r.token(), None);
     /// ```
     pub fn token(&self) -> Option<Token> {
@@ -579,7 +579,7 @@ mod tests {
                 let request = Request::Renew {
                     key,
                     namespace,
-                    token: token.to_string().into_bytes(),
+                    token: token.into(),
                     lease,
                 };
                 let mut one = b"prefix".to_vec();

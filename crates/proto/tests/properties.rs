@@ -382,13 +382,13 @@ fn request() -> impl Strategy<Value = Request> {
         (key(), namespace(), token_hex()).prop_map(|(key, namespace, token)| Request::Release {
             key,
             namespace,
-            token
+            token: token.into()
         }),
         (key(), namespace(), token_hex(), prop::option::of(lease())).prop_map(
             |(key, namespace, token, lease)| Request::Renew {
                 key,
                 namespace,
-                token,
+                token: token.into(),
                 lease
             }
         ),
@@ -691,8 +691,8 @@ proptest! {
     ) {
         // No Unicode white space (e.g. U+0085 as C2 85) among the random bytes.
         prop_assume!(!token.utf8_chunks().any(|c| c.valid().contains(char::is_whitespace)));
-        let release = Request::Release { key: key.clone(), namespace, token: token.clone() };
-        let renew = Request::Renew { key, namespace, token, lease };
+        let release = Request::Release { key: key.clone(), namespace, token: token.clone().into() };
+        let renew = Request::Renew { key, namespace, token: token.into(), lease };
         assert_reencodes(&release);
         assert_reencodes(&renew);
     }
