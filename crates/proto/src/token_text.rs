@@ -139,7 +139,7 @@ mod tests {
             let text: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
             assert_eq!(TokenText::from(&text[..]).as_bytes(), &text[..]);
             assert_eq!(TokenText::from(text.clone()).as_bytes(), &text[..]);
-            assert!(TokenText::from(&text[..]) == TokenText::from(text.clone()));
+            assert_eq!(TokenText::from(&text[..]), TokenText::from(text.clone()));
         }
         let token = crate::Token::new(7, 9);
         assert_eq!(
