@@ -269,7 +269,15 @@ async fn run(listener: TcpListener, shared: Arc<Shared>) {
                 };
                 let _ = stream.set_nodelay(true);
                 let span = tracing::debug_span!("conn", id = guard.id.0, %peer);
-                connections.spawn(handle(stream, guard, Arc::clone(&shared)).instrument(span));
+                let connection = handle(stream, guard, Arc::clone(&shared));
+                // A disabled span (the log level is above debug) records
+                // nothing: the connection runs without the wrapper, which
+                // would enter and leave it on every poll.
+                if span.is_disabled() {
+                    connections.spawn(connection);
+                } else {
+                    connections.spawn(connection.instrument(span));
+                }
             }
             Err(error) => {
                 // Typically EMFILE: back off briefly instead of spinning.
