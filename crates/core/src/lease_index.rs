@@ -6,8 +6,6 @@ use std::time::Duration;
 
 use dflockd_proto::Token;
 
-use crate::table::ResourceId;
-
 /// Entries a heap may hold beyond 1.25 times its live size before it is
 /// compacted.
 const SLACK: usize = 128;
@@ -18,7 +16,8 @@ const SLACK: usize = 128;
 struct Entry {
     deadline: Duration,
     token: Token,
-    rid: ResourceId,
+    /// The resource's id hash: with the token, it finds the lease.
+    hash: u64,
 }
 
 impl PartialEq for Entry {
@@ -68,17 +67,17 @@ impl LeaseIndex {
         &mut self,
         deadline: Duration,
         token: Token,
-        rid: &ResourceId,
-        current: impl Fn(&ResourceId, Token) -> Option<Duration>,
+        hash: u64,
+        current: impl Fn(u64, Token) -> Option<Duration>,
     ) {
         self.heap.push(Reverse(Entry {
             deadline,
             token,
-            rid: rid.clone(),
+            hash,
         }));
         if self.heap.len() > self.compact_above.max(SLACK) {
             self.heap
-                .retain(|Reverse(e)| current(&e.rid, e.token) == Some(e.deadline));
+                .retain(|Reverse(e)| current(e.hash, e.token) == Some(e.deadline));
             self.compact_above = self.heap.len() + self.heap.len() / 4 + SLACK;
         }
     }
@@ -86,10 +85,10 @@ impl LeaseIndex {
     /// The earliest live deadline; stale entries above it are dropped.
     pub(crate) fn next(
         &mut self,
-        current: impl Fn(&ResourceId, Token) -> Option<Duration>,
+        current: impl Fn(u64, Token) -> Option<Duration>,
     ) -> Option<Duration> {
         while let Some(Reverse(top)) = self.heap.peek() {
-            if current(&top.rid, top.token) == Some(top.deadline) {
+            if current(top.hash, top.token) == Some(top.deadline) {
                 return Some(top.deadline);
             }
             self.heap.pop();
@@ -102,16 +101,16 @@ impl LeaseIndex {
     pub(crate) fn pop_due(
         &mut self,
         now: Duration,
-        current: impl Fn(&ResourceId, Token) -> Option<Duration>,
-    ) -> Option<(ResourceId, Token)> {
+        current: impl Fn(u64, Token) -> Option<Duration>,
+    ) -> Option<(u64, Token)> {
         while let Some(Reverse(top)) = self.heap.peek() {
             if top.deadline > now {
                 return None;
             }
-            let live = current(&top.rid, top.token) == Some(top.deadline);
+            let live = current(top.hash, top.token) == Some(top.deadline);
             let Reverse(entry) = self.heap.pop()?;
             if live {
-                return Some((entry.rid, entry.token));
+                return Some((entry.hash, entry.token));
             }
         }
         None
@@ -128,8 +127,6 @@ impl LeaseIndex {
 mod tests {
     use std::collections::HashMap;
 
-    use dflockd_proto::{Key, Namespace};
-
     use super::*;
 
     fn secs(s: u64) -> Duration {
@@ -138,14 +135,14 @@ mod tests {
 
     #[test]
     fn stale_entries_are_skipped_and_bounded() {
-        let rid = ResourceId::new(Namespace::Lock, Key::new("k").unwrap());
+        let hash = 0x5eed;
         let mut live: HashMap<Token, Duration> = HashMap::new();
         let mut index = LeaseIndex::default();
         // 10,000 short leases, each released at once: all stale.
         for fence in 0..10_000u64 {
             let token = Token::new(fence, 0);
             live.insert(token, secs(100 + fence));
-            index.push(secs(100 + fence), token, &rid, |_, t| live.get(&t).copied());
+            index.push(secs(100 + fence), token, hash, |_, t| live.get(&t).copied());
             live.remove(&token);
         }
         assert!(index.len() <= SLACK + 1, "{} entries kept", index.len());
@@ -153,14 +150,14 @@ mod tests {
         let token = Token::new(20_000, 0);
         for deadline in [secs(50), secs(80), secs(60)] {
             live.insert(token, deadline);
-            index.push(deadline, token, &rid, |_, t| live.get(&t).copied());
+            index.push(deadline, token, hash, |_, t| live.get(&t).copied());
         }
-        let current = |_: &ResourceId, t: Token| live.get(&t).copied();
+        let current = |_: u64, t: Token| live.get(&t).copied();
         assert_eq!(index.next(current), Some(secs(60)));
         assert_eq!(index.pop_due(secs(59), current), None);
-        assert_eq!(index.pop_due(secs(60), current), Some((rid.clone(), token)));
+        assert_eq!(index.pop_due(secs(60), current), Some((hash, token)));
         live.remove(&token);
-        let current = |_: &ResourceId, t: Token| live.get(&t).copied();
+        let current = |_: u64, t: Token| live.get(&t).copied();
         assert_eq!(index.pop_due(secs(1_000_000), current), None);
         assert_eq!(index.next(current), None);
         assert_eq!(index.len(), 0);

@@ -73,9 +73,8 @@ pub struct WaiterId(u64);
 #[derive(Clone)]
 pub struct ResourceId(Arc<Named>);
 
-/// What a [`ResourceId`] shares between its clones: the table keeps one
-/// resource's id in several indexes (its map entry, each lease's owner and
-/// deadline entries), each then a pointer.
+/// What a [`ResourceId`] shares between its clones: a request's id, the
+/// table's own copy and the queues' entries are each a pointer to it.
 #[derive(Debug)]
 struct Named {
     namespace: Namespace,
@@ -411,9 +410,8 @@ struct Waiter<W> {
 }
 
 struct Resource<W> {
-    /// The table's own copy of the resource's id (the map's key). Indexes
-    /// clone this one, so however many requests name a resource (each
-    /// parsing its own copy), its name is held in memory once.
+    /// The table's own copy of the resource's id; the lease indexes name
+    /// the resource by its hash (see [`Resources`]).
     id: ResourceId,
     limit: Limit,
     holders: Holders,
@@ -531,6 +529,54 @@ impl<W> Resource<W> {
     }
 }
 
+/// A table's resources, found by their id's cached hash. A lease's indexes
+/// (its connection's holds, the deadline heap) name it by that hash and its
+/// token rather than by a clone of the id, so recording or dropping a lease
+/// touches no shared reference count.
+struct Resources<W>(hashbrown::HashTable<Resource<W>>);
+
+impl<W> Resources<W> {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Resource<W>> {
+        self.0.iter()
+    }
+
+    fn get(&self, rid: &ResourceId) -> Option<&Resource<W>> {
+        self.0.find(rid.0.hash, |r| r.id == *rid)
+    }
+
+    fn get_mut(&mut self, rid: &ResourceId) -> Option<&mut Resource<W>> {
+        self.0.find_mut(rid.0.hash, |r| r.id == *rid)
+    }
+
+    /// Adds a resource that is not in the table yet.
+    fn insert(&mut self, resource: Resource<W>) {
+        self.0
+            .insert_unique(resource.id.0.hash, resource, |r| r.id.0.hash);
+    }
+
+    /// The resource whose id hashes to `hash` and that `token` holds.
+    /// Tokens are unique, so this is at most one, even if ids collide.
+    fn holding(&self, hash: u64, token: &Token) -> Option<&Resource<W>> {
+        self.0.find(hash, |r| {
+            r.id.0.hash == hash && r.holders.deadline(token).is_some()
+        })
+    }
+
+    /// The deadline of the lease `token` holds on the resource hashing to
+    /// `hash`, if it holds one.
+    fn lease_deadline(&self, hash: u64, token: Token) -> Option<Duration> {
+        self.holding(hash, &token)?.holders.deadline(&token)
+    }
+
+    fn retain(&mut self, keep: impl FnMut(&mut Resource<W>) -> bool) {
+        self.0.retain(keep);
+    }
+}
+
 /// What [`LockTable::remove_holder`] reports of a removed holder.
 #[derive(Debug, Clone, Copy)]
 struct Removed {
@@ -580,7 +626,8 @@ struct Phase1<W> {
 }
 
 struct Conn<W> {
-    held: HashMap<Token, ResourceId>,
+    /// Each lease held, with its resource's id hash (see [`Resources`]).
+    held: HashMap<Token, u64>,
     waiters: HashMap<WaiterId, ResourceId>,
     phase1: HashMap<(ResourceId, u64), Phase1<W>>,
     /// Tickets granted but not collected by a `w` yet, by token (so a
@@ -620,7 +667,7 @@ pub struct LockTable<W, M> {
     mint: M,
     /// The resource cap; shared with the other shards of a sharded server.
     budget: Arc<ResourceBudget>,
-    resources: HashMap<ResourceId, Resource<W>>,
+    resources: Resources<W>,
     conns: HashMap<ConnId, Conn<W>>,
     /// Lease deadlines in time order, for the sweep.
     deadlines: LeaseIndex,
@@ -666,7 +713,7 @@ impl<W, M: Mint> LockTable<W, M> {
             config,
             mint,
             budget,
-            resources: Default::default(),
+            resources: Resources(hashbrown::HashTable::new()),
             conns: Default::default(),
             deadlines: LeaseIndex::default(),
             delays: BTreeMap::new(),
@@ -726,7 +773,7 @@ impl<W, M: Mint> LockTable<W, M> {
     /// assert_eq!(table.holder_count(), 3);
     /// ```
     pub fn holder_count(&self) -> usize {
-        self.resources.values().map(|r| r.holders.len()).sum()
+        self.resources.iter().map(|r| r.holders.len()).sum()
     }
 
     /// How many waiters are queued across all resources.
@@ -745,7 +792,7 @@ impl<W, M: Mint> LockTable<W, M> {
     /// assert_eq!(table.waiter_count(), 0);
     /// ```
     pub fn waiter_count(&self) -> usize {
-        self.resources.values().map(|r| r.queue.len()).sum()
+        self.resources.iter().map(|r| r.queue.len()).sum()
     }
 
     /// The earliest lease deadline, if any lease exists.
@@ -765,7 +812,7 @@ impl<W, M: Mint> LockTable<W, M> {
     pub fn next_deadline(&mut self) -> Option<Duration> {
         let resources = &self.resources;
         self.deadlines
-            .next(|rid, token| lease_deadline(resources, rid, token))
+            .next(|hash, token| resources.lease_deadline(hash, token))
     }
 
     /// When the earliest disconnect lock-delay ends, if one is running; call
@@ -1371,10 +1418,9 @@ impl<W, M: Mint> LockTable<W, M> {
         }
         holder.deadline = deadline(now, lease, self.config.clock_granularity);
         let new = holder.deadline;
-        // The old deadline's entry goes stale; the new one names the
-        // table's own id.
-        let rid = resource.id.clone();
-        self.index_deadline(&rid, token, new);
+        // The old deadline's entry goes stale.
+        let hash = resource.id.0.hash;
+        self.index_deadline(hash, token, new);
         Some(())
     }
 
@@ -1412,11 +1458,12 @@ impl<W, M: Mint> LockTable<W, M> {
             touched.push(rid);
         }
         if auto_release {
-            for (token, rid) in c.held {
-                let deadline = self
-                    .resources
-                    .get(&rid)
-                    .and_then(|r| r.holders.deadline(&token));
+            for (token, hash) in c.held {
+                let Some(resource) = self.resources.holding(hash, &token) else {
+                    continue;
+                };
+                let rid = resource.id.clone();
+                let deadline = resource.holders.deadline(&token);
                 self.remove_holder(&rid, token, now);
                 if let Some(deadline) = deadline {
                     self.delay_after_disconnect(&rid, deadline, now);
@@ -1452,11 +1499,14 @@ impl<W, M: Mint> LockTable<W, M> {
         let mut evicted = 0;
         loop {
             let resources = &self.resources;
-            let Some((rid, token)) = self
+            let Some((hash, token)) = self
                 .deadlines
-                .pop_due(now, |rid, token| lease_deadline(resources, rid, token))
+                .pop_due(now, |hash, token| resources.lease_deadline(hash, token))
             else {
                 break;
+            };
+            let Some(rid) = resources.holding(hash, &token).map(|r| r.id.clone()) else {
+                continue;
             };
             self.remove_holder(&rid, token, now);
             self.promote(&rid, now);
@@ -1521,7 +1571,7 @@ impl<W, M: Mint> LockTable<W, M> {
         let max_idle = self.config.gc_max_idle;
         let before = self.resources.len();
         // A resource in lock-delay is kept: forgetting it would end the delay.
-        self.resources.retain(|_, r| {
+        self.resources.retain(|r| {
             !(r.is_idle()
                 && r.blocked_until.is_none_or(|until| now >= until)
                 && now.saturating_sub(r.last_activity) >= max_idle)
@@ -1555,8 +1605,8 @@ impl<W, M: Mint> LockTable<W, M> {
             connections,
             ..Stats::default()
         };
-        for (rid, r) in &self.resources {
-            let key = rid.key().to_string_lossy();
+        for r in self.resources.iter() {
+            let key = r.id.key().to_string_lossy();
             let limit = r.limit.get();
             if r.is_idle() {
                 let entry = IdleEntry {
@@ -1647,7 +1697,7 @@ impl<W, M: Mint> LockTable<W, M> {
                 blocked_until: None,
             };
             let arrival = Arrival::at(&resource, now);
-            self.resources.insert(rid.clone(), resource);
+            self.resources.insert(resource);
             return Ok(arrival);
         };
         if resource.limit != limit {
@@ -1689,32 +1739,25 @@ impl<W, M: Mint> LockTable<W, M> {
         now: Duration,
     ) {
         let deadline = deadline(now, lease, self.config.clock_granularity);
-        // The lookup that records the holder also yields the table's own id
-        // (`Resource::id`) for the indexes.
-        let rid = match self.resources.get_mut(rid) {
-            Some(resource) => {
-                resource.holders.insert(token, Holder { conn, deadline });
-                resource.last_activity = now;
-                resource.id.clone()
-            }
-            None => rid.clone(),
-        };
-        self.index_holder(conn, rid, token, deadline);
+        if let Some(resource) = self.resources.get_mut(rid) {
+            resource.holders.insert(token, Holder { conn, deadline });
+            resource.last_activity = now;
+        }
+        self.index_holder(conn, rid.0.hash, token, deadline);
     }
 
-    /// Records a new holder in the deadlines and its connection's holds;
-    /// `rid` is the table's own id.
-    fn index_holder(&mut self, conn: ConnId, rid: ResourceId, token: Token, deadline: Duration) {
-        self.index_deadline(&rid, token, deadline);
-        self.conns.entry(conn).or_default().held.insert(token, rid);
+    /// Records a new holder of the resource hashing to `hash` in the
+    /// deadlines and its connection's holds.
+    fn index_holder(&mut self, conn: ConnId, hash: u64, token: Token, deadline: Duration) {
+        self.index_deadline(hash, token, deadline);
+        self.conns.entry(conn).or_default().held.insert(token, hash);
     }
 
-    /// Puts a lease's deadline in the index; `rid` is the table's own id
-    /// (`Resource::id`).
-    fn index_deadline(&mut self, rid: &ResourceId, token: Token, deadline: Duration) {
+    /// Puts a lease's deadline in the index.
+    fn index_deadline(&mut self, hash: u64, token: Token, deadline: Duration) {
         let resources = &self.resources;
-        self.deadlines.push(deadline, token, rid, |rid, token| {
-            lease_deadline(resources, rid, token)
+        self.deadlines.push(deadline, token, hash, |hash, token| {
+            resources.lease_deadline(hash, token)
         });
     }
 
@@ -1835,15 +1878,6 @@ fn deadline(now: Duration, lease: Lease, granularity: Duration) -> Duration {
         .saturating_add(granularity)
 }
 
-/// The deadline of the lease `token` holds on `rid`, if it holds one.
-fn lease_deadline<W>(
-    resources: &HashMap<ResourceId, Resource<W>>,
-    rid: &ResourceId,
-    token: Token,
-) -> Option<Duration> {
-    resources.get(rid)?.holders.deadline(&token)
-}
-
 impl<W, M> Drop for LockTable<W, M> {
     fn drop(&mut self) {
         // A shared budget outlives this table.
@@ -1860,10 +1894,75 @@ impl<W, M> std::fmt::Debug for LockTable<W, M> {
                 "leases",
                 &self
                     .resources
-                    .values()
+                    .iter()
                     .map(|r| r.holders.len())
                     .sum::<usize>(),
             )
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::FenceCounter;
+
+    /// Two resources whose ids hash alike (the keyed hash makes this
+    /// astronomically rare, so it is forced here).
+    fn colliding() -> (ResourceId, ResourceId) {
+        let named = |key: &str| {
+            ResourceId(Arc::new(Named {
+                namespace: dflockd_proto::Namespace::Lock,
+                key: Key::new(key).unwrap(),
+                hash: 42,
+            }))
+        };
+        (named("a"), named("b"))
+    }
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    #[test]
+    fn leases_on_resources_with_one_hash_stay_apart() {
+        let mut t: LockTable<(), _> =
+            LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(1, 0));
+        let (a, b) = colliding();
+        let grant = |t: &mut LockTable<(), FenceCounter>, conn, rid, lease| match t.acquire(
+            ConnId(conn),
+            rid,
+            Limit::ONE,
+            Lease::new(lease).ok(),
+            secs(0),
+            None,
+        ) {
+            Ok(AcquireOutcome::Granted(grant)) => grant,
+            other => panic!("{other:?}"),
+        };
+        let on_a = grant(&mut t, 1, &a, 10);
+        let on_b = grant(&mut t, 1, &b, 20);
+        assert_eq!(t.resource_count(), 2);
+        // Each lease expires on its own resource, at its own deadline.
+        assert_eq!(t.sweep(secs(10)), 1);
+        assert!(matches!(
+            t.acquire(ConnId(2), &a, Limit::ONE, None, secs(10), None),
+            Ok(AcquireOutcome::Granted(_))
+        ));
+        assert_eq!(
+            t.release_token(&b, on_a.token, secs(10)),
+            Err(LockError::NotHeld)
+        );
+        // A disconnect releases exactly the holds of that connection.
+        t.disconnect(ConnId(1), true, secs(11));
+        assert_eq!(t.holder_count(), 1);
+        assert!(matches!(
+            t.acquire(ConnId(3), &b, Limit::ONE, None, secs(11), None),
+            Ok(AcquireOutcome::Granted(_))
+        ));
+        assert_eq!(
+            t.release_token(&b, on_b.token, secs(11)),
+            Err(LockError::NotHeld)
+        );
     }
 }
