@@ -78,9 +78,9 @@ impl ShardSet {
 /// tables then never move each other's lines (128 bytes, since x86 fetches
 /// lines in adjacent pairs).
 #[repr(align(128))]
-struct Lane<T>(T);
+struct CacheAligned<T>(T);
 
-impl<T> std::ops::Deref for Lane<T> {
+impl<T> std::ops::Deref for CacheAligned<T> {
     type Target = T;
     fn deref(&self) -> &T {
         &self.0
@@ -90,7 +90,7 @@ impl<T> std::ops::Deref for Lane<T> {
 pub(crate) struct Shared {
     pub(crate) config: ServerConfig,
     /// The lock table, split by key (see [`SHARDS`]).
-    shards: Box<[Lane<Mutex<Table>>]>,
+    shards: Box<[CacheAligned<Mutex<Table>>]>,
     /// The tables' clock.
     clock: TableClock,
     next_conn: AtomicU64,
@@ -123,7 +123,7 @@ impl Shared {
             config,
             shards: std::iter::repeat_with(shard)
                 .take(SHARDS)
-                .map(|table| Lane(Mutex::new(table)))
+                .map(|table| CacheAligned(Mutex::new(table)))
                 .collect(),
             clock,
             next_conn: AtomicU64::new(1),
