@@ -1,5 +1,6 @@
 use std::fmt;
 
+use crate::inline::InlineBytes;
 use crate::{MAX_LINE, ProtoError};
 
 /// A validated lock or semaphore key: 1–256 bytes, no space, tab, CR or LF.
@@ -24,13 +25,14 @@ pub struct Key(Repr);
 /// reference-count bump.
 #[derive(Clone)]
 enum Repr {
-    Inline { len: u8, bytes: [u8; INLINE] },
+    Inline(InlineBytes<INLINE>),
     Shared(std::sync::Arc<[u8]>),
 }
 
 /// The longest key kept in place (the key stays 24 bytes, the size of the
 /// shared form plus its tag).
 const INLINE: usize = 22;
+const _: () = assert!(std::mem::size_of::<Key>() == 24);
 
 impl PartialEq for Key {
     /// Byte equality; clones of one shared key compare without reading the
@@ -88,13 +90,9 @@ impl Key {
         {
             return Err(ProtoError::InvalidKey);
         }
-        Ok(Key(match u8::try_from(key.len()) {
-            Ok(len) if key.len() <= INLINE => {
-                let mut bytes = [0; INLINE];
-                bytes[..key.len()].copy_from_slice(key);
-                Repr::Inline { len, bytes }
-            }
-            _ => Repr::Shared(key.into()),
+        Ok(Key(match InlineBytes::new(key) {
+            Some(inline) => Repr::Inline(inline),
+            None => Repr::Shared(key.into()),
         }))
     }
 
@@ -105,7 +103,7 @@ impl Key {
     /// ```
     pub fn as_bytes(&self) -> &[u8] {
         match &self.0 {
-            Repr::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Repr::Inline(inline) => inline.as_bytes(),
             Repr::Shared(bytes) => bytes,
         }
     }

@@ -27,6 +27,7 @@
 
 mod decoder;
 mod error;
+mod inline;
 mod key;
 mod mux;
 mod reply;

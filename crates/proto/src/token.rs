@@ -98,13 +98,18 @@ impl Token {
     /// assert_eq!(out, b"00000000000000010000000000000002");
     /// ```
     pub fn write_hex(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.hex());
+    }
+
+    /// The 32 lowercase hex digits.
+    pub(crate) fn hex(self) -> [u8; 32] {
         let mut hex = [0u8; 32];
         for (digits, word) in hex.chunks_exact_mut(16).zip([self.fence, self.salt]) {
             for (pair, byte) in digits.chunks_exact_mut(2).zip(word.to_be_bytes()) {
                 pair.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
             }
         }
-        out.extend_from_slice(&hex);
+        hex
     }
 }
 

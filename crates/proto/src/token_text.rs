@@ -3,6 +3,8 @@
 use std::fmt;
 use std::ops::Deref;
 
+use crate::inline::InlineBytes;
+
 /// The bytes a release or renew names as its token (trimmed), valid or not:
 /// the server looks them up, and [`Token::parse_wire`](crate::Token::parse_wire)
 /// reads them. A token of up to 32 bytes — every token a server mints — is
@@ -20,7 +22,7 @@ pub struct TokenText(Repr);
 
 #[derive(Clone)]
 enum Repr {
-    Inline { len: u8, bytes: [u8; INLINE] },
+    Inline(InlineBytes<INLINE>),
     Heap(Vec<u8>),
 }
 
@@ -35,7 +37,7 @@ impl TokenText {
     /// ```
     pub fn as_bytes(&self) -> &[u8] {
         match &self.0 {
-            Repr::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Repr::Inline(inline) => inline.as_bytes(),
             Repr::Heap(bytes) => bytes,
         }
     }
@@ -43,38 +45,26 @@ impl TokenText {
 
 impl From<&[u8]> for TokenText {
     fn from(text: &[u8]) -> TokenText {
-        TokenText(match u8::try_from(text.len()) {
-            Ok(len) if text.len() <= INLINE => {
-                let mut bytes = [0; INLINE];
-                bytes[..text.len()].copy_from_slice(text);
-                Repr::Inline { len, bytes }
-            }
-            _ => Repr::Heap(text.to_vec()),
+        TokenText(match InlineBytes::new(text) {
+            Some(inline) => Repr::Inline(inline),
+            None => Repr::Heap(text.to_vec()),
         })
     }
 }
 
 impl From<Vec<u8>> for TokenText {
     fn from(text: Vec<u8>) -> TokenText {
-        if text.len() <= INLINE {
-            TokenText::from(&text[..])
-        } else {
-            TokenText(Repr::Heap(text))
-        }
+        TokenText(match InlineBytes::new(&text) {
+            Some(inline) => Repr::Inline(inline),
+            None => Repr::Heap(text),
+        })
     }
 }
 
 impl From<crate::Token> for TokenText {
     /// The token's wire form.
     fn from(token: crate::Token) -> TokenText {
-        let mut bytes = [0; INLINE];
-        let mut hex = Vec::with_capacity(INLINE);
-        token.write_hex(&mut hex);
-        bytes.copy_from_slice(&hex);
-        TokenText(Repr::Inline {
-            len: INLINE as u8,
-            bytes,
-        })
+        TokenText(Repr::Inline(InlineBytes::full(token.hex())))
     }
 }
 
