@@ -189,16 +189,15 @@ impl FrameDecoder {
         if self.in_frame() {
             return None;
         }
+        let ends = first_three_lfs(input)?;
         let mut lines: [&[u8]; 3] = [&[]; 3];
         let mut used = 0;
-        for i in 0..3 {
-            let rest = &input[used..];
-            let lf = memchr::memchr(b'\n', rest)?;
-            if lf > line_cap(i, lines[0]) {
+        for (i, end) in ends.into_iter().enumerate() {
+            if end - used > line_cap(i, lines[0]) {
                 return None;
             }
-            lines[i] = without_trailing_cr(&rest[..lf]);
-            used += lf + 1;
+            lines[i] = without_trailing_cr(&input[used..end]);
+            used = end + 1;
         }
         // Now between frames again, as after `feed` and `frame`.
         self.forget_finished_frame();
@@ -279,6 +278,61 @@ fn line_cap(index: usize, command: &[u8]) -> usize {
     }
 }
 
+/// How far [`first_three_lfs`] looks word by word before it hands the
+/// rest to `memchr`: past any usual frame, short of the long lines `memchr`
+/// is built for.
+const WORD_SCAN: usize = 64;
+
+/// The offsets of the first three LFs in `input`, if it holds three.
+///
+/// Request frames are short (`l`, a key, `10`), so three `memchr` calls
+/// cost more in setup than in scanning; eight bytes at a time in a `u64`
+/// finds all three in a few words. Past [`WORD_SCAN`] bytes `memchr` takes
+/// over.
+fn first_three_lfs(input: &[u8]) -> Option<[usize; 3]> {
+    let mut found = [0; 3];
+    let mut count = 0;
+    let head = &input[..input.len().min(WORD_SCAN)];
+    let (words, tail) = head.as_chunks::<8>();
+    for (index, word) in words.iter().enumerate() {
+        let mut lfs = lf_bytes(u64::from_le_bytes(*word));
+        while lfs != 0 {
+            found[count] = index * 8 + (lfs.trailing_zeros() / 8) as usize;
+            count += 1;
+            if count == 3 {
+                return Some(found);
+            }
+            lfs &= lfs - 1;
+        }
+    }
+    let mut from = words.len() * 8;
+    for (offset, &byte) in tail.iter().enumerate() {
+        if byte == b'\n' {
+            found[count] = from + offset;
+            count += 1;
+            if count == 3 {
+                return Some(found);
+            }
+        }
+    }
+    from = head.len();
+    while count < 3 {
+        found[count] = from + memchr::memchr(b'\n', &input[from..])?;
+        from = found[count] + 1;
+        count += 1;
+    }
+    Some(found)
+}
+
+/// The high bit of each byte of `word` that is an LF, and no other bit.
+/// Exact (no false positives): `(b & 0x7f) + 0x7f` sets a byte's high bit
+/// iff its low seven bits are not all zero, with no carry out of the byte.
+fn lf_bytes(word: u64) -> u64 {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    let x = word ^ 0x0a0a_0a0a_0a0a_0a0a;
+    !(((x & LOW7) + LOW7) | x | LOW7)
+}
+
 /// `line` without its trailing CRs (all of them).
 fn without_trailing_cr(mut line: &[u8]) -> &[u8] {
     while let [head @ .., b'\r'] = line {
@@ -300,6 +354,41 @@ mod tests {
             p,
             vec![f.command.to_vec(), f.key.to_vec(), f.argument.to_vec()],
         )
+    }
+
+    #[test]
+    fn lf_scan_finds_exactly_the_lfs() {
+        // Every byte value next to an LF, at every offset of a word and
+        // beyond the word scan, against a plain search.
+        for len in [0, 1, 7, 8, 9, 63, 64, 65, 130] {
+            for fill in [0u8, b'\n' ^ 0x80, 0x0b, 0x09, 0x8a, 0xff, b'x'] {
+                for positions in [
+                    [1, 2, 3],
+                    [0, 8, 16],
+                    [7, 62, 64],
+                    [5, 66, 120],
+                    [63, 64, 65],
+                ] {
+                    let mut input = vec![fill; len];
+                    for p in positions.into_iter().filter(|&p| p < len) {
+                        input[p] = b'\n';
+                    }
+                    let expected: Vec<usize> = input
+                        .iter()
+                        .enumerate()
+                        .filter(|&(_, &b)| b == b'\n')
+                        .map(|(i, _)| i)
+                        .take(3)
+                        .collect();
+                    let got = first_three_lfs(&input);
+                    assert_eq!(
+                        got.map(Vec::from),
+                        (expected.len() == 3).then_some(expected),
+                        "{input:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -4,7 +4,12 @@
 /// no allocation and no shared reference count. [`crate::Key`] and
 /// [`crate::TokenText`] keep short values this way and longer ones on the
 /// heap.
-#[derive(Clone, Copy)]
+///
+/// The bytes past `len` are always zero, so two values hold the same bytes
+/// exactly when they are equal as a whole: the derived comparison is a
+/// fixed-size one the compiler turns into a few word compares, not a call
+/// to `memcmp`.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) struct InlineBytes<const N: usize> {
     len: u8,
     bytes: [u8; N],
@@ -50,6 +55,19 @@ mod tests {
             );
         }
         assert_eq!(InlineBytes::full(*b"abcd").as_bytes(), b"abcd");
+        // Whole-value equality is byte equality.
+        for (a, b) in [
+            (&b"ab"[..], &b"ab"[..]),
+            (b"ab", b"ab\0"),
+            (b"", b"\0"),
+            (b"abc", b"abd"),
+        ] {
+            let (x, y) = (
+                InlineBytes::<4>::new(a).unwrap(),
+                InlineBytes::<4>::new(b).unwrap(),
+            );
+            assert_eq!(x == y, a == b, "{a:?} {b:?}");
+        }
         assert!(
             InlineBytes::<300>::new(&[0; 256]).is_none(),
             "a length past u8 never fits"

@@ -39,6 +39,7 @@ impl PartialEq for Key {
     /// bytes (`Arc`'s own shortcut does not apply to an unsized `[u8]`).
     fn eq(&self, other: &Key) -> bool {
         match (&self.0, &other.0) {
+            (Repr::Inline(a), Repr::Inline(b)) => a == b,
             (Repr::Shared(a), Repr::Shared(b)) if std::sync::Arc::ptr_eq(a, b) => true,
             _ => self.as_bytes() == other.as_bytes(),
         }

@@ -1,6 +1,6 @@
 use thiserror::Error;
 
-use crate::values::push_decimal;
+use crate::values::{push_decimal, write_decimal};
 use crate::{Lease, MAX_REPLY_LINE, Seconds, Token};
 
 /// Every non-success status word of dflockd v2.
@@ -215,14 +215,23 @@ impl Reply {
         match self {
             Reply::Ok => out.extend_from_slice(b"ok"),
             Reply::Granted { token, lease } | Reply::Acquired { token, lease } => {
-                out.extend_from_slice(if matches!(self, Reply::Granted { .. }) {
+                // Every grant's reply: built on the stack, appended once.
+                let word: &[u8] = if matches!(self, Reply::Granted { .. }) {
                     b"ok "
                 } else {
                     b"acquired "
-                });
-                token.write_hex(out);
-                out.push(b' ');
-                push_decimal(out, lease.get());
+                };
+                let mut line = [0u8; 9 + 32 + 1 + 20 + 1];
+                let mut len = word.len();
+                line[..len].copy_from_slice(word);
+                line[len..len + 32].copy_from_slice(&token.hex());
+                len += 32;
+                line[len] = b' ';
+                len += 1;
+                len += write_decimal(&mut line[len..], lease.get());
+                line[len] = b'\n';
+                out.extend_from_slice(&line[..=len]);
+                return;
             }
             Reply::Queued => out.extend_from_slice(b"queued"),
             Reply::Renewed(secs) => {

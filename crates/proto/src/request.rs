@@ -520,6 +520,25 @@ impl Request {
 }
 
 fn int(field: &[u8]) -> Result<i64, ProtoError> {
+    // Go's `strconv.Atoi`: an optional sign, then ASCII digits. Up to 18
+    // digits cannot overflow, so the usual short field needs no checks
+    // beyond the digits; longer ones go through the standard parser.
+    let (negative, digits) = match field {
+        [b'-', rest @ ..] => (true, rest),
+        [b'+', rest @ ..] => (false, rest),
+        _ => (false, field),
+    };
+    if (1..=18).contains(&digits.len()) {
+        let mut n: i64 = 0;
+        for &d in digits {
+            let digit = d.wrapping_sub(b'0');
+            if digit > 9 {
+                return Err(ProtoError::InvalidInteger);
+            }
+            n = n * 10 + i64::from(digit);
+        }
+        return Ok(if negative { -n } else { n });
+    }
     std::str::from_utf8(field)
         .ok()
         .and_then(parse_i64)
@@ -559,6 +578,48 @@ mod tests {
         let mut d = FrameDecoder::new();
         assert_eq!(d.feed(input).1, crate::Progress::Frame);
         Request::parse(&d.frame())
+    }
+
+    #[test]
+    fn int_agrees_with_the_standard_parser() {
+        let mut cases: Vec<String> = [
+            "",
+            "+",
+            "-",
+            "0",
+            "-0",
+            "+0",
+            "007",
+            "10",
+            "-10",
+            "+33",
+            "1 ",
+            " 1",
+            "1a",
+            "a1",
+            "--1",
+            "+-1",
+            "١",
+            "999999999999999999",
+            "-999999999999999999",
+            "9223372036854775807",
+            "9223372036854775808",
+            "-9223372036854775808",
+            "-9223372036854775809",
+            "00000000000000000000000042",
+        ]
+        .map(String::from)
+        .to_vec();
+        for digits in 1..=20 {
+            cases.push("9".repeat(digits));
+            cases.push(format!("-{}", "9".repeat(digits)));
+            cases.push(format!("{}/", "1".repeat(digits)));
+            cases.push(format!("{}:", "1".repeat(digits)));
+        }
+        for case in cases {
+            let expected = case.parse::<i64>().map_err(|_| ProtoError::InvalidInteger);
+            assert_eq!(int(case.as_bytes()), expected, "{case:?}");
+        }
     }
 
     #[test]

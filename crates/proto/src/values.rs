@@ -240,7 +240,24 @@ fn units(bytes: &[u8]) -> impl Iterator<Item = (std::ops::Range<usize>, bool)> +
 }
 
 /// Appends `n` in decimal without allocating.
-pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+pub(crate) fn push_decimal(out: &mut Vec<u8>, n: u64) {
+    let mut digits = [0u8; 20];
+    let len = write_decimal(&mut digits, n);
+    out.extend_from_slice(&digits[..len]);
+}
+
+/// Writes `n` in decimal at the start of `to` (which must have room for
+/// its digits, at most 20) and returns how many bytes it wrote.
+pub(crate) fn write_decimal(to: &mut [u8], mut n: u64) -> usize {
+    // Leases and timeouts are mostly one or two digits.
+    if n < 10 {
+        to[0] = b'0' + n as u8;
+        return 1;
+    }
+    if n < 100 {
+        to[..2].copy_from_slice(&[b'0' + (n / 10) as u8, b'0' + (n % 10) as u8]);
+        return 2;
+    }
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {
@@ -251,7 +268,9 @@ pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
             break;
         }
     }
-    out.extend_from_slice(&digits[i..]);
+    let len = digits.len() - i;
+    to[..len].copy_from_slice(&digits[i..]);
+    len
 }
 
 /// Unicode white space restricted to ASCII: TAB, LF, VT, FF, CR, SPACE.
@@ -266,13 +285,33 @@ pub(crate) fn fields(arg: &[u8]) -> Fields<'_> {
         items: [&[]; 4],
         len: 0,
     };
-    if arg.is_ascii() {
-        // The common case, without UTF-8 decoding.
-        for field in arg.split(|&b| ascii_space(b)).filter(|f| !f.is_empty()) {
-            out.push(field);
+    // The common case, ASCII, in one pass without UTF-8 decoding; the first
+    // byte above ASCII sends the whole line the Unicode way.
+    let mut start = None;
+    for (i, &b) in arg.iter().enumerate() {
+        if !b.is_ascii() {
+            return fields_unicode(arg);
         }
-        return out;
+        if ascii_space(b) {
+            if let Some(s) = start.take() {
+                out.push(&arg[s..i]);
+            }
+        } else if start.is_none() {
+            start = Some(i);
+        }
     }
+    if let Some(s) = start {
+        out.push(&arg[s..]);
+    }
+    out
+}
+
+/// [`fields`] for a line with bytes above ASCII.
+fn fields_unicode(arg: &[u8]) -> Fields<'_> {
+    let mut out = Fields {
+        items: [&[]; 4],
+        len: 0,
+    };
     let mut start = None;
     for (range, space) in units(arg) {
         match (space, start) {
@@ -337,6 +376,19 @@ pub(crate) fn trim_space(bytes: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimal_agrees_with_format() {
+        let mut values: Vec<u64> = (0..=1000).collect();
+        values.extend([9_999, 10_000, u64::from(u32::MAX), u64::MAX - 1, u64::MAX]);
+        values.extend((1..20).map(|e| 10u64.pow(e) - 1));
+        values.extend((1..20).map(|e| 10u64.pow(e)));
+        for n in values {
+            let mut out = b"x".to_vec();
+            push_decimal(&mut out, n);
+            assert_eq!(out, format!("x{n}").as_bytes());
+        }
+    }
 
     #[test]
     fn go_integer_syntax() {
