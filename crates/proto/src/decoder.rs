@@ -305,17 +305,17 @@ fn first_three_lfs(input: &[u8]) -> Option<[usize; 3]> {
             lfs &= lfs - 1;
         }
     }
-    let mut from = words.len() * 8;
+    let tail_start = words.len() * 8;
     for (offset, &byte) in tail.iter().enumerate() {
         if byte == b'\n' {
-            found[count] = from + offset;
+            found[count] = tail_start + offset;
             count += 1;
             if count == 3 {
                 return Some(found);
             }
         }
     }
-    from = head.len();
+    let mut from = head.len();
     while count < 3 {
         found[count] = from + memchr::memchr(b'\n', &input[from..])?;
         from = found[count] + 1;

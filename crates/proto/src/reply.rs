@@ -221,7 +221,7 @@ impl Reply {
                 } else {
                     b"acquired "
                 };
-                let mut line = [0u8; 9 + 32 + 1 + 20 + 1];
+                let mut line = [0u8; 9 + 32 + 1 + 20];
                 let mut len = word.len();
                 line[..len].copy_from_slice(word);
                 line[len..len + 32].copy_from_slice(&token.hex());
@@ -229,9 +229,7 @@ impl Reply {
                 line[len] = b' ';
                 len += 1;
                 len += write_decimal(&mut line[len..], lease.get());
-                line[len] = b'\n';
-                out.extend_from_slice(&line[..=len]);
-                return;
+                out.extend_from_slice(&line[..len]);
             }
             Reply::Queued => out.extend_from_slice(b"queued"),
             Reply::Renewed(secs) => {

