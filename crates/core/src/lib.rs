@@ -34,7 +34,7 @@
 
 mod budget;
 mod fence;
-mod lease_index;
+mod leases;
 mod table;
 
 pub use budget::ResourceBudget;

@@ -8,7 +8,7 @@ use dflockd_proto::{
 };
 use thiserror::Error;
 
-use crate::lease_index::LeaseIndex;
+use crate::leases::{Leases, NO_RING, Slot};
 use crate::{Mint, MintError, ResourceBudget};
 
 /// The table's hash maps. Their keys are values the server assigns
@@ -395,6 +395,8 @@ pub enum LockError {
 struct Holder {
     conn: ConnId,
     deadline: Duration,
+    /// The lease's slot in the table's [`Leases`].
+    slot: Slot,
 }
 
 enum WaiterKind<W> {
@@ -566,12 +568,6 @@ impl<W> Resources<W> {
         })
     }
 
-    /// The deadline of the lease `token` holds on the resource hashing to
-    /// `hash`, if it holds one.
-    fn lease_deadline(&self, hash: u64, token: Token) -> Option<Duration> {
-        self.holding(hash, &token)?.holders.deadline(&token)
-    }
-
     fn retain(&mut self, keep: impl FnMut(&mut Resource<W>) -> bool) {
         self.0.retain(keep);
     }
@@ -626,8 +622,9 @@ struct Phase1<W> {
 }
 
 struct Conn<W> {
-    /// Each lease held, with its resource's id hash (see [`Resources`]).
-    held: HashMap<Token, u64>,
+    /// The ring of this connection's leases in the table's [`Leases`], or
+    /// [`NO_RING`] before its first grant.
+    ring: Slot,
     waiters: HashMap<WaiterId, ResourceId>,
     phase1: HashMap<(ResourceId, u64), Phase1<W>>,
     /// Tickets granted but not collected by a `w` yet, by token (so a
@@ -638,7 +635,7 @@ struct Conn<W> {
 impl<W> Default for Conn<W> {
     fn default() -> Self {
         Conn {
-            held: Default::default(),
+            ring: NO_RING,
             waiters: Default::default(),
             phase1: Default::default(),
             uncollected: Default::default(),
@@ -669,8 +666,11 @@ pub struct LockTable<W, M> {
     budget: Arc<ResourceBudget>,
     resources: Resources<W>,
     conns: HashMap<ConnId, Conn<W>>,
-    /// Lease deadlines in time order, for the sweep.
-    deadlines: LeaseIndex,
+    /// Every live lease, for the sweep and per connection.
+    leases: Leases,
+    /// At least the number of entries in all connections' `uncollected`
+    /// maps: a release looks its connection up only while this is nonzero.
+    uncollected: usize,
     /// Lock-delays in time order: when each blocked resource may grant again.
     delays: BTreeMap<(Duration, ResourceId), ()>,
     next_waiter: u64,
@@ -715,7 +715,8 @@ impl<W, M: Mint> LockTable<W, M> {
             budget,
             resources: Resources(hashbrown::HashTable::new()),
             conns: Default::default(),
-            deadlines: LeaseIndex::default(),
+            leases: Leases::default(),
+            uncollected: 0,
             delays: BTreeMap::new(),
             next_waiter: 0,
             deliveries: Vec::new(),
@@ -810,9 +811,7 @@ impl<W, M: Mint> LockTable<W, M> {
     /// assert_eq!(table.next_deadline(), Some(Duration::from_secs(10)));
     /// ```
     pub fn next_deadline(&mut self) -> Option<Duration> {
-        let resources = &self.resources;
-        self.deadlines
-            .next(|hash, token| resources.lease_deadline(hash, token))
+        self.leases.earliest()
     }
 
     /// When the earliest disconnect lock-delay ends, if one is running; call
@@ -1191,8 +1190,10 @@ impl<W, M: Mint> LockTable<W, M> {
 
     fn set_phase1(&mut self, conn: ConnId, rid: &ResourceId, ticket: u64, phase1: Phase1<W>) {
         let c = self.conns.entry(conn).or_default();
-        if let Some(token) = phase1.token {
-            c.uncollected.insert(token, ticket);
+        if let Some(token) = phase1.token
+            && c.uncollected.insert(token, ticket).is_none()
+        {
+            self.uncollected += 1;
         }
         c.phase1.insert((rid.clone(), ticket), phase1);
     }
@@ -1417,10 +1418,7 @@ impl<W, M: Mint> LockTable<W, M> {
             return None;
         }
         holder.deadline = deadline(now, lease, self.config.clock_granularity);
-        let new = holder.deadline;
-        // The old deadline's entry goes stale.
-        let hash = resource.id.0.hash;
-        self.index_deadline(hash, token, new);
+        self.leases.set_deadline(holder.slot, holder.deadline);
         Some(())
     }
 
@@ -1448,6 +1446,7 @@ impl<W, M: Mint> LockTable<W, M> {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
+        self.uncollected = self.uncollected.saturating_sub(c.uncollected.len());
         let mut touched = Vec::new();
         for (waiter, rid) in c.waiters {
             if let Some(resource) = self.resources.get_mut(&rid)
@@ -1457,19 +1456,24 @@ impl<W, M: Mint> LockTable<W, M> {
             }
             touched.push(rid);
         }
-        if auto_release {
-            for (token, hash) in c.held {
-                let Some(resource) = self.resources.holding(hash, &token) else {
-                    continue;
-                };
-                let rid = resource.id.clone();
-                let deadline = resource.holders.deadline(&token);
-                self.remove_holder(&rid, token, now);
-                if let Some(deadline) = deadline {
-                    self.delay_after_disconnect(&rid, deadline, now);
+        if c.ring != NO_RING {
+            if auto_release {
+                for (hash, token) in self.leases.in_ring(c.ring) {
+                    let Some(resource) = self.resources.holding(hash, &token) else {
+                        continue;
+                    };
+                    let rid = resource.id.clone();
+                    let deadline = resource.holders.deadline(&token);
+                    self.remove_holder(&rid, token, now);
+                    if let Some(deadline) = deadline {
+                        self.delay_after_disconnect(&rid, deadline, now);
+                    }
+                    touched.push(rid);
                 }
-                touched.push(rid);
             }
+            // With auto-release the ring is empty now; without, its leases
+            // live on, each in a ring of its own.
+            self.leases.drop_ring(c.ring);
         }
         // Without auto-release the holds stay (owned by this dead connection)
         // until their leases expire or someone releases them by token.
@@ -1497,15 +1501,8 @@ impl<W, M: Mint> LockTable<W, M> {
     pub fn sweep(&mut self, now: Duration) -> usize {
         self.end_delays(now);
         let mut evicted = 0;
-        loop {
-            let resources = &self.resources;
-            let Some((hash, token)) = self
-                .deadlines
-                .pop_due(now, |hash, token| resources.lease_deadline(hash, token))
-            else {
-                break;
-            };
-            let Some(rid) = resources.holding(hash, &token).map(|r| r.id.clone()) else {
+        for (hash, token) in self.leases.due(now) {
+            let Some(rid) = self.resources.holding(hash, &token).map(|r| r.id.clone()) else {
                 continue;
             };
             self.remove_holder(&rid, token, now);
@@ -1578,8 +1575,19 @@ impl<W, M: Mint> LockTable<W, M> {
         });
         // Connections that kept holds only for ownership records (auto-release off) and
         // hold nothing any more can go too.
-        self.conns
-            .retain(|_, c| !(c.held.is_empty() && c.waiters.is_empty() && c.phase1.is_empty()));
+        let leases = &mut self.leases;
+        let uncollected = &mut self.uncollected;
+        self.conns.retain(|_, c| {
+            let holds = c.ring != NO_RING && !leases.ring_is_empty(c.ring);
+            let keep = holds || !c.waiters.is_empty() || !c.phase1.is_empty();
+            if !keep {
+                if c.ring != NO_RING {
+                    leases.drop_ring(c.ring);
+                }
+                *uncollected = uncollected.saturating_sub(c.uncollected.len());
+            }
+            keep
+        });
         let removed = before - self.resources.len();
         self.budget.give_back(removed);
         removed
@@ -1739,26 +1747,23 @@ impl<W, M: Mint> LockTable<W, M> {
         now: Duration,
     ) {
         let deadline = deadline(now, lease, self.config.clock_granularity);
-        if let Some(resource) = self.resources.get_mut(rid) {
-            resource.holders.insert(token, Holder { conn, deadline });
-            resource.last_activity = now;
+        let Some(resource) = self.resources.get_mut(rid) else {
+            return;
+        };
+        let c = self.conns.entry(conn).or_default();
+        if c.ring == NO_RING {
+            c.ring = self.leases.new_ring();
         }
-        self.index_holder(conn, rid.0.hash, token, deadline);
-    }
-
-    /// Records a new holder of the resource hashing to `hash` in the
-    /// deadlines and its connection's holds.
-    fn index_holder(&mut self, conn: ConnId, hash: u64, token: Token, deadline: Duration) {
-        self.index_deadline(hash, token, deadline);
-        self.conns.entry(conn).or_default().held.insert(token, hash);
-    }
-
-    /// Puts a lease's deadline in the index.
-    fn index_deadline(&mut self, hash: u64, token: Token, deadline: Duration) {
-        let resources = &self.resources;
-        self.deadlines.push(deadline, token, hash, |hash, token| {
-            resources.lease_deadline(hash, token)
-        });
+        let slot = self.leases.insert(c.ring, token, rid.0.hash, deadline);
+        resource.holders.insert(
+            token,
+            Holder {
+                conn,
+                deadline,
+                slot,
+            },
+        );
+        resource.last_activity = now;
     }
 
     /// Removes a holder and everything that points at it.
@@ -1769,14 +1774,13 @@ impl<W, M: Mint> LockTable<W, M> {
         let removed = Removed {
             waiters: !resource.queue.is_empty(),
         };
-        // Its deadline entry goes stale; the index drops it lazily.
-        if let Some(c) = self.conns.get_mut(&holder.conn) {
-            c.held.remove(&token);
-            if !c.uncollected.is_empty()
-                && let Some(ticket) = c.uncollected.remove(&token)
-            {
-                c.phase1.remove(&(rid.clone(), ticket));
-            }
+        self.leases.remove(holder.slot);
+        if self.uncollected > 0
+            && let Some(c) = self.conns.get_mut(&holder.conn)
+            && let Some(ticket) = c.uncollected.remove(&token)
+        {
+            self.uncollected -= 1;
+            c.phase1.remove(&(rid.clone(), ticket));
         }
         Some(removed)
     }
@@ -1805,8 +1809,9 @@ impl<W, M: Mint> LockTable<W, M> {
         if let Some(c) = self.conns.get_mut(&conn)
             && let Some(phase1) = c.phase1.remove(&(rid.clone(), ticket))
             && let Some(token) = phase1.token
+            && c.uncollected.remove(&token).is_some()
         {
-            c.uncollected.remove(&token);
+            self.uncollected -= 1;
         }
     }
 
@@ -1862,7 +1867,9 @@ impl<W, M: Mint> LockTable<W, M> {
                         None => {
                             phase1.waiter = None;
                             phase1.token = Some(token);
-                            c.uncollected.insert(token, ticket);
+                            if c.uncollected.insert(token, ticket).is_none() {
+                                self.uncollected += 1;
+                            }
                         }
                     }
                 }
@@ -1922,6 +1929,100 @@ mod tests {
 
     fn secs(s: u64) -> Duration {
         Duration::from_secs(s)
+    }
+
+    impl<W, M> LockTable<W, M> {
+        /// Every holder's lease is in the slab, in the slot it remembers,
+        /// with its token, resource and deadline, and nothing else is.
+        fn assert_leases_match_holders(&self) {
+            let mut holders = 0;
+            for resource in self.resources.iter() {
+                for (token, holder) in resource.holders.iter() {
+                    holders += 1;
+                    assert_eq!(
+                        self.leases.lease_at(holder.slot),
+                        Some((resource.id.0.hash, *token, holder.deadline))
+                    );
+                }
+            }
+            assert_eq!(self.leases.len(), holders);
+        }
+    }
+
+    /// Random grants, renewals, releases, waits, sweeps and disconnects
+    /// (with and without auto-release) on locks and a semaphore keep the
+    /// lease slab exactly in step with the holders.
+    #[test]
+    fn the_lease_slab_follows_every_holder() {
+        let config = TableConfig {
+            disconnect_lock_delay: Duration::ZERO,
+            ..TableConfig::default()
+        };
+        let mut t: LockTable<(), _> = LockTable::new(config, FenceCounter::with_fixed_salt(1, 0));
+        let rids: Vec<(ResourceId, Limit)> = [("a", 1), ("b", 1), ("s", 3)]
+            .into_iter()
+            .map(|(key, limit)| {
+                let namespace = if limit == 1 {
+                    dflockd_proto::Namespace::Lock
+                } else {
+                    dflockd_proto::Namespace::Semaphore
+                };
+                (
+                    ResourceId::new(namespace, Key::new(key).unwrap()),
+                    Limit::new(limit).unwrap(),
+                )
+            })
+            .collect();
+        let mut held: Vec<(usize, Token)> = Vec::new();
+        // A fixed xorshift sequence: reproducible, no extra dependency.
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        let mut now = secs(0);
+        for _ in 0..20_000 {
+            let conn = ConnId(next(5));
+            let r = next(3) as usize;
+            let (rid, limit) = &rids[r];
+            match next(7) {
+                0 | 1 => {
+                    let lease = Lease::new(1 + next(20)).ok();
+                    let wait = (next(2) == 0).then_some(());
+                    if let Ok(AcquireOutcome::Granted(grant)) =
+                        t.acquire(conn, rid, *limit, lease, now, wait)
+                    {
+                        held.push((r, grant.token));
+                    }
+                }
+                2 if !held.is_empty() => {
+                    let (r, token) = held.swap_remove(next(held.len() as u64) as usize);
+                    let _ = t.release_token(&rids[r].0, token, now);
+                }
+                3 if !held.is_empty() => {
+                    let (r, token) = held[next(held.len() as u64) as usize];
+                    let _ = t.renew_token(&rids[r].0, token, Lease::new(1 + next(20)).ok(), now);
+                }
+                4 => now += Duration::from_millis(next(3_000)),
+                5 => {
+                    t.sweep(now);
+                }
+                _ => t.disconnect(conn, next(2) == 0, now),
+            }
+            for delivery in t.take_deliveries() {
+                let r = rids
+                    .iter()
+                    .position(|(rid, _)| *rid == delivery.resource)
+                    .unwrap();
+                held.push((r, delivery.grant.token));
+            }
+            t.assert_leases_match_holders();
+        }
+        t.sweep(now + secs(1_000));
+        assert_eq!(t.holder_count(), 0);
+        t.assert_leases_match_holders();
     }
 
     #[test]

@@ -43,7 +43,7 @@ impl Token {
     /// ```
     /// assert_eq!(dflockd_proto::Token::new(1, 2).fence(), 1);
     /// ```
-    pub fn new(fence: u64, salt: u64) -> Token {
+    pub const fn new(fence: u64, salt: u64) -> Token {
         Token { fence, salt }
     }
 
