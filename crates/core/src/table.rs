@@ -412,7 +412,7 @@ struct Waiter<W> {
 }
 
 struct Resource<W> {
-    /// The table's own copy of the resource's id; the lease indexes name
+    /// The table's own copy of the resource's id; the lease slab names
     /// the resource by its hash (see [`Resources`]).
     id: ResourceId,
     limit: Limit,
@@ -531,10 +531,10 @@ impl<W> Resource<W> {
     }
 }
 
-/// A table's resources, found by their id's cached hash. A lease's indexes
-/// (its connection's holds, the deadline heap) name it by that hash and its
-/// token rather than by a clone of the id, so recording or dropping a lease
-/// touches no shared reference count.
+/// A table's resources, found by their id's cached hash. A lease's slot in
+/// the [`Leases`] names it by that hash and its token rather than by a
+/// clone of the id, so recording or dropping a lease touches no shared
+/// reference count.
 struct Resources<W>(hashbrown::HashTable<Resource<W>>);
 
 impl<W> Resources<W> {
