@@ -930,6 +930,28 @@ impl<W, M: Mint> LockTable<W, M> {
         wait: Option<impl FnOnce() -> W>,
     ) -> Result<AcquireOutcome, LockError> {
         let lease = lease.unwrap_or(self.config.default_lease);
+        // The common case in one lookup: the resource is known, free, not in
+        // a lock-delay, and nobody waits (what `prepare` then `grant_now`
+        // would find and do).
+        if let Some(resource) = self.resources.get_mut(rid)
+            && resource.limit == limit
+            && resource.holders.is_empty()
+            && resource.queue.is_empty()
+            && resource.blocked_until.is_none()
+        {
+            resource.last_activity = now;
+            let token = self.mint.mint()?;
+            let deadline = deadline(now, lease, self.config.clock_granularity);
+            hold(
+                &mut self.conns,
+                &mut self.leases,
+                resource,
+                conn,
+                token,
+                deadline,
+            );
+            return Ok(AcquireOutcome::Granted(Grant { token, lease }));
+        }
         let arrival = self.prepare(rid, limit, now)?;
         if arrival.grantable() {
             let grant = self.grant_now(conn, rid, lease, now)?;
@@ -1750,20 +1772,15 @@ impl<W, M: Mint> LockTable<W, M> {
         let Some(resource) = self.resources.get_mut(rid) else {
             return;
         };
-        let c = self.conns.entry(conn).or_default();
-        if c.ring == NO_RING {
-            c.ring = self.leases.new_ring();
-        }
-        let slot = self.leases.insert(c.ring, token, rid.0.hash, deadline);
-        resource.holders.insert(
-            token,
-            Holder {
-                conn,
-                deadline,
-                slot,
-            },
-        );
         resource.last_activity = now;
+        hold(
+            &mut self.conns,
+            &mut self.leases,
+            resource,
+            conn,
+            token,
+            deadline,
+        );
     }
 
     /// Removes a holder and everything that points at it.
@@ -1876,6 +1893,31 @@ impl<W, M: Mint> LockTable<W, M> {
             }
         }
     }
+}
+
+/// Makes `conn` a holder of `resource` with `token` until `deadline`: the
+/// holder, and its lease in the slab, in its connection's ring.
+fn hold<W>(
+    conns: &mut HashMap<ConnId, Conn<W>>,
+    leases: &mut Leases,
+    resource: &mut Resource<W>,
+    conn: ConnId,
+    token: Token,
+    deadline: Duration,
+) {
+    let c = conns.entry(conn).or_default();
+    if c.ring == NO_RING {
+        c.ring = leases.new_ring();
+    }
+    let slot = leases.insert(c.ring, token, resource.id.0.hash, deadline);
+    resource.holders.insert(
+        token,
+        Holder {
+            conn,
+            deadline,
+            slot,
+        },
+    );
 }
 
 /// When a lease granted or renewed at `now` ends, on a clock that may lag
