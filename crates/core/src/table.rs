@@ -930,33 +930,10 @@ impl<W, M: Mint> LockTable<W, M> {
         wait: Option<impl FnOnce() -> W>,
     ) -> Result<AcquireOutcome, LockError> {
         let lease = lease.unwrap_or(self.config.default_lease);
-        // The common case in one lookup: the resource is known, free, not in
-        // a lock-delay, and nobody waits (what `prepare` then `grant_now`
-        // would find and do).
-        if let Some(resource) = self.resources.get_mut(rid)
-            && resource.limit == limit
-            && resource.holders.is_empty()
-            && resource.queue.is_empty()
-            && resource.blocked_until.is_none()
-        {
-            resource.last_activity = now;
-            let token = self.mint.mint()?;
-            let deadline = deadline(now, lease, self.config.clock_granularity);
-            hold(
-                &mut self.conns,
-                &mut self.leases,
-                resource,
-                conn,
-                token,
-                deadline,
-            );
-            return Ok(AcquireOutcome::Granted(Grant { token, lease }));
-        }
-        let arrival = self.prepare(rid, limit, now)?;
-        if arrival.grantable() {
-            let grant = self.grant_now(conn, rid, lease, now)?;
-            return Ok(AcquireOutcome::Granted(grant));
-        }
+        let arrival = match self.grant_on_arrival(conn, rid, limit, lease, now)? {
+            Ok(grant) => return Ok(AcquireOutcome::Granted(grant)),
+            Err(arrival) => arrival,
+        };
         if self.config.max_waiters > 0 && arrival.queued >= self.config.max_waiters {
             return Err(LockError::MaxWaiters);
         }
@@ -1176,22 +1153,23 @@ impl<W, M: Mint> LockTable<W, M> {
             return Err(LockError::AlreadyEnqueued);
         }
         let lease = lease.unwrap_or(self.config.default_lease);
-        let arrival = self.prepare(rid, limit, now)?;
-        if arrival.grantable() {
-            let grant = self.grant_now(conn, rid, lease, now)?;
-            self.set_phase1(
-                conn,
-                rid,
-                ticket,
-                Phase1 {
-                    waiter: None,
-                    token: Some(grant.token),
-                    lease,
-                    blocked: None,
-                },
-            );
-            return Ok(EnqueueOutcome::Acquired(grant));
-        }
+        let arrival = match self.grant_on_arrival(conn, rid, limit, lease, now)? {
+            Ok(grant) => {
+                self.set_phase1(
+                    conn,
+                    rid,
+                    ticket,
+                    Phase1 {
+                        waiter: None,
+                        token: Some(grant.token),
+                        lease,
+                        blocked: None,
+                    },
+                );
+                return Ok(EnqueueOutcome::Acquired(grant));
+            }
+            Err(arrival) => arrival,
+        };
         if self.config.max_waiters > 0 && arrival.queued >= self.config.max_waiters {
             return Err(LockError::MaxWaiters);
         }
@@ -1746,6 +1724,52 @@ impl<W, M: Mint> LockTable<W, M> {
             .resources
             .get(rid)
             .map_or(Arrival::FULL, |resource| Arrival::at(resource, now)))
+    }
+
+    /// What a request that may take `rid` finds on arrival: granted at once
+    /// (room, and nobody ahead), or else the [`Arrival`] it must wait
+    /// behind. Either way the resource is resolved first (`prepare`).
+    ///
+    /// Always inlined: left a call (the compiler ignored a plain `#[inline]`
+    /// with two callers) it cost the acquire path about 60 instructions per
+    /// acquire + release (callgrind: 6.28 k against 6.21 k), half of what
+    /// its one-lookup fast path saves.
+    #[inline(always)]
+    fn grant_on_arrival(
+        &mut self,
+        conn: ConnId,
+        rid: &ResourceId,
+        limit: Limit,
+        lease: Lease,
+        now: Duration,
+    ) -> Result<Result<Grant, Arrival>, LockError> {
+        // The common case in one lookup: the resource is known, free, not in
+        // a lock-delay, and nobody waits (what `prepare` then `grant_now`
+        // would find and do).
+        if let Some(resource) = self.resources.get_mut(rid)
+            && resource.limit == limit
+            && resource.holders.is_empty()
+            && resource.queue.is_empty()
+            && resource.blocked_until.is_none()
+        {
+            resource.last_activity = now;
+            let token = self.mint.mint()?;
+            let deadline = deadline(now, lease, self.config.clock_granularity);
+            hold(
+                &mut self.conns,
+                &mut self.leases,
+                resource,
+                conn,
+                token,
+                deadline,
+            );
+            return Ok(Ok(Grant { token, lease }));
+        }
+        let arrival = self.prepare(rid, limit, now)?;
+        if arrival.grantable() {
+            return self.grant_now(conn, rid, lease, now).map(Ok);
+        }
+        Ok(Err(arrival))
     }
 
     fn grant_now(
