@@ -199,9 +199,7 @@ impl FrameDecoder {
             lines[i] = without_trailing_cr(&input[used..end]);
             used = end + 1;
         }
-        // Now between frames again, as after `feed` and `frame`.
-        self.forget_finished_frame();
-        self.lines_completed += 3;
+        self.pass_whole_frame();
         let [command, key, argument] = lines;
         Some((
             used,
@@ -250,6 +248,13 @@ impl FrameDecoder {
     /// ```
     pub fn lines_completed(&self) -> u64 {
         self.lines_completed
+    }
+
+    /// Accounts for a whole frame read straight from the input: between
+    /// frames again, as after `feed` and `frame`, three lines later.
+    pub(crate) fn pass_whole_frame(&mut self) {
+        self.forget_finished_frame();
+        self.lines_completed += 3;
     }
 
     /// Drops the lines of a frame already handed out, before the next one.

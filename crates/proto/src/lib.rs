@@ -30,6 +30,7 @@ mod error;
 mod inline;
 mod key;
 mod mux;
+mod quick;
 mod reply;
 mod request;
 mod shard;

@@ -857,6 +857,165 @@ proptest! {
 }
 
 // ---------------------------------------------------------------------------
+// The fast path for common requests (`FrameDecoder::decode_common`)
+// ---------------------------------------------------------------------------
+
+/// Runs the fast path on `input` and checks it against the general one:
+/// a request it returns is what `decode` + `parse_reusing` make of the
+/// same bytes, with the same bytes used and the decoder left the same; a
+/// `None` leaves the decoder untouched. Returns whether it took the frame.
+fn check_common(input: &[u8], recent: Option<&Key>) -> bool {
+    let mut fast = FrameDecoder::new();
+    let Some((used, request)) = fast.decode_common(input, recent) else {
+        assert_eq!(fast.lines_completed(), 0);
+        assert!(!fast.in_frame());
+        return false;
+    };
+    let mut general = FrameDecoder::new();
+    let (general_used, decoded) = general.decode(input);
+    let Decoded::Frame(frame) = decoded else {
+        panic!("fast path took {input:?}, the general path found {decoded:?}");
+    };
+    assert_eq!(used, general_used, "{input:?}");
+    assert_eq!(
+        Ok(&request),
+        Request::parse_reusing(&frame, recent).as_ref(),
+        "{input:?}"
+    );
+    assert_eq!(fast.lines_completed(), general.lines_completed());
+    assert_eq!(fast.in_frame(), general.in_frame());
+    true
+}
+
+/// The usual spellings of `l`, `r` and `n` in the lock namespace, with
+/// minted tokens.
+fn common_request() -> impl Strategy<Value = Request> {
+    prop_oneof![
+        (key(), seconds(), prop::option::of(lease())).prop_map(|(key, timeout, lease)| {
+            Request::Acquire {
+                key,
+                kind: Kind::Lock,
+                timeout,
+                lease,
+            }
+        }),
+        (key(), token_hex()).prop_map(|(key, token)| Request::Release {
+            key,
+            namespace: Namespace::Lock,
+            token: token.into()
+        }),
+        (key(), token_hex(), prop::option::of(lease())).prop_map(|(key, token, lease)| {
+            Request::Renew {
+                key,
+                namespace: Namespace::Lock,
+                token: token.into(),
+                lease,
+            }
+        }),
+    ]
+}
+
+/// Bytes that make a near miss of a common request when put in one.
+fn spoiler() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        prop::sample::select(vec![
+            &b"\n"[..],
+            b"\r",
+            b" ",
+            b"  ",
+            b"\t",
+            b"+",
+            b"-",
+            b"0",
+            b"9",
+            b"x",
+            b"\x0b",
+            b"\xc2\xa0",
+            b"\xc2\x85",
+            b"\xa0",
+            b"\xff",
+            b"\x7f",
+            b"\x00",
+            b"s",
+            b"l",
+        ])
+        .prop_map(<[u8]>::to_vec),
+        vec(any::<u8>(), 1..4),
+        (any::<u8>(), 1..300usize).prop_map(|(b, n)| vec![b; n]),
+    ]
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Every usual `l`, `r` and `n` takes the fast path, with or without a
+    /// recent key (equal to its own or not), also with bytes behind it,
+    /// and reads as on the general path.
+    #[test]
+    fn common_requests_take_the_fast_path(
+        request in common_request(),
+        other in key(),
+        which in 0..3u8,
+        tail in protocol_soup(),
+    ) {
+        let mut input = request.encode_to_vec();
+        input.extend_from_slice(&tail);
+        let own = request_key(&request).cloned();
+        let recent = match which {
+            0 => None,
+            1 => own.as_ref(),
+            _ => Some(&other),
+        };
+        prop_assert!(check_common(&input, recent), "{:?} not taken", request);
+    }
+
+    /// A common request with bytes replaced, inserted or removed anywhere
+    /// (CRs, spaces, signs, digits, Unicode white space, long runs…): the
+    /// fast path returns what the general path does, or leaves it alone.
+    #[test]
+    fn near_misses_read_as_on_the_general_path(
+        request in common_request(),
+        edits in vec((any::<Index>(), 0..3u8, spoiler()), 1..4),
+        other in key(),
+        which in 0..3u8,
+    ) {
+        let mut input = request.encode_to_vec();
+        for (at, how, bytes) in &edits {
+            let i = at.index(input.len() + 1);
+            match how {
+                0 => { input.splice(i..i, bytes.iter().copied()); }
+                1 => { input.splice(i..(i + bytes.len()).min(input.len()), bytes.iter().copied()); }
+                _ => { input.drain(i..(i + bytes.len()).min(input.len())); }
+            }
+        }
+        let own = request_key(&request).cloned();
+        let recent = match which {
+            0 => None,
+            1 => own.as_ref(),
+            _ => Some(&other),
+        };
+        check_common(&input, recent);
+    }
+
+    /// Byte soup: never a disagreement.
+    #[test]
+    fn soup_reads_as_on_the_general_path(input in protocol_soup(), other in key()) {
+        check_common(&input, None);
+        check_common(&input, Some(&other));
+    }
+}
+
+/// Between frames only: with part of a frame buffered, the bytes belong
+/// to that frame.
+#[test]
+fn common_requests_wait_for_a_partial_frame() {
+    let mut d = FrameDecoder::new();
+    assert_eq!(d.decode(b"l\n"), (2, Decoded::NeedMore));
+    assert_eq!(d.decode_common(b"l\nk\n5\n", None), None);
+    assert_eq!(d.lines_completed(), 1);
+}
+
+// ---------------------------------------------------------------------------
 // Regressions (bugs found while writing the properties above)
 // ---------------------------------------------------------------------------
 

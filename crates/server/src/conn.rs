@@ -10,7 +10,7 @@ use dflockd_core::{
     AcquireOutcome, ConnId, EnqueueOutcome, Grant, LockError, ResourceId, WaitOutcome,
 };
 use dflockd_proto::{
-    Decoded, FrameDecoder, MUX_ACCEPTED, RawFrame, Reply, Request, Seconds, Status, Token,
+    Decoded, FrameDecoder, Key, MUX_ACCEPTED, RawFrame, Reply, Request, Seconds, Status, Token,
     is_mux_hello,
 };
 use subtle::ConstantTimeEq;
@@ -81,6 +81,23 @@ impl Pending {
             Pending::Acquire(waiter) => t.cancel_acquire(conn, rid, waiter, now),
             Pending::Wait { ticket, waiter } => t.cancel_wait_of(conn, ticket, rid, waiter, now),
         })
+    }
+}
+
+/// A frame as [`Connection::next_frame`] hands it over: a common request
+/// the decoder parsed on its fast path, or any other frame's lines.
+enum Incoming<'a> {
+    Parsed(Request),
+    Raw(RawFrame<'a>),
+}
+
+impl Incoming<'_> {
+    /// The request, or why the frame is none.
+    fn parse(self) -> Result<Request, dflockd_proto::ProtoError> {
+        match self {
+            Incoming::Parsed(request) => Ok(request),
+            Incoming::Raw(frame) => Request::parse(&frame),
+        }
     }
 }
 
@@ -168,11 +185,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             let recent = self.recent.take();
             let hint = recent.as_ref().map(ResourceId::key);
             let parsed = self
-                .next_frame(|frame| {
+                .next_frame(hint, |incoming| match incoming {
+                    Incoming::Parsed(request) => Ok(request),
                     // `hello` is no v2 command: looked for only among the
                     // frames v2 refuses, off the hot path.
-                    Request::parse_reusing(frame, hint)
-                        .map_err(|error| (error, is_mux_hello(frame)))
+                    Incoming::Raw(frame) => Request::parse_reusing(&frame, hint)
+                        .map_err(|error| (error, is_mux_hello(&frame))),
                 })
                 .await;
             self.recent.set(recent);
@@ -215,7 +233,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     async fn handshake(&mut self) -> Result<(), Close> {
         let shared = Arc::clone(&self.shared);
         let authorised = self
-            .next_frame(|frame| match Request::parse(frame) {
+            .next_frame(None, |incoming| match incoming.parse() {
                 Ok(Request::Auth { token }) => {
                     let expected = shared
                         .config
@@ -243,18 +261,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// written only when no complete frame is buffered, so pipelined
     /// requests get their replies in as few writes as possible.
     ///
-    /// The frame is handed to `on_frame` (it may borrow the read buffer, so
-    /// it is looked at there and then) and its result returned.
+    /// The frame is handed to `on_frame` (a raw frame borrows the read
+    /// buffer, so it is looked at there and then) and its result returned.
+    /// A common request is parsed on the decoder's fast path, sharing
+    /// `recent` as [`Request::parse_reusing`] does.
     async fn next_frame<T>(
         &mut self,
-        mut on_frame: impl FnMut(&RawFrame<'_>) -> T,
+        recent: Option<&Key>,
+        mut on_frame: impl FnMut(Incoming<'_>) -> T,
     ) -> Result<T, ReadFailure> {
         self.watch.restart(self.decoder.lines_completed());
         loop {
-            let (used, decoded) = self.decoder.decode(&self.buf[self.pos..]);
+            let input = &self.buf[self.pos..];
+            if let Some((used, request)) = self.decoder.decode_common(input, recent) {
+                self.pos += used;
+                return Ok(on_frame(Incoming::Parsed(request)));
+            }
+            let (used, decoded) = self.decoder.decode(input);
             self.pos += used;
             match decoded {
-                Decoded::Frame(frame) => return Ok(on_frame(&frame)),
+                Decoded::Frame(frame) => return Ok(on_frame(Incoming::Raw(frame))),
                 Decoded::Oversize => return Err(ReadFailure::Oversize),
                 Decoded::NeedMore => {}
             }
