@@ -161,17 +161,19 @@ fn optional_lease(bytes: &[u8]) -> Option<(Option<Lease>, &[u8])> {
 /// (18 cannot overflow), and the rest. Signs and longer numbers are for
 /// the general path.
 fn number(bytes: &[u8]) -> Option<(u64, &[u8])> {
-    let digits = bytes
-        .iter()
-        .take(19)
-        .take_while(|b| b.is_ascii_digit())
-        .count();
-    if !(1..=18).contains(&digits) {
-        return None;
+    let mut value = 0;
+    let mut len = 0;
+    while let Some(digit) = bytes.get(len).map(|b| b.wrapping_sub(b'0')) {
+        if digit > 9 {
+            break;
+        }
+        if len == 18 {
+            return None;
+        }
+        value = value * 10 + u64::from(digit);
+        len += 1;
     }
-    let (digits, rest) = bytes.split_at(digits);
-    let value = digits.iter().fold(0, |n, &d| n * 10 + u64::from(d - b'0'));
-    Some((value, rest))
+    (len > 0).then(|| (value, &bytes[len..]))
 }
 
 #[cfg(test)]

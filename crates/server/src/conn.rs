@@ -273,16 +273,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.watch.restart(self.decoder.lines_completed());
         loop {
             let input = &self.buf[self.pos..];
-            if let Some((used, request)) = self.decoder.decode_common(input, recent) {
+            // Empty after the last buffered frame: straight to the read.
+            if !input.is_empty() {
+                if let Some((used, request)) = self.decoder.decode_common(input, recent) {
+                    self.pos += used;
+                    return Ok(on_frame(Incoming::Parsed(request)));
+                }
+                let (used, decoded) = self.decoder.decode(input);
                 self.pos += used;
-                return Ok(on_frame(Incoming::Parsed(request)));
-            }
-            let (used, decoded) = self.decoder.decode(input);
-            self.pos += used;
-            match decoded {
-                Decoded::Frame(frame) => return Ok(on_frame(Incoming::Raw(frame))),
-                Decoded::Oversize => return Err(ReadFailure::Oversize),
-                Decoded::NeedMore => {}
+                match decoded {
+                    Decoded::Frame(frame) => return Ok(on_frame(Incoming::Raw(frame))),
+                    Decoded::Oversize => return Err(ReadFailure::Oversize),
+                    Decoded::NeedMore => {}
+                }
             }
             self.buf.clear();
             self.pos = 0;
