@@ -9,6 +9,7 @@
 //! path: the fast path only ever returns what
 //! [`FrameDecoder::decode`] followed by [`Request::parse_reusing`] returns.
 
+use crate::values::leading_number;
 use crate::{FrameDecoder, Key, Kind, Lease, Namespace, Request, Seconds, TokenText};
 
 /// The length of every token a server mints (32 hex digits).
@@ -61,7 +62,7 @@ fn common_request(input: &[u8], recent: Option<&Key>) -> Option<(usize, Request)
     let (key, argument) = key_line(rest, recent)?;
     let (request, after) = match command {
         b'l' => {
-            let (timeout, rest) = number(argument)?;
+            let (timeout, rest) = leading_number(argument)?;
             let (lease, rest) = optional_lease(rest)?;
             let request = Request::Acquire {
                 key,
@@ -150,30 +151,11 @@ fn visible_ascii(word: u64) -> bool {
 fn optional_lease(bytes: &[u8]) -> Option<(Option<Lease>, &[u8])> {
     match bytes {
         [b' ', rest @ ..] => {
-            let (secs, rest) = number(rest)?;
+            let (secs, rest) = leading_number(rest)?;
             Some((Some(Lease::new(secs).ok()?), rest))
         }
         _ => Some((None, bytes)),
     }
-}
-
-/// The number written by the 1 to 18 ASCII digits at the start of `bytes`
-/// (18 cannot overflow), and the rest. Signs and longer numbers are for
-/// the general path.
-fn number(bytes: &[u8]) -> Option<(u64, &[u8])> {
-    let mut value = 0;
-    let mut len = 0;
-    while let Some(digit) = bytes.get(len).map(|b| b.wrapping_sub(b'0')) {
-        if digit > 9 {
-            break;
-        }
-        if len == 18 {
-            return None;
-        }
-        value = value * 10 + u64::from(digit);
-        len += 1;
-    }
-    (len > 0).then(|| (value, &bytes[len..]))
 }
 
 #[cfg(test)]
@@ -193,18 +175,5 @@ mod tests {
                 );
             }
         }
-    }
-
-    #[test]
-    fn numbers_take_one_to_eighteen_digits() {
-        assert_eq!(number(b"0\n"), Some((0, &b"\n"[..])));
-        assert_eq!(number(b"007 5"), Some((7, &b" 5"[..])));
-        assert_eq!(
-            number(b"999999999999999999"),
-            Some((999_999_999_999_999_999, &b""[..]))
-        );
-        assert_eq!(number(b"1234567890123456789"), None);
-        assert_eq!(number(b"+1"), None);
-        assert_eq!(number(b""), None);
     }
 }

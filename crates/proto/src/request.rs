@@ -1,4 +1,4 @@
-use crate::values::{fields, parse_i64, push_decimal, trim_space};
+use crate::values::{fields, leading_number, parse_i64, push_decimal, trim_space};
 use crate::{Key, Lease, Limit, ProtoError, RawFrame, Seconds, Token, TokenText};
 
 /// The two independent key spaces: `l foo` and `sl foo …` are different
@@ -528,15 +528,11 @@ fn int(field: &[u8]) -> Result<i64, ProtoError> {
         [b'+', rest @ ..] => (false, rest),
         _ => (false, field),
     };
-    if (1..=18).contains(&digits.len()) {
-        let mut n: i64 = 0;
-        for &d in digits {
-            let digit = d.wrapping_sub(b'0');
-            if digit > 9 {
-                return Err(ProtoError::InvalidInteger);
-            }
-            n = n * 10 + i64::from(digit);
-        }
+    if digits.len() <= 18 {
+        let n = match leading_number(digits) {
+            Some((n, [])) => i64::try_from(n).map_err(|_| ProtoError::InvalidInteger)?,
+            _ => return Err(ProtoError::InvalidInteger),
+        };
         return Ok(if negative { -n } else { n });
     }
     std::str::from_utf8(field)

@@ -239,6 +239,24 @@ fn units(bytes: &[u8]) -> impl Iterator<Item = (std::ops::Range<usize>, bool)> +
     })
 }
 
+/// The number written by the 1 to 18 ASCII digits at the start of `bytes`
+/// (18 cannot overflow), and the rest; `None` without a digit or past 18.
+pub(crate) fn leading_number(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let mut value = 0;
+    let mut len = 0;
+    while let Some(digit) = bytes.get(len).map(|b| b.wrapping_sub(b'0')) {
+        if digit > 9 {
+            break;
+        }
+        if len == 18 {
+            return None;
+        }
+        value = value * 10 + u64::from(digit);
+        len += 1;
+    }
+    (len > 0).then(|| (value, &bytes[len..]))
+}
+
 /// Appends `n` in decimal without allocating.
 pub(crate) fn push_decimal(out: &mut Vec<u8>, n: u64) {
     let mut digits = [0u8; 20];
@@ -379,6 +397,19 @@ pub(crate) fn trim_space(bytes: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leading_numbers_take_one_to_eighteen_digits() {
+        assert_eq!(leading_number(b"0\n"), Some((0, &b"\n"[..])));
+        assert_eq!(leading_number(b"007 5"), Some((7, &b" 5"[..])));
+        assert_eq!(
+            leading_number(b"999999999999999999"),
+            Some((999_999_999_999_999_999, &b""[..]))
+        );
+        assert_eq!(leading_number(b"1234567890123456789"), None);
+        assert_eq!(leading_number(b"+1"), None);
+        assert_eq!(leading_number(b""), None);
+    }
 
     #[test]
     fn decimal_agrees_with_format() {
