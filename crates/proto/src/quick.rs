@@ -9,6 +9,7 @@
 //! path: the fast path only ever returns what
 //! [`FrameDecoder::decode`] followed by [`Request::parse_reusing`] returns.
 
+use crate::token::{HIGH, bytes_at_least};
 use crate::values::leading_number;
 use crate::{FrameDecoder, Key, Kind, Lease, Namespace, Request, Seconds, TokenText};
 
@@ -139,12 +140,7 @@ fn token(bytes: &[u8]) -> Option<(TokenText, &[u8])> {
 /// Whether every byte of `word` is visible ASCII (`!` to `~`), a word at a
 /// time like the token's hex digits (see `hex8`).
 fn visible_ascii(word: u64) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = ONES * 0x80;
-    // With every byte below 0x80, adding `0x80 - c` sets a byte's top bit
-    // exactly when the byte is at least `c`, and never carries.
-    let at_least = |c: u8| (word + ONES * u64::from(0x80 - c)) & HIGH;
-    word & HIGH == 0 && at_least(b'!') == HIGH && at_least(0x7f) == 0
+    word & HIGH == 0 && bytes_at_least(word, b'!') == HIGH && bytes_at_least(word, 0x7f) == 0
 }
 
 /// ` <lease>` if `bytes` starts with a space, and the rest.

@@ -116,7 +116,6 @@ impl Token {
 /// Branch-free in one `u64` (each digit a byte), like [`hex8`] backwards:
 /// a table lookup per byte was most of the cost of a grant's reply.
 fn hex_digits8(x: u32) -> [u8; 8] {
-    const ONES: u64 = 0x0101_0101_0101_0101;
     // Spread the nibbles a byte each, the least significant in the lowest
     // byte: halves, then bytes, then nibbles.
     let mut v = u64::from(x);
@@ -129,20 +128,30 @@ fn hex_digits8(x: u32) -> [u8; 8] {
     (v + ONES * u64::from(b'0') + letters * 39).to_be_bytes()
 }
 
+/// One in every byte of a `u64`.
+pub(crate) const ONES: u64 = 0x0101_0101_0101_0101;
+/// The top bit of every byte of a `u64`.
+pub(crate) const HIGH: u64 = ONES * 0x80;
+
+/// The top bit of each byte of `word` that is at least `c` (`c` ≤ 0x80),
+/// for a word whose bytes are all below 0x80: adding `0x80 - c` sets a
+/// byte's top bit exactly when the byte is at least `c`, and never carries
+/// into the next byte.
+pub(crate) fn bytes_at_least(word: u64, c: u8) -> u64 {
+    debug_assert_eq!(word & HIGH, 0);
+    (word + ONES * u64::from(0x80 - c)) & HIGH
+}
+
 /// The value of eight lowercase hex digits loaded little-endian (the first
 /// digit in the lowest byte, and the most significant), or `None` if any
 /// byte is not one. Branch-free across the bytes: a lookup per digit cost
 /// the server more than the rest of a release's parsing.
 fn hex8(x: u64) -> Option<u32> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = ONES * 0x80;
     let splat = |b: u8| ONES * u64::from(b);
     if x & HIGH != 0 {
         return None; // a byte ≥ 0x80
     }
-    // Every byte is below 0x80, so adding `0x80 - c` sets a byte's top bit
-    // exactly when the byte is ≥ c, and never carries into the next byte.
-    let at_least = |c: u8| (x + splat(0x80 - c)) & HIGH;
+    let at_least = |c: u8| bytes_at_least(x, c);
     let digit = at_least(b'0') & !at_least(b'9' + 1);
     let letter = at_least(b'a') & !at_least(b'f' + 1);
     if digit | letter != HIGH {
