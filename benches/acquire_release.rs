@@ -8,7 +8,9 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use dflockd::core::{AcquireOutcome, ConnId, FenceCounter, LockTable, ResourceId, TableConfig};
+use dflockd::core::{
+    AcquireOutcome, Command, ConnId, LockTable, Op, Outcome, ResourceId, Salt, TableConfig,
+};
 use dflockd::proto::{Key, Limit, Namespace, Reply};
 use dflockd::server::{Server, ServerConfig};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -16,21 +18,37 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 fn table(c: &mut Criterion) {
     let mut group = c.benchmark_group("lock_table");
     group.throughput(Throughput::Elements(1));
-    let mut table: LockTable<(), _> =
-        LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 1));
+    let mut table = LockTable::new(TableConfig::default());
     let rid = ResourceId::new(Namespace::Lock, Key::new("bench-key").unwrap());
-    let mut token = Vec::with_capacity(32);
+    let salt = Salt::new(1, 2);
+    let now = Duration::from_secs(1);
     group.bench_function("acquire_release_uncontended", |b| {
         b.iter(|| {
-            let now = Duration::from_secs(1);
-            let Ok(AcquireOutcome::Granted(grant)) =
-                table.acquire(ConnId(1), &rid, Limit::ONE, None, now, None)
+            let acquire = Command::new(
+                now,
+                salt,
+                Op::Acquire {
+                    conn: ConnId(1),
+                    resource: rid.clone(),
+                    limit: Limit::ONE,
+                    lease: None,
+                    wait: None,
+                },
+            );
+            let Ok(Outcome::Acquire(AcquireOutcome::Granted(grant))) =
+                table.apply(&acquire).outcome
             else {
                 panic!("not granted")
             };
-            token.clear();
-            grant.token.write_hex(&mut token);
-            table.release(&rid, black_box(&token), now).unwrap();
+            let release = Command::new(
+                now,
+                salt,
+                Op::Release {
+                    resource: rid.clone(),
+                    token: black_box(grant.token),
+                },
+            );
+            assert!(table.apply(&release).outcome.is_ok());
         })
     });
     group.finish();
@@ -39,27 +57,29 @@ fn table(c: &mut Criterion) {
     // million held leases (none due, so it only reads).
     let mut group = c.benchmark_group("lease_sweep");
     group.sample_size(20);
-    let mut table: LockTable<(), _> = LockTable::new(
-        TableConfig {
-            max_locks: 2_000_000,
-            ..TableConfig::default()
-        },
-        FenceCounter::with_fixed_salt(0, 1),
-    );
+    let mut table = LockTable::new(TableConfig {
+        max_locks: 2_000_000,
+        ..TableConfig::default()
+    });
     for i in 0..1_000_000u32 {
-        let rid = ResourceId::new(Namespace::Lock, Key::new(&format!("k{i}")).unwrap());
-        let granted = table.acquire(
-            ConnId(u64::from(i % 100)),
-            &rid,
-            Limit::ONE,
-            None,
-            Duration::ZERO,
-            None,
-        );
-        assert!(matches!(granted, Ok(AcquireOutcome::Granted(_))));
+        let acquire = Op::Acquire {
+            conn: ConnId(u64::from(i % 100)),
+            resource: ResourceId::new(Namespace::Lock, Key::new(&format!("k{i}")).unwrap()),
+            limit: Limit::ONE,
+            lease: None,
+            wait: None,
+        };
+        let granted = table
+            .apply(&Command::new(Duration::ZERO, salt, acquire))
+            .outcome;
+        assert!(matches!(
+            granted,
+            Ok(Outcome::Acquire(AcquireOutcome::Granted(_)))
+        ));
     }
+    let sweep = Command::new(Duration::from_secs(1), salt, Op::Sweep);
     group.bench_function("sweep_1m_leases_none_due", |b| {
-        b.iter(|| black_box(table.sweep(Duration::from_secs(1))))
+        b.iter(|| black_box(table.apply(&sweep).outcome))
     });
     group.finish();
 }

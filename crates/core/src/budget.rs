@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// ```
 #[derive(Debug)]
 pub struct ResourceBudget {
-    max: usize,
+    max: AtomicUsize,
     used: AtomicUsize,
 }
 
@@ -33,7 +33,7 @@ impl ResourceBudget {
     /// ```
     pub fn new(max: usize) -> ResourceBudget {
         ResourceBudget {
-            max,
+            max: AtomicUsize::new(max),
             used: AtomicUsize::new(0),
         }
     }
@@ -44,7 +44,21 @@ impl ResourceBudget {
     /// assert_eq!(dflockd_core::ResourceBudget::new(7).max(), 7);
     /// ```
     pub fn max(&self) -> usize {
-        self.max
+        self.max.load(Ordering::Acquire)
+    }
+
+    /// Changes the cap (a policy change). Resources that exist stay; new
+    /// ones are refused while `used` is at or above the new cap.
+    ///
+    /// ```
+    /// let budget = dflockd_core::ResourceBudget::new(1);
+    /// assert!(budget.try_take());
+    /// budget.set_max(2);
+    /// assert!(budget.try_take());
+    /// assert!(!budget.try_take());
+    /// ```
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Release);
     }
 
     /// Resources that exist now, across the tables sharing the budget.
@@ -65,11 +79,18 @@ impl ResourceBudget {
     /// assert!(!budget.try_take()); // a cap of zero admits nothing
     /// ```
     pub fn try_take(&self) -> bool {
+        let max = self.max.load(Ordering::Relaxed);
         self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                (used < self.max).then_some(used + 1)
+                (used < max).then_some(used + 1)
             })
             .is_ok()
+    }
+
+    /// Counts `count` resources that already exist (a restored table's),
+    /// even past the cap: they exist, and new ones wait for room.
+    pub(crate) fn take_existing(&self, count: usize) {
+        self.used.fetch_add(count, Ordering::AcqRel);
     }
 
     /// Returns room for `count` deleted resources.

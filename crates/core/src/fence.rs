@@ -1,16 +1,15 @@
-use dflockd_proto::Token;
 use thiserror::Error;
 
 /// Why no token could be minted.
 ///
 /// ```
-/// use dflockd_core::{FenceCounter, Mint, MintError};
-/// let mut last = FenceCounter::with_fixed_salt(u64::MAX, 0);
-/// assert_eq!(last.mint(), Err(MintError::Exhausted)); // fences never wrap
+/// use dflockd_core::{FenceCounter, FenceSource, MintError};
+/// let mut last = FenceCounter::starting_after(u64::MAX);
+/// assert_eq!(last.next_fence(), Err(MintError::Exhausted)); // fences never wrap
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum MintError {
-    /// The fence counter reached `u64::MAX`; fences never wrap.
+    /// The fence counter reached its end; fences never wrap.
     #[error("fence counter exhausted")]
     Exhausted,
     /// The fence could not be made durable (fence-state file).
@@ -18,112 +17,74 @@ pub enum MintError {
     Persistence(String),
 }
 
-/// Source of grant tokens. The lock table calls it once per grant, so the
-/// fences it returns must strictly increase.
+/// Where a table's fences come from. The table asks once per grant, so the
+/// fences must strictly increase.
+///
+/// A table keeps its own [`FenceCounter`] by default: the counter is then
+/// part of the table's state (and of its snapshot), so replaying one log
+/// gives the same fences everywhere. A server that splits its keys over
+/// several tables gives them one shared source instead, so that fences grow
+/// across all keys.
 ///
 /// ```
-/// use dflockd_core::{Mint, MintError};
-/// use dflockd_proto::Token;
+/// use dflockd_core::{FenceSource, MintError};
 /// /// Fences from a sequence some other component guarantees to be increasing.
-/// struct FromSequence(std::vec::IntoIter<u64>);
-/// impl Mint for FromSequence {
-///     fn mint(&mut self) -> Result<Token, MintError> {
-///         self.0.next().map(|fence| Token::new(fence, 0)).ok_or(MintError::Exhausted)
+/// struct FromSequence(std::vec::IntoIter<u64>, u64);
+/// impl FenceSource for FromSequence {
+///     fn next_fence(&mut self) -> Result<u64, MintError> {
+///         let next = self.0.next().ok_or(MintError::Exhausted)?;
+///         self.1 = next;
+///         Ok(next)
 ///     }
+///     fn last(&self) -> u64 { self.1 }
 /// }
-/// let mut mint = FromSequence(vec![7, 9].into_iter());
-/// assert_eq!(mint.mint().unwrap().fence(), 7);
+/// let mut fences = FromSequence(vec![7, 9].into_iter(), 0);
+/// assert_eq!(fences.next_fence(), Ok(7));
+/// assert_eq!(fences.last(), 7);
 /// ```
-pub trait Mint {
-    /// Returns the next token.
-    fn mint(&mut self) -> Result<Token, MintError>;
+pub trait FenceSource {
+    /// The next fence, greater than every fence returned before.
+    fn next_fence(&mut self) -> Result<u64, MintError>;
+    /// The last fence handed out (or the starting point before the first).
+    fn last(&self) -> u64;
 }
 
-/// A fence counter: each call to [`FenceCounter::next_fence`] returns the
-/// previous value plus one and refuses to wrap. The server seeds it with the
-/// wall clock in Unix nanoseconds (or a persisted ceiling); the salt source is
-/// supplied by the caller so this type stays free of I/O.
+/// A fence counter held in a table's state: each fence is the previous one
+/// plus one, and the counter refuses to wrap. A server seeds it with the
+/// wall clock in Unix nanoseconds (or a persisted ceiling).
 ///
 /// ```
-/// use dflockd_core::{FenceCounter, Mint};
-/// let mut c = FenceCounter::with_fixed_salt(41, 0);
-/// assert_eq!(c.mint().unwrap().fence(), 42);
-/// assert_eq!(c.mint().unwrap().fence(), 43);
-/// let mut end = FenceCounter::with_fixed_salt(u64::MAX, 0);
-/// assert!(end.mint().is_err());
+/// use dflockd_core::{FenceCounter, FenceSource};
+/// let mut c = FenceCounter::starting_after(41);
+/// assert_eq!(c.next_fence(), Ok(42));
+/// assert_eq!(c.next_fence(), Ok(43));
+/// assert!(FenceCounter::starting_after(u64::MAX).next_fence().is_err());
 /// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct FenceCounter {
     last: u64,
-    salt: Box<dyn FnMut() -> u64 + Send>,
 }
 
 impl FenceCounter {
-    /// A counter whose first fence is `seed + 1`, salting tokens with `salt()`.
+    /// A counter whose first fence is `last + 1`.
     ///
     /// ```
-    /// let mut n = 0;
-    /// let c = dflockd_core::FenceCounter::new(10, move || { n += 1; n });
-    /// assert_eq!(c.last(), 10);
+    /// use dflockd_core::{FenceCounter, FenceSource};
+    /// assert_eq!(FenceCounter::starting_after(10).last(), 10);
     /// ```
-    pub fn new(seed: u64, salt: impl FnMut() -> u64 + Send + 'static) -> FenceCounter {
-        FenceCounter {
-            last: seed,
-            salt: Box::new(salt),
-        }
+    pub fn starting_after(last: u64) -> FenceCounter {
+        FenceCounter { last }
     }
+}
 
-    /// A counter with a constant salt, for tests and examples.
-    ///
-    /// ```
-    /// use dflockd_core::{FenceCounter, Mint};
-    /// assert_eq!(FenceCounter::with_fixed_salt(0, 9).mint().unwrap().salt(), 9);
-    /// ```
-    pub fn with_fixed_salt(seed: u64, salt: u64) -> FenceCounter {
-        FenceCounter::new(seed, move || salt)
-    }
-
-    /// The last fence handed out (the seed before the first grant).
-    ///
-    /// ```
-    /// assert_eq!(dflockd_core::FenceCounter::with_fixed_salt(5, 0).last(), 5);
-    /// ```
-    pub fn last(&self) -> u64 {
-        self.last
-    }
-
-    /// Advances the counter.
-    ///
-    /// ```
-    /// let mut c = dflockd_core::FenceCounter::with_fixed_salt(0, 0);
-    /// assert_eq!(c.next_fence(), Ok(1));
-    /// ```
-    pub fn next_fence(&mut self) -> Result<u64, MintError> {
+impl FenceSource for FenceCounter {
+    fn next_fence(&mut self) -> Result<u64, MintError> {
         let next = self.last.checked_add(1).ok_or(MintError::Exhausted)?;
         self.last = next;
         Ok(next)
     }
 
-    /// A salt from the configured source.
-    ///
-    /// ```
-    /// assert_eq!(dflockd_core::FenceCounter::with_fixed_salt(0, 3).salt(), 3);
-    /// ```
-    pub fn salt(&mut self) -> u64 {
-        (self.salt)()
-    }
-}
-
-impl Mint for FenceCounter {
-    fn mint(&mut self) -> Result<Token, MintError> {
-        let fence = self.next_fence()?;
-        Ok(Token::new(fence, self.salt()))
-    }
-}
-
-impl std::fmt::Debug for FenceCounter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FenceCounter")
-            .field("last", &self.last)
-            .finish_non_exhaustive()
+    fn last(&self) -> u64 {
+        self.last
     }
 }

@@ -131,6 +131,22 @@ impl Leases {
         slot
     }
 
+    /// Records a lease that belongs to no ring (its connection is gone), as
+    /// [`drop_ring`](Self::drop_ring) leaves them.
+    pub(crate) fn insert_alone(&mut self, token: Token, hash: u64, deadline: Duration) -> Slot {
+        let slot = self.alloc(Entry {
+            kind: Kind::Lease,
+            token,
+            hash,
+            deadline,
+            ..Entry::FREE
+        });
+        let entry = self.entry_mut(slot);
+        entry.prev = slot;
+        entry.next = slot;
+        slot
+    }
+
     /// Moves a lease's deadline (a renewal).
     pub(crate) fn set_deadline(&mut self, slot: Slot, deadline: Duration) {
         debug_assert_eq!(self.entry(slot).kind, Kind::Lease);

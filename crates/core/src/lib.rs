@@ -1,45 +1,54 @@
-//! The dflockd lock table as a pure state machine.
+//! The dflockd lock table as a deterministic state machine.
 //!
 //! [`LockTable`] owns every resource (lock or semaphore), its holders and its
 //! FIFO queue, the two-phase state of each connection, the caps and the idle
-//! garbage collector. It does no I/O, reads no clock and spawns nothing: the
-//! caller passes the current monotonic time into every call and receives the
-//! grants that must be delivered to blocked requests via
-//! [`LockTable::take_deliveries`]. That keeps every rule testable with
-//! property tests and a virtual clock, and is what a replicated state machine
-//! would apply.
+//! garbage collector. It changes only by [`LockTable::apply`]ing a
+//! [`Command`]: plain data that carries the proposer's clock reading and the
+//! salts for any tokens it mints, so it can be written to a log and applied
+//! again on another node with the same result. Applying returns
+//! [`Effects`]: the answer to the proposer, grants for requests that were
+//! waiting, leases that ran out. The table does no I/O, reads no clock and
+//! draws no random numbers; [`LockTable::snapshot`] and
+//! [`LockTable::restore`] carry its whole state.
 //!
 //! ```
 //! use std::time::Duration;
-//! use dflockd_core::{AcquireOutcome, ConnId, FenceCounter, LockTable, ResourceId, TableConfig};
+//! use dflockd_core::*;
 //! use dflockd_proto::{Key, Limit, Namespace};
 //!
-//! let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(100, 7));
-//! let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-//! let t0 = Duration::ZERO;
+//! let mut table = LockTable::with_fences(TableConfig::default(), FenceCounter::starting_after(100));
+//! let job = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+//! let at = |op| Command::new(Duration::ZERO, Salt::new(7, 8), op);
+//! let acquire = |conn, wait| Op::Acquire { conn: ConnId(conn), resource: job.clone(), limit: Limit::ONE, lease: None, wait };
 //!
-//! let first = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap();
-//! let AcquireOutcome::Granted(grant) = first else { panic!() };
+//! let Ok(Outcome::Acquire(AcquireOutcome::Granted(grant))) = table.apply(&at(acquire(1, None))).outcome else { panic!() };
 //! assert_eq!(grant.token.fence(), 101);
 //!
 //! // A second connection queues behind it and is granted on release.
-//! let queued = table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, Some("conn-2")).unwrap();
-//! assert!(matches!(queued, AcquireOutcome::Queued(_)));
-//! table.release(&rid, grant.token.to_string().as_bytes(), t0).unwrap();
-//! let delivered: Vec<_> = table.take_deliveries().collect();
-//! assert_eq!(delivered[0].notify, "conn-2");
-//! assert_eq!(delivered[0].grant.token.fence(), 102);
+//! let queued = table.apply(&at(acquire(2, Some(0)))).outcome;
+//! assert!(matches!(queued, Ok(Outcome::Acquire(AcquireOutcome::Queued(_)))));
+//! let released = table.apply(&at(Op::Release { resource: job.clone(), token: grant.token }));
+//! assert_eq!(released.grants[0].to.conn, ConnId(2));
+//! assert_eq!(released.grants[0].grant.token.fence(), 102);
+//!
+//! // The log replayed elsewhere gives the same table.
+//! let copy = LockTable::restore(&table.snapshot()).unwrap();
+//! assert_eq!(copy.snapshot().encode(), table.snapshot().encode());
 //! ```
 #![warn(missing_docs)]
 
 mod budget;
+mod command;
+mod effects;
 mod fence;
 mod leases;
 mod table;
 
 pub use budget::ResourceBudget;
-pub use fence::{FenceCounter, Mint, MintError};
+pub use command::{Command, DecodeError, FORMAT_VERSION, Op, Policy, Salt};
+pub use effects::{Delivery, Effects, Expired, Outcome, Waiting};
+pub use fence::{FenceCounter, FenceSource, MintError};
 pub use table::{
-    AcquireOutcome, ConnId, Delivery, EnqueueOutcome, Grant, LockError, LockTable, ResourceId,
-    TableConfig, WaitOutcome, WaiterId,
+    AcquireOutcome, ConnId, EnqueueOutcome, Grant, LockError, LockTable, ResourceId, RestoreError,
+    TableConfig, TableSnapshot, WaitOutcome, WaiterId,
 };

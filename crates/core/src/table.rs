@@ -8,8 +8,13 @@ use dflockd_proto::{
 };
 use thiserror::Error;
 
+use crate::command::{Command, Op, Policy, Salt};
+use crate::effects::{Delivery, Effects, Expired, Outcome, Waiting};
 use crate::leases::{Leases, NO_RING, Slot};
-use crate::{Mint, MintError, ResourceBudget};
+use crate::{FenceCounter, FenceSource, MintError, ResourceBudget};
+
+mod snapshot;
+pub use snapshot::{RestoreError, TableSnapshot};
 
 /// The table's hash maps. Their keys are values the server assigns
 /// (connection ids, minted tokens, waiter ids) or [`ResourceId`]s, which
@@ -25,16 +30,19 @@ type HashMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
 /// # use std::time::Duration;
 /// # use dflockd_core::*;
 /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-/// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+/// # let mut table = LockTable::new(TableConfig::default());
 /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-/// # let t0 = Duration::ZERO;
+/// # let mut run = |op| table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
+/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
 /// // The server numbers its connections; a connection's holds and waits are tied to it.
-/// let first = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap();
-/// assert!(matches!(first, AcquireOutcome::Granted(_)));
-/// let second = table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, None).unwrap();
-/// assert_eq!(second, AcquireOutcome::Timeout);
+/// let first = run(acquire(1, &rid, None)).outcome;
+/// assert!(matches!(first, Ok(Outcome::Acquire(AcquireOutcome::Granted(_)))));
+/// let second = run(acquire(2, &rid, None)).outcome;
+/// assert_eq!(second, Ok(Outcome::Acquire(AcquireOutcome::Timeout)));
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct ConnId(pub u64);
 
 /// A queued waiter. Ids grow with arrival, so ordering ids is FIFO order.
@@ -43,15 +51,18 @@ pub struct ConnId(pub u64);
 /// # use std::time::Duration;
 /// # use dflockd_core::*;
 /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-/// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+/// # let mut table = LockTable::new(TableConfig::default());
 /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-/// # let t0 = Duration::ZERO;
-/// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
-/// let AcquireOutcome::Queued(a) = table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, Some("a")).unwrap() else { panic!() };
-/// let AcquireOutcome::Queued(b) = table.acquire(ConnId(3), &rid, Limit::ONE, None, t0, Some("b")).unwrap() else { panic!() };
+/// # let mut run = |op| table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
+/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+/// let _ = run(acquire(1, &rid, None));
+/// let Ok(Outcome::Acquire(AcquireOutcome::Queued(a))) = run(acquire(2, &rid, Some(0))).outcome else { panic!() };
+/// let Ok(Outcome::Acquire(AcquireOutcome::Queued(b))) = run(acquire(3, &rid, Some(0))).outcome else { panic!() };
 /// assert!(a < b); // `a` arrived first and is granted first
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct WaiterId(u64);
 
 /// One resource: a key in a namespace.
@@ -120,6 +131,24 @@ impl Eq for ResourceId {}
 impl std::hash::Hash for ResourceId {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         state.write_u64(self.0.hash);
+    }
+}
+
+/// Written as (namespace, key); the hash is made again when read back.
+impl serde::Serialize for ResourceId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let mut tuple = serializer.serialize_tuple(2)?;
+        tuple.serialize_element(&self.0.namespace)?;
+        tuple.serialize_element(&self.0.key)?;
+        tuple.end()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ResourceId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<ResourceId, D::Error> {
+        let (namespace, key) = <(Namespace, Key)>::deserialize(deserializer)?;
+        Ok(ResourceId::new(namespace, key))
     }
 }
 
@@ -193,7 +222,7 @@ impl ResourceId {
 /// assert_eq!(c.default_lease.get(), 33);
 /// assert_eq!(c.max_locks, 1024);
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TableConfig {
     /// Lease applied when a request names none.
     pub default_lease: Lease,
@@ -214,6 +243,10 @@ pub struct TableConfig {
     /// is lengthened by it, so none ends before its full length has truly
     /// passed.
     pub clock_granularity: Duration,
+    /// Whether a closed connection's holds are released at once (the
+    /// default for [`Op::Disconnect`] with `auto_release: None`), rather
+    /// than when their leases run out.
+    pub auto_release: bool,
 }
 
 impl Default for TableConfig {
@@ -225,6 +258,7 @@ impl Default for TableConfig {
             gc_max_idle: Duration::from_secs(60),
             disconnect_lock_delay: Duration::ZERO,
             clock_granularity: Duration::ZERO,
+            auto_release: true,
         }
     }
 }
@@ -235,10 +269,12 @@ impl Default for TableConfig {
 /// # use std::time::Duration;
 /// # use dflockd_core::*;
 /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-/// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+/// # let mut table = LockTable::new(TableConfig::default());
 /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-/// # let t0 = Duration::ZERO;
-/// let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, Some(Lease::new(10).unwrap()), t0, None).unwrap() else { panic!() };
+/// # let mut run = |op| table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
+/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+/// let op = Op::Acquire { conn: ConnId(1), resource: rid.clone(), limit: Limit::ONE, lease: Some(Lease::new(10).unwrap()), wait: None };
+/// let Ok(Outcome::Acquire(AcquireOutcome::Granted(grant))) = run(op).outcome else { panic!() };
 /// assert_eq!(grant.token.fence(), 1);
 /// assert_eq!(grant.lease.get(), 10);
 /// ```
@@ -250,47 +286,22 @@ pub struct Grant {
     pub lease: Lease,
 }
 
-/// A grant for a request that was waiting; the caller must hand it to
-/// `notify`. If that is no longer possible (the request was cancelled), it
-/// must call [`LockTable::release_undelivered`] so the slot is not leaked.
-///
-/// ```
-/// # use std::time::Duration;
-/// # use dflockd_core::*;
-/// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-/// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
-/// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-/// # let t0 = Duration::ZERO;
-/// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
-/// table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, Some("wake conn 2")).unwrap();
-/// table.release(&rid, grant.token.to_string().as_bytes(), t0).unwrap();
-/// let delivery = table.take_deliveries().next().unwrap();
-/// assert_eq!(delivery.notify, "wake conn 2");
-/// assert_eq!(delivery.resource, rid);
-/// ```
-#[derive(Debug)]
-pub struct Delivery<W> {
-    /// The notification handle the waiting request registered.
-    pub notify: W,
-    /// The resource granted.
-    pub resource: ResourceId,
-    /// The grant.
-    pub grant: Grant,
-}
-
 /// Result of `l`/`sl`.
 ///
 /// ```
 /// # use std::time::Duration;
 /// # use dflockd_core::*;
 /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-/// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+/// # let mut table = LockTable::new(TableConfig::default());
 /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-/// # let t0 = Duration::ZERO;
-/// assert!(matches!(table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap(), AcquireOutcome::Granted(_)));
+/// # let mut run = |op| table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
+/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+/// let granted = run(acquire(1, &rid, None)).outcome;
+/// assert!(matches!(granted, Ok(Outcome::Acquire(AcquireOutcome::Granted(_)))));
 /// // Busy: a try-lock times out at once, a blocking acquire queues.
-/// assert_eq!(table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, None).unwrap(), AcquireOutcome::Timeout);
-/// assert!(matches!(table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, Some("c2")).unwrap(), AcquireOutcome::Queued(_)));
+/// assert_eq!(run(acquire(2, &rid, None)).outcome, Ok(Outcome::Acquire(AcquireOutcome::Timeout)));
+/// let queued = run(acquire(2, &rid, Some(7))).outcome;
+/// assert!(matches!(queued, Ok(Outcome::Acquire(AcquireOutcome::Queued(_)))));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AcquireOutcome {
@@ -308,11 +319,13 @@ pub enum AcquireOutcome {
 /// # use std::time::Duration;
 /// # use dflockd_core::*;
 /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-/// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+/// # let mut table = LockTable::new(TableConfig::default());
 /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-/// # let t0 = Duration::ZERO;
-/// assert!(matches!(table.enqueue(ConnId(1), 0, &rid, Limit::ONE, None, t0).unwrap(), EnqueueOutcome::Acquired(_)));
-/// assert_eq!(table.enqueue(ConnId(2), 0, &rid, Limit::ONE, None, t0).unwrap(), EnqueueOutcome::Queued);
+/// # let mut run = |op| table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
+/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+/// let enqueue = |conn| Op::Enqueue { conn: ConnId(conn), ticket: 0, resource: rid.clone(), limit: Limit::ONE, lease: None };
+/// assert!(matches!(run(enqueue(1)).outcome, Ok(Outcome::Enqueue(EnqueueOutcome::Acquired(_)))));
+/// assert_eq!(run(enqueue(2)).outcome, Ok(Outcome::Enqueue(EnqueueOutcome::Queued)));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EnqueueOutcome {
@@ -328,14 +341,16 @@ pub enum EnqueueOutcome {
 /// # use std::time::Duration;
 /// # use dflockd_core::*;
 /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-/// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+/// # let mut table = LockTable::new(TableConfig::default());
 /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-/// # let t0 = Duration::ZERO;
-/// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
-/// table.enqueue(ConnId(2), 0, &rid, Limit::ONE, None, t0).unwrap(); // queued
-/// assert_eq!(table.wait(ConnId(2), 0, &rid, t0, Some("c2")).unwrap(), WaitOutcome::Pending);
-/// table.release(&rid, grant.token.to_string().as_bytes(), t0).unwrap();
-/// assert_eq!(table.take_deliveries().count(), 1); // the pending wait is granted
+/// # let mut run = |op| table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
+/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+/// let Ok(Outcome::Acquire(AcquireOutcome::Granted(grant))) = run(acquire(1, &rid, None)).outcome else { panic!() };
+/// let _ = run(Op::Enqueue { conn: ConnId(2), ticket: 0, resource: rid.clone(), limit: Limit::ONE, lease: None }); // queued
+/// let wait = run(Op::Wait { conn: ConnId(2), ticket: 0, resource: rid.clone(), wait: Some(4) });
+/// assert_eq!(wait.outcome, Ok(Outcome::Wait(WaitOutcome::Pending)));
+/// let released = run(Op::Release { resource: rid.clone(), token: grant.token });
+/// assert_eq!(released.grants[0].to, Waiting { conn: ConnId(2), request: 4 }); // the pending wait is granted
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitOutcome {
@@ -354,15 +369,18 @@ pub enum WaitOutcome {
 /// # use std::time::Duration;
 /// # use dflockd_core::*;
 /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-/// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+/// # let mut table = LockTable::new(TableConfig::default());
 /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-/// # let t0 = Duration::ZERO;
-/// assert_eq!(table.wait(ConnId(1), 0, &rid, t0, None), Err(LockError::NotEnqueued));
-/// assert_eq!(table.release(&rid, b"not-a-token", t0), Err(LockError::NotHeld));
+/// # let mut run = |op| table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
+/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+/// let wait = run(Op::Wait { conn: ConnId(1), ticket: 0, resource: rid.clone(), wait: None });
+/// assert_eq!(wait.outcome, Err(LockError::NotEnqueued));
+/// let release = run(Op::Release { resource: rid.clone(), token: dflockd_proto::Token::new(1, 2) });
+/// assert_eq!(release.outcome, Err(LockError::NotHeld));
 /// let sem = ResourceId::new(Namespace::Semaphore, Key::new("pool").unwrap());
-/// table.acquire(ConnId(1), &sem, Limit::new(3).unwrap(), None, t0, None).unwrap();
-/// let other_limit = table.acquire(ConnId(2), &sem, Limit::new(5).unwrap(), None, t0, None);
-/// assert_eq!(other_limit, Err(LockError::LimitMismatch));
+/// let take = |conn, limit| Op::Acquire { conn: ConnId(conn), resource: sem.clone(), limit: Limit::new(limit).unwrap(), lease: None, wait: None };
+/// let _ = run(take(1, 3));
+/// assert_eq!(run(take(2, 5)).outcome, Err(LockError::LimitMismatch));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum LockError {
@@ -399,25 +417,26 @@ struct Holder {
     slot: Slot,
 }
 
-enum WaiterKind<W> {
-    Blocking(W),
+enum WaiterKind {
+    /// A blocking acquire; its grant goes to this request.
+    Blocking(u64),
     /// A two-phase waiter, by its ticket on its connection.
     TwoPhase(u64),
 }
 
-struct Waiter<W> {
+struct Waiter {
     conn: ConnId,
     lease: Lease,
-    kind: WaiterKind<W>,
+    kind: WaiterKind,
 }
 
-struct Resource<W> {
+struct Resource {
     /// The table's own copy of the resource's id; the lease slab names
     /// the resource by its hash (see [`Resources`]).
     id: ResourceId,
     limit: Limit,
     holders: Holders,
-    queue: BTreeMap<WaiterId, Waiter<W>>,
+    queue: BTreeMap<WaiterId, Waiter>,
     last_activity: Duration,
     /// Lock-delay after a disconnect release: no grant before this instant.
     blocked_until: Option<Duration>,
@@ -505,11 +524,17 @@ impl Holders {
         match self {
             Holders::Inline(Some((token, holder))) if holder.deadline <= now => vec![*token],
             Holders::Inline(_) => Vec::new(),
-            Holders::Map(map) => map
-                .iter()
-                .filter(|(_, h)| h.deadline <= now)
-                .map(|(t, _)| *t)
-                .collect(),
+            Holders::Map(map) => {
+                // Sorted: the map's order is its hasher's, which differs
+                // from table to table, and replicas must agree.
+                let mut expired: Vec<Token> = map
+                    .iter()
+                    .filter(|(_, h)| h.deadline <= now)
+                    .map(|(t, _)| *t)
+                    .collect();
+                expired.sort_unstable();
+                expired
+            }
         }
     }
 
@@ -521,7 +546,7 @@ impl Holders {
     }
 }
 
-impl<W> Resource<W> {
+impl Resource {
     fn is_idle(&self) -> bool {
         self.holders.is_empty() && self.queue.is_empty()
     }
@@ -535,40 +560,40 @@ impl<W> Resource<W> {
 /// the [`Leases`] names it by that hash and its token rather than by a
 /// clone of the id, so recording or dropping a lease touches no shared
 /// reference count.
-struct Resources<W>(hashbrown::HashTable<Resource<W>>);
+struct Resources(hashbrown::HashTable<Resource>);
 
-impl<W> Resources<W> {
+impl Resources {
     fn len(&self) -> usize {
         self.0.len()
     }
 
-    fn iter(&self) -> impl Iterator<Item = &Resource<W>> {
+    fn iter(&self) -> impl Iterator<Item = &Resource> {
         self.0.iter()
     }
 
-    fn get(&self, rid: &ResourceId) -> Option<&Resource<W>> {
+    fn get(&self, rid: &ResourceId) -> Option<&Resource> {
         self.0.find(rid.0.hash, |r| r.id == *rid)
     }
 
-    fn get_mut(&mut self, rid: &ResourceId) -> Option<&mut Resource<W>> {
+    fn get_mut(&mut self, rid: &ResourceId) -> Option<&mut Resource> {
         self.0.find_mut(rid.0.hash, |r| r.id == *rid)
     }
 
     /// Adds a resource that is not in the table yet.
-    fn insert(&mut self, resource: Resource<W>) {
+    fn insert(&mut self, resource: Resource) {
         self.0
             .insert_unique(resource.id.0.hash, resource, |r| r.id.0.hash);
     }
 
     /// The resource whose id hashes to `hash` and that `token` holds.
     /// Tokens are unique, so this is at most one, even if ids collide.
-    fn holding(&self, hash: u64, token: &Token) -> Option<&Resource<W>> {
+    fn holding(&self, hash: u64, token: &Token) -> Option<&Resource> {
         self.0.find(hash, |r| {
             r.id.0.hash == hash && r.holders.deadline(token).is_some()
         })
     }
 
-    fn retain(&mut self, keep: impl FnMut(&mut Resource<W>) -> bool) {
+    fn retain(&mut self, keep: impl FnMut(&mut Resource) -> bool) {
         self.0.retain(keep);
     }
 }
@@ -578,6 +603,8 @@ impl<W> Resources<W> {
 struct Removed {
     /// Waiters are queued: the freed slot may go to one of them.
     waiters: bool,
+    /// The connection the lease was granted to.
+    conn: ConnId,
 }
 
 /// What a new request finds at a resource, once [`LockTable::prepare`] has
@@ -598,7 +625,7 @@ impl Arrival {
         queued: 0,
     };
 
-    fn at<W>(resource: &Resource<W>, now: Duration) -> Arrival {
+    fn at(resource: &Resource, now: Duration) -> Arrival {
         Arrival {
             room: resource.has_room(now),
             queued: resource.queue.len(),
@@ -614,25 +641,26 @@ impl Arrival {
 /// Two-phase state for one (connection, resource, ticket). Plain
 /// connections always use ticket 0, so they have one per resource; a
 /// multiplexed connection names a ticket per handle.
-struct Phase1<W> {
+struct Phase1 {
     waiter: Option<WaiterId>,
     token: Option<Token>,
     lease: Lease,
-    blocked: Option<W>,
+    /// A `w` waits on this place: its request.
+    blocked: Option<u64>,
 }
 
-struct Conn<W> {
+struct Conn {
     /// The ring of this connection's leases in the table's [`Leases`], or
     /// [`NO_RING`] before its first grant.
     ring: Slot,
     waiters: HashMap<WaiterId, ResourceId>,
-    phase1: HashMap<(ResourceId, u64), Phase1<W>>,
+    phase1: HashMap<(ResourceId, u64), Phase1>,
     /// Tickets granted but not collected by a `w` yet, by token (so a
     /// release or expiry of that grant can drop the two-phase state).
     uncollected: HashMap<Token, u64>,
 }
 
-impl<W> Default for Conn<W> {
+impl Default for Conn {
     fn default() -> Self {
         Conn {
             ring: NO_RING,
@@ -643,29 +671,32 @@ impl<W> Default for Conn<W> {
     }
 }
 
-/// The lock table. `W` is whatever the caller uses to wake a waiting
-/// request (a oneshot sender in the server, anything in tests); `M` mints
-/// tokens.
+/// The lock table: a state machine that changes only by
+/// [`apply`](Self::apply)ing [`Command`]s. `F` is where its fences come
+/// from: its own [`FenceCounter`] (part of its state and snapshot) unless a
+/// server shares one source between several tables.
 ///
-/// Time is a [`Duration`] since an arbitrary origin on a monotonic clock.
+/// Time is a [`Duration`] since an arbitrary origin on a monotonic clock,
+/// carried by each command.
 ///
 /// ```
 /// use std::time::Duration;
-/// use dflockd_core::{AcquireOutcome, ConnId, FenceCounter, LockTable, ResourceId, TableConfig};
+/// use dflockd_core::*;
 /// use dflockd_proto::{Key, Limit, Namespace};
-/// let mut table: LockTable<(), _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+/// let mut table = LockTable::new(TableConfig::default());
 /// let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-/// let outcome = table.acquire(ConnId(1), &rid, Limit::ONE, None, Duration::ZERO, None).unwrap();
-/// assert!(matches!(outcome, AcquireOutcome::Granted(_)));
+/// let acquire = Op::Acquire { conn: ConnId(1), resource: rid, limit: Limit::ONE, lease: None, wait: None };
+/// let effects = table.apply(&Command::new(Duration::ZERO, Salt::new(1, 2), acquire));
+/// assert!(matches!(effects.outcome, Ok(Outcome::Acquire(AcquireOutcome::Granted(_)))));
 /// assert_eq!(table.holder_count(), 1);
 /// ```
-pub struct LockTable<W, M> {
+pub struct LockTable<F = FenceCounter> {
     config: TableConfig,
-    mint: M,
+    mint: Mint<F>,
     /// The resource cap; shared with the other shards of a sharded server.
     budget: Arc<ResourceBudget>,
-    resources: Resources<W>,
-    conns: HashMap<ConnId, Conn<W>>,
+    resources: Resources,
+    conns: HashMap<ConnId, Conn>,
     /// Every live lease, for the sweep and per connection.
     leases: Leases,
     /// At least the number of entries in all connections' `uncollected`
@@ -674,20 +705,34 @@ pub struct LockTable<W, M> {
     /// Lock-delays in time order: when each blocked resource may grant again.
     delays: BTreeMap<(Duration, ResourceId), ()>,
     next_waiter: u64,
-    deliveries: Vec<Delivery<W>>,
+    deliveries: Vec<Delivery>,
+    expired: Vec<Expired>,
 }
 
-impl<W, M: Mint> LockTable<W, M> {
-    /// An empty table.
+impl LockTable<FenceCounter> {
+    /// An empty table with its own fence counter, starting after 0 (see
+    /// [`with_fences`](Self::with_fences) for another start).
+    ///
+    /// ```
+    /// let t = dflockd_core::LockTable::new(dflockd_core::TableConfig::default());
+    /// assert_eq!(t.resource_count(), 0);
+    /// ```
+    pub fn new(config: TableConfig) -> Self {
+        LockTable::with_fences(config, FenceCounter::default())
+    }
+}
+
+impl<F: FenceSource> LockTable<F> {
+    /// An empty table whose fences come from `fences`.
     ///
     /// ```
     /// use dflockd_core::{FenceCounter, LockTable, TableConfig};
-    /// let t: LockTable<(), _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// let t = LockTable::with_fences(TableConfig::default(), FenceCounter::starting_after(1_000));
     /// assert_eq!(t.resource_count(), 0);
     /// ```
-    pub fn new(config: TableConfig, mint: M) -> Self {
+    pub fn with_fences(config: TableConfig, fences: F) -> Self {
         let budget = Arc::new(ResourceBudget::new(config.max_locks));
-        LockTable::sharing(config, mint, budget)
+        LockTable::sharing(config, fences, budget)
     }
 
     /// An empty table that counts its resources against `budget`, which
@@ -700,18 +745,24 @@ impl<W, M: Mint> LockTable<W, M> {
     /// use dflockd_core::*;
     /// use dflockd_proto::{Key, Limit, Namespace};
     /// let budget = Arc::new(ResourceBudget::new(1));
-    /// let mut a: LockTable<(), _> = LockTable::sharing(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0), Arc::clone(&budget));
-    /// let mut b: LockTable<(), _> = LockTable::sharing(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0), Arc::clone(&budget));
-    /// let x = ResourceId::new(Namespace::Lock, Key::new("x").unwrap());
-    /// let y = ResourceId::new(Namespace::Lock, Key::new("y").unwrap());
-    /// assert!(a.acquire(ConnId(1), &x, Limit::ONE, None, Duration::ZERO, None).is_ok());
+    /// let mut a = LockTable::sharing(TableConfig::default(), FenceCounter::default(), Arc::clone(&budget));
+    /// let mut b = LockTable::sharing(TableConfig::default(), FenceCounter::default(), Arc::clone(&budget));
+    /// let acquire = |key| Command::new(Duration::ZERO, Salt::new(0, 0), Op::Acquire {
+    ///     conn: ConnId(1), resource: ResourceId::new(Namespace::Lock, Key::new(key).unwrap()),
+    ///     limit: Limit::ONE, lease: None, wait: None,
+    /// });
+    /// assert!(a.apply(&acquire("x")).outcome.is_ok());
     /// // The one resource the budget allows exists (in the other table).
-    /// assert_eq!(b.acquire(ConnId(1), &y, Limit::ONE, None, Duration::ZERO, None), Err(LockError::MaxLocks));
+    /// assert_eq!(b.apply(&acquire("y")).outcome, Err(LockError::MaxLocks));
     /// ```
-    pub fn sharing(config: TableConfig, mint: M, budget: Arc<ResourceBudget>) -> Self {
+    pub fn sharing(config: TableConfig, fences: F, budget: Arc<ResourceBudget>) -> Self {
         LockTable {
             config,
-            mint,
+            mint: Mint {
+                fences,
+                salt: Salt::new(0, 0),
+                minted: 0,
+            },
             budget,
             resources: Resources(hashbrown::HashTable::new()),
             conns: Default::default(),
@@ -720,7 +771,123 @@ impl<W, M: Mint> LockTable<W, M> {
             delays: BTreeMap::new(),
             next_waiter: 0,
             deliveries: Vec::new(),
+            expired: Vec::new(),
         }
+    }
+
+    /// Applies one command: the only way the table changes. Deterministic:
+    /// it reads no clock (the time is `command.at`) and no randomness
+    /// (token salts come from `command.salt`), so the same commands in the
+    /// same order give the same table and the same effects on any node.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use dflockd_core::*;
+    /// use dflockd_proto::{Key, Limit, Namespace};
+    /// let mut table = LockTable::new(TableConfig::default());
+    /// let job = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+    /// let acquire = Command::new(Duration::ZERO, Salt::new(0xfeed, 0), Op::Acquire {
+    ///     conn: ConnId(1), resource: job, limit: Limit::ONE, lease: None, wait: None,
+    /// });
+    /// let Ok(Outcome::Acquire(AcquireOutcome::Granted(grant))) = table.apply(&acquire).outcome else { panic!() };
+    /// assert_eq!((grant.token.fence(), grant.token.salt()), (1, 0xfeed));
+    /// ```
+    pub fn apply(&mut self, command: &Command) -> Effects {
+        self.mint.salt = command.salt;
+        self.mint.minted = 0;
+        let now = command.at;
+        let outcome = match &command.op {
+            Op::Acquire {
+                conn,
+                resource,
+                limit,
+                lease,
+                wait,
+            } => self
+                .acquire(*conn, resource, *limit, *lease, now, *wait)
+                .map(Outcome::Acquire),
+            Op::Withdraw {
+                conn,
+                resource,
+                waiter,
+            } => Ok(Outcome::Withdrawn(
+                self.cancel_acquire(*conn, resource, *waiter, now),
+            )),
+            Op::Release { resource, token } => self
+                .release(resource, *token, now)
+                .map(|()| Outcome::Released),
+            Op::ReleaseUndelivered { resource, token } => {
+                self.release_undelivered(resource, *token, now);
+                Ok(Outcome::Released)
+            }
+            Op::Renew {
+                resource,
+                token,
+                lease,
+            } => self
+                .renew(resource, *token, *lease, now)
+                .map(Outcome::Renewed),
+            Op::Enqueue {
+                conn,
+                ticket,
+                resource,
+                limit,
+                lease,
+            } => self
+                .enqueue(*conn, *ticket, resource, *limit, *lease, now)
+                .map(Outcome::Enqueue),
+            Op::Wait {
+                conn,
+                ticket,
+                resource,
+                wait,
+            } => self
+                .wait(*conn, *ticket, resource, now, *wait)
+                .map(Outcome::Wait),
+            Op::WithdrawPlace {
+                conn,
+                ticket,
+                resource,
+                waiter,
+            } => Ok(Outcome::Withdrawn(match waiter {
+                Some(place) => self.cancel_wait_of(*conn, *ticket, resource, *place, now),
+                None => self.cancel_wait(*conn, *ticket, resource, now),
+            })),
+            Op::Observe {
+                resource,
+                token,
+                lease,
+            } => self
+                .observe(resource, *token, *lease, now)
+                .map(Outcome::Observed),
+            Op::Disconnect { conn, auto_release } => {
+                let auto_release = auto_release.unwrap_or(self.config.auto_release);
+                self.disconnect(*conn, auto_release, now);
+                Ok(Outcome::Disconnected)
+            }
+            Op::Sweep => Ok(Outcome::Swept(self.sweep(now))),
+            Op::EndDelays => Ok(Outcome::DelaysEnded(self.end_delays(now))),
+            Op::Gc => Ok(Outcome::Collected(self.gc(now))),
+            Op::SetPolicy(policy) => {
+                self.set_policy(policy);
+                Ok(Outcome::PolicySet)
+            }
+        };
+        Effects {
+            outcome,
+            grants: std::mem::take(&mut self.deliveries),
+            expired: std::mem::take(&mut self.expired),
+        }
+    }
+
+    fn set_policy(&mut self, policy: &Policy) {
+        self.config.default_lease = policy.default_lease;
+        self.config.max_locks = policy.max_locks;
+        self.config.max_waiters = policy.max_waiters;
+        self.config.gc_max_idle = policy.gc_max_idle;
+        self.config.disconnect_lock_delay = policy.disconnect_lock_delay;
+        self.config.auto_release = policy.auto_release;
+        self.budget.set_max(policy.max_locks);
     }
 
     /// The table's configuration.
@@ -729,9 +896,11 @@ impl<W, M: Mint> LockTable<W, M> {
     /// # use std::time::Duration;
     /// # use dflockd_core::*;
     /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let mut table = LockTable::new(TableConfig::default());
     /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
     /// # let t0 = Duration::ZERO;
+    /// # let at = |secs, op| Command::new(Duration::from_secs(secs), Salt::new(0, 0), op);
+    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
     /// assert_eq!(table.config().max_locks, 1024);
     /// assert_eq!(table.config().default_lease.get(), 33);
     /// ```
@@ -745,13 +914,15 @@ impl<W, M: Mint> LockTable<W, M> {
     /// # use std::time::Duration;
     /// # use dflockd_core::*;
     /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let mut table = LockTable::new(TableConfig::default());
     /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
     /// # let t0 = Duration::ZERO;
-    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
-    /// table.release(&rid, grant.token.to_string().as_bytes(), t0).unwrap();
+    /// # let at = |secs, op| Command::new(Duration::from_secs(secs), Salt::new(0, 0), op);
+    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+    /// let Ok(Outcome::Acquire(AcquireOutcome::Granted(grant))) = table.apply(&at(0, acquire(1, &rid, None))).outcome else { panic!() };
+    /// let _ = table.apply(&at(0, Op::Release { resource: rid.clone(), token: grant.token }));
     /// assert_eq!(table.resource_count(), 1); // idle, but kept until GC
-    /// assert_eq!(table.gc(t0 + Duration::from_secs(60)), 1);
+    /// assert_eq!(table.apply(&at(60, Op::Gc)).outcome, Ok(Outcome::Collected(1)));
     /// assert_eq!(table.resource_count(), 0);
     /// ```
     pub fn resource_count(&self) -> usize {
@@ -764,12 +935,15 @@ impl<W, M: Mint> LockTable<W, M> {
     /// # use std::time::Duration;
     /// # use dflockd_core::*;
     /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let mut table = LockTable::new(TableConfig::default());
     /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
     /// # let t0 = Duration::ZERO;
+    /// # let at = |secs, op| Command::new(Duration::from_secs(secs), Salt::new(0, 0), op);
+    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
     /// let sem = ResourceId::new(Namespace::Semaphore, Key::new("pool").unwrap());
     /// for conn in 1..=3 {
-    ///     table.acquire(ConnId(conn), &sem, Limit::new(3).unwrap(), None, t0, None).unwrap();
+    ///     let take = Op::Acquire { conn: ConnId(conn), resource: sem.clone(), limit: Limit::new(3).unwrap(), lease: None, wait: None };
+    ///     let _ = table.apply(&at(0, take));
     /// }
     /// assert_eq!(table.holder_count(), 3);
     /// ```
@@ -783,13 +957,16 @@ impl<W, M: Mint> LockTable<W, M> {
     /// # use std::time::Duration;
     /// # use dflockd_core::*;
     /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let mut table = LockTable::new(TableConfig::default());
     /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
     /// # let t0 = Duration::ZERO;
-    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
-    /// table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, Some("c2")).unwrap();
+    /// # let at = |secs, op| Command::new(Duration::from_secs(secs), Salt::new(0, 0), op);
+    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+    /// let _ = table.apply(&at(0, acquire(1, &rid, None)));
+    /// let _ = table.apply(&at(0, acquire(2, &rid, Some(0))));
     /// assert_eq!(table.waiter_count(), 1);
-    /// table.disconnect(ConnId(2), true, t0); // a closed connection stops waiting
+    /// // A closed connection stops waiting.
+    /// let _ = table.apply(&at(0, Op::Disconnect { conn: ConnId(2), auto_release: None }));
     /// assert_eq!(table.waiter_count(), 0);
     /// ```
     pub fn waiter_count(&self) -> usize {
@@ -802,132 +979,53 @@ impl<W, M: Mint> LockTable<W, M> {
     /// # use std::time::Duration;
     /// # use dflockd_core::*;
     /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let mut table = LockTable::new(TableConfig::default());
     /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
     /// # let t0 = Duration::ZERO;
+    /// # let at = |secs, op| Command::new(Duration::from_secs(secs), Salt::new(0, 0), op);
+    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
     /// assert_eq!(table.next_deadline(), None);
-    /// table.acquire(ConnId(1), &rid, Limit::ONE, Some(Lease::new(10).unwrap()), t0, None).unwrap();
-    /// // The caller sleeps until then and calls `sweep`.
+    /// let op = Op::Acquire { conn: ConnId(1), resource: rid.clone(), limit: Limit::ONE, lease: Some(Lease::new(10).unwrap()), wait: None };
+    /// let _ = table.apply(&at(0, op));
+    /// // The caller sleeps until then and applies `Op::Sweep`.
     /// assert_eq!(table.next_deadline(), Some(Duration::from_secs(10)));
     /// ```
-    pub fn next_deadline(&mut self) -> Option<Duration> {
+    pub fn next_deadline(&self) -> Option<Duration> {
         self.leases.earliest()
     }
 
-    /// When the earliest disconnect lock-delay ends, if one is running; call
-    /// [`sweep`](Self::sweep) then to grant the key to its waiters.
+    /// When the earliest disconnect lock-delay ends, if one is running; apply
+    /// [`Op::EndDelays`] then to grant the key to its waiters.
     ///
     /// ```
     /// # use std::time::Duration;
     /// # use dflockd_core::*;
-    /// # use dflockd_proto::{Key, Limit, Namespace};
+    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+    /// # let mut table = LockTable::new(TableConfig::default());
     /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
     /// # let t0 = Duration::ZERO;
+    /// # let at = |secs, op| Command::new(Duration::from_secs(secs), Salt::new(0, 0), op);
+    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
     /// let config = TableConfig { disconnect_lock_delay: Duration::from_secs(5), ..TableConfig::default() };
-    /// let mut table: LockTable<(), _> = LockTable::new(config, FenceCounter::with_fixed_salt(0, 0));
-    /// table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap();
-    /// table.disconnect(ConnId(1), true, t0);
+    /// let mut table = LockTable::new(config);
+    /// let _ = table.apply(&at(0, acquire(1, &rid, None)));
+    /// let _ = table.apply(&at(0, Op::Disconnect { conn: ConnId(1), auto_release: Some(true) }));
     /// assert_eq!(table.next_delay_end(), Some(Duration::from_secs(5)));
     /// ```
     pub fn next_delay_end(&self) -> Option<Duration> {
         self.delays.keys().next().map(|(d, _)| *d)
     }
 
-    /// Grants made to waiting requests since the last call. Deliver each to
-    /// its `notify`; on failure call [`release_undelivered`](Self::release_undelivered).
-    ///
-    /// ```
-    /// # use std::time::Duration;
-    /// # use dflockd_core::*;
-    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
-    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-    /// # let t0 = Duration::ZERO;
-    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
-    /// table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, Some("c2")).unwrap();
-    /// table.release(&rid, grant.token.to_string().as_bytes(), t0).unwrap();
-    /// let woken: Vec<&str> = table.take_deliveries().map(|d| d.notify).collect();
-    /// assert_eq!(woken, ["c2"]);
-    /// assert_eq!(table.take_deliveries().count(), 0); // drained
-    /// ```
-    pub fn take_deliveries(&mut self) -> std::vec::Drain<'_, Delivery<W>> {
-        self.deliveries.drain(..)
-    }
-
-    /// Whether grants wait in [`take_deliveries`](Self::take_deliveries):
-    /// a check cheaper than draining nothing, for the common call that
-    /// woke nobody.
-    ///
-    /// ```
-    /// # use std::time::Duration;
-    /// # use dflockd_core::*;
-    /// # use dflockd_proto::{Key, Limit, Namespace};
-    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
-    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-    /// # let t0 = Duration::ZERO;
-    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
-    /// assert!(!table.has_deliveries());
-    /// table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, Some("c2")).unwrap();
-    /// table.release(&rid, grant.token.to_string().as_bytes(), t0).unwrap();
-    /// assert!(table.has_deliveries());
-    /// ```
-    pub fn has_deliveries(&self) -> bool {
-        !self.deliveries.is_empty()
-    }
-
-    /// `l` / `sl`. With `wait = None` this is a try-lock: it never queues.
-    ///
-    /// ```
-    /// # use std::time::Duration;
-    /// # use dflockd_core::*;
-    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
-    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-    /// # let t0 = Duration::ZERO;
-    /// let pool = ResourceId::new(Namespace::Semaphore, Key::new("pool").unwrap());
-    /// let two = Limit::new(2).unwrap();
-    /// assert!(matches!(table.acquire(ConnId(1), &pool, two, None, t0, None).unwrap(), AcquireOutcome::Granted(_)));
-    /// assert!(matches!(table.acquire(ConnId(2), &pool, two, None, t0, None).unwrap(), AcquireOutcome::Granted(_)));
-    /// assert_eq!(table.acquire(ConnId(3), &pool, two, None, t0, None).unwrap(), AcquireOutcome::Timeout);
-    /// ```
-    pub fn acquire(
+    /// `l` / `sl`. With `wait = None` this is a try-lock: it never queues;
+    /// otherwise a queued waiter's grant goes to request `wait` of `conn`.
+    fn acquire(
         &mut self,
         conn: ConnId,
         rid: &ResourceId,
         limit: Limit,
         lease: Option<Lease>,
         now: Duration,
-        wait: Option<W>,
-    ) -> Result<AcquireOutcome, LockError> {
-        self.acquire_with(conn, rid, limit, lease, now, wait.map(|w| move || w))
-    }
-
-    /// [`acquire`](Self::acquire), making the notification only if the
-    /// request queues: a server's wake-up channel costs an allocation, and
-    /// most acquires are granted at once.
-    ///
-    /// ```
-    /// # use std::time::Duration;
-    /// # use dflockd_core::*;
-    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
-    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-    /// # let t0 = Duration::ZERO;
-    /// let made = std::cell::Cell::new(0);
-    /// let make = || { made.set(made.get() + 1); "waiter" };
-    /// assert!(matches!(table.acquire_with(ConnId(1), &rid, Limit::ONE, None, t0, Some(make)).unwrap(), AcquireOutcome::Granted(_)));
-    /// assert_eq!(made.get(), 0); // granted: no notification made
-    /// assert!(matches!(table.acquire_with(ConnId(2), &rid, Limit::ONE, None, t0, Some(make)).unwrap(), AcquireOutcome::Queued(_)));
-    /// assert_eq!(made.get(), 1);
-    /// ```
-    pub fn acquire_with(
-        &mut self,
-        conn: ConnId,
-        rid: &ResourceId,
-        limit: Limit,
-        lease: Option<Lease>,
-        now: Duration,
-        wait: Option<impl FnOnce() -> W>,
+        wait: Option<u64>,
     ) -> Result<AcquireOutcome, LockError> {
         let lease = lease.unwrap_or(self.config.default_lease);
         let arrival = match self.grant_on_arrival(conn, rid, limit, lease, now)? {
@@ -937,30 +1035,17 @@ impl<W, M: Mint> LockTable<W, M> {
         if self.config.max_waiters > 0 && arrival.queued >= self.config.max_waiters {
             return Err(LockError::MaxWaiters);
         }
-        let Some(notify) = wait else {
+        let Some(request) = wait else {
             return Ok(AcquireOutcome::Timeout);
         };
-        let id = self.push_waiter(conn, rid, lease, WaiterKind::Blocking(notify()));
+        let id = self.push_waiter(conn, rid, lease, WaiterKind::Blocking(request));
         Ok(AcquireOutcome::Queued(id))
     }
 
-    /// Withdraws a waiter queued by [`acquire`](Self::acquire) (timeout or
+    /// Withdraws a waiter queued by an acquire (timeout or
     /// cancellation). Returns `false` if it is no longer queued: it has been
     /// granted, and that grant is (or was) in a [`Delivery`].
-    ///
-    /// ```
-    /// # use std::time::Duration;
-    /// # use dflockd_core::*;
-    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
-    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-    /// # let t0 = Duration::ZERO;
-    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
-    /// let AcquireOutcome::Queued(waiter) = table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, Some("c2")).unwrap() else { panic!() };
-    /// assert!(table.cancel_acquire(ConnId(2), &rid, waiter, t0)); // its timeout fired
-    /// assert!(!table.cancel_acquire(ConnId(2), &rid, waiter, t0)); // already gone
-    /// ```
-    pub fn cancel_acquire(
+    fn cancel_acquire(
         &mut self,
         conn: ConnId,
         rid: &ResourceId,
@@ -984,50 +1069,7 @@ impl<W, M: Mint> LockTable<W, M> {
     /// `r` / `sr`: releases the holder with this token and promotes waiters.
     /// Looks at no deadline: an expired holder that was not evicted yet can
     /// still be released.
-    ///
-    /// ```
-    /// # use std::time::Duration;
-    /// # use dflockd_core::*;
-    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
-    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-    /// # let t0 = Duration::ZERO;
-    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
-    /// table.release(&rid, grant.token.to_string().as_bytes(), t0).unwrap();
-    /// assert_eq!(table.holder_count(), 0);
-    /// // A token releases at most once.
-    /// assert_eq!(table.release(&rid, grant.token.to_string().as_bytes(), t0), Err(LockError::NotHeld));
-    /// ```
-    pub fn release(
-        &mut self,
-        rid: &ResourceId,
-        token: &[u8],
-        now: Duration,
-    ) -> Result<(), LockError> {
-        let token = Token::parse_wire(token).ok_or(LockError::NotHeld)?;
-        self.release_token(rid, token, now)
-    }
-
-    /// [`release`](Self::release) with the token already parsed (a server
-    /// parses it before taking its table lock).
-    ///
-    /// ```
-    /// # use std::time::Duration;
-    /// # use dflockd_core::*;
-    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
-    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-    /// # let t0 = Duration::ZERO;
-    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
-    /// table.release_token(&rid, grant.token, t0).unwrap();
-    /// assert_eq!(table.release_token(&rid, grant.token, t0), Err(LockError::NotHeld));
-    /// ```
-    pub fn release_token(
-        &mut self,
-        rid: &ResourceId,
-        token: Token,
-        now: Duration,
-    ) -> Result<(), LockError> {
+    fn release(&mut self, rid: &ResourceId, token: Token, now: Duration) -> Result<(), LockError> {
         let removed = self
             .remove_holder(rid, token, now)
             .ok_or(LockError::NotHeld)?;
@@ -1039,23 +1081,7 @@ impl<W, M: Mint> LockTable<W, M> {
 
     /// Releases a grant that could not be delivered because its request was
     /// cancelled, so the slot passes to the next waiter instead of leaking.
-    ///
-    /// ```
-    /// # use std::time::Duration;
-    /// # use dflockd_core::*;
-    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
-    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-    /// # let t0 = Duration::ZERO;
-    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
-    /// table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, Some("c2")).unwrap();
-    /// table.release(&rid, grant.token.to_string().as_bytes(), t0).unwrap();
-    /// let delivery = table.take_deliveries().next().unwrap();
-    /// // Connection 2 has gone away meanwhile: give the slot back.
-    /// table.release_undelivered(&delivery.resource, delivery.grant.token, t0);
-    /// assert_eq!(table.holder_count(), 0);
-    /// ```
-    pub fn release_undelivered(&mut self, rid: &ResourceId, token: Token, now: Duration) {
+    fn release_undelivered(&mut self, rid: &ResourceId, token: Token, now: Duration) {
         if self
             .remove_holder(rid, token, now)
             .is_some_and(|removed| removed.waiters)
@@ -1066,47 +1092,7 @@ impl<W, M: Mint> LockTable<W, M> {
 
     /// `n` / `sn`: extends a live lease to `now + lease`. A lease at or past
     /// its deadline is evicted on the spot and never resurrected.
-    ///
-    /// ```
-    /// # use std::time::Duration;
-    /// # use dflockd_core::*;
-    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
-    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-    /// # let t0 = Duration::ZERO;
-    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
-    /// let token = grant.token.to_string();
-    /// let renewed = table.renew(&rid, token.as_bytes(), Some(Lease::new(60).unwrap()), Duration::from_secs(20)).unwrap();
-    /// assert_eq!(renewed.get(), 60);
-    /// assert_eq!(table.next_deadline(), Some(Duration::from_secs(80)));
-    /// // Once the deadline has passed the lease cannot be renewed.
-    /// assert_eq!(table.renew(&rid, token.as_bytes(), None, Duration::from_secs(80)), Err(LockError::NotHeld));
-    /// ```
-    pub fn renew(
-        &mut self,
-        rid: &ResourceId,
-        token: &[u8],
-        lease: Option<Lease>,
-        now: Duration,
-    ) -> Result<Lease, LockError> {
-        let token = Token::parse_wire(token).ok_or(LockError::NotHeld)?;
-        self.renew_token(rid, token, lease, now)
-    }
-
-    /// [`renew`](Self::renew) with the token already parsed.
-    ///
-    /// ```
-    /// # use std::time::Duration;
-    /// # use dflockd_core::*;
-    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
-    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-    /// # let t0 = Duration::ZERO;
-    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
-    /// let renewed = table.renew_token(&rid, grant.token, Some(Lease::new(60).unwrap()), t0).unwrap();
-    /// assert_eq!(renewed.get(), 60);
-    /// ```
-    pub fn renew_token(
+    fn renew(
         &mut self,
         rid: &ResourceId,
         token: Token,
@@ -1123,20 +1109,7 @@ impl<W, M: Mint> LockTable<W, M> {
     }
 
     /// `e` / `se`: two-phase, phase 1.
-    ///
-    /// ```
-    /// # use std::time::Duration;
-    /// # use dflockd_core::*;
-    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
-    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-    /// # let t0 = Duration::ZERO;
-    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
-    /// assert_eq!(table.enqueue(ConnId(2), 0, &rid, Limit::ONE, None, t0).unwrap(), EnqueueOutcome::Queued);
-    /// // One place per (connection, key, ticket).
-    /// assert_eq!(table.enqueue(ConnId(2), 0, &rid, Limit::ONE, None, t0), Err(LockError::AlreadyEnqueued));
-    /// ```
-    pub fn enqueue(
+    fn enqueue(
         &mut self,
         conn: ConnId,
         ticket: u64,
@@ -1188,7 +1161,7 @@ impl<W, M: Mint> LockTable<W, M> {
         Ok(EnqueueOutcome::Queued)
     }
 
-    fn set_phase1(&mut self, conn: ConnId, rid: &ResourceId, ticket: u64, phase1: Phase1<W>) {
+    fn set_phase1(&mut self, conn: ConnId, rid: &ResourceId, ticket: u64, phase1: Phase1) {
         let c = self.conns.entry(conn).or_default();
         if let Some(token) = phase1.token
             && c.uncollected.insert(token, ticket).is_none()
@@ -1200,27 +1173,13 @@ impl<W, M: Mint> LockTable<W, M> {
 
     /// `w` / `sw`: two-phase, phase 2. With `wait = None` this polls; a
     /// still-queued waiter is then removed (the position is forfeited).
-    ///
-    /// ```
-    /// # use std::time::Duration;
-    /// # use dflockd_core::*;
-    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
-    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-    /// # let t0 = Duration::ZERO;
-    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
-    /// table.enqueue(ConnId(2), 0, &rid, Limit::ONE, None, t0).unwrap();
-    /// // A poll (no `wait` handle) of a place still queued forfeits it.
-    /// assert_eq!(table.wait(ConnId(2), 0, &rid, t0, None).unwrap(), WaitOutcome::Timeout);
-    /// assert_eq!(table.waiter_count(), 0);
-    /// ```
-    pub fn wait(
+    fn wait(
         &mut self,
         conn: ConnId,
         ticket: u64,
         rid: &ResourceId,
         now: Duration,
-        wait: Option<W>,
+        wait: Option<u64>,
     ) -> Result<WaitOutcome, LockError> {
         let phase1 = self
             .conns
@@ -1241,8 +1200,8 @@ impl<W, M: Mint> LockTable<W, M> {
                 .map(WaitOutcome::Granted);
         }
         match wait {
-            Some(notify) => {
-                phase1.blocked = Some(notify);
+            Some(request) => {
+                phase1.blocked = Some(request);
                 Ok(WaitOutcome::Pending)
             }
             None => {
@@ -1255,27 +1214,7 @@ impl<W, M: Mint> LockTable<W, M> {
     /// Gives up a blocked or polled `w`: removes the waiter and the two-phase
     /// state. Returns `false` if the waiter was already granted (the grant is
     /// in a [`Delivery`]).
-    ///
-    /// ```
-    /// # use std::time::Duration;
-    /// # use dflockd_core::*;
-    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
-    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-    /// # let t0 = Duration::ZERO;
-    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
-    /// table.enqueue(ConnId(2), 0, &rid, Limit::ONE, None, t0).unwrap();
-    /// assert_eq!(table.wait(ConnId(2), 0, &rid, t0, Some("c2")).unwrap(), WaitOutcome::Pending);
-    /// assert!(table.cancel_wait(ConnId(2), 0, &rid, t0)); // the `w` timed out
-    /// assert_eq!(table.waiter_count(), 0);
-    /// ```
-    pub fn cancel_wait(
-        &mut self,
-        conn: ConnId,
-        ticket: u64,
-        rid: &ResourceId,
-        now: Duration,
-    ) -> bool {
+    fn cancel_wait(&mut self, conn: ConnId, ticket: u64, rid: &ResourceId, now: Duration) -> bool {
         let Some(c) = self.conns.get_mut(&conn) else {
             return false;
         };
@@ -1303,12 +1242,15 @@ impl<W, M: Mint> LockTable<W, M> {
     /// ```
     /// # use std::time::Duration;
     /// # use dflockd_core::*;
-    /// # use dflockd_proto::{Key, Limit, Namespace};
-    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+    /// # let mut table = LockTable::new(TableConfig::default());
     /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
     /// # let t0 = Duration::ZERO;
-    /// table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap();
-    /// table.enqueue(ConnId(2), 7, &rid, Limit::ONE, None, t0).unwrap();
+    /// # let at = |secs, op| Command::new(Duration::from_secs(secs), Salt::new(0, 0), op);
+    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+    /// let _ = table.apply(&at(0, acquire(1, &rid, None)));
+    /// let enqueue = Op::Enqueue { conn: ConnId(2), ticket: 7, resource: rid.clone(), limit: Limit::ONE, lease: None };
+    /// let _ = table.apply(&at(0, enqueue));
     /// assert!(table.queued_place(ConnId(2), 7, &rid).is_some());
     /// assert!(table.queued_place(ConnId(2), 8, &rid).is_none());
     /// ```
@@ -1324,21 +1266,7 @@ impl<W, M: Mint> LockTable<W, M> {
     /// held by `waiter`: on a multiplexed connection the same ticket may have
     /// been granted and enqueued again since, and that newer place must not
     /// be withdrawn in the old request's name.
-    ///
-    /// ```
-    /// # use std::time::Duration;
-    /// # use dflockd_core::*;
-    /// # use dflockd_proto::{Key, Limit, Namespace};
-    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
-    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-    /// # let t0 = Duration::ZERO;
-    /// table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap();
-    /// table.enqueue(ConnId(2), 7, &rid, Limit::ONE, None, t0).unwrap();
-    /// let place = table.queued_place(ConnId(2), 7, &rid).unwrap();
-    /// assert!(table.cancel_wait_of(ConnId(2), 7, &rid, place, t0));
-    /// assert!(!table.cancel_wait_of(ConnId(2), 7, &rid, place, t0));
-    /// ```
-    pub fn cancel_wait_of(
+    fn cancel_wait_of(
         &mut self,
         conn: ConnId,
         ticket: u64,
@@ -1356,13 +1284,17 @@ impl<W, M: Mint> LockTable<W, M> {
     /// ```
     /// # use std::time::Duration;
     /// # use dflockd_core::*;
-    /// # use dflockd_proto::{Key, Limit, Namespace};
-    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+    /// # let mut table = LockTable::new(TableConfig::default());
     /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
     /// # let t0 = Duration::ZERO;
-    /// table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap();
-    /// table.enqueue(ConnId(2), 1, &rid, Limit::ONE, None, t0).unwrap();
-    /// table.enqueue(ConnId(2), 2, &rid, Limit::ONE, None, t0).unwrap();
+    /// # let at = |secs, op| Command::new(Duration::from_secs(secs), Salt::new(0, 0), op);
+    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+    /// let _ = table.apply(&at(0, acquire(1, &rid, None)));
+    /// for ticket in [1, 2] {
+    ///     let enqueue = Op::Enqueue { conn: ConnId(2), ticket, resource: rid.clone(), limit: Limit::ONE, lease: None };
+    ///     let _ = table.apply(&at(0, enqueue));
+    /// }
     /// assert_eq!(table.waiters_of(ConnId(2)), 2);
     /// ```
     pub fn waiters_of(&self, conn: ConnId) -> usize {
@@ -1372,23 +1304,7 @@ impl<W, M: Mint> LockTable<W, M> {
     /// Restarts the lease of a grant that its waiting request has just
     /// observed (`now + lease`). Fails with `LeaseExpired` if it already ran
     /// out (and evicts it).
-    ///
-    /// ```
-    /// # use std::time::Duration;
-    /// # use dflockd_core::*;
-    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
-    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-    /// # let t0 = Duration::ZERO;
-    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
-    /// table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, Some("c2")).unwrap();
-    /// table.release(&rid, grant.token.to_string().as_bytes(), t0).unwrap();
-    /// let d = table.take_deliveries().next().unwrap();
-    /// // The waiting request saw its grant 2 s later: the lease counts from then.
-    /// let seen = table.observe(&d.resource, d.grant.token, d.grant.lease, Duration::from_secs(2)).unwrap();
-    /// assert_eq!(table.next_deadline(), Some(Duration::from_secs(2) + seen.lease.as_duration()));
-    /// ```
-    pub fn observe(
+    fn observe(
         &mut self,
         rid: &ResourceId,
         token: Token,
@@ -1413,7 +1329,7 @@ impl<W, M: Mint> LockTable<W, M> {
         let resource = self.resources.get_mut(rid)?;
         let holder = resource.holders.get_mut(&token)?;
         if holder.deadline <= now {
-            self.remove_holder(rid, token, now);
+            self.evict(rid, token, now);
             self.promote(rid, now);
             return None;
         }
@@ -1425,30 +1341,18 @@ impl<W, M: Mint> LockTable<W, M> {
     /// A connection ended: its waiters are removed and its two-phase state
     /// dropped; with `auto_release` its holds are released too (otherwise they
     /// stay until their leases expire).
-    ///
-    /// ```
-    /// # use std::time::Duration;
-    /// # use dflockd_core::*;
-    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
-    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-    /// # let t0 = Duration::ZERO;
-    /// table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap();
-    /// table.disconnect(ConnId(1), false, t0);
-    /// assert_eq!(table.holder_count(), 1); // without auto-release the lease runs out on its own
-    /// table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, None).unwrap();
-    /// # let other = ResourceId::new(Namespace::Lock, Key::new("other").unwrap());
-    /// # table.acquire(ConnId(2), &other, Limit::ONE, None, t0, None).unwrap();
-    /// table.disconnect(ConnId(2), true, t0);
-    /// assert_eq!(table.holder_count(), 1); // auto-release freed connection 2's hold
-    /// ```
-    pub fn disconnect(&mut self, conn: ConnId, auto_release: bool, now: Duration) {
+    fn disconnect(&mut self, conn: ConnId, auto_release: bool, now: Duration) {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
         self.uncollected = self.uncollected.saturating_sub(c.uncollected.len());
         let mut touched = Vec::new();
-        for (waiter, rid) in c.waiters {
+        // In arrival order, not the map's (its hasher differs from table to
+        // table): promotions mint fences in this order, and replicas must
+        // agree on them.
+        let mut waiters: Vec<(WaiterId, ResourceId)> = c.waiters.into_iter().collect();
+        waiters.sort_unstable_by_key(|(waiter, _)| *waiter);
+        for (waiter, rid) in waiters {
             if let Some(resource) = self.resources.get_mut(&rid)
                 && resource.queue.remove(&waiter).is_some()
             {
@@ -1485,27 +1389,14 @@ impl<W, M: Mint> LockTable<W, M> {
     /// Evicts every holder whose lease deadline is at or before `now` and
     /// promotes waiters into the freed capacity. Returns how many leases
     /// were evicted.
-    ///
-    /// ```
-    /// # use std::time::Duration;
-    /// # use dflockd_core::*;
-    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
-    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-    /// # let t0 = Duration::ZERO;
-    /// table.acquire(ConnId(1), &rid, Limit::ONE, Some(Lease::new(10).unwrap()), t0, None).unwrap();
-    /// assert_eq!(table.sweep(Duration::from_secs(9)), 0);
-    /// assert_eq!(table.sweep(Duration::from_secs(10)), 1); // expired: evicted
-    /// assert_eq!(table.holder_count(), 0);
-    /// ```
-    pub fn sweep(&mut self, now: Duration) -> usize {
+    fn sweep(&mut self, now: Duration) -> usize {
         self.end_delays(now);
         let mut evicted = 0;
         for (hash, token) in self.leases.due(now) {
             let Some(rid) = self.resources.holding(hash, &token).map(|r| r.id.clone()) else {
                 continue;
             };
-            self.remove_holder(&rid, token, now);
+            self.evict(&rid, token, now);
             self.promote(&rid, now);
             evicted += 1;
         }
@@ -1514,23 +1405,7 @@ impl<W, M: Mint> LockTable<W, M> {
 
     /// Ends every disconnect lock-delay due by `now` and grants the keys to
     /// their waiters. Returns how many delays ended.
-    ///
-    /// ```
-    /// # use std::time::Duration;
-    /// # use dflockd_core::*;
-    /// # use dflockd_proto::{Key, Limit, Namespace};
-    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-    /// # let t0 = Duration::ZERO;
-    /// let config = TableConfig { disconnect_lock_delay: Duration::from_secs(5), ..TableConfig::default() };
-    /// let mut table: LockTable<&str, _> = LockTable::new(config, FenceCounter::with_fixed_salt(0, 0));
-    /// table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap();
-    /// table.acquire(ConnId(2), &rid, Limit::ONE, None, t0, Some("c2")).unwrap();
-    /// table.disconnect(ConnId(1), true, t0); // released, but the key stays blocked for 5 s
-    /// assert_eq!(table.take_deliveries().count(), 0);
-    /// assert_eq!(table.end_delays(Duration::from_secs(5)), 1);
-    /// assert_eq!(table.take_deliveries().next().unwrap().notify, "c2");
-    /// ```
-    pub fn end_delays(&mut self, now: Duration) -> usize {
+    fn end_delays(&mut self, now: Duration) -> usize {
         let mut ended = 0;
         while let Some(entry) = self.delays.first_entry() {
             let (until, _) = entry.key();
@@ -1551,20 +1426,7 @@ impl<W, M: Mint> LockTable<W, M> {
 
     /// Deletes resources that have had no holder and no waiter for longer
     /// than `gc_max_idle`. Returns how many were deleted.
-    ///
-    /// ```
-    /// # use std::time::Duration;
-    /// # use dflockd_core::*;
-    /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
-    /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-    /// # let t0 = Duration::ZERO;
-    /// # let AcquireOutcome::Granted(grant) = table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap() else { panic!() };
-    /// table.release(&rid, grant.token.to_string().as_bytes(), Duration::from_secs(1)).unwrap();
-    /// assert_eq!(table.gc(Duration::from_secs(60)), 0); // idle for 59 s only
-    /// assert_eq!(table.gc(Duration::from_secs(61)), 1);
-    /// ```
-    pub fn gc(&mut self, now: Duration) -> usize {
+    fn gc(&mut self, now: Duration) -> usize {
         let max_idle = self.config.gc_max_idle;
         let before = self.resources.len();
         // A resource in lock-delay is kept: forgetting it would end the delay.
@@ -1599,10 +1461,12 @@ impl<W, M: Mint> LockTable<W, M> {
     /// # use std::time::Duration;
     /// # use dflockd_core::*;
     /// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-    /// # let mut table: LockTable<&str, _> = LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(0, 0));
+    /// # let mut table = LockTable::new(TableConfig::default());
     /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
     /// # let t0 = Duration::ZERO;
-    /// table.acquire(ConnId(1), &rid, Limit::ONE, None, t0, None).unwrap();
+    /// # let at = |secs, op| Command::new(Duration::from_secs(secs), Salt::new(0, 0), op);
+    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+    /// let _ = table.apply(&at(0, acquire(1, &rid, None)));
     /// let stats = table.stats(1, Duration::from_secs(3));
     /// assert_eq!(stats.locks[0].key, "job");
     /// assert_eq!(stats.locks[0].owner_conn_id, 1);
@@ -1717,7 +1581,7 @@ impl<W, M: Mint> LockTable<W, M> {
             return Ok(Arrival::at(resource, now));
         }
         for token in expired {
-            self.remove_holder(rid, token, now);
+            self.evict(rid, token, now);
         }
         self.promote(rid, now);
         Ok(self
@@ -1753,7 +1617,7 @@ impl<W, M: Mint> LockTable<W, M> {
             && resource.blocked_until.is_none()
         {
             resource.last_activity = now;
-            let token = self.mint.mint()?;
+            let token = self.mint.token()?;
             let deadline = deadline(now, lease, self.config.clock_granularity);
             hold(
                 &mut self.conns,
@@ -1779,7 +1643,7 @@ impl<W, M: Mint> LockTable<W, M> {
         lease: Lease,
         now: Duration,
     ) -> Result<Grant, LockError> {
-        let token = self.mint.mint()?;
+        let token = self.mint.token()?;
         self.insert_holder(conn, rid, token, lease, now);
         Ok(Grant { token, lease })
     }
@@ -1807,6 +1671,17 @@ impl<W, M: Mint> LockTable<W, M> {
         );
     }
 
+    /// Removes a holder whose lease ran out, and reports it in the effects.
+    fn evict(&mut self, rid: &ResourceId, token: Token, now: Duration) {
+        if let Some(removed) = self.remove_holder(rid, token, now) {
+            self.expired.push(Expired {
+                resource: rid.clone(),
+                token,
+                conn: removed.conn,
+            });
+        }
+    }
+
     /// Removes a holder and everything that points at it.
     fn remove_holder(&mut self, rid: &ResourceId, token: Token, now: Duration) -> Option<Removed> {
         let resource = self.resources.get_mut(rid)?;
@@ -1814,6 +1689,7 @@ impl<W, M: Mint> LockTable<W, M> {
         resource.last_activity = now;
         let removed = Removed {
             waiters: !resource.queue.is_empty(),
+            conn: holder.conn,
         };
         self.leases.remove(holder.slot);
         if self.uncollected > 0
@@ -1831,7 +1707,7 @@ impl<W, M: Mint> LockTable<W, M> {
         conn: ConnId,
         rid: &ResourceId,
         lease: Lease,
-        kind: WaiterKind<W>,
+        kind: WaiterKind,
     ) -> WaiterId {
         self.next_waiter += 1;
         let id = WaiterId(self.next_waiter);
@@ -1869,7 +1745,7 @@ impl<W, M: Mint> LockTable<W, M> {
             let Some(entry) = resource.queue.first_entry() else {
                 return;
             };
-            let token = match self.mint.mint() {
+            let token = match self.mint.token() {
                 Ok(token) => token,
                 // Leave the waiter queued; the next release or sweep retries.
                 Err(_) => return,
@@ -1883,9 +1759,12 @@ impl<W, M: Mint> LockTable<W, M> {
             let c = self.conns.entry(waiter.conn).or_default();
             c.waiters.remove(&id);
             match waiter.kind {
-                WaiterKind::Blocking(notify) => {
+                WaiterKind::Blocking(request) => {
                     self.deliveries.push(Delivery {
-                        notify,
+                        to: Waiting {
+                            conn: waiter.conn,
+                            request,
+                        },
                         resource: rid.clone(),
                         grant,
                     });
@@ -1897,10 +1776,13 @@ impl<W, M: Mint> LockTable<W, M> {
                     };
                     match phase1.blocked.take() {
                         // A `w` is waiting: it consumes the state and observes the grant.
-                        Some(notify) => {
+                        Some(request) => {
                             c.phase1.remove(&key);
                             self.deliveries.push(Delivery {
-                                notify,
+                                to: Waiting {
+                                    conn: waiter.conn,
+                                    request,
+                                },
                                 resource: rid.clone(),
                                 grant,
                             });
@@ -1919,12 +1801,31 @@ impl<W, M: Mint> LockTable<W, M> {
     }
 }
 
+/// Tokens for the command being applied: fences from the table's source,
+/// salts from the command.
+struct Mint<F> {
+    fences: F,
+    salt: Salt,
+    /// Grants the command has minted so far.
+    minted: u32,
+}
+
+impl<F: FenceSource> Mint<F> {
+    /// A token for the command's next grant.
+    fn token(&mut self) -> Result<Token, MintError> {
+        let fence = self.fences.next_fence()?;
+        let salt = self.salt.for_grant(self.minted, fence);
+        self.minted = self.minted.wrapping_add(1);
+        Ok(Token::new(fence, salt))
+    }
+}
+
 /// Makes `conn` a holder of `resource` with `token` until `deadline`: the
 /// holder, and its lease in the slab, in its connection's ring.
-fn hold<W>(
-    conns: &mut HashMap<ConnId, Conn<W>>,
+fn hold(
+    conns: &mut HashMap<ConnId, Conn>,
     leases: &mut Leases,
-    resource: &mut Resource<W>,
+    resource: &mut Resource,
     conn: ConnId,
     token: Token,
     deadline: Duration,
@@ -1951,14 +1852,14 @@ fn deadline(now: Duration, lease: Lease, granularity: Duration) -> Duration {
         .saturating_add(granularity)
 }
 
-impl<W, M> Drop for LockTable<W, M> {
+impl<F> Drop for LockTable<F> {
     fn drop(&mut self) {
         // A shared budget outlives this table.
         self.budget.give_back(self.resources.len());
     }
 }
 
-impl<W, M> std::fmt::Debug for LockTable<W, M> {
+impl<F> std::fmt::Debug for LockTable<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LockTable")
             .field("resources", &self.resources.len())
@@ -1997,7 +1898,7 @@ mod tests {
         Duration::from_secs(s)
     }
 
-    impl<W, M> LockTable<W, M> {
+    impl<F> LockTable<F> {
         /// Every holder's lease is in the slab, in the slot it remembers,
         /// with its token, resource and deadline, and nothing else is.
         fn assert_leases_match_holders(&self) {
@@ -2024,7 +1925,7 @@ mod tests {
             disconnect_lock_delay: Duration::ZERO,
             ..TableConfig::default()
         };
-        let mut t: LockTable<(), _> = LockTable::new(config, FenceCounter::with_fixed_salt(1, 0));
+        let mut t = LockTable::with_fences(config, FenceCounter::starting_after(1));
         let rids: Vec<(ResourceId, Limit)> = [("a", 1), ("b", 1), ("s", 3)]
             .into_iter()
             .map(|(key, limit)| {
@@ -2056,7 +1957,7 @@ mod tests {
             match next(7) {
                 0 | 1 => {
                     let lease = Lease::new(1 + next(20)).ok();
-                    let wait = (next(2) == 0).then_some(());
+                    let wait = (next(2) == 0).then_some(0);
                     if let Ok(AcquireOutcome::Granted(grant)) =
                         t.acquire(conn, rid, *limit, lease, now, wait)
                     {
@@ -2065,11 +1966,11 @@ mod tests {
                 }
                 2 if !held.is_empty() => {
                     let (r, token) = held.swap_remove(next(held.len() as u64) as usize);
-                    let _ = t.release_token(&rids[r].0, token, now);
+                    let _ = t.release(&rids[r].0, token, now);
                 }
                 3 if !held.is_empty() => {
                     let (r, token) = held[next(held.len() as u64) as usize];
-                    let _ = t.renew_token(&rids[r].0, token, Lease::new(1 + next(20)).ok(), now);
+                    let _ = t.renew(&rids[r].0, token, Lease::new(1 + next(20)).ok(), now);
                 }
                 4 => now += Duration::from_millis(next(3_000)),
                 5 => {
@@ -2077,7 +1978,7 @@ mod tests {
                 }
                 _ => t.disconnect(conn, next(2) == 0, now),
             }
-            for delivery in t.take_deliveries() {
+            for delivery in std::mem::take(&mut t.deliveries) {
                 let r = rids
                     .iter()
                     .position(|(rid, _)| *rid == delivery.resource)
@@ -2093,10 +1994,9 @@ mod tests {
 
     #[test]
     fn leases_on_resources_with_one_hash_stay_apart() {
-        let mut t: LockTable<(), _> =
-            LockTable::new(TableConfig::default(), FenceCounter::with_fixed_salt(1, 0));
+        let mut t = LockTable::with_fences(TableConfig::default(), FenceCounter::starting_after(1));
         let (a, b) = colliding();
-        let grant = |t: &mut LockTable<(), FenceCounter>, conn, rid, lease| match t.acquire(
+        let grant = |t: &mut LockTable<FenceCounter>, conn, rid, lease| match t.acquire(
             ConnId(conn),
             rid,
             Limit::ONE,
@@ -2116,10 +2016,7 @@ mod tests {
             t.acquire(ConnId(2), &a, Limit::ONE, None, secs(10), None),
             Ok(AcquireOutcome::Granted(_))
         ));
-        assert_eq!(
-            t.release_token(&b, on_a.token, secs(10)),
-            Err(LockError::NotHeld)
-        );
+        assert_eq!(t.release(&b, on_a.token, secs(10)), Err(LockError::NotHeld));
         // A disconnect releases exactly the holds of that connection.
         t.disconnect(ConnId(1), true, secs(11));
         assert_eq!(t.holder_count(), 1);
@@ -2127,9 +2024,6 @@ mod tests {
             t.acquire(ConnId(3), &b, Limit::ONE, None, secs(11), None),
             Ok(AcquireOutcome::Granted(_))
         ));
-        assert_eq!(
-            t.release_token(&b, on_b.token, secs(11)),
-            Err(LockError::NotHeld)
-        );
+        assert_eq!(t.release(&b, on_b.token, secs(11)), Err(LockError::NotHeld));
     }
 }

@@ -26,12 +26,15 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use dflockd_core::{
-    AcquireOutcome, ConnId, Delivery, EnqueueOutcome, FenceCounter, LockError, LockTable,
-    ResourceId, TableConfig, WaitOutcome, WaiterId,
+    AcquireOutcome, ConnId, EnqueueOutcome, LockError, ResourceId, TableConfig, WaitOutcome,
+    WaiterId,
 };
 use dflockd_proto::{Key, Lease, Limit, Namespace, Token};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
+
+mod support;
+use support::{Delivery, Driver};
 
 const SEED: u64 = 5_000;
 const SALT: u64 = 0x00c0_ffee;
@@ -185,6 +188,7 @@ fn config() -> impl Strategy<Value = TableConfig> {
             gc_max_idle: Duration::from_millis(gc_ms),
             disconnect_lock_delay: Duration::ZERO,
             clock_granularity: Duration::ZERO,
+            auto_release: true,
         })
 }
 
@@ -286,7 +290,7 @@ struct Expected {
 }
 
 struct Harness {
-    table: LockTable<u64, FenceCounter>,
+    table: Driver<u64>,
     config: TableConfig,
     now: Duration,
     res: BTreeMap<usize, MRes>,
@@ -314,7 +318,7 @@ type Step = Result<(), TestCaseError>;
 impl Harness {
     fn new(config: TableConfig) -> Harness {
         Harness {
-            table: LockTable::new(config, FenceCounter::with_fixed_salt(SEED, SALT)),
+            table: Driver::new(config, SEED, SALT),
             config,
             now: Duration::ZERO,
             res: BTreeMap::new(),
@@ -524,7 +528,14 @@ impl Harness {
             prop_assert_eq!(f, fence, "grant {} came back with another token", gid);
             return Ok(());
         }
-        prop_assert_eq!(token.salt(), SALT);
+        // The salt came from the command: its first grant's salt, or one
+        // derived from the fence for a further grant of the same command.
+        let salts = support::salts(SALT);
+        prop_assert!(
+            token.salt() == salts.for_grant(0, fence) || token.salt() == salts.for_grant(1, fence),
+            "token {} has a salt its command did not give",
+            token
+        );
         prop_assert!(
             self.seen_fences.insert(fence),
             "fence {} minted twice",
@@ -1300,6 +1311,7 @@ fn scripted_races() {
         gc_max_idle: Duration::ZERO,
         disconnect_lock_delay: Duration::ZERO,
         clock_granularity: Duration::ZERO,
+        auto_release: true,
     };
     let own = ResPick::Own;
     let ops = [

@@ -5,13 +5,16 @@
 use std::time::Duration;
 
 use dflockd_core::{
-    AcquireOutcome, ConnId, EnqueueOutcome, FenceCounter, Grant, LockError, LockTable, MintError,
-    ResourceId, TableConfig, WaitOutcome,
+    AcquireOutcome, ConnId, EnqueueOutcome, Grant, LockError, MintError, ResourceId, TableConfig,
+    WaitOutcome,
 };
 use dflockd_proto::{Key, Lease, Limit, Namespace, Stats, Token};
 
+mod support;
+use support::Driver;
+
 /// The notification handle is a plain request number in these tests.
-type Table = LockTable<u32, FenceCounter>;
+type Table = Driver<u32>;
 
 const SEED: u64 = 1_000;
 
@@ -20,7 +23,7 @@ fn table() -> Table {
 }
 
 fn table_with(config: TableConfig) -> Table {
-    LockTable::new(config, FenceCounter::with_fixed_salt(SEED, 0x5eed))
+    Driver::new(config, SEED, 0x5eed)
 }
 
 fn lock(key: &str) -> ResourceId {
@@ -1138,10 +1141,7 @@ fn gc_ignores_bogus_activity() {
 /// mint error, and a promotion that cannot mint leaves the waiter queued.
 #[test]
 fn exhausted_fence_counter() {
-    let mut t: Table = LockTable::new(
-        TableConfig::default(),
-        FenceCounter::with_fixed_salt(u64::MAX - 1, 1),
-    );
+    let mut t: Table = Driver::new(TableConfig::default(), u64::MAX - 1, 1);
     let k = lock("k");
     let g = granted(try_lock(&mut t, C1, &k, T0));
     assert_eq!(g.token, Token::new(u64::MAX, 1));

@@ -132,6 +132,21 @@ impl fmt::Display for Key {
     }
 }
 
+/// A key is written as its bytes (a sequence, so every serde format can
+/// carry it) and validated again when read back.
+impl serde::Serialize for Key {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.as_bytes().serialize(serializer)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Key {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Key, D::Error> {
+        let bytes = Vec::<u8>::deserialize(deserializer)?;
+        Key::from_bytes(&bytes).map_err(serde::de::Error::custom)
+    }
+}
+
 impl TryFrom<&str> for Key {
     type Error = ProtoError;
     fn try_from(value: &str) -> Result<Self, Self::Error> {

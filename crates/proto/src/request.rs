@@ -10,7 +10,9 @@ use crate::{Key, Lease, Limit, ProtoError, RawFrame, Seconds, Token, TokenText};
 /// assert_eq!(Kind::Lock.namespace(), Namespace::Lock);
 /// assert_ne!(Kind::Semaphore(Limit::ONE).namespace(), Namespace::Lock);
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Namespace {
     /// Lock commands (`l r n e w`).
     Lock,

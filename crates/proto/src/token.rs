@@ -31,7 +31,9 @@ pub enum TokenError {
 /// assert_eq!(t.to_string(), "183c7875229b00017f3c1f2b3e9a8d6e");
 /// assert_eq!(Token::parse_wire(t.to_string().as_bytes()), Some(t));
 /// ```
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct Token {
     fence: u64,
     salt: u64,

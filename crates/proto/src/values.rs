@@ -107,8 +107,25 @@ impl fmt::Display for Seconds {
 /// assert_eq!(Lease::new(33).unwrap().get(), 33);
 /// assert!(Lease::new(0).is_err());
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "u64", into = "u64")]
 pub struct Lease(u64);
+
+impl TryFrom<u64> for Lease {
+    type Error = ValueError;
+    /// [`Lease::new`]: a logged or snapshotted lease is checked again.
+    fn try_from(secs: u64) -> Result<Lease, ValueError> {
+        Lease::new(secs)
+    }
+}
+
+impl From<Lease> for u64 {
+    fn from(lease: Lease) -> u64 {
+        lease.0
+    }
+}
 
 impl Lease {
     /// Validates a lease length.
@@ -169,8 +186,25 @@ impl fmt::Display for Lease {
 /// assert!(Limit::new(0).is_err());
 /// assert!(Limit::new(1_048_577).is_err());
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "u64", into = "u64")]
 pub struct Limit(u32);
+
+impl TryFrom<u64> for Limit {
+    type Error = ValueError;
+    /// [`Limit::new`]: a logged or snapshotted limit is checked again.
+    fn try_from(limit: u64) -> Result<Limit, ValueError> {
+        Limit::new(limit)
+    }
+}
+
+impl From<Limit> for u64 {
+    fn from(limit: Limit) -> u64 {
+        u64::from(limit.0)
+    }
+}
 
 impl Limit {
     /// The limit of a plain lock.

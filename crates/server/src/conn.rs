@@ -7,7 +7,8 @@ use std::task::Poll;
 use std::time::Duration;
 
 use dflockd_core::{
-    AcquireOutcome, ConnId, EnqueueOutcome, Grant, LockError, ResourceId, WaitOutcome,
+    AcquireOutcome, ConnId, EnqueueOutcome, Grant, LockError, Op, Outcome, ResourceId, WaitOutcome,
+    Waiting,
 };
 use dflockd_proto::{
     Decoded, FrameDecoder, Key, MUX_ACCEPTED, RawFrame, Reply, Request, Seconds, Status, Token,
@@ -19,7 +20,7 @@ use tokio::sync::oneshot;
 
 use crate::config::IdlePolicy;
 use crate::idle::WatchGuard;
-use crate::shared::{Notify, ShardSet, Shared, Table};
+use crate::shared::{Notify, Shard, ShardSet, Shared};
 
 mod mux;
 
@@ -55,7 +56,7 @@ impl Drop for DisconnectOnDrop {
         // Only a request of this connection leaves state of it in a table,
         // and each marked the table it used.
         self.shared
-            .each_shard_in(&self.used, |t, now| t.disconnect(id, auto_release, now));
+            .each_shard_in(&self.used, |shard| shard.disconnect(id, auto_release));
         if auto_release && !self.shared.config.disconnect_lock_delay.is_zero() {
             self.shared.delay_started.notify_one();
         }
@@ -74,13 +75,24 @@ enum Pending {
 }
 
 impl Pending {
-    /// Withdraws the request from the table. `false` if it was granted
-    /// meanwhile (the grant is on its way to the request's notification).
-    fn withdraw(self, shared: &Shared, conn: ConnId, rid: &ResourceId) -> bool {
-        shared.with_shard(rid, |t, now| match self {
-            Pending::Acquire(waiter) => t.cancel_acquire(conn, rid, waiter, now),
-            Pending::Wait { ticket, waiter } => t.cancel_wait_of(conn, ticket, rid, waiter, now),
-        })
+    /// Withdraws request `request` of `conn` from the table. `false` if it
+    /// was granted meanwhile (the grant is on its way to the request's
+    /// notification).
+    fn withdraw(self, shared: &Shared, conn: ConnId, request: u64, rid: &ResourceId) -> bool {
+        let op = match self {
+            Pending::Acquire(waiter) => Op::Withdraw {
+                conn,
+                resource: rid.clone(),
+                waiter,
+            },
+            Pending::Wait { ticket, waiter } => Op::WithdrawPlace {
+                conn,
+                ticket,
+                resource: rid.clone(),
+                waiter: Some(waiter),
+            },
+        };
+        shared.with_shard(rid, |shard| shard.withdraw(op, Waiting { conn, request }))
     }
 }
 
@@ -369,7 +381,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// [`Self::block`]. Synchronous, so the common case builds no future.
     fn execute(&mut self, request: Request) -> Option<Blocked> {
         let mut receiver = None;
-        let step = self.apply(request, 0, None, || {
+        let step = self.apply(request, 0, 0, None, || {
             let (tx, rx) = oneshot::channel();
             receiver = Some(rx);
             Notify::Once(tx)
@@ -401,7 +413,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Runs `f` on the table that holds `rid`, noting that this connection
     /// used it (see [`ShardSet`]).
-    fn table<R>(&self, rid: &ResourceId, f: impl FnOnce(&mut Table, Duration) -> R) -> R {
+    fn table<R>(&self, rid: &ResourceId, f: impl FnOnce(&mut Shard) -> R) -> R {
         let shard = self.shared.shard_of(rid);
         self.used.insert(shard);
         self.shared.with_shard_at(shard, f)
@@ -444,8 +456,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Applies a request to the table. A request that must wait registers
-    /// the notification `notify` makes (called only then) and comes back as
-    /// [`Step::Waiting`]; everything else is answered at once. `ticket`
+    /// the notification `notify` makes (called only then) for its id
+    /// `request` and comes back as [`Step::Waiting`]; everything else is
+    /// answered at once. `ticket`
     /// names the two-phase state of `e`/`w` (always 0 on plain connections).
     /// With `queue_cap`, a request that may queue (a waiting `l`/`w`, any
     /// `e`) is refused with `error_max_waiters` while the connection already
@@ -453,11 +466,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     fn apply(
         &self,
         request: Request,
+        id_on_conn: u64,
         ticket: u64,
         queue_cap: Option<usize>,
         notify: impl FnOnce() -> Notify,
     ) -> Step {
         let id = self.id;
+        let to = Waiting {
+            conn: id,
+            request: id_on_conn,
+        };
         match request {
             Request::Ping => Step::Reply(Reply::Ok),
             // The handshake consumed the only `auth` that is ever valid.
@@ -474,14 +492,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             } => self.with_resource(kind.namespace(), key, |rid| {
                 let limit = kind.limit();
                 // The wake-up channel is made only if the request queues.
-                let wait = (timeout != Seconds::ZERO).then_some(notify);
-                let outcome = if wait.is_some() && self.at_queue_cap(queue_cap) {
+                let may_wait = timeout != Seconds::ZERO;
+                let outcome = if may_wait && self.at_queue_cap(queue_cap) {
                     Err(LockError::MaxWaiters)
                 } else {
-                    self.table(rid, |t, now| {
-                        t.acquire_with(id, rid, limit, lease, now, wait)
+                    let op = Op::Acquire {
+                        conn: id,
+                        resource: rid.clone(),
+                        limit,
+                        lease,
+                        wait: may_wait.then_some(id_on_conn),
+                    };
+                    self.table(rid, |shard| {
+                        if may_wait {
+                            shard.run_waiting(op, to, notify)
+                        } else {
+                            shard.run(op)
+                        }
                     })
                 };
+                let outcome = outcome.map(|outcome| match outcome {
+                    Outcome::Acquire(outcome) => outcome,
+                    _ => AcquireOutcome::Timeout,
+                });
                 match outcome {
                     Ok(AcquireOutcome::Queued(waiter)) => {
                         self.queued.set(self.queued.get() + 1);
@@ -502,11 +535,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 // Parsed before the table lock is taken; a malformed token
                 // holds nothing.
                 let released = match Token::parse_wire(&token) {
-                    Some(token) => self.table(rid, |t, now| t.release_token(rid, token, now)),
+                    Some(token) => self.table(rid, |shard| {
+                        shard.run(Op::Release {
+                            resource: rid.clone(),
+                            token,
+                        })
+                    }),
                     None => Err(LockError::NotHeld),
                 };
                 Step::Reply(match released {
-                    Ok(()) => Reply::Ok,
+                    Ok(_) => Reply::Ok,
                     Err(error) => error_reply(&error),
                 })
             }),
@@ -517,11 +555,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 lease,
             } => self.with_resource(namespace, key, |rid| {
                 let renewed = match Token::parse_wire(&token) {
-                    Some(token) => self.table(rid, |t, now| t.renew_token(rid, token, lease, now)),
+                    Some(token) => self.table(rid, |shard| {
+                        shard.run(Op::Renew {
+                            resource: rid.clone(),
+                            token,
+                            lease,
+                        })
+                    }),
                     None => Err(LockError::NotHeld),
                 };
                 Step::Reply(match renewed {
-                    Ok(lease) => Reply::Renewed(Seconds::new(lease.get()).unwrap_or(Seconds::ZERO)),
+                    Ok(Outcome::Renewed(lease)) => {
+                        Reply::Renewed(Seconds::new(lease.get()).unwrap_or(Seconds::ZERO))
+                    }
+                    Ok(_) => Reply::Failure(Status::Error),
                     Err(error) => error_reply(&error),
                 })
             }),
@@ -531,7 +578,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     let outcome = if self.at_queue_cap(queue_cap) {
                         Err(LockError::MaxWaiters)
                     } else {
-                        self.table(rid, |t, now| t.enqueue(id, ticket, rid, limit, lease, now))
+                        self.table(rid, |shard| {
+                            shard.run(Op::Enqueue {
+                                conn: id,
+                                ticket,
+                                resource: rid.clone(),
+                                limit,
+                                lease,
+                            })
+                        })
+                        .map(|outcome| match outcome {
+                            Outcome::Enqueue(outcome) => outcome,
+                            _ => EnqueueOutcome::Queued,
+                        })
                     };
                     Step::Reply(match outcome {
                         Ok(EnqueueOutcome::Acquired(Grant { token, lease })) => {
@@ -550,16 +609,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 namespace,
                 timeout,
             } => self.with_resource(namespace, key, |rid| {
-                let wait = (timeout != Seconds::ZERO).then(notify);
-                let (outcome, place) = if wait.is_some() && self.at_queue_cap(queue_cap) {
+                let may_wait = timeout != Seconds::ZERO;
+                let (outcome, place) = if may_wait && self.at_queue_cap(queue_cap) {
                     (Err(LockError::MaxWaiters), None)
                 } else {
-                    self.table(rid, |t, now| {
-                        let outcome = t.wait(id, ticket, rid, now, wait);
-                        let place = t.queued_place(id, ticket, rid);
+                    let op = Op::Wait {
+                        conn: id,
+                        ticket,
+                        resource: rid.clone(),
+                        wait: may_wait.then_some(id_on_conn),
+                    };
+                    self.table(rid, |shard| {
+                        let outcome = if may_wait {
+                            shard.run_waiting(op, to, notify)
+                        } else {
+                            shard.run(op)
+                        };
+                        let place = shard.table().queued_place(id, ticket, rid);
                         (outcome, place)
                     })
                 };
+                let outcome = outcome.map(|outcome| match outcome {
+                    Outcome::Wait(outcome) => outcome,
+                    _ => WaitOutcome::Timeout,
+                });
                 match (outcome, place) {
                     (Ok(WaitOutcome::Pending), Some(waiter)) => Step::Waiting {
                         rid: rid.clone(),
@@ -627,16 +700,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             Woken::Granted(grant) => Some(grant),
             Woken::Expired | Woken::Drained | Woken::Gone => {
                 // Withdraw; if the grant raced us it is already in `rx`.
-                let withdrawn = pending.withdraw(&self.shared, id, rid);
+                let withdrawn = pending.withdraw(&self.shared, id, 0, rid);
                 let raced = if withdrawn { None } else { rx.try_recv().ok() };
                 match (woken, raced) {
                     (Woken::Expired, Some(grant)) => Some(grant),
                     (Woken::Expired, None) => return Ok(Reply::Failure(Status::Timeout)),
                     (woken, raced) => {
                         if let Some(grant) = raced {
-                            self.shared.with_shard(rid, |t, now| {
-                                t.release_undelivered(rid, grant.token, now)
-                            });
+                            self.shared.release_undelivered(rid, grant.token);
                         }
                         return match woken {
                             Woken::Drained => Ok(Reply::Failure(Status::Error)),
@@ -650,13 +721,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             return Ok(Reply::Failure(Status::Timeout));
         };
         // The lease restarts when the waiting request observes its grant.
-        let observed = self
-            .shared
-            .with_shard(rid, |t, now| t.observe(rid, grant.token, grant.lease, now));
-        Ok(match observed {
-            Ok(Grant { token, lease }) => Reply::Granted { token, lease },
-            Err(error) => error_reply(&error),
+        Ok(observe(&self.shared, rid, grant))
+    }
+}
+
+/// The reply to a waiting request that has its grant: the lease restarts
+/// now, when the request observes it.
+fn observe(shared: &Shared, rid: &ResourceId, grant: Grant) -> Reply {
+    let observed = shared.with_shard(rid, |shard| {
+        shard.run(Op::Observe {
+            resource: rid.clone(),
+            token: grant.token,
+            lease: grant.lease,
         })
+    });
+    match observed {
+        Ok(Outcome::Observed(Grant { token, lease })) => Reply::Granted { token, lease },
+        Ok(_) => Reply::Failure(Status::Error),
+        Err(error) => error_reply(&error),
     }
 }
 

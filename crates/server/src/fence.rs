@@ -8,8 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use dflockd_core::{Mint, MintError};
-use dflockd_proto::Token;
+use dflockd_core::{FenceSource, MintError};
 use thiserror::Error;
 
 /// Fences reserved per persisted extension of the ceiling.
@@ -230,14 +229,12 @@ pub fn unix_nanos() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
-/// The server's token source: one fence counter for all keys and both
-/// namespaces, shared by every shard of the lock table, each shard with its
-/// own salt generator. [`ServerMint::share`] makes another handle on the
-/// same counter.
+/// The server's fence source: one fence counter for all keys and both
+/// namespaces, shared by every shard of the lock table.
+/// [`ServerMint::share`] makes another handle on the same counter.
 #[derive(Debug)]
 pub struct ServerMint {
     fences: Arc<Fences>,
-    salts: Salts,
 }
 
 /// The shared fence counter. Fences come from one atomic, so they strictly
@@ -313,34 +310,35 @@ impl ServerMint {
                 ceiling: AtomicU64::new(ceiling),
                 file: Mutex::new(file),
             }),
-            salts: Salts::default(),
         })
     }
 
-    /// Another handle on the same fence counter, with its own salts: one
-    /// per shard of the lock table.
+    /// Another handle on the same fence counter: one per shard of the
+    /// lock table.
     pub fn share(&self) -> ServerMint {
         ServerMint {
             fences: Arc::clone(&self.fences),
-            salts: Salts::default(),
         }
     }
 }
 
-impl Mint for ServerMint {
-    fn mint(&mut self) -> Result<Token, MintError> {
-        let fence = self.fences.next()?;
-        Ok(Token::new(fence, self.salts.next()))
+impl FenceSource for ServerMint {
+    fn next_fence(&mut self) -> Result<u64, MintError> {
+        self.fences.next()
+    }
+
+    fn last(&self) -> u64 {
+        self.fences.last.load(Ordering::Acquire).min(EXHAUSTED_AT)
     }
 }
 
-/// Salts from a ChaCha12 CSPRNG (`rand`'s `StdRng`) seeded once from the
-/// OS. Minting happens under the table lock; a former pool refilled from
+/// Salts for the commands a shard applies, from a ChaCha12 CSPRNG (`rand`'s
+/// `StdRng`) seeded once from the OS. Commands are made under the table lock; a former pool refilled from
 /// `getrandom` every 512 tokens, and that syscall inside the critical
 /// section (10–100 µs, and a point where the kernel may preempt the lock
 /// holder) showed up in the server's tail latency. The generator makes no
 /// syscall after seeding.
-struct Salts {
+pub(crate) struct Salts {
     rng: rand::rngs::StdRng,
 }
 
@@ -373,8 +371,10 @@ impl std::fmt::Debug for Salts {
 }
 
 impl Salts {
-    fn next(&mut self) -> u64 {
-        rand::Rng::next_u64(&mut self.rng)
+    /// Fresh salts for one command.
+    pub(crate) fn next(&mut self) -> dflockd_core::Salt {
+        let first = rand::Rng::next_u64(&mut self.rng);
+        dflockd_core::Salt::new(first, rand::Rng::next_u64(&mut self.rng))
     }
 }
 
@@ -384,10 +384,11 @@ mod tests {
 
     #[test]
     fn salts_are_unpredictable_per_server_and_per_token() {
-        let mut a = ServerMint::open(None).unwrap();
-        let mut b = ServerMint::open(None).unwrap();
-        let salts_a: Vec<u64> = (0..1000).map(|_| a.mint().unwrap().salt()).collect();
-        let salts_b: Vec<u64> = (0..1000).map(|_| b.mint().unwrap().salt()).collect();
+        let mut a = Salts::default();
+        let mut b = Salts::default();
+        // The salt of each command's first grant.
+        let salts_a: Vec<u64> = (0..1000).map(|i| a.next().for_grant(0, i)).collect();
+        let salts_b: Vec<u64> = (0..1000).map(|i| b.next().for_grant(0, i)).collect();
         let distinct: std::collections::HashSet<_> = salts_a.iter().chain(&salts_b).collect();
         assert_eq!(distinct.len(), 2000, "a salt repeated");
         // Roughly half the bits set: not a constant or a counter.
@@ -421,7 +422,7 @@ mod tests {
                 let mut handle = mint.share();
                 std::thread::spawn(move || {
                     (0..20_000)
-                        .map(|_| handle.mint().unwrap().fence())
+                        .map(|_| handle.next_fence().unwrap())
                         .collect::<Vec<u64>>()
                 })
             })
@@ -515,16 +516,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("fence");
         let mut mint = ServerMint::open(Some(&path)).unwrap();
-        let first = mint.mint().unwrap().fence();
+        let first = mint.next_fence().unwrap();
         let ceiling = mint.fences.ceiling.load(Ordering::Acquire);
         assert!(first < ceiling);
         // Jump the counter to just below the ceiling.
         mint.fences.last.store(ceiling - 2, Ordering::Release);
-        assert_eq!(mint.mint().unwrap().fence(), ceiling - 1);
+        assert_eq!(mint.next_fence().unwrap(), ceiling - 1);
         // The next fence would reach the ceiling: a higher one is persisted
         // first, by whichever handle mints it.
         let mut other = mint.share();
-        assert_eq!(other.mint().unwrap().fence(), ceiling);
+        assert_eq!(other.next_fence().unwrap(), ceiling);
         let persisted = mint.fences.file.lock().unwrap().as_ref().unwrap().ceiling();
         assert_eq!(persisted, ceiling + FENCE_RANGE);
         drop((mint, other));

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use dflockd_core::{LockTable, ResourceBudget, TableConfig};
+use dflockd_core::{LockTable, Op, Outcome, ResourceBudget, TableConfig};
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -100,6 +100,7 @@ impl Server {
             gc_max_idle: config.gc_max_idle,
             disconnect_lock_delay: config.disconnect_lock_delay,
             clock_granularity: clock.granularity(),
+            auto_release: config.auto_release_on_disconnect,
         };
         // One fence counter and one resource cap for all shards.
         let budget = Arc::new(ResourceBudget::new(config.max_locks));
@@ -362,21 +363,29 @@ async fn timers(shared: Arc<Shared>) {
             _ = shared.drain.cancelled() => return,
             _ = sweep.tick() => {
                 let mut evicted = 0;
-                shared.each_shard(|t, now| evicted += t.sweep(now));
+                shared.each_shard(|shard| {
+                    if let Ok(Outcome::Swept(n)) = shard.run(Op::Sweep) {
+                        evicted += n;
+                    }
+                });
                 if evicted > 0 {
                     tracing::debug!(evicted, "expired leases evicted");
                 }
             }
             _ = gc.tick() => {
                 let mut removed = 0;
-                shared.each_shard(|t, now| removed += t.gc(now));
+                shared.each_shard(|shard| {
+                    if let Ok(Outcome::Collected(n)) = shard.run(Op::Gc) {
+                        removed += n;
+                    }
+                });
                 if removed > 0 {
                     tracing::debug!(removed, "idle resources collected");
                 }
             }
             _ = delay_over => {
-                shared.each_shard(|t, now| {
-                    t.end_delays(now);
+                shared.each_shard(|shard| {
+                    let _ = shard.run(Op::EndDelays);
                 });
             }
             // A new lock-delay may end before the one we are sleeping for.

@@ -6,7 +6,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use dflockd_core::{ConnId, Grant, LockTable, ResourceId};
+use dflockd_core::{
+    AcquireOutcome, Command, ConnId, Delivery, Effects, Grant, LockError, LockTable, Op, Outcome,
+    ResourceId, WaitOutcome, Waiting,
+};
 use dflockd_proto::Stats;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -14,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::TableClock;
 use crate::config::ServerConfig;
-use crate::fence::ServerMint;
+use crate::fence::{Salts, ServerMint};
 use crate::idle::Reaper;
 
 /// How a waiting request is woken: the table's grant goes to the request's
@@ -42,7 +45,124 @@ impl Notify {
         }
     }
 }
-pub(crate) type Table = LockTable<Notify, ServerMint>;
+/// One table of the server with what it takes to apply commands to it
+/// right away: the single-node server's log, which applies each command as
+/// it is proposed. A command gets the table clock's time (read under the
+/// shard's lock, so times grow in the order commands apply) and fresh salts;
+/// its grants for waiting requests are handed to the notifications those
+/// requests registered, and a grant nobody takes is released again.
+pub(crate) struct Shard {
+    table: LockTable<ServerMint>,
+    salts: Salts,
+    /// The time of the commands applied under the current lock.
+    now: Duration,
+    /// Where the grant of each waiting request goes.
+    waiting: HashMap<Waiting, Notify>,
+}
+
+impl Shard {
+    pub(crate) fn new(table: LockTable<ServerMint>) -> Shard {
+        Shard {
+            table,
+            salts: Salts::default(),
+            now: Duration::ZERO,
+            waiting: HashMap::new(),
+        }
+    }
+
+    /// The table, to read.
+    pub(crate) fn table(&self) -> &LockTable<ServerMint> {
+        &self.table
+    }
+
+    /// The time commands get under the current lock.
+    pub(crate) fn now(&self) -> Duration {
+        self.now
+    }
+
+    /// Applies `op` now and delivers the grants it made.
+    pub(crate) fn run(&mut self, op: Op) -> Result<Outcome, LockError> {
+        let effects = self.apply(op);
+        self.deliver(effects.grants);
+        effects.outcome
+    }
+
+    /// [`run`](Self::run) for a request that may wait: if it queued, the
+    /// notification `notify` makes (called only then) is registered for
+    /// `to`, before any grant can be made for it.
+    pub(crate) fn run_waiting(
+        &mut self,
+        op: Op,
+        to: Waiting,
+        notify: impl FnOnce() -> Notify,
+    ) -> Result<Outcome, LockError> {
+        let effects = self.apply(op);
+        if matches!(
+            effects.outcome,
+            Ok(Outcome::Acquire(AcquireOutcome::Queued(_)) | Outcome::Wait(WaitOutcome::Pending))
+        ) {
+            self.waiting.insert(to, notify());
+        }
+        self.deliver(effects.grants);
+        effects.outcome
+    }
+
+    /// Withdraws a waiting request (`op` is a withdraw). `true` if it was
+    /// still queued; then its notification is dropped. `false` if it was
+    /// granted meanwhile: the grant is in its notification already.
+    pub(crate) fn withdraw(&mut self, op: Op, of: Waiting) -> bool {
+        let withdrawn = matches!(self.run(op), Ok(Outcome::Withdrawn(true)));
+        if withdrawn {
+            self.waiting.remove(&of);
+        }
+        withdrawn
+    }
+
+    /// A connection closed: its table state goes, and so do the
+    /// notifications of its waiting requests.
+    pub(crate) fn disconnect(&mut self, conn: ConnId, auto_release: bool) {
+        if !self.waiting.is_empty() {
+            self.waiting.retain(|to, _| to.conn != conn);
+        }
+        let _ = self.run(Op::Disconnect {
+            conn,
+            auto_release: Some(auto_release),
+        });
+    }
+
+    fn apply(&mut self, op: Op) -> Effects {
+        let command = Command::new(self.now, self.salts.next(), op);
+        self.table.apply(&command)
+    }
+
+    /// Hands each grant to its request's notification. A grant whose
+    /// request is gone is released, which may grant the next waiter:
+    /// repeated until every grant found its request or was released.
+    fn deliver(&mut self, mut grants: Vec<Delivery>) {
+        while !grants.is_empty() {
+            let mut released = Vec::new();
+            for Delivery {
+                to,
+                resource,
+                grant,
+            } in grants
+            {
+                let sent = match self.waiting.remove(&to) {
+                    Some(notify) => notify.send(&resource, grant),
+                    None => Err(grant),
+                };
+                if let Err(grant) = sent {
+                    let effects = self.apply(Op::ReleaseUndelivered {
+                        resource,
+                        token: grant.token,
+                    });
+                    released.extend(effects.grants);
+                }
+            }
+            grants = released;
+        }
+    }
+}
 
 /// How many tables the keys are split over. Each has its own lock, so
 /// requests on different keys rarely wait for each other, and above all not
@@ -90,7 +210,7 @@ impl<T> std::ops::Deref for CacheAligned<T> {
 pub(crate) struct Shared {
     pub(crate) config: ServerConfig,
     /// The lock table, split by key (see [`SHARDS`]).
-    shards: Box<[CacheAligned<Mutex<Table>>]>,
+    shards: Box<[CacheAligned<Mutex<Shard>>]>,
     /// The tables' clock.
     clock: TableClock,
     next_conn: AtomicU64,
@@ -116,14 +236,14 @@ impl Shared {
     pub(crate) fn new(
         config: ServerConfig,
         clock: TableClock,
-        shard: impl FnMut() -> Table,
+        shard: impl FnMut() -> LockTable<ServerMint>,
     ) -> Shared {
         Shared {
             reaper: Arc::new(Reaper::new(config.read_timeout)),
             config,
             shards: std::iter::repeat_with(shard)
                 .take(SHARDS)
-                .map(|table| CacheAligned(Mutex::new(table)))
+                .map(|table| CacheAligned(Mutex::new(Shard::new(table))))
                 .collect(),
             clock,
             next_conn: AtomicU64::new(1),
@@ -137,12 +257,20 @@ impl Shared {
     }
 
     /// Runs `f` on the table that holds `rid` (see [`Self::with_table`]).
-    pub(crate) fn with_shard<R>(
-        &self,
-        rid: &ResourceId,
-        f: impl FnOnce(&mut Table, Duration) -> R,
-    ) -> R {
+    pub(crate) fn with_shard<R>(&self, rid: &ResourceId, f: impl FnOnce(&mut Shard) -> R) -> R {
         self.with_shard_at(self.shard_of(rid), f)
+    }
+
+    /// Releases a grant that reached no request (see
+    /// [`Op::ReleaseUndelivered`]).
+    pub(crate) fn release_undelivered(&self, rid: &ResourceId, token: dflockd_proto::Token) {
+        self.with_shard(rid, |shard| {
+            // Answers `Released` whether or not the grant was still held.
+            let _ = shard.run(Op::ReleaseUndelivered {
+                resource: rid.clone(),
+                token,
+            });
+        });
     }
 
     /// Which table holds `rid`.
@@ -151,16 +279,12 @@ impl Shared {
     }
 
     /// Runs `f` on table `shard` (see [`Self::with_table`]).
-    pub(crate) fn with_shard_at<R>(
-        &self,
-        shard: usize,
-        f: impl FnOnce(&mut Table, Duration) -> R,
-    ) -> R {
+    pub(crate) fn with_shard_at<R>(&self, shard: usize, f: impl FnOnce(&mut Shard) -> R) -> R {
         Self::with_table(&self.shards[shard], &self.clock, f)
     }
 
     /// Runs `f` on each table in `set`, one lock at a time.
-    pub(crate) fn each_shard_in(&self, set: &ShardSet, mut f: impl FnMut(&mut Table, Duration)) {
+    pub(crate) fn each_shard_in(&self, set: &ShardSet, mut f: impl FnMut(&mut Shard)) {
         let bits = set.bits();
         for (index, shard) in self.shards.iter().enumerate() {
             if bits & (1 << index) != 0 {
@@ -171,7 +295,7 @@ impl Shared {
 
     /// Runs `f` on every table in turn, one lock at a time (so never two
     /// locks at once, and no lock order to get wrong).
-    pub(crate) fn each_shard(&self, mut f: impl FnMut(&mut Table, Duration)) {
+    pub(crate) fn each_shard(&self, mut f: impl FnMut(&mut Shard)) {
         for shard in self.shards.iter() {
             Self::with_table(shard, &self.clock, &mut f);
         }
@@ -186,8 +310,8 @@ impl Shared {
             connections,
             ..Stats::default()
         };
-        self.each_shard(|t, now| {
-            let part = t.stats(connections, now);
+        self.each_shard(|shard| {
+            let part = shard.table().stats(connections, shard.now());
             all.locks.extend(part.locks);
             all.semaphores.extend(part.semaphores);
             all.idle_locks.extend(part.idle_locks);
@@ -200,49 +324,30 @@ impl Shared {
     /// has used.
     pub(crate) fn waiters_of(&self, conn: ConnId, used: &ShardSet) -> usize {
         let mut total = 0;
-        self.each_shard_in(used, |t, _| total += t.waiters_of(conn));
+        self.each_shard_in(used, |shard| total += shard.table().waiters_of(conn));
         total
     }
 
     /// The earliest end of a lock-delay, over all tables.
     pub(crate) fn next_delay_end(&self) -> Option<Duration> {
         let mut earliest: Option<Duration> = None;
-        self.each_shard(|t, _| {
-            if let Some(end) = t.next_delay_end() {
+        self.each_shard(|shard| {
+            if let Some(end) = shard.table().next_delay_end() {
                 earliest = Some(earliest.map_or(end, |e| e.min(end)));
             }
         });
         earliest
     }
 
-    /// Runs `f` on one table with the current time, then hands every grant
-    /// it produced to its waiting request. A grant whose request is gone is
-    /// released again, so nothing leaks.
+    /// Runs `f` on one shard, locked, with the current time.
     fn with_table<R>(
-        table: &Mutex<Table>,
+        shard: &Mutex<Shard>,
         clock: &TableClock,
-        f: impl FnOnce(&mut Table, Duration) -> R,
+        f: impl FnOnce(&mut Shard) -> R,
     ) -> R {
-        let mut table = table.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = clock.now();
-        let result = f(&mut table, now);
-        // Releasing an undelivered grant may grant the next waiter: repeat
-        // until every grant found its request or was released.
-        while table.has_deliveries() {
-            let undelivered: Vec<_> = table
-                .take_deliveries()
-                .filter_map(|d| {
-                    d.notify
-                        .send(&d.resource, d.grant)
-                        .err()
-                        .map(|grant| (d.resource, grant.token))
-                })
-                .collect();
-            for (resource, token) in undelivered {
-                table.release_undelivered(&resource, token, now);
-            }
-        }
-        result
+        let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+        shard.now = clock.now();
+        f(&mut shard)
     }
 
     /// A runtime instant by which the tables' clock has reached `time`.

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::time::{DelayQueue, delay_queue};
 
-use super::{Close, Connection, Pending, Step, error_reply};
+use super::{Close, Connection, Pending, Step, observe};
 use crate::config::IdlePolicy;
 use crate::shared::{MuxGrant, Notify, Shared};
 
@@ -57,8 +57,7 @@ impl Drop for Mux {
     fn drop(&mut self) {
         self.grants.close();
         while let Ok((_, rid, grant)) = self.grants.try_recv() {
-            self.shared
-                .with_shard(&rid, |t, now| t.release_undelivered(&rid, grant.token, now));
+            self.shared.release_undelivered(&rid, grant.token);
         }
     }
 }
@@ -194,7 +193,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         // blocking waits and two-phase places alike.
         let cap = Some(self.shared.config.mux_max_waiting).filter(|&cap| cap > 0);
         let to = mux.grants_tx.clone();
-        match self.apply(body, ticket, cap, || Notify::Mux { id, to }) {
+        match self.apply(body, id, ticket, cap, || Notify::Mux { id, to }) {
             Step::Reply(reply) => encode_mux_reply(id, &reply, &mut self.out),
             Step::Waiting {
                 rid,
@@ -225,20 +224,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             // read here, or when it was withdrawn and no grant comes), but
             // never leave a grant without an owner.
             tracing::warn!(id, "grant for a request that is not waiting: released");
-            self.shared
-                .with_shard(rid, |t, now| t.release_undelivered(rid, grant.token, now));
+            self.shared.release_undelivered(rid, grant.token);
             return;
         };
         if let Some(key) = waiting.expiry {
             mux.expiries.remove(&key);
         }
-        let observed = self.shared.with_shard(&waiting.rid, |t, now| {
-            t.observe(&waiting.rid, grant.token, grant.lease, now)
-        });
-        let reply = match observed {
-            Ok(Grant { token, lease }) => Reply::Granted { token, lease },
-            Err(error) => error_reply(&error),
-        };
+        let reply = observe(&self.shared, &waiting.rid, grant);
         encode_mux_reply(id, &reply, &mut self.out);
     }
 
@@ -289,7 +281,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         };
         if waiting
             .pending
-            .withdraw(&self.shared, self.id, &waiting.rid)
+            .withdraw(&self.shared, self.id, id, &waiting.rid)
         {
             mux.waiting.remove(&id);
             encode_mux_reply(id, &reply, &mut self.out);

@@ -1,0 +1,142 @@
+//! Effects: what applying a [`Command`](crate::Command) means for the world
+//! outside the table, as plain data for the caller to carry out.
+
+use dflockd_proto::{Lease, Token};
+
+use crate::table::{
+    AcquireOutcome, ConnId, EnqueueOutcome, Grant, LockError, ResourceId, WaitOutcome,
+};
+
+/// Everything that must happen because a command was applied: the answer
+/// to the command's proposer, the grants to deliver to requests that were
+/// waiting, and the leases that ran out.
+///
+/// ```
+/// use std::time::Duration;
+/// use dflockd_core::*;
+/// use dflockd_proto::{Key, Limit, Namespace};
+/// let job = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+/// let mut table = LockTable::new(TableConfig::default());
+/// let at = |op| Command::new(Duration::ZERO, Salt::new(1, 2), op);
+/// let acquire = |conn, wait| Op::Acquire { conn: ConnId(conn), resource: job.clone(), limit: Limit::ONE, lease: None, wait };
+/// let Ok(Outcome::Acquire(AcquireOutcome::Granted(grant))) = table.apply(&at(acquire(1, None))).outcome else { panic!() };
+/// // Connection 2's request 5 queues …
+/// table.apply(&at(acquire(2, Some(5))));
+/// // … and is granted when connection 1 releases.
+/// let effects = table.apply(&at(Op::Release { resource: job.clone(), token: grant.token }));
+/// assert_eq!(effects.outcome, Ok(Outcome::Released));
+/// assert_eq!(effects.grants[0].to, Waiting { conn: ConnId(2), request: 5 });
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use = "grants must be delivered (or released with Op::ReleaseUndelivered)"]
+pub struct Effects {
+    /// The answer to the command.
+    pub outcome: Result<Outcome, LockError>,
+    /// Grants for requests that were waiting, in the order they were made.
+    /// Each must reach its request; one that cannot (the request is gone)
+    /// must be given back with [`Op::ReleaseUndelivered`](crate::Op::ReleaseUndelivered),
+    /// or its slot leaks until its lease runs out.
+    pub grants: Vec<Delivery>,
+    /// Leases that ran out and were evicted while applying the command.
+    pub expired: Vec<Expired>,
+}
+
+/// The answer to a command, one variant per [`Op`](crate::Op).
+///
+/// ```
+/// use dflockd_core::Outcome;
+/// assert_ne!(Outcome::Withdrawn(true), Outcome::Withdrawn(false));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// To [`Op::Acquire`](crate::Op::Acquire).
+    Acquire(AcquireOutcome),
+    /// To [`Op::Enqueue`](crate::Op::Enqueue).
+    Enqueue(EnqueueOutcome),
+    /// To [`Op::Wait`](crate::Op::Wait).
+    Wait(WaitOutcome),
+    /// To [`Op::Release`](crate::Op::Release) and
+    /// [`Op::ReleaseUndelivered`](crate::Op::ReleaseUndelivered) (the
+    /// latter answers this even if nothing was held any more).
+    Released,
+    /// To [`Op::Renew`](crate::Op::Renew): the lease now running.
+    Renewed(Lease),
+    /// To [`Op::Observe`](crate::Op::Observe): the grant, its lease
+    /// restarted.
+    Observed(Grant),
+    /// To [`Op::Withdraw`](crate::Op::Withdraw) and
+    /// [`Op::WithdrawPlace`](crate::Op::WithdrawPlace): `false` if the
+    /// waiter was no longer queued (it was granted: the grant is, or was,
+    /// in a [`Delivery`]).
+    Withdrawn(bool),
+    /// To [`Op::Disconnect`](crate::Op::Disconnect).
+    Disconnected,
+    /// To [`Op::Sweep`](crate::Op::Sweep): how many leases were evicted.
+    Swept(usize),
+    /// To [`Op::EndDelays`](crate::Op::EndDelays): how many lock-delays ended.
+    DelaysEnded(usize),
+    /// To [`Op::Gc`](crate::Op::Gc): how many idle resources were forgotten.
+    Collected(usize),
+    /// To [`Op::SetPolicy`](crate::Op::SetPolicy).
+    PolicySet,
+}
+
+/// Which waiting request a grant is for: the `wait` request id given in
+/// [`Op::Acquire`](crate::Op::Acquire) or [`Op::Wait`](crate::Op::Wait) on
+/// connection `conn`.
+///
+/// ```
+/// use dflockd_core::{ConnId, Waiting};
+/// let w = Waiting { conn: ConnId(1), request: 9 };
+/// assert_eq!(w.request, 9);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Waiting {
+    /// The connection (session) that waits.
+    pub conn: ConnId,
+    /// The request on it.
+    pub request: u64,
+}
+
+/// A grant for a request that was waiting. The caller must hand it to the
+/// request; if that is no longer possible it must apply
+/// [`Op::ReleaseUndelivered`](crate::Op::ReleaseUndelivered) so the slot is
+/// not leaked.
+///
+/// ```
+/// use dflockd_core::{ConnId, Delivery, Grant, ResourceId, Waiting};
+/// use dflockd_proto::{Key, Lease, Namespace, Token};
+/// let d = Delivery {
+///     to: Waiting { conn: ConnId(1), request: 0 },
+///     resource: ResourceId::new(Namespace::Lock, Key::new("k").unwrap()),
+///     grant: Grant { token: Token::new(1, 2), lease: Lease::new(5).unwrap() },
+/// };
+/// assert_eq!(d.grant.token.fence(), 1);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The waiting request.
+    pub to: Waiting,
+    /// The resource granted.
+    pub resource: ResourceId,
+    /// The grant.
+    pub grant: Grant,
+}
+
+/// A lease that ran out and was evicted.
+///
+/// ```
+/// use dflockd_core::{ConnId, Expired, ResourceId};
+/// use dflockd_proto::{Key, Namespace, Token};
+/// let e = Expired { resource: ResourceId::new(Namespace::Lock, Key::new("k").unwrap()), token: Token::new(3, 0), conn: ConnId(1) };
+/// assert_eq!(e.token.fence(), 3);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expired {
+    /// The resource it held.
+    pub resource: ResourceId,
+    /// Its token.
+    pub token: Token,
+    /// The connection it was granted to.
+    pub conn: ConnId,
+}
