@@ -1,5 +1,5 @@
 //! Helpers for the end-to-end tests that drive the server through the
-//! dflockd client (the raw-protocol helpers are in `tests/support`).
+//! dflockd client (the raw-protocol helpers are in `crates/server/tests/support`).
 
 #![allow(dead_code)]
 

@@ -348,7 +348,7 @@ pub enum EnqueueOutcome {
 /// let Ok(Outcome::Acquire(AcquireOutcome::Granted(grant))) = run(acquire(1, &rid, None)).outcome else { panic!() };
 /// let _ = run(Op::Enqueue { conn: ConnId(2), ticket: 0, resource: rid.clone(), limit: Limit::ONE, lease: None }); // queued
 /// let wait = run(Op::Wait { conn: ConnId(2), ticket: 0, resource: rid.clone(), wait: Some(4) });
-/// assert_eq!(wait.outcome, Ok(Outcome::Wait(WaitOutcome::Pending)));
+/// assert!(matches!(wait.outcome, Ok(Outcome::Wait(WaitOutcome::Pending(_)))));
 /// let released = run(Op::Release { resource: rid.clone(), token: grant.token });
 /// assert_eq!(released.grants[0].to, Waiting { conn: ConnId(2), request: 4 }); // the pending wait is granted
 /// ```
@@ -356,8 +356,9 @@ pub enum EnqueueOutcome {
 pub enum WaitOutcome {
     /// The grant (made before or at this call).
     Granted(Grant),
-    /// Still queued; the grant will arrive as a [`Delivery`].
-    Pending,
+    /// Still queued, at this place; the grant will arrive as a
+    /// [`Delivery`].
+    Pending(WaiterId),
     /// Still queued and the caller did not want to wait: the waiter was
     /// removed and the two-phase state discarded.
     Timeout,
@@ -1199,10 +1200,13 @@ impl<F: FenceSource> LockTable<F> {
                 .observe(rid, token, lease, now)
                 .map(WaitOutcome::Granted);
         }
+        // Not granted, so queued: the place is there (a state with neither
+        // is never made; answer as if nothing were enqueued).
+        let place = phase1.waiter.ok_or(LockError::NotEnqueued)?;
         match wait {
             Some(request) => {
                 phase1.blocked = Some(request);
-                Ok(WaitOutcome::Pending)
+                Ok(WaitOutcome::Pending(place))
             }
             None => {
                 self.cancel_wait(conn, ticket, rid, now);

@@ -955,7 +955,11 @@ impl Harness {
             }
         } else if blocking {
             p.blocked = Some(notify);
-            prop_assert_eq!(actual, Ok(WaitOutcome::Pending));
+            prop_assert!(
+                matches!(actual, Ok(WaitOutcome::Pending(_))),
+                "{:?}",
+                actual
+            );
             self.conns[slot].pending = Some(Pending::Wait { res, notify });
         } else {
             prop_assert_eq!(

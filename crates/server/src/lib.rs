@@ -25,6 +25,7 @@ mod conn;
 mod fence;
 mod idle;
 mod server;
+mod session;
 mod shared;
 mod tls;
 

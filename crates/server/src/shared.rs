@@ -7,11 +7,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use dflockd_core::{
-    AcquireOutcome, Command, ConnId, Delivery, Effects, Grant, LockError, LockTable, Op, Outcome,
-    ResourceId, WaitOutcome, Waiting,
+    AcquireOutcome, Command, ConnId, Delivery, Effects, FenceSource, Grant, LockError, LockTable,
+    Op, Outcome, ResourceId, WaitOutcome, Waiting,
 };
 use dflockd_proto::Stats;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -20,29 +20,24 @@ use crate::config::ServerConfig;
 use crate::fence::{Salts, ServerMint};
 use crate::idle::Reaper;
 
-/// How a waiting request is woken: the table's grant goes to the request's
-/// own channel (plain connections, one waiting request at a time), or to
-/// its multiplexed connection's grant channel, tagged with the request id.
-pub(crate) enum Notify {
-    Once(oneshot::Sender<Grant>),
-    Mux {
-        id: u64,
-        to: mpsc::UnboundedSender<MuxGrant>,
-    },
+/// How a waiting request is woken: its grant goes to its connection's
+/// inbox, tagged with the request id.
+pub(crate) struct Notify {
+    pub(crate) id: u64,
+    pub(crate) to: mpsc::UnboundedSender<MuxGrant>,
 }
 
-/// A grant for a waiting request of a multiplexed connection: its id, the
+/// A grant for a waiting request of a connection: the request id, the
 /// resource (so a grant nobody waits for any more can still be released)
 /// and the grant.
 pub(crate) type MuxGrant = (u64, ResourceId, Grant);
 
 impl Notify {
-    /// Hands the grant over; gives it back if the request is gone.
+    /// Hands the grant over; gives it back if the connection is gone.
     fn send(self, resource: &ResourceId, grant: Grant) -> Result<(), Grant> {
-        match self {
-            Notify::Once(tx) => tx.send(grant),
-            Notify::Mux { id, to } => to.send((id, resource.clone(), grant)).map_err(|e| e.0.2),
-        }
+        self.to
+            .send((self.id, resource.clone(), grant))
+            .map_err(|e| e.0.2)
     }
 }
 /// One table of the server with what it takes to apply commands to it
@@ -51,8 +46,8 @@ impl Notify {
 /// shard's lock, so times grow in the order commands apply) and fresh salts;
 /// its grants for waiting requests are handed to the notifications those
 /// requests registered, and a grant nobody takes is released again.
-pub(crate) struct Shard {
-    table: LockTable<ServerMint>,
+pub(crate) struct Shard<F = ServerMint> {
+    table: LockTable<F>,
     salts: Salts,
     /// The time of the commands applied under the current lock.
     now: Duration,
@@ -60,8 +55,8 @@ pub(crate) struct Shard {
     waiting: HashMap<Waiting, Notify>,
 }
 
-impl Shard {
-    pub(crate) fn new(table: LockTable<ServerMint>) -> Shard {
+impl<F: FenceSource> Shard<F> {
+    pub(crate) fn new(table: LockTable<F>) -> Shard<F> {
         Shard {
             table,
             salts: Salts::default(),
@@ -71,13 +66,18 @@ impl Shard {
     }
 
     /// The table, to read.
-    pub(crate) fn table(&self) -> &LockTable<ServerMint> {
+    pub(crate) fn table(&self) -> &LockTable<F> {
         &self.table
     }
 
     /// The time commands get under the current lock.
     pub(crate) fn now(&self) -> Duration {
         self.now
+    }
+
+    /// Sets the time the next commands get.
+    pub(crate) fn set_now(&mut self, now: Duration) {
+        self.now = now;
     }
 
     /// Applies `op` now and delivers the grants it made.
@@ -99,7 +99,8 @@ impl Shard {
         let effects = self.apply(op);
         if matches!(
             effects.outcome,
-            Ok(Outcome::Acquire(AcquireOutcome::Queued(_)) | Outcome::Wait(WaitOutcome::Pending))
+            Ok(Outcome::Acquire(AcquireOutcome::Queued(_))
+                | Outcome::Wait(WaitOutcome::Pending(_)))
         ) {
             self.waiting.insert(to, notify());
         }
@@ -346,7 +347,7 @@ impl Shared {
         f: impl FnOnce(&mut Shard) -> R,
     ) -> R {
         let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
-        shard.now = clock.now();
+        shard.set_now(clock.now());
         f(&mut shard)
     }
 

@@ -85,14 +85,11 @@ impl<W> Driver<W> {
     }
 
     /// [`run`](Self::run) for a request that may wait with notification `wait`.
-    /// `place` finds the queue place of a pending `w` (whose outcome does
-    /// not name it).
     fn run_waiting(
         &mut self,
         conn: ConnId,
         wait: Option<W>,
         op: impl FnOnce(Option<u64>) -> Op,
-        place: impl FnOnce(&LockTable) -> Option<WaiterId>,
         now: Duration,
     ) -> Result<Outcome, LockError> {
         let request = wait.as_ref().map(|_| {
@@ -104,15 +101,13 @@ impl<W> Driver<W> {
             return outcome;
         };
         let waiter = match outcome {
-            Ok(Outcome::Acquire(AcquireOutcome::Queued(waiter))) => Some(waiter),
-            Ok(Outcome::Wait(WaitOutcome::Pending)) => place(&self.table),
+            Ok(Outcome::Acquire(AcquireOutcome::Queued(waiter))) => waiter,
+            Ok(Outcome::Wait(WaitOutcome::Pending(waiter))) => waiter,
             _ => return outcome,
         };
         let waiting = Waiting { conn, request };
         self.notes.insert(waiting, notify);
-        if let Some(waiter) = waiter {
-            self.by_waiter.insert(waiter, waiting);
-        }
+        self.by_waiter.insert(waiter, waiting);
         outcome
     }
 
@@ -132,7 +127,7 @@ impl<W> Driver<W> {
             lease,
             wait,
         };
-        match self.run_waiting(conn, wait, op, |_| None, now)? {
+        match self.run_waiting(conn, wait, op, now)? {
             Outcome::Acquire(outcome) => Ok(outcome),
             other => panic!("acquire answered {other:?}"),
         }
@@ -259,8 +254,7 @@ impl<W> Driver<W> {
             resource: rid.clone(),
             wait,
         };
-        let place = |table: &LockTable| table.queued_place(conn, ticket, rid);
-        match self.run_waiting(conn, wait, op, place, now)? {
+        match self.run_waiting(conn, wait, op, now)? {
             Outcome::Wait(outcome) => Ok(outcome),
             other => panic!("wait answered {other:?}"),
         }

@@ -1,6 +1,6 @@
 //! A throwaway test PKI, shared by the test suites that need TLS (this
 //! crate's python_interop.rs, the client's tests/support and the
-//! workspace's tests/support): a fresh CA and a leaf for `localhost` and
+//! server's tests/support): a fresh CA and a leaf for `localhost` and
 //! 127.0.0.1 signed by it, as PEM. The CA and the leaf have distinct
 //! CommonNames (OpenSSL-based clients treat a leaf whose issuer equals its
 //! subject as self-signed).

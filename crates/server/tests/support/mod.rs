@@ -7,7 +7,7 @@
 
 #![allow(dead_code)]
 
-#[path = "../../crates/server/tests/interop/pki.rs"]
+#[path = "../interop/pki.rs"]
 mod pki;
 
 use std::io::ErrorKind;

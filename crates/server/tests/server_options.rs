@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use dflockd::server::{IdlePolicy, Server, ServerConfig};
+use dflockd_server::{IdlePolicy, Server, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use dflockd::server::{Server, ServerConfig, ServerHandle};
+use dflockd_server::{Server, ServerConfig, ServerHandle};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;

@@ -7,8 +7,8 @@
 
 use std::time::Duration;
 
-use dflockd::proto::Reply;
-use dflockd::server::{Server, ServerConfig, ServerHandle};
+use dflockd_proto::Reply;
+use dflockd_server::{Server, ServerConfig, ServerHandle};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::time::timeout;

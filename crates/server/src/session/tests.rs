@@ -1,0 +1,469 @@
+//! Sessions in memory on a virtual clock: bytes in, replies out, no
+//! sockets and no runtime. Several sessions share one table through the
+//! same `Shard` the server uses, so grants, withdrawals and their races go
+//! through the server's own delivery code.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+use dflockd_core::{
+    ConnId, FenceCounter, Grant, LockTable, Op, Outcome, ResourceId, TableConfig, Waiting,
+};
+use dflockd_proto::{FrameDecoder, Stats};
+use proptest::prelude::*;
+use tokio::sync::mpsc;
+
+use super::{Close, Log, Session};
+use crate::config::ServerConfig;
+use crate::shared::{MuxGrant, Notify, Shard};
+
+/// The table and the drain flag, shared by the sessions of one test.
+struct World {
+    shard: Shard<FenceCounter>,
+    draining: bool,
+}
+
+type SharedWorld = Rc<RefCell<World>>;
+
+fn world(config: TableConfig) -> SharedWorld {
+    Rc::new(RefCell::new(World {
+        shard: Shard::new(LockTable::with_fences(
+            config,
+            FenceCounter::starting_after(0),
+        )),
+        draining: false,
+    }))
+}
+
+/// One connection's view of the world: the in-memory log.
+struct MemLog {
+    world: SharedWorld,
+    id: ConnId,
+    inbox: mpsc::UnboundedReceiver<MuxGrant>,
+    sink: mpsc::UnboundedSender<MuxGrant>,
+}
+
+impl Log for MemLog {
+    fn run(&mut self, _: &ResourceId, op: Op) -> Result<Outcome, dflockd_core::LockError> {
+        self.world.borrow_mut().shard.run(op)
+    }
+
+    fn run_waiting(
+        &mut self,
+        _: &ResourceId,
+        op: Op,
+        request: u64,
+    ) -> Result<Outcome, dflockd_core::LockError> {
+        let to = Waiting {
+            conn: self.id,
+            request,
+        };
+        let sink = &self.sink;
+        self.world
+            .borrow_mut()
+            .shard
+            .run_waiting(op, to, || Notify {
+                id: request,
+                to: sink.clone(),
+            })
+    }
+
+    fn withdraw(&mut self, _: &ResourceId, op: Op, request: u64) -> bool {
+        let of = Waiting {
+            conn: self.id,
+            request,
+        };
+        self.world.borrow_mut().shard.withdraw(op, of)
+    }
+
+    fn try_grant(&mut self) -> Option<(u64, ResourceId, Grant)> {
+        self.inbox.try_recv().ok()
+    }
+
+    fn waiters(&mut self) -> usize {
+        self.world.borrow().shard.table().waiters_of(self.id)
+    }
+
+    fn stats(&mut self) -> Stats {
+        let world = self.world.borrow();
+        world.shard.table().stats(0, world.shard.now())
+    }
+
+    fn is_draining(&self) -> bool {
+        self.world.borrow().draining
+    }
+}
+
+/// A connection in memory: decoder, session and log, as the driver has them.
+struct Peer {
+    session: Session,
+    log: MemLog,
+    decoder: FrameDecoder,
+    closed: Option<Close>,
+}
+
+impl Peer {
+    fn new(world: &SharedWorld, id: u64, config: &ServerConfig) -> Peer {
+        let (sink, inbox) = mpsc::unbounded_channel();
+        Peer {
+            session: Session::new(ConnId(id), config),
+            log: MemLog {
+                world: Rc::clone(world),
+                id: ConnId(id),
+                inbox,
+                sink,
+            },
+            decoder: FrameDecoder::new(),
+            closed: None,
+        }
+    }
+
+    /// Sends `bytes`; returns the replies written so far. While a plain
+    /// request waits the rest stays unread, as the driver leaves it.
+    fn send(&mut self, bytes: &[u8], now: Duration) -> String {
+        let mut input = bytes;
+        while self.closed.is_none() && !self.session.is_blocked() && !input.is_empty() {
+            match self
+                .session
+                .serve_next(&mut self.decoder, input, now, &mut self.log)
+            {
+                Ok((used, _)) => input = &input[used..],
+                Err(close) => self.closed = Some(close),
+            }
+        }
+        self.take()
+    }
+
+    /// Delivers grants from the inbox and fires due timeouts, as the
+    /// driver's wait does.
+    fn poll(&mut self, now: Duration) -> String {
+        if self.log.is_draining() && self.session.has_waiting() && !self.session.drained() {
+            self.session.handle_drain(&mut self.log);
+        }
+        while let Ok((request, rid, grant)) = self.log.inbox.try_recv() {
+            self.session
+                .handle_grant(request, rid, grant, &mut self.log);
+        }
+        if self.session.poll_timeout().is_some_and(|at| at <= now) {
+            self.session.handle_timeout(now, &mut self.log);
+        }
+        self.take()
+    }
+
+    fn take(&mut self) -> String {
+        String::from_utf8(std::mem::take(self.session.transmit())).unwrap()
+    }
+
+    /// The peer goes away: what the driver and its log's drop do.
+    fn close(mut self) {
+        self.session.handle_gone(&mut self.log);
+        self.log.inbox.close();
+        let mut world = self.log.world.borrow_mut();
+        while let Ok((_, rid, grant)) = self.log.inbox.try_recv() {
+            let _ = world.shard.run(Op::ReleaseUndelivered {
+                resource: rid,
+                token: grant.token,
+            });
+        }
+        world.shard.disconnect(self.log.id, true);
+    }
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn token_of(reply: &str) -> String {
+    reply.split_whitespace().nth(1).unwrap().to_string()
+}
+
+#[test]
+fn a_plain_blocking_acquire_is_granted_on_release_in_virtual_time() {
+    let config = ServerConfig::ephemeral();
+    let w = world(TableConfig::default());
+    let mut a = Peer::new(&w, 1, &config);
+    let mut b = Peer::new(&w, 2, &config);
+    let granted = a.send(b"l\nk\n0\n", secs(0));
+    assert!(granted.starts_with("ok "), "{granted}");
+    // b waits (timeout 60 s) and its pipelined ping stays unread meanwhile.
+    assert_eq!(b.send(b"l\nk\n60\nping\n_\n\n", secs(1)), "");
+    assert!(b.session.is_blocked());
+    assert_eq!(b.poll(secs(30)), "");
+    let release = format!("r\nk\n{}\n", token_of(&granted));
+    assert_eq!(a.send(release.as_bytes(), secs(31)), "ok\n");
+    let reply = b.poll(secs(31));
+    assert!(reply.starts_with("ok "), "{reply}");
+    assert!(!b.session.is_blocked());
+}
+
+#[test]
+fn a_plain_wait_times_out_on_the_virtual_clock() {
+    let config = ServerConfig::ephemeral();
+    let w = world(TableConfig::default());
+    let mut a = Peer::new(&w, 1, &config);
+    let mut b = Peer::new(&w, 2, &config);
+    a.send(b"l\nk\n0\n", secs(0));
+    assert_eq!(b.send(b"l\nk\n5\n", secs(0)), "");
+    assert_eq!(b.poll(secs(4)), "");
+    assert_eq!(b.poll(secs(5)), "timeout\n");
+    assert_eq!(w.borrow().shard.table().waiter_count(), 0);
+}
+
+#[test]
+fn a_mux_cancel_that_races_a_grant_answers_the_grant_before_ok() {
+    let config = ServerConfig::ephemeral();
+    let w = world(TableConfig::default());
+    let mut a = Peer::new(&w, 1, &config);
+    let mut b = Peer::new(&w, 2, &config);
+    let granted = a.send(b"l\nk\n0\n", secs(0));
+    assert_eq!(b.send(b"hello\n_\nmux\n", secs(0)), "ok mux 1\n");
+    assert_eq!(b.send(b"7 l\nk\n60\n", secs(0)), "");
+    // The release grants b's request 7; before b reads its inbox, b's own
+    // `cancel` of 7 arrives.
+    a.send(
+        format!("r\nk\n{}\n", token_of(&granted)).as_bytes(),
+        secs(1),
+    );
+    let out = b.send(b"8 cancel\n_\n7\n", secs(1));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].starts_with("7 ok "), "{out}");
+    assert_eq!(lines[1], "8 ok");
+}
+
+#[test]
+fn a_failed_handshake_is_answered_error_auth() {
+    let mut config = ServerConfig::ephemeral();
+    config.auth_token = Some(crate::Secret::new("s3cret"));
+    let w = world(TableConfig::default());
+    let mut good = Peer::new(&w, 1, &config);
+    assert_eq!(
+        good.send(b"auth\n_\ns3cret\nping\n_\n\n", secs(0)),
+        "ok\nok\n"
+    );
+    let mut bad = Peer::new(&w, 2, &config);
+    assert_eq!(bad.send(b"auth\n_\nwrong\n", secs(0)), "error_auth\n");
+    assert_eq!(bad.closed, Some(Close::AuthFailed));
+}
+
+/// One step of a random script against three sessions.
+#[derive(Debug, Clone)]
+enum Step {
+    /// Bytes from peer `peer` (a request built from the parts).
+    Request {
+        peer: usize,
+        kind: u8,
+        key: u8,
+        timeout: u8,
+        id: u8,
+    },
+    /// A release of a token that peer once got.
+    Release {
+        peer: usize,
+        nth: u8,
+    },
+    Advance {
+        secs: u8,
+    },
+    Drain,
+    Close {
+        peer: usize,
+    },
+    Mux {
+        peer: usize,
+    },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => (0..3usize, 0..6u8, 0..2u8, 0..4u8, 0..6u8)
+            .prop_map(|(peer, kind, key, timeout, id)| Step::Request { peer, kind, key, timeout, id }),
+        3 => (0..3usize, any::<u8>()).prop_map(|(peer, nth)| Step::Release { peer, nth }),
+        3 => (0..4u8).prop_map(|secs| Step::Advance { secs }),
+        1 => Just(Step::Drain),
+        1 => (0..3usize).prop_map(|peer| Step::Close { peer }),
+        2 => (0..3usize).prop_map(|peer| Step::Mux { peer }),
+    ]
+}
+
+/// Checks the replies of one peer: every line is a well-formed reply, a
+/// mux reply names an id that was asked and not answered yet, and a plain
+/// connection gets no more replies than requests.
+#[derive(Default)]
+struct Ledger {
+    asked: HashMap<u64, usize>,
+    plain_asked: usize,
+    plain_answered: usize,
+    tokens: Vec<(String, String)>,
+    /// The resource each mux id named, and the one the last plain request
+    /// named ("l" or "s" and the key).
+    keys: HashMap<u64, String>,
+    last_key: String,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// Random requests, releases, time, drains, closes and mux upgrades on
+    /// three sessions: nothing panics, every reply is a reply to something
+    /// asked (once), and when every session is gone the table holds nothing.
+    #[test]
+    fn sessions_answer_each_request_once_and_leave_nothing(script in proptest::collection::vec(step(), 1..60)) {
+        let config = ServerConfig::ephemeral();
+        let w = world(TableConfig::default());
+        let mut peers: Vec<Option<Peer>> = (1..=3).map(|id| Some(Peer::new(&w, id, &config))).collect();
+        let mut ledgers: Vec<Ledger> = (0..3).map(|_| Ledger::default()).collect();
+        let mut now = Duration::ZERO;
+        for step in script {
+            let mut sent: Option<(usize, Vec<u8>, Option<u64>)> = None;
+            match step {
+                Step::Request { peer, kind, key, timeout, id } => {
+                    let key = ["a", "b"][key as usize];
+                    let body = match kind {
+                        0 => format!("l\n{key}\n{timeout}\n"),
+                        1 => format!("sl\n{key}\n{timeout} 2\n"),
+                        2 => format!("e\n{key}\n\n"),
+                        3 => format!("w\n{key}\n{timeout}\n"),
+                        4 => format!("n\n{key}\nnot-a-token\n"),
+                        _ => "ping\n_\n\n".to_string(),
+                    };
+                    sent = Some((peer, body.into_bytes(), Some(u64::from(id))));
+                }
+                Step::Release { peer, nth } => {
+                    let tokens = &ledgers[peer].tokens;
+                    if !tokens.is_empty() {
+                        let (key, token) = tokens[nth as usize % tokens.len()].clone();
+                        let command = if key.starts_with('s') { "sr" } else { "r" };
+                        let key = &key[1..];
+                        sent = Some((peer, format!("{command}\n{key}\n{token}\n").into_bytes(), Some(100 + u64::from(nth))));
+                    }
+                }
+                Step::Advance { secs } => now += Duration::from_secs(u64::from(secs)),
+                Step::Drain => w.borrow_mut().draining = true,
+                Step::Close { peer } => {
+                    if let Some(p) = peers[peer].take() {
+                        p.close();
+                    }
+                }
+                Step::Mux { peer } => sent = Some((peer, b"hello\n_\nmux\n".to_vec(), None)),
+            }
+            if let Some((peer, bytes, id)) = sent
+                && let Some(p) = peers[peer].as_mut()
+                && p.closed.is_none()
+                && !p.session.is_blocked()
+            {
+                let mux = p.session.is_mux();
+                let ledger = &mut ledgers[peer];
+                let bytes = match (mux, id) {
+                    (true, Some(id)) if !ledger.asked.contains_key(&id) => {
+                        ledger.asked.insert(id, 0);
+                        let mut framed = format!("{id} ").into_bytes();
+                        framed.extend_from_slice(&bytes);
+                        Some(framed)
+                    }
+                    (true, _) => None,
+                    (false, _) => {
+                        ledger.plain_asked += 1;
+                        Some(bytes)
+                    }
+                };
+                if let Some(bytes) = bytes {
+                    let out = p.send(&bytes, now);
+                    check(&mut ledgers[peer], &out, &bytes)?;
+                }
+            }
+            // Every open session gets its grants and timeouts.
+            for (i, p) in peers.iter_mut().enumerate() {
+                if let Some(p) = p.as_mut() {
+                    let out = p.poll(now);
+                    check(&mut ledgers[i], &out, b"")?;
+                }
+            }
+        }
+        // Every timeout has ended by now: each request an open session
+        // took has its answer.
+        now += Duration::from_secs(10);
+        for (i, p) in peers.iter_mut().enumerate() {
+            if let Some(p) = p.as_mut() {
+                let out = p.poll(now);
+                check(&mut ledgers[i], &out, b"")?;
+                if p.closed.is_none() {
+                    prop_assert!(!p.session.has_waiting(), "peer {} still waits after every timeout", i);
+                    prop_assert!(ledgers[i].asked.is_empty(), "peer {} has unanswered ids {:?}", i, ledgers[i].asked);
+                    prop_assert_eq!(ledgers[i].plain_asked, ledgers[i].plain_answered, "peer {} has an unanswered request", i);
+                }
+            }
+        }
+        for p in peers.into_iter().flatten() {
+            p.close();
+        }
+        let world = w.borrow();
+        prop_assert_eq!(world.shard.table().holder_count(), 0, "a hold outlived its connection");
+        prop_assert_eq!(world.shard.table().waiter_count(), 0, "a waiter outlived its connection");
+    }
+}
+
+/// Records `out`'s replies in the peer's ledger.
+fn check(ledger: &mut Ledger, out: &str, sent: &[u8]) -> Result<(), TestCaseError> {
+    if !sent.is_empty() {
+        let text = String::from_utf8_lossy(sent);
+        let mut lines = text.lines();
+        let first: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
+        let command = first.last().copied().unwrap_or("");
+        let key = lines.next().unwrap_or("");
+        let named = format!(
+            "{}{}",
+            if command.starts_with('s') { "s" } else { "l" },
+            key
+        );
+        match first.first().and_then(|w| w.parse::<u64>().ok()) {
+            Some(id) if first.len() > 1 => {
+                ledger.keys.insert(id, named);
+            }
+            _ => ledger.last_key = named,
+        }
+    }
+    for line in out.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        prop_assert!(!words.is_empty(), "an empty reply line");
+        let (id, rest) = match words[0].parse::<u64>() {
+            Ok(id) if words.len() > 1 => (Some(id), &words[1..]),
+            _ => (None, &words[..]),
+        };
+        let key = match id {
+            Some(id) => ledger.keys.get(&id).cloned().unwrap_or_default(),
+            None => ledger.last_key.clone(),
+        };
+        match id {
+            Some(id) => {
+                let answered = ledger.asked.get_mut(&id);
+                prop_assert!(
+                    answered.is_some(),
+                    "a reply to id {} never asked: {}",
+                    id,
+                    line
+                );
+                let answered = answered.unwrap();
+                prop_assert_eq!(*answered, 0, "id {} answered twice: {}", id, line);
+                *answered += 1;
+                ledger.asked.remove(&id);
+            }
+            None => {
+                ledger.plain_answered += 1;
+                prop_assert!(
+                    ledger.plain_answered <= ledger.plain_asked,
+                    "more replies than requests: {}",
+                    line
+                );
+            }
+        }
+        // A grant's token, for a later release (grants that came from the
+        // inbox name no key; they release through the last key sent).
+        if rest[0] == "ok" && rest.len() >= 2 && rest[1].len() == 32 {
+            ledger.tokens.push((key.clone(), rest[1].to_string()));
+        }
+    }
+    Ok(())
+}
