@@ -30,6 +30,24 @@ mod shared;
 mod tls;
 
 pub use config::{IdlePolicy, Secret, ServerConfig};
+
+/// Hooks for the fuzz targets (`crates/server/fuzz`), behind the `fuzzing`
+/// feature; not part of the supported API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Serves `data` as one connection's bytes to an in-memory session on a
+    /// virtual clock and returns the replies; panics if the session breaks
+    /// a protocol rule (see the fuzz target `session_bytes`).
+    ///
+    /// ```
+    /// let replies = dflockd_server::fuzzing::session_bytes(b"ping\n_\n\n");
+    /// assert_eq!(replies, b"ok\n");
+    /// ```
+    pub fn session_bytes(data: &[u8]) -> Vec<u8> {
+        crate::session::memory::serve_bytes(data)
+    }
+}
 pub use fence::{FENCE_RANGE, FenceFile, FenceFileError};
 pub use server::{Server, ServerHandle, StartError};
 pub use tls::{TlsConfig, TlsError};

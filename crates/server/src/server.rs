@@ -1,11 +1,13 @@
 //! The listener, admission caps, timers, drain and shutdown.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use dflockd_core::{LockTable, Op, Outcome, ResourceBudget, TableConfig};
 use thiserror::Error;
+use tokio::io::DuplexStream;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -107,11 +109,13 @@ impl Server {
         let shared = Arc::new(Shared::new(config, clock, || {
             LockTable::sharing(table_config, mint.share(), Arc::clone(&budget))
         }));
-        let task = tokio::spawn(run(listener, Arc::clone(&shared)));
+        let (local, local_rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(run(listener, local_rx, Arc::clone(&shared)));
         tracing::info!(addr = %local_addr, tls = shared.config.tls.is_some(), auth = shared.config.auth_token.is_some(), "dflockd listening");
         Ok(ServerHandle {
             local_addr,
             shared,
+            local,
             task: Some(task),
         })
     }
@@ -132,8 +136,16 @@ impl Server {
 pub struct ServerHandle {
     local_addr: SocketAddr,
     shared: Arc<Shared>,
+    /// In-process connections for the accept loop.
+    local: mpsc::UnboundedSender<InProcess>,
     task: Option<JoinHandle<()>>,
 }
+
+/// The server's end of an in-process connection, for the accept loop.
+type InProcess = DuplexStream;
+
+/// How many bytes an in-process connection buffers each way.
+const IN_PROCESS_BUFFER: usize = 64 * 1024;
 
 impl ServerHandle {
     /// The address the server listens on (with the real port when 0 was asked).
@@ -148,6 +160,30 @@ impl ServerHandle {
     /// ```
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// A connection that lives in this process: an in-memory pipe served
+    /// like an accepted TCP connection from 127.0.0.1 (the same caps, auth,
+    /// timeouts and drain; never TLS). A cap refuses it as it refuses a
+    /// socket, by closing it at once. For tests and embedders that need no
+    /// socket. `None` once the server has stopped accepting (draining or
+    /// stopped).
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    /// let server = dflockd_server::Server::start(dflockd_server::ServerConfig::ephemeral()).await?;
+    /// let mut pipe = BufReader::new(server.connect_in_process().expect("accepting"));
+    /// pipe.write_all(b"ping\n_\n\n").await?;
+    /// let mut reply = String::new();
+    /// pipe.read_line(&mut reply).await?;
+    /// assert_eq!(reply, "ok\n");
+    /// # Ok(()) }
+    /// ```
+    pub fn connect_in_process(&self) -> Option<DuplexStream> {
+        let (client, server) = tokio::io::duplex(IN_PROCESS_BUFFER);
+        self.local.send(server).ok()?;
+        Some(client)
     }
 
     /// Starts a graceful drain, as SIGTERM does: the listener closes, blocked
@@ -246,7 +282,11 @@ fn warn_unbounded(config: &ServerConfig, addr: &SocketAddr) {
     }
 }
 
-async fn run(listener: TcpListener, shared: Arc<Shared>) {
+async fn run(
+    listener: TcpListener,
+    mut local: mpsc::UnboundedReceiver<InProcess>,
+    shared: Arc<Shared>,
+) {
     let timers = tokio::spawn(timers(Arc::clone(&shared)));
     // Stopped when this task ends, however it ends.
     let _reaper =
@@ -258,6 +298,27 @@ async fn run(listener: TcpListener, shared: Arc<Shared>) {
         let accepted = tokio::select! {
             _ = shared.drain.cancelled() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            Some(stream) = local.recv() => {
+                // Over a cap: closed at once, as a socket is.
+                let Some(guard) = shared.admit(IpAddr::from(Ipv4Addr::LOCALHOST)) else {
+                    tracing::debug!("in-process connection refused by cap");
+                    drop(stream);
+                    continue;
+                };
+                let span = tracing::debug_span!("conn", id = guard.id.0, peer = "in-process");
+                let id = guard.id;
+                let connection = Connection::new(stream, id, Arc::clone(&shared)).serve();
+                let connection = async move {
+                    connection.await;
+                    drop(guard);
+                };
+                if span.is_disabled() {
+                    connections.spawn(connection);
+                } else {
+                    connections.spawn(connection.instrument(span));
+                }
+                continue;
+            }
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -288,6 +349,7 @@ async fn run(listener: TcpListener, shared: Arc<Shared>) {
         }
     }
     drop(listener);
+    drop(local);
     tracing::info!("draining");
     let finished = async { while connections.join_next().await.is_some() {} };
     let limit = async {

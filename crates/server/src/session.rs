@@ -765,5 +765,7 @@ fn error_reply(error: &LockError) -> Reply {
     })
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod memory;
 #[cfg(test)]
 mod tests;

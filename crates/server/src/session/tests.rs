@@ -1,175 +1,15 @@
-//! Sessions in memory on a virtual clock: bytes in, replies out, no
-//! sockets and no runtime. Several sessions share one table through the
-//! same `Shard` the server uses, so grants, withdrawals and their races go
-//! through the server's own delivery code.
+//! Sessions in memory on a virtual clock (see `memory.rs`): scripted
+//! races, and property tests over random scripts and random bytes.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
-use std::rc::Rc;
 use std::time::Duration;
 
-use dflockd_core::{
-    ConnId, FenceCounter, Grant, LockTable, Op, Outcome, ResourceId, TableConfig, Waiting,
-};
-use dflockd_proto::{FrameDecoder, Stats};
+use dflockd_core::TableConfig;
 use proptest::prelude::*;
-use tokio::sync::mpsc;
 
-use super::{Close, Log, Session};
+use super::Close;
+use super::memory::{Peer, serve_bytes, world};
 use crate::config::ServerConfig;
-use crate::shared::{MuxGrant, Notify, Shard};
-
-/// The table and the drain flag, shared by the sessions of one test.
-struct World {
-    shard: Shard<FenceCounter>,
-    draining: bool,
-}
-
-type SharedWorld = Rc<RefCell<World>>;
-
-fn world(config: TableConfig) -> SharedWorld {
-    Rc::new(RefCell::new(World {
-        shard: Shard::new(LockTable::with_fences(
-            config,
-            FenceCounter::starting_after(0),
-        )),
-        draining: false,
-    }))
-}
-
-/// One connection's view of the world: the in-memory log.
-struct MemLog {
-    world: SharedWorld,
-    id: ConnId,
-    inbox: mpsc::UnboundedReceiver<MuxGrant>,
-    sink: mpsc::UnboundedSender<MuxGrant>,
-}
-
-impl Log for MemLog {
-    fn run(&mut self, _: &ResourceId, op: Op) -> Result<Outcome, dflockd_core::LockError> {
-        self.world.borrow_mut().shard.run(op)
-    }
-
-    fn run_waiting(
-        &mut self,
-        _: &ResourceId,
-        op: Op,
-        request: u64,
-    ) -> Result<Outcome, dflockd_core::LockError> {
-        let to = Waiting {
-            conn: self.id,
-            request,
-        };
-        let sink = &self.sink;
-        self.world
-            .borrow_mut()
-            .shard
-            .run_waiting(op, to, || Notify {
-                id: request,
-                to: sink.clone(),
-            })
-    }
-
-    fn withdraw(&mut self, _: &ResourceId, op: Op, request: u64) -> bool {
-        let of = Waiting {
-            conn: self.id,
-            request,
-        };
-        self.world.borrow_mut().shard.withdraw(op, of)
-    }
-
-    fn try_grant(&mut self) -> Option<(u64, ResourceId, Grant)> {
-        self.inbox.try_recv().ok()
-    }
-
-    fn waiters(&mut self) -> usize {
-        self.world.borrow().shard.table().waiters_of(self.id)
-    }
-
-    fn stats(&mut self) -> Stats {
-        let world = self.world.borrow();
-        world.shard.table().stats(0, world.shard.now())
-    }
-
-    fn is_draining(&self) -> bool {
-        self.world.borrow().draining
-    }
-}
-
-/// A connection in memory: decoder, session and log, as the driver has them.
-struct Peer {
-    session: Session,
-    log: MemLog,
-    decoder: FrameDecoder,
-    closed: Option<Close>,
-}
-
-impl Peer {
-    fn new(world: &SharedWorld, id: u64, config: &ServerConfig) -> Peer {
-        let (sink, inbox) = mpsc::unbounded_channel();
-        Peer {
-            session: Session::new(ConnId(id), config),
-            log: MemLog {
-                world: Rc::clone(world),
-                id: ConnId(id),
-                inbox,
-                sink,
-            },
-            decoder: FrameDecoder::new(),
-            closed: None,
-        }
-    }
-
-    /// Sends `bytes`; returns the replies written so far. While a plain
-    /// request waits the rest stays unread, as the driver leaves it.
-    fn send(&mut self, bytes: &[u8], now: Duration) -> String {
-        let mut input = bytes;
-        while self.closed.is_none() && !self.session.is_blocked() && !input.is_empty() {
-            match self
-                .session
-                .serve_next(&mut self.decoder, input, now, &mut self.log)
-            {
-                Ok((used, _)) => input = &input[used..],
-                Err(close) => self.closed = Some(close),
-            }
-        }
-        self.take()
-    }
-
-    /// Delivers grants from the inbox and fires due timeouts, as the
-    /// driver's wait does.
-    fn poll(&mut self, now: Duration) -> String {
-        if self.log.is_draining() && self.session.has_waiting() && !self.session.drained() {
-            self.session.handle_drain(&mut self.log);
-        }
-        while let Ok((request, rid, grant)) = self.log.inbox.try_recv() {
-            self.session
-                .handle_grant(request, rid, grant, &mut self.log);
-        }
-        if self.session.poll_timeout().is_some_and(|at| at <= now) {
-            self.session.handle_timeout(now, &mut self.log);
-        }
-        self.take()
-    }
-
-    fn take(&mut self) -> String {
-        String::from_utf8(std::mem::take(self.session.transmit())).unwrap()
-    }
-
-    /// The peer goes away: what the driver and its log's drop do.
-    fn close(mut self) {
-        self.session.handle_gone(&mut self.log);
-        self.log.inbox.close();
-        let mut world = self.log.world.borrow_mut();
-        while let Ok((_, rid, grant)) = self.log.inbox.try_recv() {
-            let _ = world.shard.run(Op::ReleaseUndelivered {
-                resource: rid,
-                token: grant.token,
-            });
-        }
-        world.shard.disconnect(self.log.id, true);
-    }
-}
 
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
@@ -466,4 +306,65 @@ fn check(ledger: &mut Ledger, out: &str, sent: &[u8]) -> Result<(), TestCaseErro
         }
     }
     Ok(())
+}
+
+/// A frame from the protocol's vocabulary, or junk.
+fn frame() -> impl Strategy<Value = Vec<u8>> {
+    let word = prop_oneof![
+        Just("l"),
+        Just("r"),
+        Just("n"),
+        Just("e"),
+        Just("w"),
+        Just("sl"),
+        Just("sr"),
+        Just("se"),
+        Just("sw"),
+        Just("ping"),
+        Just("stats"),
+        Just("auth"),
+        Just("hello"),
+        Just("cancel"),
+        Just("x"),
+    ];
+    let key = prop_oneof![Just("k"), Just("j"), Just("_"), Just("")];
+    let arg = prop_oneof![
+        Just("0".to_string()),
+        Just("1".to_string()),
+        Just("2 3".to_string()),
+        Just("mux".to_string()),
+        Just("-1".to_string()),
+        Just("99999999999".to_string()),
+        "[0-9a-f]{32}".prop_map(|s| s),
+    ];
+    prop_oneof![
+        4 => (word.clone(), key.clone(), arg.clone()).prop_map(|(w, k, a)| format!("{w}\n{k}\n{a}\n").into_bytes()),
+        3 => (0..8u64, word, key, arg).prop_map(|(id, w, k, a)| format!("{id} {w}\n{k}\n{a}\n").into_bytes()),
+        1 => proptest::collection::vec(any::<u8>(), 0..40),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// The fuzz target's check (`memory::serve_bytes`) on random frames and
+    /// junk: no panic, every line a reply, no more replies than frames, no
+    /// request left waiting after its timeout, nothing left in the table.
+    #[test]
+    fn session_bytes_never_panic_or_desync(frames in proptest::collection::vec(frame(), 0..30)) {
+        let mut data = Vec::new();
+        for f in &frames {
+            data.extend_from_slice(f);
+        }
+        serve_bytes(&data);
+    }
+
+    #[test]
+    fn mux_session_bytes_never_panic_or_desync(frames in proptest::collection::vec(frame(), 0..30)) {
+        let mut data = b"hello\n_\nmux\n".to_vec();
+        for f in &frames {
+            data.extend_from_slice(f);
+        }
+        serve_bytes(&data);
+    }
 }

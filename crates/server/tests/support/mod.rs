@@ -83,24 +83,100 @@ pub enum ReadEnd {
     Timeout { partial: Vec<u8> },
 }
 
-/// A raw protocol client over any byte stream (plain TCP or TLS).
-pub struct Client<S = TcpStream> {
+/// How a test reaches the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// TCP to the server's 127.0.0.1 listener.
+    Tcp,
+    /// An in-memory pipe (`ServerHandle::connect_in_process`).
+    InProcess,
+}
+
+/// A plain connection: a TCP socket or an in-process pipe.
+pub enum Stream {
+    Tcp(TcpStream),
+    InProcess(tokio::io::DuplexStream),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Stream::InProcess(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Stream::InProcess(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Stream::InProcess(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Stream::InProcess(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A raw protocol client over any byte stream (plain TCP, an in-process
+/// pipe, or TLS).
+pub struct Client<S = Stream> {
     stream: S,
     buf: Vec<u8>,
 }
 
-impl Client<TcpStream> {
-    /// Connects to `addr` (bounded).
+impl Client<Stream> {
+    /// Connects to `addr` over TCP (bounded).
     pub async fn connect(addr: SocketAddr) -> Client {
         let stream = tokio::time::timeout(REPLY_TIMEOUT, TcpStream::connect(addr))
             .await
             .expect("connect timed out")
             .expect("connect");
         stream.set_nodelay(true).expect("nodelay");
-        Client::new(stream)
+        Client::new(Stream::Tcp(stream))
     }
 
-    /// Half-closes the connection (sends FIN); reads still work.
+    /// Connects to `server` over `transport`.
+    pub async fn open(server: &ServerHandle, transport: Transport) -> Client {
+        match transport {
+            Transport::Tcp => Client::connect(server.local_addr()).await,
+            Transport::InProcess => {
+                let pipe = server
+                    .connect_in_process()
+                    .expect("the server accepts no connection");
+                Client::new(Stream::InProcess(pipe))
+            }
+        }
+    }
+
+    /// Half-closes the connection (sends FIN, or ends the pipe's write
+    /// side); reads still work.
     pub async fn shutdown_write(&mut self) {
         self.stream.shutdown().await.expect("shutdown(Write)");
     }

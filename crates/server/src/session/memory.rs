@@ -1,0 +1,248 @@
+//! Sessions in memory on a virtual clock: bytes in, replies out, no
+//! sockets and no runtime. Several sessions share one table through the
+//! same `Shard` the server uses, so grants, withdrawals and their races go
+//! through the server's own delivery code. Used by the session's tests and
+//! by the `session_bytes` fuzz target.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use dflockd_core::{
+    ConnId, FenceCounter, Grant, LockTable, Op, Outcome, ResourceId, TableConfig, Waiting,
+};
+use dflockd_proto::{FrameDecoder, Reply, Stats, parse_mux_reply};
+use tokio::sync::mpsc;
+
+use super::{Close, Log, Session};
+use crate::config::ServerConfig;
+use crate::shared::{MuxGrant, Notify, Shard};
+
+/// The table and the drain flag, shared by the sessions of one test.
+pub(crate) struct World {
+    pub(crate) shard: Shard<FenceCounter>,
+    pub(crate) draining: bool,
+}
+
+pub(crate) type SharedWorld = Rc<RefCell<World>>;
+
+pub(crate) fn world(config: TableConfig) -> SharedWorld {
+    Rc::new(RefCell::new(World {
+        shard: Shard::new(LockTable::with_fences(
+            config,
+            FenceCounter::starting_after(0),
+        )),
+        draining: false,
+    }))
+}
+
+/// One connection's view of the world: the in-memory log.
+pub(crate) struct MemLog {
+    pub(crate) world: SharedWorld,
+    pub(crate) id: ConnId,
+    pub(crate) inbox: mpsc::UnboundedReceiver<MuxGrant>,
+    sink: mpsc::UnboundedSender<MuxGrant>,
+}
+
+impl Log for MemLog {
+    fn run(&mut self, _: &ResourceId, op: Op) -> Result<Outcome, dflockd_core::LockError> {
+        self.world.borrow_mut().shard.run(op)
+    }
+
+    fn run_waiting(
+        &mut self,
+        _: &ResourceId,
+        op: Op,
+        request: u64,
+    ) -> Result<Outcome, dflockd_core::LockError> {
+        let to = Waiting {
+            conn: self.id,
+            request,
+        };
+        let sink = &self.sink;
+        self.world
+            .borrow_mut()
+            .shard
+            .run_waiting(op, to, || Notify {
+                id: request,
+                to: sink.clone(),
+            })
+    }
+
+    fn withdraw(&mut self, _: &ResourceId, op: Op, request: u64) -> bool {
+        let of = Waiting {
+            conn: self.id,
+            request,
+        };
+        self.world.borrow_mut().shard.withdraw(op, of)
+    }
+
+    fn try_grant(&mut self) -> Option<(u64, ResourceId, Grant)> {
+        self.inbox.try_recv().ok()
+    }
+
+    fn waiters(&mut self) -> usize {
+        self.world.borrow().shard.table().waiters_of(self.id)
+    }
+
+    fn stats(&mut self) -> Stats {
+        let world = self.world.borrow();
+        world.shard.table().stats(0, world.shard.now())
+    }
+
+    fn is_draining(&self) -> bool {
+        self.world.borrow().draining
+    }
+}
+
+/// A connection in memory: decoder, session and log, as the driver has them.
+pub(crate) struct Peer {
+    pub(crate) session: Session,
+    pub(crate) log: MemLog,
+    decoder: FrameDecoder,
+    pub(crate) closed: Option<Close>,
+}
+
+impl Peer {
+    pub(crate) fn new(world: &SharedWorld, id: u64, config: &ServerConfig) -> Peer {
+        let (sink, inbox) = mpsc::unbounded_channel();
+        Peer {
+            session: Session::new(ConnId(id), config),
+            log: MemLog {
+                world: Rc::clone(world),
+                id: ConnId(id),
+                inbox,
+                sink,
+            },
+            decoder: FrameDecoder::new(),
+            closed: None,
+        }
+    }
+
+    /// Sends `bytes`; returns the replies written so far. While a plain
+    /// request waits the rest stays unread, as the driver leaves it.
+    pub(crate) fn send(&mut self, bytes: &[u8], now: Duration) -> String {
+        self.feed(bytes, now);
+        self.take()
+    }
+
+    /// Serves frames from `bytes` until they run out, the session blocks or
+    /// closes; returns what it left unread.
+    pub(crate) fn feed<'a>(&mut self, bytes: &'a [u8], now: Duration) -> &'a [u8] {
+        let mut input = bytes;
+        while self.closed.is_none() && !self.session.is_blocked() && !input.is_empty() {
+            match self
+                .session
+                .serve_next(&mut self.decoder, input, now, &mut self.log)
+            {
+                Ok((used, _)) => input = &input[used..],
+                Err(close) => self.closed = Some(close),
+            }
+        }
+        input
+    }
+
+    /// Delivers grants from the inbox and fires due timeouts, as the
+    /// driver's wait does.
+    pub(crate) fn poll(&mut self, now: Duration) -> String {
+        if self.log.is_draining() && self.session.has_waiting() && !self.session.drained() {
+            self.session.handle_drain(&mut self.log);
+        }
+        while let Ok((request, rid, grant)) = self.log.inbox.try_recv() {
+            self.session
+                .handle_grant(request, rid, grant, &mut self.log);
+        }
+        if self.session.poll_timeout().is_some_and(|at| at <= now) {
+            self.session.handle_timeout(now, &mut self.log);
+        }
+        self.take()
+    }
+
+    pub(crate) fn take(&mut self) -> String {
+        String::from_utf8(std::mem::take(self.session.transmit())).unwrap()
+    }
+
+    /// The peer goes away: what the driver and its log's drop do.
+    pub(crate) fn close(mut self) {
+        self.session.handle_gone(&mut self.log);
+        self.log.inbox.close();
+        let mut world = self.log.world.borrow_mut();
+        while let Ok((_, rid, grant)) = self.log.inbox.try_recv() {
+            let _ = world.shard.run(Op::ReleaseUndelivered {
+                resource: rid,
+                token: grant.token,
+            });
+        }
+        world.shard.disconnect(self.log.id, true);
+    }
+}
+
+/// Serves `data` as one plain connection's bytes (which may upgrade to
+/// mux) on a virtual clock, beside a second connection that holds the lock
+/// and the semaphore `k` (so requests on `k` queue). Whenever the session
+/// waits, time jumps past every timeout. Returns the reply bytes.
+///
+/// Panics if the session breaks a rule: a reply line that is not a reply,
+/// more replies than frames, a session still waiting after every timeout
+/// ended, or a table not empty once both connections are gone.
+pub(crate) fn serve_bytes(data: &[u8]) -> Vec<u8> {
+    let config = ServerConfig::ephemeral();
+    let w = world(TableConfig::default());
+    let mut holder = Peer::new(&w, 1, &config);
+    let held = holder.send(b"l\nk\n0\nsl\nk\n0 1\n", Duration::ZERO);
+    assert_eq!(held.lines().count(), 2, "{held}");
+    let mut peer = Peer::new(&w, 2, &config);
+    let mut out = String::new();
+    let mut now = Duration::ZERO;
+    let mut rest = data;
+    while peer.closed.is_none() {
+        let before = rest.len();
+        rest = peer.feed(rest, now);
+        out.push_str(&peer.take());
+        if !peer.session.is_blocked() && rest.is_empty() {
+            break;
+        }
+        // Past every timeout the bytes can ask for (292 years at most).
+        now = now.saturating_add(Duration::from_secs(10_000_000_000));
+        out.push_str(&peer.poll(now));
+        assert!(
+            rest.len() < before || !peer.session.is_blocked(),
+            "the session stays blocked after every timeout ended"
+        );
+    }
+    now = now.saturating_add(Duration::from_secs(10_000_000_000));
+    out.push_str(&peer.poll(now));
+    if peer.closed.is_none() {
+        assert!(
+            !peer.session.has_waiting(),
+            "a request still waits after every timeout"
+        );
+    }
+    let frames = data.iter().filter(|&&b| b == b'\n').count() / 3 + 1;
+    let mut replies = 0;
+    for line in out.lines() {
+        replies += 1;
+        let ok = Reply::parse(line.as_bytes()).is_ok()
+            || parse_mux_reply(line.as_bytes()).is_ok()
+            || line == "ok mux 1";
+        assert!(ok, "not a reply: {line:?}");
+    }
+    assert!(
+        replies <= frames,
+        "{replies} replies to at most {frames} frames"
+    );
+    peer.close();
+    holder.close();
+    let world = w.borrow();
+    assert_eq!(
+        world.shard.table().holder_count(),
+        0,
+        "a hold outlived its connection"
+    );
+    assert_eq!(
+        world.shard.table().waiter_count(),
+        0,
+        "a waiter outlived its connection"
+    );
+    out.into_bytes()
+}
