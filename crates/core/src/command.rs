@@ -7,7 +7,8 @@ use dflockd_proto::{Lease, Limit, Token};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::table::{ConnId, ResourceId, WaiterId};
+use crate::config::TableConfig;
+use crate::ids::{ConnId, ResourceId, WaiterId};
 
 /// One change to a [`LockTable`](crate::LockTable), with everything that
 /// makes applying it deterministic: the proposer's clock reading and the
@@ -342,7 +343,7 @@ impl Policy {
     /// use dflockd_core::{Policy, TableConfig};
     /// assert!(Policy::of(&TableConfig::default()).auto_release);
     /// ```
-    pub fn of(config: &crate::TableConfig) -> Policy {
+    pub fn of(config: &TableConfig) -> Policy {
         Policy {
             default_lease: config.default_lease,
             max_locks: config.max_locks,

@@ -2,10 +2,10 @@
 //! outside the table, as plain data for the caller to carry out.
 
 use dflockd_proto::{Lease, Token};
+use thiserror::Error;
 
-use crate::table::{
-    AcquireOutcome, ConnId, EnqueueOutcome, Grant, LockError, ResourceId, WaitOutcome,
-};
+use crate::MintError;
+use crate::ids::{ConnId, ResourceId, WaiterId};
 
 /// Everything that must happen because a command was applied: the answer
 /// to the command's proposer, the grants to deliver to requests that were
@@ -139,4 +139,152 @@ pub struct Expired {
     pub token: Token,
     /// The connection it was granted to.
     pub conn: ConnId,
+}
+
+/// A grant: the token and the lease it was given.
+///
+/// ```
+/// # use std::time::Duration;
+/// # use dflockd_core::*;
+/// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+/// # let mut table = LockTable::new(TableConfig::default());
+/// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+/// # let mut run = |op| table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
+/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+/// let op = Op::Acquire { conn: ConnId(1), resource: rid.clone(), limit: Limit::ONE, lease: Some(Lease::new(10).unwrap()), wait: None };
+/// let Ok(Outcome::Acquire(AcquireOutcome::Granted(grant))) = run(op).outcome else { panic!() };
+/// assert_eq!(grant.token.fence(), 1);
+/// assert_eq!(grant.lease.get(), 10);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// The new token (fence + salt).
+    pub token: Token,
+    /// The lease length.
+    pub lease: Lease,
+}
+
+/// Result of `l`/`sl`.
+///
+/// ```
+/// # use std::time::Duration;
+/// # use dflockd_core::*;
+/// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+/// # let mut table = LockTable::new(TableConfig::default());
+/// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+/// # let mut run = |op| table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
+/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+/// let granted = run(acquire(1, &rid, None)).outcome;
+/// assert!(matches!(granted, Ok(Outcome::Acquire(AcquireOutcome::Granted(_)))));
+/// // Busy: a try-lock times out at once, a blocking acquire queues.
+/// assert_eq!(run(acquire(2, &rid, None)).outcome, Ok(Outcome::Acquire(AcquireOutcome::Timeout)));
+/// let queued = run(acquire(2, &rid, Some(7))).outcome;
+/// assert!(matches!(queued, Ok(Outcome::Acquire(AcquireOutcome::Queued(_)))));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcquireOutcome {
+    /// Granted at once.
+    Granted(Grant),
+    /// Queued; the grant will arrive as a [`Delivery`].
+    Queued(WaiterId),
+    /// Not free and the caller did not want to wait.
+    Timeout,
+}
+
+/// Result of `e`/`se`.
+///
+/// ```
+/// # use std::time::Duration;
+/// # use dflockd_core::*;
+/// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+/// # let mut table = LockTable::new(TableConfig::default());
+/// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+/// # let mut run = |op| table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
+/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+/// let enqueue = |conn| Op::Enqueue { conn: ConnId(conn), ticket: 0, resource: rid.clone(), limit: Limit::ONE, lease: None };
+/// assert!(matches!(run(enqueue(1)).outcome, Ok(Outcome::Enqueue(EnqueueOutcome::Acquired(_)))));
+/// assert_eq!(run(enqueue(2)).outcome, Ok(Outcome::Enqueue(EnqueueOutcome::Queued)));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnqueueOutcome {
+    /// Granted at once (`acquired`).
+    Acquired(Grant),
+    /// Queued (`queued`).
+    Queued,
+}
+
+/// Result of `w`/`sw`.
+///
+/// ```
+/// # use std::time::Duration;
+/// # use dflockd_core::*;
+/// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+/// # let mut table = LockTable::new(TableConfig::default());
+/// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+/// # let mut run = |op| table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
+/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+/// let Ok(Outcome::Acquire(AcquireOutcome::Granted(grant))) = run(acquire(1, &rid, None)).outcome else { panic!() };
+/// let _ = run(Op::Enqueue { conn: ConnId(2), ticket: 0, resource: rid.clone(), limit: Limit::ONE, lease: None }); // queued
+/// let wait = run(Op::Wait { conn: ConnId(2), ticket: 0, resource: rid.clone(), wait: Some(4) });
+/// assert!(matches!(wait.outcome, Ok(Outcome::Wait(WaitOutcome::Pending(_)))));
+/// let released = run(Op::Release { resource: rid.clone(), token: grant.token });
+/// assert_eq!(released.grants[0].to, Waiting { conn: ConnId(2), request: 4 }); // the pending wait is granted
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitOutcome {
+    /// The grant (made before or at this call).
+    Granted(Grant),
+    /// Still queued, at this place; the grant will arrive as a
+    /// [`Delivery`].
+    Pending(WaiterId),
+    /// Still queued and the caller did not want to wait: the waiter was
+    /// removed and the two-phase state discarded.
+    Timeout,
+}
+
+/// Lock-level failures, each mapping to one status word.
+///
+/// ```
+/// # use std::time::Duration;
+/// # use dflockd_core::*;
+/// # use dflockd_proto::{Key, Lease, Limit, Namespace};
+/// # let mut table = LockTable::new(TableConfig::default());
+/// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
+/// # let mut run = |op| table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
+/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+/// let wait = run(Op::Wait { conn: ConnId(1), ticket: 0, resource: rid.clone(), wait: None });
+/// assert_eq!(wait.outcome, Err(LockError::NotEnqueued));
+/// let release = run(Op::Release { resource: rid.clone(), token: dflockd_proto::Token::new(1, 2) });
+/// assert_eq!(release.outcome, Err(LockError::NotHeld));
+/// let sem = ResourceId::new(Namespace::Semaphore, Key::new("pool").unwrap());
+/// let take = |conn, limit| Op::Acquire { conn: ConnId(conn), resource: sem.clone(), limit: Limit::new(limit).unwrap(), lease: None, wait: None };
+/// let _ = run(take(1, 3));
+/// assert_eq!(run(take(2, 5)).outcome, Err(LockError::LimitMismatch));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum LockError {
+    /// `error_max_locks`
+    #[error("too many resources")]
+    MaxLocks,
+    /// `error_max_waiters`
+    #[error("wait queue full")]
+    MaxWaiters,
+    /// `error_limit_mismatch`
+    #[error("semaphore exists with another limit")]
+    LimitMismatch,
+    /// `error_not_enqueued`
+    #[error("not enqueued")]
+    NotEnqueued,
+    /// `error_already_enqueued`
+    #[error("already enqueued")]
+    AlreadyEnqueued,
+    /// `error_lease_expired`
+    #[error("lease expired before the grant was observed")]
+    LeaseExpired,
+    /// `error`: the token does not hold the resource (or its lease ran out).
+    #[error("token does not hold the resource")]
+    NotHeld,
+    /// `error`: no token could be minted.
+    #[error(transparent)]
+    Mint(#[from] MintError),
 }

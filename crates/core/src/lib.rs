@@ -39,16 +39,20 @@
 
 mod budget;
 mod command;
+mod config;
 mod effects;
 mod fence;
+mod ids;
 mod leases;
 mod table;
 
 pub use budget::ResourceBudget;
 pub use command::{Command, DecodeError, FORMAT_VERSION, Op, Policy, Salt};
-pub use effects::{Delivery, Effects, Expired, Outcome, Waiting};
-pub use fence::{FenceCounter, FenceSource, MintError};
-pub use table::{
-    AcquireOutcome, ConnId, EnqueueOutcome, Grant, LockError, LockTable, ResourceId, RestoreError,
-    TableConfig, TableSnapshot, WaitOutcome, WaiterId,
+pub use config::TableConfig;
+pub use effects::{
+    AcquireOutcome, Delivery, Effects, EnqueueOutcome, Expired, Grant, LockError, Outcome,
+    WaitOutcome, Waiting,
 };
+pub use fence::{FenceCounter, FenceSource, MintError};
+pub use ids::{ConnId, ResourceId, WaiterId};
+pub use table::{LockTable, RestoreError, TableSnapshot};

@@ -3,13 +3,15 @@ use std::collections::HashMap as StdHashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dflockd_proto::{
-    IdleEntry, Key, Lease, Limit, LockEntry, Namespace, SemaphoreEntry, Stats, Token,
-};
-use thiserror::Error;
+use dflockd_proto::{IdleEntry, Lease, Limit, LockEntry, SemaphoreEntry, Stats, Token};
 
 use crate::command::{Command, Op, Policy, Salt};
-use crate::effects::{Delivery, Effects, Expired, Outcome, Waiting};
+use crate::config::TableConfig;
+use crate::effects::{
+    AcquireOutcome, Delivery, Effects, EnqueueOutcome, Expired, Grant, LockError, Outcome,
+    WaitOutcome, Waiting,
+};
+use crate::ids::{ConnId, ResourceId, WaiterId};
 use crate::leases::{Leases, NO_RING, Slot};
 use crate::{FenceCounter, FenceSource, MintError, ResourceBudget};
 
@@ -23,393 +25,6 @@ pub use snapshot::{RestoreError, TableSnapshot};
 /// SipHash over the key took about 250. A client can name a token in
 /// `r`/`n`, but such a lookup only ever finds the server's own entries.
 type HashMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
-
-/// A connection identity, unique per server (0 is reserved for "nobody").
-///
-/// ```
-/// # use std::time::Duration;
-/// # use dflockd_core::*;
-/// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-/// # let mut table = LockTable::new(TableConfig::default());
-/// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-/// # let mut run = |op| table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
-/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
-/// // The server numbers its connections; a connection's holds and waits are tied to it.
-/// let first = run(acquire(1, &rid, None)).outcome;
-/// assert!(matches!(first, Ok(Outcome::Acquire(AcquireOutcome::Granted(_)))));
-/// let second = run(acquire(2, &rid, None)).outcome;
-/// assert_eq!(second, Ok(Outcome::Acquire(AcquireOutcome::Timeout)));
-/// ```
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
-pub struct ConnId(pub u64);
-
-/// A queued waiter. Ids grow with arrival, so ordering ids is FIFO order.
-///
-/// ```
-/// # use std::time::Duration;
-/// # use dflockd_core::*;
-/// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-/// # let mut table = LockTable::new(TableConfig::default());
-/// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-/// # let mut run = |op| table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
-/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
-/// let _ = run(acquire(1, &rid, None));
-/// let Ok(Outcome::Acquire(AcquireOutcome::Queued(a))) = run(acquire(2, &rid, Some(0))).outcome else { panic!() };
-/// let Ok(Outcome::Acquire(AcquireOutcome::Queued(b))) = run(acquire(3, &rid, Some(0))).outcome else { panic!() };
-/// assert!(a < b); // `a` arrived first and is granted first
-/// ```
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
-pub struct WaiterId(u64);
-
-/// One resource: a key in a namespace.
-///
-/// It carries its key's hash, computed once when it is named (with a keyed
-/// SipHash whose key is random per process, so clients cannot choose
-/// colliding keys); the table's maps then hash only that number, however
-/// many of them one request looks up, and the hashing happens outside the
-/// server's table lock.
-///
-/// ```
-/// use dflockd_core::ResourceId;
-/// use dflockd_proto::{Key, Namespace};
-/// let a = ResourceId::new(Namespace::Lock, Key::new("x").unwrap());
-/// let b = ResourceId::new(Namespace::Semaphore, Key::new("x").unwrap());
-/// assert_ne!(a, b);
-/// assert_eq!(a, ResourceId::new(Namespace::Lock, Key::new("x").unwrap()));
-/// ```
-#[derive(Clone)]
-pub struct ResourceId(Arc<Named>);
-
-/// What a [`ResourceId`] shares between its clones: a request's id, the
-/// table's own copy and the queues' entries are each a pointer to it.
-#[derive(Debug)]
-struct Named {
-    namespace: Namespace,
-    key: Key,
-    hash: u64,
-}
-
-impl std::fmt::Debug for ResourceId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResourceId")
-            .field("namespace", &self.0.namespace)
-            .field("key", &self.0.key)
-            .finish()
-    }
-}
-
-impl Ord for ResourceId {
-    /// Namespace, then key.
-    fn cmp(&self, other: &ResourceId) -> std::cmp::Ordering {
-        (self.0.namespace, &self.0.key).cmp(&(other.0.namespace, &other.0.key))
-    }
-}
-
-impl PartialOrd for ResourceId {
-    fn partial_cmp(&self, other: &ResourceId) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl PartialEq for ResourceId {
-    fn eq(&self, other: &ResourceId) -> bool {
-        // The cached hash first: different resources almost always differ
-        // there, and equal ones usually share their key's bytes.
-        Arc::ptr_eq(&self.0, &other.0)
-            || (self.0.hash == other.0.hash
-                && self.0.namespace == other.0.namespace
-                && self.0.key == other.0.key)
-    }
-}
-
-impl Eq for ResourceId {}
-
-impl std::hash::Hash for ResourceId {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        state.write_u64(self.0.hash);
-    }
-}
-
-/// Written as (namespace, key); the hash is made again when read back.
-impl serde::Serialize for ResourceId {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeTuple;
-        let mut tuple = serializer.serialize_tuple(2)?;
-        tuple.serialize_element(&self.0.namespace)?;
-        tuple.serialize_element(&self.0.key)?;
-        tuple.end()
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for ResourceId {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<ResourceId, D::Error> {
-        let (namespace, key) = <(Namespace, Key)>::deserialize(deserializer)?;
-        Ok(ResourceId::new(namespace, key))
-    }
-}
-
-impl ResourceId {
-    /// Names a resource.
-    ///
-    /// ```
-    /// use dflockd_proto::{Key, Namespace};
-    /// let r = dflockd_core::ResourceId::new(Namespace::Lock, Key::new("k").unwrap());
-    /// assert_eq!(r.key().as_bytes(), b"k");
-    /// ```
-    pub fn new(namespace: Namespace, key: Key) -> ResourceId {
-        use std::hash::BuildHasher;
-        static KEYED: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
-        let hash = KEYED
-            .get_or_init(std::hash::RandomState::new)
-            .hash_one((namespace, key.as_bytes()));
-        ResourceId(Arc::new(Named {
-            namespace,
-            key,
-            hash,
-        }))
-    }
-
-    /// The namespace (lock or semaphore).
-    ///
-    /// ```
-    /// use dflockd_proto::{Key, Namespace};
-    /// let r = dflockd_core::ResourceId::new(Namespace::Semaphore, Key::new("pool").unwrap());
-    /// assert_eq!(r.namespace(), Namespace::Semaphore);
-    /// ```
-    pub fn namespace(&self) -> Namespace {
-        self.0.namespace
-    }
-
-    /// The key.
-    ///
-    /// ```
-    /// use dflockd_proto::{Key, Namespace};
-    /// let r = dflockd_core::ResourceId::new(Namespace::Lock, Key::new("jobs/7").unwrap());
-    /// assert_eq!(r.key().as_bytes(), b"jobs/7");
-    /// ```
-    pub fn key(&self) -> &Key {
-        &self.0.key
-    }
-
-    /// Which of `shards` tables holds this resource, for a server that
-    /// splits its keys over several tables: a function of the resource's
-    /// cached hash, so the same in every call of one process (and spread
-    /// unpredictably from outside, as the hash is keyed). `shards` must not
-    /// be zero.
-    ///
-    /// ```
-    /// use dflockd_proto::{Key, Namespace};
-    /// let r = dflockd_core::ResourceId::new(Namespace::Lock, Key::new("k").unwrap());
-    /// assert!(r.shard(16) < 16);
-    /// assert_eq!(r.shard(16), r.clone().shard(16));
-    /// assert_eq!(r.shard(1), 0);
-    /// ```
-    pub fn shard(&self, shards: usize) -> usize {
-        // The high half: the tables' own hash maps see the whole hash, and
-        // foldhash mixes it again, so their buckets stay spread.
-        ((self.0.hash >> 32) % shards.max(1) as u64) as usize
-    }
-}
-
-/// Table-wide rules (spec §3.3, §3.7, §3.8).
-///
-/// ```
-/// let c = dflockd_core::TableConfig::default();
-/// assert_eq!(c.default_lease.get(), 33);
-/// assert_eq!(c.max_locks, 1024);
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct TableConfig {
-    /// Lease applied when a request names none.
-    pub default_lease: Lease,
-    /// Most resources (both namespaces together).
-    pub max_locks: usize,
-    /// Most queued waiters per resource; 0 = unlimited.
-    pub max_waiters: usize,
-    /// How long a resource with no holder and no waiter survives GC.
-    pub gc_max_idle: Duration,
-    /// Disconnect lock-delay: when a closed connection's hold is released
-    /// automatically, the key is not granted again until
-    /// `min(remaining lease, delay)` has passed (zero = off). Closes the
-    /// window where a holder that has not yet noticed its connection died
-    /// overlaps the next holder.
-    pub disconnect_lock_delay: Duration,
-    /// How far the `now` the caller passes may lag the true time (a coarse
-    /// clock's tick; zero for a precise clock). Every lease and lock-delay
-    /// is lengthened by it, so none ends before its full length has truly
-    /// passed.
-    pub clock_granularity: Duration,
-    /// Whether a closed connection's holds are released at once (the
-    /// default for [`Op::Disconnect`] with `auto_release: None`), rather
-    /// than when their leases run out.
-    pub auto_release: bool,
-}
-
-impl Default for TableConfig {
-    fn default() -> TableConfig {
-        TableConfig {
-            default_lease: Lease::new(33).expect("33 is a valid lease"),
-            max_locks: 1024,
-            max_waiters: 0,
-            gc_max_idle: Duration::from_secs(60),
-            disconnect_lock_delay: Duration::ZERO,
-            clock_granularity: Duration::ZERO,
-            auto_release: true,
-        }
-    }
-}
-
-/// A grant: the token and the lease it was given.
-///
-/// ```
-/// # use std::time::Duration;
-/// # use dflockd_core::*;
-/// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-/// # let mut table = LockTable::new(TableConfig::default());
-/// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-/// # let mut run = |op| table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
-/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
-/// let op = Op::Acquire { conn: ConnId(1), resource: rid.clone(), limit: Limit::ONE, lease: Some(Lease::new(10).unwrap()), wait: None };
-/// let Ok(Outcome::Acquire(AcquireOutcome::Granted(grant))) = run(op).outcome else { panic!() };
-/// assert_eq!(grant.token.fence(), 1);
-/// assert_eq!(grant.lease.get(), 10);
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Grant {
-    /// The new token (fence + salt).
-    pub token: Token,
-    /// The lease length.
-    pub lease: Lease,
-}
-
-/// Result of `l`/`sl`.
-///
-/// ```
-/// # use std::time::Duration;
-/// # use dflockd_core::*;
-/// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-/// # let mut table = LockTable::new(TableConfig::default());
-/// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-/// # let mut run = |op| table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
-/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
-/// let granted = run(acquire(1, &rid, None)).outcome;
-/// assert!(matches!(granted, Ok(Outcome::Acquire(AcquireOutcome::Granted(_)))));
-/// // Busy: a try-lock times out at once, a blocking acquire queues.
-/// assert_eq!(run(acquire(2, &rid, None)).outcome, Ok(Outcome::Acquire(AcquireOutcome::Timeout)));
-/// let queued = run(acquire(2, &rid, Some(7))).outcome;
-/// assert!(matches!(queued, Ok(Outcome::Acquire(AcquireOutcome::Queued(_)))));
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AcquireOutcome {
-    /// Granted at once.
-    Granted(Grant),
-    /// Queued; the grant will arrive as a [`Delivery`].
-    Queued(WaiterId),
-    /// Not free and the caller did not want to wait.
-    Timeout,
-}
-
-/// Result of `e`/`se`.
-///
-/// ```
-/// # use std::time::Duration;
-/// # use dflockd_core::*;
-/// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-/// # let mut table = LockTable::new(TableConfig::default());
-/// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-/// # let mut run = |op| table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
-/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
-/// let enqueue = |conn| Op::Enqueue { conn: ConnId(conn), ticket: 0, resource: rid.clone(), limit: Limit::ONE, lease: None };
-/// assert!(matches!(run(enqueue(1)).outcome, Ok(Outcome::Enqueue(EnqueueOutcome::Acquired(_)))));
-/// assert_eq!(run(enqueue(2)).outcome, Ok(Outcome::Enqueue(EnqueueOutcome::Queued)));
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EnqueueOutcome {
-    /// Granted at once (`acquired`).
-    Acquired(Grant),
-    /// Queued (`queued`).
-    Queued,
-}
-
-/// Result of `w`/`sw`.
-///
-/// ```
-/// # use std::time::Duration;
-/// # use dflockd_core::*;
-/// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-/// # let mut table = LockTable::new(TableConfig::default());
-/// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-/// # let mut run = |op| table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
-/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
-/// let Ok(Outcome::Acquire(AcquireOutcome::Granted(grant))) = run(acquire(1, &rid, None)).outcome else { panic!() };
-/// let _ = run(Op::Enqueue { conn: ConnId(2), ticket: 0, resource: rid.clone(), limit: Limit::ONE, lease: None }); // queued
-/// let wait = run(Op::Wait { conn: ConnId(2), ticket: 0, resource: rid.clone(), wait: Some(4) });
-/// assert!(matches!(wait.outcome, Ok(Outcome::Wait(WaitOutcome::Pending(_)))));
-/// let released = run(Op::Release { resource: rid.clone(), token: grant.token });
-/// assert_eq!(released.grants[0].to, Waiting { conn: ConnId(2), request: 4 }); // the pending wait is granted
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WaitOutcome {
-    /// The grant (made before or at this call).
-    Granted(Grant),
-    /// Still queued, at this place; the grant will arrive as a
-    /// [`Delivery`].
-    Pending(WaiterId),
-    /// Still queued and the caller did not want to wait: the waiter was
-    /// removed and the two-phase state discarded.
-    Timeout,
-}
-
-/// Lock-level failures, each mapping to one status word.
-///
-/// ```
-/// # use std::time::Duration;
-/// # use dflockd_core::*;
-/// # use dflockd_proto::{Key, Lease, Limit, Namespace};
-/// # let mut table = LockTable::new(TableConfig::default());
-/// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-/// # let mut run = |op| table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
-/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
-/// let wait = run(Op::Wait { conn: ConnId(1), ticket: 0, resource: rid.clone(), wait: None });
-/// assert_eq!(wait.outcome, Err(LockError::NotEnqueued));
-/// let release = run(Op::Release { resource: rid.clone(), token: dflockd_proto::Token::new(1, 2) });
-/// assert_eq!(release.outcome, Err(LockError::NotHeld));
-/// let sem = ResourceId::new(Namespace::Semaphore, Key::new("pool").unwrap());
-/// let take = |conn, limit| Op::Acquire { conn: ConnId(conn), resource: sem.clone(), limit: Limit::new(limit).unwrap(), lease: None, wait: None };
-/// let _ = run(take(1, 3));
-/// assert_eq!(run(take(2, 5)).outcome, Err(LockError::LimitMismatch));
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-pub enum LockError {
-    /// `error_max_locks`
-    #[error("too many resources")]
-    MaxLocks,
-    /// `error_max_waiters`
-    #[error("wait queue full")]
-    MaxWaiters,
-    /// `error_limit_mismatch`
-    #[error("semaphore exists with another limit")]
-    LimitMismatch,
-    /// `error_not_enqueued`
-    #[error("not enqueued")]
-    NotEnqueued,
-    /// `error_already_enqueued`
-    #[error("already enqueued")]
-    AlreadyEnqueued,
-    /// `error_lease_expired`
-    #[error("lease expired before the grant was observed")]
-    LeaseExpired,
-    /// `error`: the token does not hold the resource (or its lease ran out).
-    #[error("token does not hold the resource")]
-    NotHeld,
-    /// `error`: no token could be minted.
-    #[error(transparent)]
-    Mint(#[from] MintError),
-}
 
 struct Holder {
     conn: ConnId,
@@ -573,24 +188,24 @@ impl Resources {
     }
 
     fn get(&self, rid: &ResourceId) -> Option<&Resource> {
-        self.0.find(rid.0.hash, |r| r.id == *rid)
+        self.0.find(rid.hash(), |r| r.id == *rid)
     }
 
     fn get_mut(&mut self, rid: &ResourceId) -> Option<&mut Resource> {
-        self.0.find_mut(rid.0.hash, |r| r.id == *rid)
+        self.0.find_mut(rid.hash(), |r| r.id == *rid)
     }
 
     /// Adds a resource that is not in the table yet.
     fn insert(&mut self, resource: Resource) {
         self.0
-            .insert_unique(resource.id.0.hash, resource, |r| r.id.0.hash);
+            .insert_unique(resource.id.hash(), resource, |r| r.id.hash());
     }
 
     /// The resource whose id hashes to `hash` and that `token` holds.
     /// Tokens are unique, so this is at most one, even if ids collide.
     fn holding(&self, hash: u64, token: &Token) -> Option<&Resource> {
         self.0.find(hash, |r| {
-            r.id.0.hash == hash && r.holders.deadline(token).is_some()
+            r.id.hash() == hash && r.holders.deadline(token).is_some()
         })
     }
 
@@ -1838,7 +1453,7 @@ fn hold(
     if c.ring == NO_RING {
         c.ring = leases.new_ring();
     }
-    let slot = leases.insert(c.ring, token, resource.id.0.hash, deadline);
+    let slot = leases.insert(c.ring, token, resource.id.hash(), deadline);
     resource.holders.insert(
         token,
         Holder {
@@ -1884,16 +1499,13 @@ impl<F> std::fmt::Debug for LockTable<F> {
 mod tests {
     use super::*;
     use crate::FenceCounter;
+    use dflockd_proto::Key;
 
     /// Two resources whose ids hash alike (the keyed hash makes this
     /// astronomically rare, so it is forced here).
     fn colliding() -> (ResourceId, ResourceId) {
         let named = |key: &str| {
-            ResourceId(Arc::new(Named {
-                namespace: dflockd_proto::Namespace::Lock,
-                key: Key::new(key).unwrap(),
-                hash: 42,
-            }))
+            ResourceId::with_hash(dflockd_proto::Namespace::Lock, Key::new(key).unwrap(), 42)
         };
         (named("a"), named("b"))
     }
@@ -1912,7 +1524,7 @@ mod tests {
                     holders += 1;
                     assert_eq!(
                         self.leases.lease_at(holder.slot),
-                        Some((resource.id.0.hash, *token, holder.deadline))
+                        Some((resource.id.hash(), *token, holder.deadline))
                     );
                 }
             }

@@ -11,10 +11,11 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::{
-    Conn, ConnId, HashMap, Holder, Holders, LockTable, Phase1, Resource, ResourceId, Resources,
-    TableConfig, Waiter, WaiterId, WaiterKind,
+    Conn, HashMap, Holder, Holders, LockTable, Phase1, Resource, Resources, Waiter, WaiterKind,
 };
 use crate::command::{DecodeError, decode_versioned, encode_versioned};
+use crate::config::TableConfig;
+use crate::ids::{ConnId, ResourceId, WaiterId};
 use crate::leases::NO_RING;
 use crate::{FenceCounter, FenceSource, ResourceBudget};
 
@@ -373,7 +374,7 @@ impl<F: FenceSource> LockTable<F> {
                 if owner != state.id {
                     return Err(stray);
                 }
-                let slot = self.leases.insert(conn.ring, *token, rid.0.hash, deadline);
+                let slot = self.leases.insert(conn.ring, *token, rid.hash(), deadline);
                 hold_restored(&mut self.resources, &rid, *token, owner, deadline, slot);
             }
             conn.waiters = state.waiters.iter().cloned().collect();
@@ -406,7 +407,7 @@ impl<F: FenceSource> LockTable<F> {
                     token,
                 });
             }
-            let slot = self.leases.insert_alone(token, rid.0.hash, deadline);
+            let slot = self.leases.insert_alone(token, rid.hash(), deadline);
             hold_restored(&mut self.resources, &rid, token, owner, deadline, slot);
         }
         self.delays = snapshot
