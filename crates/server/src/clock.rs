@@ -33,15 +33,19 @@ enum Source {
     #[cfg(target_os = "linux")]
     Coarse { start: Duration, tick: Duration },
     /// The runtime's clock.
-    #[cfg_attr(target_os = "linux", allow(dead_code))]
     Runtime,
 }
 
 impl TableClock {
-    /// A clock that starts at zero now.
-    pub(crate) fn start() -> TableClock {
+    /// A clock that starts at zero now: the best one, or the runtime's
+    /// (which follows tokio's paused test time) if `runtime`.
+    pub(crate) fn start(runtime: bool) -> TableClock {
         // The coarse start first: then it is no later than `origin`.
-        let source = Source::best();
+        let source = if runtime {
+            Source::Runtime
+        } else {
+            Source::best()
+        };
         TableClock {
             origin: Instant::now(),
             source,
@@ -111,7 +115,7 @@ mod tests {
     #[test]
     fn readings_never_decrease_and_follow_the_precise_clock() {
         let precise = std::time::Instant::now();
-        let clock = TableClock::start();
+        let clock = TableClock::start(false);
         let mut last = clock.now();
         // Until the table clock has moved by several ticks (bounded: the
         // coarse clock moves at least once per tick).
@@ -140,7 +144,7 @@ mod tests {
 
     #[test]
     fn an_instant_after_a_time_is_one_at_which_the_clock_has_reached_it() {
-        let clock = TableClock::start();
+        let clock = TableClock::start(false);
         let target = clock.now() + Duration::from_millis(20);
         let at = clock.instant_after(target);
         while Instant::now() < at {
@@ -152,7 +156,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn linux_uses_the_coarse_clock_with_its_tick() {
-        let clock = TableClock::start();
+        let clock = TableClock::start(false);
         assert!(matches!(clock.source, Source::Coarse { .. }));
         assert!(clock.granularity() > Duration::ZERO);
     }

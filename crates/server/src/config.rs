@@ -134,6 +134,29 @@ pub struct ServerConfig {
     /// (`--mux-max-waiting`, default 100,000); beyond it a blocking request
     /// is answered `error_max_waiters`. 0 = unlimited.
     pub mux_max_waiting: usize,
+    /// Count lease and lock-delay time on the tokio runtime's clock instead
+    /// of the kernel's coarse clock (default false; no flag). Dearer to
+    /// read, but it follows `tokio::time::pause`, so tests of code that
+    /// embeds the server can run on virtual time:
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    /// let config = dflockd_server::ServerConfig { runtime_clock: true, ..dflockd_server::ServerConfig::ephemeral() };
+    /// let server = dflockd_server::Server::start(config).await.unwrap();
+    /// let mut c = BufReader::new(server.connect_in_process().unwrap());
+    /// c.write_all(b"l\nk\n0 2\n").await.unwrap(); // a 2 s lease
+    /// let mut granted = String::new();
+    /// c.read_line(&mut granted).await.unwrap();
+    /// tokio::time::sleep(std::time::Duration::from_secs(5)).await; // virtual: no wait
+    /// let mut other = BufReader::new(server.connect_in_process().unwrap());
+    /// other.write_all(b"l\nk\n0\n").await.unwrap();
+    /// let mut reply = String::new();
+    /// other.read_line(&mut reply).await.unwrap();
+    /// assert!(reply.starts_with("ok "), "the lease ran out on the virtual clock: {reply}");
+    /// # }
+    /// ```
+    pub runtime_clock: bool,
 }
 
 impl Default for ServerConfig {
@@ -161,6 +184,7 @@ impl Default for ServerConfig {
             pipeline_limit: 16 * 1024,
             mux: true,
             mux_max_waiting: 100_000,
+            runtime_clock: false,
         }
     }
 }

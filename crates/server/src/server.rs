@@ -94,7 +94,7 @@ impl Server {
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
         warn_unbounded(&config, &local_addr);
-        let clock = TableClock::start();
+        let clock = TableClock::start(config.runtime_clock);
         let table_config = TableConfig {
             default_lease: config.default_lease,
             max_locks: config.max_locks,

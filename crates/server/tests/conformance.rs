@@ -27,4 +27,18 @@ mod support;
 /// This run's connections: TCP to 127.0.0.1.
 const TRANSPORT: support::Transport = support::Transport::Tcp;
 
+/// An item: a test on the real clock.
+macro_rules! conformance_test {
+    ($(#[$meta:meta])* async fn $name:ident() $body:block) => {
+        $(#[$meta])*
+        #[tokio::test]
+        async fn $name() $body
+    };
+}
+
+/// An item that opens sockets of its own: a test on the real clock.
+macro_rules! socket_test {
+    ($($item:tt)*) => { conformance_test! { $($item)* } };
+}
+
 include!("conformance/suite.rs");

@@ -2,7 +2,9 @@
 // `conformance_in_process.rs` (over in-process pipes): each includes this
 // file after naming its `TRANSPORT`. See those files for what is covered.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use dflockd_server::{FENCE_RANGE, FenceFile, Secret, ServerHandle};
 use serde_json::json;
@@ -46,13 +48,14 @@ fn auth_server() -> impl FnOnce(&mut dflockd_server::ServerConfig) {
 // ---------------------------------------------------------------------------
 // Framing (1–19)
 
-#[tokio::test]
+conformance_test! {
 async fn item_001_ping() {
     let server = start().await;
     conn(&server).await.expect(PING, "ok").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_002_crlf_ping_reply_is_lf_only() {
     let server = start().await;
     // `line()` rejects a CR in the reply.
@@ -61,15 +64,17 @@ async fn item_002_crlf_ping_reply_is_lf_only() {
         .expect(b"ping\r\n_\r\n_\r\n", "ok")
         .await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_003_crlf_acquire() {
     let server = start().await;
     let grant = conn(&server).await.grant(b"l\r\nk\r\n0\r\n").await;
     assert_eq!(grant.lease, 33);
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_004_pipelined_replies_in_order() {
     let server = start().await;
     let mut c = conn(&server).await;
@@ -81,49 +86,56 @@ async fn item_004_pipelined_replies_in_order() {
     let k = find(&stats, "locks", "k").expect("k listed as held");
     assert!(k["owner_conn_id"].as_u64().unwrap() >= 1, "{stats}");
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_005_key_of_256_bytes() {
     let server = start().await;
     let key = "a".repeat(256);
     let grant = conn(&server).await.grant(format!("l\n{key}\n0\n")).await;
     assert_eq!(grant.lease, 33);
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_006_key_of_257_bytes_closes() {
     let server = start().await;
     let key = "a".repeat(257);
     expect_reply_then_closed(&server, format!("l\n{key}\n0\n").as_bytes(), "error").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_007_key_of_256_bytes_with_crlf_closes() {
     let server = start().await;
     let key = "a".repeat(256);
     expect_reply_then_closed(&server, format!("l\n{key}\r\n0\n").as_bytes(), "error").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_008_command_line_of_300_bytes_closes() {
     let server = start().await;
     let command = "c".repeat(300);
     expect_reply_then_closed(&server, format!("{command}\n").as_bytes(), "error").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_009_argument_line_of_300_bytes_closes() {
     let server = start().await;
     let arg = "1".repeat(300);
     expect_reply_then_closed(&server, format!("l\nk\n{arg}\n").as_bytes(), "error").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_010_empty_command_line() {
     expect_errors_open(&[b"\nk\n0\n"]).await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_011_unknown_commands() {
     expect_errors_open(&[b"foo\nk\nx\n", b"hello\n_\nhttp2\n"]).await;
     // With the multiplexed extension switched off (`--no-mux`), the server
@@ -137,18 +149,21 @@ async fn item_011_unknown_commands() {
     let mut c = conn(&server).await;
     c.expect(b"hello\n_\nmux\n", "ok mux 1").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_012_removed_v1_commands() {
     expect_errors_open(&[b"signal\nch\nhello\n", b"listen\nch\n\n"]).await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_013_experimental_branch_command() {
     expect_errors_open(&[b"incr\nc\n1\n"]).await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_014_blank_fields_on_keyless_commands() {
     let server = start().await;
     let mut c = conn(&server).await;
@@ -156,22 +171,25 @@ async fn item_014_blank_fields_on_keyless_commands() {
     let line = c.req(b"stats\n\n\n").await;
     parse_stats(&line);
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_015_whitespace_tolerant_fields() {
     let server = start().await;
     let mut c = conn(&server).await;
     assert_eq!(c.grant(b"l\nk\n  0   45  \n").await.lease, 45);
     assert_eq!(c.grant(b"l\nk2\n0\t45\n").await.lease, 45);
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_016_signed_integers() {
     let server = start().await;
     assert_eq!(conn(&server).await.grant(b"l\nk3\n+0 +7\n").await.lease, 7);
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_017_mid_frame_timeout_closes() {
     let server = start_with(|c| c.read_timeout = READ_TIMEOUT).await;
     let mut c1 = conn(&server).await;
@@ -189,8 +207,9 @@ async fn item_017_mid_frame_timeout_closes() {
     let mut c2 = conn(&server).await;
     c2.grant(b"l\nk17\n0\n").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_018_idle_timeout_closes_and_releases() {
     let server = start_with(|c| c.read_timeout = READ_TIMEOUT).await;
     let mut c1 = conn(&server).await;
@@ -206,8 +225,9 @@ async fn item_018_idle_timeout_closes_and_releases() {
     let mut c2 = conn(&server).await;
     c2.grant(b"l\nk18\n0\n").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_019_partial_frame_then_half_close() {
     let server = start().await;
     let mut c = conn(&server).await;
@@ -215,69 +235,81 @@ async fn item_019_partial_frame_then_half_close() {
     c.shutdown_write().await;
     c.assert_closed().await;
 }
+}
 
 // ---------------------------------------------------------------------------
 // Validation (20–35): `error`, connection open
 
-#[tokio::test]
+conformance_test! {
 async fn item_020_empty_key() {
     expect_errors_open(&[b"l\n\n0\n"]).await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_021_key_with_space_or_tab() {
     expect_errors_open(&[b"l\na b\n0\n", b"l\na\tb\n0\n"]).await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_022_key_with_embedded_cr() {
     expect_errors_open(&[b"l\na\rb\n0\n"]).await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_023_bad_integer() {
     expect_errors_open(&[b"l\nk\nabc\n", b"l\nk\n1.5\n"]).await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_024_negative_timeout() {
     expect_errors_open(&[b"l\nk\n-1\n"]).await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_025_blank_argument_on_l() {
     expect_errors_open(&[b"l\nk\n\n"]).await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_026_wrong_argument_count() {
     expect_errors_open(&[b"l\nk\n1 2 3\n", b"sl\ns\n0\n", b"sl\ns\n0 1 2 3\n"]).await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_027_zero_or_negative_lease() {
     expect_errors_open(&[b"l\nk\n0 0\n", b"l\nk\n0 -5\n"]).await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_028_timeout_above_maximum_and_overflow() {
     expect_errors_open(&[b"l\nk\n9223372037\n", b"l\nk\n99999999999999999999\n"]).await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_029_lease_above_maximum() {
     expect_errors_open(&[b"l\nk\n0 9223372037\n"]).await;
     let server = start().await;
     let grant = conn(&server).await.grant(b"l\nk4\n0 9223372036\n").await;
     assert_eq!(grant.lease, 9_223_372_036);
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_030_zero_or_negative_limit() {
     expect_errors_open(&[b"sl\ns\n0 0\n", b"sl\ns\n0 -1\n", b"se\ns\n0\n"]).await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_031_limit_above_cap() {
     let server = start().await;
     let mut c = conn(&server).await;
@@ -285,13 +317,15 @@ async fn item_031_limit_above_cap() {
     c.assert_open().await;
     assert_eq!(c.grant(b"sl\ns2\n0 1048576\n").await.lease, 33);
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_032_empty_token() {
     expect_errors_open(&[b"r\nk\n\n", b"sr\ns\n   \n"]).await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_033_renew_shape() {
     expect_errors_open(&[
         b"n\nk\n\n",
@@ -301,8 +335,9 @@ async fn item_033_renew_shape() {
     ])
     .await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_034_enqueue_shape() {
     expect_errors_open(&[
         b"e\nk\n30 junk\n",
@@ -313,30 +348,34 @@ async fn item_034_enqueue_shape() {
     ])
     .await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_035_wait_shape() {
     expect_errors_open(&[b"w\nk\n\n", b"w\nk\n5 5\n", b"w\nk\n-1\n"]).await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn v21_barrier_and_stable_ref_are_unknown_commands() {
     // Items 100/101 do not apply: like v2.1 the server has no cluster code.
     expect_errors_open(&[b"barrier\n_\n\n", b"stable-ref\nworker-1\n_\n"]).await;
+}
 }
 
 // ---------------------------------------------------------------------------
 // Authentication (37–44)
 
-#[tokio::test]
+conformance_test! {
 async fn item_037_auth_then_ping() {
     let server = start_with(auth_server()).await;
     let mut c = conn(&server).await;
     c.expect(b"auth\n_\ns3cret\n", "ok").await;
     c.expect(PING, "ok").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_038_auth_required_first() {
     let server = start_with(auth_server()).await;
     let mut c = conn(&server).await;
@@ -351,28 +390,32 @@ async fn item_038_auth_required_first() {
         "closed {pause:?} after error_auth"
     );
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_039_wrong_token() {
     let server = start_with(auth_server()).await;
     expect_reply_then_closed(&server, b"auth\n_\nwrong\n", "error_auth").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_040_blank_token() {
     let server = start_with(auth_server()).await;
     expect_reply_then_closed(&server, b"auth\n_\n\n", "error_auth").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_041_key_ignored_token_trimmed() {
     let server = start_with(auth_server()).await;
     let mut c = conn(&server).await;
     c.expect(b"auth\nwhatever\n  s3cret \t\n", "ok").await;
     c.assert_open().await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_042_auth_token_line_of_64_kib_and_one_more() {
     let server = start_with(auth_server()).await;
     for len in [65_536, 65_537] {
@@ -380,8 +423,9 @@ async fn item_042_auth_token_line_of_64_kib_and_one_more() {
         expect_reply_then_closed(&server, request.as_bytes(), "error_auth").await;
     }
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_043_second_auth_is_unknown() {
     let server = start_with(auth_server()).await;
     let mut c = conn(&server).await;
@@ -389,28 +433,32 @@ async fn item_043_second_auth_is_unknown() {
     c.expect(b"auth\n_\ns3cret\n", "error").await;
     c.assert_open().await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_044_auth_without_configured_token() {
     expect_errors_open(&[b"auth\n_\nx\n"]).await;
+}
 }
 
 // ---------------------------------------------------------------------------
 // Locks (45–62)
 
-#[tokio::test]
+conformance_test! {
 async fn item_045_acquire_free_key() {
     let server = start().await;
     assert_eq!(conn(&server).await.grant(b"l\nk\n0\n").await.lease, 33);
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_046_custom_lease() {
     let server = start().await;
     assert_eq!(conn(&server).await.grant(b"l\nk5\n0 60\n").await.lease, 60);
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_047_try_lock_on_held_key() {
     let server = start().await;
     let mut c1 = conn(&server).await;
@@ -424,8 +472,9 @@ async fn item_047_try_lock_on_held_key() {
         sent.elapsed()
     );
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_048_bounded_wait() {
     let server = start().await;
     let mut c1 = conn(&server).await;
@@ -439,8 +488,9 @@ async fn item_048_bounded_wait() {
         "timeout after {elapsed:?}"
     );
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_049_release_then_release_again() {
     let server = start().await;
     let mut c = conn(&server).await;
@@ -448,8 +498,9 @@ async fn item_049_release_then_release_again() {
     c.expect(format!("r\nk\n{t1}\n"), "ok").await;
     c.expect(format!("r\nk\n{t1}\n"), "error").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_050_release_with_wrong_token() {
     let server = start().await;
     let mut c = conn(&server).await;
@@ -460,8 +511,9 @@ async fn item_050_release_with_wrong_token() {
     let k = find(&stats, "locks", "k").expect("k still held");
     assert!(k["owner_conn_id"].as_u64().unwrap() >= 1, "{stats}");
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_051_release_of_unknown_key() {
     let server = start().await;
     conn(&server)
@@ -472,8 +524,9 @@ async fn item_051_release_of_unknown_key() {
         )
         .await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_052_token_bearer_release() {
     let server = start().await;
     let mut c1 = conn(&server).await;
@@ -481,8 +534,9 @@ async fn item_052_token_bearer_release() {
     let t = c1.grant(b"l\nk6\n0\n").await.token;
     c2.expect(format!("r\nk6\n{t}\n"), "ok").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_053_namespace_check() {
     let server = start().await;
     let mut c = conn(&server).await;
@@ -490,8 +544,9 @@ async fn item_053_namespace_check() {
     c.expect(format!("sr\nk7\n{t}\n"), "error").await;
     c.expect(format!("n\nk7\n{t}\n"), "ok 33").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_054_renew() {
     let server = start().await;
     let mut c = conn(&server).await;
@@ -504,8 +559,9 @@ async fn item_054_renew() {
         .expect("lease_expires_in_s is a number");
     assert!(left > 85.0 && left <= 90.0, "lease_expires_in_s {left}");
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_055_renew_with_wrong_token() {
     let server = start().await;
     let mut c = conn(&server).await;
@@ -513,8 +569,9 @@ async fn item_055_renew_with_wrong_token() {
     c.expect(b"n\nk\n00000000000000000000000000000000\n", "error")
         .await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_056_renew_after_expiry_is_not_resurrection() {
     let server = start().await;
     let mut c1 = conn(&server).await;
@@ -528,8 +585,9 @@ async fn item_056_renew_after_expiry_is_not_resurrection() {
         .await;
     assert_eq!(c2.grant(b"l\nk8\n0\n").await.lease, 33);
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_057_expiry_hands_over_to_waiter() {
     let server = start().await;
     let mut c1 = conn(&server).await;
@@ -544,16 +602,18 @@ async fn item_057_expiry_hands_over_to_waiter() {
         "waiter granted {elapsed:?} after the 1 s lease began"
     );
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_058_not_reentrant() {
     let server = start().await;
     let mut c1 = conn(&server).await;
     c1.grant(b"l\nk\n0\n").await;
     c1.expect(b"l\nk\n1\n", "timeout").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_059_fifo_of_three_waiters() {
     let server = start().await;
     let mut h = conn(&server).await;
@@ -581,8 +641,9 @@ async fn item_059_fifo_of_three_waiters() {
     let tc = parse_grant(&c.line().await, "ok").expect("C granted third");
     assert!(th.fence() < ta.fence() && ta.fence() < tb.fence() && tb.fence() < tc.fence());
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_060_fences_strictly_increase() {
     let server = start().await;
     let mut c = conn(&server).await;
@@ -608,8 +669,9 @@ async fn item_060_fences_strictly_increase() {
         assert_eq!(pair[0] + 1, pair[1], "fences not consecutive: {fences:?}");
     }
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_061_fence_seeded_from_wall_clock() {
     let before = unix_nanos();
     let server = start().await;
@@ -621,8 +683,9 @@ async fn item_061_fence_seeded_from_wall_clock() {
         "first fence {fence} vs start time {before}..{after} (Unix ns)"
     );
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_062_fence_state_file_survives_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("fence.state");
@@ -652,8 +715,9 @@ async fn item_062_fence_state_file_survives_restart() {
         .await
         .expect("server drains");
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_062_fence_state_file_clock_set_back() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("fence.state");
@@ -672,11 +736,12 @@ async fn item_062_fence_state_file_clock_set_back() {
     assert_eq!(record.ceiling, ceiling + FENCE_RANGE, "{record:?}");
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 64);
 }
+}
 
 // ---------------------------------------------------------------------------
 // Semaphores (63–67)
 
-#[tokio::test]
+conformance_test! {
 async fn item_063_limit_two_three_contenders() {
     let server = start().await;
     let mut a = conn(&server).await;
@@ -692,8 +757,9 @@ async fn item_063_limit_two_three_contenders() {
     let tc = parse_grant(&c.line_within(PROMPT).await, "ok").expect("C granted");
     assert_eq!(tc.lease, 33);
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_064_limit_mismatch() {
     let server = start().await;
     let mut a = conn(&server).await;
@@ -702,8 +768,9 @@ async fn item_064_limit_mismatch() {
     d.expect(b"sl\ns\n0 3\n", "error_limit_mismatch").await;
     d.expect(b"se\ns\n3\n", "error_limit_mismatch").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_065_mismatch_persists_while_idle_until_gc() {
     let server = start_with(|c| {
         c.gc_interval = Duration::from_millis(200);
@@ -720,8 +787,9 @@ async fn item_065_mismatch_persists_while_idle_until_gc() {
     .await;
     assert_eq!(a.grant(b"sl\ns\n0 3\n").await.lease, 33);
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_066_namespaces_independent() {
     let server = start().await;
     let mut c1 = conn(&server).await;
@@ -730,8 +798,9 @@ async fn item_066_namespaces_independent() {
     c1.grant(b"sl\nsame\n0 5\n").await;
     c2.grant(b"sl\nsame\n0 5\n").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_067_semaphore_renew() {
     let server = start().await;
     let mut a = conn(&server).await;
@@ -739,11 +808,12 @@ async fn item_067_semaphore_renew() {
     let tb = a.grant(b"sl\ns\n0 2\n").await;
     a.expect(format!("sn\ns\n{} 40\n", tb.token), "ok 40").await;
 }
+}
 
 // ---------------------------------------------------------------------------
 // Two-phase (68–79)
 
-#[tokio::test]
+conformance_test! {
 async fn item_068_fast_path_enqueue_then_wait() {
     let server = start().await;
     let mut c = conn(&server).await;
@@ -752,16 +822,18 @@ async fn item_068_fast_path_enqueue_then_wait() {
     let waited = c.grant(b"w\nt1\n5\n").await;
     assert_eq!(waited, acquired);
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_069_enqueue_twice() {
     let server = start().await;
     let mut c = conn(&server).await;
     c.acquired(b"e\nt2\n\n").await;
     c.expect(b"e\nt2\n\n", "error_already_enqueued").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_070_wait_without_enqueue() {
     let server = start().await;
     conn(&server)
@@ -769,8 +841,9 @@ async fn item_070_wait_without_enqueue() {
         .expect(b"w\nt3\n5\n", "error_not_enqueued")
         .await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_071_wait_on_another_connection() {
     let server = start().await;
     let mut c1 = conn(&server).await;
@@ -778,8 +851,9 @@ async fn item_071_wait_on_another_connection() {
     c1.acquired(b"e\nt4\n\n").await;
     c2.expect(b"w\nt4\n1\n", "error_not_enqueued").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_072_queued_then_granted_before_wait() {
     let server = start().await;
     let mut c1 = conn(&server).await;
@@ -793,8 +867,9 @@ async fn item_072_queued_then_granted_before_wait() {
     assert_eq!(t2.lease, 33);
     assert!(t2.fence() > t1.fence());
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_073_queued_blocked_wait() {
     let server = start().await;
     let mut c1 = conn(&server).await;
@@ -807,8 +882,9 @@ async fn item_073_queued_blocked_wait() {
     let t2 = parse_grant(&c2.line_within(PROMPT).await, "ok").expect("C2 granted");
     assert_eq!(t2.lease, 33);
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_074_wait_timeout_forfeits_position() {
     let server = start().await;
     let mut c1 = conn(&server).await;
@@ -819,8 +895,9 @@ async fn item_074_wait_timeout_forfeits_position() {
     c2.expect(b"w\nt7\n1\n", "error_not_enqueued").await;
     assert_eq!(lock_waiters(&c1.stats().await, "t7"), 0);
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_075_enqueue_lease_carried_to_wait() {
     let server = start().await;
     let mut c = conn(&server).await;
@@ -829,8 +906,9 @@ async fn item_075_enqueue_lease_carried_to_wait() {
     let waited = c.grant(b"w\nt8\n1\n").await;
     assert_eq!(waited, acquired);
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_076_release_clears_phase1_state() {
     let server = start().await;
     let mut c = conn(&server).await;
@@ -839,16 +917,18 @@ async fn item_076_release_clears_phase1_state() {
     c.expect(b"w\nt9\n1\n", "error_not_enqueued").await;
     c.acquired(b"e\nt9\n\n").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_077_cross_namespace_wait() {
     let server = start().await;
     let mut c = conn(&server).await;
     c.acquired(b"e\nt10\n\n").await;
     c.expect(b"sw\nt10\n1\n", "error_not_enqueued").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_078_lease_expired_before_wait_default_sweep() {
     let server = start().await;
     let mut c = conn(&server).await;
@@ -860,8 +940,9 @@ async fn item_078_lease_expired_before_wait_default_sweep() {
         "got {reply:?}"
     );
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_078_lease_expired_before_wait_no_sweep() {
     let server = start_with(|c| c.lease_sweep_interval = Duration::from_secs(3600)).await;
     let mut c = conn(&server).await;
@@ -869,8 +950,9 @@ async fn item_078_lease_expired_before_wait_no_sweep() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     c.expect(b"w\nt11\n1\n", "error_lease_expired").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_079_semaphore_two_phase() {
     let server = start().await;
     let mut c = conn(&server).await;
@@ -878,11 +960,12 @@ async fn item_079_semaphore_two_phase() {
     let waited = c.grant(b"sw\nst\n1\n").await;
     assert_eq!(waited.token, acquired.token);
 }
+}
 
 // ---------------------------------------------------------------------------
 // Caps (80–84)
 
-#[tokio::test]
+conformance_test! {
 async fn item_080_081_max_locks_until_gc() {
     let server = start_with(|c| {
         c.max_locks = 2;
@@ -909,8 +992,9 @@ async fn item_080_081_max_locks_until_gc() {
     .await;
     c1.grant(b"l\nc\n0\n").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_082_max_waiters() {
     let server = start_with(|c| c.max_waiters = 1).await;
     let mut h = conn(&server).await;
@@ -925,8 +1009,9 @@ async fn item_082_max_waiters() {
     b.expect(b"l\nw\n0\n", "error_max_waiters").await;
     b.expect(b"e\nw\n\n", "error_max_waiters").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_083_max_connections() {
     let server = start_with(|c| c.max_connections = 1).await;
     let mut c1 = conn(&server).await;
@@ -936,8 +1021,9 @@ async fn item_083_max_connections() {
     c2.assert_eof().await;
     c1.assert_open().await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_084_max_connections_per_ip() {
     let server = start_with(|c| c.max_connections_per_ip = 1).await;
     let mut c1 = conn(&server).await;
@@ -964,11 +1050,12 @@ async fn item_084_max_connections_per_ip() {
         tokio::time::sleep(POLL_STEP).await;
     }
 }
+}
 
 // ---------------------------------------------------------------------------
 // Disconnect (85–89)
 
-#[tokio::test]
+conformance_test! {
 async fn item_085_disconnect_releases() {
     let server = start().await;
     let mut c1 = conn(&server).await;
@@ -983,8 +1070,9 @@ async fn item_085_disconnect_releases() {
         sent.elapsed()
     );
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_086_auto_release_off() {
     // Spec: lease 3 s, free after 3–4.5 s. Scaled: lease 2 s, 2–3.5 s.
     let server = start_with(|c| c.auto_release_on_disconnect = false).await;
@@ -1015,8 +1103,9 @@ async fn item_086_auto_release_off() {
         "released after {elapsed:?}, before the lease ran out"
     );
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_087_disconnect_cancels_blocked_waiter() {
     let server = start().await;
     let mut h = conn(&server).await;
@@ -1036,8 +1125,9 @@ async fn item_087_disconnect_cancels_blocked_waiter() {
     h.expect(format!("r\nd3\n{}\n", th.token), "ok").await;
     b.grant(b"l\nd3\n0\n").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_088_disconnect_cancels_enqueued_waiter() {
     let server = start().await;
     let mut h = conn(&server).await;
@@ -1051,8 +1141,9 @@ async fn item_088_disconnect_cancels_enqueued_waiter() {
     h.expect(format!("r\nd4\n{}\n", th.token), "ok").await;
     b.grant(b"l\nd4\n0\n").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_089_disconnect_releases_enqueue_acquired_slot() {
     let server = start().await;
     let mut a = conn(&server).await;
@@ -1061,11 +1152,12 @@ async fn item_089_disconnect_releases_enqueue_acquired_slot() {
     drop(a);
     b.grant(b"l\nd5\n2\n").await;
 }
+}
 
 // ---------------------------------------------------------------------------
 // Pipelining and blocking (90–92)
 
-#[tokio::test]
+conformance_test! {
 async fn item_090_blocking_request_holds_later_requests() {
     let server = start().await;
     let mut h = conn(&server).await;
@@ -1078,8 +1170,9 @@ async fn item_090_blocking_request_holds_later_requests() {
     assert!(sent.elapsed() >= Duration::from_secs(2));
     assert_eq!(a.line_within(PROMPT).await, "ok");
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_091_grant_then_pipelined_request() {
     let server = start().await;
     let mut h = conn(&server).await;
@@ -1095,8 +1188,9 @@ async fn item_091_grant_then_pipelined_request() {
     let p2 = find(&stats, "locks", "p2").expect("p2 held");
     assert_eq!(p2["owner_conn_id"], a_id, "{stats}");
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_092_pipeline_overflow_closes() {
     let server = start().await;
     let mut h = conn(&server).await;
@@ -1114,6 +1208,7 @@ async fn item_092_pipeline_overflow_closes() {
         String::from_utf8_lossy(&got)
     );
     h.wait_lock_waiters("p3", 0).await;
+}
 }
 
 // ---------------------------------------------------------------------------
@@ -1140,7 +1235,7 @@ fn raw_member_order(line: &str, key: &str) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test]
+conformance_test! {
 async fn item_093_stats_of_fresh_server() {
     let server = start().await;
     let stats = conn(&server).await.stats().await;
@@ -1149,8 +1244,9 @@ async fn item_093_stats_of_fresh_server() {
         json!({"connections":1,"locks":[],"semaphores":[],"idle_locks":[],"idle_semaphores":[]})
     );
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_094_stats_held_lock_with_waiter() {
     let server = start().await;
     let mut c1 = conn(&server).await;
@@ -1172,8 +1268,9 @@ async fn item_094_stats_held_lock_with_waiter() {
     assert!(left > 28.0 && left <= 33.0, "lease_expires_in_s {left}");
     assert_eq!(k["waiters"], 1);
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_095_released_lock_is_idle_then_collected() {
     let server = start_with(|c| {
         c.gc_interval = Duration::from_millis(200);
@@ -1200,8 +1297,9 @@ async fn item_095_released_lock_is_idle_then_collected() {
         "collected {gone:?} after release (gc-max-idle 1 s, gc-interval 0.2 s)"
     );
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_096_stats_semaphore() {
     let server = start().await;
     let mut c = conn(&server).await;
@@ -1217,8 +1315,9 @@ async fn item_096_stats_semaphore() {
         "{line}"
     );
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_097_limit_one_semaphore_listed_under_locks() {
     let server = start().await;
     let mut c = conn(&server).await;
@@ -1232,6 +1331,7 @@ async fn item_097_limit_one_semaphore_listed_under_locks() {
     );
     assert_eq!(stats["locks"].as_array().unwrap().len(), 1, "{stats}");
 }
+}
 
 // ---------------------------------------------------------------------------
 // Shutdown (98–99, 107)
@@ -1242,7 +1342,7 @@ async fn wait_stopped(server: ServerHandle) {
         .expect("server stops once its connections are gone");
 }
 
-#[tokio::test]
+socket_test! {
 async fn item_098_drain() {
     let server = start().await;
     let addr = server.local_addr();
@@ -1254,8 +1354,9 @@ async fn item_098_drain() {
     assert_connect_refused_soon(addr).await;
     wait_stopped(server).await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_099_blocked_waiter_at_shutdown() {
     let server = start().await;
     let mut h = conn(&server).await;
@@ -1271,8 +1372,9 @@ async fn item_099_blocked_waiter_at_shutdown() {
     h.assert_closed().await;
     wait_stopped(server).await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_107_auth_during_drain() {
     let server = start_with(auth_server()).await;
     let mut c0 = conn(&server).await;
@@ -1288,11 +1390,12 @@ async fn item_107_auth_during_drain() {
     drop(c0);
     wait_stopped(server).await;
 }
+}
 
 // ---------------------------------------------------------------------------
 // Additions (103–106, 108–110)
 
-#[tokio::test]
+conformance_test! {
 async fn item_103_renew_by_other_connection_keeps_ownership() {
     let server = start().await;
     let mut c1 = conn(&server).await;
@@ -1314,8 +1417,9 @@ async fn item_103_renew_by_other_connection_keeps_ownership() {
     );
     c2.expect(format!("n\nk\n{t}\n"), "error").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_104_enqueue_on_key_held_by_same_connection() {
     let server = start().await;
     let mut c1 = conn(&server).await;
@@ -1331,8 +1435,9 @@ async fn item_104_enqueue_on_key_held_by_same_connection() {
     c1.expect(b"w\nk\n1\n", "error_not_enqueued").await;
     c1.expect(format!("r\nk\n{t}\n"), "ok").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_105_blocking_request_outlives_read_timeout() {
     // Spec: read timeout 2 s, `l` timeout 4 s. Scaled: 1 s and 2 s.
     let server = start_with(|c| c.read_timeout = READ_TIMEOUT).await;
@@ -1354,8 +1459,9 @@ async fn item_105_blocking_request_outlives_read_timeout() {
     );
     assert_eq!(a.line_within(PROMPT).await, "ok");
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_106_per_line_deadline() {
     // Spec: read timeout 2 s, pauses 1.5 s. Scaled: 1 s and 0.75 s.
     let server = start_with(|c| c.read_timeout = READ_TIMEOUT).await;
@@ -1368,8 +1474,9 @@ async fn item_106_per_line_deadline() {
     c.send(b"_\n").await;
     assert_eq!(c.line().await, "ok");
 }
+}
 
-#[tokio::test]
+socket_test! {
 async fn item_108_tls() {
     let pki = test_pki();
     let server = start_with(|c| c.tls = Some(pki.server.clone())).await;
@@ -1398,8 +1505,9 @@ async fn item_108_tls() {
         String::from_utf8_lossy(&got)
     );
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_109_release_after_deadline_before_eviction() {
     let server = start_with(|c| c.lease_sweep_interval = Duration::from_secs(3600)).await;
     let mut c = conn(&server).await;
@@ -1408,8 +1516,9 @@ async fn item_109_release_after_deadline_before_eviction() {
     tokio::time::sleep(Duration::from_millis(1300)).await;
     c.expect(format!("r\nk\n{}\n", t.token), "ok").await;
 }
+}
 
-#[tokio::test]
+conformance_test! {
 async fn item_110_renew_after_deadline_evicts_at_once() {
     let server = start_with(|c| c.lease_sweep_interval = Duration::from_secs(3600)).await;
     let mut c1 = conn(&server).await;
@@ -1425,4 +1534,5 @@ async fn item_110_renew_after_deadline_evicts_at_once() {
     let t2 = parse_grant(&c2.line_within(Duration::from_millis(500)).await, "ok")
         .expect("C2 granted after the rejected renew");
     assert_eq!(t2.lease, 33);
+}
 }
