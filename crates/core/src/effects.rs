@@ -27,7 +27,7 @@ use crate::ids::{ConnId, ResourceId, WaiterId};
 /// assert_eq!(effects.outcome, Ok(Outcome::Released));
 /// assert_eq!(effects.grants[0].to, Waiting { conn: ConnId(2), request: 5 });
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[must_use = "grants must be delivered (or released with Op::ReleaseUndelivered)"]
 pub struct Effects {
     /// The answer to the command.
@@ -47,7 +47,7 @@ pub struct Effects {
 /// use dflockd_core::Outcome;
 /// assert_ne!(Outcome::Withdrawn(true), Outcome::Withdrawn(false));
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Outcome {
     /// To [`Op::Acquire`](crate::Op::Acquire).
     Acquire(AcquireOutcome),
@@ -90,7 +90,9 @@ pub enum Outcome {
 /// let w = Waiting { conn: ConnId(1), request: 9 };
 /// assert_eq!(w.request, 9);
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct Waiting {
     /// The connection (session) that waits.
     pub conn: ConnId,
@@ -113,7 +115,7 @@ pub struct Waiting {
 /// };
 /// assert_eq!(d.grant.token.fence(), 1);
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Delivery {
     /// The waiting request.
     pub to: Waiting,
@@ -131,7 +133,7 @@ pub struct Delivery {
 /// let e = Expired { resource: ResourceId::new(Namespace::Lock, Key::new("k").unwrap()), token: Token::new(3, 0), conn: ConnId(1) };
 /// assert_eq!(e.token.fence(), 3);
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Expired {
     /// The resource it held.
     pub resource: ResourceId,
@@ -156,7 +158,7 @@ pub struct Expired {
 /// assert_eq!(grant.token.fence(), 1);
 /// assert_eq!(grant.lease.get(), 10);
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Grant {
     /// The new token (fence + salt).
     pub token: Token,
@@ -181,7 +183,7 @@ pub struct Grant {
 /// let queued = run(acquire(2, &rid, Some(7))).outcome;
 /// assert!(matches!(queued, Ok(Outcome::Acquire(AcquireOutcome::Queued(_)))));
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum AcquireOutcome {
     /// Granted at once.
     Granted(Grant),
@@ -205,7 +207,7 @@ pub enum AcquireOutcome {
 /// assert!(matches!(run(enqueue(1)).outcome, Ok(Outcome::Enqueue(EnqueueOutcome::Acquired(_)))));
 /// assert_eq!(run(enqueue(2)).outcome, Ok(Outcome::Enqueue(EnqueueOutcome::Queued)));
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum EnqueueOutcome {
     /// Granted at once (`acquired`).
     Acquired(Grant),
@@ -230,7 +232,7 @@ pub enum EnqueueOutcome {
 /// let released = run(Op::Release { resource: rid.clone(), token: grant.token });
 /// assert_eq!(released.grants[0].to, Waiting { conn: ConnId(2), request: 4 }); // the pending wait is granted
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum WaitOutcome {
     /// The grant (made before or at this call).
     Granted(Grant),
@@ -261,7 +263,7 @@ pub enum WaitOutcome {
 /// let _ = run(take(1, 3));
 /// assert_eq!(run(take(2, 5)).outcome, Err(LockError::LimitMismatch));
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Error, serde::Serialize, serde::Deserialize)]
 pub enum LockError {
     /// `error_max_locks`
     #[error("too many resources")]

@@ -7,7 +7,7 @@ use thiserror::Error;
 /// let mut last = FenceCounter::starting_after(u64::MAX);
 /// assert_eq!(last.next_fence(), Err(MintError::Exhausted)); // fences never wrap
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Error, serde::Serialize, serde::Deserialize)]
 pub enum MintError {
     /// The fence counter reached its end; fences never wrap.
     #[error("fence counter exhausted")]

@@ -1,0 +1,77 @@
+//! Replication for dflockd on [openraft]: the lock table's command log is
+//! the Raft log, the lock table is the state machine, and its snapshots are
+//! Raft snapshots.
+//!
+//! This crate holds the storage half of cluster mode: [`TypeConfig`] (what
+//! a log entry and its answer are), [`LogStore`] (the Raft log, the vote and
+//! the committed index, durable in one [redb] file) and [`StateMachine`]
+//! (the [`LockTable`](dflockd_core::LockTable) that committed entries are
+//! applied to, with snapshots that are also kept on disk). Both pass
+//! openraft's storage test suite (`tests/storage_suite.rs`).
+//!
+//! ```
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use dflockd_cluster::{Storage, StateMachine};
+//! use openraft::storage::RaftStateMachine;
+//! let dir = tempfile::tempdir()?;
+//! let storage = Storage::open(&dir.path().join("raft.redb"))?;
+//! let mut state_machine: StateMachine = storage.state_machine(Default::default())?;
+//! let (applied, _membership) = state_machine.applied_state().await?;
+//! assert_eq!(applied, None); // a new node has applied nothing
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+use std::io::Cursor;
+
+use dflockd_core::{Command, Effects};
+use serde::{Deserialize, Serialize};
+
+mod log_store;
+mod records;
+mod state_machine;
+mod storage;
+
+pub use log_store::LogStore;
+pub use state_machine::{SnapshotBuilder, StateMachine};
+pub use storage::{Storage, StorageOpenError};
+
+/// A node's id in the cluster.
+pub type NodeId = u64;
+
+/// The payload of one Raft log entry: the commands that reached the leader
+/// while its previous write was in flight (group commit), applied in order.
+///
+/// ```
+/// use std::time::Duration;
+/// use dflockd_cluster::Batch;
+/// use dflockd_core::{Command, Op, Salt};
+/// let batch = Batch(vec![Command::new(Duration::ZERO, Salt::new(1, 2), Op::Sweep)]);
+/// assert_eq!(batch.0.len(), 1);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch(pub Vec<Command>);
+
+/// What applying a [`Batch`] did: the effects of each command, in order.
+/// Blank and membership entries answer an empty one.
+///
+/// ```
+/// assert!(dflockd_cluster::BatchEffects::default().0.is_empty());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct BatchEffects(pub Vec<Effects>);
+
+openraft::declare_raft_types!(
+    /// The types of dflockd's Raft: entries carry a [`Batch`], answers are
+    /// [`BatchEffects`], nodes are named by a `u64` and addressed by
+    /// [`openraft::BasicNode`], snapshots are bytes in memory.
+    pub TypeConfig:
+        D = Batch,
+        R = BatchEffects,
+);
+
+/// A Raft log entry of dflockd's Raft.
+pub type Entry = openraft::Entry<TypeConfig>;
+
+/// A storage error of dflockd's Raft.
+pub type StorageError = openraft::StorageError<NodeId>;

@@ -1,0 +1,253 @@
+//! The lock table as openraft's state machine: committed entries are
+//! applied to it in log order, and its snapshots are Raft snapshots, kept in
+//! the node's redb file so that a restart starts from the last one.
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use dflockd_core::{LockTable, TableConfig, TableSnapshot};
+use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
+use openraft::{
+    AnyError, BasicNode, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, StorageIOError,
+    StoredMembership,
+};
+use redb::Database;
+use serde::{Deserialize, Serialize};
+
+use crate::records::{SNAPSHOT, decode, encode, read_meta, write_meta};
+use crate::{BatchEffects, Entry, NodeId, StorageError, TypeConfig};
+
+/// The version byte that starts a snapshot's data.
+const SNAPSHOT_VERSION: u8 = 1;
+
+/// What a snapshot holds: the table and how far the log was applied.
+#[derive(Serialize, Deserialize)]
+struct MachineState {
+    last_applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, BasicNode>,
+    table: TableSnapshot,
+}
+
+/// A snapshot as the node keeps it on disk.
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, BasicNode>,
+    data: Vec<u8>,
+}
+
+/// The state machine of one node: the lock table, the last applied log id
+/// and the last membership applied.
+///
+/// ```
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let storage = dflockd_cluster::Storage::open(&dir.path().join("raft.redb"))?;
+/// let machine = storage.state_machine(Default::default())?;
+/// assert_eq!(machine.table().holder_count(), 0);
+/// # Ok(()) }
+/// ```
+pub struct StateMachine {
+    db: Arc<Database>,
+    table: LockTable,
+    last_applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, BasicNode>,
+    /// Snapshots built by this process so far (part of each snapshot's id).
+    built: u64,
+}
+
+impl StateMachine {
+    /// The state machine from the stored snapshot, or an empty one.
+    pub(crate) fn open(db: Arc<Database>, config: TableConfig) -> Result<StateMachine, String> {
+        let stored = read_meta(&db, SNAPSHOT).map_err(|e| e.to_string())?;
+        let mut machine = StateMachine {
+            db,
+            table: LockTable::new(config),
+            last_applied: None,
+            membership: StoredMembership::default(),
+            built: 0,
+        };
+        if let Some(bytes) = stored {
+            let stored: StoredSnapshot = decode(&bytes).map_err(|e| e.to_string())?;
+            machine.load(&stored.data)?;
+        }
+        Ok(machine)
+    }
+
+    /// The lock table, to read.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let storage = dflockd_cluster::Storage::open(&dir.path().join("raft.redb")).unwrap();
+    /// let machine = storage.state_machine(Default::default()).unwrap();
+    /// assert_eq!(machine.table().waiter_count(), 0);
+    /// ```
+    pub fn table(&self) -> &LockTable {
+        &self.table
+    }
+
+    /// Replaces the state with a snapshot's data.
+    fn load(&mut self, data: &[u8]) -> Result<(), String> {
+        let state = decode_state(data)?;
+        self.table = LockTable::restore(&state.table).map_err(|e| e.to_string())?;
+        self.last_applied = state.last_applied;
+        self.membership = state.membership;
+        Ok(())
+    }
+
+    fn state_bytes(&self) -> Vec<u8> {
+        let mut data = vec![SNAPSHOT_VERSION];
+        data.extend(encode(&MachineState {
+            last_applied: self.last_applied,
+            membership: self.membership.clone(),
+            table: self.table.snapshot(),
+        }));
+        data
+    }
+}
+
+fn decode_state(data: &[u8]) -> Result<MachineState, String> {
+    match data.split_first() {
+        Some((&SNAPSHOT_VERSION, rest)) => decode(rest).map_err(|e| e.to_string()),
+        Some((version, _)) => Err(format!(
+            "snapshot format version {version} is not supported"
+        )),
+        None => Err("empty snapshot".to_string()),
+    }
+}
+
+impl std::fmt::Debug for StateMachine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateMachine")
+            .field("last_applied", &self.last_applied)
+            .field("table", &self.table)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a snapshot of the state as it was when the builder was made.
+///
+/// ```
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use openraft::storage::RaftStateMachine;
+/// use openraft::RaftSnapshotBuilder;
+/// let dir = tempfile::tempdir()?;
+/// let storage = dflockd_cluster::Storage::open(&dir.path().join("raft.redb"))?;
+/// let mut machine = storage.state_machine(Default::default())?;
+/// let snapshot = machine.get_snapshot_builder().await.build_snapshot().await?;
+/// assert_eq!(snapshot.meta.last_log_id, None);
+/// # Ok(()) }
+/// ```
+pub struct SnapshotBuilder {
+    db: Arc<Database>,
+    meta: SnapshotMeta<NodeId, BasicNode>,
+    data: Vec<u8>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let stored = StoredSnapshot {
+            meta: self.meta.clone(),
+            data: std::mem::take(&mut self.data),
+        };
+        write_meta(&self.db, SNAPSHOT, &encode(&stored))
+            .map_err(|e| StorageIOError::write_snapshot(None, AnyError::new(&e)))?;
+        Ok(Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError> {
+        Ok((self.last_applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<BatchEffects>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut answers = Vec::new();
+        for entry in entries {
+            self.last_applied = Some(entry.log_id);
+            answers.push(match entry.payload {
+                EntryPayload::Blank => BatchEffects::default(),
+                EntryPayload::Normal(batch) => BatchEffects(
+                    batch
+                        .0
+                        .iter()
+                        .map(|command| self.table.apply(command))
+                        .collect(),
+                ),
+                EntryPayload::Membership(membership) => {
+                    self.membership = StoredMembership::new(Some(entry.log_id), membership);
+                    BatchEffects::default()
+                }
+            });
+        }
+        Ok(answers)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.built += 1;
+        let id = match self.last_applied {
+            Some(log_id) => format!("{}-{}-{}", log_id.leader_id, log_id.index, self.built),
+            None => format!("empty-{}", self.built),
+        };
+        SnapshotBuilder {
+            db: Arc::clone(&self.db),
+            meta: SnapshotMeta {
+                last_log_id: self.last_applied,
+                last_membership: self.membership.clone(),
+                snapshot_id: id,
+            },
+            data: self.state_bytes(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let signature = Some(meta.signature());
+        self.load(&data).map_err(|reason| {
+            StorageIOError::read_snapshot(signature.clone(), AnyError::error(reason))
+        })?;
+        // The snapshot's own record of how far it reaches wins over what
+        // its data says (they are the same when a node of ours made it).
+        self.last_applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
+        write_meta(&self.db, SNAPSHOT, &encode(&stored))
+            .map_err(|e| StorageIOError::write_snapshot(signature, AnyError::new(&e)))?;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let stored = read_meta(&self.db, SNAPSHOT)
+            .map_err(|e| StorageIOError::read_snapshot(None, AnyError::new(&e)))?;
+        let Some(bytes) = stored else {
+            return Ok(None);
+        };
+        let stored: StoredSnapshot =
+            decode(&bytes).map_err(|e| StorageIOError::read_snapshot(None, AnyError::new(&e)))?;
+        Ok(Some(Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        }))
+    }
+}

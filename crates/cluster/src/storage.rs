@@ -1,0 +1,137 @@
+//! One redb file holds everything a node must not lose: the Raft log, the
+//! vote, the committed index and the state machine's last snapshot.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use dflockd_core::TableConfig;
+use redb::Database;
+use thiserror::Error;
+
+use crate::log_store::LogStore;
+use crate::records::{LOGS, META};
+use crate::state_machine::StateMachine;
+
+/// Why a node's storage could not be opened.
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// let first = dflockd_cluster::Storage::open(&dir.path().join("raft.redb")).unwrap();
+/// // A second opener (another process, or this one) is refused.
+/// let second = dflockd_cluster::Storage::open(&dir.path().join("raft.redb"));
+/// assert!(second.is_err());
+/// # drop(first);
+/// ```
+#[derive(Debug, Error)]
+pub enum StorageOpenError {
+    /// The file could not be created, opened or checked (or another process
+    /// has it open).
+    #[error("cannot open the Raft storage {path}: {source}")]
+    Database {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        source: redb::DatabaseError,
+    },
+    /// The file opened but its tables could not be made.
+    #[error("cannot prepare the Raft storage {path}: {source}")]
+    Prepare {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        source: redb::Error,
+    },
+    /// The snapshot stored in the file cannot be read back.
+    #[error("the snapshot in {path} cannot be restored: {reason}")]
+    Snapshot {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// A node's durable storage: one redb file, opened by one process at a
+/// time. Every write is committed with an fsync before it is acknowledged.
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// let storage = dflockd_cluster::Storage::open(&dir.path().join("raft.redb")).unwrap();
+/// let _log = storage.log_store();
+/// ```
+#[derive(Clone)]
+pub struct Storage {
+    db: Arc<Database>,
+    path: String,
+}
+
+impl Storage {
+    /// Opens (or creates) the storage file at `path`.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir().unwrap();
+    /// assert!(dflockd_cluster::Storage::open(&dir.path().join("raft.redb")).is_ok());
+    /// ```
+    pub fn open(path: &Path) -> Result<Storage, StorageOpenError> {
+        let shown = path.display().to_string();
+        let db = Database::create(path).map_err(|source| StorageOpenError::Database {
+            path: shown.clone(),
+            source,
+        })?;
+        let prepare = || -> Result<(), redb::Error> {
+            let mut txn = db.begin_write()?;
+            txn.set_quick_repair(true);
+            txn.open_table(LOGS)?;
+            txn.open_table(META)?;
+            txn.commit()?;
+            Ok(())
+        };
+        prepare().map_err(|source| StorageOpenError::Prepare {
+            path: shown.clone(),
+            source,
+        })?;
+        Ok(Storage {
+            db: Arc::new(db),
+            path: shown,
+        })
+    }
+
+    /// The Raft log, vote and committed index.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let storage = dflockd_cluster::Storage::open(&dir.path().join("raft.redb")).unwrap();
+    /// let log = storage.log_store();
+    /// # drop(log);
+    /// ```
+    pub fn log_store(&self) -> LogStore {
+        LogStore::new(Arc::clone(&self.db))
+    }
+
+    /// The state machine, restored from the stored snapshot if there is
+    /// one (else an empty table with `config`); openraft then applies the
+    /// committed entries after it.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let storage = dflockd_cluster::Storage::open(&dir.path().join("raft.redb")).unwrap();
+    /// let machine = storage.state_machine(Default::default()).unwrap();
+    /// assert_eq!(machine.table().resource_count(), 0);
+    /// ```
+    pub fn state_machine(&self, config: TableConfig) -> Result<StateMachine, StorageOpenError> {
+        StateMachine::open(Arc::clone(&self.db), config).map_err(|reason| {
+            StorageOpenError::Snapshot {
+                path: self.path.clone(),
+                reason,
+            }
+        })
+    }
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Storage")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
