@@ -28,12 +28,16 @@ use dflockd_core::{Command, Effects};
 use serde::{Deserialize, Serialize};
 
 mod log_store;
+mod network;
+mod node;
 mod records;
 mod state_machine;
 mod storage;
 
 pub use log_store::LogStore;
-pub use state_machine::{SnapshotBuilder, StateMachine};
+pub use network::{MAX_FRAME, Network, Peer};
+pub use node::{Node, NodeError, ProposeError, raft_config};
+pub use state_machine::{SnapshotBuilder, StateMachine, TableView};
 pub use storage::{Storage, StorageOpenError};
 
 /// A node's id in the cluster.

@@ -3,7 +3,7 @@
 //! the node's redb file so that a restart starts from the last one.
 
 use std::io::Cursor;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use dflockd_core::{LockTable, TableConfig, TableSnapshot};
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
@@ -43,12 +43,13 @@ struct StoredSnapshot {
 /// let dir = tempfile::tempdir()?;
 /// let storage = dflockd_cluster::Storage::open(&dir.path().join("raft.redb"))?;
 /// let machine = storage.state_machine(Default::default())?;
-/// assert_eq!(machine.table().holder_count(), 0);
+/// assert_eq!(machine.view().read(|table| table.holder_count()), 0);
 /// # Ok(()) }
 /// ```
 pub struct StateMachine {
     db: Arc<Database>,
-    table: LockTable,
+    /// Shared with the node's [`TableView`]s (readers: `stats`, tests).
+    table: Arc<Mutex<LockTable>>,
     last_applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, BasicNode>,
     /// Snapshots built by this process so far (part of each snapshot's id).
@@ -61,7 +62,7 @@ impl StateMachine {
         let stored = read_meta(&db, SNAPSHOT).map_err(|e| e.to_string())?;
         let mut machine = StateMachine {
             db,
-            table: LockTable::new(config),
+            table: Arc::new(Mutex::new(LockTable::new(config))),
             last_applied: None,
             membership: StoredMembership::default(),
             built: 0,
@@ -73,22 +74,27 @@ impl StateMachine {
         Ok(machine)
     }
 
-    /// The lock table, to read.
+    /// A handle that reads the lock table, also once the state machine
+    /// has been handed to openraft.
     ///
     /// ```
     /// let dir = tempfile::tempdir().unwrap();
     /// let storage = dflockd_cluster::Storage::open(&dir.path().join("raft.redb")).unwrap();
     /// let machine = storage.state_machine(Default::default()).unwrap();
-    /// assert_eq!(machine.table().waiter_count(), 0);
+    /// assert_eq!(machine.view().read(|table| table.waiter_count()), 0);
     /// ```
-    pub fn table(&self) -> &LockTable {
-        &self.table
+    pub fn view(&self) -> TableView {
+        TableView(Arc::clone(&self.table))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LockTable> {
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Replaces the state with a snapshot's data.
     fn load(&mut self, data: &[u8]) -> Result<(), String> {
         let state = decode_state(data)?;
-        self.table = LockTable::restore(&state.table).map_err(|e| e.to_string())?;
+        *self.lock() = LockTable::restore(&state.table).map_err(|e| e.to_string())?;
         self.last_applied = state.last_applied;
         self.membership = state.membership;
         Ok(())
@@ -99,7 +105,7 @@ impl StateMachine {
         data.extend(encode(&MachineState {
             last_applied: self.last_applied,
             membership: self.membership.clone(),
-            table: self.table.snapshot(),
+            table: self.lock().snapshot(),
         }));
         data
     }
@@ -119,8 +125,40 @@ impl std::fmt::Debug for StateMachine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StateMachine")
             .field("last_applied", &self.last_applied)
-            .field("table", &self.table)
+            .field("table", &*self.lock())
             .finish_non_exhaustive()
+    }
+}
+
+/// Reads a node's lock table (a clone of the handle reads the same table).
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// let storage = dflockd_cluster::Storage::open(&dir.path().join("raft.redb")).unwrap();
+/// let view = storage.state_machine(Default::default()).unwrap().view();
+/// assert_eq!(view.read(|table| table.resource_count()), 0);
+/// ```
+#[derive(Clone)]
+pub struct TableView(Arc<Mutex<LockTable>>);
+
+impl TableView {
+    /// Runs `f` on the table (locked meanwhile: keep it short).
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let storage = dflockd_cluster::Storage::open(&dir.path().join("raft.redb")).unwrap();
+    /// let view = storage.state_machine(Default::default()).unwrap().view();
+    /// let bytes = view.read(|table| table.snapshot().encode());
+    /// assert!(!bytes.is_empty());
+    /// ```
+    pub fn read<R>(&self, f: impl FnOnce(&LockTable) -> R) -> R {
+        f(&self.0.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+impl std::fmt::Debug for TableView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TableView").finish_non_exhaustive()
     }
 }
 
@@ -177,13 +215,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.last_applied = Some(entry.log_id);
             answers.push(match entry.payload {
                 EntryPayload::Blank => BatchEffects::default(),
-                EntryPayload::Normal(batch) => BatchEffects(
-                    batch
-                        .0
-                        .iter()
-                        .map(|command| self.table.apply(command))
-                        .collect(),
-                ),
+                EntryPayload::Normal(batch) => {
+                    let mut table = self.lock();
+                    BatchEffects(batch.0.iter().map(|command| table.apply(command)).collect())
+                }
                 EntryPayload::Membership(membership) => {
                     self.membership = StoredMembership::new(Some(entry.log_id), membership);
                     BatchEffects::default()

@@ -116,7 +116,7 @@ impl Storage {
     /// # let dir = tempfile::tempdir().unwrap();
     /// let storage = dflockd_cluster::Storage::open(&dir.path().join("raft.redb")).unwrap();
     /// let machine = storage.state_machine(Default::default()).unwrap();
-    /// assert_eq!(machine.table().resource_count(), 0);
+    /// assert_eq!(machine.view().read(|table| table.resource_count()), 0);
     /// ```
     pub fn state_machine(&self, config: TableConfig) -> Result<StateMachine, StorageOpenError> {
         StateMachine::open(Arc::clone(&self.db), config).map_err(|reason| {

@@ -76,7 +76,7 @@ async fn batches_apply_in_order_and_snapshots_carry_the_table() {
         Ok(Outcome::Acquire(AcquireOutcome::Queued(_)))
     ));
     assert!(granted(&answers[0], 2));
-    assert_eq!(machine.table().holder_count(), 2);
+    assert_eq!(machine.view().read(|t| t.holder_count()), 2);
 
     // A new node installs the snapshot and has the same table.
     let snapshot = machine
@@ -92,8 +92,8 @@ async fn batches_apply_in_order_and_snapshots_carry_the_table() {
         .await
         .unwrap();
     assert_eq!(
-        copy.table().snapshot().encode(),
-        machine.table().snapshot().encode()
+        copy.view().read(|t| t.snapshot().encode()),
+        machine.view().read(|t| t.snapshot().encode())
     );
     assert_eq!(copy.applied_state().await.unwrap().0, Some(log_id(1, 1, 1)));
     // And both go on to the same answers.
@@ -128,7 +128,7 @@ async fn a_restarted_node_finds_its_log_vote_and_snapshot() {
             .build_snapshot()
             .await
             .unwrap();
-        table_bytes = machine.table().snapshot().encode();
+        table_bytes = machine.view().read(|t| t.snapshot().encode());
     }
     let storage = Storage::open(&path).unwrap();
     let mut log = storage.log_store();
@@ -142,7 +142,7 @@ async fn a_restarted_node_finds_its_log_vote_and_snapshot() {
         machine.applied_state().await.unwrap().0,
         Some(log_id(1, 1, 2))
     );
-    assert_eq!(machine.table().snapshot().encode(), table_bytes);
+    assert_eq!(machine.view().read(|t| t.snapshot().encode()), table_bytes);
     // The fence counter came back with the table: the next grant's fence is
     // past both earlier ones.
     let answers = machine

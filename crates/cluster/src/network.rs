@@ -1,0 +1,285 @@
+//! Raft messages between nodes over TCP.
+//!
+//! Each frame is a 4-byte big-endian length and a postcard body, at most
+//! [`MAX_FRAME`] bytes. A node sends one request and reads its response on
+//! a connection of its own per peer, connected lazily and dropped on any
+//! error or timeout (the next call connects again). The receiving side
+//! checks that a request is addressed to it before handing it to Raft.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, Raft};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::records::{decode, encode};
+use crate::{NodeId, TypeConfig};
+
+/// The largest frame a node reads (a snapshot chunk is a few MiB).
+///
+/// ```
+/// assert_eq!(dflockd_cluster::MAX_FRAME, 64 * 1024 * 1024);
+/// ```
+pub const MAX_FRAME: usize = 64 * 1024 * 1024;
+
+/// A request, addressed to one node.
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    to: NodeId,
+    request: Request,
+}
+
+#[derive(Serialize, Deserialize)]
+enum Request {
+    Append(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<NodeId>),
+    Snapshot(InstallSnapshotRequest<TypeConfig>),
+}
+
+#[derive(Serialize, Deserialize)]
+enum Response {
+    Append(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    Snapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    /// The request was for another node.
+    WrongNode {
+        id: NodeId,
+    },
+}
+
+async fn write_frame<T: Serialize>(stream: &mut TcpStream, value: &T) -> io::Result<()> {
+    let body = encode(value);
+    let len = u32::try_from(body.len())
+        .ok()
+        .filter(|&len| len as usize <= MAX_FRAME)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "frame too large"))?;
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&body);
+    stream.write_all(&frame).await
+}
+
+async fn read_frame<T: DeserializeOwned>(stream: &mut TcpStream) -> io::Result<T> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes is over the {MAX_FRAME}-byte limit"),
+        ));
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await?;
+    decode(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Serves Raft requests arriving on `listener` to `raft` (node `id`) until
+/// the task is dropped or aborted.
+pub(crate) async fn serve(listener: TcpListener, id: NodeId, raft: Raft<TypeConfig>) {
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            if let Err(error) = serve_connection(stream, id, raft).await
+                && error.kind() != io::ErrorKind::UnexpectedEof
+            {
+                tracing::debug!(%peer, %error, "raft connection ended");
+            }
+        });
+    }
+}
+
+async fn serve_connection(
+    mut stream: TcpStream,
+    id: NodeId,
+    raft: Raft<TypeConfig>,
+) -> io::Result<()> {
+    let _ = stream.set_nodelay(true);
+    loop {
+        let envelope: Envelope = read_frame(&mut stream).await?;
+        let response = if envelope.to != id {
+            Response::WrongNode { id }
+        } else {
+            match envelope.request {
+                Request::Append(rpc) => Response::Append(raft.append_entries(rpc).await),
+                Request::Vote(rpc) => Response::Vote(raft.vote(rpc).await),
+                Request::Snapshot(rpc) => Response::Snapshot(raft.install_snapshot(rpc).await),
+            }
+        };
+        write_frame(&mut stream, &response).await?;
+    }
+}
+
+/// Makes a [`Peer`] per target node; registered with openraft.
+///
+/// ```
+/// # #[tokio::main] async fn main() {
+/// use openraft::network::RaftNetworkFactory;
+/// let mut network = dflockd_cluster::Network;
+/// // Connects only when Raft first sends to node 2.
+/// let _peer = network.new_client(2, &openraft::BasicNode::new("127.0.0.1:1")).await;
+/// # }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Network;
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Peer;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
+        Peer {
+            target,
+            addr: node.addr.clone(),
+            stream: None,
+        }
+    }
+}
+
+/// The connection to one peer, made when first needed (see [`Network`]).
+///
+/// ```
+/// # #[tokio::main] async fn main() {
+/// use openraft::network::RaftNetworkFactory;
+/// let peer: dflockd_cluster::Peer = dflockd_cluster::Network.new_client(2, &openraft::BasicNode::new("127.0.0.1:1")).await;
+/// assert!(format!("{peer:?}").contains("127.0.0.1:1"));
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Peer {
+    target: NodeId,
+    addr: String,
+    stream: Option<TcpStream>,
+}
+
+/// Why a call to a peer failed.
+enum CallError {
+    /// No connection could be made.
+    Unreachable(io::Error),
+    /// The connection failed or timed out mid-call.
+    Network(io::Error),
+}
+
+impl Peer {
+    async fn call(&mut self, request: Request, ttl: Duration) -> Result<Response, CallError> {
+        let envelope = Envelope {
+            to: self.target,
+            request,
+        };
+        let result = tokio::time::timeout(ttl, async {
+            if self.stream.is_none() {
+                let addr: SocketAddr = self.addr.parse().map_err(|e| {
+                    CallError::Unreachable(io::Error::new(io::ErrorKind::InvalidInput, e))
+                })?;
+                let stream = TcpStream::connect(addr)
+                    .await
+                    .map_err(CallError::Unreachable)?;
+                let _ = stream.set_nodelay(true);
+                self.stream = Some(stream);
+            }
+            let Some(stream) = self.stream.as_mut() else {
+                return Err(CallError::Unreachable(io::ErrorKind::NotConnected.into()));
+            };
+            write_frame(stream, &envelope)
+                .await
+                .map_err(CallError::Network)?;
+            read_frame::<Response>(stream)
+                .await
+                .map_err(CallError::Network)
+        })
+        .await;
+        let result = result.unwrap_or_else(|_| {
+            Err(CallError::Network(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer from node {} within {ttl:?}", self.target),
+            )))
+        });
+        if result.is_err() {
+            // The connection may be in the middle of a frame: start afresh.
+            self.stream = None;
+        }
+        match result {
+            Ok(Response::WrongNode { id }) => Err(CallError::Unreachable(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is node {id}, not node {}", self.addr, self.target),
+            ))),
+            other => other,
+        }
+    }
+}
+
+fn rpc_error<E: std::error::Error>(error: CallError) -> RPCError<NodeId, BasicNode, E> {
+    match error {
+        CallError::Unreachable(e) => RPCError::Unreachable(Unreachable::new(&e)),
+        CallError::Network(e) => RPCError::Network(NetworkError::new(&e)),
+    }
+}
+
+fn unexpected<E: std::error::Error>() -> RPCError<NodeId, BasicNode, E> {
+    let error = io::Error::new(io::ErrorKind::InvalidData, "answer of the wrong kind");
+    RPCError::Network(NetworkError::new(&error))
+}
+
+fn remote<E: std::error::Error>(
+    target: NodeId,
+    error: RaftError<NodeId, E>,
+) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
+    RPCError::RemoteError(openraft::error::RemoteError::new(target, error))
+}
+
+impl RaftNetwork<TypeConfig> for Peer {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        match self.call(Request::Append(rpc), option.hard_ttl()).await {
+            Ok(Response::Append(Ok(response))) => Ok(response),
+            Ok(Response::Append(Err(error))) => Err(remote(self.target, error)),
+            Ok(_) => Err(unexpected()),
+            Err(error) => Err(rpc_error(error)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        match self.call(Request::Snapshot(rpc), option.hard_ttl()).await {
+            Ok(Response::Snapshot(Ok(response))) => Ok(response),
+            Ok(Response::Snapshot(Err(error))) => Err(remote(self.target, error)),
+            Ok(_) => Err(unexpected()),
+            Err(error) => Err(rpc_error(error)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        match self.call(Request::Vote(rpc), option.hard_ttl()).await {
+            Ok(Response::Vote(Ok(response))) => Ok(response),
+            Ok(Response::Vote(Err(error))) => Err(remote(self.target, error)),
+            Ok(_) => Err(unexpected()),
+            Err(error) => Err(rpc_error(error)),
+        }
+    }
+}

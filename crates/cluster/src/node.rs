@@ -1,0 +1,380 @@
+//! One node of a cluster: its storage, its Raft, the listener its peers
+//! send Raft messages to, and the proposer that batches commands into log
+//! entries.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use dflockd_core::{Command, Effects, TableConfig};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, Config, Raft};
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::network::{Network, serve};
+use crate::state_machine::TableView;
+use crate::storage::{Storage, StorageOpenError};
+use crate::{Batch, NodeId, TypeConfig};
+
+/// Raft timings for a node (milliseconds): a heartbeat every 100, an
+/// election after 500–1000 without one. Slower than openraft's defaults
+/// (50 / 150–300), which a busy 2-core machine does not keep up with.
+///
+/// ```
+/// let config = dflockd_cluster::raft_config();
+/// assert!(config.heartbeat_interval < config.election_timeout_min);
+/// ```
+pub fn raft_config() -> Arc<Config> {
+    let config = Config {
+        cluster_name: "dflockd".to_string(),
+        heartbeat_interval: 100,
+        election_timeout_min: 500,
+        election_timeout_max: 1000,
+        install_snapshot_timeout: 2000,
+        ..Config::default()
+    };
+    match config.validate() {
+        Ok(config) => Arc::new(config),
+        Err(error) => unreachable!("the shipped Raft timings are valid: {error}"),
+    }
+}
+
+/// Why a node could not start.
+///
+/// ```
+/// let error = dflockd_cluster::NodeError::Address { node: 1, addr: "x".into() };
+/// assert!(error.to_string().contains("node 1"));
+/// ```
+#[derive(Debug, Error)]
+pub enum NodeError {
+    /// The storage could not be opened.
+    #[error(transparent)]
+    Storage(#[from] StorageOpenError),
+    /// The Raft listener has no local address.
+    #[error("node {node}: the Raft listener has no address {addr}")]
+    Address {
+        /// The node.
+        node: NodeId,
+        /// What was asked.
+        addr: String,
+    },
+    /// openraft refused to start.
+    #[error("node {node}: Raft did not start: {reason}")]
+    Raft {
+        /// The node.
+        node: NodeId,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Why a command was not applied.
+///
+/// ```
+/// let error = dflockd_cluster::ProposeError::NotLeader { leader: Some(2) };
+/// assert!(error.to_string().contains("not the leader"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ProposeError {
+    /// This node is not the leader (the leader's id, when known).
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader {
+        /// The current leader, if known.
+        leader: Option<NodeId>,
+    },
+    /// The write failed (no quorum, shutdown, …).
+    #[error("the command was not committed: {0}")]
+    Failed(String),
+}
+
+type Proposal = (Command, oneshot::Sender<Result<Effects, ProposeError>>);
+
+/// A running node. Dropping it stops its Raft listener; call
+/// [`shutdown`](Self::shutdown) to stop Raft too.
+///
+/// ```
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// let node = dflockd_cluster::Node::start(7, dir.path(), listener, Default::default()).await?;
+/// assert_eq!(node.id(), 7);
+/// node.shutdown().await;
+/// # Ok(()) }
+/// ```
+pub struct Node {
+    id: NodeId,
+    raft: Raft<TypeConfig>,
+    view: TableView,
+    raft_addr: SocketAddr,
+    proposals: mpsc::UnboundedSender<Proposal>,
+    server: JoinHandle<()>,
+    proposer: JoinHandle<()>,
+}
+
+impl Node {
+    /// Starts node `id` with its storage file in `dir`, taking Raft
+    /// messages on `listener`. A node that has state in `dir` comes back
+    /// with it; a new node waits to be initialised or added.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let dir = tempfile::tempdir()?;
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let node = dflockd_cluster::Node::start(1, dir.path(), listener, Default::default()).await?;
+    /// node.initialize_alone().await?;
+    /// node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub async fn start(
+        id: NodeId,
+        dir: &Path,
+        listener: TcpListener,
+        table: TableConfig,
+    ) -> Result<Node, NodeError> {
+        let raft_addr = listener.local_addr().map_err(|e| NodeError::Address {
+            node: id,
+            addr: e.to_string(),
+        })?;
+        let storage = Storage::open(&dir.join("raft.redb"))?;
+        let state_machine = storage.state_machine(table)?;
+        let view = state_machine.view();
+        let raft = Raft::new(
+            id,
+            raft_config(),
+            Network,
+            storage.log_store(),
+            state_machine,
+        )
+        .await
+        .map_err(|e| NodeError::Raft {
+            node: id,
+            reason: e.to_string(),
+        })?;
+        let server = tokio::spawn(serve(listener, id, raft.clone()));
+        let (proposals, queue) = mpsc::unbounded_channel();
+        let proposer = tokio::spawn(propose(raft.clone(), queue));
+        Ok(Node {
+            id,
+            raft,
+            view,
+            raft_addr,
+            proposals,
+            server,
+            proposer,
+        })
+    }
+
+    /// This node's id.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// # let node = dflockd_cluster::Node::start(1, dir.path(), listener, Default::default()).await?;
+    /// assert_eq!(node.id(), 1);
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// Where this node takes Raft messages.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// # let node = dflockd_cluster::Node::start(1, dir.path(), listener, Default::default()).await?;
+    /// assert!(node.raft_addr().ip().is_loopback());
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn raft_addr(&self) -> SocketAddr {
+        self.raft_addr
+    }
+
+    /// The openraft handle (metrics, membership changes, `wait`).
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// # let node = dflockd_cluster::Node::start(1, dir.path(), listener, Default::default()).await?;
+    /// node.initialize_alone().await?;
+    /// node.raft().wait(None).current_leader(1, "elected").await?;
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn raft(&self) -> &Raft<TypeConfig> {
+        &self.raft
+    }
+
+    /// Reads this node's copy of the lock table.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// # let node = dflockd_cluster::Node::start(1, dir.path(), listener, Default::default()).await?;
+    /// assert_eq!(node.view().read(|table| table.holder_count()), 0);
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn view(&self) -> &TableView {
+        &self.view
+    }
+
+    /// Forms a cluster of the given voters (`id` → Raft address). Call it
+    /// on one node of a new cluster; the others learn it from the leader.
+    /// A node that has been initialised before refuses.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// # let node = dflockd_cluster::Node::start(1, dir.path(), listener, Default::default()).await?;
+    /// node.initialize(&[(1, node.raft_addr())]).await?;
+    /// // Only once: a node that was initialised refuses.
+    /// assert!(node.initialize(&[(1, node.raft_addr())]).await.is_err());
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub async fn initialize(&self, voters: &[(NodeId, SocketAddr)]) -> Result<(), NodeError> {
+        let members: std::collections::BTreeMap<NodeId, BasicNode> = voters
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode::new(addr.to_string())))
+            .collect();
+        self.raft
+            .initialize(members)
+            .await
+            .map_err(|e| NodeError::Raft {
+                node: self.id,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Forms a cluster of this node alone.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// # let node = dflockd_cluster::Node::start(1, dir.path(), listener, Default::default()).await?;
+    /// node.initialize_alone().await?;
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub async fn initialize_alone(&self) -> Result<(), NodeError> {
+        self.initialize(&[(self.id, self.raft_addr)]).await
+    }
+
+    /// Applies `command` through the log: it is committed by a quorum and
+    /// applied on every node. Commands that arrive while a write is in
+    /// flight share the next log entry (group commit). Only the leader
+    /// takes commands.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// # let node = dflockd_cluster::Node::start(1, dir.path(), listener, Default::default()).await?;
+    /// use std::time::Duration;
+    /// use dflockd_core::{AcquireOutcome, Command, ConnId, Op, Outcome, ResourceId, Salt};
+    /// use dflockd_proto::{Key, Limit, Namespace};
+    /// node.initialize_alone().await?;
+    /// node.raft().wait(None).current_leader(1, "elected").await?;
+    /// let acquire = Command::new(Duration::ZERO, Salt::new(1, 2), Op::Acquire {
+    ///     conn: ConnId(1), resource: ResourceId::new(Namespace::Lock, Key::new("job").unwrap()),
+    ///     limit: Limit::ONE, lease: None, wait: None,
+    /// });
+    /// let effects = node.propose(acquire).await?;
+    /// assert!(matches!(effects.outcome, Ok(Outcome::Acquire(AcquireOutcome::Granted(_)))));
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub async fn propose(&self, command: Command) -> Result<Effects, ProposeError> {
+        let (tx, rx) = oneshot::channel();
+        self.proposals
+            .send((command, tx))
+            .map_err(|_| ProposeError::Failed("the node is stopping".to_string()))?;
+        rx.await
+            .unwrap_or_else(|_| Err(ProposeError::Failed("the node stopped".to_string())))
+    }
+
+    /// Stops Raft and the listener.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let node = dflockd_cluster::Node::start(1, dir.path(), listener, Default::default()).await?;
+    /// node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub async fn shutdown(self) {
+        self.server.abort();
+        self.proposer.abort();
+        let _ = self.raft.shutdown().await;
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.server.abort();
+        self.proposer.abort();
+    }
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.id)
+            .field("raft_addr", &self.raft_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The most commands one log entry carries.
+const MAX_BATCH: usize = 1024;
+
+/// Writes proposals to the log one entry at a time; what arrives while an
+/// entry is being committed goes into the next one.
+async fn propose(raft: Raft<TypeConfig>, mut queue: mpsc::UnboundedReceiver<Proposal>) {
+    while let Some(first) = queue.recv().await {
+        let mut commands = vec![first.0];
+        let mut replies = vec![first.1];
+        while commands.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok((command, reply)) => {
+                    commands.push(command);
+                    replies.push(reply);
+                }
+                Err(_) => break,
+            }
+        }
+        match raft.client_write(Batch(commands)).await {
+            Ok(response) => {
+                for (reply, effects) in replies.into_iter().zip(response.data.0) {
+                    let _ = reply.send(Ok(effects));
+                }
+            }
+            Err(error) => {
+                let error = match error {
+                    RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
+                        ProposeError::NotLeader {
+                            leader: forward.leader_id,
+                        }
+                    }
+                    other => ProposeError::Failed(other.to_string()),
+                };
+                for reply in replies {
+                    let _ = reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
