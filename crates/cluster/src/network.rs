@@ -85,15 +85,22 @@ async fn read_frame<T: DeserializeOwned>(stream: &mut TcpStream) -> io::Result<T
 }
 
 /// Serves Raft requests arriving on `listener` to `raft` (node `id`) until
-/// the task is dropped or aborted.
+/// the task is dropped or aborted, which also ends every connection it
+/// accepted (a restarted node must not find its peers still talking to
+/// the stopped one).
 pub(crate) async fn serve(listener: TcpListener, id: NodeId, raft: Raft<TypeConfig>) {
+    let mut connections = tokio::task::JoinSet::new();
     loop {
-        let Ok((stream, peer)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let Ok((stream, peer)) = accepted else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let raft = raft.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(error) = serve_connection(stream, id, raft).await
                 && error.kind() != io::ErrorKind::UnexpectedEof
             {

@@ -134,6 +134,32 @@ impl Node {
         listener: TcpListener,
         table: TableConfig,
     ) -> Result<Node, NodeError> {
+        Node::start_with(id, dir, listener, table, raft_config()).await
+    }
+
+    /// [`start`](Self::start) with other Raft settings (timings, snapshot
+    /// policy).
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::sync::Arc;
+    /// let dir = tempfile::tempdir()?;
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let raft = openraft::Config {
+    ///     snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(100),
+    ///     ..(*dflockd_cluster::raft_config()).clone()
+    /// };
+    /// let node = dflockd_cluster::Node::start_with(1, dir.path(), listener, Default::default(), Arc::new(raft.validate()?)).await?;
+    /// node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub async fn start_with(
+        id: NodeId,
+        dir: &Path,
+        listener: TcpListener,
+        table: TableConfig,
+        raft_config: Arc<Config>,
+    ) -> Result<Node, NodeError> {
         let raft_addr = listener.local_addr().map_err(|e| NodeError::Address {
             node: id,
             addr: e.to_string(),
@@ -141,18 +167,12 @@ impl Node {
         let storage = Storage::open(&dir.join("raft.redb"))?;
         let state_machine = storage.state_machine(table)?;
         let view = state_machine.view();
-        let raft = Raft::new(
-            id,
-            raft_config(),
-            Network,
-            storage.log_store(),
-            state_machine,
-        )
-        .await
-        .map_err(|e| NodeError::Raft {
-            node: id,
-            reason: e.to_string(),
-        })?;
+        let raft = Raft::new(id, raft_config, Network, storage.log_store(), state_machine)
+            .await
+            .map_err(|e| NodeError::Raft {
+                node: id,
+                reason: e.to_string(),
+            })?;
         let server = tokio::spawn(serve(listener, id, raft.clone()));
         let (proposals, queue) = mpsc::unbounded_channel();
         let proposer = tokio::spawn(propose(raft.clone(), queue));

@@ -207,3 +207,148 @@ async fn concurrent_commands_share_log_entries() {
     fences.dedup();
     assert_eq!(fences.len(), 200, "a fence was handed out twice");
 }
+
+/// Binds `addr` again once the stopped node has let go of it.
+async fn rebind(addr: SocketAddr) -> TcpListener {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => return listener,
+            Err(error) => {
+                assert!(tokio::time::Instant::now() < deadline, "{addr}: {error}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_nodes_restart_from_disk() {
+    let mut cluster = three_nodes().await;
+    let held = fence_of(&cluster.propose(acquire(1, "a", 1)).await);
+    let tables = cluster.converged(cluster.last_applied().await).await;
+    let addrs: Vec<SocketAddr> = cluster
+        .nodes
+        .iter()
+        .flatten()
+        .map(|n| n.raft_addr())
+        .collect();
+    for node in cluster.nodes.iter_mut() {
+        node.take().unwrap().shutdown().await;
+    }
+    // Same ids, same directories, same addresses; no initialisation.
+    for (i, addr) in addrs.iter().enumerate() {
+        let listener = rebind(*addr).await;
+        let node = Node::start(
+            i as u64 + 1,
+            cluster._dirs[i].path(),
+            listener,
+            TableConfig::default(),
+        )
+        .await
+        .unwrap();
+        cluster.nodes[i] = Some(node);
+    }
+    let leader = cluster.leader().await;
+    // The table came back: the lock is still held, the next fence is larger.
+    let restored = leader.view().read(|t| t.snapshot().encode());
+    assert_eq!(restored, tables[0], "the table after the restart differs");
+    let still_held = cluster.propose(acquire(2, "a", 2)).await;
+    assert_eq!(
+        still_held.outcome,
+        Ok(Outcome::Acquire(AcquireOutcome::Timeout))
+    );
+    let next = fence_of(&cluster.propose(acquire(3, "b", 3)).await);
+    assert!(next > held, "fence {next} after {held}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_follower_catches_up_from_a_snapshot() {
+    // Snapshots every 20 entries, keeping few entries behind them, so a
+    // follower that misses 100 entries can only catch up by snapshot.
+    let raft = openraft::Config {
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20),
+        max_in_snapshot_log_to_keep: 5,
+        purge_batch_size: 1,
+        ..(*dflockd_cluster::raft_config()).clone()
+    };
+    let raft = std::sync::Arc::new(raft.validate().unwrap());
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let voters: Vec<(u64, SocketAddr)> = listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i as u64 + 1, l.local_addr().unwrap()))
+        .collect();
+    let mut dirs = Vec::new();
+    let mut nodes = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::start_with(
+            i as u64 + 1,
+            dir.path(),
+            listener,
+            TableConfig::default(),
+            raft.clone(),
+        )
+        .await
+        .unwrap();
+        dirs.push(dir);
+        nodes.push(Some(node));
+    }
+    nodes[0]
+        .as_ref()
+        .unwrap()
+        .initialize(&voters)
+        .await
+        .unwrap();
+    let mut cluster = Cluster { _dirs: dirs, nodes };
+    let _ = cluster.propose(acquire(1, "first", 1)).await;
+    // Stop a follower.
+    let leader = cluster.leader().await.id();
+    let lagging = cluster
+        .nodes
+        .iter()
+        .position(|n| n.as_ref().is_some_and(|n| n.id() != leader))
+        .unwrap();
+    let stopped = cluster.nodes[lagging].take().unwrap();
+    let (id, addr) = (stopped.id(), stopped.raft_addr());
+    stopped.shutdown().await;
+    for i in 0..100u64 {
+        let _ = cluster.propose(acquire(10 + i, &format!("k{i}"), 2)).await;
+    }
+    // The leader has compacted its log past what the follower has.
+    let leader_node = cluster.leader().await;
+    leader_node
+        .raft()
+        .wait(Some(WAIT))
+        .metrics(|m| m.purged.is_some_and(|p| p.index > 10), "purged")
+        .await
+        .unwrap();
+    // Back it comes, with the entries it has; it needs the snapshot.
+    let listener = rebind(addr).await;
+    let node = Node::start_with(
+        id,
+        cluster._dirs[lagging].path(),
+        listener,
+        TableConfig::default(),
+        raft.clone(),
+    )
+    .await
+    .unwrap();
+    cluster.nodes[lagging] = Some(node);
+    let tables = cluster.converged(cluster.last_applied().await).await;
+    assert_eq!(tables.len(), 3);
+    assert!(
+        tables.windows(2).all(|w| w[0] == w[1]),
+        "the caught-up table differs"
+    );
+    let caught_up = cluster.nodes[lagging].as_ref().unwrap();
+    let snapshot = caught_up.raft().metrics().borrow().snapshot;
+    assert!(
+        snapshot.is_some(),
+        "the follower caught up without a snapshot"
+    );
+}
