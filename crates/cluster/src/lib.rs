@@ -36,7 +36,7 @@ mod storage;
 
 pub use log_store::LogStore;
 pub use network::{MAX_FRAME, Network, Peer};
-pub use node::{Node, NodeError, ProposeError, raft_config};
+pub use node::{Node, NodeError, NodeOptions, ProposeError, raft_config};
 pub use state_machine::{SnapshotBuilder, StateMachine, TableView};
 pub use storage::{Storage, StorageOpenError};
 

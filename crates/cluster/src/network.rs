@@ -6,8 +6,10 @@
 //! error or timeout (the next call connects again). The receiving side
 //! checks that a request is addressed to it before handing it to Raft.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
@@ -131,26 +133,54 @@ async fn serve_connection(
     }
 }
 
-/// Makes a [`Peer`] per target node; registered with openraft.
+/// Makes a [`Peer`] per target node; registered with openraft. A node
+/// reaches a peer at the address in the cluster's membership, unless a
+/// route says otherwise (a fault proxy in tests).
 ///
 /// ```
 /// # #[tokio::main] async fn main() {
 /// use openraft::network::RaftNetworkFactory;
-/// let mut network = dflockd_cluster::Network;
-/// // Connects only when Raft first sends to node 2.
-/// let _peer = network.new_client(2, &openraft::BasicNode::new("127.0.0.1:1")).await;
+/// let mut network = dflockd_cluster::Network::default();
+/// network.route(2, "127.0.0.1:2".parse().unwrap());
+/// // Connects only when Raft first sends to node 2, and then to the route.
+/// let peer = network.new_client(2, &openraft::BasicNode::new("127.0.0.1:1")).await;
+/// assert!(format!("{peer:?}").contains("127.0.0.1:2"));
 /// # }
 /// ```
 #[derive(Debug, Clone, Default)]
-pub struct Network;
+pub struct Network {
+    routes: Arc<Mutex<HashMap<NodeId, SocketAddr>>>,
+}
+
+impl Network {
+    /// Sends to node `target` at `addr` instead of its membership address,
+    /// from the next connection on.
+    ///
+    /// ```
+    /// let network = dflockd_cluster::Network::default();
+    /// network.route(3, "127.0.0.1:7000".parse().unwrap());
+    /// ```
+    pub fn route(&self, target: NodeId, addr: SocketAddr) {
+        self.routes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(target, addr);
+    }
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
+        let routed = self
+            .routes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&target)
+            .map(SocketAddr::to_string);
         Peer {
             target,
-            addr: node.addr.clone(),
+            addr: routed.unwrap_or_else(|| node.addr.clone()),
             stream: None,
         }
     }
@@ -161,7 +191,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 /// ```
 /// # #[tokio::main] async fn main() {
 /// use openraft::network::RaftNetworkFactory;
-/// let peer: dflockd_cluster::Peer = dflockd_cluster::Network.new_client(2, &openraft::BasicNode::new("127.0.0.1:1")).await;
+/// let peer: dflockd_cluster::Peer = dflockd_cluster::Network::default().new_client(2, &openraft::BasicNode::new("127.0.0.1:1")).await;
 /// assert!(format!("{peer:?}").contains("127.0.0.1:1"));
 /// # }
 /// ```

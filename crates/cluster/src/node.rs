@@ -42,6 +42,33 @@ pub fn raft_config() -> Arc<Config> {
     }
 }
 
+/// How a node runs: the lock table's rules, Raft's settings and the routes
+/// to its peers.
+///
+/// ```
+/// let options = dflockd_cluster::NodeOptions::default();
+/// assert_eq!(options.raft.heartbeat_interval, 100);
+/// ```
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// The lock table's rules (for a node that starts empty).
+    pub table: TableConfig,
+    /// Raft timings and snapshot policy ([`raft_config`] by default).
+    pub raft: Arc<Config>,
+    /// How the node reaches its peers.
+    pub network: Network,
+}
+
+impl Default for NodeOptions {
+    fn default() -> NodeOptions {
+        NodeOptions {
+            table: TableConfig::default(),
+            raft: raft_config(),
+            network: Network::default(),
+        }
+    }
+}
+
 /// Why a node could not start.
 ///
 /// ```
@@ -134,11 +161,15 @@ impl Node {
         listener: TcpListener,
         table: TableConfig,
     ) -> Result<Node, NodeError> {
-        Node::start_with(id, dir, listener, table, raft_config()).await
+        let options = NodeOptions {
+            table,
+            ..NodeOptions::default()
+        };
+        Node::start_with(id, dir, listener, options).await
     }
 
-    /// [`start`](Self::start) with other Raft settings (timings, snapshot
-    /// policy).
+    /// [`start`](Self::start) with other [`NodeOptions`] (Raft timings,
+    /// snapshot policy, routes to peers).
     ///
     /// ```
     /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -149,7 +180,8 @@ impl Node {
     ///     snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(100),
     ///     ..(*dflockd_cluster::raft_config()).clone()
     /// };
-    /// let node = dflockd_cluster::Node::start_with(1, dir.path(), listener, Default::default(), Arc::new(raft.validate()?)).await?;
+    /// let options = dflockd_cluster::NodeOptions { raft: Arc::new(raft.validate()?), ..Default::default() };
+    /// let node = dflockd_cluster::Node::start_with(1, dir.path(), listener, options).await?;
     /// node.shutdown().await;
     /// # Ok(()) }
     /// ```
@@ -157,9 +189,13 @@ impl Node {
         id: NodeId,
         dir: &Path,
         listener: TcpListener,
-        table: TableConfig,
-        raft_config: Arc<Config>,
+        options: NodeOptions,
     ) -> Result<Node, NodeError> {
+        let NodeOptions {
+            table,
+            raft: raft_config,
+            network,
+        } = options;
         let raft_addr = listener.local_addr().map_err(|e| NodeError::Address {
             node: id,
             addr: e.to_string(),
@@ -167,7 +203,7 @@ impl Node {
         let storage = Storage::open(&dir.join("raft.redb"))?;
         let state_machine = storage.state_machine(table)?;
         let view = state_machine.view();
-        let raft = Raft::new(id, raft_config, Network, storage.log_store(), state_machine)
+        let raft = Raft::new(id, raft_config, network, storage.log_store(), state_machine)
             .await
             .map_err(|e| NodeError::Raft {
                 node: id,

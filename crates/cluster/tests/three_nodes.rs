@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use dflockd_cluster::{Node, ProposeError};
+use dflockd_cluster::{Node, NodeOptions, ProposeError};
 use dflockd_core::{
     AcquireOutcome, Command, ConnId, Effects, Op, Outcome, ResourceId, Salt, TableConfig,
 };
@@ -290,8 +290,10 @@ async fn a_lagging_follower_catches_up_from_a_snapshot() {
             i as u64 + 1,
             dir.path(),
             listener,
-            TableConfig::default(),
-            raft.clone(),
+            NodeOptions {
+                raft: raft.clone(),
+                ..NodeOptions::default()
+            },
         )
         .await
         .unwrap();
@@ -333,8 +335,10 @@ async fn a_lagging_follower_catches_up_from_a_snapshot() {
         id,
         cluster._dirs[lagging].path(),
         listener,
-        TableConfig::default(),
-        raft.clone(),
+        NodeOptions {
+            raft: raft.clone(),
+            ..NodeOptions::default()
+        },
     )
     .await
     .unwrap();
