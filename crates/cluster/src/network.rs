@@ -12,7 +12,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -64,7 +66,7 @@ async fn write_frame<T: Serialize>(stream: &mut TcpStream, value: &T) -> io::Res
     let len = u32::try_from(body.len())
         .ok()
         .filter(|&len| len as usize <= MAX_FRAME)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "frame too large"))?;
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&len.to_be_bytes());
     frame.extend_from_slice(&body);
@@ -81,8 +83,16 @@ async fn read_frame<T: DeserializeOwned>(stream: &mut TcpStream) -> io::Result<T
             format!("frame of {len} bytes is over the {MAX_FRAME}-byte limit"),
         ));
     }
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).await?;
+    // Read as the bytes come, not into a buffer of the announced size: a
+    // length alone must not cost memory.
+    let mut body = Vec::new();
+    let read = (&mut *stream)
+        .take(len as u64)
+        .read_to_end(&mut body)
+        .await?;
+    if read < len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
     decode(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
@@ -208,6 +218,8 @@ enum CallError {
     Unreachable(io::Error),
     /// The connection failed or timed out mid-call.
     Network(io::Error),
+    /// The request does not fit in a frame.
+    TooLarge,
 }
 
 impl Peer {
@@ -230,9 +242,13 @@ impl Peer {
             let Some(stream) = self.stream.as_mut() else {
                 return Err(CallError::Unreachable(io::ErrorKind::NotConnected.into()));
             };
-            write_frame(stream, &envelope)
-                .await
-                .map_err(CallError::Network)?;
+            write_frame(stream, &envelope).await.map_err(|e| {
+                if e.kind() == io::ErrorKind::InvalidInput {
+                    CallError::TooLarge
+                } else {
+                    CallError::Network(e)
+                }
+            })?;
             read_frame::<Response>(stream)
                 .await
                 .map_err(CallError::Network)
@@ -262,6 +278,8 @@ fn rpc_error<E: std::error::Error>(error: CallError) -> RPCError<NodeId, BasicNo
     match error {
         CallError::Unreachable(e) => RPCError::Unreachable(Unreachable::new(&e)),
         CallError::Network(e) => RPCError::Network(NetworkError::new(&e)),
+        // Too many entries: openraft sends fewer next time.
+        CallError::TooLarge => RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(8)),
     }
 }
 

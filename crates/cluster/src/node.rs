@@ -19,9 +19,10 @@ use crate::state_machine::TableView;
 use crate::storage::{Storage, StorageOpenError};
 use crate::{Batch, NodeId, TypeConfig};
 
-/// Raft timings for a node (milliseconds): a heartbeat every 100, an
-/// election after 500–1000 without one. Slower than openraft's defaults
-/// (50 / 150–300), which a busy 2-core machine does not keep up with.
+/// Raft settings for a node. Timings (milliseconds): a heartbeat every
+/// 100, an election after 500–1000 without one — slower than openraft's
+/// defaults (50 / 150–300), which a busy 2-core machine does not keep up
+/// with. At most 64 entries per message (see [`MAX_FRAME`](crate::MAX_FRAME)).
 ///
 /// ```
 /// let config = dflockd_cluster::raft_config();
@@ -34,6 +35,10 @@ pub fn raft_config() -> Arc<Config> {
         election_timeout_min: 500,
         election_timeout_max: 1000,
         install_snapshot_timeout: 2000,
+        // At most 64 entries per AppendEntries: with up to 1,024 commands
+        // of a few hundred bytes per entry that stays well under the
+        // transport's frame limit.
+        max_payload_entries: 64,
         ..Config::default()
     };
     match config.validate() {
@@ -382,6 +387,15 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.server.abort();
         self.proposer.abort();
+        // Raft's core keeps running until it is shut down (it holds its
+        // own sender): stop it, or a dropped node keeps its file locked
+        // and may go on sending to its peers.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let raft = self.raft.clone();
+            runtime.spawn(async move {
+                let _ = raft.shutdown().await;
+            });
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use openraft::{
 use redb::Database;
 use serde::{Deserialize, Serialize};
 
-use crate::records::{SNAPSHOT, decode, encode, read_meta, write_meta};
+use crate::records::{META, SNAPSHOT, decode, encode, read_meta};
 use crate::{BatchEffects, Entry, NodeId, StorageError, TypeConfig};
 
 /// The version byte that starts a snapshot's data.
@@ -111,6 +111,31 @@ impl StateMachine {
     }
 }
 
+/// Keeps `snapshot` as the node's snapshot unless the stored one reaches
+/// as far or further: openraft builds snapshots in a task of their own, so
+/// a build of an older state can finish after a newer snapshot was
+/// installed, whose log has been purged since. One transaction.
+fn store_if_newer(db: &Database, snapshot: &StoredSnapshot) -> Result<(), redb::Error> {
+    use redb::ReadableTable;
+    let mut txn = db.begin_write()?;
+    txn.set_quick_repair(true);
+    {
+        let mut meta = txn.open_table(META)?;
+        let stored: Option<StoredSnapshot> = match meta.get(SNAPSHOT)? {
+            Some(bytes) => Some(decode(bytes.value()).map_err(|e| {
+                redb::Error::Corrupted(format!("undecodable stored snapshot: {e}"))
+            })?),
+            None => None,
+        };
+        let newer = stored.is_none_or(|stored| stored.meta.last_log_id < snapshot.meta.last_log_id);
+        if newer {
+            meta.insert(SNAPSHOT, encode(snapshot).as_slice())?;
+        }
+    }
+    txn.commit()?;
+    Ok(())
+}
+
 fn decode_state(data: &[u8]) -> Result<MachineState, String> {
     match data.split_first() {
         Some((&SNAPSHOT_VERSION, rest)) => decode(rest).map_err(|e| e.to_string()),
@@ -187,7 +212,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             meta: self.meta.clone(),
             data: std::mem::take(&mut self.data),
         };
-        write_meta(&self.db, SNAPSHOT, &encode(&stored))
+        store_if_newer(&self.db, &stored)
             .map_err(|e| StorageIOError::write_snapshot(None, AnyError::new(&e)))?;
         Ok(Snapshot {
             meta: stored.meta,
@@ -267,7 +292,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: meta.clone(),
             data,
         };
-        write_meta(&self.db, SNAPSHOT, &encode(&stored))
+        store_if_newer(&self.db, &stored)
             .map_err(|e| StorageIOError::write_snapshot(signature, AnyError::new(&e)))?;
         Ok(())
     }

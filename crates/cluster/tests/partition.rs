@@ -9,34 +9,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+mod support;
+
 use dflockd_cluster::{Network, Node, NodeOptions};
-use dflockd_core::{AcquireOutcome, Command, ConnId, Effects, Op, Outcome, ResourceId, Salt};
+use dflockd_core::{Command, Effects};
 use dflockd_faultproxy::{Blackhole, Direction, FaultProxy, Faults};
-use dflockd_proto::{Key, Limit, Namespace};
-use tokio::net::TcpListener;
-
-const WAIT: Duration = Duration::from_secs(20);
-
-fn acquire(conn: u64, key: &str) -> Command {
-    Command::new(
-        Duration::from_secs(conn),
-        Salt::new(conn, conn),
-        Op::Acquire {
-            conn: ConnId(conn),
-            resource: ResourceId::new(Namespace::Lock, Key::new(key).unwrap()),
-            limit: Limit::ONE,
-            lease: None,
-            wait: None,
-        },
-    )
-}
-
-fn granted(effects: &Effects) -> Option<u64> {
-    match effects.outcome {
-        Ok(Outcome::Acquire(AcquireOutcome::Granted(grant))) => Some(grant.token.fence()),
-        _ => None,
-    }
-}
+use support::{WAIT, acquire, granted, listeners, start_cluster};
 
 /// The leader the given nodes agree on.
 async fn agreed_leader(nodes: &[&Node]) -> u64 {
@@ -97,10 +75,7 @@ async fn heal(proxy: &FaultProxy) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_isolated_leader_grants_nothing_and_the_majority_goes_on() {
-    let mut listeners = Vec::new();
-    for _ in 0..3 {
-        listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
-    }
+    let listeners = listeners(3).await;
     let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
     // proxies[from][to], for from != to.
     let mut proxies: Vec<Vec<Option<FaultProxy>>> = Vec::new();
@@ -115,37 +90,24 @@ async fn an_isolated_leader_grants_nothing_and_the_majority_goes_on() {
         }
         proxies.push(row);
     }
-    let mut dirs = Vec::new();
-    let mut nodes = Vec::new();
-    for (from, listener) in listeners.into_iter().enumerate() {
+    // Each node sends to each peer through the proxy of that link.
+    let (dirs, nodes) = start_cluster(listeners, |from| {
         let network = Network::default();
         for (to, proxy) in proxies[from].iter().enumerate() {
             if let Some(proxy) = proxy {
                 network.route(to as u64 + 1, proxy.addr());
             }
         }
-        let dir = tempfile::tempdir().unwrap();
-        let options = NodeOptions {
+        NodeOptions {
             network,
             ..NodeOptions::default()
-        };
-        nodes.push(
-            Node::start_with(from as u64 + 1, dir.path(), listener, options)
-                .await
-                .unwrap(),
-        );
-        dirs.push(dir);
-    }
-    let voters: Vec<(u64, SocketAddr)> = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| (i as u64 + 1, *a))
-        .collect();
-    nodes[0].initialize(&voters).await.unwrap();
+        }
+    })
+    .await;
     let all: Vec<&Node> = nodes.iter().collect();
     let old = agreed_leader(&all).await;
     let old_index = (old - 1) as usize;
-    let before = granted(&commit(&nodes[old_index], acquire(1, "k")).await).expect("granted");
+    let before = granted(&commit(&nodes[old_index], acquire(1, "k", 1)).await).expect("granted");
 
     // Cut the leader off, both ways.
     for (from, row) in proxies.iter().enumerate() {
@@ -163,12 +125,12 @@ async fn an_isolated_leader_grants_nothing_and_the_majority_goes_on() {
     assert_ne!(new, old);
     let new_node = majority.iter().find(|n| n.id() == new).unwrap();
     let granted_x =
-        granted(&commit(new_node, acquire(2, "x")).await).expect("granted on the majority");
+        granted(&commit(new_node, acquire(2, "x", 2)).await).expect("granted on the majority");
     assert!(granted_x > before);
     // The isolated old leader cannot commit `x` for someone else.
     let isolated = tokio::time::timeout(
         Duration::from_secs(3),
-        nodes[old_index].propose(acquire(3, "x")),
+        nodes[old_index].propose(acquire(3, "x", 3)),
     )
     .await;
     match isolated {

@@ -154,3 +154,38 @@ async fn a_restarted_node_finds_its_log_vote_and_snapshot() {
     };
     assert_eq!(grant.token.fence(), 3);
 }
+
+#[tokio::test]
+async fn an_older_snapshot_build_does_not_replace_a_newer_install() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Storage::open(&dir.path().join("raft.redb")).unwrap();
+    let mut machine = storage.state_machine(TableConfig::default()).unwrap();
+    machine
+        .apply([entry(1, Batch(vec![acquire(1, "a")]))])
+        .await
+        .unwrap();
+    // A build of the state at index 1 starts (openraft runs it in a task).
+    let mut old_build = machine.get_snapshot_builder().await;
+    // Meanwhile the leader sends a snapshot at index 5, which is installed.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = Storage::open(&other_dir.path().join("raft.redb")).unwrap();
+    let mut leader = other.state_machine(TableConfig::default()).unwrap();
+    let entries: Vec<Entry> = (1..=5)
+        .map(|i| entry(i, Batch(vec![acquire(i, &format!("k{i}"))])))
+        .collect();
+    leader.apply(entries).await.unwrap();
+    let newer = leader
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    machine
+        .install_snapshot(&newer.meta, newer.snapshot)
+        .await
+        .unwrap();
+    // The old build finishes last: the node keeps the newer snapshot.
+    old_build.build_snapshot().await.unwrap();
+    let current = machine.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(current.meta.last_log_id, Some(log_id(1, 1, 5)));
+}

@@ -6,16 +6,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use dflockd_cluster::{Node, NodeOptions, ProposeError};
-use dflockd_core::{
-    AcquireOutcome, Command, ConnId, Effects, Op, Outcome, ResourceId, Salt, TableConfig,
-};
-use dflockd_proto::{Key, Limit, Namespace};
-use tempfile::TempDir;
-use tokio::net::TcpListener;
+mod support;
 
-/// Bound for elections and replication on a busy 2-core machine.
-const WAIT: Duration = Duration::from_secs(20);
+use dflockd_cluster::{Node, NodeOptions, ProposeError};
+use dflockd_core::{AcquireOutcome, Command, Effects, Outcome, TableConfig};
+use support::{WAIT, acquire, fence_of, listeners, rebind, start_cluster};
+use tempfile::TempDir;
 
 struct Cluster {
     _dirs: Vec<TempDir>,
@@ -23,32 +19,15 @@ struct Cluster {
 }
 
 async fn three_nodes() -> Cluster {
-    let mut listeners = Vec::new();
-    for _ in 0..3 {
-        listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    three_nodes_with(NodeOptions::default()).await
+}
+
+async fn three_nodes_with(options: NodeOptions) -> Cluster {
+    let (dirs, nodes) = start_cluster(listeners(3).await, |_| options.clone()).await;
+    Cluster {
+        _dirs: dirs,
+        nodes: nodes.into_iter().map(Some).collect(),
     }
-    let voters: Vec<(u64, SocketAddr)> = listeners
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (i as u64 + 1, l.local_addr().unwrap()))
-        .collect();
-    let mut dirs = Vec::new();
-    let mut nodes = Vec::new();
-    for (i, listener) in listeners.into_iter().enumerate() {
-        let dir = tempfile::tempdir().unwrap();
-        let node = Node::start(i as u64 + 1, dir.path(), listener, TableConfig::default())
-            .await
-            .unwrap();
-        dirs.push(dir);
-        nodes.push(Some(node));
-    }
-    nodes[0]
-        .as_ref()
-        .unwrap()
-        .initialize(&voters)
-        .await
-        .unwrap();
-    Cluster { _dirs: dirs, nodes }
 }
 
 impl Cluster {
@@ -116,27 +95,6 @@ impl Cluster {
             .borrow()
             .last_applied
             .map_or(0, |id| id.index)
-    }
-}
-
-fn acquire(conn: u64, key: &str, at: u64) -> Command {
-    Command::new(
-        Duration::from_secs(at),
-        Salt::new(conn.wrapping_mul(0x9e37_79b9), at),
-        Op::Acquire {
-            conn: ConnId(conn),
-            resource: ResourceId::new(Namespace::Lock, Key::new(key).unwrap()),
-            limit: Limit::ONE,
-            lease: None,
-            wait: None,
-        },
-    )
-}
-
-fn fence_of(effects: &Effects) -> u64 {
-    match effects.outcome {
-        Ok(Outcome::Acquire(AcquireOutcome::Granted(grant))) => grant.token.fence(),
-        ref other => panic!("not granted: {other:?}"),
     }
 }
 
@@ -208,20 +166,6 @@ async fn concurrent_commands_share_log_entries() {
     assert_eq!(fences.len(), 200, "a fence was handed out twice");
 }
 
-/// Binds `addr` again once the stopped node has let go of it.
-async fn rebind(addr: SocketAddr) -> TcpListener {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        match TcpListener::bind(addr).await {
-            Ok(listener) => return listener,
-            Err(error) => {
-                assert!(tokio::time::Instant::now() < deadline, "{addr}: {error}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_nodes_restart_from_disk() {
     let mut cluster = three_nodes().await;
@@ -273,40 +217,11 @@ async fn a_lagging_follower_catches_up_from_a_snapshot() {
         ..(*dflockd_cluster::raft_config()).clone()
     };
     let raft = std::sync::Arc::new(raft.validate().unwrap());
-    let mut listeners = Vec::new();
-    for _ in 0..3 {
-        listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
-    }
-    let voters: Vec<(u64, SocketAddr)> = listeners
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (i as u64 + 1, l.local_addr().unwrap()))
-        .collect();
-    let mut dirs = Vec::new();
-    let mut nodes = Vec::new();
-    for (i, listener) in listeners.into_iter().enumerate() {
-        let dir = tempfile::tempdir().unwrap();
-        let node = Node::start_with(
-            i as u64 + 1,
-            dir.path(),
-            listener,
-            NodeOptions {
-                raft: raft.clone(),
-                ..NodeOptions::default()
-            },
-        )
-        .await
-        .unwrap();
-        dirs.push(dir);
-        nodes.push(Some(node));
-    }
-    nodes[0]
-        .as_ref()
-        .unwrap()
-        .initialize(&voters)
-        .await
-        .unwrap();
-    let mut cluster = Cluster { _dirs: dirs, nodes };
+    let mut cluster = three_nodes_with(NodeOptions {
+        raft: raft.clone(),
+        ..NodeOptions::default()
+    })
+    .await;
     let _ = cluster.propose(acquire(1, "first", 1)).await;
     // Stop a follower.
     let leader = cluster.leader().await.id();

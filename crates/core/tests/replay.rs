@@ -77,9 +77,11 @@ enum Step {
         res: u8,
         ticket: u8,
     },
+    /// `reuse`: the id names a connection again afterwards.
     Disconnect {
         conn: u8,
         auto_release: Option<bool>,
+        reuse: bool,
     },
     Advance {
         millis: u16,
@@ -108,8 +110,8 @@ fn step() -> impl Strategy<Value = Step> {
         2 => any::<u8>().prop_map(|nth| Step::Withdraw { nth }),
         1 => (0..4u8, any::<u8>(), 0..2u8)
             .prop_map(|(conn, res, ticket)| Step::WithdrawPlace { conn, res, ticket }),
-        2 => (0..4u8, proptest::option::of(any::<bool>()))
-            .prop_map(|(conn, auto_release)| Step::Disconnect { conn, auto_release }),
+        2 => (0..4u8, proptest::option::of(any::<bool>()), any::<bool>())
+            .prop_map(|(conn, auto_release, reuse)| Step::Disconnect { conn, auto_release, reuse }),
         4 => (0..4_000u16).prop_map(|millis| Step::Advance { millis }),
         2 => Just(Step::Sweep),
         1 => Just(Step::EndDelays),
@@ -241,10 +243,16 @@ impl Scripter {
                 resource: resource(res).0,
                 waiter: None,
             },
-            Step::Disconnect { conn, auto_release } => {
+            Step::Disconnect {
+                conn,
+                auto_release,
+                reuse,
+            } => {
                 let id = self.conn(conn);
-                self.conns[conn as usize % 4] = self.next_conn;
-                self.next_conn += 1;
+                if !reuse {
+                    self.conns[conn as usize % 4] = self.next_conn;
+                    self.next_conn += 1;
+                }
                 Op::Disconnect {
                     conn: id,
                     auto_release,
@@ -435,4 +443,50 @@ fn a_snapshot_from_another_version_is_refused() {
         Command::decode(&bad),
         Err(dflockd_core::DecodeError::Malformed(_))
     ));
+}
+
+/// A connection id used again after its disconnect without auto-release:
+/// the old lease stays on its own, the new ones in the id's new ring, and
+/// the snapshot of that state restores (it once refused it as a stray).
+#[test]
+fn a_snapshot_restores_a_reused_connection_id() {
+    let at = |secs, op| Command::new(Duration::from_secs(secs), Salt::new(secs, secs), op);
+    let acquire = |key: &str| Op::Acquire {
+        conn: ConnId(1),
+        resource: lock(key),
+        limit: Limit::ONE,
+        lease: None,
+        wait: None,
+    };
+    let mut table = LockTable::new(TableConfig::default());
+    let log = [
+        at(0, acquire("a")),
+        at(
+            1,
+            Op::Disconnect {
+                conn: ConnId(1),
+                auto_release: Some(false),
+            },
+        ),
+        at(2, acquire("b")),
+    ];
+    for command in &log {
+        let _ = table.apply(command);
+    }
+    assert_eq!(table.holder_count(), 2);
+    let restored = LockTable::restore(&table.snapshot()).expect("restores");
+    assert_eq!(restored.snapshot().encode(), table.snapshot().encode());
+    // And both go on alike: a second disconnect with auto-release frees
+    // only the newer hold.
+    let mut restored = restored;
+    let close = at(
+        3,
+        Op::Disconnect {
+            conn: ConnId(1),
+            auto_release: Some(true),
+        },
+    );
+    assert_eq!(restored.apply(&close), table.apply(&close));
+    assert_eq!(table.holder_count(), 1);
+    assert_eq!(restored.snapshot().encode(), table.snapshot().encode());
 }

@@ -393,20 +393,16 @@ impl<F: FenceSource> LockTable<F> {
             self.uncollected += conn.uncollected.len();
             self.conns.insert(state.id, conn);
         }
-        // What is left belongs to connections that are gone: each lease
-        // on its own, until it is released or runs out. Sorted by token,
-        // so the slab is filled the same way every time.
+        // What is left was granted to a connection that has closed since
+        // (without auto-release): each lease on its own, until it is
+        // released or runs out, as a disconnect leaves them. The id may
+        // name a live connection again (a later request on the same id),
+        // whose ring then holds only its newer leases. Sorted by token, so
+        // the slab is filled the same way every time.
         let mut orphans: Vec<(Token, (ResourceId, ConnId, Duration))> =
             holding.into_iter().collect();
         orphans.sort_unstable_by_key(|(token, _)| *token);
         for (token, (rid, owner, deadline)) in orphans {
-            if self.conns.contains_key(&owner) {
-                // A live connection's lease missing from its ring.
-                return Err(RestoreError::StrayLease {
-                    conn: owner.0,
-                    token,
-                });
-            }
             let slot = self.leases.insert_alone(token, rid.hash(), deadline);
             hold_restored(&mut self.resources, &rid, token, owner, deadline, slot);
         }

@@ -1,0 +1,93 @@
+//! What the cluster tests share: starting nodes in this process on
+//! 127.0.0.1, and the commands they propose.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use dflockd_cluster::{Node, NodeOptions};
+use dflockd_core::{AcquireOutcome, Command, ConnId, Effects, Op, Outcome, ResourceId, Salt};
+use dflockd_proto::{Key, Limit, Namespace};
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+
+/// Bound for elections and replication on a busy 2-core machine.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Listeners for `n` nodes on ephemeral ports.
+pub async fn listeners(n: usize) -> Vec<TcpListener> {
+    let mut listeners = Vec::new();
+    for _ in 0..n {
+        listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    listeners
+}
+
+/// Starts a node per listener (ids from 1, `options(i)` for the i-th),
+/// each in a temporary directory, and forms one cluster of them all.
+pub async fn start_cluster(
+    listeners: Vec<TcpListener>,
+    options: impl Fn(usize) -> NodeOptions,
+) -> (Vec<TempDir>, Vec<Node>) {
+    let voters: Vec<(u64, SocketAddr)> = listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i as u64 + 1, l.local_addr().unwrap()))
+        .collect();
+    let mut dirs = Vec::new();
+    let mut nodes = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::start_with(i as u64 + 1, dir.path(), listener, options(i))
+            .await
+            .unwrap();
+        dirs.push(dir);
+        nodes.push(node);
+    }
+    nodes[0].initialize(&voters).await.unwrap();
+    (dirs, nodes)
+}
+
+/// Binds `addr` again once a stopped node has let go of it.
+pub async fn rebind(addr: SocketAddr) -> TcpListener {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => return listener,
+            Err(error) => {
+                assert!(tokio::time::Instant::now() < deadline, "{addr}: {error}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// A try-lock of `key` by connection `conn` at time `at` seconds.
+pub fn acquire(conn: u64, key: &str, at: u64) -> Command {
+    Command::new(
+        Duration::from_secs(at),
+        Salt::new(conn.wrapping_mul(0x9e37_79b9), at),
+        Op::Acquire {
+            conn: ConnId(conn),
+            resource: ResourceId::new(Namespace::Lock, Key::new(key).unwrap()),
+            limit: Limit::ONE,
+            lease: None,
+            wait: None,
+        },
+    )
+}
+
+/// The fence of a granted acquire, if it was granted.
+pub fn granted(effects: &Effects) -> Option<u64> {
+    match effects.outcome {
+        Ok(Outcome::Acquire(AcquireOutcome::Granted(grant))) => Some(grant.token.fence()),
+        _ => None,
+    }
+}
+
+/// The fence of an acquire that must have been granted.
+#[track_caller]
+pub fn fence_of(effects: &Effects) -> u64 {
+    granted(effects).unwrap_or_else(|| panic!("not granted: {:?}", effects.outcome))
+}
