@@ -310,6 +310,13 @@ pub enum Op {
     Gc,
     /// Change the table's policy.
     SetPolicy(Policy),
+    /// A new leader takes office, at this command's time on its own clock
+    /// (which is not the previous leader's). Leases that had run out by
+    /// the latest command before end now — a lease is never resurrected;
+    /// every other lease restarts its full length from this time, and
+    /// lock-delays and idle times restart too, so a change of leader never
+    /// shortens a lease. A new leader proposes it before it takes requests.
+    TakeOffice,
 }
 
 /// The table rules an operator may change at run time: caps, the default

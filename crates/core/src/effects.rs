@@ -79,6 +79,9 @@ pub enum Outcome {
     Collected(usize),
     /// To [`Op::SetPolicy`](crate::Op::SetPolicy).
     PolicySet,
+    /// To [`Op::TakeOffice`](crate::Op::TakeOffice): how many leases
+    /// restarted (those that had run out are in [`Effects::expired`]).
+    OfficeTaken(usize),
 }
 
 /// Which waiting request a grant is for: the `wait` request id given in

@@ -29,6 +29,9 @@ type HashMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
 struct Holder {
     conn: ConnId,
     deadline: Duration,
+    /// The lease's length as last granted or renewed (a new leader
+    /// restarts it in full).
+    lease: Lease,
     /// The lease's slot in the table's [`Leases`].
     slot: Slot,
 }
@@ -158,6 +161,13 @@ impl Holders {
         match self {
             Holders::Inline(slot) => Box::new(slot.iter().map(|(t, h)| (t, h))),
             Holders::Map(map) => Box::new(map.iter()),
+        }
+    }
+
+    fn holders_mut(&mut self) -> Box<dyn Iterator<Item = &mut Holder> + '_> {
+        match self {
+            Holders::Inline(slot) => Box::new(slot.iter_mut().map(|(_, h)| h)),
+            Holders::Map(map) => Box::new(map.values_mut()),
         }
     }
 }
@@ -320,6 +330,9 @@ pub struct LockTable<F = FenceCounter> {
     uncollected: usize,
     /// Lock-delays in time order: when each blocked resource may grant again.
     delays: BTreeMap<(Duration, ResourceId), ()>,
+    /// The latest command time applied, on the clock of the leader that
+    /// proposed it (see [`Op::TakeOffice`]).
+    latest: Duration,
     next_waiter: u64,
     deliveries: Vec<Delivery>,
     expired: Vec<Expired>,
@@ -385,6 +398,7 @@ impl<F: FenceSource> LockTable<F> {
             leases: Leases::default(),
             uncollected: 0,
             delays: BTreeMap::new(),
+            latest: Duration::ZERO,
             next_waiter: 0,
             deliveries: Vec::new(),
             expired: Vec::new(),
@@ -488,12 +502,53 @@ impl<F: FenceSource> LockTable<F> {
                 self.set_policy(policy);
                 Ok(Outcome::PolicySet)
             }
+            Op::TakeOffice => Ok(Outcome::OfficeTaken(self.take_office(now))),
         };
+        if !matches!(command.op, Op::TakeOffice) {
+            self.latest = self.latest.max(now);
+        }
         Effects {
             outcome,
             grants: std::mem::take(&mut self.deliveries),
             expired: std::mem::take(&mut self.expired),
         }
+    }
+
+    /// A new leader takes office at `now`, on its own clock. Leases that
+    /// had run out by the latest command's time end (a lease is never
+    /// resurrected); every other lease restarts its full length from
+    /// `now`, lock-delays restart in full and idle times from `now`, so a
+    /// change of leader never shortens a lease. Returns how many leases
+    /// restarted.
+    fn take_office(&mut self, now: Duration) -> usize {
+        let ended = self.leases.due(self.latest);
+        let granularity = self.config.clock_granularity;
+        let delay = self.config.disconnect_lock_delay;
+        let mut restarted = 0;
+        self.delays.clear();
+        for resource in self.resources.0.iter_mut() {
+            resource.last_activity = now;
+            if resource.blocked_until.is_some() {
+                let until = now.saturating_add(delay).saturating_add(granularity);
+                resource.blocked_until = Some(until);
+                self.delays.insert((until, resource.id.clone()), ());
+            }
+            for holder in resource.holders.holders_mut() {
+                holder.deadline = deadline(now, holder.lease, granularity);
+                self.leases.set_deadline(holder.slot, holder.deadline);
+                restarted += 1;
+            }
+        }
+        self.latest = now;
+        for (hash, token) in ended {
+            let Some(rid) = self.resources.holding(hash, &token).map(|r| r.id.clone()) else {
+                continue;
+            };
+            self.evict(&rid, token, now);
+            self.promote(&rid, now);
+            restarted -= 1;
+        }
+        restarted
     }
 
     fn set_policy(&mut self, policy: &Policy) {
@@ -953,6 +1008,7 @@ impl<F: FenceSource> LockTable<F> {
             return None;
         }
         holder.deadline = deadline(now, lease, self.config.clock_granularity);
+        holder.lease = lease;
         self.leases.set_deadline(holder.slot, holder.deadline);
         Some(())
     }
@@ -1243,7 +1299,7 @@ impl<F: FenceSource> LockTable<F> {
                 &mut self.leases,
                 resource,
                 conn,
-                token,
+                (token, lease),
                 deadline,
             );
             return Ok(Ok(Grant { token, lease }));
@@ -1285,7 +1341,7 @@ impl<F: FenceSource> LockTable<F> {
             &mut self.leases,
             resource,
             conn,
-            token,
+            (token, lease),
             deadline,
         );
     }
@@ -1446,7 +1502,7 @@ fn hold(
     leases: &mut Leases,
     resource: &mut Resource,
     conn: ConnId,
-    token: Token,
+    (token, lease): (Token, Lease),
     deadline: Duration,
 ) {
     let c = conns.entry(conn).or_default();
@@ -1459,6 +1515,7 @@ fn hold(
         Holder {
             conn,
             deadline,
+            lease,
             slot,
         },
     );
@@ -1606,6 +1663,76 @@ mod tests {
         t.sweep(now + secs(1_000));
         assert_eq!(t.holder_count(), 0);
         t.assert_leases_match_holders();
+    }
+
+    /// A new leader on a clock of its own: a live lease restarts in full
+    /// from the new time (never shorter), one that had run out by the
+    /// latest command ends and its waiter is granted, a lock-delay
+    /// restarts in full.
+    #[test]
+    fn taking_office_restarts_live_leases_and_ends_run_out_ones() {
+        let config = TableConfig {
+            disconnect_lock_delay: secs(4),
+            ..TableConfig::default()
+        };
+        let mut t = LockTable::new(config);
+        let at = |secs_: u64, op| Command::new(secs(secs_), Salt::new(1, 2), op);
+        let acquire = |conn, key: &str, lease, wait| Op::Acquire {
+            conn: ConnId(conn),
+            resource: ResourceId::new(dflockd_proto::Namespace::Lock, Key::new(key).unwrap()),
+            limit: Limit::ONE,
+            lease: Lease::new(lease).ok(),
+            wait,
+        };
+        // `a` (lease 10) and `b` (lease 3) at 100; a waiter behind `b`;
+        // `c` released with a lock-delay by a closing connection.
+        let _ = t.apply(&at(100, acquire(1, "a", 10, None)));
+        let _ = t.apply(&at(100, acquire(2, "b", 3, None)));
+        let _ = t.apply(&at(100, acquire(3, "b", 3, Some(9))));
+        let _ = t.apply(&at(100, acquire(4, "c", 10, None)));
+        let _ = t.apply(&at(
+            100,
+            Op::Disconnect {
+                conn: ConnId(4),
+                auto_release: Some(true),
+            },
+        ));
+        // The latest command is at 104: `b` ran out at 103, `a` has 6 s left.
+        let _ = t.apply(&at(104, Op::Gc));
+        // The new leader's clock reads 2.
+        let effects = t.apply(&at(2, Op::TakeOffice));
+        assert_eq!(effects.outcome, Ok(Outcome::OfficeTaken(1)));
+        assert_eq!(effects.expired.len(), 1, "`b` ran out before the change");
+        assert_eq!(effects.grants.len(), 1, "its waiter is granted");
+        let deadline_of = |t: &LockTable, key: &str| {
+            let rid = ResourceId::new(dflockd_proto::Namespace::Lock, Key::new(key).unwrap());
+            t.resources
+                .get(&rid)
+                .unwrap()
+                .holders
+                .iter()
+                .next()
+                .map(|(_, h)| h.deadline)
+        };
+        assert_eq!(
+            deadline_of(&t, "a"),
+            Some(secs(12)),
+            "restarted in full: 2 + 10"
+        );
+        assert_eq!(
+            deadline_of(&t, "b"),
+            Some(secs(5)),
+            "the waiter's new lease: 2 + 3"
+        );
+        assert_eq!(
+            t.next_delay_end(),
+            Some(secs(6)),
+            "the lock-delay restarted: 2 + 4"
+        );
+        t.assert_leases_match_holders();
+        // The sweep follows the new clock.
+        assert_eq!(t.apply(&at(11, Op::Sweep)).outcome, Ok(Outcome::Swept(1)));
+        assert_eq!(t.apply(&at(12, Op::Sweep)).outcome, Ok(Outcome::Swept(1)));
     }
 
     #[test]

@@ -89,6 +89,10 @@ enum Step {
     Sweep,
     EndDelays,
     Gc,
+    /// A new leader, whose clock reads `secs` (earlier or later).
+    TakeOffice {
+        secs: u8,
+    },
     Policy {
         max_waiters: u8,
         delay_ms: u16,
@@ -116,6 +120,7 @@ fn step() -> impl Strategy<Value = Step> {
         2 => Just(Step::Sweep),
         1 => Just(Step::EndDelays),
         1 => Just(Step::Gc),
+        1 => (0..20u8).prop_map(|secs| Step::TakeOffice { secs }),
         1 => (0..3u8, prop_oneof![Just(0u16), Just(1_500)], any::<bool>())
             .prop_map(|(max_waiters, delay_ms, auto_release)| Step::Policy { max_waiters, delay_ms, auto_release }),
     ]
@@ -263,6 +268,10 @@ impl Scripter {
                 return None;
             }
             Step::Sweep => Op::Sweep,
+            Step::TakeOffice { secs } => {
+                self.now = Duration::from_secs(u64::from(secs));
+                Op::TakeOffice
+            }
             Step::EndDelays => Op::EndDelays,
             Step::Gc => Op::Gc,
             Step::Policy {

@@ -41,6 +41,7 @@ pub struct TableSnapshot {
     config: TableConfig,
     last_fence: u64,
     next_waiter: u64,
+    latest: Duration,
     resources: Vec<ResourceState>,
     conns: Vec<ConnState>,
     delays: Vec<(Duration, ResourceId)>,
@@ -63,6 +64,7 @@ struct HolderState {
     token: Token,
     conn: ConnId,
     deadline: Duration,
+    lease: Lease,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,6 +197,7 @@ impl<F: FenceSource> LockTable<F> {
                         token: *token,
                         conn: h.conn,
                         deadline: h.deadline,
+                        lease: h.lease,
                     })
                     .collect();
                 holders.sort_unstable_by_key(|h| h.token);
@@ -272,6 +275,7 @@ impl<F: FenceSource> LockTable<F> {
             config: self.config,
             last_fence: self.mint.fences.last(),
             next_waiter: self.next_waiter,
+            latest: self.latest,
             resources,
             conns,
             delays: self.delays.keys().cloned().collect(),
@@ -311,8 +315,9 @@ impl<F: FenceSource> LockTable<F> {
     /// Fills an empty table from `snapshot` (all but the fence source).
     fn load(&mut self, snapshot: &TableSnapshot) -> Result<(), RestoreError> {
         self.next_waiter = snapshot.next_waiter;
+        self.latest = snapshot.latest;
         // Which resource holds each token, for the connections' rings.
-        let mut holding: HashMap<Token, (ResourceId, ConnId, Duration)> = HashMap::default();
+        let mut holding: HashMap<Token, (ResourceId, HolderState)> = HashMap::default();
         for state in &snapshot.resources {
             if self.resources.get(&state.id).is_some() {
                 return Err(RestoreError::DuplicateResource(state.id.clone()));
@@ -335,7 +340,7 @@ impl<F: FenceSource> LockTable<F> {
                 );
             }
             for h in &state.holders {
-                let previous = holding.insert(h.token, (state.id.clone(), h.conn, h.deadline));
+                let previous = holding.insert(h.token, (state.id.clone(), h.clone()));
                 if previous.is_some() {
                     return Err(RestoreError::StrayLease {
                         conn: h.conn.0,
@@ -368,14 +373,16 @@ impl<F: FenceSource> LockTable<F> {
                     conn: state.id.0,
                     token: *token,
                 };
-                let Some((rid, owner, deadline)) = holding.remove(token) else {
+                let Some((rid, held)) = holding.remove(token) else {
                     return Err(stray);
                 };
-                if owner != state.id {
+                if held.conn != state.id {
                     return Err(stray);
                 }
-                let slot = self.leases.insert(conn.ring, *token, rid.hash(), deadline);
-                hold_restored(&mut self.resources, &rid, *token, owner, deadline, slot);
+                let slot = self
+                    .leases
+                    .insert(conn.ring, *token, rid.hash(), held.deadline);
+                hold_restored(&mut self.resources, &rid, &held, slot);
             }
             conn.waiters = state.waiters.iter().cloned().collect();
             for p in &state.phase1 {
@@ -399,12 +406,11 @@ impl<F: FenceSource> LockTable<F> {
         // name a live connection again (a later request on the same id),
         // whose ring then holds only its newer leases. Sorted by token, so
         // the slab is filled the same way every time.
-        let mut orphans: Vec<(Token, (ResourceId, ConnId, Duration))> =
-            holding.into_iter().collect();
+        let mut orphans: Vec<(Token, (ResourceId, HolderState))> = holding.into_iter().collect();
         orphans.sort_unstable_by_key(|(token, _)| *token);
-        for (token, (rid, owner, deadline)) in orphans {
-            let slot = self.leases.insert_alone(token, rid.hash(), deadline);
-            hold_restored(&mut self.resources, &rid, token, owner, deadline, slot);
+        for (token, (rid, held)) in orphans {
+            let slot = self.leases.insert_alone(token, rid.hash(), held.deadline);
+            hold_restored(&mut self.resources, &rid, &held, slot);
         }
         self.delays = snapshot
             .delays
@@ -415,21 +421,20 @@ impl<F: FenceSource> LockTable<F> {
     }
 }
 
-/// Makes `owner` a holder of `rid` again, its lease in `slot`.
+/// Makes `held`'s connection a holder of `rid` again, its lease in `slot`.
 fn hold_restored(
     resources: &mut Resources,
     rid: &ResourceId,
-    token: Token,
-    owner: ConnId,
-    deadline: Duration,
+    held: &HolderState,
     slot: crate::leases::Slot,
 ) {
     if let Some(resource) = resources.get_mut(rid) {
         resource.holders.insert(
-            token,
+            held.token,
             Holder {
-                conn: owner,
-                deadline,
+                conn: held.conn,
+                deadline: held.deadline,
+                lease: held.lease,
                 slot,
             },
         );
