@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dflockd_cluster::Node;
-use dflockd_core::{AcquireOutcome, Command, ConnId, Op, Outcome, ResourceId, Salt, TableConfig};
+use dflockd_core::{AcquireOutcome, ConnId, Op, Outcome, ResourceId, TableConfig};
 use dflockd_proto::{Key, Limit, Namespace};
 use tokio::net::TcpListener;
 
@@ -70,33 +70,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut latencies = Vec::new();
             let mut rounds = 0u64;
             while Instant::now() < deadline {
-                let at = started.elapsed();
                 let sent = Instant::now();
-                let acquire = Command::new(
-                    at,
-                    Salt::new(w, rounds),
-                    Op::Acquire {
-                        conn: ConnId(w + 1),
-                        resource: rid.clone(),
-                        limit: Limit::ONE,
-                        lease: None,
-                        wait: None,
-                    },
-                );
+                let acquire = Op::Acquire {
+                    conn: ConnId(w + 1),
+                    resource: rid.clone(),
+                    limit: Limit::ONE,
+                    lease: None,
+                    wait: None,
+                };
                 let effects = leader.propose(acquire).await.expect("committed");
                 latencies.push(sent.elapsed());
                 let Ok(Outcome::Acquire(AcquireOutcome::Granted(grant))) = effects.outcome else {
                     panic!("not granted: {effects:?}");
                 };
                 let sent = Instant::now();
-                let release = Command::new(
-                    started.elapsed(),
-                    Salt::new(w, rounds),
-                    Op::Release {
-                        resource: rid.clone(),
-                        token: grant.token,
-                    },
-                );
+                let release = Op::Release {
+                    resource: rid.clone(),
+                    token: grant.token,
+                };
                 let _ = leader.propose(release).await.expect("committed");
                 latencies.push(sent.elapsed());
                 rounds += 1;

@@ -44,26 +44,46 @@ pub use storage::{Storage, StorageOpenError};
 pub type NodeId = u64;
 
 /// The payload of one Raft log entry: the commands that reached the leader
-/// while its previous write was in flight (group commit), applied in order.
+/// while its previous write was in flight (group commit), applied in order,
+/// all stamped with the leader's clock.
+///
+/// `office` is an [`Op::TakeOffice`](dflockd_core::Op::TakeOffice) at the
+/// batch's time. The state machine applies it first when the entry is the
+/// first of its term (its leader has not taken office yet): so every node,
+/// at the same place in the log, restarts the leases on the new leader's
+/// clock before that leader's first command.
 ///
 /// ```
 /// use std::time::Duration;
 /// use dflockd_cluster::Batch;
 /// use dflockd_core::{Command, Op, Salt};
-/// let batch = Batch(vec![Command::new(Duration::ZERO, Salt::new(1, 2), Op::Sweep)]);
-/// assert_eq!(batch.0.len(), 1);
+/// let at = |op| Command::new(Duration::ZERO, Salt::new(1, 2), op);
+/// let batch = Batch { office: at(Op::TakeOffice), commands: vec![at(Op::Sweep)] };
+/// assert_eq!(batch.commands.len(), 1);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Batch(pub Vec<Command>);
+pub struct Batch {
+    /// Taking office at the batch's time, if the leader has not yet.
+    pub office: Command,
+    /// The commands, in order.
+    pub commands: Vec<Command>,
+}
 
-/// What applying a [`Batch`] did: the effects of each command, in order.
-/// Blank and membership entries answer an empty one.
+/// What applying a [`Batch`] did: the effects of taking office if that
+/// happened, then of each command, in order. Blank and membership entries
+/// answer an empty one.
 ///
 /// ```
-/// assert!(dflockd_cluster::BatchEffects::default().0.is_empty());
+/// assert!(dflockd_cluster::BatchEffects::default().commands.is_empty());
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct BatchEffects(pub Vec<Effects>);
+pub struct BatchEffects {
+    /// The effects of taking office (leases ended and the grants that
+    /// followed), when this entry was its leader's first.
+    pub office: Option<Effects>,
+    /// Each command's effects.
+    pub commands: Vec<Effects>,
+}
 
 openraft::declare_raft_types!(
     /// The types of dflockd's Raft: entries carry a [`Batch`], answers are

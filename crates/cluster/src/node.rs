@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use dflockd_core::{Command, Effects, TableConfig};
+use dflockd_core::{Command, Effects, Op, Salt, TableConfig};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, Config, Raft};
 use thiserror::Error;
@@ -122,7 +122,7 @@ pub enum ProposeError {
     Failed(String),
 }
 
-type Proposal = (Command, oneshot::Sender<Result<Effects, ProposeError>>);
+type Proposal = (Op, oneshot::Sender<Result<Effects, ProposeError>>);
 
 /// A running node. Dropping it stops its Raft listener; call
 /// [`shutdown`](Self::shutdown) to stop Raft too.
@@ -216,7 +216,7 @@ impl Node {
             })?;
         let server = tokio::spawn(serve(listener, id, raft.clone()));
         let (proposals, queue) = mpsc::unbounded_channel();
-        let proposer = tokio::spawn(propose(raft.clone(), queue));
+        let proposer = tokio::spawn(propose(raft.clone(), queue, Salts::from_os()));
         Ok(Node {
             id,
             raft,
@@ -333,34 +333,34 @@ impl Node {
         self.initialize(&[(self.id, self.raft_addr)]).await
     }
 
-    /// Applies `command` through the log: it is committed by a quorum and
-    /// applied on every node. Commands that arrive while a write is in
+    /// Applies `op` through the log: the leader stamps it with its clock
+    /// (time since this node started) and fresh salts, a quorum commits
+    /// it, and every node applies it. Ops that arrive while a write is in
     /// flight share the next log entry (group commit). Only the leader
-    /// takes commands.
+    /// takes ops.
     ///
     /// ```
     /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// # let dir = tempfile::tempdir()?;
     /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     /// # let node = dflockd_cluster::Node::start(1, dir.path(), listener, Default::default()).await?;
-    /// use std::time::Duration;
-    /// use dflockd_core::{AcquireOutcome, Command, ConnId, Op, Outcome, ResourceId, Salt};
+    /// use dflockd_core::{AcquireOutcome, ConnId, Op, Outcome, ResourceId};
     /// use dflockd_proto::{Key, Limit, Namespace};
     /// node.initialize_alone().await?;
     /// node.raft().wait(None).current_leader(1, "elected").await?;
-    /// let acquire = Command::new(Duration::ZERO, Salt::new(1, 2), Op::Acquire {
+    /// let acquire = Op::Acquire {
     ///     conn: ConnId(1), resource: ResourceId::new(Namespace::Lock, Key::new("job").unwrap()),
     ///     limit: Limit::ONE, lease: None, wait: None,
-    /// });
+    /// };
     /// let effects = node.propose(acquire).await?;
     /// assert!(matches!(effects.outcome, Ok(Outcome::Acquire(AcquireOutcome::Granted(_)))));
     /// # node.shutdown().await;
     /// # Ok(()) }
     /// ```
-    pub async fn propose(&self, command: Command) -> Result<Effects, ProposeError> {
+    pub async fn propose(&self, op: Op) -> Result<Effects, ProposeError> {
         let (tx, rx) = oneshot::channel();
         self.proposals
-            .send((command, tx))
+            .send((op, tx))
             .map_err(|_| ProposeError::Failed("the node is stopping".to_string()))?;
         rx.await
             .unwrap_or_else(|_| Err(ProposeError::Failed("the node stopped".to_string())))
@@ -411,24 +411,68 @@ impl std::fmt::Debug for Node {
 /// The most commands one log entry carries.
 const MAX_BATCH: usize = 1024;
 
+/// Fresh salts for the commands a node proposes: a ChaCha12 CSPRNG seeded
+/// once from the OS.
+struct Salts(rand::rngs::StdRng);
+
+impl Salts {
+    fn from_os() -> Salts {
+        use rand::SeedableRng;
+        let rng =
+            rand::rngs::StdRng::try_from_rng(&mut rand::rngs::SysRng).unwrap_or_else(|error| {
+                // Never expected on a supported OS; fall back to the std
+                // library's randomly keyed hasher rather than fixed salts.
+                tracing::error!(%error, "OS random source failed; using a fallback seed");
+                use std::hash::{BuildHasher, Hasher};
+                let mut seed = [0u8; 32];
+                for chunk in seed.chunks_mut(8) {
+                    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                    h.write_u64(0x5eed);
+                    chunk.copy_from_slice(&h.finish().to_le_bytes());
+                }
+                rand::rngs::StdRng::from_seed(seed)
+            });
+        Salts(rng)
+    }
+
+    fn next(&mut self) -> Salt {
+        use rand::Rng;
+        Salt::new(self.0.next_u64(), self.0.next_u64())
+    }
+}
+
 /// Writes proposals to the log one entry at a time; what arrives while an
-/// entry is being committed goes into the next one.
-async fn propose(raft: Raft<TypeConfig>, mut queue: mpsc::UnboundedReceiver<Proposal>) {
+/// entry is being committed goes into the next one. Only this task stamps
+/// times, so they grow in log order.
+async fn propose(
+    raft: Raft<TypeConfig>,
+    mut queue: mpsc::UnboundedReceiver<Proposal>,
+    mut salts: Salts,
+) {
+    let origin = tokio::time::Instant::now();
     while let Some(first) = queue.recv().await {
-        let mut commands = vec![first.0];
+        let mut ops = vec![first.0];
         let mut replies = vec![first.1];
-        while commands.len() < MAX_BATCH {
+        while ops.len() < MAX_BATCH {
             match queue.try_recv() {
-                Ok((command, reply)) => {
-                    commands.push(command);
+                Ok((op, reply)) => {
+                    ops.push(op);
                     replies.push(reply);
                 }
                 Err(_) => break,
             }
         }
-        match raft.client_write(Batch(commands)).await {
+        let at = origin.elapsed();
+        let batch = Batch {
+            office: Command::new(at, salts.next(), Op::TakeOffice),
+            commands: ops
+                .into_iter()
+                .map(|op| Command::new(at, salts.next(), op))
+                .collect(),
+        };
+        match raft.client_write(batch).await {
             Ok(response) => {
-                for (reply, effects) in replies.into_iter().zip(response.data.0) {
+                for (reply, effects) in replies.into_iter().zip(response.data.commands) {
                     let _ = reply.send(Ok(effects));
                 }
             }

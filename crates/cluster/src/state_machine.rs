@@ -24,6 +24,7 @@ const SNAPSHOT_VERSION: u8 = 1;
 #[derive(Serialize, Deserialize)]
 struct MachineState {
     last_applied: Option<LogId<NodeId>>,
+    office_term: u64,
     membership: StoredMembership<NodeId, BasicNode>,
     table: TableSnapshot,
 }
@@ -52,6 +53,8 @@ pub struct StateMachine {
     table: Arc<Mutex<LockTable>>,
     last_applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, BasicNode>,
+    /// The latest term whose leader has taken office in the table.
+    office_term: u64,
     /// Snapshots built by this process so far (part of each snapshot's id).
     built: u64,
 }
@@ -65,6 +68,7 @@ impl StateMachine {
             table: Arc::new(Mutex::new(LockTable::new(config))),
             last_applied: None,
             membership: StoredMembership::default(),
+            office_term: 0,
             built: 0,
         };
         if let Some(bytes) = stored {
@@ -96,6 +100,7 @@ impl StateMachine {
         let state = decode_state(data)?;
         *self.lock() = LockTable::restore(&state.table).map_err(|e| e.to_string())?;
         self.last_applied = state.last_applied;
+        self.office_term = state.office_term;
         self.membership = state.membership;
         Ok(())
     }
@@ -104,6 +109,7 @@ impl StateMachine {
         let mut data = vec![SNAPSHOT_VERSION];
         data.extend(encode(&MachineState {
             last_applied: self.last_applied,
+            office_term: self.office_term,
             membership: self.membership.clone(),
             table: self.lock().snapshot(),
         }));
@@ -241,8 +247,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             answers.push(match entry.payload {
                 EntryPayload::Blank => BatchEffects::default(),
                 EntryPayload::Normal(batch) => {
-                    let mut table = self.lock();
-                    BatchEffects(batch.0.iter().map(|command| table.apply(command)).collect())
+                    let term = entry.log_id.leader_id.term;
+                    let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+                    // The first entry of a term: its leader takes office.
+                    let office = (term > self.office_term).then(|| table.apply(&batch.office));
+                    self.office_term = self.office_term.max(term);
+                    BatchEffects {
+                        office,
+                        commands: batch.commands.iter().map(|c| table.apply(c)).collect(),
+                    }
                 }
                 EntryPayload::Membership(membership) => {
                     self.membership = StoredMembership::new(Some(entry.log_id), membership);

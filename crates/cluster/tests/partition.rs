@@ -12,7 +12,7 @@ use std::time::Duration;
 mod support;
 
 use dflockd_cluster::{Network, Node, NodeOptions};
-use dflockd_core::{Command, Effects};
+use dflockd_core::{Effects, Op};
 use dflockd_faultproxy::{Blackhole, Direction, FaultProxy, Faults};
 use support::{WAIT, acquire, granted, listeners, start_cluster};
 
@@ -39,10 +39,10 @@ async fn agreed_leader(nodes: &[&Node]) -> u64 {
 }
 
 /// Proposes on `node` until it commits (the node must lead).
-async fn commit(node: &Node, command: Command) -> Effects {
+async fn commit(node: &Node, op: Op) -> Effects {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        match node.propose(command.clone()).await {
+        match node.propose(op.clone()).await {
             Ok(effects) => return effects,
             Err(error) => {
                 assert!(
@@ -107,7 +107,7 @@ async fn an_isolated_leader_grants_nothing_and_the_majority_goes_on() {
     let all: Vec<&Node> = nodes.iter().collect();
     let old = agreed_leader(&all).await;
     let old_index = (old - 1) as usize;
-    let before = granted(&commit(&nodes[old_index], acquire(1, "k", 1)).await).expect("granted");
+    let before = granted(&commit(&nodes[old_index], acquire(1, "k")).await).expect("granted");
 
     // Cut the leader off, both ways.
     for (from, row) in proxies.iter().enumerate() {
@@ -125,12 +125,12 @@ async fn an_isolated_leader_grants_nothing_and_the_majority_goes_on() {
     assert_ne!(new, old);
     let new_node = majority.iter().find(|n| n.id() == new).unwrap();
     let granted_x =
-        granted(&commit(new_node, acquire(2, "x", 2)).await).expect("granted on the majority");
+        granted(&commit(new_node, acquire(2, "x")).await).expect("granted on the majority");
     assert!(granted_x > before);
     // The isolated old leader cannot commit `x` for someone else.
     let isolated = tokio::time::timeout(
         Duration::from_secs(3),
-        nodes[old_index].propose(acquire(3, "x", 3)),
+        nodes[old_index].propose(acquire(3, "x")),
     )
     .await;
     match isolated {

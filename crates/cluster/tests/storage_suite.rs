@@ -47,6 +47,16 @@ fn acquire(conn: u64, key: &str) -> Command {
     )
 }
 
+/// A batch of `commands`, taking office at their time if it is the first
+/// of its term.
+fn batch(commands: Vec<Command>) -> Batch {
+    let at = commands.first().map_or(Duration::ZERO, |c| c.at);
+    Batch {
+        office: Command::new(at, Salt::new(0xaa, 0xbb), Op::TakeOffice),
+        commands,
+    }
+}
+
 fn entry(index: u64, batch: Batch) -> Entry {
     Entry {
         log_id: log_id(1, 1, index),
@@ -56,7 +66,7 @@ fn entry(index: u64, batch: Batch) -> Entry {
 
 fn granted(effects: &BatchEffects, at: usize) -> bool {
     matches!(
-        effects.0[at].outcome,
+        effects.commands[at].outcome,
         Ok(Outcome::Acquire(AcquireOutcome::Granted(_)))
     )
 }
@@ -67,12 +77,12 @@ async fn batches_apply_in_order_and_snapshots_carry_the_table() {
     let storage = Storage::open(&dir.path().join("raft.redb")).unwrap();
     let mut machine = storage.state_machine(TableConfig::default()).unwrap();
     // One entry, three commands: a grant, a waiter queued behind it, another key.
-    let batch = Batch(vec![acquire(1, "a"), acquire(2, "a"), acquire(3, "b")]);
-    let answers = machine.apply([entry(1, batch)]).await.unwrap();
+    let first = batch(vec![acquire(1, "a"), acquire(2, "a"), acquire(3, "b")]);
+    let answers = machine.apply([entry(1, first)]).await.unwrap();
     assert_eq!(answers.len(), 1);
     assert!(granted(&answers[0], 0));
     assert!(matches!(
-        answers[0].0[1].outcome,
+        answers[0].commands[1].outcome,
         Ok(Outcome::Acquire(AcquireOutcome::Queued(_)))
     ));
     assert!(granted(&answers[0], 2));
@@ -97,7 +107,7 @@ async fn batches_apply_in_order_and_snapshots_carry_the_table() {
     );
     assert_eq!(copy.applied_state().await.unwrap().0, Some(log_id(1, 1, 1)));
     // And both go on to the same answers.
-    let next = Batch(vec![acquire(4, "b"), acquire(5, "c")]);
+    let next = batch(vec![acquire(4, "b"), acquire(5, "c")]);
     let mine = machine.apply([entry(2, next.clone())]).await.unwrap();
     let theirs = copy.apply([entry(2, next)]).await.unwrap();
     assert_eq!(mine, theirs);
@@ -114,8 +124,8 @@ async fn a_restarted_node_finds_its_log_vote_and_snapshot() {
         let mut machine = storage.state_machine(TableConfig::default()).unwrap();
         log.save_vote(&Vote::new(3, 1)).await.unwrap();
         let entries = vec![
-            entry(1, Batch(vec![acquire(1, "a")])),
-            entry(2, Batch(vec![acquire(2, "b")])),
+            entry(1, batch(vec![acquire(1, "a")])),
+            entry(2, batch(vec![acquire(2, "b")])),
         ];
         openraft::storage::RaftLogStorageExt::blocking_append(&mut log, entries.clone())
             .await
@@ -146,10 +156,11 @@ async fn a_restarted_node_finds_its_log_vote_and_snapshot() {
     // The fence counter came back with the table: the next grant's fence is
     // past both earlier ones.
     let answers = machine
-        .apply([entry(3, Batch(vec![acquire(3, "c")]))])
+        .apply([entry(3, batch(vec![acquire(3, "c")]))])
         .await
         .unwrap();
-    let Ok(Outcome::Acquire(AcquireOutcome::Granted(grant))) = answers[0].0[0].outcome else {
+    let Ok(Outcome::Acquire(AcquireOutcome::Granted(grant))) = answers[0].commands[0].outcome
+    else {
         panic!("not granted: {answers:?}");
     };
     assert_eq!(grant.token.fence(), 3);
@@ -161,7 +172,7 @@ async fn an_older_snapshot_build_does_not_replace_a_newer_install() {
     let storage = Storage::open(&dir.path().join("raft.redb")).unwrap();
     let mut machine = storage.state_machine(TableConfig::default()).unwrap();
     machine
-        .apply([entry(1, Batch(vec![acquire(1, "a")]))])
+        .apply([entry(1, batch(vec![acquire(1, "a")]))])
         .await
         .unwrap();
     // A build of the state at index 1 starts (openraft runs it in a task).
@@ -171,7 +182,7 @@ async fn an_older_snapshot_build_does_not_replace_a_newer_install() {
     let other = Storage::open(&other_dir.path().join("raft.redb")).unwrap();
     let mut leader = other.state_machine(TableConfig::default()).unwrap();
     let entries: Vec<Entry> = (1..=5)
-        .map(|i| entry(i, Batch(vec![acquire(i, &format!("k{i}"))])))
+        .map(|i| entry(i, batch(vec![acquire(i, &format!("k{i}"))])))
         .collect();
     leader.apply(entries).await.unwrap();
     let newer = leader

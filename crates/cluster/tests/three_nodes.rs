@@ -9,8 +9,8 @@ use std::time::Duration;
 mod support;
 
 use dflockd_cluster::{Node, NodeOptions, ProposeError};
-use dflockd_core::{AcquireOutcome, Command, Effects, Outcome, TableConfig};
-use support::{WAIT, acquire, fence_of, listeners, rebind, start_cluster};
+use dflockd_core::{AcquireOutcome, Effects, Op, Outcome, TableConfig};
+use support::{WAIT, acquire, acquire_for, fence_of, listeners, rebind, start_cluster};
 use tempfile::TempDir;
 
 struct Cluster {
@@ -55,10 +55,10 @@ impl Cluster {
     }
 
     /// Proposes on the leader, following a change of leader.
-    async fn propose(&self, command: Command) -> Effects {
+    async fn propose(&self, op: Op) -> Effects {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            match self.leader().await.propose(command.clone()).await {
+            match self.leader().await.propose(op.clone()).await {
                 Ok(effects) => return effects,
                 Err(error @ (ProposeError::NotLeader { .. } | ProposeError::Failed(_))) => {
                     assert!(
@@ -101,11 +101,11 @@ impl Cluster {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_replicate_and_a_killed_leader_is_replaced() {
     let mut cluster = three_nodes().await;
-    let first = fence_of(&cluster.propose(acquire(1, "a", 1)).await);
-    let second = fence_of(&cluster.propose(acquire(2, "b", 2)).await);
+    let first = fence_of(&cluster.propose(acquire(1, "a")).await);
+    let second = fence_of(&cluster.propose(acquire(2, "b")).await);
     assert!(second > first);
     // Held: another connection is refused (try-lock).
-    let refused = cluster.propose(acquire(3, "a", 3)).await;
+    let refused = cluster.propose(acquire(3, "a")).await;
     assert_eq!(
         refused.outcome,
         Ok(Outcome::Acquire(AcquireOutcome::Timeout))
@@ -128,12 +128,12 @@ async fn commands_replicate_and_a_killed_leader_is_replaced() {
     let new = cluster.leader().await.id();
     assert_ne!(new, old);
     // The holds survived, and fences keep growing.
-    let still_held = cluster.propose(acquire(4, "a", 4)).await;
+    let still_held = cluster.propose(acquire(4, "a")).await;
     assert_eq!(
         still_held.outcome,
         Ok(Outcome::Acquire(AcquireOutcome::Timeout))
     );
-    let third = fence_of(&cluster.propose(acquire(5, "c", 5)).await);
+    let third = fence_of(&cluster.propose(acquire(5, "c")).await);
     assert!(third > second, "fence {third} after {second}");
     let tables = cluster.converged(cluster.last_applied().await).await;
     assert_eq!(tables.len(), 2);
@@ -146,7 +146,7 @@ async fn concurrent_commands_share_log_entries() {
     let leader = cluster.leader().await;
     let before = leader.raft().metrics().borrow().last_log_index.unwrap_or(0);
     let proposals: Vec<_> = (0..200u64)
-        .map(|i| leader.propose(acquire(100 + i, &format!("k{i}"), 10)))
+        .map(|i| leader.propose(acquire(100 + i, &format!("k{i}"))))
         .collect();
     let results = futures_util::future::join_all(proposals).await;
     let mut fences: Vec<u64> = results
@@ -169,7 +169,7 @@ async fn concurrent_commands_share_log_entries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_nodes_restart_from_disk() {
     let mut cluster = three_nodes().await;
-    let held = fence_of(&cluster.propose(acquire(1, "a", 1)).await);
+    let held = fence_of(&cluster.propose(acquire(1, "a")).await);
     let tables = cluster.converged(cluster.last_applied().await).await;
     let addrs: Vec<SocketAddr> = cluster
         .nodes
@@ -197,12 +197,12 @@ async fn all_nodes_restart_from_disk() {
     // The table came back: the lock is still held, the next fence is larger.
     let restored = leader.view().read(|t| t.snapshot().encode());
     assert_eq!(restored, tables[0], "the table after the restart differs");
-    let still_held = cluster.propose(acquire(2, "a", 2)).await;
+    let still_held = cluster.propose(acquire(2, "a")).await;
     assert_eq!(
         still_held.outcome,
         Ok(Outcome::Acquire(AcquireOutcome::Timeout))
     );
-    let next = fence_of(&cluster.propose(acquire(3, "b", 3)).await);
+    let next = fence_of(&cluster.propose(acquire(3, "b")).await);
     assert!(next > held, "fence {next} after {held}");
 }
 
@@ -222,7 +222,7 @@ async fn a_lagging_follower_catches_up_from_a_snapshot() {
         ..NodeOptions::default()
     })
     .await;
-    let _ = cluster.propose(acquire(1, "first", 1)).await;
+    let _ = cluster.propose(acquire(1, "first")).await;
     // Stop a follower.
     let leader = cluster.leader().await.id();
     let lagging = cluster
@@ -234,7 +234,7 @@ async fn a_lagging_follower_catches_up_from_a_snapshot() {
     let (id, addr) = (stopped.id(), stopped.raft_addr());
     stopped.shutdown().await;
     for i in 0..100u64 {
-        let _ = cluster.propose(acquire(10 + i, &format!("k{i}"), 2)).await;
+        let _ = cluster.propose(acquire(10 + i, &format!("k{i}"))).await;
     }
     // The leader has compacted its log past what the follower has.
     let leader_node = cluster.leader().await;
@@ -269,5 +269,52 @@ async fn a_lagging_follower_catches_up_from_a_snapshot() {
     assert!(
         snapshot.is_some(),
         "the follower caught up without a snapshot"
+    );
+}
+
+/// Seconds left on the lease of lock `key`, as `node` sees it at the
+/// latest command time.
+fn lease_left(node: &Node, key: &str) -> f64 {
+    node.view().read(|t| {
+        let stats = t.stats(0, t.latest());
+        stats
+            .locks
+            .iter()
+            .find(|l| l.key == key)
+            .map(|l| l.lease_expires_in_s)
+            .unwrap_or_else(|| panic!("{key} is not held: {stats:?}"))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_restarts_every_lease_in_full() {
+    let mut cluster = three_nodes().await;
+    fence_of(&cluster.propose(acquire_for(1, "a", Some(4))).await);
+    // The lease runs down on the leader's clock.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _ = cluster.propose(Op::Gc).await;
+    let before = lease_left(cluster.leader().await, "a");
+    assert!(before < 3.0, "{before} s left after 1.5 s of a 4 s lease");
+    // The leader dies; the new one's first entry takes office.
+    let old = cluster.leader().await.id();
+    let index = cluster
+        .nodes
+        .iter()
+        .position(|n| n.as_ref().is_some_and(|n| n.id() == old))
+        .unwrap();
+    cluster.nodes[index].take().unwrap().shutdown().await;
+    let _ = cluster.propose(Op::Gc).await;
+    let leader = cluster.leader().await;
+    assert_ne!(leader.id(), old);
+    let after = lease_left(leader, "a");
+    assert!(
+        after >= 3.9,
+        "{after} s left after the change of leader (had {before})"
+    );
+    // And the hold is still a hold.
+    let refused = cluster.propose(acquire(2, "a")).await;
+    assert_eq!(
+        refused.outcome,
+        Ok(Outcome::Acquire(AcquireOutcome::Timeout))
     );
 }

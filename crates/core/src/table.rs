@@ -579,6 +579,21 @@ impl<F: FenceSource> LockTable<F> {
         &self.config
     }
 
+    /// The latest command time applied, on the clock of the leader that
+    /// proposed it: the table's "now" for reading it (for example
+    /// [`stats`](Self::stats) between commands).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use dflockd_core::*;
+    /// let mut table = LockTable::new(TableConfig::default());
+    /// let _ = table.apply(&Command::new(Duration::from_secs(7), Salt::new(1, 2), Op::Gc));
+    /// assert_eq!(table.latest(), Duration::from_secs(7));
+    /// ```
+    pub fn latest(&self) -> Duration {
+        self.latest
+    }
+
     /// How many resources exist (busy or idle).
     ///
     /// ```

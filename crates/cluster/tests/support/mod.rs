@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use dflockd_cluster::{Node, NodeOptions};
-use dflockd_core::{AcquireOutcome, Command, ConnId, Effects, Op, Outcome, ResourceId, Salt};
+use dflockd_core::{AcquireOutcome, ConnId, Effects, Op, Outcome, ResourceId};
 use dflockd_proto::{Key, Limit, Namespace};
 use tempfile::TempDir;
 use tokio::net::TcpListener;
@@ -63,19 +63,20 @@ pub async fn rebind(addr: SocketAddr) -> TcpListener {
     }
 }
 
-/// A try-lock of `key` by connection `conn` at time `at` seconds.
-pub fn acquire(conn: u64, key: &str, at: u64) -> Command {
-    Command::new(
-        Duration::from_secs(at),
-        Salt::new(conn.wrapping_mul(0x9e37_79b9), at),
-        Op::Acquire {
-            conn: ConnId(conn),
-            resource: ResourceId::new(Namespace::Lock, Key::new(key).unwrap()),
-            limit: Limit::ONE,
-            lease: None,
-            wait: None,
-        },
-    )
+/// A try-lock of `key` by connection `conn` (the leader stamps the time).
+pub fn acquire(conn: u64, key: &str) -> Op {
+    acquire_for(conn, key, None)
+}
+
+/// [`acquire`] with a lease of `lease` seconds.
+pub fn acquire_for(conn: u64, key: &str, lease: Option<u64>) -> Op {
+    Op::Acquire {
+        conn: ConnId(conn),
+        resource: ResourceId::new(Namespace::Lock, Key::new(key).unwrap()),
+        limit: Limit::ONE,
+        lease: lease.and_then(|secs| dflockd_proto::Lease::new(secs).ok()),
+        wait: None,
+    }
 }
 
 /// The fence of a granted acquire, if it was granted.
