@@ -27,6 +27,7 @@ use std::io::Cursor;
 use dflockd_core::{Command, Effects};
 use serde::{Deserialize, Serialize};
 
+mod auth;
 mod log_store;
 mod network;
 mod node;
@@ -34,6 +35,7 @@ mod records;
 mod state_machine;
 mod storage;
 
+pub use auth::{MIN_SECRET_BYTES, RaftSecret, ShortSecret};
 pub use log_store::LogStore;
 pub use network::{MAX_FRAME, Network, Peer};
 pub use node::{Node, NodeError, NodeOptions, ProposeError, raft_config};

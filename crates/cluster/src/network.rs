@@ -26,8 +26,19 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::auth::{RaftSecret, as_callee, as_caller};
 use crate::records::{decode, encode};
 use crate::{NodeId, TypeConfig};
+
+/// How long a peer has to complete the authentication handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn refused_slow() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        "no authentication within the handshake timeout",
+    )
+}
 
 /// The largest frame a node reads (a snapshot chunk is a few MiB).
 ///
@@ -100,7 +111,12 @@ async fn read_frame<T: DeserializeOwned>(stream: &mut TcpStream) -> io::Result<T
 /// the task is dropped or aborted, which also ends every connection it
 /// accepted (a restarted node must not find its peers still talking to
 /// the stopped one).
-pub(crate) async fn serve(listener: TcpListener, id: NodeId, raft: Raft<TypeConfig>) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    id: NodeId,
+    raft: Raft<TypeConfig>,
+    secret: Option<RaftSecret>,
+) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -112,11 +128,16 @@ pub(crate) async fn serve(listener: TcpListener, id: NodeId, raft: Raft<TypeConf
             continue;
         };
         let raft = raft.clone();
+        let secret = secret.clone();
         connections.spawn(async move {
-            if let Err(error) = serve_connection(stream, id, raft).await
-                && error.kind() != io::ErrorKind::UnexpectedEof
-            {
-                tracing::debug!(%peer, %error, "raft connection ended");
+            match serve_connection(stream, id, raft, secret.as_ref()).await {
+                Err(error) if error.kind() == io::ErrorKind::PermissionDenied => {
+                    tracing::warn!(%peer, %error, "raft connection refused");
+                }
+                Err(error) if error.kind() != io::ErrorKind::UnexpectedEof => {
+                    tracing::debug!(%peer, %error, "raft connection ended");
+                }
+                _ => {}
             }
         });
     }
@@ -126,8 +147,15 @@ async fn serve_connection(
     mut stream: TcpStream,
     id: NodeId,
     raft: Raft<TypeConfig>,
+    secret: Option<&RaftSecret>,
 ) -> io::Result<()> {
     let _ = stream.set_nodelay(true);
+    if let Some(secret) = secret {
+        // A peer gets the handshake's time to prove itself, no more.
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, as_callee(&mut stream, secret))
+            .await
+            .map_err(|_| refused_slow())??;
+    }
     loop {
         let envelope: Envelope = read_frame(&mut stream).await?;
         let response = if envelope.to != id {
@@ -160,9 +188,28 @@ async fn serve_connection(
 #[derive(Debug, Clone, Default)]
 pub struct Network {
     routes: Arc<Mutex<HashMap<NodeId, SocketAddr>>>,
+    secret: Option<RaftSecret>,
 }
 
 impl Network {
+    /// A network whose links authenticate with `secret` (both ways, the
+    /// secret never on the wire; see the module `auth`).
+    ///
+    /// ```
+    /// let secret = dflockd_cluster::RaftSecret::new(vec![9; 32]).unwrap();
+    /// let _network = dflockd_cluster::Network::with_secret(secret);
+    /// ```
+    pub fn with_secret(secret: RaftSecret) -> Network {
+        Network {
+            routes: Arc::default(),
+            secret: Some(secret),
+        }
+    }
+
+    pub(crate) fn secret(&self) -> Option<&RaftSecret> {
+        self.secret.as_ref()
+    }
+
     /// Sends to node `target` at `addr` instead of its membership address,
     /// from the next connection on.
     ///
@@ -191,6 +238,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         Peer {
             target,
             addr: routed.unwrap_or_else(|| node.addr.clone()),
+            secret: self.secret.clone(),
             stream: None,
         }
     }
@@ -209,6 +257,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 pub struct Peer {
     target: NodeId,
     addr: String,
+    secret: Option<RaftSecret>,
     stream: Option<TcpStream>,
 }
 
@@ -233,10 +282,15 @@ impl Peer {
                 let addr: SocketAddr = self.addr.parse().map_err(|e| {
                     CallError::Unreachable(io::Error::new(io::ErrorKind::InvalidInput, e))
                 })?;
-                let stream = TcpStream::connect(addr)
+                let mut stream = TcpStream::connect(addr)
                     .await
                     .map_err(CallError::Unreachable)?;
                 let _ = stream.set_nodelay(true);
+                if let Some(secret) = &self.secret {
+                    as_caller(&mut stream, secret)
+                        .await
+                        .map_err(CallError::Unreachable)?;
+                }
                 self.stream = Some(stream);
             }
             let Some(stream) = self.stream.as_mut() else {

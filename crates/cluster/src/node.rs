@@ -208,13 +208,19 @@ impl Node {
         let storage = Storage::open(&dir.join("raft.redb"))?;
         let state_machine = storage.state_machine(table)?;
         let view = state_machine.view();
-        let raft = Raft::new(id, raft_config, network, storage.log_store(), state_machine)
-            .await
-            .map_err(|e| NodeError::Raft {
-                node: id,
-                reason: e.to_string(),
-            })?;
-        let server = tokio::spawn(serve(listener, id, raft.clone()));
+        let raft = Raft::new(
+            id,
+            raft_config,
+            network.clone(),
+            storage.log_store(),
+            state_machine,
+        )
+        .await
+        .map_err(|e| NodeError::Raft {
+            node: id,
+            reason: e.to_string(),
+        })?;
+        let server = tokio::spawn(serve(listener, id, raft.clone(), network.secret().cloned()));
         let (proposals, queue) = mpsc::unbounded_channel();
         let proposer = tokio::spawn(propose(raft.clone(), queue, Salts::from_os()));
         Ok(Node {
