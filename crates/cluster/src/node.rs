@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use dflockd_core::{Command, Effects, Op, Salt, TableConfig};
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::{BasicNode, Config, Raft};
+use std::collections::BTreeSet;
+
+use openraft::{BasicNode, ChangeMembers, Config, Raft};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -372,6 +374,67 @@ impl Node {
             .unwrap_or_else(|_| Err(ProposeError::Failed("the node stopped".to_string())))
     }
 
+    /// Adds node `id`, reachable for Raft at `addr`, as a voter: first as a
+    /// learner, which this waits to catch up, then into the voters (a joint
+    /// configuration, committed like any entry). Call it on the leader.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dirs = [tempfile::tempdir()?, tempfile::tempdir()?];
+    /// # let l1 = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// # let l2 = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let one = dflockd_cluster::Node::start(1, dirs[0].path(), l1, Default::default()).await?;
+    /// let two = dflockd_cluster::Node::start(2, dirs[1].path(), l2, Default::default()).await?;
+    /// one.initialize_alone().await?;
+    /// one.raft().wait(None).current_leader(1, "elected").await?;
+    /// one.add_voter(2, two.raft_addr()).await?;
+    /// let voters: Vec<u64> = one.raft().metrics().borrow().membership_config.membership().voter_ids().collect();
+    /// assert_eq!(voters, [1, 2]);
+    /// # two.shutdown().await;
+    /// # one.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub async fn add_voter(&self, id: NodeId, addr: SocketAddr) -> Result<(), ProposeError> {
+        self.raft
+            .add_learner(id, BasicNode::new(addr.to_string()), true)
+            .await
+            .map_err(write_error)?;
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(write_error)?;
+        Ok(())
+    }
+
+    /// Removes node `id` from the voters (and the cluster). Call it on the
+    /// leader; a leader that removes itself steps down once the change
+    /// commits.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dirs = [tempfile::tempdir()?, tempfile::tempdir()?];
+    /// # let l1 = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// # let l2 = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// # let one = dflockd_cluster::Node::start(1, dirs[0].path(), l1, Default::default()).await?;
+    /// # let two = dflockd_cluster::Node::start(2, dirs[1].path(), l2, Default::default()).await?;
+    /// # one.initialize_alone().await?;
+    /// # one.raft().wait(None).current_leader(1, "elected").await?;
+    /// # one.add_voter(2, two.raft_addr()).await?;
+    /// one.remove_voter(2).await?;
+    /// let voters: Vec<u64> = one.raft().metrics().borrow().membership_config.membership().voter_ids().collect();
+    /// assert_eq!(voters, [1]);
+    /// # two.shutdown().await;
+    /// # one.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub async fn remove_voter(&self, id: NodeId) -> Result<(), ProposeError> {
+        self.raft
+            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+            .await
+            .map_err(write_error)?;
+        Ok(())
+    }
+
     /// Stops Raft and the listener.
     ///
     /// ```
@@ -416,6 +479,18 @@ impl std::fmt::Debug for Node {
 
 /// The most commands one log entry carries.
 const MAX_BATCH: usize = 1024;
+
+/// What a failed write means for its callers.
+fn write_error(error: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ProposeError {
+    match error {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
+            ProposeError::NotLeader {
+                leader: forward.leader_id,
+            }
+        }
+        other => ProposeError::Failed(other.to_string()),
+    }
+}
 
 /// Fresh salts for the commands a node proposes: a ChaCha12 CSPRNG seeded
 /// once from the OS.
@@ -483,14 +558,7 @@ async fn propose(
                 }
             }
             Err(error) => {
-                let error = match error {
-                    RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
-                        ProposeError::NotLeader {
-                            leader: forward.leader_id,
-                        }
-                    }
-                    other => ProposeError::Failed(other.to_string()),
-                };
+                let error = write_error(error);
                 for reply in replies {
                     let _ = reply.send(Err(error.clone()));
                 }

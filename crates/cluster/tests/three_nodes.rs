@@ -318,3 +318,132 @@ async fn a_new_leader_restarts_every_lease_in_full() {
         Ok(Outcome::Acquire(AcquireOutcome::Timeout))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_loses_no_lease() {
+    let mut cluster = three_nodes().await;
+    let mut last = fence_of(&cluster.propose(acquire(1, "held")).await);
+    for i in 0..3 {
+        // One node down at a time: the other two keep committing.
+        let node = cluster.nodes[i].take().unwrap();
+        let (id, addr) = (node.id(), node.raft_addr());
+        node.shutdown().await;
+        let fence = fence_of(
+            &cluster
+                .propose(acquire(10 + i as u64, &format!("k{i}")))
+                .await,
+        );
+        assert!(fence > last, "fence {fence} after {last}");
+        last = fence;
+        let listener = rebind(addr).await;
+        let node = Node::start(
+            id,
+            cluster._dirs[i].path(),
+            listener,
+            TableConfig::default(),
+        )
+        .await
+        .unwrap();
+        cluster.nodes[i] = Some(node);
+        // Back in step before the next one goes down.
+        let tables = cluster.converged(cluster.last_applied().await).await;
+        assert!(
+            tables.windows(2).all(|w| w[0] == w[1]),
+            "node {id} did not catch up"
+        );
+    }
+    // The first hold was never lost, on any node.
+    let refused = cluster.propose(acquire(2, "held")).await;
+    assert_eq!(
+        refused.outcome,
+        Ok(Outcome::Acquire(AcquireOutcome::Timeout))
+    );
+    for node in cluster.nodes.iter().flatten() {
+        assert_eq!(
+            node.view().read(|t| t.holder_count()),
+            4,
+            "node {}",
+            node.id()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voter_is_added_and_another_removed_under_load() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use tokio::sync::RwLock;
+
+    let mut cluster = three_nodes().await;
+    fence_of(&cluster.propose(acquire(1, "held")).await);
+    // A fourth node, empty and not initialised.
+    let extra_dir = tempfile::tempdir().unwrap();
+    let extra_listener = listeners(1).await.remove(0);
+    let extra_addr = extra_listener.local_addr().unwrap();
+    let extra = Node::start(4, extra_dir.path(), extra_listener, TableConfig::default())
+        .await
+        .unwrap();
+    cluster._dirs.push(extra_dir);
+    // Load meanwhile: proposals on whichever node leads.
+    let stop = Arc::new(AtomicBool::new(false));
+    let committed = Arc::new(AtomicU64::new(0));
+    let cluster = Arc::new(RwLock::new(cluster));
+    let load = {
+        let (stop, committed, cluster) = (stop.clone(), committed.clone(), cluster.clone());
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let op = acquire(100 + i, &format!("load{i}"));
+                let effects = cluster.read().await.propose(op).await;
+                fence_of(&effects);
+                committed.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    // It joins (as a learner that catches up, then a voter) ...
+    {
+        let reading = cluster.read().await;
+        reading
+            .leader()
+            .await
+            .add_voter(4, extra_addr)
+            .await
+            .unwrap();
+    }
+    cluster.write().await.nodes.push(Some(extra));
+    // ... and a voter other than the leader leaves.
+    let leaving = {
+        let reading = cluster.read().await;
+        let leader = reading.leader().await;
+        let leaving = (1..=3).find(|id| *id != leader.id()).unwrap();
+        leader.remove_voter(leaving).await.unwrap();
+        let voters: Vec<u64> = leader
+            .raft()
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        assert!(
+            voters.contains(&4) && !voters.contains(&leaving),
+            "{voters:?}"
+        );
+        leaving
+    };
+    let gone = cluster.write().await.nodes[(leaving - 1) as usize]
+        .take()
+        .unwrap();
+    gone.shutdown().await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert!(committed.load(Ordering::Relaxed) > 0, "no load committed");
+    // The new voter has the whole table, the first hold included.
+    let cluster = cluster.read().await;
+    let tables = cluster.converged(cluster.last_applied().await).await;
+    assert_eq!(tables.len(), 3);
+    assert!(tables.windows(2).all(|w| w[0] == w[1]), "the tables differ");
+    let four = cluster.nodes[3].as_ref().unwrap();
+    assert!(four.view().read(|t| t.holder_count()) > 1);
+}
