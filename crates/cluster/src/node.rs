@@ -388,8 +388,7 @@ impl Node {
     /// one.initialize_alone().await?;
     /// one.raft().wait(None).current_leader(1, "elected").await?;
     /// one.add_voter(2, two.raft_addr()).await?;
-    /// let voters: Vec<u64> = one.raft().metrics().borrow().membership_config.membership().voter_ids().collect();
-    /// assert_eq!(voters, [1, 2]);
+    /// one.raft().wait(None).voter_ids([1, 2], "node 2 added").await?;
     /// # two.shutdown().await;
     /// # one.shutdown().await;
     /// # Ok(()) }
@@ -421,8 +420,7 @@ impl Node {
     /// # one.raft().wait(None).current_leader(1, "elected").await?;
     /// # one.add_voter(2, two.raft_addr()).await?;
     /// one.remove_voter(2).await?;
-    /// let voters: Vec<u64> = one.raft().metrics().borrow().membership_config.membership().voter_ids().collect();
-    /// assert_eq!(voters, [1]);
+    /// one.raft().wait(None).voter_ids([1], "node 2 removed").await?;
     /// # two.shutdown().await;
     /// # one.shutdown().await;
     /// # Ok(()) }

@@ -418,18 +418,19 @@ async fn a_voter_is_added_and_another_removed_under_load() {
         let leader = reading.leader().await;
         let leaving = (1..=3).find(|id| *id != leader.id()).unwrap();
         leader.remove_voter(leaving).await.unwrap();
-        let voters: Vec<u64> = leader
+        // The metrics catch up with the committed change.
+        leader
             .raft()
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
-        assert!(
-            voters.contains(&4) && !voters.contains(&leaving),
-            "{voters:?}"
-        );
+            .wait(Some(WAIT))
+            .metrics(
+                |m| {
+                    let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+                    voters.contains(&4) && !voters.contains(&leaving)
+                },
+                "node 4 in, the other out",
+            )
+            .await
+            .unwrap();
         leaving
     };
     let gone = cluster.write().await.nodes[(leaving - 1) as usize]
