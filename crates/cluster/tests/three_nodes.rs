@@ -86,6 +86,42 @@ impl Cluster {
         tables
     }
 
+    /// Starts node `i` (id `i + 1`) again on its directory and `addr`.
+    async fn restart(&mut self, i: usize, addr: SocketAddr) {
+        let listener = rebind(addr).await;
+        let node = Node::start(
+            i as u64 + 1,
+            self._dirs[i].path(),
+            listener,
+            TableConfig::default(),
+        )
+        .await
+        .unwrap();
+        self.nodes[i] = Some(node);
+    }
+
+    /// Stops the leader abruptly; returns its id.
+    async fn kill_leader(&mut self) -> u64 {
+        let old = self.leader().await.id();
+        let index = self
+            .nodes
+            .iter()
+            .position(|n| n.as_ref().is_some_and(|n| n.id() == old))
+            .unwrap();
+        self.nodes[index].take().unwrap().shutdown().await;
+        old
+    }
+
+    /// `key` is held: a try-lock by connection `conn` times out.
+    async fn assert_held(&self, conn: u64, key: &str) {
+        let refused = self.propose(acquire(conn, key)).await;
+        assert_eq!(
+            refused.outcome,
+            Ok(Outcome::Acquire(AcquireOutcome::Timeout)),
+            "{key} is not held"
+        );
+    }
+
     /// What the leader has applied.
     async fn last_applied(&self) -> u64 {
         self.leader()
@@ -105,11 +141,7 @@ async fn commands_replicate_and_a_killed_leader_is_replaced() {
     let second = fence_of(&cluster.propose(acquire(2, "b")).await);
     assert!(second > first);
     // Held: another connection is refused (try-lock).
-    let refused = cluster.propose(acquire(3, "a")).await;
-    assert_eq!(
-        refused.outcome,
-        Ok(Outcome::Acquire(AcquireOutcome::Timeout))
-    );
+    cluster.assert_held(3, "a").await;
     let tables = cluster.converged(cluster.last_applied().await).await;
     assert_eq!(tables.len(), 3);
     assert!(
@@ -118,21 +150,11 @@ async fn commands_replicate_and_a_killed_leader_is_replaced() {
     );
 
     // Kill the leader (no graceful hand-over).
-    let old = cluster.leader().await.id();
-    let index = cluster
-        .nodes
-        .iter()
-        .position(|n| n.as_ref().is_some_and(|n| n.id() == old));
-    let killed = cluster.nodes[index.unwrap()].take().unwrap();
-    killed.shutdown().await;
+    let old = cluster.kill_leader().await;
     let new = cluster.leader().await.id();
     assert_ne!(new, old);
     // The holds survived, and fences keep growing.
-    let still_held = cluster.propose(acquire(4, "a")).await;
-    assert_eq!(
-        still_held.outcome,
-        Ok(Outcome::Acquire(AcquireOutcome::Timeout))
-    );
+    cluster.assert_held(4, "a").await;
     let third = fence_of(&cluster.propose(acquire(5, "c")).await);
     assert!(third > second, "fence {third} after {second}");
     let tables = cluster.converged(cluster.last_applied().await).await;
@@ -182,26 +204,13 @@ async fn all_nodes_restart_from_disk() {
     }
     // Same ids, same directories, same addresses; no initialisation.
     for (i, addr) in addrs.iter().enumerate() {
-        let listener = rebind(*addr).await;
-        let node = Node::start(
-            i as u64 + 1,
-            cluster._dirs[i].path(),
-            listener,
-            TableConfig::default(),
-        )
-        .await
-        .unwrap();
-        cluster.nodes[i] = Some(node);
+        cluster.restart(i, *addr).await;
     }
     let leader = cluster.leader().await;
     // The table came back: the lock is still held, the next fence is larger.
     let restored = leader.view().read(|t| t.snapshot().encode());
     assert_eq!(restored, tables[0], "the table after the restart differs");
-    let still_held = cluster.propose(acquire(2, "a")).await;
-    assert_eq!(
-        still_held.outcome,
-        Ok(Outcome::Acquire(AcquireOutcome::Timeout))
-    );
+    cluster.assert_held(2, "a").await;
     let next = fence_of(&cluster.propose(acquire(3, "b")).await);
     assert!(next > held, "fence {next} after {held}");
 }
@@ -296,13 +305,7 @@ async fn a_new_leader_restarts_every_lease_in_full() {
     let before = lease_left(cluster.leader().await, "a");
     assert!(before < 3.0, "{before} s left after 1.5 s of a 4 s lease");
     // The leader dies; the new one's first entry takes office.
-    let old = cluster.leader().await.id();
-    let index = cluster
-        .nodes
-        .iter()
-        .position(|n| n.as_ref().is_some_and(|n| n.id() == old))
-        .unwrap();
-    cluster.nodes[index].take().unwrap().shutdown().await;
+    let old = cluster.kill_leader().await;
     let _ = cluster.propose(Op::Gc).await;
     let leader = cluster.leader().await;
     assert_ne!(leader.id(), old);
@@ -312,11 +315,7 @@ async fn a_new_leader_restarts_every_lease_in_full() {
         "{after} s left after the change of leader (had {before})"
     );
     // And the hold is still a hold.
-    let refused = cluster.propose(acquire(2, "a")).await;
-    assert_eq!(
-        refused.outcome,
-        Ok(Outcome::Acquire(AcquireOutcome::Timeout))
-    );
+    cluster.assert_held(2, "a").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,16 +334,7 @@ async fn a_rolling_restart_loses_no_lease() {
         );
         assert!(fence > last, "fence {fence} after {last}");
         last = fence;
-        let listener = rebind(addr).await;
-        let node = Node::start(
-            id,
-            cluster._dirs[i].path(),
-            listener,
-            TableConfig::default(),
-        )
-        .await
-        .unwrap();
-        cluster.nodes[i] = Some(node);
+        cluster.restart(i, addr).await;
         // Back in step before the next one goes down.
         let tables = cluster.converged(cluster.last_applied().await).await;
         assert!(
@@ -353,11 +343,7 @@ async fn a_rolling_restart_loses_no_lease() {
         );
     }
     // The first hold was never lost, on any node.
-    let refused = cluster.propose(acquire(2, "held")).await;
-    assert_eq!(
-        refused.outcome,
-        Ok(Outcome::Acquire(AcquireOutcome::Timeout))
-    );
+    cluster.assert_held(2, "held").await;
     for node in cluster.nodes.iter().flatten() {
         assert_eq!(
             node.view().read(|t| t.holder_count()),
