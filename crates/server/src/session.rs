@@ -594,17 +594,10 @@ impl Session {
                 namespace,
                 token,
             } => self.with_resource(namespace, key, |_, rid| {
-                // Parsed outside the table; a malformed token holds nothing.
-                let released = match Token::parse_wire(&token) {
-                    Some(token) => log.run(
-                        rid,
-                        Op::Release {
-                            resource: rid.clone(),
-                            token,
-                        },
-                    ),
-                    None => Err(LockError::NotHeld),
-                };
+                let released = run_with_token(log, rid, &token, |token| Op::Release {
+                    resource: rid.clone(),
+                    token,
+                });
                 Step::Reply(match released {
                     Ok(_) => Reply::Ok,
                     Err(error) => error_reply(&error),
@@ -616,17 +609,11 @@ impl Session {
                 token,
                 lease,
             } => self.with_resource(namespace, key, |_, rid| {
-                let renewed = match Token::parse_wire(&token) {
-                    Some(token) => log.run(
-                        rid,
-                        Op::Renew {
-                            resource: rid.clone(),
-                            token,
-                            lease,
-                        },
-                    ),
-                    None => Err(LockError::NotHeld),
-                };
+                let renewed = run_with_token(log, rid, &token, |token| Op::Renew {
+                    resource: rid.clone(),
+                    token,
+                    lease,
+                });
                 Step::Reply(match renewed {
                     Ok(Outcome::Renewed(lease)) => {
                         Reply::Renewed(Seconds::new(lease.get()).unwrap_or(Seconds::ZERO))
@@ -716,6 +703,20 @@ fn withdraw_op(conn: ConnId, rid: &ResourceId, pending: Pending) -> Op {
             resource: rid.clone(),
             waiter: Some(waiter),
         },
+    }
+}
+
+/// Applies the op that `token` (as the client sent it) names. The token is
+/// parsed outside the table; a malformed one holds nothing.
+fn run_with_token(
+    log: &mut impl Log,
+    rid: &ResourceId,
+    token: &[u8],
+    op: impl FnOnce(Token) -> Op,
+) -> Result<Outcome, LockError> {
+    match Token::parse_wire(token) {
+        Some(token) => log.run(rid, op(token)),
+        None => Err(LockError::NotHeld),
     }
 }
 
