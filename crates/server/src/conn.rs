@@ -198,10 +198,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         if input.is_empty() {
             return Ok(false);
         }
-        let now = self.origin.elapsed();
+        let origin = self.origin;
+        let now = || origin.elapsed();
         let (used, served) =
             self.session
-                .serve_next(&mut self.decoder, input, now, &mut self.log)?;
+                .serve_next(&mut self.decoder, input, &now, &mut self.log)?;
         self.pos += used;
         Ok(served)
     }

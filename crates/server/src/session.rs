@@ -224,13 +224,14 @@ impl Session {
     }
 
     /// Decodes the next frame at the start of `input` with `decoder` and
-    /// serves it. Returns the bytes used and whether a frame was served
+    /// serves it. `now` is read only if the request must wait (the common
+    /// request needs no clock). Returns the bytes used and whether a frame was served
     /// (`false`: the decoder kept the partial frame and needs more bytes).
     pub(crate) fn serve_next(
         &mut self,
         decoder: &mut FrameDecoder,
         input: &[u8],
-        now: Duration,
+        now: &impl Fn() -> Duration,
         log: &mut impl Log,
     ) -> Result<(usize, bool), Close> {
         if self.phase == Phase::Mux {
@@ -279,7 +280,7 @@ impl Session {
     pub(crate) fn handle_request(
         &mut self,
         parsed: Result<Request, (ProtoError, bool)>,
-        now: Duration,
+        now: &impl Fn() -> Duration,
         log: &mut impl Log,
     ) -> Result<(), Close> {
         debug_assert!(
@@ -313,7 +314,7 @@ impl Session {
                         rid,
                         pending,
                         timeout,
-                    } => self.wait(0, rid, pending, timeout, now),
+                    } => self.wait(0, rid, pending, timeout, now()),
                 }
                 Ok(())
             }
@@ -337,7 +338,7 @@ impl Session {
     pub(crate) fn handle_mux(
         &mut self,
         parsed: Result<MuxRequest, MuxError>,
-        now: Duration,
+        now: &impl Fn() -> Duration,
         log: &mut impl Log,
     ) -> Result<(), Close> {
         let request = match parsed {
@@ -385,7 +386,7 @@ impl Session {
                 rid,
                 pending,
                 timeout,
-            } => self.wait(id, rid, pending, timeout, now),
+            } => self.wait(id, rid, pending, timeout, now()),
         }
         Ok(())
     }
@@ -508,6 +509,27 @@ impl Session {
         exact >= cap
     }
 
+    /// Applies the op `op(wait)` makes: a request that may wait on request
+    /// `wait` (if given; its grant then comes to the inbox) unless the
+    /// connection is at its waiting cap, or a try that never waits.
+    fn run_may_wait(
+        &mut self,
+        rid: &ResourceId,
+        wait: Option<u64>,
+        queue_cap: Option<usize>,
+        log: &mut impl Log,
+        op: impl FnOnce(Option<u64>) -> Op,
+    ) -> Result<Outcome, LockError> {
+        if wait.is_some() && self.at_queue_cap(queue_cap, log) {
+            return Err(LockError::MaxWaiters);
+        }
+        let op = op(wait);
+        match wait {
+            Some(request) => log.run_waiting(rid, op, request),
+            None => log.run(rid, op),
+        }
+    }
+
     /// Runs `f` with the resource `key` names in `namespace`: the recent
     /// one again if it is the same (no new hash, no new allocation), else a
     /// new one, which becomes the recent. The id is lent, not cloned.
@@ -556,23 +578,14 @@ impl Session {
                 timeout,
                 lease,
             } => self.with_resource(kind.namespace(), key, |this, rid| {
-                let may_wait = timeout != Seconds::ZERO;
-                let outcome = if may_wait && this.at_queue_cap(queue_cap, log) {
-                    Err(LockError::MaxWaiters)
-                } else {
-                    let op = Op::Acquire {
-                        conn,
-                        resource: rid.clone(),
-                        limit: kind.limit(),
-                        lease,
-                        wait: may_wait.then_some(id),
-                    };
-                    if may_wait {
-                        log.run_waiting(rid, op, id)
-                    } else {
-                        log.run(rid, op)
-                    }
-                };
+                let wait = (timeout != Seconds::ZERO).then_some(id);
+                let outcome = this.run_may_wait(rid, wait, queue_cap, log, |wait| Op::Acquire {
+                    conn,
+                    resource: rid.clone(),
+                    limit: kind.limit(),
+                    lease,
+                    wait,
+                });
                 match outcome {
                     Ok(Outcome::Acquire(AcquireOutcome::Queued(waiter))) => {
                         this.queued += 1;
@@ -654,22 +667,13 @@ impl Session {
                 namespace,
                 timeout,
             } => self.with_resource(namespace, key, |this, rid| {
-                let may_wait = timeout != Seconds::ZERO;
-                let outcome = if may_wait && this.at_queue_cap(queue_cap, log) {
-                    Err(LockError::MaxWaiters)
-                } else {
-                    let op = Op::Wait {
-                        conn,
-                        ticket,
-                        resource: rid.clone(),
-                        wait: may_wait.then_some(id),
-                    };
-                    if may_wait {
-                        log.run_waiting(rid, op, id)
-                    } else {
-                        log.run(rid, op)
-                    }
-                };
+                let wait = (timeout != Seconds::ZERO).then_some(id);
+                let outcome = this.run_may_wait(rid, wait, queue_cap, log, |wait| Op::Wait {
+                    conn,
+                    ticket,
+                    resource: rid.clone(),
+                    wait,
+                });
                 match outcome {
                     Ok(Outcome::Wait(WaitOutcome::Pending(waiter))) => Step::Waiting {
                         rid: rid.clone(),

@@ -176,8 +176,8 @@ pub(crate) const SHARDS: usize = 64;
 const _: () = assert!(SHARDS <= u64::BITS as usize, "a ShardSet is one u64");
 
 /// The tables a connection has used (a bit per shard), so that its
-/// disconnect visits only those. Shared between the connection and its
-/// cleanup guard, which runs however the connection's task ends.
+/// disconnect visits only those. Kept by the connection's log, whose drop
+/// runs the disconnect however the connection's task ends.
 #[derive(Debug, Default)]
 pub(crate) struct ShardSet(AtomicU64);
 

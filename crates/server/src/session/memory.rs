@@ -133,7 +133,7 @@ impl Peer {
         while self.closed.is_none() && !self.session.is_blocked() && !input.is_empty() {
             match self
                 .session
-                .serve_next(&mut self.decoder, input, now, &mut self.log)
+                .serve_next(&mut self.decoder, input, &|| now, &mut self.log)
             {
                 Ok((used, _)) => input = &input[used..],
                 Err(close) => self.closed = Some(close),
