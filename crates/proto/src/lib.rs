@@ -34,6 +34,7 @@ mod quick;
 mod reply;
 mod request;
 mod shard;
+mod stable_ref;
 mod stats;
 mod token;
 mod token_text;
@@ -49,7 +50,8 @@ pub use mux::{
 pub use reply::{Reply, ReplyError, Status};
 pub use request::{Command, Kind, Namespace, Request};
 pub use shard::{ShardError, shard};
-pub use stats::{IdleEntry, LockEntry, SemaphoreEntry, Stats};
+pub use stable_ref::StableRef;
+pub use stats::{ClusterStats, IdleEntry, LockEntry, SemaphoreEntry, Stats};
 pub use token::{Token, TokenError, fence_from_token};
 pub use token_text::TokenText;
 pub use values::{Lease, Limit, Seconds, ValueError};

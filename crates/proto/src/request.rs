@@ -1,5 +1,5 @@
 use crate::values::{fields, leading_number, parse_i64, push_decimal, trim_space};
-use crate::{Key, Lease, Limit, ProtoError, RawFrame, Seconds, Token, TokenText};
+use crate::{Key, Lease, Limit, ProtoError, RawFrame, Seconds, StableRef, Token, TokenText};
 
 /// The two independent key spaces: `l foo` and `sl foo …` are different
 /// resources.
@@ -90,6 +90,10 @@ pub enum Command {
     Ping,
     /// `stats`
     Stats,
+    /// `barrier` (cluster mode)
+    Barrier,
+    /// `stable-ref` (cluster mode)
+    StableRef,
 }
 
 impl Command {
@@ -116,6 +120,8 @@ impl Command {
             b"sw" => Command::Wait(Semaphore),
             b"ping" => Command::Ping,
             b"stats" => Command::Stats,
+            b"barrier" => Command::Barrier,
+            b"stable-ref" => Command::StableRef,
             _ => return None,
         })
     }
@@ -142,6 +148,8 @@ impl Command {
             Command::Wait(Semaphore) => "sw",
             Command::Ping => "ping",
             Command::Stats => "stats",
+            Command::Barrier => "barrier",
+            Command::StableRef => "stable-ref",
         }
     }
 }
@@ -226,6 +234,13 @@ pub enum Request {
     Ping,
     /// `stats`: server state as JSON.
     Stats,
+    /// `barrier`: answered once everything committed before it has been
+    /// applied (a linearizable-read barrier in cluster mode; `ok` at once
+    /// on a single node).
+    Barrier,
+    /// `stable-ref <ref> _`: names the connection's client session, so a
+    /// client that reconnects (to a new leader) can be recognised.
+    StableRef(StableRef),
 }
 
 impl Request {
@@ -282,6 +297,10 @@ impl Request {
             },
             Command::Ping => Request::Ping,
             Command::Stats => Request::Stats,
+            Command::Barrier => Request::Barrier,
+            Command::StableRef => Request::StableRef(
+                StableRef::from_bytes(trim_space(frame.key)).ok_or(ProtoError::BadArity)?,
+            ),
             Command::Acquire(namespace) => {
                 let key = key()?;
                 let arg = fields(frame.argument);
@@ -374,6 +393,8 @@ impl Request {
             Request::Wait { namespace, .. } => Command::Wait(*namespace),
             Request::Ping => Command::Ping,
             Request::Stats => Command::Stats,
+            Request::Barrier => Command::Barrier,
+            Request::StableRef(_) => Command::StableRef,
         }
     }
 
@@ -408,7 +429,10 @@ impl Request {
         out.extend_from_slice(self.command().word().as_bytes());
         out.push(b'\n');
         match self {
-            Request::Auth { .. } | Request::Ping | Request::Stats => out.push(b'_'),
+            Request::Auth { .. } | Request::Ping | Request::Stats | Request::Barrier => {
+                out.push(b'_')
+            }
+            Request::StableRef(name) => out.extend_from_slice(name.as_str().as_bytes()),
             Request::Acquire { key, .. }
             | Request::Release { key, .. }
             | Request::Renew { key, .. }
@@ -419,7 +443,7 @@ impl Request {
         let mut push = |s: &str| out.extend_from_slice(s.as_bytes());
         match self {
             Request::Auth { token } => out.extend_from_slice(token),
-            Request::Ping | Request::Stats => push("_"),
+            Request::Ping | Request::Stats | Request::Barrier | Request::StableRef(_) => push("_"),
             Request::Acquire {
                 kind,
                 timeout,

@@ -21,6 +21,44 @@ pub struct Stats {
     pub idle_locks: Vec<IdleEntry>,
     /// Limit > 1 resources with nobody holding or waiting.
     pub idle_semaphores: Vec<IdleEntry>,
+    /// Cluster mode only: this node's view of the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStats>,
+}
+
+/// The `"cluster"` object of [`Stats`] in cluster mode (spec §5): this
+/// node's role and how far its log reaches.
+///
+/// ```
+/// use dflockd_proto::Stats;
+/// let s: Stats = serde_json::from_str(r#"{"connections":1,"locks":[],"semaphores":[],"idle_locks":[],"idle_semaphores":[],
+///     "cluster":{"node_id":"2","role":"follower","term":3,"leader_id":"1","leader_addr":"10.0.0.1:6388",
+///     "commit_index":12,"last_log_index":12,"snapshot_index":0,"voters":["1","2","3"]}}"#).unwrap();
+/// let cluster = s.cluster.unwrap();
+/// assert_eq!(cluster.leader_addr.as_deref(), Some("10.0.0.1:6388"));
+/// assert_eq!(cluster.voters.len(), 3);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStats {
+    /// This node's id.
+    pub node_id: String,
+    /// `leader`, `follower`, `candidate` or `learner`.
+    pub role: String,
+    /// The current Raft term.
+    pub term: u64,
+    /// The leader's node id (empty when unknown).
+    pub leader_id: String,
+    /// The leader's client address, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader_addr: Option<String>,
+    /// The highest log index known committed.
+    pub commit_index: u64,
+    /// The last index in this node's log.
+    pub last_log_index: u64,
+    /// The last index the latest snapshot covers.
+    pub snapshot_index: u64,
+    /// The voters' node ids.
+    pub voters: Vec<String>,
 }
 
 /// One busy lock in [`Stats`].

@@ -10,14 +10,14 @@ use std::task::Poll;
 use std::time::Duration;
 
 use dflockd_core::{ConnId, Grant, LockError, Op, Outcome, ResourceId, Waiting};
-use dflockd_proto::{FrameDecoder, Stats};
+use dflockd_proto::{FrameDecoder, Stats, Token};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::IdlePolicy;
 use crate::idle::WatchGuard;
-use crate::session::{Close, Log, ReadFailure, Session};
+use crate::session::{Answer, Close, Done, Log, ReadFailure, Refusal, Session};
 use crate::shared::{MuxGrant, Notify, ShardSet, Shared};
 
 /// Pause between an `error_auth` reply and the close (spec §2.1).
@@ -54,18 +54,15 @@ impl ConnLog {
 }
 
 impl Log for ConnLog {
-    fn run(&mut self, rid: &ResourceId, op: Op) -> Result<Outcome, LockError> {
+    fn run(&mut self, rid: &ResourceId, op: Op, _: u64) -> Done<Answer> {
         let shard = self.shared.shard_of(rid);
         self.used.insert(shard);
-        self.shared.with_shard_at(shard, |shard| shard.run(op))
+        Done::Now(answer(
+            self.shared.with_shard_at(shard, |shard| shard.run(op)),
+        ))
     }
 
-    fn run_waiting(
-        &mut self,
-        rid: &ResourceId,
-        op: Op,
-        request: u64,
-    ) -> Result<Outcome, LockError> {
+    fn run_waiting(&mut self, rid: &ResourceId, op: Op, request: u64) -> Done<Answer> {
         let shard = self.shared.shard_of(rid);
         self.used.insert(shard);
         let to = Waiting {
@@ -73,21 +70,44 @@ impl Log for ConnLog {
             request,
         };
         let sink = &self.sink;
-        self.shared.with_shard_at(shard, |shard| {
+        let outcome = self.shared.with_shard_at(shard, |shard| {
             // The sink's handle is cloned only if the request queued.
             shard.run_waiting(op, to, || Notify {
                 id: request,
                 to: sink.clone(),
             })
-        })
+        });
+        Done::Now(answer(outcome))
     }
 
-    fn withdraw(&mut self, rid: &ResourceId, op: Op, request: u64) -> bool {
+    fn withdraw(&mut self, rid: &ResourceId, op: Op, request: u64) -> Done<Answer> {
         let of = Waiting {
             conn: self.id,
             request,
         };
-        self.shared.with_shard(rid, |shard| shard.withdraw(op, of))
+        let withdrawn = self.shared.with_shard(rid, |shard| shard.withdraw(op, of));
+        Done::Now(Ok(Some(Outcome::Withdrawn(withdrawn))))
+    }
+
+    fn barrier(&mut self, _: u64) -> Done<Answer> {
+        // One node applies every command at once: nothing to wait for.
+        Done::Now(Ok(None))
+    }
+
+    fn observe(&mut self, rid: &ResourceId, grant: Grant) -> Result<Grant, LockError> {
+        let op = Op::Observe {
+            resource: rid.clone(),
+            token: grant.token,
+            lease: grant.lease,
+        };
+        match self.shared.with_shard(rid, |shard| shard.run(op))? {
+            Outcome::Observed(grant) => Ok(grant),
+            _ => Err(LockError::NotHeld),
+        }
+    }
+
+    fn release_undelivered(&mut self, rid: &ResourceId, token: Token) {
+        self.shared.release_undelivered(rid, token);
     }
 
     fn try_grant(&mut self) -> Option<(u64, ResourceId, Grant)> {
@@ -105,6 +125,11 @@ impl Log for ConnLog {
     fn is_draining(&self) -> bool {
         self.shared.is_draining()
     }
+}
+
+/// A table's outcome as a session's answer.
+pub(crate) fn answer(outcome: Result<Outcome, LockError>) -> Answer {
+    outcome.map(Some).map_err(Refusal::Lock)
 }
 
 impl Drop for ConnLog {

@@ -22,26 +22,65 @@ use dflockd_core::{
 };
 use dflockd_proto::{
     Decoded, FrameDecoder, Key, MUX_ACCEPTED, MuxBody, MuxError, MuxRequest, ProtoError, Reply,
-    Request, Seconds, Stats, Status, Token, encode_mux_reply, is_mux_hello,
+    Request, Seconds, StableRef, Stats, Status, Token, encode_mux_reply, is_mux_hello,
 };
 use subtle::ConstantTimeEq;
 
 use crate::config::{Secret, ServerConfig};
+
+/// Whether a command has its outcome yet: the single-node log applies at
+/// once; a replicated log proposes, and the outcome comes later (to the
+/// driver, which hands it to [`Session::handle_answer`]).
+#[derive(Debug)]
+pub(crate) enum Done<T> {
+    /// Applied: here is the outcome.
+    Now(T),
+    /// Proposed: the outcome will come tagged with the request's id.
+    Later,
+}
+
+/// Why a command got no outcome from the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The table refused it.
+    Lock(LockError),
+    /// This node cannot commit it: the leader's client address, if known.
+    NotLeader(Option<String>),
+}
+
+impl From<LockError> for Refusal {
+    fn from(error: LockError) -> Refusal {
+        Refusal::Lock(error)
+    }
+}
+
+/// What a log answers for a command: the table's outcome, or why there is
+/// none. `Ok(None)`: committed, with no outcome to report (a barrier).
+pub(crate) type Answer = Result<Option<Outcome>, Refusal>;
 
 /// What a session applies its commands through: the single-node server's
 /// immediate log, or (in cluster mode) a replicated one. It also holds the
 /// connection's grant inbox: grants for its waiting requests, delivered
 /// when the command that made them was applied.
 pub(crate) trait Log {
-    /// Applies `op` to the table that holds `rid`.
-    fn run(&mut self, rid: &ResourceId, op: Op) -> Result<Outcome, LockError>;
+    /// Applies `op` (for request `request`) to the table that holds `rid`.
+    fn run(&mut self, rid: &ResourceId, op: Op, request: u64) -> Done<Answer>;
     /// Applies `op`, a request that may wait: if it queues, its grant will
     /// come to the inbox tagged `request`.
-    fn run_waiting(&mut self, rid: &ResourceId, op: Op, request: u64)
-    -> Result<Outcome, LockError>;
-    /// Applies a withdraw of `request`. `true` if it was still queued;
-    /// `false` if it was granted meanwhile (the grant is in the inbox).
-    fn withdraw(&mut self, rid: &ResourceId, op: Op, request: u64) -> bool;
+    fn run_waiting(&mut self, rid: &ResourceId, op: Op, request: u64) -> Done<Answer>;
+    /// Applies a withdraw of `request`: `Withdrawn(true)` if it was still
+    /// queued; `Withdrawn(false)` if it was granted meanwhile (the grant is
+    /// in the inbox by the time the answer is).
+    fn withdraw(&mut self, rid: &ResourceId, op: Op, request: u64) -> Done<Answer>;
+    /// Commits nothing, for request `request`: answered once everything
+    /// before it is applied.
+    fn barrier(&mut self, request: u64) -> Done<Answer>;
+    /// A waiting request takes its grant: the lease restarts now, when the
+    /// request observes it (the single node), or runs from its commit (a
+    /// cluster, where observing would cost a second commit).
+    fn observe(&mut self, rid: &ResourceId, grant: Grant) -> Result<Grant, LockError>;
+    /// Gives back a grant that reached no request (no answer).
+    fn release_undelivered(&mut self, rid: &ResourceId, token: Token);
     /// A grant already in the inbox, if any.
     fn try_grant(&mut self) -> Option<(u64, ResourceId, Grant)>;
     /// How many waiters this connection has queued, exactly.
@@ -98,9 +137,38 @@ enum Pending {
 struct Waiting {
     rid: ResourceId,
     pending: Pending,
-    /// When its timeout ends; `None` once withdrawn too late (its grant is
-    /// on the way and answers it).
+    /// When its timeout ends; `None` once withdrawn (the withdraw's answer
+    /// or the grant that won the race answers it).
     deadline: Option<Duration>,
+}
+
+/// What a request's answer means for the peer.
+#[derive(Debug)]
+enum Then {
+    Acquire {
+        rid: ResourceId,
+        timeout: Seconds,
+    },
+    Enqueue,
+    Wait {
+        rid: ResourceId,
+        ticket: u64,
+        timeout: Seconds,
+    },
+    Release,
+    Renew,
+    Barrier,
+}
+
+/// A request whose command was proposed: its answer is still to come.
+#[derive(Debug)]
+struct Proposed {
+    then: Then,
+    /// When the request arrived (its timeout counts from here).
+    started: Duration,
+    /// A cancel (or the drain) reached it before its answer: if it queued,
+    /// it is withdrawn at once and answered with this.
+    cancelled: Option<Reply>,
 }
 
 /// Where [`Session::apply`] left a request.
@@ -111,6 +179,8 @@ enum Step {
         pending: Pending,
         timeout: Seconds,
     },
+    /// Proposed: [`Session::handle_answer`] goes on.
+    Proposed,
 }
 
 /// One connection's protocol state.
@@ -130,6 +200,15 @@ pub(crate) struct Session {
     queued: usize,
     waiting: HashMap<u64, Waiting>,
     timers: BTreeSet<(Duration, u64)>,
+    /// Requests whose answer is still to come (a replicated log).
+    proposed: HashMap<u64, Proposed>,
+    /// Waiting requests whose withdraw was proposed, with the reply they
+    /// get if it withdraws them.
+    withdrawing: HashMap<u64, Reply>,
+    /// Grants that came before their request's answer said it queued.
+    early: HashMap<u64, (ResourceId, Grant)>,
+    /// The client session's name, once `stable-ref` gave it.
+    stable_ref: Option<StableRef>,
     drained: bool,
 }
 
@@ -151,6 +230,10 @@ impl Session {
             queued: 0,
             waiting: HashMap::new(),
             timers: BTreeSet::new(),
+            proposed: HashMap::new(),
+            withdrawing: HashMap::new(),
+            early: HashMap::new(),
+            stable_ref: None,
             drained: false,
         }
     }
@@ -175,15 +258,21 @@ impl Session {
         self.phase == Phase::Mux
     }
 
-    /// Whether a request waits (then no read deadline runs).
+    /// Whether a request waits for a grant or its answer (then no read
+    /// deadline runs).
     pub(crate) fn has_waiting(&self) -> bool {
-        !self.waiting.is_empty()
+        !self.waiting.is_empty() || !self.proposed.is_empty()
+    }
+
+    /// Whether answers to proposed commands are due.
+    pub(crate) fn has_proposed(&self) -> bool {
+        !self.proposed.is_empty() || !self.withdrawing.is_empty()
     }
 
     /// Whether the session takes no request now: a plain connection's one
-    /// request is waiting.
+    /// request is waiting or proposed.
     pub(crate) fn is_blocked(&self) -> bool {
-        self.phase != Phase::Mux && !self.waiting.is_empty()
+        self.phase != Phase::Mux && (!self.waiting.is_empty() || !self.proposed.is_empty())
     }
 
     /// Whether the drain was handled already.
@@ -308,13 +397,14 @@ impl Session {
         }
         match parsed {
             Ok(request) => {
-                match self.apply(request, 0, 0, None, log) {
+                match self.apply(request, 0, 0, None, now, log) {
                     Step::Reply(reply) => reply.encode(&mut self.out),
                     Step::Waiting {
                         rid,
                         pending,
                         timeout,
                     } => self.wait(0, rid, pending, timeout, now()),
+                    Step::Proposed => {}
                 }
                 Ok(())
             }
@@ -352,7 +442,7 @@ impl Session {
                 tracing::debug!(id, code = error.code(), %error, "rejected mux request");
                 encode_mux_reply(id, &Reply::Failure(Status::Error), &mut self.out);
                 // Reusing the id of a waiting request is a broken client.
-                return if self.waiting.contains_key(&id) {
+                return if self.waiting.contains_key(&id) || self.proposed.contains_key(&id) {
                     Err(Close::Protocol)
                 } else {
                     Ok(())
@@ -364,7 +454,7 @@ impl Session {
             encode_mux_reply(id, &Reply::Failure(Status::ErrorDraining), &mut self.out);
             return Err(Close::Protocol);
         }
-        if self.waiting.contains_key(&id) {
+        if self.waiting.contains_key(&id) || self.proposed.contains_key(&id) {
             tracing::debug!(id, "duplicate id of a waiting request");
             encode_mux_reply(id, &Reply::Failure(Status::Error), &mut self.out);
             return Err(Close::Protocol);
@@ -380,13 +470,14 @@ impl Session {
         // The cap counts what the connection has queued in the table —
         // blocking waits and two-phase places alike.
         let cap = Some(self.mux_max_waiting).filter(|&cap| cap > 0);
-        match self.apply(body, id, ticket, cap, log) {
+        match self.apply(body, id, ticket, cap, now, log) {
             Step::Reply(reply) => encode_mux_reply(id, &reply, &mut self.out),
             Step::Waiting {
                 rid,
                 pending,
                 timeout,
             } => self.wait(id, rid, pending, timeout, now()),
+            Step::Proposed => {}
         }
         Ok(())
     }
@@ -421,19 +512,66 @@ impl Session {
         log: &mut impl Log,
     ) {
         let Some(waiting) = self.waiting.remove(&request) else {
+            // A replicated log can apply a grant before the answer that
+            // says the request queued reaches the session: keep it until
+            // then.
+            if let Some(Proposed {
+                then: Then::Acquire { .. } | Then::Wait { .. },
+                ..
+            }) = self.proposed.get(&request)
+            {
+                self.early.insert(request, (rid, grant));
+                return;
+            }
             // Not expected (an entry leaves the map only when its grant is
             // read here, or when it was withdrawn and no grant comes), but
             // never leave a grant without an owner.
             tracing::warn!(request, "grant for a request that is not waiting: released");
-            release_undelivered(log, &rid, grant.token);
+            log.release_undelivered(&rid, grant.token);
             return;
         };
         if let Some(deadline) = waiting.deadline {
             self.timers.remove(&(deadline, request));
         }
-        let reply = observe(log, &waiting.rid, grant);
+        // A withdraw still on its way finds the request gone.
+        self.withdrawing.remove(&request);
+        let reply = match log.observe(&waiting.rid, grant) {
+            Ok(Grant { token, lease }) => Reply::Granted { token, lease },
+            Err(error) => error_reply(&Refusal::Lock(error)),
+        };
         let id = self.is_mux().then_some(request);
         self.reply(id, &reply);
+    }
+
+    /// The answer to request `request`'s proposed command came.
+    pub(crate) fn handle_answer(&mut self, request: u64, answer: Answer, log: &mut impl Log) {
+        if let Some(reply) = self.withdrawing.remove(&request) {
+            self.withdrawn(request, reply, answer, log);
+            return;
+        }
+        let Some(proposed) = self.proposed.remove(&request) else {
+            tracing::warn!(request, "an answer for no proposed request");
+            return;
+        };
+        let id = self.is_mux().then_some(request);
+        match self.finish(proposed.then, answer) {
+            Step::Reply(reply) => self.reply(id, &reply),
+            Step::Waiting {
+                rid,
+                pending,
+                timeout,
+            } => {
+                self.wait(request, rid, pending, timeout, proposed.started);
+                if let Some((rid, grant)) = self.early.remove(&request) {
+                    self.handle_grant(request, rid, grant, log);
+                } else if let Some(reply) = proposed.cancelled {
+                    self.withdraw(request, reply, log);
+                } else if self.drained {
+                    self.withdraw(request, Reply::Failure(Status::Error), log);
+                }
+            }
+            Step::Proposed => {}
+        }
     }
 
     /// Time has reached `now`: every waiting request whose timeout ended is
@@ -458,37 +596,63 @@ impl Session {
     }
 
     /// The peer went away: waiting requests are withdrawn (grants that race
-    /// the close stay in the inbox, which the driver releases).
+    /// the close stay in the inbox, which the driver releases; requests
+    /// still proposed are cleaned up by the connection's disconnect, which
+    /// the log orders after them).
     pub(crate) fn handle_gone(&mut self, log: &mut impl Log) {
         let waiting = std::mem::take(&mut self.waiting);
         self.timers.clear();
+        self.withdrawing.clear();
         for (id, w) in waiting {
             let op = withdraw_op(self.id, &w.rid, w.pending);
-            log.withdraw(&w.rid, op, id);
+            let _ = log.withdraw(&w.rid, op, id);
+        }
+        for (_, (rid, grant)) in self.early.drain() {
+            log.release_undelivered(&rid, grant.token);
         }
     }
 
-    /// Withdraws waiting request `id` and answers it with `reply`. If it was
-    /// granted meanwhile, the grant is in the inbox already (the table
-    /// delivers when it applies): it is answered now, so the grant's reply
-    /// comes before whatever caused the withdrawal is answered.
+    /// Withdraws waiting request `id` and answers it with `reply`, unless
+    /// its grant won the race: then the grant answers it, before whatever
+    /// caused the withdrawal is answered.
     fn withdraw(&mut self, id: u64, reply: Reply, log: &mut impl Log) {
         let Some(waiting) = self.waiting.get_mut(&id) else {
+            // Not queued yet: withdrawn as soon as its answer says it is.
+            if let Some(proposed) = self.proposed.get_mut(&id) {
+                proposed.cancelled.get_or_insert(reply);
+            }
             return;
         };
-        if let Some(deadline) = waiting.deadline.take() {
-            self.timers.remove(&(deadline, id));
-        }
+        // Withdrawn already: that withdraw's answer (or the grant) comes.
+        let Some(deadline) = waiting.deadline.take() else {
+            return;
+        };
+        self.timers.remove(&(deadline, id));
         let op = withdraw_op(self.id, &waiting.rid, waiting.pending);
         let rid = waiting.rid.clone();
-        if log.withdraw(&rid, op, id) {
-            self.waiting.remove(&id);
-            let id = self.is_mux().then_some(id);
-            self.reply(id, &reply);
+        match log.withdraw(&rid, op, id) {
+            Done::Now(answer) => self.withdrawn(id, reply, answer, log),
+            Done::Later => {
+                self.withdrawing.insert(id, reply);
+            }
+        }
+    }
+
+    /// The answer to the withdraw of waiting request `id`. If it was
+    /// granted meanwhile, the grant is in the inbox already (the table
+    /// delivers when it applies) and answers it now.
+    fn withdrawn(&mut self, id: u64, reply: Reply, answer: Answer, log: &mut impl Log) {
+        if let Ok(Some(Outcome::Withdrawn(false))) = answer {
+            while let Some((granted, rid, grant)) = log.try_grant() {
+                self.handle_grant(granted, rid, grant, log);
+            }
             return;
         }
-        while let Some((granted, rid, grant)) = log.try_grant() {
-            self.handle_grant(granted, rid, grant, log);
+        // Withdrawn, or the log could not tell (a node that lost its
+        // leadership, whose connections close): answered as withdrawn.
+        if self.waiting.remove(&id).is_some() {
+            let id = self.is_mux().then_some(id);
+            self.reply(id, &reply);
         }
     }
 
@@ -509,27 +673,6 @@ impl Session {
         exact >= cap
     }
 
-    /// Applies the op `op(wait)` makes: a request that may wait on request
-    /// `wait` (if given; its grant then comes to the inbox) unless the
-    /// connection is at its waiting cap, or a try that never waits.
-    fn run_may_wait(
-        &mut self,
-        rid: &ResourceId,
-        wait: Option<u64>,
-        queue_cap: Option<usize>,
-        log: &mut impl Log,
-        op: impl FnOnce(Option<u64>) -> Op,
-    ) -> Result<Outcome, LockError> {
-        if wait.is_some() && self.at_queue_cap(queue_cap, log) {
-            return Err(LockError::MaxWaiters);
-        }
-        let op = op(wait);
-        match wait {
-            Some(request) => log.run_waiting(rid, op, request),
-            None => log.run(rid, op),
-        }
-    }
-
     /// Runs `f` with the resource `key` names in `namespace`: the recent
     /// one again if it is the same (no new hash, no new allocation), else a
     /// new one, which becomes the recent. The id is lent, not cloned.
@@ -548,11 +691,90 @@ impl Session {
         result
     }
 
+    /// Goes on with request `id` as its log did: answered now, or proposed
+    /// (then its answer comes to [`Self::handle_answer`]).
+    fn submit(
+        &mut self,
+        id: u64,
+        then: Then,
+        done: Done<Answer>,
+        now: &impl Fn() -> Duration,
+    ) -> Step {
+        match done {
+            Done::Now(answer) => self.finish(then, answer),
+            Done::Later => {
+                let proposed = Proposed {
+                    then,
+                    started: now(),
+                    cancelled: None,
+                };
+                self.proposed.insert(id, proposed);
+                Step::Proposed
+            }
+        }
+    }
+
+    /// What a request's answer means: its reply, or its wait.
+    fn finish(&mut self, then: Then, answer: Answer) -> Step {
+        let outcome = match answer {
+            Ok(Some(outcome)) => outcome,
+            Ok(None) if matches!(then, Then::Barrier) => return Step::Reply(Reply::Ok),
+            Ok(None) => return Step::Reply(Reply::Failure(Status::Error)),
+            Err(refusal) => return Step::Reply(error_reply(&refusal)),
+        };
+        let reply = match (then, outcome) {
+            (Then::Acquire { rid, timeout }, Outcome::Acquire(AcquireOutcome::Queued(waiter))) => {
+                self.queued += 1;
+                return Step::Waiting {
+                    rid,
+                    pending: Pending::Acquire(waiter),
+                    timeout,
+                };
+            }
+            (
+                Then::Acquire { .. },
+                Outcome::Acquire(AcquireOutcome::Granted(Grant { token, lease })),
+            ) => Reply::Granted { token, lease },
+            (
+                Then::Wait {
+                    rid,
+                    ticket,
+                    timeout,
+                },
+                Outcome::Wait(WaitOutcome::Pending(waiter)),
+            ) => {
+                return Step::Waiting {
+                    rid,
+                    pending: Pending::Wait { ticket, waiter },
+                    timeout,
+                };
+            }
+            (Then::Wait { .. }, Outcome::Wait(WaitOutcome::Granted(Grant { token, lease }))) => {
+                Reply::Granted { token, lease }
+            }
+            (Then::Acquire { .. } | Then::Wait { .. }, _) => Reply::Failure(Status::Timeout),
+            (Then::Enqueue, Outcome::Enqueue(EnqueueOutcome::Acquired(Grant { token, lease }))) => {
+                Reply::Acquired { token, lease }
+            }
+            (Then::Enqueue, Outcome::Enqueue(EnqueueOutcome::Queued)) => {
+                self.queued += 1;
+                Reply::Queued
+            }
+            (Then::Renew, Outcome::Renewed(lease)) => {
+                Reply::Renewed(Seconds::new(lease.get()).unwrap_or(Seconds::ZERO))
+            }
+            (Then::Enqueue | Then::Renew, _) => Reply::Failure(Status::Error),
+            (Then::Release | Then::Barrier, _) => Reply::Ok,
+        };
+        Step::Reply(reply)
+    }
+
     /// Applies a request. One that must wait comes back as
-    /// [`Step::Waiting`] (its grant will reach the inbox tagged `id`);
-    /// everything else is answered at once. `ticket` names the two-phase
-    /// state of `e`/`w` (always 0 on plain connections). With `queue_cap`,
-    /// a request that may queue (a waiting `l`/`w`, any `e`) is refused with
+    /// [`Step::Waiting`] (its grant will reach the inbox tagged `id`), one
+    /// a replicated log proposed as [`Step::Proposed`]; everything else is
+    /// answered at once. `ticket` names the two-phase state of `e`/`w`
+    /// (always 0 on plain connections). With `queue_cap`, a request that
+    /// may queue (a waiting `l`/`w`, any `e`) is refused with
     /// `error_max_waiters` while the connection already has that many
     /// waiters in the table (the mux per-connection cap).
     fn apply(
@@ -561,6 +783,7 @@ impl Session {
         id: u64,
         ticket: u64,
         queue_cap: Option<usize>,
+        now: &impl Fn() -> Duration,
         log: &mut impl Log,
     ) -> Step {
         let conn = self.id;
@@ -572,6 +795,19 @@ impl Session {
                 Ok(json) => Reply::Stats(json),
                 Err(_) => Reply::Failure(Status::Error),
             }),
+            Request::StableRef(name) => {
+                // The first binds the connection; a second is refused.
+                if self.stable_ref.is_some() {
+                    return Step::Reply(Reply::Failure(Status::Error));
+                }
+                tracing::debug!(stable_ref = %name, "connection named");
+                self.stable_ref = Some(name);
+                Step::Reply(Reply::Ok)
+            }
+            Request::Barrier => {
+                let done = log.barrier(id);
+                self.submit(id, Then::Barrier, done, now)
+            }
             Request::Acquire {
                 key,
                 kind,
@@ -579,87 +815,64 @@ impl Session {
                 lease,
             } => self.with_resource(kind.namespace(), key, |this, rid| {
                 let wait = (timeout != Seconds::ZERO).then_some(id);
-                let outcome = this.run_may_wait(rid, wait, queue_cap, log, |wait| Op::Acquire {
+                if wait.is_some() && this.at_queue_cap(queue_cap, log) {
+                    return Step::Reply(error_reply(&Refusal::Lock(LockError::MaxWaiters)));
+                }
+                let op = Op::Acquire {
                     conn,
                     resource: rid.clone(),
                     limit: kind.limit(),
                     lease,
                     wait,
-                });
-                match outcome {
-                    Ok(Outcome::Acquire(AcquireOutcome::Queued(waiter))) => {
-                        this.queued += 1;
-                        Step::Waiting {
-                            rid: rid.clone(),
-                            pending: Pending::Acquire(waiter),
-                            timeout,
-                        }
-                    }
-                    Ok(Outcome::Acquire(AcquireOutcome::Granted(Grant { token, lease }))) => {
-                        Step::Reply(Reply::Granted { token, lease })
-                    }
-                    Ok(_) => Step::Reply(Reply::Failure(Status::Timeout)),
-                    Err(error) => Step::Reply(error_reply(&error)),
-                }
+                };
+                let done = match wait {
+                    Some(request) => log.run_waiting(rid, op, request),
+                    None => log.run(rid, op, id),
+                };
+                let then = Then::Acquire {
+                    rid: rid.clone(),
+                    timeout,
+                };
+                this.submit(id, then, done, now)
             }),
             Request::Release {
                 key,
                 namespace,
                 token,
-            } => self.with_resource(namespace, key, |_, rid| {
-                let released = run_with_token(log, rid, &token, |token| Op::Release {
+            } => self.with_resource(namespace, key, |this, rid| {
+                let done = run_with_token(log, rid, id, &token, |token| Op::Release {
                     resource: rid.clone(),
                     token,
                 });
-                Step::Reply(match released {
-                    Ok(_) => Reply::Ok,
-                    Err(error) => error_reply(&error),
-                })
+                this.submit(id, Then::Release, done, now)
             }),
             Request::Renew {
                 key,
                 namespace,
                 token,
                 lease,
-            } => self.with_resource(namespace, key, |_, rid| {
-                let renewed = run_with_token(log, rid, &token, |token| Op::Renew {
+            } => self.with_resource(namespace, key, |this, rid| {
+                let done = run_with_token(log, rid, id, &token, |token| Op::Renew {
                     resource: rid.clone(),
                     token,
                     lease,
                 });
-                Step::Reply(match renewed {
-                    Ok(Outcome::Renewed(lease)) => {
-                        Reply::Renewed(Seconds::new(lease.get()).unwrap_or(Seconds::ZERO))
-                    }
-                    Ok(_) => Reply::Failure(Status::Error),
-                    Err(error) => error_reply(&error),
-                })
+                this.submit(id, Then::Renew, done, now)
             }),
             Request::Enqueue { key, kind, lease } => {
                 self.with_resource(kind.namespace(), key, |this, rid| {
-                    let outcome = if this.at_queue_cap(queue_cap, log) {
-                        Err(LockError::MaxWaiters)
-                    } else {
-                        let op = Op::Enqueue {
-                            conn,
-                            ticket,
-                            resource: rid.clone(),
-                            limit: kind.limit(),
-                            lease,
-                        };
-                        log.run(rid, op)
+                    if this.at_queue_cap(queue_cap, log) {
+                        return Step::Reply(error_reply(&Refusal::Lock(LockError::MaxWaiters)));
+                    }
+                    let op = Op::Enqueue {
+                        conn,
+                        ticket,
+                        resource: rid.clone(),
+                        limit: kind.limit(),
+                        lease,
                     };
-                    Step::Reply(match outcome {
-                        Ok(Outcome::Enqueue(EnqueueOutcome::Acquired(Grant { token, lease }))) => {
-                            Reply::Acquired { token, lease }
-                        }
-                        Ok(Outcome::Enqueue(EnqueueOutcome::Queued)) => {
-                            this.queued += 1;
-                            Reply::Queued
-                        }
-                        Ok(_) => Reply::Failure(Status::Error),
-                        Err(error) => error_reply(&error),
-                    })
+                    let done = log.run(rid, op, id);
+                    this.submit(id, Then::Enqueue, done, now)
                 })
             }
             Request::Wait {
@@ -668,24 +881,25 @@ impl Session {
                 timeout,
             } => self.with_resource(namespace, key, |this, rid| {
                 let wait = (timeout != Seconds::ZERO).then_some(id);
-                let outcome = this.run_may_wait(rid, wait, queue_cap, log, |wait| Op::Wait {
+                if wait.is_some() && this.at_queue_cap(queue_cap, log) {
+                    return Step::Reply(error_reply(&Refusal::Lock(LockError::MaxWaiters)));
+                }
+                let op = Op::Wait {
                     conn,
                     ticket,
                     resource: rid.clone(),
                     wait,
-                });
-                match outcome {
-                    Ok(Outcome::Wait(WaitOutcome::Pending(waiter))) => Step::Waiting {
-                        rid: rid.clone(),
-                        pending: Pending::Wait { ticket, waiter },
-                        timeout,
-                    },
-                    Ok(Outcome::Wait(WaitOutcome::Granted(Grant { token, lease }))) => {
-                        Step::Reply(Reply::Granted { token, lease })
-                    }
-                    Ok(_) => Step::Reply(Reply::Failure(Status::Timeout)),
-                    Err(error) => Step::Reply(error_reply(&error)),
-                }
+                };
+                let done = match wait {
+                    Some(request) => log.run_waiting(rid, op, request),
+                    None => log.run(rid, op, id),
+                };
+                let then = Then::Wait {
+                    rid: rid.clone(),
+                    ticket,
+                    timeout,
+                };
+                this.submit(id, then, done, now)
             }),
         }
     }
@@ -715,46 +929,21 @@ fn withdraw_op(conn: ConnId, rid: &ResourceId, pending: Pending) -> Op {
 fn run_with_token(
     log: &mut impl Log,
     rid: &ResourceId,
+    request: u64,
     token: &[u8],
     op: impl FnOnce(Token) -> Op,
-) -> Result<Outcome, LockError> {
+) -> Done<Answer> {
     match Token::parse_wire(token) {
-        Some(token) => log.run(rid, op(token)),
-        None => Err(LockError::NotHeld),
+        Some(token) => log.run(rid, op(token), request),
+        None => Done::Now(Err(Refusal::Lock(LockError::NotHeld))),
     }
 }
 
-/// The reply to a waiting request that has its grant: the lease restarts
-/// now, when the request observes it.
-fn observe(log: &mut impl Log, rid: &ResourceId, grant: Grant) -> Reply {
-    let observed = log.run(
-        rid,
-        Op::Observe {
-            resource: rid.clone(),
-            token: grant.token,
-            lease: grant.lease,
-        },
-    );
-    match observed {
-        Ok(Outcome::Observed(Grant { token, lease })) => Reply::Granted { token, lease },
-        Ok(_) => Reply::Failure(Status::Error),
-        Err(error) => error_reply(&error),
-    }
-}
-
-/// Gives back a grant that reached no request.
-pub(crate) fn release_undelivered(log: &mut impl Log, rid: &ResourceId, token: Token) {
-    // Answers `Released` whether or not the grant was still held.
-    let _ = log.run(
-        rid,
-        Op::ReleaseUndelivered {
-            resource: rid.clone(),
-            token,
-        },
-    );
-}
-
-fn error_reply(error: &LockError) -> Reply {
+fn error_reply(refusal: &Refusal) -> Reply {
+    let error = match refusal {
+        Refusal::Lock(error) => error,
+        Refusal::NotLeader(leader) => return Reply::NotLeader(leader.clone()),
+    };
     Reply::Failure(match error {
         LockError::MaxLocks => Status::ErrorMaxLocks,
         LockError::MaxWaiters => Status::ErrorMaxWaiters,

@@ -5,23 +5,87 @@
 //! by the `session_bytes` fuzz target.
 
 use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::Duration;
 
 use dflockd_core::{
-    ConnId, FenceCounter, Grant, LockTable, Op, Outcome, ResourceId, TableConfig, Waiting,
+    ConnId, FenceCounter, Grant, LockError, LockTable, Op, Outcome, ResourceId, TableConfig,
+    Waiting,
 };
-use dflockd_proto::{FrameDecoder, Reply, Stats, parse_mux_reply};
+use dflockd_proto::{FrameDecoder, Reply, Stats, Token, parse_mux_reply};
 use tokio::sync::mpsc;
 
-use super::{Close, Log, Session};
+use super::{Answer, Close, Done, Log, Session};
 use crate::config::ServerConfig;
+use crate::conn::answer;
 use crate::shared::{MuxGrant, Notify, Shard};
 
 /// The table and the drain flag, shared by the sessions of one test.
 pub(crate) struct World {
     pub(crate) shard: Shard<FenceCounter>,
     pub(crate) draining: bool,
+    /// Whether commands wait in `proposals` until [`World::commit`], as a
+    /// replicated log's do, rather than applying at once.
+    pub(crate) deferred: bool,
+    proposals: VecDeque<Proposal>,
+    /// Answers to proposed commands, per connection.
+    answers: HashMap<ConnId, VecDeque<(u64, Answer)>>,
+}
+
+/// A command proposed to the deferred log.
+struct Proposal {
+    conn: ConnId,
+    request: u64,
+    what: Proposed,
+}
+
+enum Proposed {
+    Run(Op),
+    RunWaiting(Op, Notify),
+    Withdraw(Op),
+    Barrier,
+}
+
+impl World {
+    /// Applies the first `n` proposed commands in order and queues their
+    /// answers for their connections. Returns how many it applied.
+    pub(crate) fn commit(&mut self, n: usize) -> usize {
+        let mut applied = 0;
+        while applied < n {
+            let Some(Proposal {
+                conn,
+                request,
+                what,
+            }) = self.proposals.pop_front()
+            else {
+                break;
+            };
+            let answer = match what {
+                Proposed::Run(op) => answer(self.shard.run(op)),
+                Proposed::RunWaiting(op, notify) => {
+                    let to = Waiting { conn, request };
+                    answer(self.shard.run_waiting(op, to, || notify))
+                }
+                Proposed::Withdraw(op) => {
+                    let withdrawn = self.shard.withdraw(op, Waiting { conn, request });
+                    Ok(Some(Outcome::Withdrawn(withdrawn)))
+                }
+                Proposed::Barrier => Ok(None),
+            };
+            self.answers
+                .entry(conn)
+                .or_default()
+                .push_back((request, answer));
+            applied += 1;
+        }
+        applied
+    }
+
+    /// Applies every proposed command.
+    pub(crate) fn commit_all(&mut self) {
+        self.commit(usize::MAX);
+    }
 }
 
 pub(crate) type SharedWorld = Rc<RefCell<World>>;
@@ -33,7 +97,17 @@ pub(crate) fn world(config: TableConfig) -> SharedWorld {
             FenceCounter::starting_after(0),
         )),
         draining: false,
+        deferred: false,
+        proposals: VecDeque::new(),
+        answers: HashMap::new(),
     }))
+}
+
+/// A world whose commands apply only when committed (see [`World::commit`]).
+pub(crate) fn deferred_world(config: TableConfig) -> SharedWorld {
+    let w = world(config);
+    w.borrow_mut().deferred = true;
+    w
 }
 
 /// One connection's view of the world: the in-memory log.
@@ -44,37 +118,109 @@ pub(crate) struct MemLog {
     sink: mpsc::UnboundedSender<MuxGrant>,
 }
 
-impl Log for MemLog {
-    fn run(&mut self, _: &ResourceId, op: Op) -> Result<Outcome, dflockd_core::LockError> {
-        self.world.borrow_mut().shard.run(op)
+impl MemLog {
+    /// Queues `what` if the world defers commands.
+    fn propose(&mut self, request: u64, what: impl FnOnce(&Self) -> Proposed) -> bool {
+        if !self.world.borrow().deferred {
+            return false;
+        }
+        let proposal = Proposal {
+            conn: self.id,
+            request,
+            what: what(self),
+        };
+        self.world.borrow_mut().proposals.push_back(proposal);
+        true
     }
 
-    fn run_waiting(
-        &mut self,
-        _: &ResourceId,
-        op: Op,
-        request: u64,
-    ) -> Result<Outcome, dflockd_core::LockError> {
+    /// The next answer to one of this connection's proposed commands.
+    pub(crate) fn next_answer(&mut self) -> Option<(u64, Answer)> {
+        self.world
+            .borrow_mut()
+            .answers
+            .get_mut(&self.id)
+            .and_then(VecDeque::pop_front)
+    }
+}
+
+impl Log for MemLog {
+    fn run(&mut self, _: &ResourceId, op: Op, request: u64) -> Done<Answer> {
+        let mut op = Some(op);
+        if self.propose(request, |_| Proposed::Run(op.take().unwrap())) {
+            return Done::Later;
+        }
+        Done::Now(answer(
+            self.world.borrow_mut().shard.run(op.take().unwrap()),
+        ))
+    }
+
+    fn run_waiting(&mut self, _: &ResourceId, op: Op, request: u64) -> Done<Answer> {
+        let mut op = Some(op);
+        let deferred = self.propose(request, |log| {
+            let notify = Notify {
+                id: request,
+                to: log.sink.clone(),
+            };
+            Proposed::RunWaiting(op.take().unwrap(), notify)
+        });
+        if deferred {
+            return Done::Later;
+        }
+        let op = op.take().unwrap();
         let to = Waiting {
             conn: self.id,
             request,
         };
         let sink = &self.sink;
-        self.world
+        let outcome = self
+            .world
             .borrow_mut()
             .shard
             .run_waiting(op, to, || Notify {
                 id: request,
                 to: sink.clone(),
-            })
+            });
+        Done::Now(answer(outcome))
     }
 
-    fn withdraw(&mut self, _: &ResourceId, op: Op, request: u64) -> bool {
+    fn withdraw(&mut self, _: &ResourceId, op: Op, request: u64) -> Done<Answer> {
+        let mut op = Some(op);
+        if self.propose(request, |_| Proposed::Withdraw(op.take().unwrap())) {
+            return Done::Later;
+        }
+        let op = op.take().unwrap();
         let of = Waiting {
             conn: self.id,
             request,
         };
-        self.world.borrow_mut().shard.withdraw(op, of)
+        let withdrawn = self.world.borrow_mut().shard.withdraw(op, of);
+        Done::Now(Ok(Some(Outcome::Withdrawn(withdrawn))))
+    }
+
+    fn barrier(&mut self, request: u64) -> Done<Answer> {
+        if self.propose(request, |_| Proposed::Barrier) {
+            return Done::Later;
+        }
+        Done::Now(Ok(None))
+    }
+
+    fn observe(&mut self, rid: &ResourceId, grant: Grant) -> Result<Grant, LockError> {
+        let op = Op::Observe {
+            resource: rid.clone(),
+            token: grant.token,
+            lease: grant.lease,
+        };
+        match self.world.borrow_mut().shard.run(op)? {
+            Outcome::Observed(grant) => Ok(grant),
+            _ => Err(LockError::NotHeld),
+        }
+    }
+
+    fn release_undelivered(&mut self, rid: &ResourceId, token: Token) {
+        let _ = self.world.borrow_mut().shard.run(Op::ReleaseUndelivered {
+            resource: rid.clone(),
+            token,
+        });
     }
 
     fn try_grant(&mut self) -> Option<(u64, ResourceId, Grant)> {
@@ -148,9 +294,16 @@ impl Peer {
         if self.log.is_draining() && self.session.has_waiting() && !self.session.drained() {
             self.session.handle_drain(&mut self.log);
         }
-        while let Ok((request, rid, grant)) = self.log.inbox.try_recv() {
-            self.session
-                .handle_grant(request, rid, grant, &mut self.log);
+        // Grants first, then answers, as the driver's biased wait does.
+        loop {
+            if let Ok((request, rid, grant)) = self.log.inbox.try_recv() {
+                self.session
+                    .handle_grant(request, rid, grant, &mut self.log);
+            } else if let Some((request, answer)) = self.log.next_answer() {
+                self.session.handle_answer(request, answer, &mut self.log);
+            } else {
+                break;
+            }
         }
         if self.session.poll_timeout().is_some_and(|at| at <= now) {
             self.session.handle_timeout(now, &mut self.log);
@@ -167,6 +320,9 @@ impl Peer {
         self.session.handle_gone(&mut self.log);
         self.log.inbox.close();
         let mut world = self.log.world.borrow_mut();
+        // The disconnect comes after every command already proposed.
+        world.commit_all();
+        world.answers.remove(&self.log.id);
         while let Ok((_, rid, grant)) = self.log.inbox.try_recv() {
             let _ = world.shard.run(Op::ReleaseUndelivered {
                 resource: rid,

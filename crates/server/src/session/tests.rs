@@ -8,7 +8,7 @@ use dflockd_core::TableConfig;
 use proptest::prelude::*;
 
 use super::Close;
-use super::memory::{Peer, serve_bytes, world};
+use super::memory::{Peer, deferred_world, serve_bytes, world};
 use crate::config::ServerConfig;
 
 fn secs(s: u64) -> Duration {
@@ -88,6 +88,61 @@ fn a_failed_handshake_is_answered_error_auth() {
     assert_eq!(bad.closed, Some(Close::AuthFailed));
 }
 
+/// Two mux peers on a log that applies only when committed, as a
+/// replicated one does; `a` holds `k`.
+fn deferred_pair() -> (super::memory::SharedWorld, Peer, Peer, String) {
+    let config = ServerConfig::ephemeral();
+    let w = deferred_world(TableConfig::default());
+    let mut a = Peer::new(&w, 1, &config);
+    let mut b = Peer::new(&w, 2, &config);
+    assert_eq!(a.send(b"hello\n_\nmux\n", secs(0)), "ok mux 1\n");
+    assert_eq!(b.send(b"hello\n_\nmux\n", secs(0)), "ok mux 1\n");
+    assert_eq!(a.send(b"1 l\nk\n0\n", secs(0)), "");
+    w.borrow_mut().commit_all();
+    let granted = a.poll(secs(0));
+    assert!(granted.starts_with("1 ok "), "{granted}");
+    let token = granted.split_whitespace().nth(2).unwrap().to_string();
+    (w, a, b, token)
+}
+
+#[test]
+fn a_proposed_request_is_answered_only_after_its_commit() {
+    let (w, _a, mut b, _) = deferred_pair();
+    assert_eq!(b.send(b"5 barrier\n_\n\n6 l\nfree\n0\n", secs(0)), "");
+    assert_eq!(b.poll(secs(0)), "");
+    w.borrow_mut().commit(1);
+    assert_eq!(b.poll(secs(0)), "5 ok\n");
+    w.borrow_mut().commit(1);
+    assert!(b.poll(secs(0)).starts_with("6 ok "));
+}
+
+#[test]
+fn a_grant_applied_before_its_queued_answer_arrives_is_kept() {
+    let (w, mut a, mut b, token) = deferred_pair();
+    assert_eq!(b.send(b"7 l\nk\n60\n", secs(0)), "");
+    a.send(format!("2 r\nk\n{token}\n").as_bytes(), secs(1));
+    // Both commit: b queues, then a's release grants b. The grant reaches
+    // b's inbox before the answer that says 7 queued.
+    w.borrow_mut().commit_all();
+    let out = b.poll(secs(1));
+    assert!(out.starts_with("7 ok "), "{out}");
+    assert_eq!(w.borrow().shard.table().holder_count(), 1);
+}
+
+#[test]
+fn a_cancel_that_overtakes_its_request_withdraws_it_once_queued() {
+    let (w, _a, mut b, _) = deferred_pair();
+    assert_eq!(b.send(b"7 l\nk\n60\n", secs(0)), "");
+    // The cancel comes before 7 is committed: answered at once, and 7 is
+    // withdrawn as soon as its answer says it queued.
+    assert_eq!(b.send(b"8 cancel\n_\n7\n", secs(0)), "8 ok\n");
+    w.borrow_mut().commit_all();
+    assert_eq!(b.poll(secs(0)), "");
+    w.borrow_mut().commit_all();
+    assert_eq!(b.poll(secs(0)), "7 timeout\n");
+    assert_eq!(w.borrow().shard.table().waiter_count(), 0);
+}
+
 /// One step of a random script against three sessions.
 #[derive(Debug, Clone)]
 enum Step {
@@ -114,6 +169,15 @@ enum Step {
     Mux {
         peer: usize,
     },
+    /// A mux cancel of request `target` (under a fresh id).
+    Cancel {
+        peer: usize,
+        target: u8,
+    },
+    /// A replicated log commits the next `n` proposed commands.
+    Commit {
+        n: u8,
+    },
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -125,6 +189,8 @@ fn step() -> impl Strategy<Value = Step> {
         1 => Just(Step::Drain),
         1 => (0..3usize).prop_map(|peer| Step::Close { peer }),
         2 => (0..3usize).prop_map(|peer| Step::Mux { peer }),
+        4 => (1..4u8).prop_map(|n| Step::Commit { n }),
+        2 => (0..3usize, 0..6u8).prop_map(|(peer, target)| Step::Cancel { peer, target }),
     ]
 }
 
@@ -141,6 +207,9 @@ struct Ledger {
     /// named ("l" or "s" and the key).
     keys: HashMap<u64, String>,
     last_key: String,
+    cancels: u8,
+    /// Asked ids a cancel named while they were unanswered.
+    cancelled: std::collections::HashSet<u64>,
 }
 
 proptest! {
@@ -149,10 +218,17 @@ proptest! {
     /// Random requests, releases, time, drains, closes and mux upgrades on
     /// three sessions: nothing panics, every reply is a reply to something
     /// asked (once), and when every session is gone the table holds nothing.
+    ///
+    /// With `deferred`, commands wait for a `Commit` step, as a replicated
+    /// log's do: answers come after grants, cancels reach requests not yet
+    /// queued, and withdraws race grants across commits.
     #[test]
-    fn sessions_answer_each_request_once_and_leave_nothing(script in proptest::collection::vec(step(), 1..60)) {
+    fn sessions_answer_each_request_once_and_leave_nothing(
+        script in proptest::collection::vec(step(), 1..60),
+        deferred in any::<bool>(),
+    ) {
         let config = ServerConfig::ephemeral();
-        let w = world(TableConfig::default());
+        let w = if deferred { deferred_world(TableConfig::default()) } else { world(TableConfig::default()) };
         let mut peers: Vec<Option<Peer>> = (1..=3).map(|id| Some(Peer::new(&w, id, &config))).collect();
         let mut ledgers: Vec<Ledger> = (0..3).map(|_| Ledger::default()).collect();
         let mut now = Duration::ZERO;
@@ -188,6 +264,17 @@ proptest! {
                     }
                 }
                 Step::Mux { peer } => sent = Some((peer, b"hello\n_\nmux\n".to_vec(), None)),
+                Step::Commit { n } => {
+                    w.borrow_mut().commit(usize::from(n));
+                }
+                Step::Cancel { peer, target } => {
+                    if ledgers[peer].asked.contains_key(&u64::from(target)) {
+                        ledgers[peer].cancelled.insert(u64::from(target));
+                    }
+                    let id = 200 + u64::from(ledgers[peer].cancels);
+                    ledgers[peer].cancels += 1;
+                    sent = Some((peer, format!("cancel\n_\n{target}\n").into_bytes(), Some(id)));
+                }
             }
             if let Some((peer, bytes, id)) = sent
                 && let Some(p) = peers[peer].as_mut()
@@ -199,6 +286,7 @@ proptest! {
                 let bytes = match (mux, id) {
                     (true, Some(id)) if !ledger.asked.contains_key(&id) => {
                         ledger.asked.insert(id, 0);
+                        ledger.cancelled.remove(&id);
                         let mut framed = format!("{id} ").into_bytes();
                         framed.extend_from_slice(&bytes);
                         Some(framed)
@@ -222,12 +310,34 @@ proptest! {
                 }
             }
         }
+        // Once everything proposed has committed, a cancelled request is
+        // answered, without waiting for its timeout.
+        for _ in 0..2 {
+            w.borrow_mut().commit_all();
+            for (i, p) in peers.iter_mut().enumerate() {
+                if let Some(p) = p.as_mut() {
+                    let out = p.poll(now);
+                    check(&mut ledgers[i], &out, b"")?;
+                }
+            }
+        }
+        for (i, p) in peers.iter().enumerate() {
+            if p.as_ref().is_some_and(|p| p.closed.is_none() && p.session.is_mux()) {
+                let ledger = &ledgers[i];
+                let open: Vec<_> = ledger.cancelled.iter().filter(|id| ledger.asked.contains_key(id)).collect();
+                prop_assert!(open.is_empty(), "peer {} cancelled {:?} but they are unanswered", i, open);
+            }
+        }
         // Every timeout has ended by now: each request an open session
-        // took has its answer.
+        // took has its answer (a replicated log commits what it holds; a
+        // withdraw proposed by a timeout commits in the next round).
         now += Duration::from_secs(10);
         for (i, p) in peers.iter_mut().enumerate() {
             if let Some(p) = p.as_mut() {
-                let out = p.poll(now);
+                w.borrow_mut().commit_all();
+                let mut out = p.poll(now);
+                w.borrow_mut().commit_all();
+                out.push_str(&p.poll(now));
                 check(&mut ledgers[i], &out, b"")?;
                 if p.closed.is_none() {
                     prop_assert!(!p.session.has_waiting(), "peer {} still waits after every timeout", i);

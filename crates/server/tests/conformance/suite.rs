@@ -357,9 +357,24 @@ async fn item_035_wait_shape() {
 }
 
 conformance_test! {
-async fn v21_barrier_and_stable_ref_are_unknown_commands() {
-    // Items 100/101 do not apply: like v2.1 the server has no cluster code.
-    expect_errors_open(&[b"barrier\n_\n\n", b"stable-ref\nworker-1\n_\n"]).await;
+async fn item_100_single_node_barrier_is_ok() {
+    let server = start().await;
+    let mut c = conn(&server).await;
+    c.expect(b"barrier\n_\n\n", "ok").await;
+    c.assert_open().await;
+}
+}
+
+conformance_test! {
+async fn item_101_stable_ref_binds_once() {
+    let server = start().await;
+    let mut c = conn(&server).await;
+    c.expect(b"stable-ref\nworker-1\n_\n", "ok").await;
+    c.expect(b"stable-ref\nworker-1\n_\n", "error").await;
+    c.assert_open().await;
+    // Item 36: empty, too long, or not printable ASCII: `error`.
+    let long = format!("stable-ref\n{}\n_\n", "r".repeat(65));
+    expect_errors_open(&[b"stable-ref\n\n_\n", long.as_bytes(), b"stable-ref\nt\tab\n_\n"]).await;
 }
 }
 
