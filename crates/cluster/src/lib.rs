@@ -28,6 +28,10 @@ use dflockd_core::{Command, Effects};
 use serde::{Deserialize, Serialize};
 
 mod auth;
+
+/// The consensus engine, re-exported: its metrics and configuration types
+/// are part of this crate's API.
+pub use openraft;
 mod log_store;
 mod network;
 mod node;
@@ -38,8 +42,8 @@ mod storage;
 pub use auth::{MIN_SECRET_BYTES, RaftSecret, ShortSecret};
 pub use log_store::LogStore;
 pub use network::{MAX_FRAME, Network, Peer};
-pub use node::{Node, NodeError, NodeOptions, ProposeError, raft_config};
-pub use state_machine::{SnapshotBuilder, StateMachine, TableView};
+pub use node::{Committed, Node, NodeError, NodeOptions, OnCommit, ProposeError, raft_config};
+pub use state_machine::{ApplyObserver, Origin, SnapshotBuilder, StateMachine, TableView};
 pub use storage::{Storage, StorageOpenError};
 
 /// A node's id in the cluster.

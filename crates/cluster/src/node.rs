@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::network::{Network, serve};
-use crate::state_machine::TableView;
+use crate::state_machine::{ApplyObserver, TableView};
 use crate::storage::{Storage, StorageOpenError};
 use crate::{Batch, NodeId, TypeConfig};
 
@@ -64,6 +64,8 @@ pub struct NodeOptions {
     pub raft: Arc<Config>,
     /// How the node reaches its peers.
     pub network: Network,
+    /// Told of every batch the node applies (the server routes grants).
+    pub observer: Option<ApplyObserver>,
 }
 
 impl Default for NodeOptions {
@@ -72,6 +74,7 @@ impl Default for NodeOptions {
             table: TableConfig::default(),
             raft: raft_config(),
             network: Network::default(),
+            observer: None,
         }
     }
 }
@@ -124,7 +127,16 @@ pub enum ProposeError {
     Failed(String),
 }
 
-type Proposal = (Op, oneshot::Sender<Result<Effects, ProposeError>>);
+/// What a proposal's caller is told: the command's effects, or `None`
+/// for a barrier (committed, nothing applied).
+pub type Committed = Result<Option<Effects>, ProposeError>;
+
+/// Called once with a proposal's fate, on the proposer's task: keep it
+/// short (send it on).
+pub type OnCommit = Box<dyn FnOnce(Committed) + Send>;
+
+/// An op to commit (or a barrier: `None`) and who to tell.
+type Proposal = (Option<Op>, OnCommit);
 
 /// A running node. Dropping it stops its Raft listener; call
 /// [`shutdown`](Self::shutdown) to stop Raft too.
@@ -144,6 +156,9 @@ pub struct Node {
     view: TableView,
     raft_addr: SocketAddr,
     proposals: mpsc::UnboundedSender<Proposal>,
+    origin: tokio::time::Instant,
+    /// Gone once the storage file is closed.
+    storage: std::sync::Weak<redb::Database>,
     server: JoinHandle<()>,
     proposer: JoinHandle<()>,
 }
@@ -202,13 +217,18 @@ impl Node {
             table,
             raft: raft_config,
             network,
+            observer,
         } = options;
         let raft_addr = listener.local_addr().map_err(|e| NodeError::Address {
             node: id,
             addr: e.to_string(),
         })?;
         let storage = Storage::open(&dir.join("raft.redb"))?;
-        let state_machine = storage.state_machine(table)?;
+        let closed = storage.closed_watch();
+        let mut state_machine = storage.state_machine(table)?;
+        if let Some(observer) = observer {
+            state_machine.observe(observer);
+        }
         let view = state_machine.view();
         let raft = Raft::new(
             id,
@@ -224,13 +244,16 @@ impl Node {
         })?;
         let server = tokio::spawn(serve(listener, id, raft.clone(), network.secret().cloned()));
         let (proposals, queue) = mpsc::unbounded_channel();
-        let proposer = tokio::spawn(propose(raft.clone(), queue, Salts::from_os()));
+        let origin = tokio::time::Instant::now();
+        let proposer = tokio::spawn(propose(raft.clone(), queue, Salts::from_os(), origin));
         Ok(Node {
             id,
             raft,
             view,
             raft_addr,
             proposals,
+            origin,
+            storage: closed,
             server,
             proposer,
         })
@@ -367,11 +390,63 @@ impl Node {
     /// ```
     pub async fn propose(&self, op: Op) -> Result<Effects, ProposeError> {
         let (tx, rx) = oneshot::channel();
-        self.proposals
-            .send((op, tx))
-            .map_err(|_| ProposeError::Failed("the node is stopping".to_string()))?;
-        rx.await
-            .unwrap_or_else(|_| Err(ProposeError::Failed("the node stopped".to_string())))
+        self.submit(
+            Some(op),
+            Box::new(move |committed| {
+                let _ = tx.send(committed);
+            }),
+        );
+        match rx.await {
+            Ok(Ok(Some(effects))) => Ok(effects),
+            Ok(Ok(None)) => Err(ProposeError::Failed("no effects".to_string())),
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(ProposeError::Failed("the node stopped".to_string())),
+        }
+    }
+
+    /// Proposes `op` (or, with `None`, a barrier: an entry that commits
+    /// nothing) without waiting: `on_commit` is called with its fate once
+    /// it committed and applied, or failed. Ops submitted one after
+    /// another commit in that order.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// # let node = dflockd_cluster::Node::start(1, dir.path(), listener, Default::default()).await?;
+    /// node.initialize_alone().await?;
+    /// node.raft().wait(None).current_leader(1, "elected").await?;
+    /// let (tx, rx) = tokio::sync::oneshot::channel();
+    /// node.submit(None, Box::new(move |committed| { let _ = tx.send(committed); }));
+    /// assert!(matches!(rx.await?, Ok(None))); // a barrier
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn submit(&self, op: Option<Op>, on_commit: OnCommit) {
+        if let Err(error) = self.proposals.send((op, on_commit)) {
+            let (_, on_commit) = error.0;
+            on_commit(Err(ProposeError::Failed(
+                "the node is stopping".to_string(),
+            )));
+        }
+    }
+
+    /// The leader clock this node stamps its proposals with: time since
+    /// the node started. Table times (lease deadlines) are on the clock of
+    /// the leader that proposed them, and a new leader restarts leases on
+    /// its own.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let node = dflockd_cluster::Node::start(1, dir.path(), listener, Default::default()).await?;
+    /// assert!(node.clock() < std::time::Duration::from_secs(60));
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn clock(&self) -> std::time::Duration {
+        self.origin.elapsed()
     }
 
     /// Adds node `id`, reachable for Raft at `addr`, as a voter: first as a
@@ -433,6 +508,39 @@ impl Node {
         Ok(())
     }
 
+    /// Stops Raft, the proposer and the listener, keeping the handle
+    /// (reads of the table still work).
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let node = dflockd_cluster::Node::start(1, dir.path(), listener, Default::default()).await?;
+    /// node.stop().await;
+    /// assert_eq!(node.view().read(|table| table.holder_count()), 0);
+    /// # Ok(()) }
+    /// ```
+    pub async fn stop(&self) {
+        self.server.abort();
+        self.proposer.abort();
+        let _ = self.raft.shutdown().await;
+        self.storage_closed().await;
+    }
+
+    /// Waits (a bounded time) until Raft's tasks have dropped the storage,
+    /// so that the file can be opened again (a restart in this process).
+    async fn storage_closed(&self) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while self.storage.strong_count() > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(node = self.id, "the storage is still open after shutdown");
+                return;
+            }
+            // No event tells when openraft's workers have dropped it.
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
     /// Stops Raft and the listener.
     ///
     /// ```
@@ -444,9 +552,7 @@ impl Node {
     /// # Ok(()) }
     /// ```
     pub async fn shutdown(self) {
-        self.server.abort();
-        self.proposer.abort();
-        let _ = self.raft.shutdown().await;
+        self.stop().await;
     }
 }
 
@@ -527,21 +633,23 @@ async fn propose(
     raft: Raft<TypeConfig>,
     mut queue: mpsc::UnboundedReceiver<Proposal>,
     mut salts: Salts,
+    origin: tokio::time::Instant,
 ) {
-    let origin = tokio::time::Instant::now();
     while let Some(first) = queue.recv().await {
-        let mut ops = vec![first.0];
-        let mut replies = vec![first.1];
-        while ops.len() < MAX_BATCH {
+        let mut proposals = vec![first];
+        while proposals.len() < MAX_BATCH {
             match queue.try_recv() {
-                Ok((op, reply)) => {
-                    ops.push(op);
-                    replies.push(reply);
-                }
+                Ok(proposal) => proposals.push(proposal),
                 Err(_) => break,
             }
         }
         let at = origin.elapsed();
+        let mut ops = Vec::with_capacity(proposals.len());
+        let mut callers = Vec::with_capacity(proposals.len());
+        for (op, on_commit) in proposals {
+            callers.push((op.is_some(), on_commit));
+            ops.extend(op);
+        }
         let batch = Batch {
             office: Command::new(at, salts.next(), Op::TakeOffice),
             commands: ops
@@ -551,14 +659,22 @@ async fn propose(
         };
         match raft.client_write(batch).await {
             Ok(response) => {
-                for (reply, effects) in replies.into_iter().zip(response.data.commands) {
-                    let _ = reply.send(Ok(effects));
+                let mut effects = response.data.commands.into_iter();
+                for (has_op, on_commit) in callers {
+                    let committed = if has_op {
+                        effects.next().map(Some).ok_or_else(|| {
+                            ProposeError::Failed("an entry answered too few commands".to_string())
+                        })
+                    } else {
+                        Ok(None)
+                    };
+                    on_commit(committed);
                 }
             }
             Err(error) => {
                 let error = write_error(error);
-                for reply in replies {
-                    let _ = reply.send(Err(error.clone()));
+                for (_, on_commit) in callers {
+                    on_commit(Err(error.clone()));
                 }
             }
         }

@@ -36,6 +36,52 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
+/// Who proposed an applied entry: the leader of `term`, node `node`.
+///
+/// ```
+/// let origin = dflockd_cluster::Origin { term: 3, node: 1 };
+/// assert_eq!(origin.term, 3);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    /// The term of the entry's leader.
+    pub term: u64,
+    /// The node that led that term (and proposed the entry).
+    pub node: NodeId,
+}
+
+/// Told of every applied batch, in log order, on the task that applies
+/// it (keep it short): the server routes grants to its connections.
+///
+/// ```
+/// let observer = dflockd_cluster::ApplyObserver::new(|origin, effects| {
+///     println!("term {}: {} commands", origin.term, effects.commands.len());
+/// });
+/// # let _ = observer;
+/// ```
+#[derive(Clone)]
+pub struct ApplyObserver(Arc<ObserveFn>);
+
+/// What an [`ApplyObserver`] calls.
+type ObserveFn = dyn Fn(Origin, &BatchEffects) + Send + Sync;
+
+impl ApplyObserver {
+    /// Wraps `f`.
+    ///
+    /// ```
+    /// let _ = dflockd_cluster::ApplyObserver::new(|_, _| {});
+    /// ```
+    pub fn new(f: impl Fn(Origin, &BatchEffects) + Send + Sync + 'static) -> ApplyObserver {
+        ApplyObserver(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for ApplyObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApplyObserver")
+    }
+}
+
 /// The state machine of one node: the lock table, the last applied log id
 /// and the last membership applied.
 ///
@@ -57,6 +103,8 @@ pub struct StateMachine {
     office_term: u64,
     /// Snapshots built by this process so far (part of each snapshot's id).
     built: u64,
+    /// Told of each applied batch.
+    observer: Option<ApplyObserver>,
 }
 
 impl StateMachine {
@@ -70,6 +118,7 @@ impl StateMachine {
             membership: StoredMembership::default(),
             office_term: 0,
             built: 0,
+            observer: None,
         };
         if let Some(bytes) = stored {
             let stored: StoredSnapshot = decode(&bytes).map_err(|e| e.to_string())?;
@@ -89,6 +138,18 @@ impl StateMachine {
     /// ```
     pub fn view(&self) -> TableView {
         TableView(Arc::clone(&self.table))
+    }
+
+    /// Tells `observer` of every batch applied from now on.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let storage = dflockd_cluster::Storage::open(&dir.path().join("raft.redb")).unwrap();
+    /// let mut machine = storage.state_machine(Default::default()).unwrap();
+    /// machine.observe(dflockd_cluster::ApplyObserver::new(|_, _| {}));
+    /// ```
+    pub fn observe(&mut self, observer: ApplyObserver) {
+        self.observer = Some(observer);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LockTable> {
@@ -252,10 +313,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     // The first entry of a term: its leader takes office.
                     let office = (term > self.office_term).then(|| table.apply(&batch.office));
                     self.office_term = self.office_term.max(term);
-                    BatchEffects {
+                    let effects = BatchEffects {
                         office,
                         commands: batch.commands.iter().map(|c| table.apply(c)).collect(),
+                    };
+                    drop(table);
+                    if let Some(observer) = &self.observer {
+                        let origin = Origin {
+                            term,
+                            node: entry.log_id.leader_id.node_id,
+                        };
+                        (observer.0)(origin, &effects);
                     }
+                    effects
                 }
                 EntryPayload::Membership(membership) => {
                     self.membership = StoredMembership::new(Some(entry.log_id), membership);

@@ -66,6 +66,12 @@ pub struct Storage {
 }
 
 impl Storage {
+    /// A handle that sees when the file is closed: when every part of the
+    /// storage (log store, state machine, snapshot builders) is dropped.
+    pub(crate) fn closed_watch(&self) -> std::sync::Weak<Database> {
+        Arc::downgrade(&self.db)
+    }
+
     /// Opens (or creates) the storage file at `path`.
     ///
     /// ```

@@ -266,7 +266,11 @@ fn request_key(request: &Request) -> Option<&Key> {
         | Request::Renew { key, .. }
         | Request::Enqueue { key, .. }
         | Request::Wait { key, .. } => Some(key),
-        Request::Auth { .. } | Request::Ping | Request::Stats => None,
+        Request::Auth { .. }
+        | Request::Ping
+        | Request::Stats
+        | Request::Barrier
+        | Request::StableRef(_) => None,
     }
 }
 
@@ -401,6 +405,10 @@ fn request() -> impl Strategy<Value = Request> {
         }),
         Just(Request::Ping),
         Just(Request::Stats),
+        Just(Request::Barrier),
+        "[ -~]{1,64}".prop_filter_map("a stable ref", |name| {
+            dflockd_proto::StableRef::new(name.trim()).map(Request::StableRef)
+        }),
     ]
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use dflockd_proto::Lease;
 
+use crate::cluster_config::ClusterConfig;
 use crate::tls::TlsConfig;
 
 /// How long a connection may stay silent between requests.
@@ -157,6 +158,9 @@ pub struct ServerConfig {
     /// # }
     /// ```
     pub runtime_clock: bool,
+    /// Run as a node of a replicated cluster (`--raft-dir` and friends;
+    /// see docs/CLUSTER.md). `None`: a single node.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Default for ServerConfig {
@@ -185,6 +189,7 @@ impl Default for ServerConfig {
             mux: true,
             mux_max_waiting: 100_000,
             runtime_clock: false,
+            cluster: None,
         }
     }
 }

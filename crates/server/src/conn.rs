@@ -17,8 +17,10 @@ use tokio::time::Instant;
 
 use crate::config::IdlePolicy;
 use crate::idle::WatchGuard;
+use crate::replica::ClusterLog;
 use crate::session::{Answer, Close, Done, Log, ReadFailure, Refusal, Session};
 use crate::shared::{MuxGrant, Notify, ShardSet, Shared};
+use tokio_util::sync::CancellationToken;
 
 /// Pause between an `error_auth` reply and the close (spec §2.1).
 const AUTH_FAILURE_PAUSE: Duration = Duration::from_millis(100);
@@ -31,7 +33,7 @@ const AUTH_FAILURE_PAUSE: Duration = Duration::from_millis(100);
 /// aborted by a force close), it releases grants that reached the inbox but
 /// not the peer, then runs the connection's disconnect cleanup (spec §3.9),
 /// so no grant leaks, even with auto-release off.
-struct ConnLog {
+pub(crate) struct ConnLog {
     shared: Arc<Shared>,
     id: ConnId,
     /// The tables this connection's requests went to.
@@ -150,11 +152,65 @@ impl Drop for ConnLog {
     }
 }
 
-pub(crate) struct Connection<S> {
+/// What the driver needs of a connection's log beyond the session's
+/// [`Log`]: where grants and answers arrive, and when the connection must
+/// close because the node stopped (or started) leading.
+pub(crate) trait DriverLog: Log {
+    /// The grant inbox, and the answers to proposed commands (a
+    /// replicated log only).
+    fn inbox(&mut self) -> Inbox<'_>;
+    /// Cancelled when the connection must close (a replicated log whose
+    /// node's leadership changed).
+    fn ended(&self) -> Option<CancellationToken>;
+}
+
+/// A connection log's incoming channels.
+pub(crate) struct Inbox<'a> {
+    pub(crate) grants: &'a mut mpsc::UnboundedReceiver<MuxGrant>,
+    pub(crate) answers: Option<&'a mut mpsc::UnboundedReceiver<(u64, Answer)>>,
+}
+
+impl DriverLog for ConnLog {
+    fn inbox(&mut self) -> Inbox<'_> {
+        Inbox {
+            grants: &mut self.inbox,
+            answers: None,
+        }
+    }
+
+    fn ended(&self) -> Option<CancellationToken> {
+        None
+    }
+}
+
+impl DriverLog for ClusterLog {
+    fn inbox(&mut self) -> Inbox<'_> {
+        Inbox {
+            grants: &mut self.grants,
+            answers: Some(&mut self.answers),
+        }
+    }
+
+    fn ended(&self) -> Option<CancellationToken> {
+        Some(self.ended.clone())
+    }
+}
+
+/// The next answer, if answers come at all.
+async fn next_answer(
+    answers: Option<&mut mpsc::UnboundedReceiver<(u64, Answer)>>,
+) -> Option<(u64, Answer)> {
+    match answers {
+        Some(answers) => answers.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+pub(crate) struct Connection<S, L> {
     stream: S,
     shared: Arc<Shared>,
     session: Session,
-    log: ConnLog,
+    log: L,
     buf: Vec<u8>,
     pos: usize,
     decoder: FrameDecoder,
@@ -167,12 +223,21 @@ pub(crate) struct Connection<S> {
     origin: Instant,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S, ConnLog> {
+    /// A connection of a single-node server.
     pub(crate) fn new(stream: S, id: ConnId, shared: Arc<Shared>) -> Self {
+        let log = ConnLog::new(Arc::clone(&shared), id);
+        Connection::with_log(stream, id, shared, log)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin, L: DriverLog> Connection<S, L> {
+    /// A connection whose commands go through `log`.
+    pub(crate) fn with_log(stream: S, id: ConnId, shared: Arc<Shared>, log: L) -> Self {
         Connection {
             stream,
             session: Session::new(id, &shared.config),
-            log: ConnLog::new(Arc::clone(&shared), id),
+            log,
             watch: shared.reaper.watch(id),
             shared,
             buf: Vec::with_capacity(4096),
@@ -258,13 +323,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
         };
         let drain_pending = waiting && !self.session.drained();
+        let proposed = self.session.has_proposed();
+        let ended = self.log.ended();
+        let ending = async {
+            match &ended {
+                Some(ended) => ended.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        let inbox = self.log.inbox();
         tokio::select! {
-            // The grants first, then the read: no random branch order per
-            // request, and the deadline is not polled when bytes are there.
+            // The grants first, then answers, then the read: no random
+            // branch order per request, and the deadline is not polled when
+            // bytes are there.
             biased;
-            Some((request, rid, grant)) = self.log.inbox.recv(), if waiting => {
+            Some((request, rid, grant)) = inbox.grants.recv(), if waiting => {
                 self.session.handle_grant(request, rid, grant, &mut self.log);
                 self.restart_idle();
+            }
+            Some((request, answer)) = next_answer(inbox.answers), if proposed => {
+                self.session.handle_answer(request, answer, &mut self.log);
+                self.restart_idle();
+            }
+            _ = ending => {
+                // This node's leadership began or ended: the client moves
+                // on to the leader (its next connection hears where).
+                tracing::debug!("leadership changed: connection closed");
+                return Err(Close::Protocol);
             }
             _ = timeout, if timer.is_some() => {
                 let now = self.now();

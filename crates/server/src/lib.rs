@@ -20,16 +20,20 @@
 
 pub mod cli;
 mod clock;
+mod cluster_config;
 mod config;
 mod conn;
 mod fence;
 mod idle;
+mod replica;
 mod server;
 mod session;
 mod shared;
 mod tls;
 
+pub use cluster_config::{ClusterConfig, ClusterPeer, PeerListError, parse_cluster_peers};
 pub use config::{IdlePolicy, Secret, ServerConfig};
+pub use dflockd_cluster::RaftSecret;
 
 /// Hooks for the fuzz targets (`crates/server/fuzz`), behind the `fuzzing`
 /// feature; not part of the supported API.
@@ -49,5 +53,6 @@ pub mod fuzzing {
     }
 }
 pub use fence::{FENCE_RANGE, FenceFile, FenceFileError};
-pub use server::{Server, ServerHandle, StartError};
+pub use replica::ClusterStartError;
+pub use server::{Listeners, Server, ServerHandle, StartError};
 pub use tls::{TlsConfig, TlsError};

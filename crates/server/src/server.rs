@@ -3,9 +3,10 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
+use dflockd_core::ConnId;
 use dflockd_core::{LockTable, Op, Outcome, ResourceBudget, TableConfig};
 use thiserror::Error;
-use tokio::io::DuplexStream;
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -16,6 +17,7 @@ use crate::clock::TableClock;
 use crate::config::ServerConfig;
 use crate::conn::Connection;
 use crate::fence::{FenceFileError, ServerMint};
+use crate::replica::{self, ClusterLog, ClusterStartError, Releases, Replica};
 use crate::shared::{ConnGuard, Shared};
 
 /// Why a server could not start.
@@ -42,6 +44,32 @@ pub enum StartError {
     /// The fence-state file could not be used.
     #[error(transparent)]
     FenceState(#[from] FenceFileError),
+    /// Cluster mode could not start.
+    #[error(transparent)]
+    Cluster(#[from] ClusterStartError),
+}
+
+/// Listeners bound beforehand (by a test that must know every address of
+/// a cluster before it starts, or a supervisor that passes sockets): the
+/// server takes them instead of binding its own.
+///
+/// ```
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use dflockd_server::{Listeners, Server, ServerConfig};
+/// let client = std::net::TcpListener::bind("127.0.0.1:0")?;
+/// let addr = client.local_addr()?;
+/// let listeners = Listeners { client: Some(client), raft: None };
+/// let server = Server::start_with_listeners(ServerConfig::ephemeral(), listeners).await?;
+/// assert_eq!(server.local_addr(), addr);
+/// server.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// Where clients connect (instead of `host:port`).
+    pub client: Option<std::net::TcpListener>,
+    /// Where Raft peers connect, in cluster mode (instead of `raft_addr`).
+    pub raft: Option<std::net::TcpListener>,
 }
 
 /// A dflockd server. [`Server::start`] binds and runs it on the current
@@ -77,22 +105,55 @@ impl Server {
     /// # Ok(()) }
     /// ```
     pub async fn start(config: ServerConfig) -> Result<ServerHandle, StartError> {
-        let mint = ServerMint::open(config.fence_state_file.as_deref())?;
+        Server::start_with_listeners(config, Listeners::default()).await
+    }
+
+    /// [`start`](Self::start) on listeners bound beforehand.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use dflockd_server::{Listeners, Server, ServerConfig};
+    /// let client = std::net::TcpListener::bind("127.0.0.1:0")?;
+    /// let listeners = Listeners { client: Some(client), ..Listeners::default() };
+    /// let server = Server::start_with_listeners(ServerConfig::ephemeral(), listeners).await?;
+    /// server.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub async fn start_with_listeners(
+        config: ServerConfig,
+        listeners: Listeners,
+    ) -> Result<ServerHandle, StartError> {
         let addr = format!("{}:{}", config.host, config.port);
-        let bind_host = config
-            .host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let listener = TcpListener::bind((bind_host.as_str(), config.port))
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: addr.clone(),
-                source,
-            })?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|source| StartError::Bind { addr, source })?;
+        let bind_error = |source| StartError::Bind {
+            addr: addr.clone(),
+            source,
+        };
+        if let Some(cluster) = &config.cluster
+            && config.fence_state_file.is_some()
+        {
+            return Err(StartError::Cluster(ClusterStartError::Config {
+                node: cluster.node_id,
+                reason: "--fence-state-file is not used in cluster mode (the fence counter is replicated)".to_string(),
+            }));
+        }
+        let mint = ServerMint::open(config.fence_state_file.as_deref())?;
+        let listener = match listeners.client {
+            Some(listener) => {
+                listener.set_nonblocking(true).map_err(bind_error)?;
+                TcpListener::from_std(listener).map_err(bind_error)?
+            }
+            None => {
+                let bind_host = config
+                    .host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned();
+                TcpListener::bind((bind_host.as_str(), config.port))
+                    .await
+                    .map_err(bind_error)?
+            }
+        };
+        let local_addr = listener.local_addr().map_err(bind_error)?;
         warn_unbounded(&config, &local_addr);
         let clock = TableClock::start(config.runtime_clock);
         let table_config = TableConfig {
@@ -104,14 +165,27 @@ impl Server {
             clock_granularity: clock.granularity(),
             auto_release: config.auto_release_on_disconnect,
         };
+        let replica = match &config.cluster {
+            Some(cluster) => {
+                // The leader's clock is the runtime's precise one.
+                let table = TableConfig {
+                    clock_granularity: std::time::Duration::ZERO,
+                    ..table_config
+                };
+                let client_addr = local_addr.to_string();
+                Some(Replica::start(cluster, table, listeners.raft, client_addr).await?)
+            }
+            None => None,
+        };
         // One fence counter and one resource cap for all shards.
         let budget = Arc::new(ResourceBudget::new(config.max_locks));
-        let shared = Arc::new(Shared::new(config, clock, || {
+        let (replica, releases) = replica.unzip();
+        let shared = Arc::new(Shared::new(config, clock, replica, || {
             LockTable::sharing(table_config, mint.share(), Arc::clone(&budget))
         }));
         let (local, local_rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(listener, local_rx, Arc::clone(&shared)));
-        tracing::info!(addr = %local_addr, tls = shared.config.tls.is_some(), auth = shared.config.auth_token.is_some(), "dflockd listening");
+        let task = tokio::spawn(run(listener, local_rx, Arc::clone(&shared), releases));
+        tracing::info!(addr = %local_addr, tls = shared.config.tls.is_some(), auth = shared.config.auth_token.is_some(), cluster = shared.replica.is_some(), "dflockd listening");
         Ok(ServerHandle {
             local_addr,
             shared,
@@ -184,6 +258,19 @@ impl ServerHandle {
         let (client, server) = tokio::io::duplex(IN_PROCESS_BUFFER);
         self.local.send(server).ok()?;
         Some(client)
+    }
+
+    /// In cluster mode, this server's node of the cluster (its Raft
+    /// metrics, membership changes, `wait`); `None` for a single node.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let server = dflockd_server::Server::start(dflockd_server::ServerConfig::ephemeral()).await?;
+    /// assert!(server.cluster_node().is_none());
+    /// # Ok(()) }
+    /// ```
+    pub fn cluster_node(&self) -> Option<&dflockd_cluster::Node> {
+        self.shared.replica.as_ref().map(|replica| replica.node())
     }
 
     /// Starts a graceful drain, as SIGTERM does: the listener closes, blocked
@@ -286,8 +373,25 @@ async fn run(
     listener: TcpListener,
     mut local: mpsc::UnboundedReceiver<InProcess>,
     shared: Arc<Shared>,
+    releases: Option<Releases>,
 ) {
     let timers = tokio::spawn(timers(Arc::clone(&shared)));
+    // Cluster mode's tasks, stopped when this task ends.
+    let mut cluster_tasks = Vec::new();
+    if let (Some(replica), Some(releases)) = (&shared.replica, releases) {
+        let config = &shared.config;
+        for task in [
+            tokio::spawn(replica::watch_regime(Arc::clone(replica))),
+            tokio::spawn(replica::release_undelivered(Arc::clone(replica), releases)),
+            tokio::spawn(replica::propose_timers(
+                Arc::clone(replica),
+                config.lease_sweep_interval,
+                config.gc_interval,
+            )),
+        ] {
+            cluster_tasks.push(tokio_util::task::AbortOnDropHandle::new(task));
+        }
+    }
     // Stopped when this task ends, however it ends.
     let _reaper =
         tokio_util::task::AbortOnDropHandle::new(tokio::spawn(Arc::clone(&shared.reaper).run()));
@@ -306,8 +410,7 @@ async fn run(
                     continue;
                 };
                 let span = tracing::debug_span!("conn", id = guard.id.0, peer = "in-process");
-                let id = guard.id;
-                let connection = Connection::new(stream, id, Arc::clone(&shared)).serve();
+                let connection = serve(stream, guard.id, Arc::clone(&shared));
                 let connection = async move {
                     connection.await;
                     drop(guard);
@@ -370,17 +473,29 @@ async fn run(
         while connections.join_next().await.is_some() {}
     }
     let _ = timers.await;
+    if let Some(replica) = &shared.replica {
+        drop(cluster_tasks);
+        replica.node().stop().await;
+    }
     tracing::info!("stopped");
+}
+
+/// Serves one connection with the log of this server's mode.
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, id: ConnId, shared: Arc<Shared>) {
+    match &shared.replica {
+        None => Connection::new(stream, id, shared).serve().await,
+        Some(replica) => {
+            let (id, regime) = replica.open();
+            let log = ClusterLog::new(Arc::clone(replica), Arc::clone(&shared), id, regime);
+            Connection::with_log(stream, id, shared, log).serve().await
+        }
+    }
 }
 
 async fn handle(stream: TcpStream, guard: ConnGuard, shared: Arc<Shared>) {
     let id = guard.id;
     match shared.config.tls.clone() {
-        None => {
-            Connection::new(stream, id, Arc::clone(&shared))
-                .serve()
-                .await
-        }
+        None => serve(stream, id, Arc::clone(&shared)).await,
         Some(tls) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.server);
             let handshake =
@@ -399,9 +514,7 @@ async fn handle(stream: TcpStream, guard: ConnGuard, shared: Arc<Shared>) {
                 },
                 _ = shared.kill.cancelled() => return,
             };
-            Connection::new(stream, id, Arc::clone(&shared))
-                .serve()
-                .await;
+            serve(stream, id, Arc::clone(&shared)).await;
         }
     }
     drop(guard);

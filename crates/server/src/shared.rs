@@ -19,6 +19,7 @@ use crate::clock::TableClock;
 use crate::config::ServerConfig;
 use crate::fence::{Salts, ServerMint};
 use crate::idle::Reaper;
+use crate::replica::Replica;
 
 /// How a waiting request is woken: its grant goes to its connection's
 /// inbox, tagged with the request id.
@@ -34,7 +35,7 @@ pub(crate) type MuxGrant = (u64, ResourceId, Grant);
 
 impl Notify {
     /// Hands the grant over; gives it back if the connection is gone.
-    fn send(self, resource: &ResourceId, grant: Grant) -> Result<(), Grant> {
+    pub(crate) fn send(self, resource: &ResourceId, grant: Grant) -> Result<(), Grant> {
         self.to
             .send((self.id, resource.clone(), grant))
             .map_err(|e| e.0.2)
@@ -228,6 +229,8 @@ pub(crate) struct Shared {
     pub(crate) kill: CancellationToken,
     /// Read deadlines of all connections.
     pub(crate) reaper: Arc<Reaper>,
+    /// Cluster mode: this server's node (the shards are then unused).
+    pub(crate) replica: Option<Arc<Replica>>,
 }
 
 impl Shared {
@@ -237,6 +240,7 @@ impl Shared {
     pub(crate) fn new(
         config: ServerConfig,
         clock: TableClock,
+        replica: Option<Arc<Replica>>,
         shard: impl FnMut() -> LockTable<ServerMint>,
     ) -> Shared {
         Shared {
@@ -254,6 +258,7 @@ impl Shared {
             draining: AtomicBool::new(false),
             kill: CancellationToken::new(),
             delay_started: tokio::sync::Notify::new(),
+            replica,
         }
     }
 

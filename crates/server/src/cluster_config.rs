@@ -1,0 +1,210 @@
+//! Cluster mode's configuration (spec §6.5): this node, its peers, where
+//! Raft keeps its state, and the secret the nodes share.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use dflockd_cluster::RaftSecret;
+use thiserror::Error;
+
+/// One member of the cluster as `--cluster-peers` names it:
+/// `id=raftHost:raftPort@clientHost:clientPort`.
+///
+/// ```
+/// use dflockd_server::ClusterPeer;
+/// let peer: ClusterPeer = "2=10.0.0.2:7001@10.0.0.2:6388".parse().unwrap();
+/// assert_eq!(peer.id, 2);
+/// assert_eq!(peer.raft, "10.0.0.2:7001");
+/// assert_eq!(peer.client, "10.0.0.2:6388");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterPeer {
+    /// The node's id (≥ 1, unique in the cluster).
+    pub id: u64,
+    /// Where its Raft transport listens (`host:port`).
+    pub raft: String,
+    /// Where its clients connect (`host:port`): sent in redirects.
+    pub client: String,
+}
+
+/// Why a `--cluster-peers` list (or one entry of it) is not valid.
+///
+/// ```
+/// let error = "x".parse::<dflockd_server::ClusterPeer>().unwrap_err();
+/// assert!(error.to_string().contains("id=raftHost:raftPort@clientHost:clientPort"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum PeerListError {
+    /// An entry is not `id=raft@client`.
+    #[error("cluster peer {entry:?}: expected id=raftHost:raftPort@clientHost:clientPort")]
+    Shape {
+        /// The entry as given.
+        entry: String,
+    },
+    /// An id is not a positive integer.
+    #[error("cluster peer {entry:?}: the node id must be an integer ≥ 1")]
+    Id {
+        /// The entry as given.
+        entry: String,
+    },
+    /// An address is not `host:port`.
+    #[error("cluster peer {entry:?}: {addr:?} is not host:port")]
+    Address {
+        /// The entry as given.
+        entry: String,
+        /// The address.
+        addr: String,
+    },
+    /// Two entries share an id.
+    #[error("cluster peers: node id {id} appears twice")]
+    Duplicate {
+        /// The id.
+        id: u64,
+    },
+}
+
+impl FromStr for ClusterPeer {
+    type Err = PeerListError;
+
+    fn from_str(entry: &str) -> Result<ClusterPeer, PeerListError> {
+        let entry = entry.trim();
+        let shape = || PeerListError::Shape {
+            entry: entry.to_string(),
+        };
+        let (id, addrs) = entry.split_once('=').ok_or_else(shape)?;
+        let (raft, client) = addrs.split_once('@').ok_or_else(shape)?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&id| id >= 1)
+            .ok_or_else(|| PeerListError::Id {
+                entry: entry.to_string(),
+            })?;
+        for addr in [raft, client] {
+            let valid = addr
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !valid {
+                return Err(PeerListError::Address {
+                    entry: entry.to_string(),
+                    addr: addr.to_string(),
+                });
+            }
+        }
+        Ok(ClusterPeer {
+            id,
+            raft: raft.to_string(),
+            client: client.to_string(),
+        })
+    }
+}
+
+/// Parses a comma-separated `--cluster-peers` list; ids must be unique.
+///
+/// ```
+/// let peers = dflockd_server::parse_cluster_peers(
+///     "1=127.0.0.1:7001@127.0.0.1:6388,2=127.0.0.1:7002@127.0.0.1:6389",
+/// ).unwrap();
+/// assert_eq!(peers.len(), 2);
+/// assert!(dflockd_server::parse_cluster_peers("1=a:1@b:2,1=c:3@d:4").is_err());
+/// ```
+pub fn parse_cluster_peers(list: &str) -> Result<Vec<ClusterPeer>, PeerListError> {
+    let mut peers: Vec<ClusterPeer> = Vec::new();
+    for entry in list.split(',').filter(|e| !e.trim().is_empty()) {
+        let peer: ClusterPeer = entry.parse()?;
+        if peers.iter().any(|p| p.id == peer.id) {
+            return Err(PeerListError::Duplicate { id: peer.id });
+        }
+        peers.push(peer);
+    }
+    Ok(peers)
+}
+
+/// How a node runs as part of a cluster (`--raft-dir` and friends).
+///
+/// Nodes started with the same `peers` and empty directories form one
+/// cluster of those voters: the node with the lowest id initialises it
+/// (once; a node that has state never initialises again). With
+/// `bootstrap`, a node forms a cluster of itself alone, which others join
+/// through `dflock cluster add`.
+///
+/// ```
+/// use dflockd_server::{ClusterConfig, parse_cluster_peers};
+/// let secret = dflockd_cluster::RaftSecret::new(vec![7; 32]).unwrap();
+/// let config = ClusterConfig::new(1, "/var/lib/dflockd", "127.0.0.1:7001", secret)
+///     .with_peers(parse_cluster_peers("1=127.0.0.1:7001@127.0.0.1:6388").unwrap());
+/// assert_eq!(config.node_id, 1);
+/// ```
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// This node's id (`--node-id`): stable and unique.
+    pub node_id: u64,
+    /// Where Raft keeps the log, vote and snapshots (`--raft-dir`); locked
+    /// against a second process.
+    pub raft_dir: PathBuf,
+    /// Where the Raft transport listens (`--raft-addr`, `host:port`).
+    pub raft_addr: String,
+    /// Every voter of a new cluster, this node included (`--cluster-peers`).
+    pub peers: Vec<ClusterPeer>,
+    /// The client address redirects name for this node
+    /// (`--advertise-addr`); by default its entry in `peers`, else the
+    /// listener's address.
+    pub advertise_addr: Option<String>,
+    /// Form a cluster of this node alone (`--cluster-bootstrap`).
+    pub bootstrap: bool,
+    /// The secret every Raft link proves on both ends
+    /// (`--raft-auth-token`, ≥ 32 bytes).
+    pub secret: RaftSecret,
+}
+
+impl ClusterConfig {
+    /// A node `node_id` with its state in `raft_dir`, Raft on `raft_addr`,
+    /// no peers yet.
+    ///
+    /// ```
+    /// let secret = dflockd_cluster::RaftSecret::new(vec![7; 32]).unwrap();
+    /// let config = dflockd_server::ClusterConfig::new(3, "/tmp/n3", "127.0.0.1:7003", secret);
+    /// assert!(config.peers.is_empty() && !config.bootstrap);
+    /// ```
+    pub fn new(
+        node_id: u64,
+        raft_dir: impl Into<PathBuf>,
+        raft_addr: impl Into<String>,
+        secret: RaftSecret,
+    ) -> ClusterConfig {
+        ClusterConfig {
+            node_id,
+            raft_dir: raft_dir.into(),
+            raft_addr: raft_addr.into(),
+            peers: Vec::new(),
+            advertise_addr: None,
+            bootstrap: false,
+            secret,
+        }
+    }
+
+    /// The same with `peers`.
+    ///
+    /// ```
+    /// let secret = dflockd_cluster::RaftSecret::new(vec![7; 32]).unwrap();
+    /// let peers = dflockd_server::parse_cluster_peers("1=127.0.0.1:7001@127.0.0.1:6388").unwrap();
+    /// let config = dflockd_server::ClusterConfig::new(1, "/tmp/n1", "127.0.0.1:7001", secret).with_peers(peers);
+    /// assert_eq!(config.peers.len(), 1);
+    /// ```
+    pub fn with_peers(mut self, peers: Vec<ClusterPeer>) -> ClusterConfig {
+        self.peers = peers;
+        self
+    }
+}
+
+/// Resolves `addr` (`host:port`) to its first socket address.
+pub(crate) fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
+    addr.to_socket_addrs()?.next().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{addr} resolves to no address"),
+        )
+    })
+}

@@ -1,0 +1,183 @@
+//! Cluster mode end to end: three dflockd nodes in this process on
+//! loopback, clients speaking the wire protocol, the fault proxy on every
+//! Raft link (see `cluster/harness.rs`).
+
+mod support;
+
+#[path = "cluster/harness.rs"]
+mod harness;
+
+use std::time::Duration;
+
+use harness::{CLUSTER_WAIT, TestCluster};
+use support::{Client, parse_grant};
+
+/// The reply to `request` on a fresh connection to node `i`.
+async fn ask(cluster: &TestCluster, i: usize, request: &[u8]) -> String {
+    let mut c = Client::connect(cluster.client_addrs[i]).await;
+    c.req(request).await
+}
+
+/// Waits until node `i`'s own copy of the table shows `key` held.
+async fn wait_held_on(cluster: &TestCluster, i: usize, key: &str) {
+    let node = cluster.node(i).cluster_node().unwrap();
+    let key = key.to_string();
+    tokio::time::timeout(CLUSTER_WAIT, async {
+        let mut metrics = node.raft().metrics();
+        loop {
+            let stats = ask(cluster, i, b"stats\n_\n_\n").await;
+            if stats.contains(&format!("\"key\":\"{key}\",\"owner_conn_id\"")) {
+                return;
+            }
+            // Applied entries change the metrics: wait for the next one.
+            let _ = metrics.changed().await;
+        }
+    })
+    .await
+    .expect("the follower applies the entry in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_replicate_redirect_and_answer_stats_locally() {
+    let cluster = TestCluster::start(3).await;
+    let (leader, mut c) = cluster.leader().await;
+    let granted = c.grant(b"l\njob\n0 30\n").await;
+    assert!(granted.fence() > 0);
+    let leader_addr = cluster.client_addrs[leader].to_string();
+    for i in (0..3).filter(|&i| i != leader) {
+        wait_held_on(&cluster, i, "job").await;
+        // Mutating commands and barriers go to the leader.
+        assert_eq!(
+            ask(&cluster, i, b"l\nother\n0\n").await,
+            format!("error_not_leader {leader_addr}")
+        );
+        assert_eq!(
+            ask(&cluster, i, b"barrier\n_\n\n").await,
+            format!("error_not_leader {leader_addr}")
+        );
+        // Ping and stats are answered by any node.
+        assert_eq!(ask(&cluster, i, b"ping\n_\n\n").await, "ok");
+        let stats = support::parse_stats(&ask(&cluster, i, b"stats\n_\n_\n").await);
+        assert_eq!(stats["cluster"]["role"], "follower");
+        assert_eq!(stats["cluster"]["leader_addr"], leader_addr);
+        assert_eq!(stats["cluster"]["voters"].as_array().unwrap().len(), 3);
+    }
+    let stats = support::parse_stats(&ask(&cluster, leader, b"stats\n_\n_\n").await);
+    assert_eq!(stats["cluster"]["role"], "leader");
+    // A second holder is refused on the leader; the holder releases.
+    assert_eq!(ask(&cluster, leader, b"l\njob\n0\n").await, "timeout");
+    c.expect(format!("r\njob\n{}\n", granted.token), "ok").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_is_granted_through_the_log_in_fifo_order() {
+    let cluster = TestCluster::start(3).await;
+    let (leader, mut holder) = cluster.leader().await;
+    let first = holder.grant(b"l\nq\n0 30\n").await;
+    let mut a = Client::connect(cluster.client_addrs[leader]).await;
+    let mut b = Client::connect(cluster.client_addrs[leader]).await;
+    a.send(b"l\nq\n10\n").await;
+    holder.wait_lock_waiters("q", 1).await;
+    b.send(b"l\nq\n10\n").await;
+    holder.wait_lock_waiters("q", 2).await;
+    holder
+        .expect(format!("r\nq\n{}\n", first.token), "ok")
+        .await;
+    let granted_a = parse_grant(&a.line().await, "ok").expect("a is first");
+    assert!(granted_a.fence() > first.fence());
+    a.expect(format!("r\nq\n{}\n", granted_a.token), "ok").await;
+    let granted_b = parse_grant(&b.line().await, "ok").expect("b is next");
+    assert!(granted_b.fence() > granted_a.fence());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_held_through_a_leader_kill_is_kept_and_fences_grow() {
+    let mut cluster = TestCluster::start(3).await;
+    let (old, mut c) = cluster.leader().await;
+    let held = c.grant(b"l\nleader-job\n0 20\n").await;
+    drop(c);
+    // The holder's connection dies with the node; its hold stays (the
+    // lease, not the connection, decides).
+    cluster.kill(old).await;
+    let (new, mut c) = cluster.leader().await;
+    assert_ne!(new, old);
+    // The holder renews on the new leader with its token: still held.
+    c.expect(format!("n\nleader-job\n{} 20\n", held.token), "ok 20")
+        .await;
+    let mut other = Client::connect(cluster.client_addrs[new]).await;
+    other.expect(b"l\nleader-job\n0\n", "timeout").await;
+    // A new grant's fence is larger than any before the failover.
+    let next = other.grant(b"l\nsomething-else\n0\n").await;
+    assert!(
+        next.fence() > held.fence(),
+        "{} <= {}",
+        next.fence(),
+        held.fence()
+    );
+    c.expect(format!("r\nleader-job\n{}\n", held.token), "ok")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_leader_grants_nothing_and_the_majority_goes_on() {
+    let cluster = TestCluster::start(3).await;
+    let (old, mut c) = cluster.leader().await;
+    let before = c.grant(b"l\nk\n0 30\n").await;
+    cluster.isolate(old).await;
+    // The old leader's connection closes once it has no quorum, or its
+    // request finds no leader: it never grants `x`.
+    c.send(b"l\nx\n0\n").await;
+    // (Or the connection closes: the client moves on.)
+    if let Ok(line) = c.read_line_within(CLUSTER_WAIT).await {
+        assert!(line.starts_with("error_not_leader"), "{line}");
+    }
+    // The majority elects a leader and grants `x`.
+    let (new, mut c2) = tokio::time::timeout(CLUSTER_WAIT, async {
+        loop {
+            let (i, c) = cluster.leader().await;
+            if i != old {
+                return (i, c);
+            }
+        }
+    })
+    .await
+    .expect("the majority elects");
+    let x = c2.grant(b"l\nx\n0\n").await;
+    assert!(x.fence() > before.fence());
+    // Heal: the old leader follows, and redirects to the new one.
+    cluster.heal().await;
+    let expected = format!("error_not_leader {}", cluster.client_addrs[new]);
+    let mut metrics = cluster.node(old).cluster_node().unwrap().raft().metrics();
+    tokio::time::timeout(CLUSTER_WAIT, async {
+        loop {
+            let reply = ask(&cluster, old, b"l\ny\n0\n").await;
+            if reply == expected {
+                return;
+            }
+            // The old leader learns of the new term from the next message.
+            let _ = tokio::time::timeout(Duration::from_millis(200), metrics.changed()).await;
+        }
+    })
+    .await
+    .expect("the old leader follows the new one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_restarted_from_disk_keeps_locks_and_fences() {
+    let mut cluster = TestCluster::start(3).await;
+    let (_, mut c) = cluster.leader().await;
+    let held = c.grant(b"l\ndurable\n0 60\n").await;
+    drop(c);
+    for i in 0..3 {
+        cluster.kill(i).await;
+    }
+    for i in 0..3 {
+        cluster.restart(i).await;
+    }
+    let (_, mut c) = cluster.leader().await;
+    c.expect(b"l\ndurable\n0\n", "timeout").await;
+    c.expect(format!("n\ndurable\n{} 60\n", held.token), "ok 60")
+        .await;
+    let next = c.grant(b"l\nfresh\n0\n").await;
+    assert!(next.fence() > held.fence());
+}

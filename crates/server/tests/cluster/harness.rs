@@ -1,0 +1,218 @@
+//! Three (or more) dflockd nodes of one cluster in this process, on
+//! loopback: each node's client listener and Raft listener are bound
+//! before any node starts (so every node knows every address), and every
+//! Raft link runs through its own fault proxy (one per ordered pair), so a
+//! test can cut a node off in both directions. Nodes can be killed and
+//! restarted on the same directory and ports.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use dflockd_cluster::openraft::ServerState;
+use dflockd_faultproxy::{Blackhole, Direction, FaultProxy, Faults};
+use dflockd_server::{
+    ClusterConfig, ClusterPeer, Listeners, RaftSecret, Server, ServerConfig, ServerHandle,
+};
+use tempfile::TempDir;
+
+use crate::support::{Client, REPLY_TIMEOUT};
+
+/// How long a cluster may take to elect, fail over or catch up.
+pub const CLUSTER_WAIT: Duration = Duration::from_secs(15);
+
+pub struct TestCluster {
+    pub nodes: Vec<Option<ServerHandle>>,
+    dirs: Vec<TempDir>,
+    pub client_addrs: Vec<SocketAddr>,
+    raft_addrs: Vec<SocketAddr>,
+    /// `proxies[from][to]`, `None` on the diagonal.
+    proxies: Vec<Vec<Option<FaultProxy>>>,
+    secret: RaftSecret,
+    tweak: fn(&mut ServerConfig),
+}
+
+fn bind() -> std::net::TcpListener {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback")
+}
+
+impl TestCluster {
+    /// Starts `n` nodes that form one cluster (ids 1..=n).
+    pub async fn start(n: usize) -> TestCluster {
+        TestCluster::start_with(n, |_| {}).await
+    }
+
+    /// [`start`](Self::start) with every node's configuration changed by
+    /// `tweak`.
+    pub async fn start_with(n: usize, tweak: fn(&mut ServerConfig)) -> TestCluster {
+        let clients: Vec<_> = (0..n).map(|_| bind()).collect();
+        let rafts: Vec<_> = (0..n).map(|_| bind()).collect();
+        let client_addrs: Vec<SocketAddr> =
+            clients.iter().map(|l| l.local_addr().unwrap()).collect();
+        let raft_addrs: Vec<SocketAddr> = rafts.iter().map(|l| l.local_addr().unwrap()).collect();
+        let mut proxies = Vec::new();
+        for from in 0..n {
+            let mut row = Vec::new();
+            for (to, addr) in raft_addrs.iter().enumerate() {
+                row.push(if from == to {
+                    None
+                } else {
+                    Some(FaultProxy::start(*addr).await.expect("proxy starts"))
+                });
+            }
+            proxies.push(row);
+        }
+        let mut cluster = TestCluster {
+            nodes: (0..n).map(|_| None).collect(),
+            dirs: (0..n).map(|_| tempfile::tempdir().unwrap()).collect(),
+            client_addrs,
+            raft_addrs,
+            proxies,
+            secret: RaftSecret::new(b"a test secret of at least 32 bytes!".to_vec()).unwrap(),
+            tweak,
+        };
+        let starts: Vec<_> = clients
+            .into_iter()
+            .zip(rafts)
+            .enumerate()
+            .map(|(i, (client, raft))| {
+                let config = cluster.config(i);
+                async move {
+                    let listeners = Listeners {
+                        client: Some(client),
+                        raft: Some(raft),
+                    };
+                    Server::start_with_listeners(config, listeners)
+                        .await
+                        .expect("node starts")
+                }
+            })
+            .collect();
+        let handles = futures_util::future::join_all(starts).await;
+        for (i, handle) in handles.into_iter().enumerate() {
+            cluster.nodes[i] = Some(handle);
+        }
+        cluster
+    }
+
+    /// Node `i`'s configuration: its peers' Raft addresses are the
+    /// proxies of its links.
+    fn config(&self, i: usize) -> ServerConfig {
+        let peers = (0..self.nodes.len())
+            .map(|j| ClusterPeer {
+                id: j as u64 + 1,
+                raft: match &self.proxies[i][j] {
+                    Some(proxy) => proxy.addr().to_string(),
+                    None => self.raft_addrs[j].to_string(),
+                },
+                client: self.client_addrs[j].to_string(),
+            })
+            .collect();
+        let cluster = ClusterConfig::new(
+            i as u64 + 1,
+            self.dirs[i].path(),
+            self.raft_addrs[i].to_string(),
+            self.secret.clone(),
+        )
+        .with_peers(peers);
+        let mut config = ServerConfig::ephemeral();
+        config.cluster = Some(cluster);
+        (self.tweak)(&mut config);
+        config
+    }
+
+    pub fn node(&self, i: usize) -> &ServerHandle {
+        self.nodes[i].as_ref().expect("node is running")
+    }
+
+    pub fn running(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].is_some())
+            .collect()
+    }
+
+    /// Waits until the running nodes agree on a leader among them that
+    /// serves: returns its index and a connection on which a `barrier`
+    /// committed.
+    pub async fn leader(&self) -> (usize, Client) {
+        tokio::time::timeout(CLUSTER_WAIT, async {
+            loop {
+                for i in self.running() {
+                    let node = self.node(i).cluster_node().unwrap();
+                    let leads = node
+                        .raft()
+                        .wait(Some(Duration::from_millis(200)))
+                        .state(ServerState::Leader, "leads")
+                        .await
+                        .is_ok();
+                    if !leads {
+                        continue;
+                    }
+                    let mut c = Client::connect(self.client_addrs[i]).await;
+                    c.send(b"barrier\n_\n\n").await;
+                    if let Ok(reply) = c.read_line_within(REPLY_TIMEOUT).await
+                        && reply == "ok"
+                    {
+                        return (i, c);
+                    }
+                }
+            }
+        })
+        .await
+        .expect("a leader serves in time")
+    }
+
+    /// Kills node `i` at once: connections dropped, Raft stopped, nothing
+    /// handed over.
+    pub async fn kill(&mut self, i: usize) {
+        let handle = self.nodes[i].take().expect("node is running");
+        handle.force_close();
+        handle.wait().await;
+    }
+
+    /// Restarts node `i` on its directory and ports.
+    pub async fn restart(&mut self, i: usize) {
+        assert!(self.nodes[i].is_none(), "node {i} is running");
+        let listeners = Listeners {
+            client: Some(std::net::TcpListener::bind(self.client_addrs[i]).expect("rebind client")),
+            raft: Some(std::net::TcpListener::bind(self.raft_addrs[i]).expect("rebind raft")),
+        };
+        let handle = Server::start_with_listeners(self.config(i), listeners)
+            .await
+            .expect("node restarts");
+        self.nodes[i] = Some(handle);
+    }
+
+    /// Cuts node `i` off from every other node, both ways.
+    pub async fn isolate(&self, i: usize) {
+        for (from, row) in self.proxies.iter().enumerate() {
+            for (to, proxy) in row.iter().enumerate() {
+                if let Some(proxy) = proxy
+                    && (from == i || to == i)
+                {
+                    for dir in Direction::BOTH {
+                        proxy.set_default_faults(
+                            dir,
+                            Faults::none().with_blackhole(Blackhole::Drop),
+                        );
+                    }
+                    for link in proxy.links() {
+                        link.blackhole(Blackhole::Drop);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Heals every link.
+    pub async fn heal(&self) {
+        for proxy in self.proxies.iter().flatten().flatten() {
+            for dir in Direction::BOTH {
+                proxy.set_default_faults(dir, Faults::none());
+            }
+            // Dropped bytes broke the framing of open links: reset them.
+            proxy.cut_all().await;
+        }
+    }
+}
