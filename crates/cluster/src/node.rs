@@ -159,6 +159,8 @@ pub struct Node {
     origin: tokio::time::Instant,
     /// Gone once the storage file is closed.
     storage: std::sync::Weak<redb::Database>,
+    /// Set once [`Node::stop`] ran (then a drop has nothing to stop).
+    stopped: std::sync::atomic::AtomicBool,
     server: JoinHandle<()>,
     proposer: JoinHandle<()>,
 }
@@ -254,6 +256,7 @@ impl Node {
             proposals,
             origin,
             storage: closed,
+            stopped: std::sync::atomic::AtomicBool::new(false),
             server,
             proposer,
         })
@@ -521,6 +524,8 @@ impl Node {
     /// # Ok(()) }
     /// ```
     pub async fn stop(&self) {
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::Release);
         self.server.abort();
         self.proposer.abort();
         let _ = self.raft.shutdown().await;
@@ -563,6 +568,9 @@ impl Drop for Node {
         // Raft's core keeps running until it is shut down (it holds its
         // own sender): stop it, or a dropped node keeps its file locked
         // and may go on sending to its peers.
+        if self.stopped.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let raft = self.raft.clone();
             runtime.spawn(async move {

@@ -24,6 +24,9 @@ use clap::Parser;
 use dflockd_proto::{Lease, MAX_SECONDS};
 use thiserror::Error;
 
+use dflockd_cluster::RaftSecret;
+
+use crate::cluster_config::{ClusterConfig, parse_cluster_peers};
 use crate::config::{IdlePolicy, Secret, ServerConfig};
 use crate::tls::TlsConfig;
 
@@ -166,17 +169,45 @@ struct Flags {
     /// HTTP API port; not supported yet, must be 0 [env: DFLOCKD_HTTP_PORT]
     #[arg(long)]
     http_port: Option<String>,
-    /// Cluster mode (Raft); not supported [env: DFLOCKD_RAFT_DIR]
-    #[arg(long, hide = true)]
+    /// Cluster mode: where Raft keeps its log, vote and snapshots; its
+    /// presence turns cluster mode on [env: DFLOCKD_RAFT_DIR]
+    #[arg(long)]
     raft_dir: Option<String>,
-    #[arg(long, hide = true)]
+    /// This node's id, an integer ≥ 1, stable and unique (cluster mode)
+    /// [env: DFLOCKD_NODE_ID]
+    #[arg(long)]
     node_id: Option<String>,
-    #[arg(long, hide = true)]
+    /// Raft transport bind address host:port (cluster mode) [env: DFLOCKD_RAFT_ADDR]
+    #[arg(long)]
     raft_addr: Option<String>,
-    #[arg(long, hide = true)]
+    /// Every voter of a new cluster, this node included:
+    /// id=raftHost:raftPort@clientHost:clientPort,... [env: DFLOCKD_CLUSTER_PEERS]
+    #[arg(long)]
     cluster_peers: Option<String>,
-    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    /// Client address redirects name for this node [env: DFLOCKD_ADVERTISE_ADDR]
+    /// [default: its --cluster-peers entry]
+    #[arg(long)]
+    advertise_addr: Option<String>,
+    /// Form a cluster of this node alone, for others to join
+    /// [env: DFLOCKD_CLUSTER_BOOTSTRAP] [default: false]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     cluster_bootstrap: Option<String>,
+    /// Secret the nodes prove to each other, ≥ 32 bytes (visible in ps)
+    /// [env: DFLOCKD_RAFT_AUTH_TOKEN]
+    #[arg(long)]
+    raft_auth_token: Option<String>,
+    /// File holding the Raft secret [env: DFLOCKD_RAFT_AUTH_TOKEN_FILE]
+    #[arg(long)]
+    raft_auth_token_file: Option<String>,
+    /// Raft mutual TLS certificate (not supported yet) [env: DFLOCKD_RAFT_TLS_CERT]
+    #[arg(long)]
+    raft_tls_cert: Option<String>,
+    /// Raft mutual TLS key (not supported yet) [env: DFLOCKD_RAFT_TLS_KEY]
+    #[arg(long)]
+    raft_tls_key: Option<String>,
+    /// Raft mutual TLS CA (not supported yet) [env: DFLOCKD_RAFT_TLS_CA]
+    #[arg(long)]
+    raft_tls_ca: Option<String>,
 }
 
 /// Where a value came from, for error messages.
@@ -352,17 +383,11 @@ fn resolve(flags: &Flags, env: impl Fn(&str) -> Option<String>) -> Result<Settin
         "DFLOCKD_FENCE_STATE_FILE",
     )
     .map(|r| PathBuf::from(r.value));
-    if !seconds(
+    let orphan_ttl = seconds(
         pick("--orphan-ttl", &flags.orphan_ttl, "DFLOCKD_ORPHAN_TTL_S"),
         Duration::ZERO,
         false,
-    )?
-    .is_zero()
-    {
-        return Err(ConfigError(
-            "--orphan-ttl > 0 is only allowed in cluster mode".into(),
-        ));
-    }
+    )?;
     if boolean(
         pick(
             "--unbounded-idle",
@@ -393,26 +418,12 @@ fn resolve(flags: &Flags, env: impl Fn(&str) -> Option<String>) -> Result<Settin
             name(&raw)
         )));
     }
-    let cluster = [
-        pick("--raft-dir", &flags.raft_dir, "DFLOCKD_RAFT_DIR"),
-        pick("--node-id", &flags.node_id, "DFLOCKD_NODE_ID"),
-        pick("--raft-addr", &flags.raft_addr, "DFLOCKD_RAFT_ADDR"),
-        pick(
-            "--cluster-peers",
-            &flags.cluster_peers,
-            "DFLOCKD_CLUSTER_PEERS",
-        ),
-        pick(
-            "--cluster-bootstrap",
-            &flags.cluster_bootstrap,
-            "DFLOCKD_CLUSTER_BOOTSTRAP",
-        ),
-    ];
-    if let Some(raw) = cluster.iter().flatten().next() {
-        return Err(ConfigError(format!(
-            "{}: cluster mode is not supported by this server",
-            name(raw)
-        )));
+    config.cluster = cluster(flags, &env, orphan_ttl)?;
+    if config.cluster.is_some() && config.fence_state_file.is_some() {
+        return Err(ConfigError(
+            "--fence-state-file is not used in cluster mode (the fence counter is replicated)"
+                .into(),
+        ));
     }
 
     let cert = pick("--tls-cert", &flags.tls_cert, "DFLOCKD_TLS_CERT");
@@ -431,6 +442,176 @@ fn resolve(flags: &Flags, env: impl Fn(&str) -> Option<String>) -> Result<Settin
     };
     config.auth_token = auth_token(flags, &env)?;
     Ok(Settings { config, debug })
+}
+
+/// Cluster mode's settings (spec §6.5), if `--raft-dir` is given; the
+/// other cluster flags without it are an error.
+fn cluster(
+    flags: &Flags,
+    env: &impl Fn(&str) -> Option<String>,
+    orphan_ttl: Duration,
+) -> Result<Option<ClusterConfig>, ConfigError> {
+    let pick = |flag: &'static str, given: &Option<String>, var: &'static str| match given {
+        Some(value) => Some(Raw {
+            value: value.clone(),
+            source: Source::Flag(flag),
+        }),
+        None => env(var).map(|value| Raw {
+            value,
+            source: Source::Env(var),
+        }),
+    };
+    let dir = pick("--raft-dir", &flags.raft_dir, "DFLOCKD_RAFT_DIR");
+    let node_id = pick("--node-id", &flags.node_id, "DFLOCKD_NODE_ID");
+    let raft_addr = pick("--raft-addr", &flags.raft_addr, "DFLOCKD_RAFT_ADDR");
+    let peers = pick(
+        "--cluster-peers",
+        &flags.cluster_peers,
+        "DFLOCKD_CLUSTER_PEERS",
+    );
+    let advertise = pick(
+        "--advertise-addr",
+        &flags.advertise_addr,
+        "DFLOCKD_ADVERTISE_ADDR",
+    );
+    let bootstrap = pick(
+        "--cluster-bootstrap",
+        &flags.cluster_bootstrap,
+        "DFLOCKD_CLUSTER_BOOTSTRAP",
+    );
+    let token = secret_value(
+        [
+            (&flags.raft_auth_token, "--raft-auth-token", false),
+            (&flags.raft_auth_token_file, "--raft-auth-token-file", true),
+        ],
+        [
+            ("DFLOCKD_RAFT_AUTH_TOKEN", false),
+            ("DFLOCKD_RAFT_AUTH_TOKEN_FILE", true),
+        ],
+        env,
+    )?;
+    let tls = [
+        pick(
+            "--raft-tls-cert",
+            &flags.raft_tls_cert,
+            "DFLOCKD_RAFT_TLS_CERT",
+        ),
+        pick(
+            "--raft-tls-key",
+            &flags.raft_tls_key,
+            "DFLOCKD_RAFT_TLS_KEY",
+        ),
+        pick("--raft-tls-ca", &flags.raft_tls_ca, "DFLOCKD_RAFT_TLS_CA"),
+    ];
+    let Some(dir) = dir else {
+        let given = [&node_id, &raft_addr, &peers, &advertise, &bootstrap]
+            .into_iter()
+            .chain(&tls)
+            .flatten()
+            .next();
+        if let Some(raw) = given {
+            return Err(ConfigError(format!(
+                "{} is a cluster flag: it needs --raft-dir",
+                name(raw)
+            )));
+        }
+        if let Some((_, origin)) = token {
+            return Err(ConfigError(format!(
+                "{origin} is rejected outside cluster mode (no --raft-dir)"
+            )));
+        }
+        if !orphan_ttl.is_zero() {
+            return Err(ConfigError(
+                "--orphan-ttl > 0 is only allowed in cluster mode".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    if let Some(raw) = tls.iter().flatten().next() {
+        return Err(ConfigError(format!(
+            "{}: Raft mutual TLS is not supported yet (links are authenticated with the Raft secret)",
+            name(raw)
+        )));
+    }
+    if !orphan_ttl.is_zero() {
+        return Err(ConfigError(
+            "--orphan-ttl: re-attachment after failover is not supported yet".into(),
+        ));
+    }
+    let node_id = node_id.ok_or_else(|| ConfigError("cluster mode needs --node-id".into()))?;
+    let id = integer(&node_id)?;
+    let id = u64::try_from(id)
+        .ok()
+        .filter(|&id| id >= 1)
+        .ok_or_else(|| ConfigError(format!("{} must be an integer ≥ 1", name(&node_id))))?;
+    let raft_addr = raft_addr
+        .ok_or_else(|| ConfigError("cluster mode needs --raft-addr host:port".into()))?
+        .value;
+    let (token, origin) = token.ok_or_else(|| {
+        ConfigError(
+            "cluster mode needs --raft-auth-token or --raft-auth-token-file (≥ 32 bytes)".into(),
+        )
+    })?;
+    let secret =
+        RaftSecret::new(token.into_bytes()).map_err(|e| ConfigError(format!("{origin}: {e}")))?;
+    let bootstrap = boolean(bootstrap, false)?;
+    let peers = match peers {
+        Some(raw) => parse_cluster_peers(&raw.value)
+            .map_err(|e| ConfigError(format!("{}: {e}", name(&raw))))?,
+        None if bootstrap => Vec::new(),
+        None => {
+            return Err(ConfigError(
+                "cluster mode needs --cluster-peers (or --cluster-bootstrap)".into(),
+            ));
+        }
+    };
+    if !peers.is_empty() && !peers.iter().any(|p| p.id == id) {
+        return Err(ConfigError(format!(
+            "--cluster-peers must include this node (id {id})"
+        )));
+    }
+    let mut cluster = ClusterConfig::new(id, dir.value, raft_addr, secret).with_peers(peers);
+    cluster.bootstrap = bootstrap;
+    cluster.advertise_addr = advertise.map(|raw| raw.value);
+    Ok(Some(cluster))
+}
+
+/// The first secret given, from flags (`(value, name, is a file)`) then
+/// environment variables: its value (trimmed, one line) and where it
+/// came from.
+fn secret_value(
+    flags: [(&Option<String>, &'static str, bool); 2],
+    vars: [(&'static str, bool); 2],
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<(String, &'static str)>, ConfigError> {
+    let from_flags = flags.into_iter().find_map(|(value, origin, file)| {
+        value
+            .clone()
+            .filter(|v| !v.is_empty())
+            .map(|v| (v, origin, file))
+    });
+    let found = from_flags.or_else(|| {
+        vars.into_iter()
+            .find_map(|(var, file)| env(var).map(|v| (v, var, file)))
+    });
+    let Some((value, origin, file)) = found else {
+        return Ok(None);
+    };
+    let value = if file {
+        read_token_file(&value, origin)?
+    } else {
+        value
+    };
+    let token = value.trim();
+    if token.is_empty() {
+        return Err(ConfigError(format!("{origin}: the secret is empty")));
+    }
+    if token.contains(['\r', '\n']) {
+        return Err(ConfigError(format!(
+            "{origin}: the secret must be a single line"
+        )));
+    }
+    Ok(Some((token.to_string(), origin)))
 }
 
 /// Auth token resolution (spec §6.2): `--auth-token`, `--auth-token-file`,
@@ -649,6 +830,92 @@ mod tests {
         assert!(e(&["--orphan-ttl", "5"], &[]).contains("cluster"));
         assert!(e(&["--http-port", "8080"], &[]).contains("HTTP"));
         assert!(e(&["--raft-dir", "/tmp/r"], &[]).contains("cluster"));
+    }
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn e(args: &[&str], env: &[(&str, &str)]) -> String {
+        run(args, env).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn cluster_flags_make_a_cluster_config() {
+        let settings = run(
+            &[
+                "--raft-dir",
+                "/tmp/n2",
+                "--node-id",
+                "2",
+                "--raft-addr",
+                "127.0.0.1:7002",
+                "--cluster-peers",
+                "1=127.0.0.1:7001@127.0.0.1:6388,2=127.0.0.1:7002@127.0.0.1:6389",
+            ],
+            &[("DFLOCKD_RAFT_AUTH_TOKEN", SECRET)],
+        )
+        .unwrap();
+        let cluster = settings.config.cluster.expect("cluster mode");
+        assert_eq!(cluster.node_id, 2);
+        assert_eq!(cluster.raft_addr, "127.0.0.1:7002");
+        assert_eq!(cluster.peers.len(), 2);
+        assert_eq!(cluster.peers[1].client, "127.0.0.1:6389");
+        assert!(!cluster.bootstrap);
+        let alone = run(
+            &[
+                "--raft-dir=/tmp/n1",
+                "--node-id=1",
+                "--raft-addr=127.0.0.1:7001",
+                "--cluster-bootstrap",
+                "--raft-auth-token",
+                SECRET,
+            ],
+            &[],
+        )
+        .unwrap();
+        assert!(alone.config.cluster.unwrap().bootstrap);
+    }
+
+    #[test]
+    fn cluster_flags_are_validated() {
+        let base = [
+            "--raft-dir",
+            "/tmp/n",
+            "--node-id",
+            "1",
+            "--raft-addr",
+            "127.0.0.1:7001",
+        ];
+        let with = |extra: &[&str]| -> String {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            e(&args, &[])
+        };
+        assert!(with(&["--cluster-bootstrap"]).contains("--raft-auth-token"));
+        assert!(with(&["--cluster-bootstrap", "--raft-auth-token", "short"]).contains("32"));
+        assert!(with(&["--raft-auth-token", SECRET]).contains("--cluster-peers"));
+        let peers = "2=127.0.0.1:7002@127.0.0.1:6389";
+        assert!(
+            with(&["--raft-auth-token", SECRET, "--cluster-peers", peers])
+                .contains("include this node")
+        );
+        assert!(
+            with(&["--raft-auth-token", SECRET, "--cluster-peers", "1=nope"])
+                .contains("id=raftHost")
+        );
+        let dup = "1=a:1@b:2,1=c:3@d:4";
+        assert!(with(&["--raft-auth-token", SECRET, "--cluster-peers", dup]).contains("twice"));
+        assert!(
+            with(&[
+                "--raft-auth-token",
+                SECRET,
+                "--cluster-bootstrap",
+                "--fence-state-file",
+                "/tmp/f"
+            ])
+            .contains("fence")
+        );
+        assert!(e(&["--node-id", "1"], &[]).contains("needs --raft-dir"));
+        assert!(e(&["--raft-auth-token", SECRET], &[]).contains("outside cluster mode"));
+        assert!(e(&["--raft-dir", "/tmp/n", "--node-id", "0"], &[]).contains("≥ 1"));
     }
 
     #[test]
