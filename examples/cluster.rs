@@ -19,13 +19,19 @@ use dflockd::server::{
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-/// Sends one request and reads its one-line reply.
-async fn ask(addr: SocketAddr, request: &str) -> std::io::Result<String> {
-    let mut stream = BufReader::new(TcpStream::connect(addr).await?);
+/// Sends one request on `stream` and reads its one-line reply.
+async fn request(stream: &mut BufReader<TcpStream>, request: &str) -> std::io::Result<String> {
     stream.get_mut().write_all(request.as_bytes()).await?;
     let mut line = String::new();
     stream.read_line(&mut line).await?;
     Ok(line.trim_end().to_string())
+}
+
+/// Sends one request on a new connection and reads its reply. (Closing a
+/// connection releases what it holds, as on a single server.)
+async fn ask(addr: SocketAddr, line: &str) -> std::io::Result<String> {
+    let mut stream = BufReader::new(TcpStream::connect(addr).await?);
+    request(&mut stream, line).await
 }
 
 /// The node that answers a barrier: the leader, once it serves.
@@ -99,7 +105,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .ok_or("no node")?;
     println!("cluster formed: node {} leads ({addr})", first + 1);
 
-    let granted = ask(addr, "l\nnightly-report\n0 10\n").await?;
+    // The holder keeps its connection: it dies with the leader.
+    let mut holder = BufReader::new(TcpStream::connect(addr).await?);
+    let granted = request(&mut holder, "l\nnightly-report\n0 10\n").await?;
     let token = granted
         .split_whitespace()
         .nth(1)
@@ -112,6 +120,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         node.force_close();
         node.wait().await;
     }
+    drop(holder);
     println!("node {} killed", first + 1);
     let next = leader(&nodes).await;
     let next_addr = nodes[next]
@@ -124,7 +133,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         killed_at.elapsed().as_secs_f64()
     );
 
-    let renewed = ask(next_addr, &format!("n\nnightly-report\n{token} 10\n")).await?;
+    let mut holder = BufReader::new(TcpStream::connect(next_addr).await?);
+    let renewed = request(&mut holder, &format!("n\nnightly-report\n{token} 10\n")).await?;
     println!("renewed on the new leader with the same token: {renewed}");
     let other = ask(next_addr, "l\nnightly-report\n0\n").await?;
     println!("another client asks for the lock: {other}");

@@ -159,6 +159,10 @@ pub struct Node {
     origin: tokio::time::Instant,
     /// Gone once the storage file is closed.
     storage: std::sync::Weak<redb::Database>,
+    /// How many times a node has started on this storage, this one included.
+    incarnation: u64,
+    /// The last log index in the storage when this node started.
+    startup_index: u64,
     /// Set once [`Node::stop`] ran (then a drop has nothing to stop).
     stopped: std::sync::atomic::AtomicBool,
     server: JoinHandle<()>,
@@ -232,18 +236,26 @@ impl Node {
             state_machine.observe(observer);
         }
         let view = state_machine.view();
-        let raft = Raft::new(
-            id,
-            raft_config,
-            network.clone(),
-            storage.log_store(),
-            state_machine,
-        )
-        .await
-        .map_err(|e| NodeError::Raft {
-            node: id,
-            reason: e.to_string(),
-        })?;
+        let incarnation = storage.next_incarnation()?;
+        let mut log_store = storage.log_store();
+        let startup_index = {
+            use openraft::storage::RaftLogStorage;
+            log_store
+                .get_log_state()
+                .await
+                .map_err(|e| NodeError::Raft {
+                    node: id,
+                    reason: e.to_string(),
+                })?
+                .last_log_id
+                .map_or(0, |log_id| log_id.index)
+        };
+        let raft = Raft::new(id, raft_config, network.clone(), log_store, state_machine)
+            .await
+            .map_err(|e| NodeError::Raft {
+                node: id,
+                reason: e.to_string(),
+            })?;
         let server = tokio::spawn(serve(listener, id, raft.clone(), network.secret().cloned()));
         let (proposals, queue) = mpsc::unbounded_channel();
         let origin = tokio::time::Instant::now();
@@ -256,10 +268,46 @@ impl Node {
             proposals,
             origin,
             storage: closed,
+            incarnation,
+            startup_index,
             stopped: std::sync::atomic::AtomicBool::new(false),
             server,
             proposer,
         })
+    }
+
+    /// How many times a node has started on this storage, this one
+    /// included: no two processes of this node share a number.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let node = dflockd_cluster::Node::start(1, dir.path(), listener, Default::default()).await?;
+    /// assert_eq!(node.incarnation(), 1); // a new node
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// The last log index stored when this node started: every entry this
+    /// process proposes comes after it (a node that led a term before a
+    /// restart may lead it again at once, as openraft restores a committed
+    /// vote, so the term alone does not tell whose entry it is).
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let node = dflockd_cluster::Node::start(1, dir.path(), listener, Default::default()).await?;
+    /// assert_eq!(node.startup_index(), 0); // a new node
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn startup_index(&self) -> u64 {
+        self.startup_index
     }
 
     /// This node's id.

@@ -15,6 +15,8 @@ pub(crate) const VOTE: &str = "vote";
 pub(crate) const COMMITTED: &str = "committed";
 pub(crate) const LAST_PURGED: &str = "last_purged";
 pub(crate) const SNAPSHOT: &str = "snapshot";
+/// How many times a node has started on this file.
+pub(crate) const INCARNATION: &str = "incarnation";
 
 /// Reads one META value.
 pub(crate) fn read_meta(db: &Database, name: &str) -> Result<Option<Vec<u8>>, redb::Error> {

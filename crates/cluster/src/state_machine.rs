@@ -36,14 +36,17 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
-/// Who proposed an applied entry: the leader of `term`, node `node`.
+/// Where an applied entry comes from: index `index` of the log, proposed
+/// by node `node` as the leader of `term`.
 ///
 /// ```
-/// let origin = dflockd_cluster::Origin { term: 3, node: 1 };
+/// let origin = dflockd_cluster::Origin { term: 3, node: 1, index: 42 };
 /// assert_eq!(origin.term, 3);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Origin {
+    /// The entry's log index.
+    pub index: u64,
     /// The term of the entry's leader.
     pub term: u64,
     /// The node that led that term (and proposed the entry).
@@ -320,6 +323,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     drop(table);
                     if let Some(observer) = &self.observer {
                         let origin = Origin {
+                            index: entry.log_id.index,
                             term,
                             node: entry.log_id.leader_id.node_id,
                         };

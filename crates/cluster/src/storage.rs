@@ -9,7 +9,7 @@ use redb::Database;
 use thiserror::Error;
 
 use crate::log_store::LogStore;
-use crate::records::{LOGS, META};
+use crate::records::{INCARNATION, LOGS, META, decode, encode, read_meta, write_meta};
 use crate::state_machine::StateMachine;
 
 /// Why a node's storage could not be opened.
@@ -99,6 +99,33 @@ impl Storage {
         Ok(Storage {
             db: Arc::new(db),
             path: shown,
+        })
+    }
+
+    /// Counts one more start of a node on this file and returns the count
+    /// (1 for the first), durably: every process that opens the file gets
+    /// a number no process before it had.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let storage = dflockd_cluster::Storage::open(&dir.path().join("raft.redb")).unwrap();
+    /// assert_eq!(storage.next_incarnation().unwrap(), 1);
+    /// assert_eq!(storage.next_incarnation().unwrap(), 2);
+    /// ```
+    pub fn next_incarnation(&self) -> Result<u64, StorageOpenError> {
+        let count = || -> Result<u64, redb::Error> {
+            let previous = match read_meta(&self.db, INCARNATION)? {
+                Some(bytes) => decode::<u64>(&bytes)
+                    .map_err(|e| redb::Error::Corrupted(format!("incarnation: {e}")))?,
+                None => 0,
+            };
+            let next = previous.saturating_add(1);
+            write_meta(&self.db, INCARNATION, &encode(&next))?;
+            Ok(next)
+        };
+        count().map_err(|source| StorageOpenError::Prepare {
+            path: self.path.clone(),
+            source,
         })
     }
 

@@ -173,7 +173,7 @@ struct Flags {
     /// presence turns cluster mode on [env: DFLOCKD_RAFT_DIR]
     #[arg(long)]
     raft_dir: Option<String>,
-    /// This node's id, an integer ≥ 1, stable and unique (cluster mode)
+    /// This node's id, 1–65535, stable and unique (cluster mode)
     /// [env: DFLOCKD_NODE_ID]
     #[arg(long)]
     node_id: Option<String>,
@@ -542,8 +542,13 @@ fn cluster(
     let id = integer(&node_id)?;
     let id = u64::try_from(id)
         .ok()
-        .filter(|&id| id >= 1)
-        .ok_or_else(|| ConfigError(format!("{} must be an integer ≥ 1", name(&node_id))))?;
+        .filter(|id| (1..=0xFFFF).contains(id))
+        .ok_or_else(|| {
+            ConfigError(format!(
+                "{} must be an integer from 1 to 65535",
+                name(&node_id)
+            ))
+        })?;
     let raft_addr = raft_addr
         .ok_or_else(|| ConfigError("cluster mode needs --raft-addr host:port".into()))?
         .value;
@@ -915,7 +920,8 @@ mod tests {
         );
         assert!(e(&["--node-id", "1"], &[]).contains("needs --raft-dir"));
         assert!(e(&["--raft-auth-token", SECRET], &[]).contains("outside cluster mode"));
-        assert!(e(&["--raft-dir", "/tmp/n", "--node-id", "0"], &[]).contains("≥ 1"));
+        assert!(e(&["--raft-dir", "/tmp/n", "--node-id", "0"], &[]).contains("1 to 65535"));
+        assert!(e(&["--raft-dir", "/tmp/n", "--node-id", "65536"], &[]).contains("1 to 65535"));
     }
 
     #[test]

@@ -139,7 +139,7 @@ pub fn parse_cluster_peers(list: &str) -> Result<Vec<ClusterPeer>, PeerListError
 /// ```
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
-    /// This node's id (`--node-id`): stable and unique.
+    /// This node's id (`--node-id`): stable and unique, 1–65535.
     pub node_id: u64,
     /// Where Raft keeps the log, vote and snapshots (`--raft-dir`); locked
     /// against a second process.

@@ -22,8 +22,8 @@ use dflockd_cluster::{
     ApplyObserver, BatchEffects, Committed, Network, Node, NodeOptions, Origin, ProposeError,
 };
 use dflockd_core::{
-    AcquireOutcome, ConnId, Grant, LockError, Op, Outcome, ResourceId, TableConfig, WaitOutcome,
-    Waiting,
+    AcquireOutcome, ConnId, Grant, LockError, Op, Outcome, Policy, ResourceId, TableConfig,
+    WaitOutcome, Waiting,
 };
 use dflockd_proto::{ClusterStats, Stats, Token};
 use tokio::net::TcpListener;
@@ -60,14 +60,17 @@ pub(crate) struct Regime {
 /// waiting requests of its connections, by (connection, request).
 pub(crate) struct Router {
     node: u64,
+    /// Entries up to this index were in the log when this process
+    /// started: not its own, even in a term it leads again. (Set once the
+    /// node has opened its log, before it can lead.)
+    startup_index: AtomicU64,
+    /// The terms this process has led: only their entries are its own to
+    /// route (entries replayed after a restart were routed by the process
+    /// that proposed them).
+    led: Mutex<std::collections::HashSet<u64>>,
     waiting: Mutex<HashMap<Waiting, Notify>>,
     /// Grants that reached no connection, to be released.
     undelivered: mpsc::UnboundedSender<(ResourceId, Token)>,
-}
-
-/// The term a connection id was opened under (see [`Replica::open`]).
-fn term_of(conn: ConnId) -> u64 {
-    conn.0 >> 32
 }
 
 impl Router {
@@ -83,15 +86,34 @@ impl Router {
         self.lock().retain(|to, _| to.conn != conn);
     }
 
+    /// This process leads `term` from now on.
+    fn lead(&self, term: u64) {
+        self.led
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(term);
+    }
+
+    fn has_led(&self, term: u64) -> bool {
+        self.led
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&term)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Waiting, Notify>> {
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// An entry was applied: if this node proposed it, each grant goes to
-    /// its waiting request, or (its connection gone, or opened under
-    /// another leadership) is released again.
+    /// An entry was applied: if this process proposed it, each grant goes
+    /// to its waiting request, or (its connection gone, or of another
+    /// process) is released again. Entries of other nodes, and entries
+    /// this node wrote before a restart, are not its to route.
     fn applied(&self, origin: Origin, effects: &BatchEffects) {
-        if origin.node != self.node {
+        let own = origin.node == self.node
+            && origin.index > self.startup_index.load(Ordering::Acquire)
+            && self.has_led(origin.term);
+        if !own {
             return;
         }
         let deliveries = effects
@@ -102,16 +124,17 @@ impl Router {
         let mut waiting = None;
         for delivery in deliveries {
             let waiting = waiting.get_or_insert_with(|| self.lock());
-            let notify = if term_of(delivery.to.conn) == origin.term {
-                waiting.remove(&delivery.to)
-            } else {
-                None
-            };
-            let sent = match notify {
+            let sent = match waiting.remove(&delivery.to) {
                 Some(notify) => notify.send(&delivery.resource, delivery.grant),
                 None => Err(delivery.grant),
             };
             if let Err(grant) = sent {
+                tracing::debug!(
+                    conn = delivery.to.conn.0,
+                    request = delivery.to.request,
+                    term = origin.term,
+                    "grant reached no connection: released"
+                );
                 let _ = self
                     .undelivered
                     .send((delivery.resource.clone(), grant.token));
@@ -131,6 +154,9 @@ pub(crate) struct Replica {
     clients: HashMap<u64, String>,
     regime: Mutex<Regime>,
     next_conn: AtomicU64,
+    /// This node's table rules, which it writes to the log when it takes
+    /// office (so every node applies the log under the same rules).
+    policy: Policy,
 }
 
 /// Why cluster mode could not start.
@@ -199,6 +225,12 @@ impl Replica {
                 .await
                 .map_err(bind_error)?,
         };
+        if !(1..=0xFFFF).contains(&id) {
+            return Err(ClusterStartError::Config {
+                node: id,
+                reason: "node ids are 1–65535".to_string(),
+            });
+        }
         if !config.bootstrap && !config.peers.iter().any(|p| p.id == id) {
             return Err(ClusterStartError::Config {
                 node: id,
@@ -231,6 +263,8 @@ impl Replica {
         let (undelivered, releases) = mpsc::unbounded_channel();
         let router = Arc::new(Router {
             node: id,
+            led: Mutex::new(std::collections::HashSet::new()),
+            startup_index: AtomicU64::new(u64::MAX),
             waiting: Mutex::new(HashMap::new()),
             undelivered,
         });
@@ -238,6 +272,7 @@ impl Replica {
             let router = Arc::clone(&router);
             ApplyObserver::new(move |origin, effects| router.applied(origin, effects))
         };
+        let table_rules = table;
         let options = NodeOptions {
             table,
             network,
@@ -249,6 +284,9 @@ impl Replica {
             reason: format!("cannot create {}: {e}", config.raft_dir.display()),
         })?;
         let node = Node::start_with(id, Path::new(&config.raft_dir), listener, options).await?;
+        router
+            .startup_index
+            .store(node.startup_index(), Ordering::Release);
         let seed = config.peers.iter().map(|p| p.id).min() == Some(id);
         let form = if config.bootstrap {
             Some(vec![(id, node.raft_addr())])
@@ -267,6 +305,7 @@ impl Replica {
                 ended: CancellationToken::new(),
             }),
             next_conn: AtomicU64::new(1),
+            policy: Policy::of(&table_rules),
         });
         if let Some(voters) = form {
             replica.form(voters, !config.bootstrap).await;
@@ -310,14 +349,16 @@ impl Replica {
             .clone()
     }
 
-    /// The id and regime of a new connection: the id's high 32 bits are
-    /// the term this node leads (0 if it does not lead), the low ones a
-    /// counter of this process, so ids of two leaderships never meet.
+    /// The id and regime of a new connection. Ids are unique across the
+    /// cluster's nodes and every process a node ever ran: the node id and
+    /// the node's incarnation (its count of starts) in the high 32 bits, a
+    /// counter of this process in the low ones.
     pub(crate) fn open(&self) -> (ConnId, Regime) {
         let regime = self.regime();
         let count = self.next_conn.fetch_add(1, Ordering::Relaxed) & 0xFFFF_FFFF;
-        let term = regime.leading.unwrap_or(0) & 0xFFFF_FFFF;
-        (ConnId((term << 32) | count), regime)
+        let node = self.node.id() & 0xFFFF;
+        let incarnation = self.node.incarnation() & 0xFFFF;
+        (ConnId((node << 48) | (incarnation << 32) | count), regime)
     }
 
     /// Why a command cannot be proposed now under `regime`, if it cannot.
@@ -569,7 +610,10 @@ impl Drop for ClusterLog {
         // A connection of a leadership that ended leaves its holds to their
         // leases (or re-attachment): only the node that still leads the
         // connection's term runs its disconnect.
-        if self.proposed && self.replica.refuse(self.term).is_none() {
+        // (The same term again after a moment without a quorum is another
+        // regime too: its connections were closed as the old one ended.)
+        if self.proposed && !self.ended.is_cancelled() && self.replica.refuse(self.term).is_none() {
+            tracing::debug!(conn = self.id.0, "disconnect proposed");
             let op = Op::Disconnect {
                 conn: self.id,
                 auto_release: Some(self.shared.config.auto_release_on_disconnect),
@@ -625,6 +669,13 @@ pub(crate) async fn watch_regime(replica: Arc<Replica>) {
                 .unwrap_or_else(PoisonError::into_inner);
             if regime.leading != leading {
                 tracing::info!(node = replica.node.id(), ?leading, "leadership changed");
+                if let Some(term) = leading {
+                    replica.router.lead(term);
+                    // First in this term's log, before any command of its
+                    // connections: the rules every node applies from here.
+                    let policy = Op::SetPolicy(replica.policy);
+                    replica.node.submit(Some(policy), Box::new(|_| {}));
+                }
                 regime.ended.cancel();
                 *regime = Regime {
                     leading,

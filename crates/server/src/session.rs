@@ -207,6 +207,10 @@ pub(crate) struct Session {
     withdrawing: HashMap<u64, Reply>,
     /// Grants that came before their request's answer said it queued.
     early: HashMap<u64, (ResourceId, Grant)>,
+    /// Answers still to come for requests already answered (a withdraw
+    /// that lost the race to a grant), to be dropped: the id may be in use
+    /// again by then (a plain connection's is always 0).
+    stale: HashMap<u64, usize>,
     /// The client session's name, once `stable-ref` gave it.
     stable_ref: Option<StableRef>,
     drained: bool,
@@ -233,6 +237,7 @@ impl Session {
             proposed: HashMap::new(),
             withdrawing: HashMap::new(),
             early: HashMap::new(),
+            stale: HashMap::new(),
             stable_ref: None,
             drained: false,
         }
@@ -266,7 +271,7 @@ impl Session {
 
     /// Whether answers to proposed commands are due.
     pub(crate) fn has_proposed(&self) -> bool {
-        !self.proposed.is_empty() || !self.withdrawing.is_empty()
+        !self.proposed.is_empty() || !self.withdrawing.is_empty() || !self.stale.is_empty()
     }
 
     /// Whether the session takes no request now: a plain connection's one
@@ -533,8 +538,10 @@ impl Session {
         if let Some(deadline) = waiting.deadline {
             self.timers.remove(&(deadline, request));
         }
-        // A withdraw still on its way finds the request gone.
-        self.withdrawing.remove(&request);
+        // The answer of a withdraw still on its way is not this request's.
+        if self.withdrawing.remove(&request).is_some() {
+            *self.stale.entry(request).or_default() += 1;
+        }
         let reply = match log.observe(&waiting.rid, grant) {
             Ok(Grant { token, lease }) => Reply::Granted { token, lease },
             Err(error) => error_reply(&Refusal::Lock(error)),
@@ -545,6 +552,15 @@ impl Session {
 
     /// The answer to request `request`'s proposed command came.
     pub(crate) fn handle_answer(&mut self, request: u64, answer: Answer, log: &mut impl Log) {
+        // Answers come in the order their commands were proposed: the
+        // stale ones for an id come before any for its next request.
+        if let Some(count) = self.stale.get_mut(&request) {
+            *count -= 1;
+            if *count == 0 {
+                self.stale.remove(&request);
+            }
+            return;
+        }
         if let Some(reply) = self.withdrawing.remove(&request) {
             self.withdrawn(request, reply, answer, log);
             return;

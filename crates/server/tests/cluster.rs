@@ -95,10 +95,10 @@ async fn a_lease_held_through_a_leader_kill_is_kept_and_fences_grow() {
     let mut cluster = TestCluster::start(3).await;
     let (old, mut c) = cluster.leader().await;
     let held = c.grant(b"l\nleader-job\n0 20\n").await;
-    drop(c);
-    // The holder's connection dies with the node; its hold stays (the
-    // lease, not the connection, decides).
+    // The holder's connection dies with the node (closing it first would
+    // release the lock: auto-release); its hold stays, the lease decides.
     cluster.kill(old).await;
+    drop(c);
     let (new, mut c) = cluster.leader().await;
     assert_ne!(new, old);
     // The holder renews on the new leader with its token: still held.
@@ -167,10 +167,10 @@ async fn a_cluster_restarted_from_disk_keeps_locks_and_fences() {
     let mut cluster = TestCluster::start(3).await;
     let (_, mut c) = cluster.leader().await;
     let held = c.grant(b"l\ndurable\n0 60\n").await;
-    drop(c);
     for i in 0..3 {
         cluster.kill(i).await;
     }
+    drop(c);
     for i in 0..3 {
         cluster.restart(i).await;
     }

@@ -143,6 +143,41 @@ fn a_cancel_that_overtakes_its_request_withdraws_it_once_queued() {
     assert_eq!(w.borrow().shard.table().waiter_count(), 0);
 }
 
+#[test]
+fn a_withdraw_answer_that_lost_to_a_grant_does_not_answer_the_next_request() {
+    let config = ServerConfig::ephemeral();
+    let w = deferred_world(TableConfig::default());
+    let mut a = Peer::new(&w, 1, &config);
+    let mut b = Peer::new(&w, 2, &config);
+    a.send(b"l\nk\n0\n", secs(0));
+    w.borrow_mut().commit_all();
+    let granted = a.poll(secs(0));
+    // b (plain: every request is id 0) waits 1 s; a releases; b's timeout
+    // proposes a withdraw behind the release.
+    assert_eq!(b.send(b"l\nk\n1\n", secs(0)), "");
+    w.borrow_mut().commit_all();
+    assert_eq!(b.poll(secs(0)), "");
+    a.send(
+        format!("r\nk\n{}\n", token_of(&granted)).as_bytes(),
+        secs(1),
+    );
+    assert_eq!(b.poll(secs(1)), "");
+    // The release commits (b is granted); the withdraw only later.
+    w.borrow_mut().commit(1);
+    let out = b.poll(secs(1));
+    assert!(out.starts_with("ok "), "{out}");
+    // b renews at once, as id 0 again: the withdraw's late answer
+    // ("granted meanwhile") must not answer it.
+    assert_eq!(
+        b.send(format!("n\nk\n{}\n", token_of(&out)).as_bytes(), secs(1)),
+        ""
+    );
+    w.borrow_mut().commit(1);
+    assert_eq!(b.poll(secs(1)), "");
+    w.borrow_mut().commit(1);
+    assert_eq!(b.poll(secs(1)), "ok 33\n");
+}
+
 /// One step of a random script against three sessions.
 #[derive(Debug, Clone)]
 enum Step {
