@@ -1,26 +1,33 @@
 //! The Raft log, the vote and the committed index, in the node's redb file.
 //!
-//! Every write is one redb transaction committed with an fsync
-//! (`Durability::Immediate`, redb's default) before openraft hears of it;
-//! transactions are atomic, so a crash leaves either all of an append or
-//! none of it. Writes are serialised by redb's single writer.
+//! Writes go to one writer thread per file, in order; it commits whatever
+//! has queued as one redb transaction with an fsync (`Durability::Immediate`)
+//! and only then tells openraft an append is durable, or returns from a
+//! vote, truncate or purge. Transactions are atomic, so a crash leaves
+//! either all of a write or none of it.
+//!
+//! An append returns at once: its entries are readable from memory until
+//! their transaction commits, so openraft replicates a new entry to the
+//! followers while the leader's own fsync runs (it counts the leader's copy
+//! only once the callback says it is durable). The committed index is
+//! written without an fsync: openraft uses it only to apply sooner after a
+//! restart, and learns it from the leader otherwise.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{AnyError, LogId, OptionalSend, RaftLogReader, StorageIOError, Vote};
 use redb::{Database, ReadableDatabase, ReadableTable};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::records::{
-    COMMITTED, LAST_PURGED, LOGS, META, VOTE, decode, encode, read_meta, write_meta,
-};
+use crate::records::{COMMITTED, LAST_PURGED, LOGS, META, VOTE, decode, encode, read_meta};
 use crate::{Entry, NodeId, StorageError, TypeConfig};
 
-/// The Raft log store of one node (cheap to clone: clones share the file).
+/// The Raft log store of one node (cheap to clone: clones share the file
+/// and its writer).
 ///
 /// ```
 /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -34,11 +41,179 @@ use crate::{Entry, NodeId, StorageError, TypeConfig};
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    writer: Arc<Writer>,
+}
+
+/// One write for the writer thread.
+enum Write {
+    Append {
+        entries: Vec<(LogId<NodeId>, Vec<u8>)>,
+        callback: LogFlushed<TypeConfig>,
+    },
+    /// Remove entries from this index on.
+    Truncate(u64, Done),
+    /// Remove entries up to this one, and remember it as purged.
+    Purge(LogId<NodeId>, Done),
+    /// A META value, durably.
+    Meta(&'static str, Vec<u8>, Done),
+    /// A META value that need not be durable at once.
+    Lazy(&'static str, Vec<u8>),
+}
+
+type Done = std::sync::mpsc::SyncSender<Result<(), String>>;
+
+/// The writer thread's queue, and the entries appended but not yet
+/// committed (readable meanwhile).
+pub(crate) struct Writer {
+    /// `None` once dropped (the thread then ends).
+    queue: Mutex<Option<std::sync::mpsc::Sender<Write>>>,
+    pending: Arc<Mutex<BTreeMap<u64, Entry>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Writer {
+    /// Stops the thread and waits for it: once the last log store of a
+    /// file is gone, the file can be opened again.
+    fn drop(&mut self) {
+        drop(
+            self.queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+        if let Some(thread) = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Writer {
+    /// Starts the writer thread of `db`; it ends when the last handle to
+    /// the writer is dropped.
+    pub(crate) fn start(db: Arc<Database>) -> std::io::Result<Arc<Writer>> {
+        let (queue, writes) = std::sync::mpsc::channel();
+        let pending = Arc::new(Mutex::new(BTreeMap::new()));
+        let shared = Arc::clone(&pending);
+        let thread = std::thread::Builder::new()
+            .name("dflockd-raft-log".into())
+            .spawn(move || write_loop(&db, &writes, &shared))?;
+        Ok(Arc::new(Writer {
+            queue: Mutex::new(Some(queue)),
+            pending,
+            thread: Mutex::new(Some(thread)),
+        }))
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry>> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn send(&self, write: Write) -> Result<(), String> {
+        match &*self.queue.lock().unwrap_or_else(PoisonError::into_inner) {
+            Some(queue) => queue
+                .send(write)
+                .map_err(|_| "the log writer stopped".to_string()),
+            None => Err("the log writer stopped".to_string()),
+        }
+    }
+
+    /// Queues a write and waits until it is durable.
+    fn wait(&self, write: impl FnOnce(Done) -> Write) -> Result<(), String> {
+        let (done, result) = std::sync::mpsc::sync_channel(1);
+        self.send(write(done))?;
+        result
+            .recv()
+            .map_err(|_| "the log writer stopped".to_string())?
+    }
+}
+
+/// Commits queued writes in order, each batch in one transaction.
+fn write_loop(
+    db: &Database,
+    writes: &std::sync::mpsc::Receiver<Write>,
+    pending: &Mutex<BTreeMap<u64, Entry>>,
+) {
+    while let Ok(first) = writes.recv() {
+        let mut batch = vec![first];
+        while let Ok(next) = writes.try_recv() {
+            batch.push(next);
+        }
+        let durable = batch.iter().any(|w| !matches!(w, Write::Lazy(..)));
+        let result = commit(db, &batch, durable).map_err(|e| e.to_string());
+        let written: Vec<LogId<NodeId>> = batch
+            .iter()
+            .flat_map(|w| match w {
+                Write::Append { entries, .. } => entries.iter().map(|(id, _)| *id).collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        // Committed: readable from the file now.
+        if result.is_ok() {
+            let mut pending = pending.lock().unwrap_or_else(PoisonError::into_inner);
+            for id in written {
+                if pending.get(&id.index).is_some_and(|e| e.log_id == id) {
+                    pending.remove(&id.index);
+                }
+            }
+        }
+        for write in batch {
+            match write {
+                Write::Append { callback, .. } => {
+                    callback.log_io_completed(result.clone().map_err(std::io::Error::other))
+                }
+                Write::Truncate(_, done) | Write::Purge(_, done) | Write::Meta(_, _, done) => {
+                    let _ = done.send(result.clone());
+                }
+                Write::Lazy(..) => {}
+            }
+        }
+    }
+}
+
+fn commit(db: &Database, batch: &[Write], durable: bool) -> Result<(), redb::Error> {
+    let mut txn = db.begin_write()?;
+    // No quick repair: it writes the allocator state with every commit
+    // and halved the throughput (docs/CLUSTER.md, Storage); a crash costs
+    // a full check of the file on the next start instead.
+    if !durable {
+        txn.set_durability(redb::Durability::None)
+            .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
+    }
+    {
+        let mut logs = txn.open_table(LOGS)?;
+        let mut meta = txn.open_table(META)?;
+        for write in batch {
+            match write {
+                Write::Append { entries, .. } => {
+                    for (id, bytes) in entries {
+                        logs.insert(id.index, bytes.as_slice())?;
+                    }
+                }
+                Write::Truncate(from, _) => {
+                    logs.retain_in(*from.., |_, _| false)?;
+                }
+                Write::Purge(upto, _) => {
+                    logs.retain_in(..=upto.index, |_, _| false)?;
+                    meta.insert(LAST_PURGED, encode(upto).as_slice())?;
+                }
+                Write::Meta(name, bytes, _) | Write::Lazy(name, bytes) => {
+                    meta.insert(*name, bytes.as_slice())?;
+                }
+            }
+        }
+    }
+    txn.commit()?;
+    Ok(())
 }
 
 impl LogStore {
-    pub(crate) fn new(db: Arc<Database>) -> LogStore {
-        LogStore { db }
+    pub(crate) fn new(db: Arc<Database>, writer: Arc<Writer>) -> LogStore {
+        LogStore { db, writer }
     }
 
     fn meta<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, redb::Error> {
@@ -47,61 +222,45 @@ impl LogStore {
             .transpose()
     }
 
-    fn set_meta<T: Serialize>(&self, name: &str, value: &T) -> Result<(), redb::Error> {
-        write_meta(&self.db, name, &encode(value))
-    }
-
+    /// Entries in `range`: the ones still only in memory, then the file
+    /// (in that order: an entry leaves memory only after its transaction
+    /// committed, so one is never missed between the two reads).
     fn entries(&self, range: (Bound<u64>, Bound<u64>)) -> Result<Vec<Entry>, redb::Error> {
+        let mut found: BTreeMap<u64, Entry> = self
+            .writer
+            .pending()
+            .range(range)
+            .map(|(index, entry)| (*index, entry.clone()))
+            .collect();
         let txn = self.db.begin_read()?;
         let logs = txn.open_table(LOGS)?;
-        let mut entries = Vec::new();
         for item in logs.range(range)? {
-            let (_, value) = item?;
-            entries.push(decode(value.value()).map_err(corrupt)?);
+            let (index, value) = item?;
+            if let std::collections::btree_map::Entry::Vacant(slot) = found.entry(index.value()) {
+                slot.insert(decode(value.value()).map_err(corrupt)?);
+            }
         }
-        Ok(entries)
+        Ok(found.into_values().collect())
     }
 
-    fn last_entry(&self) -> Result<Option<Entry>, redb::Error> {
+    fn last_log_id(&self) -> Result<Option<LogId<NodeId>>, redb::Error> {
+        let pending = self
+            .writer
+            .pending()
+            .last_key_value()
+            .map(|(_, entry)| entry.log_id);
+        if pending.is_some() {
+            return Ok(pending);
+        }
         let txn = self.db.begin_read()?;
         let logs = txn.open_table(LOGS)?;
         let last = logs.last()?;
-        last.map(|(_, value)| decode(value.value()).map_err(corrupt))
-            .transpose()
-    }
-
-    /// Keeps only the entries for which `keep(index)` holds, and records
-    /// `purged` as the last purged log id if given: one transaction.
-    fn remove_entries(
-        &self,
-        range: (Bound<u64>, Bound<u64>),
-        purged: Option<&LogId<NodeId>>,
-    ) -> Result<(), redb::Error> {
-        let mut txn = self.db.begin_write()?;
-        txn.set_quick_repair(true);
-        {
-            let mut logs = txn.open_table(LOGS)?;
-            logs.retain_in(range, |_, _| false)?;
-            if let Some(purged) = purged {
-                let mut meta = txn.open_table(META)?;
-                meta.insert(LAST_PURGED, encode(purged).as_slice())?;
-            }
-        }
-        txn.commit()?;
-        Ok(())
-    }
-
-    fn append_entries(&self, entries: impl IntoIterator<Item = Entry>) -> Result<(), redb::Error> {
-        let mut txn = self.db.begin_write()?;
-        txn.set_quick_repair(true);
-        {
-            let mut logs = txn.open_table(LOGS)?;
-            for entry in entries {
-                logs.insert(entry.log_id.index, encode(&entry).as_slice())?;
-            }
-        }
-        txn.commit()?;
-        Ok(())
+        last.map(|(_, value)| {
+            decode::<Entry>(value.value())
+                .map(|e| e.log_id)
+                .map_err(corrupt)
+        })
+        .transpose()
     }
 }
 
@@ -129,7 +288,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let read = || -> Result<LogState<TypeConfig>, redb::Error> {
             let last_purged: Option<LogId<NodeId>> = self.meta(LAST_PURGED)?;
             // With no entries left, the last log id is the last purged one.
-            let last = self.last_entry()?.map(|entry| entry.log_id).or(last_purged);
+            let last = self.last_log_id()?.or(last_purged);
             Ok(LogState {
                 last_purged_log_id: last_purged,
                 last_log_id: last,
@@ -143,8 +302,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
-        self.set_meta(VOTE, vote)
-            .map_err(|e| StorageIOError::write_vote(AnyError::new(&e)).into())
+        let bytes = encode(vote);
+        self.writer
+            .wait(|done| Write::Meta(VOTE, bytes, done))
+            .map_err(|e| StorageIOError::write_vote(AnyError::error(e)).into())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
@@ -156,8 +317,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         &mut self,
         committed: Option<LogId<NodeId>>,
     ) -> Result<(), StorageError> {
-        self.set_meta(COMMITTED, &committed)
-            .map_err(|e| StorageIOError::write(AnyError::new(&e)).into())
+        // Not waited for and not fsync'd by itself (see the module doc).
+        self.writer
+            .send(Write::Lazy(COMMITTED, encode(&committed)))
+            .map_err(|e| StorageIOError::write(AnyError::error(e)).into())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError> {
@@ -175,30 +338,39 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        match self.append_entries(entries) {
-            Ok(()) => {
-                // Committed with an fsync: durable before openraft is told.
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(StorageIOError::write_logs(AnyError::new(&e)).into())
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let encoded = entries.iter().map(|e| (e.log_id, encode(e))).collect();
+        {
+            let mut pending = self.writer.pending();
+            for entry in entries {
+                pending.insert(entry.log_id.index, entry);
             }
         }
+        // Durable when the callback says so, not when this returns.
+        self.writer
+            .send(Write::Append {
+                entries: encoded,
+                callback,
+            })
+            .map_err(|e| StorageIOError::write_logs(AnyError::error(e)).into())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
-        self.remove_entries((Bound::Included(log_id.index), Bound::Unbounded), None)
-            .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)).into())
+        self.writer
+            .pending()
+            .retain(|&index, _| index < log_id.index);
+        self.writer
+            .wait(|done| Write::Truncate(log_id.index, done))
+            .map_err(|e| StorageIOError::write_logs(AnyError::error(e)).into())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
-        self.remove_entries(
-            (Bound::Unbounded, Bound::Included(log_id.index)),
-            Some(&log_id),
-        )
-        .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)).into())
+        self.writer
+            .pending()
+            .retain(|&index, _| index > log_id.index);
+        self.writer
+            .wait(|done| Write::Purge(log_id, done))
+            .map_err(|e| StorageIOError::write_logs(AnyError::error(e)).into())
     }
 }
 

@@ -640,6 +640,9 @@ impl std::fmt::Debug for Node {
 /// The most commands one log entry carries.
 const MAX_BATCH: usize = 1024;
 
+/// The most entries the proposer has on their way at once.
+const IN_FLIGHT: usize = 1;
+
 /// What a failed write means for its callers.
 fn write_error(error: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ProposeError {
     match error {
@@ -682,16 +685,28 @@ impl Salts {
     }
 }
 
-/// Writes proposals to the log one entry at a time; what arrives while an
-/// entry is being committed goes into the next one. Only this task stamps
-/// times, so they grow in log order.
+/// Writes proposals to the log: what arrives while entries are being
+/// committed goes into the next entry, with at most [`IN_FLIGHT`] entries
+/// on their way at once (the log's writer thread makes entries that queue
+/// meanwhile durable with one fsync). Only this task stamps times, and it
+/// hands entries to Raft in the order it stamps them, so times grow in log
+/// order.
 async fn propose(
     raft: Raft<TypeConfig>,
     mut queue: mpsc::UnboundedReceiver<Proposal>,
     mut salts: Salts,
     origin: tokio::time::Instant,
 ) {
-    while let Some(first) = queue.recv().await {
+    use futures_util::StreamExt;
+    let mut in_flight = futures_util::stream::FuturesUnordered::new();
+    loop {
+        let first = tokio::select! {
+            first = queue.recv(), if in_flight.len() < IN_FLIGHT => match first {
+                Some(first) => first,
+                None => break,
+            },
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => continue,
+        };
         let mut proposals = vec![first];
         while proposals.len() < MAX_BATCH {
             match queue.try_recv() {
@@ -713,25 +728,50 @@ async fn propose(
                 .map(|op| Command::new(at, salts.next(), op))
                 .collect(),
         };
-        match raft.client_write(batch).await {
-            Ok(response) => {
-                let mut effects = response.data.commands.into_iter();
-                for (has_op, on_commit) in callers {
-                    let committed = if has_op {
-                        effects.next().map(Some).ok_or_else(|| {
-                            ProposeError::Failed("an entry answered too few commands".to_string())
-                        })
-                    } else {
-                        Ok(None)
-                    };
-                    on_commit(committed);
-                }
-            }
-            Err(error) => {
-                let error = write_error(error);
+        let written = match raft.client_write_ff(batch).await {
+            Ok(written) => written,
+            Err(fatal) => {
+                let error = ProposeError::Failed(fatal.to_string());
                 for (_, on_commit) in callers {
                     on_commit(Err(error.clone()));
                 }
+                continue;
+            }
+        };
+        in_flight.push(async move {
+            let result = match written.await {
+                Ok(Ok(response)) => Ok(response),
+                Ok(Err(error)) => Err(write_error(RaftError::APIError(error))),
+                Err(_) => Err(ProposeError::Failed("Raft stopped".to_string())),
+            };
+            answer(callers, result);
+        });
+    }
+    while in_flight.next().await.is_some() {}
+}
+
+/// Tells each caller of a batch its command's fate.
+fn answer(
+    callers: Vec<(bool, OnCommit)>,
+    result: Result<openraft::raft::ClientWriteResponse<TypeConfig>, ProposeError>,
+) {
+    match result {
+        Ok(response) => {
+            let mut effects = response.data.commands.into_iter();
+            for (has_op, on_commit) in callers {
+                let committed = if has_op {
+                    effects.next().map(Some).ok_or_else(|| {
+                        ProposeError::Failed("an entry answered too few commands".to_string())
+                    })
+                } else {
+                    Ok(None)
+                };
+                on_commit(committed);
+            }
+        }
+        Err(error) => {
+            for (_, on_commit) in callers {
+                on_commit(Err(error.clone()));
             }
         }
     }

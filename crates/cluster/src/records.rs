@@ -27,8 +27,7 @@ pub(crate) fn read_meta(db: &Database, name: &str) -> Result<Option<Vec<u8>>, re
 
 /// Writes one META value, durably.
 pub(crate) fn write_meta(db: &Database, name: &str, value: &[u8]) -> Result<(), redb::Error> {
-    let mut txn = db.begin_write()?;
-    txn.set_quick_repair(true);
+    let txn = db.begin_write()?;
     {
         let mut meta = txn.open_table(META)?;
         meta.insert(name, value)?;

@@ -187,8 +187,7 @@ impl StateMachine {
 /// installed, whose log has been purged since. One transaction.
 fn store_if_newer(db: &Database, snapshot: &StoredSnapshot) -> Result<(), redb::Error> {
     use redb::ReadableTable;
-    let mut txn = db.begin_write()?;
-    txn.set_quick_repair(true);
+    let txn = db.begin_write()?;
     {
         let mut meta = txn.open_table(META)?;
         let stored: Option<StoredSnapshot> = match meta.get(SNAPSHOT)? {

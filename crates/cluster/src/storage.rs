@@ -8,7 +8,7 @@ use dflockd_core::TableConfig;
 use redb::Database;
 use thiserror::Error;
 
-use crate::log_store::LogStore;
+use crate::log_store::{LogStore, Writer};
 use crate::records::{INCARNATION, LOGS, META, decode, encode, read_meta, write_meta};
 use crate::state_machine::StateMachine;
 
@@ -62,6 +62,8 @@ pub enum StorageOpenError {
 #[derive(Clone)]
 pub struct Storage {
     db: Arc<Database>,
+    /// The log's writer thread, shared by every log store of this file.
+    writer: Arc<Writer>,
     path: String,
 }
 
@@ -85,8 +87,7 @@ impl Storage {
             source,
         })?;
         let prepare = || -> Result<(), redb::Error> {
-            let mut txn = db.begin_write()?;
-            txn.set_quick_repair(true);
+            let txn = db.begin_write()?;
             txn.open_table(LOGS)?;
             txn.open_table(META)?;
             txn.commit()?;
@@ -96,8 +97,14 @@ impl Storage {
             path: shown.clone(),
             source,
         })?;
+        let db = Arc::new(db);
+        let writer = Writer::start(Arc::clone(&db)).map_err(|e| StorageOpenError::Prepare {
+            path: shown.clone(),
+            source: redb::Error::Io(e),
+        })?;
         Ok(Storage {
-            db: Arc::new(db),
+            db,
+            writer,
             path: shown,
         })
     }
@@ -138,7 +145,7 @@ impl Storage {
     /// # drop(log);
     /// ```
     pub fn log_store(&self) -> LogStore {
-        LogStore::new(Arc::clone(&self.db))
+        LogStore::new(Arc::clone(&self.db), Arc::clone(&self.writer))
     }
 
     /// The state machine, restored from the stored snapshot if there is
