@@ -39,6 +39,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let entry = Entry {
                 log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
                 payload: EntryPayload::Normal(Batch {
+                    proposer: 1 << 32,
                     office: at(Op::TakeOffice),
                     commands: vec![at(op)],
                 }),

@@ -55,20 +55,25 @@ pub type NodeId = u64;
 ///
 /// `office` is an [`Op::TakeOffice`](dflockd_core::Op::TakeOffice) at the
 /// batch's time. The state machine applies it first when the entry is the
-/// first of its term (its leader has not taken office yet): so every node,
-/// at the same place in the log, restarts the leases on the new leader's
-/// clock before that leader's first command.
+/// first of its leader's process in its term: so every node, at the same
+/// place in the log, restarts the leases on the new leader's clock before
+/// that leader's first command. `proposer` names the process (node id and
+/// incarnation, see [`Node::incarnation`]): a node restarted while it led
+/// can be restored as leader of the same term, with a new clock.
 ///
 /// ```
 /// use std::time::Duration;
 /// use dflockd_cluster::Batch;
 /// use dflockd_core::{Command, Op, Salt};
 /// let at = |op| Command::new(Duration::ZERO, Salt::new(1, 2), op);
-/// let batch = Batch { office: at(Op::TakeOffice), commands: vec![at(Op::Sweep)] };
+/// let batch = Batch { proposer: (1 << 32) | 1, office: at(Op::TakeOffice), commands: vec![at(Op::Sweep)] };
 /// assert_eq!(batch.commands.len(), 1);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Batch {
+    /// The proposing process: node id in the high 32 bits, its incarnation
+    /// in the low ones.
+    pub proposer: u64,
     /// Taking office at the batch's time, if the leader has not yet.
     pub office: Command,
     /// The commands, in order.

@@ -18,15 +18,22 @@ use crate::records::{META, SNAPSHOT, decode, encode, read_meta};
 use crate::{BatchEffects, Entry, NodeId, StorageError, TypeConfig};
 
 /// The version byte that starts a snapshot's data.
-const SNAPSHOT_VERSION: u8 = 1;
+const SNAPSHOT_VERSION: u8 = 2;
 
 /// What a snapshot holds: the table and how far the log was applied.
 #[derive(Serialize, Deserialize)]
 struct MachineState {
     last_applied: Option<LogId<NodeId>>,
-    office_term: u64,
+    office: Office,
     membership: StoredMembership<NodeId, BasicNode>,
     table: TableSnapshot,
+}
+
+/// Which leader took office last: its term and its process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Office {
+    term: u64,
+    proposer: u64,
 }
 
 /// A snapshot as the node keeps it on disk.
@@ -102,8 +109,8 @@ pub struct StateMachine {
     table: Arc<Mutex<LockTable>>,
     last_applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, BasicNode>,
-    /// The latest term whose leader has taken office in the table.
-    office_term: u64,
+    /// The latest leader (term and process) that took office in the table.
+    office: Office,
     /// Snapshots built by this process so far (part of each snapshot's id).
     built: u64,
     /// Told of each applied batch.
@@ -119,7 +126,7 @@ impl StateMachine {
             table: Arc::new(Mutex::new(LockTable::new(config))),
             last_applied: None,
             membership: StoredMembership::default(),
-            office_term: 0,
+            office: Office::default(),
             built: 0,
             observer: None,
         };
@@ -164,7 +171,7 @@ impl StateMachine {
         let state = decode_state(data)?;
         *self.lock() = LockTable::restore(&state.table).map_err(|e| e.to_string())?;
         self.last_applied = state.last_applied;
-        self.office_term = state.office_term;
+        self.office = state.office;
         self.membership = state.membership;
         Ok(())
     }
@@ -173,7 +180,7 @@ impl StateMachine {
         let mut data = vec![SNAPSHOT_VERSION];
         data.extend(encode(&MachineState {
             last_applied: self.last_applied,
-            office_term: self.office_term,
+            office: self.office,
             membership: self.membership.clone(),
             table: self.lock().snapshot(),
         }));
@@ -312,9 +319,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Normal(batch) => {
                     let term = entry.log_id.leader_id.term;
                     let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
-                    // The first entry of a term: its leader takes office.
-                    let office = (term > self.office_term).then(|| table.apply(&batch.office));
-                    self.office_term = self.office_term.max(term);
+                    // The first entry of a term's leader process: it takes
+                    // office.
+                    let leader = Office {
+                        term,
+                        proposer: batch.proposer,
+                    };
+                    let new = term > self.office.term
+                        || (term == self.office.term && batch.proposer != self.office.proposer);
+                    let office = new.then(|| table.apply(&batch.office));
+                    if new {
+                        self.office = leader;
+                    }
                     let effects = BatchEffects {
                         office,
                         commands: batch.commands.iter().map(|c| table.apply(c)).collect(),

@@ -52,6 +52,7 @@ fn acquire(conn: u64, key: &str) -> Command {
 fn batch(commands: Vec<Command>) -> Batch {
     let at = commands.first().map_or(Duration::ZERO, |c| c.at);
     Batch {
+        proposer: 1 << 32,
         office: Command::new(at, Salt::new(0xaa, 0xbb), Op::TakeOffice),
         commands,
     }
@@ -199,4 +200,54 @@ async fn an_older_snapshot_build_does_not_replace_a_newer_install() {
     old_build.build_snapshot().await.unwrap();
     let current = machine.get_current_snapshot().await.unwrap().unwrap();
     assert_eq!(current.meta.last_log_id, Some(log_id(1, 1, 5)));
+}
+
+/// A command at `secs` on the proposer's clock.
+fn at(secs: u64, op: Op) -> Command {
+    Command::new(Duration::from_secs(secs), Salt::new(secs, 3), op)
+}
+
+#[tokio::test]
+async fn a_restarted_leader_of_the_same_term_takes_office_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Storage::open(&dir.path().join("raft.redb")).unwrap();
+    let mut machine = storage.state_machine(TableConfig::default()).unwrap();
+    let hold = |conn| Op::Acquire {
+        conn: ConnId(conn),
+        resource: ResourceId::new(Namespace::Lock, Key::new("k").unwrap()),
+        limit: Limit::ONE,
+        lease: Some(dflockd_proto::Lease::new(10).unwrap()),
+        wait: None,
+    };
+    // Process A of node 1 leads term 1 with its clock at 100 s: a 10 s lease.
+    let first = Batch {
+        proposer: (1 << 32) | 1,
+        office: at(100, Op::TakeOffice),
+        commands: vec![at(100, hold(1))],
+    };
+    let answers = machine.apply([entry(1, first)]).await.unwrap();
+    assert!(granted(&answers[0], 0));
+    // Node 1 restarts (process B) and is leader of term 1 again, its clock
+    // back near 0. Its first entry takes office: the lease restarts in full
+    // on B's clock instead of looking 90 s longer (or, on a later
+    // leader's office, run out because B's times are small).
+    let second = Batch {
+        proposer: (1 << 32) | 2,
+        office: at(1, Op::TakeOffice),
+        commands: vec![at(1, Op::Sweep)],
+    };
+    let answers = machine.apply([entry(2, second)]).await.unwrap();
+    assert!(answers[0].office.is_some(), "the new process took office");
+    assert_eq!(
+        machine.view().read(|t| t.next_deadline()),
+        Some(Duration::from_secs(11))
+    );
+    // The same process again: no second office.
+    let third = Batch {
+        proposer: (1 << 32) | 2,
+        office: at(2, Op::TakeOffice),
+        commands: vec![at(2, Op::Sweep)],
+    };
+    let answers = machine.apply([entry(3, third)]).await.unwrap();
+    assert!(answers[0].office.is_none());
 }

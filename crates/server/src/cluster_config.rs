@@ -122,6 +122,57 @@ pub fn parse_cluster_peers(list: &str) -> Result<Vec<ClusterPeer>, PeerListError
     Ok(peers)
 }
 
+/// Raft's timing: how often the leader sends heartbeats, and how long a
+/// follower waits without one before it calls an election (a random time
+/// between the two bounds). Shorter timeouts fail over sooner; too short
+/// for a busy machine, and a slow heartbeat starts an election nobody
+/// needed. The same on every node.
+///
+/// ```
+/// let timing = dflockd_server::RaftTiming::default();
+/// assert!(timing.heartbeat < timing.election_min && timing.election_min < timing.election_max);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RaftTiming {
+    /// Between two heartbeats of the leader.
+    pub heartbeat: std::time::Duration,
+    /// The shortest election timeout.
+    pub election_min: std::time::Duration,
+    /// The longest election timeout; also how long a leader keeps serving
+    /// without an answer from a quorum.
+    pub election_max: std::time::Duration,
+}
+
+impl Default for RaftTiming {
+    fn default() -> RaftTiming {
+        let config = dflockd_cluster::raft_config();
+        RaftTiming {
+            heartbeat: std::time::Duration::from_millis(config.heartbeat_interval),
+            election_min: std::time::Duration::from_millis(config.election_timeout_min),
+            election_max: std::time::Duration::from_millis(config.election_timeout_max),
+        }
+    }
+}
+
+impl RaftTiming {
+    /// openraft's configuration with this timing.
+    pub(crate) fn raft_config(
+        &self,
+    ) -> Result<std::sync::Arc<dflockd_cluster::openraft::Config>, String> {
+        let millis = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let config = dflockd_cluster::openraft::Config {
+            heartbeat_interval: millis(self.heartbeat),
+            election_timeout_min: millis(self.election_min),
+            election_timeout_max: millis(self.election_max),
+            ..(*dflockd_cluster::raft_config()).clone()
+        };
+        config
+            .validate()
+            .map(std::sync::Arc::new)
+            .map_err(|e| format!("Raft timing: {e}"))
+    }
+}
+
 /// How a node runs as part of a cluster (`--raft-dir` and friends).
 ///
 /// Nodes started with the same `peers` and empty directories form one
@@ -157,6 +208,8 @@ pub struct ClusterConfig {
     /// The secret every Raft link proves on both ends
     /// (`--raft-auth-token`, ≥ 32 bytes).
     pub secret: RaftSecret,
+    /// Heartbeat and election timeouts.
+    pub timing: RaftTiming,
 }
 
 impl ClusterConfig {
@@ -182,6 +235,7 @@ impl ClusterConfig {
             advertise_addr: None,
             bootstrap: false,
             secret,
+            timing: RaftTiming::default(),
         }
     }
 

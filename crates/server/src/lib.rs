@@ -31,7 +31,9 @@ mod session;
 mod shared;
 mod tls;
 
-pub use cluster_config::{ClusterConfig, ClusterPeer, PeerListError, parse_cluster_peers};
+pub use cluster_config::{
+    ClusterConfig, ClusterPeer, PeerListError, RaftTiming, parse_cluster_peers,
+};
 pub use config::{IdlePolicy, Secret, ServerConfig};
 pub use dflockd_cluster::RaftSecret;
 

@@ -157,6 +157,8 @@ pub(crate) struct Replica {
     /// This node's table rules, which it writes to the log when it takes
     /// office (so every node applies the log under the same rules).
     policy: Policy,
+    /// How long a leader serves without an answer from a quorum.
+    stale_after: Duration,
 }
 
 /// Why cluster mode could not start.
@@ -273,11 +275,15 @@ impl Replica {
             ApplyObserver::new(move |origin, effects| router.applied(origin, effects))
         };
         let table_rules = table;
+        let raft = config
+            .timing
+            .raft_config()
+            .map_err(|reason| ClusterStartError::Config { node: id, reason })?;
         let options = NodeOptions {
             table,
+            raft,
             network,
             observer: Some(observer),
-            ..NodeOptions::default()
         };
         std::fs::create_dir_all(&config.raft_dir).map_err(|e| ClusterStartError::Config {
             node: id,
@@ -306,6 +312,7 @@ impl Replica {
             }),
             next_conn: AtomicU64::new(1),
             policy: Policy::of(&table_rules),
+            stale_after: config.timing.election_max,
         });
         if let Some(voters) = form {
             replica.form(voters, !config.bootstrap).await;
@@ -612,7 +619,11 @@ impl Drop for ClusterLog {
         // connection's term runs its disconnect.
         // (The same term again after a moment without a quorum is another
         // regime too: its connections were closed as the old one ended.)
-        if self.proposed && !self.ended.is_cancelled() && self.replica.refuse(self.term).is_none() {
+        // Nor does a connection this node closes because it is stopping
+        // (drain or kill): its client moves to another node, and the holds
+        // stay with their leases, so a rolling restart loses no lock.
+        let leaving = self.ended.is_cancelled() || self.shared.is_draining();
+        if self.proposed && !leaving && self.replica.refuse(self.term).is_none() {
             tracing::debug!(conn = self.id.0, "disconnect proposed");
             let op = Op::Disconnect {
                 conn: self.id,
@@ -629,7 +640,7 @@ impl Drop for ClusterLog {
 /// newer term; it stops serving sooner, and its connections close).
 pub(crate) async fn watch_regime(replica: Arc<Replica>) {
     let raft = replica.node.raft().clone();
-    let stale_after = Duration::from_millis(dflockd_cluster::raft_config().election_timeout_max);
+    let stale_after = replica.stale_after;
     let mut metrics = raft.metrics();
     let mut tick = tokio::time::interval(REGIME_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -138,6 +138,11 @@ impl LeaderLink {
             Ok::<_, std::io::Error>(line.trim_end().to_string())
         };
         match tokio::time::timeout(REQUEST_LIMIT, exchange).await {
+            // A node going away answers error_draining: try the others.
+            Ok(Ok(line)) if line == "error_draining" => {
+                self.conn = None;
+                Answer::Unavailable
+            }
             Ok(Ok(line)) if line.starts_with("error_not_leader") => {
                 self.conn = None;
                 if let Some(addr) = line.split_whitespace().nth(1)
