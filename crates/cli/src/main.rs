@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use dflockd_client::{Client, ServerAddr, TlsOptions};
 
 mod bench;
+mod cluster;
 mod run;
 mod stats;
 
@@ -122,6 +123,9 @@ enum Command {
     },
     /// Benchmark a server against a zero-work baseline.
     Bench(bench::BenchArgs),
+    /// Inspect a replicated dflockd cluster.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
     /// (internal) Serve canned replies: the zero-work baseline for `bench`.
     #[command(hide = true)]
     BaselineServer {
@@ -157,6 +161,7 @@ fn main() -> ExitCode {
                 }
             },
             Command::Bench(args) => bench::bench(&cli.connection, args).await,
+            Command::Cluster(command) => cluster::cluster(&cli.connection, command).await,
             Command::BaselineServer { listen } => bench::baseline_server(&listen).await,
         }
     });

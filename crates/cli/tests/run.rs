@@ -253,3 +253,47 @@ async fn fence_and_stats_subcommands() {
     let out = output(dflock(&server, &["stats"])).await;
     assert!(String::from_utf8(out.stdout).unwrap().contains("cli-stats"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_status_shows_the_leader_and_a_plain_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let raft = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let secret = dflockd_server::RaftSecret::new(vec![7; 32]).unwrap();
+    let mut cluster = dflockd_server::ClusterConfig::new(
+        1,
+        dir.path(),
+        raft.local_addr().unwrap().to_string(),
+        secret,
+    );
+    cluster.bootstrap = true;
+    let mut config = ServerConfig::ephemeral();
+    config.cluster = Some(cluster);
+    let listeners = dflockd_server::Listeners {
+        client: None,
+        raft: Some(raft),
+    };
+    let node = Server::start_with_listeners(config, listeners)
+        .await
+        .expect("node");
+    node.cluster_node()
+        .unwrap()
+        .raft()
+        .wait(Some(Duration::from_secs(10)))
+        .current_leader(1, "elected")
+        .await
+        .unwrap();
+    let plain = server().await;
+    let servers = format!("{},{}", node.local_addr(), plain.local_addr());
+    let mut cmd = Command::new(DFLOCK);
+    cmd.args(["--servers", &servers, "cluster", "status"])
+        .env_remove("DFLOCKD_SERVERS");
+    let out = output(cmd).await;
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let node_line = text
+        .lines()
+        .find(|l| l.starts_with(&node.local_addr().to_string()))
+        .expect("a line for the node");
+    assert!(node_line.contains("leader"), "{text}");
+    assert!(text.contains("not in cluster mode"), "{text}");
+}
