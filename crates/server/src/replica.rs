@@ -343,6 +343,18 @@ impl Replica {
         }
     }
 
+    /// This node stops serving: the current regime ends (its connections
+    /// close) and no later one begins.
+    pub(crate) fn retire(&self) {
+        let mut regime = self.regime.lock().unwrap_or_else(PoisonError::into_inner);
+        regime.ended.cancel();
+        *regime = Regime {
+            leading: None,
+            leader_addr: None,
+            ended: CancellationToken::new(),
+        };
+    }
+
     /// The node.
     pub(crate) fn node(&self) -> &Node {
         &self.node

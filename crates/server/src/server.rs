@@ -454,6 +454,15 @@ async fn run(
     drop(listener);
     drop(local);
     tracing::info!("draining");
+    if let Some(replica) = &shared.replica {
+        // A node that stops leaves the cluster first: while it kept Raft
+        // running it would stay leader and refuse every request until its
+        // clients were gone. Its connections close as its leadership ends
+        // and their clients go to the next leader.
+        drop(cluster_tasks);
+        replica.retire();
+        replica.node().stop().await;
+    }
     let finished = async { while connections.join_next().await.is_some() {} };
     let limit = async {
         match shared.config.shutdown_timeout {
@@ -473,10 +482,6 @@ async fn run(
         while connections.join_next().await.is_some() {}
     }
     let _ = timers.await;
-    if let Some(replica) = &shared.replica {
-        drop(cluster_tasks);
-        replica.node().stop().await;
-    }
     tracing::info!("stopped");
 }
 

@@ -181,3 +181,33 @@ async fn a_cluster_restarted_from_disk_keeps_locks_and_fences() {
     let next = c.grant(b"l\nfresh\n0\n").await;
     assert!(next.fence() > held.fence());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_loses_no_lease() {
+    let mut cluster = TestCluster::start(3).await;
+    let (_, mut holder) = cluster.leader().await;
+    let held = holder.grant(b"l\nrolling\n0 6\n").await;
+    let renew = format!("n\nrolling\n{} 6\n", held.token);
+    for i in 0..3 {
+        // Each node in turn stops as on SIGTERM and comes back; the holder
+        // renews on whichever node leads, every time.
+        cluster.stop(i).await;
+        assert_eq!(
+            cluster.ask_leader(renew.as_bytes()).await,
+            "ok 6",
+            "node {i} stopped"
+        );
+        cluster.restart(i).await;
+        let _ = cluster.leader().await;
+        assert_eq!(
+            cluster.ask_leader(renew.as_bytes()).await,
+            "ok 6",
+            "node {i} back"
+        );
+    }
+    assert_eq!(cluster.ask_leader(b"l\nrolling\n0\n").await, "timeout");
+    let next =
+        parse_grant(&cluster.ask_leader(b"l\nafter-rolling\n0\n").await, "ok").expect("granted");
+    assert!(next.fence() > held.fence());
+    drop(holder);
+}

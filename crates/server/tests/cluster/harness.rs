@@ -171,6 +171,37 @@ impl TestCluster {
         handle.wait().await;
     }
 
+    /// Stops node `i` gracefully, as SIGTERM does (drain, then stop).
+    pub async fn stop(&mut self, i: usize) {
+        let handle = self.nodes[i].take().expect("node is running");
+        handle.shutdown().await;
+    }
+
+    /// Sends `request` to whichever running node leads (following
+    /// redirects, retrying while there is none) and returns its reply.
+    pub async fn ask_leader(&self, request: &[u8]) -> String {
+        tokio::time::timeout(CLUSTER_WAIT, async {
+            loop {
+                for i in self.running() {
+                    let mut c = Client::connect(self.client_addrs[i]).await;
+                    c.send(request).await;
+                    match c.read_line_within(REPLY_TIMEOUT).await {
+                        Ok(reply)
+                            if !reply.starts_with("error_not_leader")
+                                && reply != "error_draining" =>
+                        {
+                            return reply;
+                        }
+                        _ => {}
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("a leader answers in time")
+    }
+
     /// Restarts node `i` on its directory and ports.
     pub async fn restart(&mut self, i: usize) {
         assert!(self.nodes[i].is_none(), "node {i} is running");
