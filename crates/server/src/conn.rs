@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use crate::config::IdlePolicy;
 use crate::idle::WatchGuard;
 use crate::replica::ClusterLog;
-use crate::session::{Answer, Close, Done, Log, ReadFailure, Refusal, Session};
+use crate::session::{Answer, Close, Done, Log, ReadFailure, Session, answer};
 use crate::shared::{MuxGrant, Notify, ShardSet, Shared};
 use tokio_util::sync::CancellationToken;
 
@@ -127,11 +127,6 @@ impl Log for ConnLog {
     fn is_draining(&self) -> bool {
         self.shared.is_draining()
     }
-}
-
-/// A table's outcome as a session's answer.
-pub(crate) fn answer(outcome: Result<Outcome, LockError>) -> Answer {
-    outcome.map(Some).map_err(Refusal::Lock)
 }
 
 impl Drop for ConnLog {

@@ -180,15 +180,17 @@ impl Server {
         // One fence counter and one resource cap for all shards.
         let budget = Arc::new(ResourceBudget::new(config.max_locks));
         let (replica, releases) = replica.unzip();
-        let shared = Arc::new(Shared::new(config, clock, replica, || {
+        let shared = Arc::new(Shared::new(config, clock, || {
             LockTable::sharing(table_config, mint.share(), Arc::clone(&budget))
         }));
         let (local, local_rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(listener, local_rx, Arc::clone(&shared), releases));
-        tracing::info!(addr = %local_addr, tls = shared.config.tls.is_some(), auth = shared.config.auth_token.is_some(), cluster = shared.replica.is_some(), "dflockd listening");
+        let cluster = replica.clone().zip(releases);
+        let task = tokio::spawn(run(listener, local_rx, Arc::clone(&shared), cluster));
+        tracing::info!(addr = %local_addr, tls = shared.config.tls.is_some(), auth = shared.config.auth_token.is_some(), cluster = replica.is_some(), "dflockd listening");
         Ok(ServerHandle {
             local_addr,
             shared,
+            replica,
             local,
             task: Some(task),
         })
@@ -210,6 +212,8 @@ impl Server {
 pub struct ServerHandle {
     local_addr: SocketAddr,
     shared: Arc<Shared>,
+    /// Cluster mode: this server's node.
+    replica: Option<Arc<Replica>>,
     /// In-process connections for the accept loop.
     local: mpsc::UnboundedSender<InProcess>,
     task: Option<JoinHandle<()>>,
@@ -270,7 +274,7 @@ impl ServerHandle {
     /// # Ok(()) }
     /// ```
     pub fn cluster_node(&self) -> Option<&dflockd_cluster::Node> {
-        self.shared.replica.as_ref().map(|replica| replica.node())
+        self.replica.as_ref().map(|replica| replica.node())
     }
 
     /// Starts a graceful drain, as SIGTERM does: the listener closes, blocked
@@ -373,12 +377,13 @@ async fn run(
     listener: TcpListener,
     mut local: mpsc::UnboundedReceiver<InProcess>,
     shared: Arc<Shared>,
-    releases: Option<Releases>,
+    cluster: Option<(Arc<Replica>, Releases)>,
 ) {
     let timers = tokio::spawn(timers(Arc::clone(&shared)));
+    let (replica, releases) = cluster.unzip();
     // Cluster mode's tasks, stopped when this task ends.
     let mut cluster_tasks = Vec::new();
-    if let (Some(replica), Some(releases)) = (&shared.replica, releases) {
+    if let (Some(replica), Some(releases)) = (&replica, releases) {
         let config = &shared.config;
         for task in [
             tokio::spawn(replica::watch_regime(Arc::clone(replica))),
@@ -410,7 +415,7 @@ async fn run(
                     continue;
                 };
                 let span = tracing::debug_span!("conn", id = guard.id.0, peer = "in-process");
-                let connection = serve(stream, guard.id, Arc::clone(&shared));
+                let connection = serve(stream, guard.id, Arc::clone(&shared), replica.clone());
                 let connection = async move {
                     connection.await;
                     drop(guard);
@@ -434,7 +439,7 @@ async fn run(
                 };
                 let _ = stream.set_nodelay(true);
                 let span = tracing::debug_span!("conn", id = guard.id.0, %peer);
-                let connection = handle(stream, guard, Arc::clone(&shared));
+                let connection = handle(stream, guard, Arc::clone(&shared), replica.clone());
                 // A disabled span (the log level is above debug) records
                 // nothing: the connection runs without the wrapper, which
                 // would enter and leave it on every poll.
@@ -454,7 +459,7 @@ async fn run(
     drop(listener);
     drop(local);
     tracing::info!("draining");
-    if let Some(replica) = &shared.replica {
+    if let Some(replica) = &replica {
         // A node that stops leaves the cluster first: while it kept Raft
         // running it would stay leader and refuse every request until its
         // clients were gone. Its connections close as its leadership ends
@@ -486,21 +491,31 @@ async fn run(
 }
 
 /// Serves one connection with the log of this server's mode.
-async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, id: ConnId, shared: Arc<Shared>) {
-    match &shared.replica {
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    id: ConnId,
+    shared: Arc<Shared>,
+    replica: Option<Arc<Replica>>,
+) {
+    match replica {
         None => Connection::new(stream, id, shared).serve().await,
         Some(replica) => {
             let (id, regime) = replica.open();
-            let log = ClusterLog::new(Arc::clone(replica), Arc::clone(&shared), id, regime);
+            let log = ClusterLog::new(replica, Arc::clone(&shared), id, regime);
             Connection::with_log(stream, id, shared, log).serve().await
         }
     }
 }
 
-async fn handle(stream: TcpStream, guard: ConnGuard, shared: Arc<Shared>) {
+async fn handle(
+    stream: TcpStream,
+    guard: ConnGuard,
+    shared: Arc<Shared>,
+    replica: Option<Arc<Replica>>,
+) {
     let id = guard.id;
     match shared.config.tls.clone() {
-        None => serve(stream, id, Arc::clone(&shared)).await,
+        None => serve(stream, id, Arc::clone(&shared), replica).await,
         Some(tls) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.server);
             let handshake =
@@ -519,7 +534,7 @@ async fn handle(stream: TcpStream, guard: ConnGuard, shared: Arc<Shared>) {
                 },
                 _ = shared.kill.cancelled() => return,
             };
-            serve(stream, id, Arc::clone(&shared)).await;
+            serve(stream, id, Arc::clone(&shared), replica).await;
         }
     }
     drop(guard);

@@ -58,6 +58,11 @@ impl From<LockError> for Refusal {
 /// none. `Ok(None)`: committed, with no outcome to report (a barrier).
 pub(crate) type Answer = Result<Option<Outcome>, Refusal>;
 
+/// A table's outcome as a session's answer.
+pub(crate) fn answer(outcome: Result<Outcome, LockError>) -> Answer {
+    outcome.map(Some).map_err(Refusal::Lock)
+}
+
 /// What a session applies its commands through: the single-node server's
 /// immediate log, or (in cluster mode) a replicated one. It also holds the
 /// connection's grant inbox: grants for its waiting requests, delivered

@@ -19,7 +19,6 @@ use crate::clock::TableClock;
 use crate::config::ServerConfig;
 use crate::fence::{Salts, ServerMint};
 use crate::idle::Reaper;
-use crate::replica::Replica;
 
 /// How a waiting request is woken: its grant goes to its connection's
 /// inbox, tagged with the request id.
@@ -229,8 +228,6 @@ pub(crate) struct Shared {
     pub(crate) kill: CancellationToken,
     /// Read deadlines of all connections.
     pub(crate) reaper: Arc<Reaper>,
-    /// Cluster mode: this server's node (the shards are then unused).
-    pub(crate) replica: Option<Arc<Replica>>,
 }
 
 impl Shared {
@@ -240,7 +237,6 @@ impl Shared {
     pub(crate) fn new(
         config: ServerConfig,
         clock: TableClock,
-        replica: Option<Arc<Replica>>,
         shard: impl FnMut() -> LockTable<ServerMint>,
     ) -> Shared {
         Shared {
@@ -258,7 +254,6 @@ impl Shared {
             draining: AtomicBool::new(false),
             kill: CancellationToken::new(),
             delay_started: tokio::sync::Notify::new(),
-            replica,
         }
     }
 

@@ -16,9 +16,8 @@ use dflockd_core::{
 use dflockd_proto::{FrameDecoder, Reply, Stats, Token, parse_mux_reply};
 use tokio::sync::mpsc;
 
-use super::{Answer, Close, Done, Log, Session};
+use super::{Answer, Close, Done, Log, Session, answer};
 use crate::config::ServerConfig;
-use crate::conn::answer;
 use crate::shared::{MuxGrant, Notify, Shard};
 
 /// The table and the drain flag, shared by the sessions of one test.
@@ -104,6 +103,7 @@ pub(crate) fn world(config: TableConfig) -> SharedWorld {
 }
 
 /// A world whose commands apply only when committed (see [`World::commit`]).
+#[cfg(test)]
 pub(crate) fn deferred_world(config: TableConfig) -> SharedWorld {
     let w = world(config);
     w.borrow_mut().deferred = true;
