@@ -211,3 +211,24 @@ async fn a_rolling_restart_loses_no_lease() {
     assert!(next.fence() > held.fence());
     drop(holder);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_follower_misses_nothing_once_healed() {
+    let cluster = TestCluster::start(3).await;
+    let (leader, mut c) = cluster.leader().await;
+    let follower = (0..3).find(|&i| i != leader).expect("a follower");
+    cluster.isolate(follower).await;
+    // The leader and the other follower still commit.
+    let held = c.grant(b"l\nwhile-cut-off\n0 30\n").await;
+    assert!(held.fence() > 0);
+    cluster.heal().await;
+    // Healed, the follower catches up (its own table shows the hold). Its
+    // elections while cut off may have moved the leadership (openraft 0.9
+    // has no pre-vote); whoever leads, the hold is there and releasable.
+    wait_held_on(&cluster, follower, "while-cut-off").await;
+    let release = format!("r\nwhile-cut-off\n{}\n", held.token);
+    assert_eq!(cluster.ask_leader(release.as_bytes()).await, "ok");
+    // (The holder's connection stays open until here: closing it on the
+    // leader would release the lock itself.)
+    drop(c);
+}
