@@ -36,6 +36,7 @@ mod log_store;
 mod network;
 mod node;
 mod records;
+mod salts;
 mod state_machine;
 mod storage;
 
@@ -43,6 +44,7 @@ pub use auth::{MIN_SECRET_BYTES, RaftSecret, ShortSecret};
 pub use log_store::LogStore;
 pub use network::{MAX_FRAME, Network, Peer};
 pub use node::{Committed, Node, NodeError, NodeOptions, OnCommit, ProposeError, raft_config};
+pub use salts::Salts;
 pub use state_machine::{ApplyObserver, Origin, SnapshotBuilder, StateMachine, TableView};
 pub use storage::{Storage, StorageOpenError};
 

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use dflockd_core::{Command, Effects, Op, Salt, TableConfig};
+use dflockd_core::{Command, Effects, Op, TableConfig};
 use openraft::error::{ClientWriteError, RaftError};
 use std::collections::BTreeSet;
 
@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::network::{Network, serve};
+use crate::salts::Salts;
 use crate::state_machine::{ApplyObserver, TableView};
 use crate::storage::{Storage, StorageOpenError};
 use crate::{Batch, NodeId, TypeConfig};
@@ -266,7 +267,7 @@ impl Node {
         let proposer = tokio::spawn(propose(
             raft.clone(),
             queue,
-            Salts::from_os(),
+            Salts::default(),
             origin,
             process,
         ));
@@ -662,36 +663,6 @@ fn write_error(error: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) ->
             }
         }
         other => ProposeError::Failed(other.to_string()),
-    }
-}
-
-/// Fresh salts for the commands a node proposes: a ChaCha12 CSPRNG seeded
-/// once from the OS.
-struct Salts(rand::rngs::StdRng);
-
-impl Salts {
-    fn from_os() -> Salts {
-        use rand::SeedableRng;
-        let rng =
-            rand::rngs::StdRng::try_from_rng(&mut rand::rngs::SysRng).unwrap_or_else(|error| {
-                // Never expected on a supported OS; fall back to the std
-                // library's randomly keyed hasher rather than fixed salts.
-                tracing::error!(%error, "OS random source failed; using a fallback seed");
-                use std::hash::{BuildHasher, Hasher};
-                let mut seed = [0u8; 32];
-                for chunk in seed.chunks_mut(8) {
-                    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-                    h.write_u64(0x5eed);
-                    chunk.copy_from_slice(&h.finish().to_le_bytes());
-                }
-                rand::rngs::StdRng::from_seed(seed)
-            });
-        Salts(rng)
-    }
-
-    fn next(&mut self) -> Salt {
-        use rand::Rng;
-        Salt::new(self.0.next_u64(), self.0.next_u64())
     }
 }
 

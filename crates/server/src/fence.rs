@@ -332,72 +332,9 @@ impl FenceSource for ServerMint {
     }
 }
 
-/// Salts for the commands a shard applies, from a ChaCha12 CSPRNG (`rand`'s
-/// `StdRng`) seeded once from the OS. Commands are made under the table lock; a former pool refilled from
-/// `getrandom` every 512 tokens, and that syscall inside the critical
-/// section (10–100 µs, and a point where the kernel may preempt the lock
-/// holder) showed up in the server's tail latency. The generator makes no
-/// syscall after seeding.
-pub(crate) struct Salts {
-    rng: rand::rngs::StdRng,
-}
-
-impl Default for Salts {
-    fn default() -> Self {
-        use rand::SeedableRng;
-        let rng =
-            rand::rngs::StdRng::try_from_rng(&mut rand::rngs::SysRng).unwrap_or_else(|error| {
-                // Never expected on a supported OS; seed from the std library's
-                // randomly keyed hasher rather than use fixed salts.
-                tracing::error!(%error, "OS random source failed; using a fallback seed");
-                use std::hash::{BuildHasher, Hasher};
-                let mut seed = [0u8; 32];
-                for chunk in seed.chunks_mut(8) {
-                    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-                    h.write_u64(unix_nanos());
-                    chunk.copy_from_slice(&h.finish().to_le_bytes());
-                }
-                rand::rngs::StdRng::from_seed(seed)
-            });
-        Salts { rng }
-    }
-}
-
-impl std::fmt::Debug for Salts {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The generator's state predicts future salts: never printed.
-        f.write_str("Salts(..)")
-    }
-}
-
-impl Salts {
-    /// Fresh salts for one command.
-    pub(crate) fn next(&mut self) -> dflockd_core::Salt {
-        let first = rand::Rng::next_u64(&mut self.rng);
-        dflockd_core::Salt::new(first, rand::Rng::next_u64(&mut self.rng))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn salts_are_unpredictable_per_server_and_per_token() {
-        let mut a = Salts::default();
-        let mut b = Salts::default();
-        // The salt of each command's first grant.
-        let salts_a: Vec<u64> = (0..1000).map(|i| a.next().for_grant(0, i)).collect();
-        let salts_b: Vec<u64> = (0..1000).map(|i| b.next().for_grant(0, i)).collect();
-        let distinct: std::collections::HashSet<_> = salts_a.iter().chain(&salts_b).collect();
-        assert_eq!(distinct.len(), 2000, "a salt repeated");
-        // Roughly half the bits set: not a constant or a counter.
-        let ones: u32 = salts_a.iter().map(|s| s.count_ones()).sum();
-        assert!(
-            (30_000..34_000).contains(&ones),
-            "{ones} bits set of 64,000"
-        );
-    }
 
     #[test]
     fn exhaustion_is_final_and_the_counter_never_wraps() {

@@ -17,7 +17,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::TableClock;
 use crate::config::ServerConfig;
-use crate::fence::{Salts, ServerMint};
+use dflockd_cluster::Salts;
+
+use crate::fence::ServerMint;
 use crate::idle::Reaper;
 
 /// How a waiting request is woken: its grant goes to its connection's
