@@ -243,19 +243,7 @@ pub fn load(
 
 fn resolve(flags: &Flags, env: impl Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
     let env = |name: &str| env(name).filter(|v| !v.is_empty());
-    let pick =
-        |flag: &'static str, given: &Option<String>, var: &'static str| -> Option<Raw<'static>> {
-            match given {
-                Some(value) => Some(Raw {
-                    value: value.clone(),
-                    source: Source::Flag(flag),
-                }),
-                None => env(var).map(|value| Raw {
-                    value,
-                    source: Source::Env(var),
-                }),
-            }
-        };
+    let pick = |flag, given: &Option<String>, var| pick(&env, flag, given, var);
     let defaults = ServerConfig::default();
     let mut config = ServerConfig::default();
 
@@ -444,14 +432,15 @@ fn resolve(flags: &Flags, env: impl Fn(&str) -> Option<String>) -> Result<Settin
     Ok(Settings { config, debug })
 }
 
-/// Cluster mode's settings (spec §6.5), if `--raft-dir` is given; the
-/// other cluster flags without it are an error.
-fn cluster(
-    flags: &Flags,
+/// A flag's value if given, else its environment variable's (`env` treats
+/// an empty value as unset), with where it came from.
+fn pick(
     env: &impl Fn(&str) -> Option<String>,
-    orphan_ttl: Duration,
-) -> Result<Option<ClusterConfig>, ConfigError> {
-    let pick = |flag: &'static str, given: &Option<String>, var: &'static str| match given {
+    flag: &'static str,
+    given: &Option<String>,
+    var: &'static str,
+) -> Option<Raw<'static>> {
+    match given {
         Some(value) => Some(Raw {
             value: value.clone(),
             source: Source::Flag(flag),
@@ -460,7 +449,17 @@ fn cluster(
             value,
             source: Source::Env(var),
         }),
-    };
+    }
+}
+
+/// Cluster mode's settings (spec §6.5), if `--raft-dir` is given; the
+/// other cluster flags without it are an error.
+fn cluster(
+    flags: &Flags,
+    env: &impl Fn(&str) -> Option<String>,
+    orphan_ttl: Duration,
+) -> Result<Option<ClusterConfig>, ConfigError> {
+    let pick = |flag, given: &Option<String>, var| pick(env, flag, given, var);
     let dir = pick("--raft-dir", &flags.raft_dir, "DFLOCKD_RAFT_DIR");
     let node_id = pick("--node-id", &flags.node_id, "DFLOCKD_NODE_ID");
     let raft_addr = pick("--raft-addr", &flags.raft_addr, "DFLOCKD_RAFT_ADDR");
@@ -480,6 +479,7 @@ fn cluster(
         "DFLOCKD_CLUSTER_BOOTSTRAP",
     );
     let token = secret_value(
+        "the secret",
         [
             (&flags.raft_auth_token, "--raft-auth-token", false),
             (&flags.raft_auth_token_file, "--raft-auth-token-file", true),
@@ -583,8 +583,9 @@ fn cluster(
 
 /// The first secret given, from flags (`(value, name, is a file)`) then
 /// environment variables: its value (trimmed, one line) and where it
-/// came from.
+/// came from. `what` names it in errors.
 fn secret_value(
+    what: &str,
     flags: [(&Option<String>, &'static str, bool); 2],
     vars: [(&'static str, bool); 2],
     env: &impl Fn(&str) -> Option<String>,
@@ -609,11 +610,11 @@ fn secret_value(
     };
     let token = value.trim();
     if token.is_empty() {
-        return Err(ConfigError(format!("{origin}: the secret is empty")));
+        return Err(ConfigError(format!("{origin}: {what} is empty")));
     }
     if token.contains(['\r', '\n']) {
         return Err(ConfigError(format!(
-            "{origin}: the secret must be a single line"
+            "{origin}: {what} must be a single line"
         )));
     }
     Ok(Some((token.to_string(), origin)))
@@ -626,34 +627,19 @@ fn auth_token(
     flags: &Flags,
     env: &impl Fn(&str) -> Option<String>,
 ) -> Result<Option<Secret>, ConfigError> {
-    let given = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
-    let (value, origin) = if let Some(token) = given(&flags.auth_token) {
-        (token, "--auth-token")
-    } else if let Some(path) = given(&flags.auth_token_file) {
-        (
-            read_token_file(&path, "--auth-token-file")?,
-            "--auth-token-file",
-        )
-    } else if let Some(token) = env("DFLOCKD_AUTH_TOKEN") {
-        (token, "DFLOCKD_AUTH_TOKEN")
-    } else if let Some(path) = env("DFLOCKD_AUTH_TOKEN_FILE") {
-        (
-            read_token_file(&path, "DFLOCKD_AUTH_TOKEN_FILE")?,
-            "DFLOCKD_AUTH_TOKEN_FILE",
-        )
-    } else {
-        return Ok(None);
-    };
-    let token = value.trim();
-    if token.is_empty() {
-        return Err(ConfigError(format!("{origin}: auth token is empty")));
-    }
-    if token.contains(['\r', '\n']) {
-        return Err(ConfigError(format!(
-            "{origin}: auth token must be a single line"
-        )));
-    }
-    Ok(Some(Secret::new(token)))
+    let token = secret_value(
+        "auth token",
+        [
+            (&flags.auth_token, "--auth-token", false),
+            (&flags.auth_token_file, "--auth-token-file", true),
+        ],
+        [
+            ("DFLOCKD_AUTH_TOKEN", false),
+            ("DFLOCKD_AUTH_TOKEN_FILE", true),
+        ],
+        env,
+    )?;
+    Ok(token.map(|(token, _)| Secret::new(token)))
 }
 
 fn read_token_file(path: &str, origin: &str) -> Result<String, ConfigError> {

@@ -97,15 +97,8 @@ impl Log for ConnLog {
     }
 
     fn observe(&mut self, rid: &ResourceId, grant: Grant) -> Result<Grant, LockError> {
-        let op = Op::Observe {
-            resource: rid.clone(),
-            token: grant.token,
-            lease: grant.lease,
-        };
-        match self.shared.with_shard(rid, |shard| shard.run(op))? {
-            Outcome::Observed(grant) => Ok(grant),
-            _ => Err(LockError::NotHeld),
-        }
+        self.shared
+            .with_shard(rid, |shard| shard.observe(rid, grant))
     }
 
     fn release_undelivered(&mut self, rid: &ResourceId, token: Token) {

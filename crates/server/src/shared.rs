@@ -121,6 +121,30 @@ impl<F: FenceSource> Shard<F> {
         withdrawn
     }
 
+    /// A waiting request takes its grant: its lease restarts now (see
+    /// [`Op::Observe`]).
+    pub(crate) fn observe(&mut self, rid: &ResourceId, grant: Grant) -> Result<Grant, LockError> {
+        let op = Op::Observe {
+            resource: rid.clone(),
+            token: grant.token,
+            lease: grant.lease,
+        };
+        match self.run(op)? {
+            Outcome::Observed(grant) => Ok(grant),
+            _ => Err(LockError::NotHeld),
+        }
+    }
+
+    /// Releases a grant that reached no request (see
+    /// [`Op::ReleaseUndelivered`]).
+    pub(crate) fn release_undelivered(&mut self, rid: &ResourceId, token: dflockd_proto::Token) {
+        // Answers `Released` whether or not the grant was still held.
+        let _ = self.run(Op::ReleaseUndelivered {
+            resource: rid.clone(),
+            token,
+        });
+    }
+
     /// A connection closed: its table state goes, and so do the
     /// notifications of its waiting requests.
     pub(crate) fn disconnect(&mut self, conn: ConnId, auto_release: bool) {
@@ -267,13 +291,7 @@ impl Shared {
     /// Releases a grant that reached no request (see
     /// [`Op::ReleaseUndelivered`]).
     pub(crate) fn release_undelivered(&self, rid: &ResourceId, token: dflockd_proto::Token) {
-        self.with_shard(rid, |shard| {
-            // Answers `Released` whether or not the grant was still held.
-            let _ = shard.run(Op::ReleaseUndelivered {
-                resource: rid.clone(),
-                token,
-            });
-        });
+        self.with_shard(rid, |shard| shard.release_undelivered(rid, token));
     }
 
     /// Which table holds `rid`.

@@ -205,22 +205,14 @@ impl Log for MemLog {
     }
 
     fn observe(&mut self, rid: &ResourceId, grant: Grant) -> Result<Grant, LockError> {
-        let op = Op::Observe {
-            resource: rid.clone(),
-            token: grant.token,
-            lease: grant.lease,
-        };
-        match self.world.borrow_mut().shard.run(op)? {
-            Outcome::Observed(grant) => Ok(grant),
-            _ => Err(LockError::NotHeld),
-        }
+        self.world.borrow_mut().shard.observe(rid, grant)
     }
 
     fn release_undelivered(&mut self, rid: &ResourceId, token: Token) {
-        let _ = self.world.borrow_mut().shard.run(Op::ReleaseUndelivered {
-            resource: rid.clone(),
-            token,
-        });
+        self.world
+            .borrow_mut()
+            .shard
+            .release_undelivered(rid, token);
     }
 
     fn try_grant(&mut self) -> Option<(u64, ResourceId, Grant)> {
@@ -324,10 +316,7 @@ impl Peer {
         world.commit_all();
         world.answers.remove(&self.log.id);
         while let Ok((_, rid, grant)) = self.log.inbox.try_recv() {
-            let _ = world.shard.run(Op::ReleaseUndelivered {
-                resource: rid,
-                token: grant.token,
-            });
+            world.shard.release_undelivered(&rid, grant.token);
         }
         world.shard.disconnect(self.log.id, true);
     }
