@@ -14,29 +14,7 @@ mod support;
 use dflockd_cluster::{Network, Node, NodeOptions};
 use dflockd_core::{Effects, Op};
 use dflockd_faultproxy::{Blackhole, Direction, FaultProxy, Faults};
-use support::{WAIT, acquire, granted, listeners, start_cluster};
-
-/// The leader the given nodes agree on.
-async fn agreed_leader(nodes: &[&Node]) -> u64 {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let leaders: Vec<Option<u64>> = nodes
-            .iter()
-            .map(|n| n.raft().metrics().borrow().current_leader)
-            .collect();
-        if let Some(Some(id)) = leaders.first()
-            && leaders.iter().all(|l| *l == Some(*id))
-            && nodes.iter().any(|n| n.id() == *id)
-        {
-            return *id;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no agreed leader: {leaders:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use support::{WAIT, acquire, agreed_leader, granted, listeners, start_cluster};
 
 /// Proposes on `node` until it commits (the node must lead).
 async fn commit(node: &Node, op: Op) -> Effects {

@@ -10,7 +10,9 @@ mod support;
 
 use dflockd_cluster::{Node, NodeOptions, ProposeError};
 use dflockd_core::{AcquireOutcome, Effects, Op, Outcome, TableConfig};
-use support::{WAIT, acquire, acquire_for, fence_of, listeners, rebind, start_cluster};
+use support::{
+    WAIT, acquire, acquire_for, agreed_leader, fence_of, listeners, rebind, start_cluster,
+};
 use tempfile::TempDir;
 
 struct Cluster {
@@ -31,27 +33,13 @@ async fn three_nodes_with(options: NodeOptions) -> Cluster {
 }
 
 impl Cluster {
-    /// The leader once the given live nodes agree on one that is live.
+    /// The leader once the live nodes agree on one that is live.
     async fn leader(&self) -> &Node {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let live: Vec<&Node> = self.nodes.iter().flatten().collect();
-            let leaders: Vec<Option<u64>> = live
-                .iter()
-                .map(|n| n.raft().metrics().borrow().current_leader)
-                .collect();
-            if let Some(Some(id)) = leaders.first()
-                && leaders.iter().all(|l| *l == Some(*id))
-                && let Some(node) = live.iter().find(|n| n.id() == *id)
-            {
-                return node;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no leader: {leaders:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let live: Vec<&Node> = self.nodes.iter().flatten().collect();
+        let id = agreed_leader(&live).await;
+        live.into_iter()
+            .find(|n| n.id() == id)
+            .expect("the agreed leader is live")
     }
 
     /// Proposes on the leader, following a change of leader.

@@ -15,6 +15,31 @@ use tokio::net::TcpListener;
 /// Bound for elections and replication on a busy 2-core machine.
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// The id of the leader the given nodes agree on, once one of them leads.
+/// Re-checked whenever the first node's Raft metrics change (bounded
+/// waits, so a change on another node is seen too).
+pub async fn agreed_leader(nodes: &[&Node]) -> u64 {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut changes = nodes.first().expect("at least one node").raft().metrics();
+    loop {
+        let leaders: Vec<Option<u64>> = nodes
+            .iter()
+            .map(|n| n.raft().metrics().borrow().current_leader)
+            .collect();
+        if let Some(Some(id)) = leaders.first()
+            && leaders.iter().all(|l| *l == Some(*id))
+            && nodes.iter().any(|n| n.id() == *id)
+        {
+            return *id;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no agreed leader: {leaders:?}"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(50), changes.changed()).await;
+    }
+}
+
 /// Listeners for `n` nodes on ephemeral ports.
 pub async fn listeners(n: usize) -> Vec<TcpListener> {
     let mut listeners = Vec::new();
