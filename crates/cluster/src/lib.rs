@@ -27,12 +27,14 @@ use std::io::Cursor;
 use dflockd_core::{Command, Effects};
 use serde::{Deserialize, Serialize};
 
+mod admin;
 mod auth;
 
 /// The consensus engine, re-exported: its metrics and configuration types
 /// are part of this crate's API.
 pub use openraft;
 mod log_store;
+mod member;
 mod network;
 mod node;
 mod records;
@@ -40,8 +42,10 @@ mod salts;
 mod state_machine;
 mod storage;
 
+pub use admin::{AdminError, change_membership};
 pub use auth::{MIN_SECRET_BYTES, RaftSecret, ShortSecret};
 pub use log_store::LogStore;
+pub use member::{ChangeRefused, Member, MembershipChange};
 pub use network::{MAX_FRAME, Network, Peer};
 pub use node::{Committed, Node, NodeError, NodeOptions, OnCommit, ProposeError, raft_config};
 pub use salts::Salts;
@@ -100,11 +104,12 @@ pub struct BatchEffects {
 
 openraft::declare_raft_types!(
     /// The types of dflockd's Raft: entries carry a [`Batch`], answers are
-    /// [`BatchEffects`], nodes are named by a `u64` and addressed by
-    /// [`openraft::BasicNode`], snapshots are bytes in memory.
+    /// [`BatchEffects`], nodes are named by a `u64` and described by a
+    /// [`Member`] (Raft and client addresses), snapshots are bytes in memory.
     pub TypeConfig:
         D = Batch,
         R = BatchEffects,
+        Node = Member,
 );
 
 /// A Raft log entry of dflockd's Raft.

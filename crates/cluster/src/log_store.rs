@@ -24,6 +24,7 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 use serde::de::DeserializeOwned;
 
 use crate::records::{COMMITTED, LAST_PURGED, LOGS, META, VOTE, decode, encode, read_meta};
+use crate::storage::Db;
 use crate::{Entry, NodeId, StorageError, TypeConfig};
 
 /// The Raft log store of one node (cheap to clone: clones share the file
@@ -40,7 +41,7 @@ use crate::{Entry, NodeId, StorageError, TypeConfig};
 /// ```
 #[derive(Clone)]
 pub struct LogStore {
-    db: Arc<Database>,
+    db: Arc<Db>,
     writer: Arc<Writer>,
 }
 
@@ -95,7 +96,7 @@ impl Drop for Writer {
 impl Writer {
     /// Starts the writer thread of `db`; it ends when the last handle to
     /// the writer is dropped.
-    pub(crate) fn start(db: Arc<Database>) -> std::io::Result<Arc<Writer>> {
+    pub(crate) fn start(db: Arc<Db>) -> std::io::Result<Arc<Writer>> {
         let (queue, writes) = std::sync::mpsc::channel();
         let pending = Arc::new(Mutex::new(BTreeMap::new()));
         let shared = Arc::clone(&pending);
@@ -212,7 +213,7 @@ fn commit(db: &Database, batch: &[Write], durable: bool) -> Result<(), redb::Err
 }
 
 impl LogStore {
-    pub(crate) fn new(db: Arc<Database>, writer: Arc<Writer>) -> LogStore {
+    pub(crate) fn new(db: Arc<Db>, writer: Arc<Writer>) -> LogStore {
         LogStore { db, writer }
     }
 

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use openraft::Raft;
 use openraft::error::{
     InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, Unreachable,
 };
@@ -20,13 +21,13 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::{BasicNode, Raft};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::auth::{RaftSecret, as_callee, as_caller};
+use crate::member::{self, ChangeRefused, Member, MembershipChange};
 use crate::records::{decode, encode};
 use crate::{NodeId, TypeConfig};
 
@@ -47,7 +48,11 @@ fn refused_slow() -> io::Error {
 /// ```
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 
-/// A request, addressed to one node.
+/// The `to` of a request for whichever node answers (membership changes
+/// from an operator, who knows an address, not an id).
+pub(crate) const ANY_NODE: NodeId = 0;
+
+/// A request, addressed to one node (or [`ANY_NODE`]).
 #[derive(Serialize, Deserialize)]
 struct Envelope {
     to: NodeId,
@@ -55,17 +60,25 @@ struct Envelope {
 }
 
 #[derive(Serialize, Deserialize)]
-enum Request {
+pub(crate) enum Request {
     Append(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<NodeId>),
     Snapshot(InstallSnapshotRequest<TypeConfig>),
+    /// Start an election now: the leader is stopping and this node's log
+    /// is as long as its own (a hand-over; see `Node::hand_over`).
+    Elect,
+    /// A membership change, for the leader to apply.
+    Change(MembershipChange),
 }
 
 #[derive(Serialize, Deserialize)]
-enum Response {
+pub(crate) enum Response {
     Append(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
     Snapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    /// Whether the election was started (or why not).
+    Elect(Result<(), String>),
+    Change(Result<(), ChangeRefused>),
     /// The request was for another node.
     WrongNode {
         id: NodeId,
@@ -158,14 +171,24 @@ async fn serve_connection(
     }
     loop {
         let envelope: Envelope = read_frame(&mut stream).await?;
-        let response = if envelope.to != id {
-            Response::WrongNode { id }
-        } else {
-            match envelope.request {
-                Request::Append(rpc) => Response::Append(raft.append_entries(rpc).await),
-                Request::Vote(rpc) => Response::Vote(raft.vote(rpc).await),
-                Request::Snapshot(rpc) => Response::Snapshot(raft.install_snapshot(rpc).await),
+        let response = match envelope.request {
+            Request::Change(change) if envelope.to == id || envelope.to == ANY_NODE => {
+                tracing::info!(node = id, %change, "membership change asked for");
+                let outcome = member::apply(&raft, change).await;
+                if let Err(refused) = &outcome {
+                    tracing::info!(node = id, %refused, "membership change refused");
+                }
+                Response::Change(outcome)
             }
+            _ if envelope.to != id => Response::WrongNode { id },
+            Request::Append(rpc) => Response::Append(raft.append_entries(rpc).await),
+            Request::Vote(rpc) => Response::Vote(raft.vote(rpc).await),
+            Request::Snapshot(rpc) => Response::Snapshot(raft.install_snapshot(rpc).await),
+            Request::Elect => {
+                tracing::info!(node = id, "the stopping leader hands over: electing");
+                Response::Elect(raft.trigger().elect().await.map_err(|e| e.to_string()))
+            }
+            Request::Change(_) => Response::WrongNode { id },
         };
         write_frame(&mut stream, &response).await?;
     }
@@ -181,7 +204,7 @@ async fn serve_connection(
 /// let mut network = dflockd_cluster::Network::default();
 /// network.route(2, "127.0.0.1:2".parse().unwrap());
 /// // Connects only when Raft first sends to node 2, and then to the route.
-/// let peer = network.new_client(2, &openraft::BasicNode::new("127.0.0.1:1")).await;
+/// let peer = network.new_client(2, &dflockd_cluster::Member::new("127.0.0.1:1", "")).await;
 /// assert!(format!("{peer:?}").contains("127.0.0.1:2"));
 /// # }
 /// ```
@@ -225,10 +248,9 @@ impl Network {
     }
 }
 
-impl RaftNetworkFactory<TypeConfig> for Network {
-    type Network = Peer;
-
-    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
+impl Network {
+    /// The connection to node `target` (made when first used).
+    pub(crate) fn peer(&self, target: NodeId, node: &Member) -> Peer {
         let routed = self
             .routes
             .lock()
@@ -237,10 +259,18 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             .map(SocketAddr::to_string);
         Peer {
             target,
-            addr: routed.unwrap_or_else(|| node.addr.clone()),
+            addr: routed.unwrap_or_else(|| node.raft.clone()),
             secret: self.secret.clone(),
             stream: None,
         }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Peer;
+
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> Peer {
+        self.peer(target, node)
     }
 }
 
@@ -249,7 +279,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 /// ```
 /// # #[tokio::main] async fn main() {
 /// use openraft::network::RaftNetworkFactory;
-/// let peer: dflockd_cluster::Peer = dflockd_cluster::Network::default().new_client(2, &openraft::BasicNode::new("127.0.0.1:1")).await;
+/// let peer: dflockd_cluster::Peer = dflockd_cluster::Network::default().new_client(2, &dflockd_cluster::Member::new("127.0.0.1:1", "")).await;
 /// assert!(format!("{peer:?}").contains("127.0.0.1:1"));
 /// # }
 /// ```
@@ -262,7 +292,7 @@ pub struct Peer {
 }
 
 /// Why a call to a peer failed.
-enum CallError {
+pub(crate) enum CallError {
     /// No connection could be made.
     Unreachable(io::Error),
     /// The connection failed or timed out mid-call.
@@ -272,7 +302,22 @@ enum CallError {
 }
 
 impl Peer {
-    async fn call(&mut self, request: Request, ttl: Duration) -> Result<Response, CallError> {
+    /// A connection to whichever node listens at `addr` (for requests to
+    /// [`ANY_NODE`]).
+    pub(crate) fn to_any(addr: SocketAddr, secret: Option<RaftSecret>) -> Peer {
+        Peer {
+            target: ANY_NODE,
+            addr: addr.to_string(),
+            secret,
+            stream: None,
+        }
+    }
+
+    pub(crate) async fn call(
+        &mut self,
+        request: Request,
+        ttl: Duration,
+    ) -> Result<Response, CallError> {
         let envelope = Envelope {
             to: self.target,
             request,
@@ -328,7 +373,7 @@ impl Peer {
     }
 }
 
-fn rpc_error<E: std::error::Error>(error: CallError) -> RPCError<NodeId, BasicNode, E> {
+fn rpc_error<E: std::error::Error>(error: CallError) -> RPCError<NodeId, Member, E> {
     match error {
         CallError::Unreachable(e) => RPCError::Unreachable(Unreachable::new(&e)),
         CallError::Network(e) => RPCError::Network(NetworkError::new(&e)),
@@ -337,7 +382,7 @@ fn rpc_error<E: std::error::Error>(error: CallError) -> RPCError<NodeId, BasicNo
     }
 }
 
-fn unexpected<E: std::error::Error>() -> RPCError<NodeId, BasicNode, E> {
+fn unexpected<E: std::error::Error>() -> RPCError<NodeId, Member, E> {
     let error = io::Error::new(io::ErrorKind::InvalidData, "answer of the wrong kind");
     RPCError::Network(NetworkError::new(&error))
 }
@@ -345,7 +390,7 @@ fn unexpected<E: std::error::Error>() -> RPCError<NodeId, BasicNode, E> {
 fn remote<E: std::error::Error>(
     target: NodeId,
     error: RaftError<NodeId, E>,
-) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
+) -> RPCError<NodeId, Member, RaftError<NodeId, E>> {
     RPCError::RemoteError(openraft::error::RemoteError::new(target, error))
 }
 
@@ -354,7 +399,7 @@ impl RaftNetwork<TypeConfig> for Peer {
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
         match self.call(Request::Append(rpc), option.hard_ttl()).await {
             Ok(Response::Append(Ok(response))) => Ok(response),
             Ok(Response::Append(Err(error))) => Err(remote(self.target, error)),
@@ -369,7 +414,7 @@ impl RaftNetwork<TypeConfig> for Peer {
         option: RPCOption,
     ) -> Result<
         InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+        RPCError<NodeId, Member, RaftError<NodeId, InstallSnapshotError>>,
     > {
         match self.call(Request::Snapshot(rpc), option.hard_ttl()).await {
             Ok(Response::Snapshot(Ok(response))) => Ok(response),
@@ -383,7 +428,7 @@ impl RaftNetwork<TypeConfig> for Peer {
         &mut self,
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
         match self.call(Request::Vote(rpc), option.hard_ttl()).await {
             Ok(Response::Vote(Ok(response))) => Ok(response),
             Ok(Response::Vote(Err(error))) => Err(remote(self.target, error)),

@@ -8,15 +8,14 @@ use std::sync::Arc;
 
 use dflockd_core::{Command, Effects, Op, TableConfig};
 use openraft::error::{ClientWriteError, RaftError};
-use std::collections::BTreeSet;
-
-use openraft::{BasicNode, ChangeMembers, Config, Raft};
+use openraft::{Config, Raft, ServerState};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::network::{Network, serve};
+use crate::member::{self, ChangeRefused, Member, MembershipChange};
+use crate::network::{Network, Request, Response, serve};
 use crate::salts::Salts;
 use crate::state_machine::{ApplyObserver, TableView};
 use crate::storage::{Storage, StorageOpenError};
@@ -159,10 +158,13 @@ pub struct Node {
     raft: Raft<TypeConfig>,
     view: TableView,
     raft_addr: SocketAddr,
+    network: Network,
     proposals: mpsc::UnboundedSender<Proposal>,
     origin: tokio::time::Instant,
-    /// Gone once the storage file is closed.
-    storage: std::sync::Weak<redb::Database>,
+    /// Raft's longest election timeout (and leader lease).
+    election_max: std::time::Duration,
+    /// Sees the storage file closed.
+    closed: crate::storage::Closed,
     /// How many times a node has started on this storage, this one included.
     incarnation: u64,
     /// The last log index in the storage when this node started.
@@ -170,7 +172,8 @@ pub struct Node {
     /// Set once [`Node::stop`] ran (then a drop has nothing to stop).
     stopped: std::sync::atomic::AtomicBool,
     server: JoinHandle<()>,
-    proposer: JoinHandle<()>,
+    /// Taken (and stopped) by a hand-over or a stop.
+    proposer: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Node {
@@ -234,7 +237,7 @@ impl Node {
             addr: e.to_string(),
         })?;
         let storage = Storage::open(&dir.join("raft.redb"))?;
-        let closed = storage.closed_watch();
+        let closed = storage.closed();
         let mut state_machine = storage.state_machine(table)?;
         if let Some(observer) = observer {
             state_machine.observe(observer);
@@ -254,6 +257,7 @@ impl Node {
                 .last_log_id
                 .map_or(0, |log_id| log_id.index)
         };
+        let election_max = std::time::Duration::from_millis(raft_config.election_timeout_max);
         let raft = Raft::new(id, raft_config, network.clone(), log_store, state_machine)
             .await
             .map_err(|e| NodeError::Raft {
@@ -276,14 +280,16 @@ impl Node {
             raft,
             view,
             raft_addr,
+            network,
+            election_max,
             proposals,
             origin,
-            storage: closed,
+            closed,
             incarnation,
             startup_index,
             stopped: std::sync::atomic::AtomicBool::new(false),
             server,
-            proposer,
+            proposer: std::sync::Mutex::new(Some(proposer)),
         })
     }
 
@@ -382,7 +388,8 @@ impl Node {
         &self.view
     }
 
-    /// Forms a cluster of the given voters (`id` → Raft address). Call it
+    /// Forms a cluster of the given voters (`id` → [`Member`], or just its
+    /// Raft address). Call it
     /// on one node of a new cluster; the others learn it from the leader.
     /// A node that has been initialised before refuses.
     ///
@@ -397,10 +404,13 @@ impl Node {
     /// # node.shutdown().await;
     /// # Ok(()) }
     /// ```
-    pub async fn initialize(&self, voters: &[(NodeId, SocketAddr)]) -> Result<(), NodeError> {
-        let members: std::collections::BTreeMap<NodeId, BasicNode> = voters
+    pub async fn initialize<M: Into<Member> + Clone>(
+        &self,
+        voters: &[(NodeId, M)],
+    ) -> Result<(), NodeError> {
+        let members: std::collections::BTreeMap<NodeId, Member> = voters
             .iter()
-            .map(|(id, addr)| (*id, BasicNode::new(addr.to_string())))
+            .map(|(id, member)| (*id, member.clone().into()))
             .collect();
         self.raft
             .initialize(members)
@@ -530,16 +540,13 @@ impl Node {
     /// # one.shutdown().await;
     /// # Ok(()) }
     /// ```
-    pub async fn add_voter(&self, id: NodeId, addr: SocketAddr) -> Result<(), ProposeError> {
-        self.raft
-            .add_learner(id, BasicNode::new(addr.to_string()), true)
-            .await
-            .map_err(write_error)?;
-        self.raft
-            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-            .await
-            .map_err(write_error)?;
-        Ok(())
+    pub async fn add_voter(
+        &self,
+        id: NodeId,
+        member: impl Into<Member>,
+    ) -> Result<(), ChangeRefused> {
+        let member = member.into();
+        member::apply(&self.raft, MembershipChange::AddVoter { id, member }).await
     }
 
     /// Removes node `id` from the voters (and the cluster). Call it on the
@@ -562,12 +569,140 @@ impl Node {
     /// # one.shutdown().await;
     /// # Ok(()) }
     /// ```
-    pub async fn remove_voter(&self, id: NodeId) -> Result<(), ProposeError> {
+    pub async fn remove_voter(&self, id: NodeId) -> Result<(), ChangeRefused> {
+        member::apply(&self.raft, MembershipChange::RemoveVoter { id }).await
+    }
+
+    /// Node `id` as the membership this node knows records it.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// use dflockd_cluster::Member;
+    /// let node = dflockd_cluster::Node::start(1, dir.path(), listener, Default::default()).await?;
+    /// let me = Member::new(node.raft_addr().to_string(), "127.0.0.1:6388");
+    /// node.initialize(&[(1, me.clone())]).await?;
+    /// node.raft().wait(None).current_leader(1, "elected").await?;
+    /// assert_eq!(node.member(1), Some(me));
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn member(&self, id: NodeId) -> Option<Member> {
         self.raft
-            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .cloned()
+    }
+
+    /// If this node leads, hands leadership to an up-to-date follower and
+    /// waits (at most twice the election timeout) until it has taken
+    /// over; returns the new leader. Call it after this node's proposals
+    /// have stopped, before [`stop`](Self::stop).
+    ///
+    /// openraft 0.9 has no leadership transfer, and followers refuse to
+    /// vote for a leader lease after the last heartbeat. The leader
+    /// itself has no such lease once it has led for an election timeout
+    /// (a leader newer than that waits out the rest first): so the follower whose log matches the leader's is told to stand
+    /// now, the leader's vote makes its majority in a three-node cluster,
+    /// and the cluster is led again in a round trip instead of a lease
+    /// plus an election timeout. Where that does not happen (a larger
+    /// cluster, a follower behind) the usual election follows the stop.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let node = dflockd_cluster::Node::start(1, dir.path(), listener, Default::default()).await?;
+    /// node.initialize_alone().await?;
+    /// node.raft().wait(None).current_leader(1, "elected").await?;
+    /// assert_eq!(node.hand_over().await, None); // nobody to hand over to
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub async fn hand_over(&self) -> Option<NodeId> {
+        // No entry of this node's may follow the check that the target
+        // has them all: the candidate's log must be as long as ours.
+        self.stop_proposing().await;
+        let deadline = tokio::time::Instant::now() + 2 * self.election_max;
+        let mut metrics = self.raft.metrics();
+        // A follower that has every entry of this leader's log.
+        let target = loop {
+            let now = metrics.borrow_and_update().clone();
+            if now.state != ServerState::Leader {
+                return None;
+            }
+            let last = now.last_log_index;
+            let voters: Vec<NodeId> = now.membership_config.voter_ids().collect();
+            let caught_up = now.replication.as_ref().and_then(|replication| {
+                voters.iter().copied().find(|id| {
+                    *id != self.id
+                        && replication
+                            .get(id)
+                            .and_then(|matched| matched.map(|log_id| log_id.index))
+                            == last
+                })
+            });
+            if let Some(target) = caught_up {
+                break (
+                    target,
+                    now.membership_config
+                        .membership()
+                        .get_node(&target)
+                        .cloned()?,
+                );
+            }
+            if voters.len() < 2
+                || tokio::time::timeout_at(deadline, metrics.changed())
+                    .await
+                    .map_or(true, |changed| changed.is_err())
+            {
+                return None;
+            }
+        };
+        let (target, member) = target;
+        // This node votes for the candidate only once its own leader lease
+        // (counted from when it took office) has passed.
+        let took_office = self
+            .raft
+            .with_raft_state(|state| state.vote_last_modified())
             .await
-            .map_err(write_error)?;
-        Ok(())
+            .ok()
+            .flatten();
+        if let Some(took_office) = took_office {
+            tokio::time::sleep_until(took_office + self.election_max).await;
+        }
+        let mut peer = self.network.peer(target, &member);
+        match peer.call(Request::Elect, self.election_max).await {
+            Ok(Response::Elect(Ok(()))) => {}
+            _ => {
+                tracing::info!(
+                    node = self.id,
+                    target,
+                    "hand-over refused; the cluster elects"
+                );
+                return None;
+            }
+        }
+        let taken = self.raft.wait(Some(
+            deadline.saturating_duration_since(tokio::time::Instant::now()),
+        ));
+        match taken
+            .metrics(
+                |m| m.current_leader.is_some_and(|leader| leader != self.id),
+                "handed over",
+            )
+            .await
+        {
+            Ok(now) => {
+                tracing::info!(node = self.id, leader = ?now.current_leader, "handed over");
+                now.current_leader
+            }
+            Err(_) => None,
+        }
     }
 
     /// Stops Raft, the proposer and the listener, keeping the handle
@@ -586,22 +721,39 @@ impl Node {
         self.stopped
             .store(true, std::sync::atomic::Ordering::Release);
         self.server.abort();
-        self.proposer.abort();
+        self.stop_proposing().await;
         let _ = self.raft.shutdown().await;
         self.storage_closed().await;
     }
 
-    /// Waits (a bounded time) until Raft's tasks have dropped the storage,
-    /// so that the file can be opened again (a restart in this process).
+    fn take_proposer(&self) -> Option<JoinHandle<()>> {
+        self.proposer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
+    /// Stops the proposer and waits until it has: no entry of this node's
+    /// reaches Raft afterwards (proposals queued meanwhile are dropped,
+    /// and their callers told nothing).
+    async fn stop_proposing(&self) {
+        if let Some(proposer) = self.take_proposer() {
+            proposer.abort();
+            let _ = proposer.await;
+        }
+    }
+
+    /// Waits (a bounded time) until Raft's tasks have dropped the storage
+    /// and its file is closed, so that it can be opened again (a restart
+    /// in this process).
     async fn storage_closed(&self) {
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-        while self.storage.strong_count() > 0 {
-            if tokio::time::Instant::now() >= deadline {
-                tracing::warn!(node = self.id, "the storage is still open after shutdown");
-                return;
-            }
-            // No event tells when openraft's workers have dropped it.
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        let mut closed = self.closed.clone();
+        let released = async { while closed.changed().await.is_ok() {} };
+        if tokio::time::timeout(std::time::Duration::from_secs(5), released)
+            .await
+            .is_err()
+        {
+            tracing::warn!(node = self.id, "the storage is still open after shutdown");
         }
     }
 
@@ -623,7 +775,9 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.server.abort();
-        self.proposer.abort();
+        if let Some(proposer) = self.take_proposer() {
+            proposer.abort();
+        }
         // Raft's core keeps running until it is shut down (it holds its
         // own sender): stop it, or a dropped node keeps its file locked
         // and may go on sending to its peers.
@@ -655,7 +809,7 @@ const MAX_BATCH: usize = 1024;
 const IN_FLIGHT: usize = 1;
 
 /// What a failed write means for its callers.
-fn write_error(error: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ProposeError {
+fn write_error(error: RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> ProposeError {
     match error {
         RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
             ProposeError::NotLeader {

@@ -8,24 +8,27 @@ use std::sync::{Arc, Mutex, PoisonError};
 use dflockd_core::{LockTable, TableConfig, TableSnapshot};
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{
-    AnyError, BasicNode, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, StorageIOError,
+    AnyError, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, StorageIOError,
     StoredMembership,
 };
 use redb::Database;
 use serde::{Deserialize, Serialize};
 
+use crate::member::Member;
 use crate::records::{META, SNAPSHOT, decode, encode, read_meta};
+use crate::storage::Db;
 use crate::{BatchEffects, Entry, NodeId, StorageError, TypeConfig};
 
-/// The version byte that starts a snapshot's data.
-const SNAPSHOT_VERSION: u8 = 2;
+/// The version byte that starts a snapshot's data (3: members carry their
+/// client address).
+const SNAPSHOT_VERSION: u8 = 3;
 
 /// What a snapshot holds: the table and how far the log was applied.
 #[derive(Serialize, Deserialize)]
 struct MachineState {
     last_applied: Option<LogId<NodeId>>,
     office: Office,
-    membership: StoredMembership<NodeId, BasicNode>,
+    membership: StoredMembership<NodeId, Member>,
     table: TableSnapshot,
 }
 
@@ -39,7 +42,7 @@ struct Office {
 /// A snapshot as the node keeps it on disk.
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
-    meta: SnapshotMeta<NodeId, BasicNode>,
+    meta: SnapshotMeta<NodeId, Member>,
     data: Vec<u8>,
 }
 
@@ -104,11 +107,11 @@ impl std::fmt::Debug for ApplyObserver {
 /// # Ok(()) }
 /// ```
 pub struct StateMachine {
-    db: Arc<Database>,
+    db: Arc<Db>,
     /// Shared with the node's [`TableView`]s (readers: `stats`, tests).
     table: Arc<Mutex<LockTable>>,
     last_applied: Option<LogId<NodeId>>,
-    membership: StoredMembership<NodeId, BasicNode>,
+    membership: StoredMembership<NodeId, Member>,
     /// The latest leader (term and process) that took office in the table.
     office: Office,
     /// Snapshots built by this process so far (part of each snapshot's id).
@@ -119,7 +122,7 @@ pub struct StateMachine {
 
 impl StateMachine {
     /// The state machine from the stored snapshot, or an empty one.
-    pub(crate) fn open(db: Arc<Database>, config: TableConfig) -> Result<StateMachine, String> {
+    pub(crate) fn open(db: Arc<Db>, config: TableConfig) -> Result<StateMachine, String> {
         let stored = read_meta(&db, SNAPSHOT).map_err(|e| e.to_string())?;
         let mut machine = StateMachine {
             db,
@@ -277,8 +280,8 @@ impl std::fmt::Debug for TableView {
 /// # Ok(()) }
 /// ```
 pub struct SnapshotBuilder {
-    db: Arc<Database>,
-    meta: SnapshotMeta<NodeId, BasicNode>,
+    db: Arc<Db>,
+    meta: SnapshotMeta<NodeId, Member>,
     data: Vec<u8>,
 }
 
@@ -302,7 +305,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn applied_state(
         &mut self,
-    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError> {
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, Member>), StorageError> {
         Ok((self.last_applied, self.membership.clone()))
     }
 
@@ -378,7 +381,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<NodeId, BasicNode>,
+        meta: &SnapshotMeta<NodeId, Member>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();

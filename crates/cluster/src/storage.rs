@@ -51,6 +51,25 @@ pub enum StorageOpenError {
     },
 }
 
+/// The open file, and a signal that the file has been released: the
+/// sender drops (and its receivers wake) after the database itself, as
+/// fields drop in order — unlike a count of handles, which reaches zero
+/// before the file is closed.
+pub(crate) struct Db {
+    database: Database,
+    _closed: tokio::sync::watch::Sender<()>,
+}
+
+impl std::ops::Deref for Db {
+    type Target = Database;
+    fn deref(&self) -> &Database {
+        &self.database
+    }
+}
+
+/// Resolves once a storage file has been closed (see `Storage::closed`).
+pub(crate) type Closed = tokio::sync::watch::Receiver<()>;
+
 /// A node's durable storage: one redb file, opened by one process at a
 /// time. Every write is committed with an fsync before it is acknowledged.
 ///
@@ -61,17 +80,18 @@ pub enum StorageOpenError {
 /// ```
 #[derive(Clone)]
 pub struct Storage {
-    db: Arc<Database>,
+    db: Arc<Db>,
     /// The log's writer thread, shared by every log store of this file.
     writer: Arc<Writer>,
     path: String,
 }
 
 impl Storage {
-    /// A handle that sees when the file is closed: when every part of the
-    /// storage (log store, state machine, snapshot builders) is dropped.
-    pub(crate) fn closed_watch(&self) -> std::sync::Weak<Database> {
-        Arc::downgrade(&self.db)
+    /// A handle that sees when the file is closed: once every part of the
+    /// storage (log store, state machine, snapshot builders) is dropped
+    /// and the file released (`changed()` then fails).
+    pub(crate) fn closed(&self) -> Closed {
+        self.db._closed.subscribe()
     }
 
     /// Opens (or creates) the storage file at `path`.
@@ -97,7 +117,10 @@ impl Storage {
             path: shown.clone(),
             source,
         })?;
-        let db = Arc::new(db);
+        let db = Arc::new(Db {
+            database: db,
+            _closed: tokio::sync::watch::Sender::new(()),
+        });
         let writer = Writer::start(Arc::clone(&db)).map_err(|e| StorageOpenError::Prepare {
             path: shown.clone(),
             source: redb::Error::Io(e),

@@ -422,3 +422,33 @@ async fn a_voter_is_added_and_another_removed_under_load() {
     let four = cluster.nodes[3].as_ref().unwrap();
     assert!(four.view().read(|t| t.holder_count()) > 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_leader_hands_over_to_an_up_to_date_follower() {
+    let mut cluster = three_nodes().await;
+    let first = fence_of(&cluster.propose(acquire(1, "kept")).await);
+    let old = cluster.leader().await;
+    let (old_id, old_term) = (old.id(), old.raft().metrics().borrow().current_term);
+    // Openraft's own election would wait out the followers' lease first;
+    // a hand-over is one election, won at once with the old leader's vote.
+    let new = old.hand_over().await;
+    let new = new.expect("an up-to-date follower took over");
+    assert_ne!(new, old_id);
+    let index = cluster
+        .nodes
+        .iter()
+        .position(|n| n.as_ref().is_some_and(|n| n.id() == old_id))
+        .unwrap();
+    cluster.nodes[index].take().unwrap().shutdown().await;
+    let leader = cluster.leader().await;
+    assert_eq!(leader.id(), new);
+    assert_eq!(
+        leader.raft().metrics().borrow().current_term,
+        old_term + 1,
+        "more than one election"
+    );
+    // The hold is kept and fences go on growing.
+    cluster.assert_held(2, "kept").await;
+    let next = fence_of(&cluster.propose(acquire(3, "next")).await);
+    assert!(next > first);
+}

@@ -8,6 +8,9 @@
 //!
 //! arguments: kills per timing, then timings as
 //! `heartbeat/election_min/election_max` in milliseconds. With
+//! `stop-vs-kill KILLS` instead, the shipped timing's leader is stopped
+//! gracefully (SIGTERM's path: drain, hand over, stop Raft) and killed by
+//! turns, and both windows are reported. With
 //! `stability SECONDS TIMING...` instead, each timing's cluster serves 50
 //! workers taking and releasing their own keys for that long, and the
 //! leader changes during the run are counted (none is wanted). Timings take
@@ -136,13 +139,22 @@ impl Cluster {
             .unwrap_or(0)
     }
 
-    /// Kills the leader; returns the time until an acquire is granted.
-    async fn kill_leader(&mut self, n: usize) -> Result<Duration, Box<dyn std::error::Error>> {
+    /// Kills the leader (or stops it, if `graceful`); returns the time
+    /// until an acquire is granted.
+    async fn kill_leader(
+        &mut self,
+        n: usize,
+        graceful: bool,
+    ) -> Result<Duration, Box<dyn std::error::Error>> {
         let leader = self.leader().await;
         let handle = self.nodes[leader].take().ok_or("no leader")?;
-        handle.force_close();
         let killed = Instant::now();
-        handle.wait().await;
+        let stopped = if graceful {
+            tokio::spawn(handle.shutdown())
+        } else {
+            handle.force_close();
+            tokio::spawn(handle.wait())
+        };
         let request = format!("l\nfailover-{n}\n0 5\n");
         let window = 'found: loop {
             for i in (0..3).filter(|&i| i != leader) {
@@ -154,6 +166,7 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         };
+        stopped.await?;
         let listeners = Listeners {
             client: Some(std::net::TcpListener::bind(self.clients[leader])?),
             raft: Some(std::net::TcpListener::bind(self.rafts[leader])?),
@@ -263,6 +276,38 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         return Ok(());
     }
+    if args.first().map(String::as_str) == Some("stop-vs-kill") {
+        let kills: usize = args.get(1).map(|a| a.parse()).transpose()?.unwrap_or(20);
+        let mut windows = [Vec::new(), Vec::new()];
+        let mut cluster = Cluster::start(RaftTiming::default()).await?;
+        for k in 0..2 * kills {
+            if k % (2 * KILLS_PER_ROUND) == 0 && k > 0 {
+                for node in cluster.nodes.into_iter().flatten() {
+                    node.shutdown().await;
+                }
+                cluster = Cluster::start(RaftTiming::default()).await?;
+            }
+            let _ = cluster.leader().await;
+            let graceful = k % 2 == 0;
+            windows[usize::from(graceful)].push(cluster.kill_leader(k, graceful).await?);
+        }
+        for node in cluster.nodes.into_iter().flatten() {
+            node.shutdown().await;
+        }
+        for (name, w) in ["kill -9", "SIGTERM"].into_iter().zip(windows.iter_mut()) {
+            w.sort();
+            let pick = |q: f64| w[((w.len() - 1) as f64 * q).round() as usize].as_secs_f64();
+            println!(
+                "{name}: {} times, window median {:.3} s, min {:.3} s, p90 {:.3} s, max {:.3} s",
+                w.len(),
+                pick(0.5),
+                pick(0.0),
+                pick(0.9),
+                pick(1.0)
+            );
+        }
+        return Ok(());
+    }
     let kills: usize = args.first().map(|a| a.parse()).transpose()?.unwrap_or(20);
     let timings: Vec<RaftTiming> = if args.len() > 1 {
         args[1..]
@@ -281,7 +326,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let _ = cluster.leader().await;
             for k in 0..KILLS_PER_ROUND.min(kills - round * KILLS_PER_ROUND) {
                 let before = cluster.term();
-                let window = cluster.kill_leader(round * 100 + k).await?;
+                let window = cluster.kill_leader(round * 100 + k, false).await?;
                 // One kill needs one new term (two if a vote split).
                 let after = cluster.term();
                 spurious[t] += after.saturating_sub(before).saturating_sub(1);

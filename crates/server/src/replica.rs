@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use dflockd_cluster::openraft::ServerState;
 use dflockd_cluster::{
-    ApplyObserver, BatchEffects, Committed, Network, Node, NodeOptions, Origin, ProposeError,
+    ApplyObserver, BatchEffects, Committed, Member, Network, Node, NodeOptions, Origin,
+    ProposeError,
 };
 use dflockd_core::{
     AcquireOutcome, ConnId, Grant, LockError, Op, Outcome, Policy, ResourceId, TableConfig,
@@ -261,7 +262,16 @@ impl Replica {
             .clone()
             .or_else(|| clients.get(&id).cloned())
             .unwrap_or(own_client_addr);
-        clients.insert(id, own);
+        clients.insert(id, own.clone());
+        let members = |voters: Vec<(u64, std::net::SocketAddr)>| -> Vec<(u64, Member)> {
+            voters
+                .into_iter()
+                .map(|(peer, raft)| {
+                    let client = clients.get(&peer).cloned().unwrap_or_default();
+                    (peer, Member::new(raft.to_string(), client))
+                })
+                .collect()
+        };
         let (undelivered, releases) = mpsc::unbounded_channel();
         let router = Arc::new(Router {
             node: id,
@@ -295,9 +305,9 @@ impl Replica {
             .store(node.startup_index(), Ordering::Release);
         let seed = config.peers.iter().map(|p| p.id).min() == Some(id);
         let form = if config.bootstrap {
-            Some(vec![(id, node.raft_addr())])
+            Some(members(vec![(id, node.raft_addr())]))
         } else if seed {
-            Some(voters)
+            Some(members(voters))
         } else {
             None
         };
@@ -323,7 +333,7 @@ impl Replica {
     /// Forms a cluster of `voters` if this node is pristine (after the
     /// grace period, if `wait`: a running cluster that has this node as a
     /// member reaches it by then, and then it is not pristine any more).
-    async fn form(&self, voters: Vec<(u64, std::net::SocketAddr)>, wait: bool) {
+    async fn form(&self, voters: Vec<(u64, Member)>, wait: bool) {
         let raft = self.node.raft();
         if wait {
             let found = raft
@@ -389,9 +399,15 @@ impl Replica {
         Some(Refusal::NotLeader(now.leader_addr))
     }
 
-    /// The client address of node `id`, if known.
+    /// The client address of node `id`, if known: as the membership
+    /// records it (nodes added later too), else as `--cluster-peers` says.
     fn client_addr(&self, id: Option<u64>) -> Option<String> {
-        id.and_then(|id| self.clients.get(&id).cloned())
+        let id = id?;
+        self.node
+            .member(id)
+            .map(|member| member.client)
+            .filter(|client| !client.is_empty())
+            .or_else(|| self.clients.get(&id).cloned())
     }
 
     /// What a failed proposal answers: `error_not_leader`, with the

@@ -462,10 +462,15 @@ async fn run(
     if let Some(replica) = &replica {
         // A node that stops leaves the cluster first: while it kept Raft
         // running it would stay leader and refuse every request until its
-        // clients were gone. Its connections close as its leadership ends
-        // and their clients go to the next leader.
+        // clients were gone. It stops proposing, hands leadership to an
+        // up-to-date follower if it leads (bounded), and stops Raft; its
+        // connections close and their clients go to the next leader.
         drop(cluster_tasks);
         replica.retire();
+        if !shared.kill.is_cancelled() {
+            // A crash (force_close) hands nothing over.
+            replica.node().hand_over().await;
+        }
         replica.node().stop().await;
     }
     let finished = async { while connections.join_next().await.is_some() {} };
