@@ -297,3 +297,126 @@ async fn cluster_status_shows_the_leader_and_a_plain_server() {
     assert!(node_line.contains("leader"), "{text}");
     assert!(text.contains("not in cluster mode"), "{text}");
 }
+
+/// A cluster node with id `id`, `peers` as (id, raft listener address,
+/// client address); it forms a cluster alone if `bootstrap`.
+async fn cluster_node(
+    id: u64,
+    dir: &std::path::Path,
+    raft: std::net::TcpListener,
+    client: std::net::TcpListener,
+    peers: &[(u64, String, String)],
+    bootstrap: bool,
+) -> ServerHandle {
+    let secret = dflockd_server::RaftSecret::new(vec![7; 32]).unwrap();
+    let mut cluster =
+        dflockd_server::ClusterConfig::new(id, dir, raft.local_addr().unwrap().to_string(), secret)
+            .with_peers(
+                peers
+                    .iter()
+                    .map(|(id, raft, client)| dflockd_server::ClusterPeer {
+                        id: *id,
+                        raft: raft.clone(),
+                        client: client.clone(),
+                    })
+                    .collect(),
+            );
+    cluster.bootstrap = bootstrap;
+    let mut config = ServerConfig::ephemeral();
+    config.cluster = Some(cluster);
+    let listeners = dflockd_server::Listeners {
+        client: Some(client),
+        raft: Some(raft),
+    };
+    Server::start_with_listeners(config, listeners)
+        .await
+        .expect("node")
+}
+
+fn voters(node: &ServerHandle) -> Vec<u64> {
+    let metrics = node
+        .cluster_node()
+        .unwrap()
+        .raft()
+        .metrics()
+        .borrow()
+        .clone();
+    metrics.membership_config.voter_ids().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_add_and_remove_change_the_voters() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (raft1, raft2, client1, client2) = (bind(), bind(), bind(), bind());
+    let addr = |l: &std::net::TcpListener| l.local_addr().unwrap().to_string();
+    let peers = [
+        (1, addr(&raft1), addr(&client1)),
+        (2, addr(&raft2), addr(&client2)),
+    ];
+    let one = cluster_node(1, dirs[0].path(), raft1, client1, &peers[..1], true).await;
+    one.cluster_node()
+        .unwrap()
+        .raft()
+        .wait(Some(Duration::from_secs(10)))
+        .current_leader(1, "elected")
+        .await
+        .unwrap();
+    // Node 2 starts empty; node 1, the lowest id, is the seed: 2 waits.
+    let two = cluster_node(2, dirs[1].path(), raft2, client2, &peers, false).await;
+    let secret_file = dirs[0].path().join("raft-secret");
+    std::fs::write(&secret_file, [b'\x07'; 32]).unwrap();
+    let admin = |args: &[&str]| {
+        let mut cmd = Command::new(DFLOCK);
+        cmd.args(["cluster"])
+            .args(args)
+            .env_remove("DFLOCKD_RAFT_AUTH_TOKEN")
+            .env_remove("DFLOCKD_RAFT_ADDR")
+            .env("DFLOCKD_RAFT_AUTH_TOKEN_FILE", &secret_file);
+        cmd
+    };
+    let node2 = format!("2={}@{}", peers[1].1, peers[1].2);
+    // A wrong secret is refused; a malformed node is a usage error.
+    let mut wrong = admin(&["add", &node2, "--via", &peers[0].1]);
+    wrong.env("DFLOCKD_RAFT_AUTH_TOKEN", "x".repeat(32));
+    let out = output(wrong).await;
+    assert_eq!(out.status.code(), Some(69), "{out:?}");
+    let out = output(admin(&["add", "2=nowhere", "--via", &peers[0].1])).await;
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("id=raftHost"));
+    assert_eq!(voters(&one), [1]);
+
+    let out = output(admin(&["add", &node2, "--via", &peers[0].1])).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(voters(&one), [1, 2]);
+    // Node 2 learnt the membership (and node 1's client address) from
+    // the log: it redirects to the leader.
+    two.cluster_node()
+        .unwrap()
+        .raft()
+        .wait(Some(Duration::from_secs(10)))
+        .voter_ids([1, 2], "node 2 knows it votes")
+        .await
+        .unwrap();
+    let mut stream = tokio::net::TcpStream::connect(two.local_addr())
+        .await
+        .unwrap();
+    let redirect = {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        stream.write_all(b"l\nk\n0\n").await.unwrap();
+        let mut line = String::new();
+        tokio::io::BufReader::new(stream)
+            .read_line(&mut line)
+            .await
+            .unwrap();
+        line
+    };
+    assert_eq!(redirect, format!("error_not_leader {}\n", peers[0].2));
+
+    // Removal asked of the follower goes on to the leader.
+    let out = output(admin(&["remove", "2", "--via", &peers[1].1])).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(voters(&one), [1]);
+    two.shutdown().await;
+    one.shutdown().await;
+}
