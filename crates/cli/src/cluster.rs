@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use dflockd_cluster::{Member, MembershipChange, NodeId, RaftSecret, change_membership};
+use dflockd_cluster::{
+    Member, MembershipChange, Network, NodeId, RaftSecret, RaftTls, change_membership,
+};
 
 use crate::{ConnectionArgs, exit};
 
@@ -48,6 +50,15 @@ pub struct AdminArgs {
     /// File holding the cluster's Raft secret.
     #[arg(long, env = "DFLOCKD_RAFT_AUTH_TOKEN_FILE")]
     raft_auth_token_file: Option<String>,
+    /// With Raft mutual TLS: a certificate of the cluster's CA to present.
+    #[arg(long, env = "DFLOCKD_RAFT_TLS_CERT", requires_all = ["raft_tls_key", "raft_tls_ca"])]
+    raft_tls_cert: Option<String>,
+    /// Its private key.
+    #[arg(long, env = "DFLOCKD_RAFT_TLS_KEY", requires_all = ["raft_tls_cert", "raft_tls_ca"])]
+    raft_tls_key: Option<String>,
+    /// The cluster's CA.
+    #[arg(long, env = "DFLOCKD_RAFT_TLS_CA", requires_all = ["raft_tls_cert", "raft_tls_key"])]
+    raft_tls_ca: Option<String>,
     /// How long the change may take (adding waits for the new node to
     /// catch up), in seconds.
     #[arg(long, default_value_t = 60.0)]
@@ -124,22 +135,30 @@ async fn parse_node(spec: &str) -> Result<(NodeId, Member), UsageError> {
 async fn change(change: Result<MembershipChange, UsageError>, admin: &AdminArgs) -> u8 {
     let prepared = async {
         let change = change?;
-        let secret = secret(admin)?;
+        let mut network = Network::with_secret(secret(admin)?);
+        if let (Some(cert), Some(key), Some(ca)) = (
+            &admin.raft_tls_cert,
+            &admin.raft_tls_key,
+            &admin.raft_tls_ca,
+        ) {
+            let tls = RaftTls::from_pem_files(cert, key, ca).map_err(|e| invalid(e.to_string()))?;
+            network = network.with_tls(tls);
+        }
         let via = resolve("--via", &admin.via).await?;
         let wait = Duration::try_from_secs_f64(admin.wait)
             .ok()
             .filter(|wait| !wait.is_zero())
             .ok_or_else(|| invalid(format!("--wait {}: seconds above 0", admin.wait)))?;
-        Ok::<_, UsageError>((change, secret, via, wait))
+        Ok::<_, UsageError>((change, network, via, wait))
     };
-    let (change, secret, via, wait) = match prepared.await {
+    let (change, network, via, wait) = match prepared.await {
         Ok(prepared) => prepared,
         Err(error) => {
             eprintln!("dflock: {error}");
             return exit::USAGE;
         }
     };
-    match change_membership(via, Some(&secret), change.clone(), wait).await {
+    match change_membership(via, &network, change.clone(), wait).await {
         Ok(()) => {
             println!("{change}: done");
             0

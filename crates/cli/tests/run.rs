@@ -372,6 +372,9 @@ async fn cluster_add_and_remove_change_the_voters() {
             .args(args)
             .env_remove("DFLOCKD_RAFT_AUTH_TOKEN")
             .env_remove("DFLOCKD_RAFT_ADDR")
+            .env_remove("DFLOCKD_RAFT_TLS_CERT")
+            .env_remove("DFLOCKD_RAFT_TLS_KEY")
+            .env_remove("DFLOCKD_RAFT_TLS_CA")
             .env("DFLOCKD_RAFT_AUTH_TOKEN_FILE", &secret_file);
         cmd
     };

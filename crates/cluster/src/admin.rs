@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::auth::RaftSecret;
 use crate::member::{ChangeRefused, MembershipChange};
-use crate::network::{CallError, Peer, Request, Response};
+use crate::network::{CallError, Network, Peer, Request, Response};
 
 /// How many leaders a change follows before giving up (a leader that
 /// moves while the change travels is sent on once or twice, no more).
@@ -50,27 +49,29 @@ pub enum AdminError {
 }
 
 /// Asks the cluster of the node listening at `addr` (its Raft address) to
-/// make `change`, going on to the leader when that node does not lead.
+/// make `change`, going on to the leader when that node does not lead;
+/// links are secured as `network`'s (the cluster secret, TLS).
 /// Returns once the change has committed; adding a voter waits until the
 /// new node has caught up with the log. `within` bounds each node's part.
 ///
 /// ```no_run
 /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
-/// use dflockd_cluster::{Member, MembershipChange, RaftSecret, change_membership};
+/// use dflockd_cluster::{Member, MembershipChange, Network, RaftSecret, change_membership};
 /// let secret = RaftSecret::new(std::fs::read("/etc/dflockd/raft-secret")?)?;
 /// let add = MembershipChange::AddVoter { id: 4, member: Member::new("10.0.0.4:7004", "10.0.0.4:6388") };
-/// change_membership("10.0.0.1:7001".parse()?, Some(&secret), add, std::time::Duration::from_secs(60)).await?;
+/// let network = Network::with_secret(secret);
+/// change_membership("10.0.0.1:7001".parse()?, &network, add, std::time::Duration::from_secs(60)).await?;
 /// # Ok(()) }
 /// ```
 pub async fn change_membership(
     addr: SocketAddr,
-    secret: Option<&RaftSecret>,
+    network: &Network,
     change: MembershipChange,
     within: Duration,
 ) -> Result<(), AdminError> {
     let mut addr = addr;
     for _ in 0..=MAX_REDIRECTS {
-        let mut peer = Peer::to_any(addr, secret.cloned());
+        let mut peer = Peer::to_any(addr, network);
         let reason = match peer.call(Request::Change(change.clone()), within).await {
             Ok(Response::Change(Ok(()))) => return Ok(()),
             Ok(Response::Change(Err(ChangeRefused::NotLeader {

@@ -14,8 +14,7 @@ use std::io;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The cluster's shared secret for Raft links: at least
 /// [`MIN_SECRET_BYTES`] bytes. Never printed.
@@ -97,9 +96,13 @@ fn refused(what: &str) -> io::Error {
 }
 
 /// The calling side: proves itself and checks the callee.
-pub(crate) async fn as_caller(stream: &mut TcpStream, secret: &RaftSecret) -> io::Result<()> {
+pub(crate) async fn as_caller<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
+    stream: &mut S,
+    secret: &RaftSecret,
+) -> io::Result<()> {
     let mine = nonce()?;
     stream.write_all(&mine).await?;
+    stream.flush().await?;
     let mut theirs = [0u8; 32];
     stream.read_exact(&mut theirs).await?;
     let mut proof = [0u8; 32];
@@ -109,11 +112,15 @@ pub(crate) async fn as_caller(stream: &mut TcpStream, secret: &RaftSecret) -> io
         .verify_slice(&proof)
         .map_err(|_| refused("the peer does not know the cluster secret"))?;
     let answer = secret.proof(CALLER, &theirs, &mine).finalize().into_bytes();
-    stream.write_all(&answer).await
+    stream.write_all(&answer).await?;
+    stream.flush().await
 }
 
 /// The called side: checks the caller and proves itself.
-pub(crate) async fn as_callee(stream: &mut TcpStream, secret: &RaftSecret) -> io::Result<()> {
+pub(crate) async fn as_callee<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
+    stream: &mut S,
+    secret: &RaftSecret,
+) -> io::Result<()> {
     let mut theirs = [0u8; 32];
     stream.read_exact(&mut theirs).await?;
     let mine = nonce()?;
@@ -122,6 +129,7 @@ pub(crate) async fn as_callee(stream: &mut TcpStream, secret: &RaftSecret) -> io
     hello.extend_from_slice(&mine);
     hello.extend_from_slice(&proof);
     stream.write_all(&hello).await?;
+    stream.flush().await?;
     let mut answer = [0u8; 32];
     stream.read_exact(&mut answer).await?;
     secret

@@ -41,6 +41,7 @@ mod records;
 mod salts;
 mod state_machine;
 mod storage;
+mod tls;
 
 pub use admin::{AdminError, change_membership};
 pub use auth::{MIN_SECRET_BYTES, RaftSecret, ShortSecret};
@@ -51,6 +52,7 @@ pub use node::{Committed, Node, NodeError, NodeOptions, OnCommit, ProposeError, 
 pub use salts::Salts;
 pub use state_machine::{ApplyObserver, Origin, SnapshotBuilder, StateMachine, TableView};
 pub use storage::{Storage, StorageOpenError};
+pub use tls::{RaftTls, RaftTlsError};
 
 /// A node's id in the cluster.
 pub type NodeId = u64;

@@ -23,12 +23,13 @@ use openraft::raft::{
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::auth::{RaftSecret, as_callee, as_caller};
 use crate::member::{self, ChangeRefused, Member, MembershipChange};
 use crate::records::{decode, encode};
+use crate::tls::RaftTls;
 use crate::{NodeId, TypeConfig};
 
 /// How long a peer has to complete the authentication handshake.
@@ -85,7 +86,12 @@ pub(crate) enum Response {
     },
 }
 
-async fn write_frame<T: Serialize>(stream: &mut TcpStream, value: &T) -> io::Result<()> {
+/// A link's byte stream: TCP, or TLS over TCP.
+pub(crate) trait Link: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync> Link for S {}
+
+async fn write_frame<T: Serialize>(stream: &mut (dyn Link + '_), value: &T) -> io::Result<()> {
     let body = encode(value);
     let len = u32::try_from(body.len())
         .ok()
@@ -94,10 +100,11 @@ async fn write_frame<T: Serialize>(stream: &mut TcpStream, value: &T) -> io::Res
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&len.to_be_bytes());
     frame.extend_from_slice(&body);
-    stream.write_all(&frame).await
+    stream.write_all(&frame).await?;
+    stream.flush().await
 }
 
-async fn read_frame<T: DeserializeOwned>(stream: &mut TcpStream) -> io::Result<T> {
+async fn read_frame<T: DeserializeOwned>(stream: &mut (dyn Link + '_)) -> io::Result<T> {
     let mut len = [0u8; 4];
     stream.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
@@ -129,6 +136,7 @@ pub(crate) async fn serve(
     id: NodeId,
     raft: Raft<TypeConfig>,
     secret: Option<RaftSecret>,
+    tls: Option<RaftTls>,
 ) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
@@ -142,8 +150,9 @@ pub(crate) async fn serve(
         };
         let raft = raft.clone();
         let secret = secret.clone();
+        let tls = tls.clone();
         connections.spawn(async move {
-            match serve_connection(stream, id, raft, secret.as_ref()).await {
+            match serve_connection(stream, id, raft, secret.as_ref(), tls.as_ref()).await {
                 Err(error) if error.kind() == io::ErrorKind::PermissionDenied => {
                     tracing::warn!(%peer, %error, "raft connection refused");
                 }
@@ -157,20 +166,32 @@ pub(crate) async fn serve(
 }
 
 async fn serve_connection(
-    mut stream: TcpStream,
+    stream: TcpStream,
     id: NodeId,
     raft: Raft<TypeConfig>,
     secret: Option<&RaftSecret>,
+    tls: Option<&RaftTls>,
 ) -> io::Result<()> {
     let _ = stream.set_nodelay(true);
-    if let Some(secret) = secret {
-        // A peer gets the handshake's time to prove itself, no more.
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, as_callee(&mut stream, secret))
-            .await
-            .map_err(|_| refused_slow())??;
-    }
+    // A peer gets the handshakes' time to prove itself, no more.
+    let handshakes = async {
+        let mut stream: Box<dyn Link> = match tls {
+            Some(tls) => Box::new(tls.accept(stream).await.map_err(|e| {
+                io::Error::new(io::ErrorKind::PermissionDenied, format!("TLS: {e}"))
+            })?),
+            None => Box::new(stream),
+        };
+        if let Some(secret) = secret {
+            as_callee(&mut *stream, secret).await?;
+        }
+        Ok::<_, io::Error>(stream)
+    };
+    let mut stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshakes)
+        .await
+        .map_err(|_| refused_slow())??;
+    let stream = &mut *stream;
     loop {
-        let envelope: Envelope = read_frame(&mut stream).await?;
+        let envelope: Envelope = read_frame(stream).await?;
         let response = match envelope.request {
             Request::Change(change) if envelope.to == id || envelope.to == ANY_NODE => {
                 tracing::info!(node = id, %change, "membership change asked for");
@@ -190,7 +211,7 @@ async fn serve_connection(
             }
             Request::Change(_) => Response::WrongNode { id },
         };
-        write_frame(&mut stream, &response).await?;
+        write_frame(stream, &response).await?;
     }
 }
 
@@ -212,6 +233,7 @@ async fn serve_connection(
 pub struct Network {
     routes: Arc<Mutex<HashMap<NodeId, SocketAddr>>>,
     secret: Option<RaftSecret>,
+    tls: Option<RaftTls>,
 }
 
 impl Network {
@@ -226,11 +248,29 @@ impl Network {
         Network {
             routes: Arc::default(),
             secret: Some(secret),
+            tls: None,
         }
+    }
+
+    /// This network with mutual TLS on its links (under the secret's
+    /// handshake, if there is a secret); see [`RaftTls`].
+    ///
+    /// ```no_run
+    /// let tls = dflockd_cluster::RaftTls::from_pem_files("node.pem", "node.key", "ca.pem").unwrap();
+    /// let secret = dflockd_cluster::RaftSecret::new(vec![9; 32]).unwrap();
+    /// let _network = dflockd_cluster::Network::with_secret(secret).with_tls(tls);
+    /// ```
+    pub fn with_tls(mut self, tls: RaftTls) -> Network {
+        self.tls = Some(tls);
+        self
     }
 
     pub(crate) fn secret(&self) -> Option<&RaftSecret> {
         self.secret.as_ref()
+    }
+
+    pub(crate) fn tls(&self) -> Option<&RaftTls> {
+        self.tls.as_ref()
     }
 
     /// Sends to node `target` at `addr` instead of its membership address,
@@ -261,6 +301,7 @@ impl Network {
             target,
             addr: routed.unwrap_or_else(|| node.raft.clone()),
             secret: self.secret.clone(),
+            tls: self.tls.clone(),
             stream: None,
         }
     }
@@ -283,12 +324,23 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 /// assert!(format!("{peer:?}").contains("127.0.0.1:1"));
 /// # }
 /// ```
-#[derive(Debug)]
 pub struct Peer {
     target: NodeId,
     addr: String,
     secret: Option<RaftSecret>,
-    stream: Option<TcpStream>,
+    tls: Option<RaftTls>,
+    stream: Option<Box<dyn Link>>,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer")
+            .field("target", &self.target)
+            .field("addr", &self.addr)
+            .field("tls", &self.tls.is_some())
+            .field("connected", &self.stream.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a call to a peer failed.
@@ -303,12 +355,13 @@ pub(crate) enum CallError {
 
 impl Peer {
     /// A connection to whichever node listens at `addr` (for requests to
-    /// [`ANY_NODE`]).
-    pub(crate) fn to_any(addr: SocketAddr, secret: Option<RaftSecret>) -> Peer {
+    /// [`ANY_NODE`]), secured as `network`'s links are.
+    pub(crate) fn to_any(addr: SocketAddr, network: &Network) -> Peer {
         Peer {
             target: ANY_NODE,
             addr: addr.to_string(),
-            secret,
+            secret: network.secret.clone(),
+            tls: network.tls.clone(),
             stream: None,
         }
     }
@@ -327,12 +380,21 @@ impl Peer {
                 let addr: SocketAddr = self.addr.parse().map_err(|e| {
                     CallError::Unreachable(io::Error::new(io::ErrorKind::InvalidInput, e))
                 })?;
-                let mut stream = TcpStream::connect(addr)
+                let tcp = TcpStream::connect(addr)
                     .await
                     .map_err(CallError::Unreachable)?;
-                let _ = stream.set_nodelay(true);
+                let _ = tcp.set_nodelay(true);
+                let mut stream: Box<dyn Link> = match &self.tls {
+                    Some(tls) => Box::new(tls.connect(addr, tcp).await.map_err(|e| {
+                        CallError::Unreachable(io::Error::new(
+                            io::ErrorKind::PermissionDenied,
+                            format!("TLS: {e}"),
+                        ))
+                    })?),
+                    None => Box::new(tcp),
+                };
                 if let Some(secret) = &self.secret {
-                    as_caller(&mut stream, secret)
+                    as_caller(&mut *stream, secret)
                         .await
                         .map_err(CallError::Unreachable)?;
                 }
@@ -341,14 +403,14 @@ impl Peer {
             let Some(stream) = self.stream.as_mut() else {
                 return Err(CallError::Unreachable(io::ErrorKind::NotConnected.into()));
             };
-            write_frame(stream, &envelope).await.map_err(|e| {
+            write_frame(&mut **stream, &envelope).await.map_err(|e| {
                 if e.kind() == io::ErrorKind::InvalidInput {
                     CallError::TooLarge
                 } else {
                     CallError::Network(e)
                 }
             })?;
-            read_frame::<Response>(stream)
+            read_frame::<Response>(&mut **stream)
                 .await
                 .map_err(CallError::Network)
         })

@@ -264,7 +264,13 @@ impl Node {
                 node: id,
                 reason: e.to_string(),
             })?;
-        let server = tokio::spawn(serve(listener, id, raft.clone(), network.secret().cloned()));
+        let server = tokio::spawn(serve(
+            listener,
+            id,
+            raft.clone(),
+            network.secret().cloned(),
+            network.tls().cloned(),
+        ));
         let (proposals, queue) = mpsc::unbounded_channel();
         let origin = tokio::time::Instant::now();
         let process = (id << 32) | (incarnation & 0xFFFF_FFFF);

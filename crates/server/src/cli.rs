@@ -199,13 +199,13 @@ struct Flags {
     /// File holding the Raft secret [env: DFLOCKD_RAFT_AUTH_TOKEN_FILE]
     #[arg(long)]
     raft_auth_token_file: Option<String>,
-    /// Raft mutual TLS certificate (not supported yet) [env: DFLOCKD_RAFT_TLS_CERT]
+    /// Raft mutual TLS: this node's certificate (PEM; names its Raft IP) [env: DFLOCKD_RAFT_TLS_CERT]
     #[arg(long)]
     raft_tls_cert: Option<String>,
-    /// Raft mutual TLS key (not supported yet) [env: DFLOCKD_RAFT_TLS_KEY]
+    /// Raft mutual TLS: this node's private key (PEM) [env: DFLOCKD_RAFT_TLS_KEY]
     #[arg(long)]
     raft_tls_key: Option<String>,
-    /// Raft mutual TLS CA (not supported yet) [env: DFLOCKD_RAFT_TLS_CA]
+    /// Raft mutual TLS: the CA that issued every node's certificate (PEM) [env: DFLOCKD_RAFT_TLS_CA]
     #[arg(long)]
     raft_tls_ca: Option<String>,
 }
@@ -527,12 +527,25 @@ fn cluster(
         }
         return Ok(None);
     };
-    if let Some(raw) = tls.iter().flatten().next() {
-        return Err(ConfigError(format!(
-            "{}: Raft mutual TLS is not supported yet (links are authenticated with the Raft secret)",
-            name(raw)
-        )));
-    }
+    let tls = match tls {
+        [None, None, None] => None,
+        [Some(cert), Some(key), Some(ca)] => Some(
+            dflockd_cluster::RaftTls::from_pem_files(&cert.value, &key.value, &ca.value)
+                .map_err(|e| ConfigError(e.to_string()))?,
+        ),
+        given => {
+            let missing: Vec<&str> = ["--raft-tls-cert", "--raft-tls-key", "--raft-tls-ca"]
+                .into_iter()
+                .zip(&given)
+                .filter(|(_, raw)| raw.is_none())
+                .map(|(flag, _)| flag)
+                .collect();
+            return Err(ConfigError(format!(
+                "Raft mutual TLS needs --raft-tls-cert, --raft-tls-key and --raft-tls-ca together (missing {})",
+                missing.join(", ")
+            )));
+        }
+    };
     if !orphan_ttl.is_zero() {
         return Err(ConfigError(
             "--orphan-ttl: re-attachment after failover is not supported yet".into(),
@@ -578,6 +591,7 @@ fn cluster(
     let mut cluster = ClusterConfig::new(id, dir.value, raft_addr, secret).with_peers(peers);
     cluster.bootstrap = bootstrap;
     cluster.advertise_addr = advertise.map(|raw| raw.value);
+    cluster.tls = tls;
     Ok(Some(cluster))
 }
 
@@ -908,6 +922,79 @@ mod tests {
         assert!(e(&["--raft-auth-token", SECRET], &[]).contains("outside cluster mode"));
         assert!(e(&["--raft-dir", "/tmp/n", "--node-id", "0"], &[]).contains("1 to 65535"));
         assert!(e(&["--raft-dir", "/tmp/n", "--node-id", "65536"], &[]).contains("1 to 65535"));
+    }
+
+    #[test]
+    fn raft_tls_flags_load_all_three_files_or_name_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &rcgen::Issuer::new(ca, &ca_key))
+            .unwrap();
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        std::fs::write(path("node.pem"), cert.pem()).unwrap();
+        std::fs::write(path("node.key"), key.serialize_pem()).unwrap();
+        std::fs::write(path("ca.pem"), ca_pem).unwrap();
+        let (cert, key, ca) = (path("node.pem"), path("node.key"), path("ca.pem"));
+        let base = vec![
+            "--raft-dir=/tmp/n",
+            "--node-id=1",
+            "--raft-addr=127.0.0.1:7001",
+            "--cluster-bootstrap",
+            "--raft-auth-token",
+            SECRET,
+        ];
+        let with = |extra: &[&str]| {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            run(&args, &[])
+        };
+        let loaded = with(&["--raft-tls-cert", &cert, "--raft-tls-key", &key])
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(loaded.contains("missing --raft-tls-ca"), "{loaded}");
+        let settings = run(
+            &base,
+            &[
+                ("DFLOCKD_RAFT_TLS_CERT", &cert),
+                ("DFLOCKD_RAFT_TLS_KEY", &key),
+                ("DFLOCKD_RAFT_TLS_CA", &ca),
+            ],
+        )
+        .unwrap();
+        assert!(settings.config.cluster.unwrap().tls.is_some());
+        let missing = path("nope.pem");
+        let error = with(&[
+            "--raft-tls-cert",
+            &missing,
+            "--raft-tls-key",
+            &key,
+            "--raft-tls-ca",
+            &ca,
+        ])
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains(&missing), "{error}");
+        // A CA file with no certificate in it.
+        let error = with(&[
+            "--raft-tls-cert",
+            &cert,
+            "--raft-tls-key",
+            &key,
+            "--raft-tls-ca",
+            &key,
+        ])
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("CA"), "{error}");
+        assert!(e(&["--raft-tls-ca", &ca], &[]).contains("needs --raft-dir"));
     }
 
     #[test]

@@ -208,6 +208,9 @@ pub struct ClusterConfig {
     /// The secret every Raft link proves on both ends
     /// (`--raft-auth-token`, ≥ 32 bytes).
     pub secret: RaftSecret,
+    /// Mutual TLS on Raft links (`--raft-tls-cert/key/ca`), under the
+    /// secret's handshake.
+    pub tls: Option<dflockd_cluster::RaftTls>,
     /// Heartbeat and election timeouts.
     pub timing: RaftTiming,
 }
@@ -235,6 +238,7 @@ impl ClusterConfig {
             advertise_addr: None,
             bootstrap: false,
             secret,
+            tls: None,
             timing: RaftTiming::default(),
         }
     }

@@ -241,7 +241,10 @@ impl Replica {
                     .to_string(),
             });
         }
-        let network = Network::with_secret(config.secret.clone());
+        let mut network = Network::with_secret(config.secret.clone());
+        if let Some(tls) = &config.tls {
+            network = network.with_tls(tls.clone());
+        }
         let mut voters = Vec::new();
         let mut clients = HashMap::new();
         for peer in &config.peers {
