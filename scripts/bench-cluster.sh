@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Three-node dflockd cluster against one single node, interleaved:
-# `dflock bench` (acquire + release pairs) at 1, 10 and 50 workers.
+# Three-node dflockd cluster against a one-node cluster (the same durable,
+# fsync'd log, no replication) and a plain single node (in memory),
+# interleaved: `dflock bench` (acquire + release pairs) at 1, 10 and 50
+# workers. Extra environment (e.g. TOKIO_WORKER_THREADS=1) reaches every
+# dflockd.
 # Usage: scripts/bench-cluster.sh [rounds] [seconds]   (release build first:
 #   cargo build --release -p dflockd-server -p dflockd-cli)
 set -euo pipefail
@@ -33,9 +36,20 @@ for round in $(seq 1 "$rounds"); do
   echo "== round $round: cluster of 3, leader $leader"
   "$bin/dflock" --servers "$leader" bench --workloads uncontended --workers 1,10,50 --seconds "$seconds"
   pkill -f "$bin/dflockd"; sleep 0.5
+  DFLOCKD_LOG=warn DFLOCKD_RAFT_AUTH_TOKEN=$secret "$bin/dflockd" --port 26401 \
+    --max-locks 200000 --raft-dir "$work/solo" --node-id 1 --raft-addr 127.0.0.1:27010 \
+    --cluster-bootstrap >"$work/solo.log" 2>&1 &
+  for _ in $(seq 1 100); do
+    if "$bin/dflock" --servers 127.0.0.1:26401 stats --json 2>/dev/null | grep -q '"role":"leader"'; then break; fi
+    sleep 0.1
+  done
+  echo "== round $round: one-node cluster (durable log, fsync on)"
+  "$bin/dflock" --servers 127.0.0.1:26401 bench --workloads uncontended --workers 1,10,50 --seconds "$seconds"
+  pkill -f "$bin/dflockd"; sleep 0.5
+  rm -rf "$work/solo"
   DFLOCKD_LOG=warn "$bin/dflockd" --port 26400 --max-locks 200000 >"$work/single.log" 2>&1 &
   for _ in $(seq 1 50); do served 127.0.0.1:26400 && break; sleep 0.1; done
-  echo "== round $round: single node"
+  echo "== round $round: single node (in memory)"
   "$bin/dflock" --servers 127.0.0.1:26400 bench --workloads uncontended --workers 1,10,50 --seconds "$seconds"
   pkill -f "$bin/dflockd"; sleep 0.5
 done
