@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use dflockd_proto::{Lease, Limit, Token};
+use dflockd_proto::{Lease, Limit, StableRef, Token};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -42,7 +42,7 @@ pub struct Command {
 
 /// The version byte that starts every [`Command::encode`]d command and every
 /// encoded [`TableSnapshot`](crate::TableSnapshot).
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
 
 impl Command {
     /// A command at `at` with salts `salt`.
@@ -112,8 +112,8 @@ pub(crate) fn decode_versioned<T: serde::de::DeserializeOwned>(
 /// Why bytes are not a command or snapshot of this version.
 ///
 /// ```
-/// use dflockd_core::{Command, DecodeError};
-/// assert!(matches!(Command::decode(&[1, 0xff, 0xff]), Err(DecodeError::Malformed(_))));
+/// use dflockd_core::{Command, DecodeError, FORMAT_VERSION};
+/// assert!(matches!(Command::decode(&[FORMAT_VERSION, 0xff, 0xff]), Err(DecodeError::Malformed(_))));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum DecodeError {
@@ -302,7 +302,19 @@ pub enum Op {
         /// Release its holds now, rather than when their leases run out.
         auto_release: Option<bool>,
     },
-    /// Evict every lease at or past its deadline (and end due lock-delays).
+    /// `stable-ref`: connection `conn` names its client session. If another
+    /// connection had named it (typically one closed by a failover or a
+    /// broken link), `conn` takes over that connection's holds (same
+    /// tokens, leases running on) and two-phase queue places (a later `w`
+    /// on `conn` collects them); its blocking acquires die with it.
+    Bind {
+        /// The connection.
+        conn: ConnId,
+        /// The session's name.
+        reference: StableRef,
+    },
+    /// Evict every lease at or past its deadline, end due lock-delays, and
+    /// disconnect orphaned sessions whose time ran out.
     Sweep,
     /// End every lock-delay that is due.
     EndDelays,
@@ -341,6 +353,8 @@ pub struct Policy {
     pub disconnect_lock_delay: Duration,
     /// [`TableConfig::auto_release`](crate::TableConfig::auto_release).
     pub auto_release: bool,
+    /// [`TableConfig::orphan_ttl`](crate::TableConfig::orphan_ttl).
+    pub orphan_ttl: Duration,
 }
 
 impl Policy {
@@ -358,6 +372,7 @@ impl Policy {
             gc_max_idle: config.gc_max_idle,
             disconnect_lock_delay: config.disconnect_lock_delay,
             auto_release: config.auto_release,
+            orphan_ttl: config.orphan_ttl,
         }
     }
 }

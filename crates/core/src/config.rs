@@ -39,6 +39,12 @@ pub struct TableConfig {
     /// default for [`Op::Disconnect`] with `auto_release: None`), rather
     /// than when their leases run out.
     pub auto_release: bool,
+    /// How long a connection that named its session (`stable-ref`) and
+    /// closed keeps its holds and two-phase queue places for a new
+    /// connection with the same ref to take over ([`Op::Bind`]); zero =
+    /// never (a close is a disconnect at once). Cluster mode only
+    /// (`--orphan-ttl`).
+    pub orphan_ttl: Duration,
 }
 
 impl Default for TableConfig {
@@ -51,6 +57,7 @@ impl Default for TableConfig {
             disconnect_lock_delay: Duration::ZERO,
             clock_granularity: Duration::ZERO,
             auto_release: true,
+            orphan_ttl: Duration::ZERO,
         }
     }
 }

@@ -82,6 +82,26 @@ pub enum Outcome {
     /// To [`Op::TakeOffice`](crate::Op::TakeOffice): how many leases
     /// restarted (those that had run out are in [`Effects::expired`]).
     OfficeTaken(usize),
+    /// To [`Op::Bind`](crate::Op::Bind): what the connection took over.
+    Bound(Attached),
+}
+
+/// What a connection took over when it named its session
+/// ([`Op::Bind`](crate::Op::Bind)).
+///
+/// ```
+/// let nothing = dflockd_core::Attached::default();
+/// assert_eq!((nothing.from, nothing.holds, nothing.places), (None, 0, 0));
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Attached {
+    /// The connection that had the session before, if any.
+    pub from: Option<ConnId>,
+    /// Holds taken over.
+    pub holds: usize,
+    /// Two-phase queue places (queued or granted, not yet collected)
+    /// taken over.
+    pub places: usize,
 }
 
 /// Which waiting request a grant is for: the `wait` request id given in

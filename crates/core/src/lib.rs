@@ -50,8 +50,8 @@ pub use budget::ResourceBudget;
 pub use command::{Command, DecodeError, FORMAT_VERSION, Op, Policy, Salt};
 pub use config::TableConfig;
 pub use effects::{
-    AcquireOutcome, Delivery, Effects, EnqueueOutcome, Expired, Grant, LockError, Outcome,
-    WaitOutcome, Waiting,
+    AcquireOutcome, Attached, Delivery, Effects, EnqueueOutcome, Expired, Grant, LockError,
+    Outcome, WaitOutcome, Waiting,
 };
 pub use fence::{FenceCounter, FenceSource, MintError};
 pub use ids::{ConnId, ResourceId, WaiterId};

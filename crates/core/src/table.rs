@@ -1,9 +1,9 @@
-use std::collections::BTreeMap;
 use std::collections::HashMap as StdHashMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dflockd_proto::{IdleEntry, Lease, Limit, LockEntry, SemaphoreEntry, Stats, Token};
+use dflockd_proto::{IdleEntry, Lease, Limit, LockEntry, SemaphoreEntry, StableRef, Stats, Token};
 
 use crate::command::{Command, Op, Policy, Salt};
 use crate::config::TableConfig;
@@ -15,6 +15,7 @@ use crate::ids::{ConnId, ResourceId, WaiterId};
 use crate::leases::{Leases, NO_RING, Slot};
 use crate::{FenceCounter, FenceSource, MintError, ResourceBudget};
 
+mod sessions;
 mod snapshot;
 pub use snapshot::{RestoreError, TableSnapshot};
 
@@ -284,6 +285,10 @@ struct Conn {
     /// Tickets granted but not collected by a `w` yet, by token (so a
     /// release or expiry of that grant can drop the two-phase state).
     uncollected: HashMap<Token, u64>,
+    /// The client session it named (`stable-ref`), if any.
+    reference: Option<StableRef>,
+    /// Closed, kept for its session to come back until then.
+    orphaned_until: Option<Duration>,
 }
 
 impl Default for Conn {
@@ -293,6 +298,8 @@ impl Default for Conn {
             waiters: Default::default(),
             phase1: Default::default(),
             uncollected: Default::default(),
+            reference: None,
+            orphaned_until: None,
         }
     }
 }
@@ -323,6 +330,11 @@ pub struct LockTable<F = FenceCounter> {
     budget: Arc<ResourceBudget>,
     resources: Resources,
     conns: HashMap<ConnId, Conn>,
+    /// Which connection has each named session (a B-tree: clients choose
+    /// the names).
+    refs: BTreeMap<StableRef, ConnId>,
+    /// Orphaned sessions by the time they are disconnected.
+    orphans: BTreeSet<(Duration, ConnId)>,
     /// Every live lease, for the sweep and per connection.
     leases: Leases,
     /// At least the number of entries in all connections' `uncollected`
@@ -395,6 +407,8 @@ impl<F: FenceSource> LockTable<F> {
             budget,
             resources: Resources(hashbrown::HashTable::new()),
             conns: Default::default(),
+            refs: BTreeMap::new(),
+            orphans: BTreeSet::new(),
             leases: Leases::default(),
             uncollected: 0,
             delays: BTreeMap::new(),
@@ -491,10 +505,15 @@ impl<F: FenceSource> LockTable<F> {
                 .observe(resource, *token, *lease, now)
                 .map(Outcome::Observed),
             Op::Disconnect { conn, auto_release } => {
-                let auto_release = auto_release.unwrap_or(self.config.auto_release);
-                self.disconnect(*conn, auto_release, now);
+                if self.orphans_on_close(*conn) {
+                    self.orphan(*conn, now);
+                } else {
+                    let auto_release = auto_release.unwrap_or(self.config.auto_release);
+                    self.disconnect(*conn, auto_release, now);
+                }
                 Ok(Outcome::Disconnected)
             }
+            Op::Bind { conn, reference } => Ok(Outcome::Bound(self.bind(*conn, reference, now))),
             Op::Sweep => Ok(Outcome::Swept(self.sweep(now))),
             Op::EndDelays => Ok(Outcome::DelaysEnded(self.end_delays(now))),
             Op::Gc => Ok(Outcome::Collected(self.gc(now))),
@@ -540,6 +559,7 @@ impl<F: FenceSource> LockTable<F> {
             }
         }
         self.latest = now;
+        self.close_previous_connections(now);
         for (hash, token) in ended {
             let Some(rid) = self.resources.holding(hash, &token).map(|r| r.id.clone()) else {
                 continue;
@@ -558,6 +578,7 @@ impl<F: FenceSource> LockTable<F> {
         self.config.gc_max_idle = policy.gc_max_idle;
         self.config.disconnect_lock_delay = policy.disconnect_lock_delay;
         self.config.auto_release = policy.auto_release;
+        self.config.orphan_ttl = policy.orphan_ttl;
         self.budget.set_max(policy.max_locks);
     }
 
@@ -659,7 +680,8 @@ impl<F: FenceSource> LockTable<F> {
         self.resources.iter().map(|r| r.queue.len()).sum()
     }
 
-    /// The earliest lease deadline, if any lease exists.
+    /// The earliest lease deadline or orphaned session's end, if any:
+    /// when an [`Op::Sweep`] has something to do.
     ///
     /// ```
     /// # use std::time::Duration;
@@ -677,7 +699,10 @@ impl<F: FenceSource> LockTable<F> {
     /// assert_eq!(table.next_deadline(), Some(Duration::from_secs(10)));
     /// ```
     pub fn next_deadline(&self) -> Option<Duration> {
-        self.leases.earliest()
+        match (self.leases.earliest(), self.next_orphan_due()) {
+            (Some(lease), Some(orphan)) => Some(lease.min(orphan)),
+            (lease, orphan) => lease.or(orphan),
+        }
     }
 
     /// When the earliest disconnect lock-delay ends, if one is running; apply
@@ -1035,6 +1060,14 @@ impl<F: FenceSource> LockTable<F> {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
+        if let Some(reference) = &c.reference
+            && self.refs.get(reference) == Some(&conn)
+        {
+            self.refs.remove(reference);
+        }
+        if let Some(until) = c.orphaned_until {
+            self.orphans.remove(&(until, conn));
+        }
         self.uncollected = self.uncollected.saturating_sub(c.uncollected.len());
         let mut touched = Vec::new();
         // In arrival order, not the map's (its hasher differs from table to
@@ -1081,6 +1114,7 @@ impl<F: FenceSource> LockTable<F> {
     /// were evicted.
     fn sweep(&mut self, now: Duration) -> usize {
         self.end_delays(now);
+        self.expire_orphans(now);
         let mut evicted = 0;
         for (hash, token) in self.leases.due(now) {
             let Some(rid) = self.resources.holding(hash, &token).map(|r| r.id.clone()) else {
@@ -1131,7 +1165,10 @@ impl<F: FenceSource> LockTable<F> {
         let uncollected = &mut self.uncollected;
         self.conns.retain(|_, c| {
             let holds = c.ring != NO_RING && !leases.ring_is_empty(c.ring);
-            let keep = holds || !c.waiters.is_empty() || !c.phase1.is_empty();
+            // A named session stays until its connection closes (or its
+            // orphan time ends): its name must keep finding it.
+            let keep =
+                holds || !c.waiters.is_empty() || !c.phase1.is_empty() || c.reference.is_some();
             if !keep {
                 if c.ring != NO_RING {
                     leases.drop_ring(c.ring);
@@ -1682,8 +1719,8 @@ mod tests {
 
     /// A new leader on a clock of its own: a live lease restarts in full
     /// from the new time (never shorter), one that had run out by the
-    /// latest command ends and its waiter is granted, a lock-delay
-    /// restarts in full.
+    /// latest command ends, a lock-delay restarts in full, and the earlier
+    /// leader's connections are gone: their waiters leave the queues.
     #[test]
     fn taking_office_restarts_live_leases_and_ends_run_out_ones() {
         let config = TableConfig {
@@ -1718,7 +1755,11 @@ mod tests {
         let effects = t.apply(&at(2, Op::TakeOffice));
         assert_eq!(effects.outcome, Ok(Outcome::OfficeTaken(1)));
         assert_eq!(effects.expired.len(), 1, "`b` ran out before the change");
-        assert_eq!(effects.grants.len(), 1, "its waiter is granted");
+        assert!(
+            effects.grants.is_empty(),
+            "its waiter left with its connection"
+        );
+        assert_eq!(t.waiter_count(), 0);
         let deadline_of = |t: &LockTable, key: &str| {
             let rid = ResourceId::new(dflockd_proto::Namespace::Lock, Key::new(key).unwrap());
             t.resources
@@ -1734,11 +1775,7 @@ mod tests {
             Some(secs(12)),
             "restarted in full: 2 + 10"
         );
-        assert_eq!(
-            deadline_of(&t, "b"),
-            Some(secs(5)),
-            "the waiter's new lease: 2 + 3"
-        );
+        assert_eq!(deadline_of(&t, "b"), None, "free");
         assert_eq!(
             t.next_delay_end(),
             Some(secs(6)),
@@ -1746,7 +1783,7 @@ mod tests {
         );
         t.assert_leases_match_holders();
         // The sweep follows the new clock.
-        assert_eq!(t.apply(&at(11, Op::Sweep)).outcome, Ok(Outcome::Swept(1)));
+        assert_eq!(t.apply(&at(11, Op::Sweep)).outcome, Ok(Outcome::Swept(0)));
         assert_eq!(t.apply(&at(12, Op::Sweep)).outcome, Ok(Outcome::Swept(1)));
     }
 

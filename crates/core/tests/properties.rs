@@ -189,6 +189,7 @@ fn config() -> impl Strategy<Value = TableConfig> {
             disconnect_lock_delay: Duration::ZERO,
             clock_granularity: Duration::ZERO,
             auto_release: true,
+            orphan_ttl: Duration::ZERO,
         })
 }
 
@@ -1316,6 +1317,7 @@ fn scripted_races() {
         disconnect_lock_delay: Duration::ZERO,
         clock_granularity: Duration::ZERO,
         auto_release: true,
+        orphan_ttl: Duration::ZERO,
     };
     let own = ResPick::Own;
     let ops = [

@@ -7,7 +7,8 @@
 //! (the n-th token seen, the n-th queue place) rather than values, so they
 //! keep hitting live holders and waiters: grants, promotions, withdrawals,
 //! two-phase waits, renewals of live and expired leases, disconnects with
-//! and without auto-release, lock-delays, sweeps, GC and policy changes.
+//! and without auto-release, lock-delays, sweeps, GC and policy changes,
+//! named sessions taken over by other connections, orphaned and expired.
 
 use std::time::Duration;
 
@@ -97,6 +98,13 @@ enum Step {
         max_waiters: u8,
         delay_ms: u16,
         auto_release: bool,
+        orphan_ms: u16,
+    },
+    /// Connection slot `conn` names session `name` (taking over whatever
+    /// another connection of that name has).
+    Bind {
+        conn: u8,
+        name: u8,
     },
 }
 
@@ -121,8 +129,9 @@ fn step() -> impl Strategy<Value = Step> {
         1 => Just(Step::EndDelays),
         1 => Just(Step::Gc),
         1 => (0..20u8).prop_map(|secs| Step::TakeOffice { secs }),
-        1 => (0..3u8, prop_oneof![Just(0u16), Just(1_500)], any::<bool>())
-            .prop_map(|(max_waiters, delay_ms, auto_release)| Step::Policy { max_waiters, delay_ms, auto_release }),
+        1 => (0..3u8, prop_oneof![Just(0u16), Just(1_500)], any::<bool>(), prop_oneof![Just(0u16), Just(2_500)])
+            .prop_map(|(max_waiters, delay_ms, auto_release, orphan_ms)| Step::Policy { max_waiters, delay_ms, auto_release, orphan_ms }),
+        2 => (0..4u8, 0..3u8).prop_map(|(conn, name)| Step::Bind { conn, name }),
     ]
 }
 
@@ -278,12 +287,18 @@ impl Scripter {
                 max_waiters,
                 delay_ms,
                 auto_release,
+                orphan_ms,
             } => Op::SetPolicy(Policy {
                 max_waiters: usize::from(max_waiters),
                 disconnect_lock_delay: Duration::from_millis(u64::from(delay_ms)),
                 auto_release,
+                orphan_ttl: Duration::from_millis(u64::from(orphan_ms)),
                 ..Policy::of(self.table.config())
             }),
+            Step::Bind { conn, name } => Op::Bind {
+                conn: self.conn(conn),
+                reference: dflockd_proto::StableRef::new(&format!("session-{name}")).unwrap(),
+            },
         })
     }
 
@@ -332,9 +347,10 @@ fn config() -> impl Strategy<Value = TableConfig> {
         prop_oneof![Just(0u64), Just(2_000)],
         any::<bool>(),
         prop_oneof![Just(3usize), Just(64)],
+        prop_oneof![Just(0u64), Just(1_500)],
     )
         .prop_map(
-            |(max_waiters, delay_ms, auto_release, max_locks)| TableConfig {
+            |(max_waiters, delay_ms, auto_release, max_locks, orphan_ms)| TableConfig {
                 default_lease: Lease::new(3).unwrap(),
                 max_locks,
                 max_waiters,
@@ -342,6 +358,7 @@ fn config() -> impl Strategy<Value = TableConfig> {
                 disconnect_lock_delay: Duration::from_millis(delay_ms),
                 clock_granularity: Duration::from_millis(4),
                 auto_release,
+                orphan_ttl: Duration::from_millis(orphan_ms),
             },
         )
 }
@@ -426,10 +443,12 @@ fn snapshots_of_random_logs_restore_cleanly() {
 #[test]
 fn a_snapshot_from_another_version_is_refused() {
     let mut bytes = LockTable::new(TableConfig::default()).snapshot().encode();
-    bytes[0] = 2;
+    bytes[0] = dflockd_core::FORMAT_VERSION + 1;
     assert_eq!(
         TableSnapshot::decode(&bytes),
-        Err(dflockd_core::DecodeError::UnknownVersion(2))
+        Err(dflockd_core::DecodeError::UnknownVersion(
+            dflockd_core::FORMAT_VERSION + 1
+        ))
     );
     // A truncated log entry is refused, not misread.
     let command = Command::new(

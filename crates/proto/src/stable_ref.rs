@@ -61,3 +61,18 @@ impl fmt::Display for StableRef {
         f.write_str(&self.0)
     }
 }
+
+/// Written as its text and validated again when read back.
+impl serde::Serialize for StableRef {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for StableRef {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<StableRef, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        StableRef::new(&text)
+            .ok_or_else(|| serde::de::Error::custom("a stable ref is 1–64 printable ASCII bytes"))
+    }
+}

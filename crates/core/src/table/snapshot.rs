@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dflockd_proto::{Lease, Limit, Token};
+use dflockd_proto::{Lease, Limit, StableRef, Token};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -93,6 +93,10 @@ struct ConnState {
     phase1: Vec<Phase1State>,
     /// By token.
     uncollected: Vec<(Token, u64)>,
+    /// The session it named.
+    reference: Option<StableRef>,
+    /// Orphaned until then.
+    orphaned_until: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,7 +114,7 @@ struct Phase1State {
 ///
 /// ```
 /// use dflockd_core::{LockTable, TableSnapshot, RestoreError, DecodeError};
-/// assert!(matches!(TableSnapshot::decode(&[1]), Err(DecodeError::Malformed(_))));
+/// assert!(matches!(TableSnapshot::decode(&[dflockd_core::FORMAT_VERSION]), Err(DecodeError::Malformed(_))));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum RestoreError {
@@ -132,6 +136,9 @@ pub enum RestoreError {
     /// Two entries for one connection.
     #[error("connection {0} appears twice")]
     DuplicateConnection(u64),
+    /// A session named by two connections (the second is given).
+    #[error("connection {0} names a session another connection has")]
+    DuplicateSession(u64),
 }
 
 impl TableSnapshot {
@@ -267,6 +274,8 @@ impl<F: FenceSource> LockTable<F> {
                     waiters,
                     phase1,
                     uncollected,
+                    reference: c.reference.clone(),
+                    orphaned_until: c.orphaned_until,
                 }
             })
             .collect();
@@ -398,6 +407,16 @@ impl<F: FenceSource> LockTable<F> {
             }
             conn.uncollected = state.uncollected.iter().copied().collect();
             self.uncollected += conn.uncollected.len();
+            if let Some(reference) = &state.reference
+                && self.refs.insert(reference.clone(), state.id).is_some()
+            {
+                return Err(RestoreError::DuplicateSession(state.id.0));
+            }
+            conn.reference = state.reference.clone();
+            if let Some(until) = state.orphaned_until {
+                self.orphans.insert((until, state.id));
+            }
+            conn.orphaned_until = state.orphaned_until;
             self.conns.insert(state.id, conn);
         }
         // What is left was granted to a connection that has closed since
