@@ -546,11 +546,6 @@ fn cluster(
             )));
         }
     };
-    if !orphan_ttl.is_zero() {
-        return Err(ConfigError(
-            "--orphan-ttl: re-attachment after failover is not supported yet".into(),
-        ));
-    }
     let node_id = node_id.ok_or_else(|| ConfigError("cluster mode needs --node-id".into()))?;
     let id = integer(&node_id)?;
     let id = u64::try_from(id)
@@ -592,6 +587,7 @@ fn cluster(
     cluster.bootstrap = bootstrap;
     cluster.advertise_addr = advertise.map(|raw| raw.value);
     cluster.tls = tls;
+    cluster.orphan_ttl = orphan_ttl;
     Ok(Some(cluster))
 }
 
@@ -878,6 +874,23 @@ mod tests {
         )
         .unwrap();
         assert!(alone.config.cluster.unwrap().bootstrap);
+        let orphans = run(
+            &[
+                "--raft-dir=/tmp/n1",
+                "--node-id=1",
+                "--raft-addr=127.0.0.1:7001",
+                "--cluster-bootstrap",
+            ],
+            &[
+                ("DFLOCKD_RAFT_AUTH_TOKEN", SECRET),
+                ("DFLOCKD_ORPHAN_TTL_S", "15"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            orphans.config.cluster.unwrap().orphan_ttl,
+            Duration::from_secs(15)
+        );
     }
 
     #[test]

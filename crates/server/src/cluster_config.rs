@@ -211,6 +211,12 @@ pub struct ClusterConfig {
     /// Mutual TLS on Raft links (`--raft-tls-cert/key/ca`), under the
     /// secret's handshake.
     pub tls: Option<dflockd_cluster::RaftTls>,
+    /// How long a closed connection that named its session
+    /// (`stable-ref`) keeps its holds and two-phase places for the
+    /// session's next connection (`--orphan-ttl`; zero = not at all). The
+    /// leader's value is the cluster's (it writes it into the log when it
+    /// takes office); set the same on every node.
+    pub orphan_ttl: std::time::Duration,
     /// Heartbeat and election timeouts.
     pub timing: RaftTiming,
 }
@@ -239,6 +245,7 @@ impl ClusterConfig {
             bootstrap: false,
             secret,
             tls: None,
+            orphan_ttl: std::time::Duration::ZERO,
             timing: RaftTiming::default(),
         }
     }

@@ -96,6 +96,11 @@ impl Log for ConnLog {
         Done::Now(Ok(None))
     }
 
+    fn bind(&mut self, _: dflockd_proto::StableRef, _: u64) -> Done<Answer> {
+        // One node has no failover to survive: the name changes nothing.
+        Done::Now(Ok(None))
+    }
+
     fn observe(&mut self, rid: &ResourceId, grant: Grant) -> Result<Grant, LockError> {
         self.shared
             .with_shard(rid, |shard| shard.observe(rid, grant))

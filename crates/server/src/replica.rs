@@ -599,6 +599,14 @@ impl Log for ClusterLog {
         self.propose(None, request, |_| {})
     }
 
+    fn bind(&mut self, reference: dflockd_proto::StableRef, request: u64) -> Done<Answer> {
+        let op = Op::Bind {
+            conn: self.id,
+            reference,
+        };
+        self.propose(Some(op), request, |_| {})
+    }
+
     fn observe(&mut self, _: &ResourceId, grant: Grant) -> Result<Grant, LockError> {
         // The lease runs from the grant's commit: restarting it here would
         // cost a second commit per waiting grant.

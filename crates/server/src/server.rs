@@ -164,12 +164,14 @@ impl Server {
             disconnect_lock_delay: config.disconnect_lock_delay,
             clock_granularity: clock.granularity(),
             auto_release: config.auto_release_on_disconnect,
+            orphan_ttl: std::time::Duration::ZERO,
         };
         let replica = match &config.cluster {
             Some(cluster) => {
                 // The leader's clock is the runtime's precise one.
                 let table = TableConfig {
                     clock_granularity: std::time::Duration::ZERO,
+                    orphan_ttl: cluster.orphan_ttl,
                     ..table_config
                 };
                 let client_addr = local_addr.to_string();

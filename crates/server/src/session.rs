@@ -80,6 +80,10 @@ pub(crate) trait Log {
     /// Commits nothing, for request `request`: answered once everything
     /// before it is applied.
     fn barrier(&mut self, request: u64) -> Done<Answer>;
+    /// The connection names its session (`stable-ref`), for request
+    /// `request`: a cluster writes it to the log, so that the session's
+    /// next connection (after a failover) takes over what this one holds.
+    fn bind(&mut self, reference: StableRef, request: u64) -> Done<Answer>;
     /// A waiting request takes its grant: the lease restarts now, when the
     /// request observes it (the single node), or runs from its commit (a
     /// cluster, where observing would cost a second commit).
@@ -163,6 +167,8 @@ enum Then {
     Release,
     Renew,
     Barrier,
+    /// `stable-ref`: the session's name, written to the log.
+    Bind,
 }
 
 /// A request whose command was proposed: its answer is still to come.
@@ -739,9 +745,17 @@ impl Session {
     fn finish(&mut self, then: Then, answer: Answer) -> Step {
         let outcome = match answer {
             Ok(Some(outcome)) => outcome,
-            Ok(None) if matches!(then, Then::Barrier) => return Step::Reply(Reply::Ok),
+            Ok(None) if matches!(then, Then::Barrier | Then::Bind) => {
+                return Step::Reply(Reply::Ok);
+            }
             Ok(None) => return Step::Reply(Reply::Failure(Status::Error)),
-            Err(refusal) => return Step::Reply(error_reply(&refusal)),
+            Err(refusal) => {
+                if matches!(then, Then::Bind) {
+                    // Not named after all (a follower, say): it may try again.
+                    self.stable_ref = None;
+                }
+                return Step::Reply(error_reply(&refusal));
+            }
         };
         let reply = match (then, outcome) {
             (Then::Acquire { rid, timeout }, Outcome::Acquire(AcquireOutcome::Queued(waiter))) => {
@@ -785,7 +799,7 @@ impl Session {
                 Reply::Renewed(Seconds::new(lease.get()).unwrap_or(Seconds::ZERO))
             }
             (Then::Enqueue | Then::Renew, _) => Reply::Failure(Status::Error),
-            (Then::Release | Then::Barrier, _) => Reply::Ok,
+            (Then::Release | Then::Barrier | Then::Bind, _) => Reply::Ok,
         };
         Step::Reply(reply)
     }
@@ -822,8 +836,9 @@ impl Session {
                     return Step::Reply(Reply::Failure(Status::Error));
                 }
                 tracing::debug!(stable_ref = %name, "connection named");
-                self.stable_ref = Some(name);
-                Step::Reply(Reply::Ok)
+                self.stable_ref = Some(name.clone());
+                let done = log.bind(name, id);
+                self.submit(id, Then::Bind, done, now)
             }
             Request::Barrier => {
                 let done = log.barrier(id);

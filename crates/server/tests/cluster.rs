@@ -232,3 +232,57 @@ async fn an_isolated_follower_misses_nothing_once_healed() {
     // leader would release the lock itself.)
     drop(c);
 }
+
+/// Who owns `key` in node `i`'s `stats` (its `owner_conn_id`).
+async fn owner_of(cluster: &TestCluster, i: usize, key: &str) -> Option<u64> {
+    let stats = ask(cluster, i, b"stats\n_\n_\n").await;
+    let json = stats.strip_prefix("ok ").unwrap_or(&stats);
+    let stats: serde_json::Value = serde_json::from_str(json).expect("stats is JSON");
+    stats["locks"]
+        .as_array()?
+        .iter()
+        .find(|lock| lock["key"] == key)
+        .and_then(|lock| lock["owner_conn_id"].as_u64())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_session_is_taken_over_through_the_new_leader() {
+    let mut cluster = TestCluster::start_with(3, |config| {
+        if let Some(cluster) = config.cluster.as_mut() {
+            cluster.orphan_ttl = Duration::from_secs(30);
+        }
+    })
+    .await;
+    let (old, mut c) = cluster.leader().await;
+    c.expect(b"stable-ref\nworker-7\n_\n", "ok").await;
+    let held = c.grant(b"l\nnamed-job\n0 20\n").await;
+    // A two-phase place behind another session's hold.
+    let mut other = Client::connect(cluster.client_addrs[old]).await;
+    let busy = other.grant(b"l\nbusy\n0 20\n").await;
+    c.expect(b"e\nbusy\n20\n", "queued").await;
+    let before = owner_of(&cluster, old, "named-job").await;
+    cluster.kill(old).await;
+    drop((c, other));
+    let (new, mut c) = cluster.leader().await;
+    assert_ne!(new, old);
+    // The session's next connection names it again and takes over.
+    c.expect(b"stable-ref\nworker-7\n_\n", "ok").await;
+    let after = owner_of(&cluster, new, "named-job").await;
+    assert!(
+        after.is_some() && after != before,
+        "{before:?} -> {after:?}"
+    );
+    // The place is this connection's now: once the hold ahead is
+    // released (by token), its `w` collects the grant.
+    let mut third = Client::connect(cluster.client_addrs[new]).await;
+    third
+        .expect(format!("r\nbusy\n{}\n", busy.token), "ok")
+        .await;
+    let place = c.grant(b"w\nbusy\n5\n").await;
+    assert!(place.fence() > busy.fence());
+    // The hold is renewed with its token as before.
+    c.expect(format!("n\nnamed-job\n{} 20\n", held.token), "ok 20")
+        .await;
+    // An unnamed `w` finds nothing to collect.
+    third.expect(b"w\nbusy\n0\n", "error_not_enqueued").await;
+}
