@@ -158,12 +158,19 @@ impl RaftTiming {
     /// openraft's configuration with this timing.
     pub(crate) fn raft_config(
         &self,
+        snapshot_every: u64,
     ) -> Result<std::sync::Arc<dflockd_cluster::openraft::Config>, String> {
         let millis = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let config = dflockd_cluster::openraft::Config {
             heartbeat_interval: millis(self.heartbeat),
             election_timeout_min: millis(self.election_min),
             election_timeout_max: millis(self.election_max),
+            snapshot_policy: dflockd_cluster::openraft::SnapshotPolicy::LogsSinceLast(
+                snapshot_every.max(1),
+            ),
+            // A fifth of the interval stays behind a snapshot for followers
+            // that lag a little (1,000 by default, openraft's own default).
+            max_in_snapshot_log_to_keep: snapshot_every / 5,
             ..(*dflockd_cluster::raft_config()).clone()
         };
         config
@@ -172,6 +179,14 @@ impl RaftTiming {
             .map_err(|e| format!("Raft timing: {e}"))
     }
 }
+
+/// Log entries between two snapshots unless
+/// [`ClusterConfig::snapshot_every`] says otherwise.
+///
+/// ```
+/// assert_eq!(dflockd_server::DEFAULT_SNAPSHOT_EVERY, 5_000);
+/// ```
+pub const DEFAULT_SNAPSHOT_EVERY: u64 = 5_000;
 
 /// How a node runs as part of a cluster (`--raft-dir` and friends).
 ///
@@ -219,6 +234,11 @@ pub struct ClusterConfig {
     pub orphan_ttl: std::time::Duration,
     /// Heartbeat and election timeouts.
     pub timing: RaftTiming,
+    /// Log entries between two snapshots of the table; the log before a
+    /// snapshot is then compacted (keeping a fifth of this behind it), and
+    /// a node that lags further behind catches up from the snapshot. 5,000
+    /// by default.
+    pub snapshot_every: u64,
 }
 
 impl ClusterConfig {
@@ -247,6 +267,7 @@ impl ClusterConfig {
             tls: None,
             orphan_ttl: std::time::Duration::ZERO,
             timing: RaftTiming::default(),
+            snapshot_every: DEFAULT_SNAPSHOT_EVERY,
         }
     }
 

@@ -32,7 +32,8 @@ mod shared;
 mod tls;
 
 pub use cluster_config::{
-    ClusterConfig, ClusterPeer, PeerListError, RaftTiming, parse_cluster_peers,
+    ClusterConfig, ClusterPeer, DEFAULT_SNAPSHOT_EVERY, PeerListError, RaftTiming,
+    parse_cluster_peers,
 };
 pub use config::{IdlePolicy, Secret, ServerConfig};
 pub use dflockd_cluster::RaftSecret;

@@ -290,7 +290,7 @@ impl Replica {
         let table_rules = table;
         let raft = config
             .timing
-            .raft_config()
+            .raft_config(config.snapshot_every)
             .map_err(|reason| ClusterStartError::Config { node: id, reason })?;
         let options = NodeOptions {
             table,

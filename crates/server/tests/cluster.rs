@@ -286,3 +286,171 @@ async fn a_named_session_is_taken_over_through_the_new_leader() {
     // An unnamed `w` finds nothing to collect.
     third.expect(b"w\nbusy\n0\n", "error_not_enqueued").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_cut_off_past_a_compaction_catches_up_by_snapshot() {
+    // A snapshot every 20 entries, and the log before it compacted.
+    let cluster = TestCluster::start_with(3, |config| {
+        if let Some(cluster) = config.cluster.as_mut() {
+            cluster.snapshot_every = 20;
+        }
+    })
+    .await;
+    let (leader, mut c) = cluster.leader().await;
+    let lagging = (leader + 1) % 3;
+    cluster.isolate(lagging).await;
+    // The majority goes on: 60 grants, each its own entry.
+    for i in 0..60 {
+        c.grant(format!("l\nsnap-{i}\n0 60\n")).await;
+    }
+    let leader_node = cluster.node(leader).cluster_node().unwrap();
+    leader_node
+        .raft()
+        .wait(Some(CLUSTER_WAIT))
+        .metrics(|m| m.purged.is_some_and(|p| p.index > 20), "compacted")
+        .await
+        .expect("the leader compacts its log");
+    let target = leader_node.raft().metrics().borrow().last_applied;
+    cluster.heal().await;
+    // Back on the links, the follower can only catch up from a snapshot.
+    let follower = cluster.node(lagging).cluster_node().unwrap();
+    let caught_up = follower
+        .raft()
+        .wait(Some(CLUSTER_WAIT))
+        .metrics(
+            |m| m.last_applied >= target && m.snapshot.is_some(),
+            "caught up by snapshot",
+        )
+        .await
+        .expect("the follower catches up");
+    assert!(caught_up.snapshot.is_some());
+    wait_held_on(&cluster, lagging, "snap-59").await;
+    // Its copy of the table is the leader's.
+    let count = |stats: String| stats.matches("\"owner_conn_id\"").count();
+    assert_eq!(count(ask(&cluster, lagging, b"stats\n_\n_\n").await), 60);
+}
+
+/// The reply to `request`, or `None` if the connection failed.
+async fn try_req(c: &mut Client, request: String) -> Option<String> {
+    c.try_send(request).await.ok()?;
+    c.read_line_within(support::REPLY_TIMEOUT).await.ok()
+}
+
+/// Takes and releases `key` in a loop on whichever node leads until
+/// `stop`, counting pairs in `done`; a pair cut by a change of leader is
+/// started again on the next leader.
+async fn load(
+    addrs: Vec<std::net::SocketAddr>,
+    key: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::sync::atomic::Ordering;
+    while !stop.load(Ordering::Relaxed) {
+        for addr in &addrs {
+            let Ok(Ok(stream)) =
+                tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
+                    .await
+            else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let mut c = Client::new(support::Stream::Tcp(stream));
+            while !stop.load(Ordering::Relaxed) {
+                let Some(reply) = try_req(&mut c, format!("l\n{key}\n0 10\n")).await else {
+                    break;
+                };
+                let Some(token) = reply.strip_prefix("ok ").and_then(|r| r.split(' ').next())
+                else {
+                    break;
+                };
+                let release = format!("r\n{key}\n{token}\n");
+                if try_req(&mut c, release).await.as_deref() != Some("ok") {
+                    break;
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voter_is_added_and_another_removed_under_load() {
+    use dflockd_cluster::{MembershipChange, Network, change_membership};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let mut cluster = TestCluster::start(3).await;
+    let (leader, mut c) = cluster.leader().await;
+    let kept = c.grant(b"l\nkept\n0 60\n").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..3)
+        .map(|w| {
+            tokio::spawn(load(
+                cluster.client_addrs.clone(),
+                format!("load-{w}"),
+                stop.clone(),
+                done.clone(),
+            ))
+        })
+        .collect();
+    // Load runs before, during and after each change.
+    let progress = |at_least: u64| {
+        let done = done.clone();
+        async move {
+            tokio::time::timeout(CLUSTER_WAIT, async {
+                while done.load(Ordering::Relaxed) < at_least {
+                    tokio::task::yield_now().await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("the load makes progress");
+        }
+    };
+    progress(20).await;
+    let network = Network::with_secret(cluster.secret().clone());
+    let (added, member) = cluster.add_node().await;
+    let via = cluster.raft_addr(leader);
+    let add = MembershipChange::AddVoter { id: 4, member };
+    change_membership(via, &network, add, CLUSTER_WAIT)
+        .await
+        .expect("node 4 is added");
+    let base = done.load(Ordering::Relaxed);
+    progress(base + 20).await;
+    // A follower leaves; asked through the new node, which sends it on.
+    let leaving = (0..3).find(|&i| i != leader).unwrap();
+    let remove = MembershipChange::RemoveVoter {
+        id: leaving as u64 + 1,
+    };
+    change_membership(cluster.raft_addr(added), &network, remove, CLUSTER_WAIT)
+        .await
+        .expect("the follower is removed");
+    cluster.stop(leaving).await;
+    let base = done.load(Ordering::Relaxed);
+    progress(base + 20).await;
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let voters: Vec<u64> = {
+        let node = cluster.node(leader).cluster_node().unwrap();
+        let metrics = node.raft().metrics().borrow().clone();
+        metrics.membership_config.voter_ids().collect()
+    };
+    let mut expected: Vec<u64> = vec![1, 2, 3, 4];
+    expected.retain(|&id| id != leaving as u64 + 1);
+    assert_eq!(voters, expected);
+    // The new voter has the table: the hold from before it joined, and
+    // every load key free again.
+    wait_held_on(&cluster, added, "kept").await;
+    c.expect(format!("n\nkept\n{} 60\n", kept.token), "ok 60")
+        .await;
+    for w in 0..3 {
+        let free = cluster
+            .ask_leader(format!("l\nload-{w}\n0\n").as_bytes())
+            .await;
+        assert!(free.starts_with("ok "), "load-{w}: {free}");
+    }
+}

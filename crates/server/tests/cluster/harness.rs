@@ -122,6 +122,54 @@ impl TestCluster {
         config
     }
 
+    /// Starts one more node (the next id), empty, with every current node
+    /// and itself as peers (so it waits to be added: the seed is node 1),
+    /// its links through proxies like the others'. Returns its index and
+    /// the member to add (Raft messages reach it through one of its
+    /// proxies).
+    pub async fn add_node(&mut self) -> (usize, dflockd_cluster::Member) {
+        let i = self.nodes.len();
+        let (client, raft) = (bind(), bind());
+        let raft_addr = raft.local_addr().unwrap();
+        for row in self.proxies.iter_mut() {
+            row.push(Some(
+                FaultProxy::start(raft_addr).await.expect("proxy starts"),
+            ));
+        }
+        let mut row = Vec::new();
+        for addr in &self.raft_addrs {
+            row.push(Some(FaultProxy::start(*addr).await.expect("proxy starts")));
+        }
+        row.push(None);
+        self.proxies.push(row);
+        self.client_addrs.push(client.local_addr().unwrap());
+        self.raft_addrs.push(raft_addr);
+        self.dirs.push(tempfile::tempdir().unwrap());
+        self.nodes.push(None);
+        let listeners = Listeners {
+            client: Some(client),
+            raft: Some(raft),
+        };
+        let handle = Server::start_with_listeners(self.config(i), listeners)
+            .await
+            .expect("node starts");
+        self.nodes[i] = Some(handle);
+        let through = self.proxies[0][i].as_ref().expect("a proxy").addr();
+        let member =
+            dflockd_cluster::Member::new(through.to_string(), self.client_addrs[i].to_string());
+        (i, member)
+    }
+
+    /// Node `i`'s own Raft address (no proxy).
+    pub fn raft_addr(&self, i: usize) -> SocketAddr {
+        self.raft_addrs[i]
+    }
+
+    /// The cluster's Raft secret.
+    pub fn secret(&self) -> &RaftSecret {
+        &self.secret
+    }
+
     pub fn node(&self, i: usize) -> &ServerHandle {
         self.nodes[i].as_ref().expect("node is running")
     }
