@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 mod admin;
 mod auth;
+mod db;
 
 /// The consensus engine, re-exported: its metrics and configuration types
 /// are part of this crate's API.

@@ -23,8 +23,8 @@ use openraft::{AnyError, LogId, OptionalSend, RaftLogReader, StorageIOError, Vot
 use redb::{Database, ReadableDatabase, ReadableTable};
 use serde::de::DeserializeOwned;
 
+use crate::db::Db;
 use crate::records::{COMMITTED, LAST_PURGED, LOGS, META, VOTE, decode, encode, read_meta};
-use crate::storage::Db;
 use crate::{Entry, NodeId, StorageError, TypeConfig};
 
 /// The Raft log store of one node (cheap to clone: clones share the file

@@ -164,7 +164,7 @@ pub struct Node {
     /// Raft's longest election timeout (and leader lease).
     election_max: std::time::Duration,
     /// Sees the storage file closed.
-    closed: crate::storage::Closed,
+    closed: crate::db::Closed,
     /// How many times a node has started on this storage, this one included.
     incarnation: u64,
     /// The last log index in the storage when this node started.

@@ -14,9 +14,9 @@ use openraft::{
 use redb::Database;
 use serde::{Deserialize, Serialize};
 
+use crate::db::Db;
 use crate::member::Member;
 use crate::records::{META, SNAPSHOT, decode, encode, read_meta};
-use crate::storage::Db;
 use crate::{BatchEffects, Entry, NodeId, StorageError, TypeConfig};
 
 /// The version byte that starts a snapshot's data (3: members carry their

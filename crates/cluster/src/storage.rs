@@ -8,6 +8,7 @@ use dflockd_core::TableConfig;
 use redb::Database;
 use thiserror::Error;
 
+use crate::db::{Closed, Db};
 use crate::log_store::{LogStore, Writer};
 use crate::records::{INCARNATION, LOGS, META, decode, encode, read_meta, write_meta};
 use crate::state_machine::StateMachine;
@@ -51,25 +52,6 @@ pub enum StorageOpenError {
     },
 }
 
-/// The open file, and a signal that the file has been released: the
-/// sender drops (and its receivers wake) after the database itself, as
-/// fields drop in order — unlike a count of handles, which reaches zero
-/// before the file is closed.
-pub(crate) struct Db {
-    database: Database,
-    _closed: tokio::sync::watch::Sender<()>,
-}
-
-impl std::ops::Deref for Db {
-    type Target = Database;
-    fn deref(&self) -> &Database {
-        &self.database
-    }
-}
-
-/// Resolves once a storage file has been closed (see `Storage::closed`).
-pub(crate) type Closed = tokio::sync::watch::Receiver<()>;
-
 /// A node's durable storage: one redb file, opened by one process at a
 /// time. Every write is committed with an fsync before it is acknowledged.
 ///
@@ -91,7 +73,7 @@ impl Storage {
     /// storage (log store, state machine, snapshot builders) is dropped
     /// and the file released (`changed()` then fails).
     pub(crate) fn closed(&self) -> Closed {
-        self.db._closed.subscribe()
+        self.db.closed()
     }
 
     /// Opens (or creates) the storage file at `path`.
@@ -117,10 +99,7 @@ impl Storage {
             path: shown.clone(),
             source,
         })?;
-        let db = Arc::new(Db {
-            database: db,
-            _closed: tokio::sync::watch::Sender::new(()),
-        });
+        let db = Arc::new(Db::new(db));
         let writer = Writer::start(Arc::clone(&db)).map_err(|e| StorageOpenError::Prepare {
             path: shown.clone(),
             source: redb::Error::Io(e),

@@ -1,6 +1,6 @@
 //! Server configuration as the library sees it: typed values with the Go
 //! server's defaults. The `dflockd` binary builds one from flags and
-//! environment variables ([`crate::cli`]); embedders build one in code.
+//! environment variables (the `cli` module); embedders build one in code.
 
 use std::fmt;
 use std::path::PathBuf;
