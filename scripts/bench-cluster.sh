@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Three-node dflockd cluster against a one-node cluster (the same durable,
-# fsync'd log, no replication) and a plain single node (in memory),
-# interleaved: `dflock bench` (acquire + release pairs) at 1, 10 and 50
-# workers. Extra environment (e.g. TOKIO_WORKER_THREADS=1) reaches every
-# dflockd.
+# A three-node dflockd cluster (three processes, and three nodes in one
+# process) against a one-node cluster (the same durable, fsync'd log, no
+# replication) and a plain single node (in memory), interleaved:
+# `dflock bench` (acquire + release pairs) at 1, 10 and 50 workers. Extra
+# environment (e.g. TOKIO_WORKER_THREADS=1) reaches every dflockd.
 # Usage: scripts/bench-cluster.sh [rounds] [seconds]   (release build first:
-#   cargo build --release -p dflockd-server -p dflockd-cli)
+#   cargo build --release -p dflockd-server --bin dflockd --example failover_bench
+#   cargo build --release -p dflockd-cli)
 set -euo pipefail
 rounds=${1:-2}
 seconds=${2:-4}
@@ -36,6 +37,12 @@ for round in $(seq 1 "$rounds"); do
   echo "== round $round: cluster of 3, leader $leader"
   "$bin/dflock" --servers "$leader" bench --workloads uncontended --workers 1,10,50 --seconds "$seconds"
   pkill -f "$bin/dflockd"; sleep 0.5
+  "$bin/examples/failover_bench" serve $((3 * seconds + 10)) >"$work/inproc" 2>&1 &
+  inproc=$!
+  for _ in $(seq 1 100); do grep -q leader "$work/inproc" && break; sleep 0.1; done
+  echo "== round $round: cluster of 3 in one process, $(cat "$work/inproc")"
+  "$bin/dflock" --servers "$(awk '/leader/{print $2}' "$work/inproc")" bench --workloads uncontended --workers 1,10,50 --seconds "$seconds"
+  kill "$inproc" 2>/dev/null || true; wait "$inproc" 2>/dev/null || true
   DFLOCKD_LOG=warn DFLOCKD_RAFT_AUTH_TOKEN=$secret "$bin/dflockd" --port 26401 \
     --max-locks 200000 --raft-dir "$work/solo" --node-id 1 --raft-addr 127.0.0.1:27010 \
     --cluster-bootstrap >"$work/solo.log" 2>&1 &

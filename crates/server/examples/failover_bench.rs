@@ -8,7 +8,11 @@
 //!
 //! arguments: kills per timing, then timings as
 //! `heartbeat/election_min/election_max` in milliseconds. With
-//! `stop-vs-kill KILLS` instead, the shipped timing's leader is stopped
+//! `serve SECONDS` instead, one cluster serves for that long and its
+//! leader's client address is printed (for `dflock bench`). With
+//! `load SECONDS` instead, 1, 10 and 50 workers take and release their
+//! own keys on the leader of a fresh cluster each (throughput with the
+//! three nodes in one process). With `stop-vs-kill KILLS` instead, the shipped timing's leader is stopped
 //! gracefully (SIGTERM's path: drain, hand over, stop Raft) and killed by
 //! turns, and both windows are reported. With
 //! `stability SECONDS TIMING...` instead, each timing's cluster serves 50
@@ -205,12 +209,22 @@ async fn stability(
     timing: RaftTiming,
     seconds: u64,
 ) -> Result<(u64, u64), Box<dyn std::error::Error>> {
+    load(timing, seconds, 50).await
+}
+
+/// `workers` connections to the leader, each taking and releasing its own
+/// key for `seconds`; returns pairs done and leader changes seen.
+async fn load(
+    timing: RaftTiming,
+    seconds: u64,
+    workers_wanted: usize,
+) -> Result<(u64, u64), Box<dyn std::error::Error>> {
     let cluster = Cluster::start(timing).await?;
     let leader = cluster.clients[cluster.leader().await];
     let before = cluster.term();
     let until = Instant::now() + Duration::from_secs(seconds);
     let mut workers = Vec::new();
-    for w in 0..50 {
+    for w in 0..workers_wanted {
         workers.push(tokio::spawn(async move {
             let mut pairs = 0u64;
             let Ok(stream) = TcpStream::connect(leader).await else {
@@ -271,6 +285,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let (pairs, changes) = stability(timing, seconds).await?;
             println!(
                 "{text}: {seconds} s, 50 workers: {:.0} pairs/s, leader changes {changes}",
+                pairs as f64 / seconds as f64
+            );
+        }
+        return Ok(());
+    }
+    if args.first().map(String::as_str) == Some("serve") {
+        let seconds: u64 = args.get(1).map(|a| a.parse()).transpose()?.unwrap_or(60);
+        let cluster = Cluster::start(RaftTiming::default()).await?;
+        println!("leader {}", cluster.clients[cluster.leader().await]);
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        for node in cluster.nodes.into_iter().flatten() {
+            node.shutdown().await;
+        }
+        return Ok(());
+    }
+    if args.first().map(String::as_str) == Some("load") {
+        let seconds: u64 = args.get(1).map(|a| a.parse()).transpose()?.unwrap_or(4);
+        for workers in [1, 10, 50] {
+            let (pairs, changes) = load(RaftTiming::default(), seconds, workers).await?;
+            println!(
+                "in process, {workers} workers: {:.0} pairs/s, leader changes {changes}",
                 pairs as f64 / seconds as f64
             );
         }
