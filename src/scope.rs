@@ -39,9 +39,50 @@ pub struct LeaseScope {
 struct Inner {
     cancel: CancellationToken,
     tracker: TaskTracker,
-    aborts: Mutex<Vec<AbortHandle>>,
-    kills: Mutex<Vec<Kill>>,
+    /// Running tasks, to abort at the deadline; each leaves when it ends
+    /// (recorded before it is spawned, its handle filled in after).
+    aborts: Children<Option<AbortHandle>>,
+    /// Adopted actors still alive, to kill at the deadline.
+    kills: Children<Kill>,
     done: CancellationToken,
+}
+
+/// The scope's running children by a number of their own: a child leaves
+/// when it ends, so a long-lived scope costs only what still runs.
+struct Children<T> {
+    next: std::sync::atomic::AtomicU64,
+    running: Mutex<std::collections::HashMap<u64, T>>,
+}
+
+impl<T> Children<T> {
+    fn new() -> Children<T> {
+        Children {
+            next: std::sync::atomic::AtomicU64::new(0),
+            running: Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, T>> {
+        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn key(&self) -> u64 {
+        self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Removes child `key` from `children` when dropped: when the child's
+/// future ends, is aborted, or its runtime drops it.
+struct Leave<T: Send + 'static> {
+    inner: Arc<Inner>,
+    key: u64,
+    children: fn(&Inner) -> &Children<T>,
+}
+
+impl<T: Send + 'static> Drop for Leave<T> {
+    fn drop(&mut self) {
+        (self.children)(&self.inner).lock().remove(&self.key);
+    }
 }
 
 impl std::fmt::Debug for Inner {
@@ -89,8 +130,8 @@ impl LeaseScope {
         let inner = Arc::new(Inner {
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
-            aborts: Mutex::new(Vec::new()),
-            kills: Mutex::new(Vec::new()),
+            aborts: Children::new(),
+            kills: Children::new(),
             done: CancellationToken::new(),
         });
         let watcher = Arc::clone(&inner);
@@ -130,18 +171,47 @@ impl LeaseScope {
         F: FnOnce(CancellationToken) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let handle = self
-            .inner
-            .tracker
-            .spawn(task(self.inner.cancel.child_token()));
-        self.inner
-            .aborts
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(handle.abort_handle());
+        let key = self.inner.aborts.key();
+        let leave = Leave {
+            inner: Arc::clone(&self.inner),
+            key,
+            children: |inner| &inner.aborts,
+        };
+        let child = task(self.inner.cancel.child_token());
+        // Recorded before it runs, so that ending (leaving) cannot come
+        // first; a task that ended already is not recorded again.
+        self.inner.aborts.lock().insert(key, None);
+        let handle = self.inner.tracker.spawn(async move {
+            let _leave = leave;
+            child.await;
+        });
+        if let Some(slot) = self.inner.aborts.lock().get_mut(&key) {
+            *slot = Some(handle.abort_handle());
+        }
         if self.inner.cancel.is_cancelled() {
             handle.abort();
         }
+    }
+
+    /// How many children (tasks and adopted actors) are still running.
+    /// Children that ended are forgotten: a scope that spawns a task per
+    /// request stays as small as what runs.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let server = dflockd::server::Server::start(dflockd::server::ServerConfig::ephemeral()).await?;
+    /// # let client = dflockd::client::Client::builder().server(server.local_addr().into()).build()?;
+    /// let lease = client.lock("jobs/compact")?.acquire().await?;
+    /// let scope = dflockd::LeaseScope::new(&lease);
+    /// let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    /// scope.spawn(|_| async move { let _ = rx.await; });
+    /// assert_eq!(scope.running(), 1);
+    /// drop(tx);
+    /// while scope.running() > 0 { tokio::task::yield_now().await; }
+    /// # Ok(()) }
+    /// ```
+    pub fn running(&self) -> usize {
+        self.inner.aborts.lock().len() + self.inner.kills.lock().len()
     }
 
     /// Puts a running actor under the scope: it is stopped gracefully when
@@ -157,22 +227,29 @@ impl LeaseScope {
     /// ```
     pub fn adopt_actor<A: Actor>(&self, actor: ActorRef<A>) {
         let graceful = actor.clone();
-        self.inner.tracker.spawn(async move {
-            actor.wait_for_shutdown().await;
-        });
-        let cancel = self.inner.cancel.clone();
-        tokio::spawn({
-            let actor = graceful.clone();
-            async move {
-                cancel.cancelled().await;
-                let _ = actor.stop_gracefully().await;
-            }
-        });
+        let key = self.inner.kills.key();
+        let leave = Leave {
+            inner: Arc::clone(&self.inner),
+            key,
+            children: |inner| &inner.kills,
+        };
         self.inner
             .kills
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(Box::new(move || graceful.kill()));
+            .insert(key, Box::new(move || graceful.kill()));
+        let cancel = self.inner.cancel.clone();
+        // One task per actor, ending with it: it asks the actor to stop
+        // when the scope stops.
+        self.inner.tracker.spawn(async move {
+            let _leave = leave;
+            tokio::select! {
+                _ = actor.wait_for_shutdown() => {}
+                _ = cancel.cancelled() => {
+                    let _ = actor.stop_gracefully().await;
+                    actor.wait_for_shutdown().await;
+                }
+            }
+        });
     }
 
     /// A token cancelled when the scope stops (lease lost or [`close`](Self::close)).
@@ -245,20 +322,14 @@ impl Inner {
             .is_err()
         {
             tracing::warn!("lease scope: children still running at the deadline, aborting");
-            for abort in self
-                .aborts
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .iter()
-            {
+            // Taken out first: an aborted child leaves (locks) as it drops.
+            let aborts: Vec<AbortHandle> =
+                self.aborts.lock().drain().filter_map(|(_, a)| a).collect();
+            for abort in aborts {
                 abort.abort();
             }
-            for kill in self
-                .kills
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .iter()
-            {
+            let kills: Vec<Kill> = self.kills.lock().drain().map(|(_, k)| k).collect();
+            for kill in kills {
                 kill();
             }
             self.tracker.wait().await;

@@ -482,3 +482,64 @@ async fn lease_scope_children_stop_before_the_key_is_regranted() {
         "scope stopped at {stopped_at:?}, key re-granted at {granted_at:?}"
     );
 }
+
+/// A long-lived scope that spawns a short task per request costs only what
+/// still runs: 100,000 finished children leave nothing behind (before, each
+/// left its abort handle until the scope ended), and adopted actors that
+/// stopped leave too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scope_forgets_children_that_ended() {
+    let server = server().await;
+    let client = Client::builder()
+        .server(server.local_addr().into())
+        .build()
+        .unwrap();
+    let lease = client
+        .lock("recipes/many")
+        .unwrap()
+        .acquire()
+        .await
+        .unwrap();
+    let scope = LeaseScope::new(&lease);
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for batch in 0..100 {
+        for _ in 0..1_000 {
+            let done = Arc::clone(&done);
+            scope.spawn(|_cancel| async move {
+                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            });
+        }
+        // Bounded by what runs at once, not by what ever ran.
+        assert!(
+            scope.running() <= 1_000,
+            "batch {batch}: {} children tracked",
+            scope.running()
+        );
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while scope.running() > 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("batch {batch}: {} children still tracked", scope.running()));
+    }
+    assert_eq!(done.load(std::sync::atomic::Ordering::Relaxed), 100_000);
+    assert_eq!(scope.running(), 0);
+    // An adopted actor that stops leaves as well.
+    let alive = Arc::new(Mutex::new(Instant::now()));
+    let actor = Busy::spawn(alive);
+    scope.adopt_actor(actor.clone());
+    assert_eq!(scope.running(), 1);
+    actor.stop_gracefully().await.unwrap();
+    actor.wait_for_shutdown().await;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while scope.running() > 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the stopped actor leaves the scope");
+    scope.close();
+    scope.stopped().await;
+    lease.release().await.unwrap();
+}
