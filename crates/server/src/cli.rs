@@ -75,6 +75,77 @@ pub struct Settings {
     pub config: ServerConfig,
     /// Debug-level logging (`--debug` / `DFLOCKD_DEBUG`).
     pub debug: bool,
+    /// The log level (`--log-level` / `DFLOCKD_LOG_LEVEL`: error, warn,
+    /// info, debug or trace); `--debug` means `debug`; `info` by default.
+    pub log_level: LogLevel,
+    /// How log lines look (`--log-format` / `DFLOCKD_LOG_FORMAT`).
+    pub log_format: LogFormat,
+}
+
+/// The most detailed log lines written.
+///
+/// ```
+/// use dflockd_server::cli::LogLevel;
+/// assert_eq!("warn".parse::<LogLevel>().unwrap().as_str(), "warn");
+/// assert!("loud".parse::<LogLevel>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Warnings and errors.
+    Warn,
+    /// The default: start, stop, refusals and failures.
+    Info,
+    /// Per-connection detail.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+impl LogLevel {
+    /// The level as a `tracing` filter directive.
+    ///
+    /// ```
+    /// assert_eq!(dflockd_server::cli::LogLevel::Info.as_str(), "info");
+    /// ```
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+impl std::str::FromStr for LogLevel {
+    type Err = ();
+    fn from_str(text: &str) -> Result<LogLevel, ()> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "error" => Ok(LogLevel::Error),
+            "warn" | "warning" => Ok(LogLevel::Warn),
+            "info" => Ok(LogLevel::Info),
+            "debug" => Ok(LogLevel::Debug),
+            "trace" => Ok(LogLevel::Trace),
+            _ => Err(()),
+        }
+    }
+}
+
+/// How log lines are written to stderr.
+///
+/// ```
+/// assert_eq!(dflockd_server::cli::LogFormat::default(), dflockd_server::cli::LogFormat::Text);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines (colours only on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Command-line flags. Every value is kept as text so that flags and
@@ -166,6 +237,14 @@ struct Flags {
     /// Debug-level logs [env: DFLOCKD_DEBUG] [default: false]
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     debug: Option<String>,
+    /// Log level: error, warn, info, debug or trace [env: DFLOCKD_LOG_LEVEL]
+    /// [default: info, or debug with --debug]
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Log format: text or json (one object per line) [env:
+    /// DFLOCKD_LOG_FORMAT] [default: text]
+    #[arg(long)]
+    log_format: Option<String>,
     /// HTTP API port; not supported yet, must be 0 [env: DFLOCKD_HTTP_PORT]
     #[arg(long)]
     http_port: Option<String>,
@@ -397,6 +476,31 @@ fn resolve(flags: &Flags, env: impl Fn(&str) -> Option<String>) -> Result<Settin
         false,
     )?;
     let debug = boolean(pick("--debug", &flags.debug, "DFLOCKD_DEBUG"), false)?;
+    let log_level = match pick("--log-level", &flags.log_level, "DFLOCKD_LOG_LEVEL") {
+        Some(raw) => raw.value.parse().map_err(|()| {
+            ConfigError(format!(
+                "{} must be one of error, warn, info, debug, trace (got {:?})",
+                name(&raw),
+                raw.value
+            ))
+        })?,
+        None if debug => LogLevel::Debug,
+        None => LogLevel::Info,
+    };
+    let log_format = match pick("--log-format", &flags.log_format, "DFLOCKD_LOG_FORMAT") {
+        None => LogFormat::Text,
+        Some(raw) => match raw.value.trim().to_ascii_lowercase().as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            _ => {
+                return Err(ConfigError(format!(
+                    "{} must be text or json (got {:?})",
+                    name(&raw),
+                    raw.value
+                )));
+            }
+        },
+    };
 
     if let Some(raw) = pick("--http-port", &flags.http_port, "DFLOCKD_HTTP_PORT")
         && integer(&raw)? != 0
@@ -429,7 +533,12 @@ fn resolve(flags: &Flags, env: impl Fn(&str) -> Option<String>) -> Result<Settin
         }
     };
     config.auth_token = auth_token(flags, &env)?;
-    Ok(Settings { config, debug })
+    Ok(Settings {
+        config,
+        debug,
+        log_level,
+        log_format,
+    })
 }
 
 /// A flag's value if given, else its environment variable's (`env` treats

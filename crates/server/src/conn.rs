@@ -243,13 +243,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin, L: DriverLog> Connection<S, L> {
 
     /// Serves the connection until it ends; dropping it runs the
     /// disconnect cleanup.
-    pub(crate) async fn serve(mut self) {
+    pub(crate) async fn serve(mut self) -> Close {
         let outcome = self.run().await;
         let outcome = match outcome {
             Ok(never) => match never {},
             Err(close) => self.finish(close).await,
         };
         tracing::debug!(?outcome, "connection closed");
+        outcome
     }
 
     /// The session's clock: time since the connection started.

@@ -3,6 +3,8 @@
 
 use std::process::ExitCode;
 
+use std::io::IsTerminal;
+
 use dflockd_server::{Server, cli};
 use tracing_subscriber::EnvFilter;
 
@@ -15,13 +17,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let level = if settings.debug { "debug" } else { "info" };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("DFLOCKD_LOG").unwrap_or_else(|_| EnvFilter::new(level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // DFLOCKD_LOG (a `tracing` filter) overrides the level.
+    let filter = EnvFilter::try_from_env("DFLOCKD_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(settings.log_level.as_str()));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match settings.log_format {
+        cli::LogFormat::Json => logs.json().init(),
+        // Colours only on a terminal: piped into a file they are noise.
+        cli::LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -18,6 +18,7 @@ use crate::config::ServerConfig;
 use crate::conn::Connection;
 use crate::fence::{FenceFileError, ServerMint};
 use crate::replica::{self, ClusterLog, ClusterStartError, Releases, Replica};
+use crate::session::Close;
 use crate::shared::{ConnGuard, Shared};
 
 /// Why a server could not start.
@@ -435,7 +436,7 @@ async fn run(
             Ok((stream, peer)) => {
                 // Over a cap: close at once, before any TLS handshake.
                 let Some(guard) = shared.admit(peer.ip()) else {
-                    tracing::debug!(%peer, "connection refused by cap");
+                    tracing::info!(%peer, "connection refused by a connection cap");
                     drop(stream);
                     continue;
                 };
@@ -503,7 +504,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     id: ConnId,
     shared: Arc<Shared>,
     replica: Option<Arc<Replica>>,
-) {
+) -> Close {
     match replica {
         None => Connection::new(stream, id, shared).serve().await,
         Some(replica) => {
@@ -521,7 +522,8 @@ async fn handle(
     replica: Option<Arc<Replica>>,
 ) {
     let id = guard.id;
-    match shared.config.tls.clone() {
+    let peer = stream.peer_addr().ok();
+    let close = match shared.config.tls.clone() {
         None => serve(stream, id, Arc::clone(&shared), replica).await,
         Some(tls) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.server);
@@ -541,7 +543,14 @@ async fn handle(
                 },
                 _ = shared.kill.cancelled() => return,
             };
-            serve(stream, id, Arc::clone(&shared), replica).await;
+            serve(stream, id, Arc::clone(&shared), replica).await
+        }
+    };
+    if close == Close::AuthFailed {
+        // The address only: what the peer sent is never logged.
+        match peer {
+            Some(peer) => tracing::warn!(%peer, "authentication failed"),
+            None => tracing::warn!("authentication failed"),
         }
     }
     drop(guard);

@@ -323,7 +323,8 @@ impl Session {
     }
 
     fn auth_failed(&mut self) -> Close {
-        tracing::info!("authentication failed");
+        // Logged with the peer's address once the connection closes.
+        tracing::debug!("authentication failed");
         Reply::Failure(Status::ErrorAuth).encode(&mut self.out);
         Close::AuthFailed
     }

@@ -51,6 +51,18 @@ impl Proc {
         )
     }
 
+    /// [`spawn`](Self::spawn) at the binary's own log settings (no
+    /// `DFLOCKD_LOG` override).
+    fn spawn_logging(cmd: &mut Command) -> Proc {
+        Proc(
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start dflockd"),
+        )
+    }
+
     /// Waits (bounded) for the process to exit.
     fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let deadline = Instant::now() + limit;
@@ -265,4 +277,85 @@ fn version_exits_zero() {
     let (status, stdout, stderr) = run_bounded(&["--version"]);
     assert_eq!(status.code(), Some(0), "stderr: {stderr}");
     assert!(!stdout.trim().is_empty(), "--version printed nothing");
+}
+
+/// Starts the binary with `args` (logs piped), makes a connection fail
+/// authentication, stops it with SIGTERM and returns what it logged.
+fn logs_of_a_failed_auth(args: &[&str]) -> String {
+    let port = free_port();
+    let mut proc = Proc::spawn_logging(
+        dflockd()
+            .args([
+                "--port",
+                &port.to_string(),
+                "--auth-token",
+                "the-real-token",
+            ])
+            .args(args),
+    );
+    let mut conn = Conn::connect_when_up(port, &mut proc);
+    assert_eq!(conn.req(b"auth\n_\nnot-the-token\n"), "error_auth");
+    conn.assert_closed();
+    sigterm(&proc);
+    let status = proc.wait_exit(IO_TIMEOUT);
+    let stderr = proc.stderr();
+    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+    stderr
+}
+
+#[test]
+fn piped_logs_have_no_colour_codes_and_name_a_failed_peer() {
+    let stderr = logs_of_a_failed_auth(&[]);
+    assert!(!stderr.contains('\u{1b}'), "escape codes in {stderr:?}");
+    let failure = stderr
+        .lines()
+        .find(|l| l.contains("authentication failed"))
+        .unwrap_or_else(|| panic!("no auth failure logged: {stderr}"));
+    assert!(failure.contains("WARN"), "{failure}");
+    assert!(failure.contains("peer=127.0.0.1:"), "{failure}");
+    assert!(!stderr.contains("not-the-token") && !stderr.contains("the-real-token"));
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let stderr = logs_of_a_failed_auth(&["--log-format", "json"]);
+    let mut messages = Vec::new();
+    for line in stderr.lines() {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
+        assert!(value.is_object(), "{line}");
+        messages.push(
+            value["fields"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+        );
+    }
+    assert!(
+        messages.iter().any(|m| m == "dflockd listening"),
+        "{messages:?}"
+    );
+    assert!(
+        messages.iter().any(|m| m == "authentication failed"),
+        "{messages:?}"
+    );
+}
+
+#[test]
+fn log_level_selects_what_is_written() {
+    let stderr = logs_of_a_failed_auth(&["--log-level", "warn"]);
+    assert!(!stderr.contains("dflockd listening"), "{stderr}");
+    assert!(stderr.contains("authentication failed"), "{stderr}");
+    let (status, _, stderr) = run_bounded(&["--log-level", "loud"]);
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        stderr.contains("--log-level must be one of error, warn, info, debug, trace"),
+        "{stderr}"
+    );
+    let (status, _, stderr) = run_bounded(&["--log-format", "xml"]);
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        stderr.contains("--log-format must be text or json"),
+        "{stderr}"
+    );
 }
