@@ -123,7 +123,8 @@ impl LeaderElection {
     }
 
     /// Waits until this candidate leads. Transport failures are retried;
-    /// other errors are returned.
+    /// other errors are returned — among them `Error::NotLeader` from a
+    /// cluster follower, which would answer it forever.
     ///
     /// ```
     /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {

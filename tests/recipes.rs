@@ -543,3 +543,55 @@ async fn a_scope_forgets_children_that_ended() {
     scope.stopped().await;
     lease.release().await.unwrap();
 }
+
+/// A campaign on a cluster node that does not lead ends with
+/// `Error::NotLeader` instead of asking the same node forever. The node
+/// is one of a two-voter cluster whose other voter never starts, so no
+/// leader is ever elected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_on_a_follower_surfaces_not_leader() {
+    use dflockd::server::{ClusterConfig, ClusterPeer, Listeners, RaftSecret};
+    let dir = tempfile::tempdir().unwrap();
+    let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (client_listener, raft, absent) = (bind(), bind(), bind());
+    let addr = |l: &std::net::TcpListener| l.local_addr().unwrap().to_string();
+    let peers = vec![
+        ClusterPeer {
+            id: 1,
+            raft: addr(&raft),
+            client: addr(&client_listener),
+        },
+        ClusterPeer {
+            id: 2,
+            raft: addr(&absent),
+            client: addr(&absent),
+        },
+    ];
+    let secret = RaftSecret::new(vec![3; 32]).unwrap();
+    let mut config = ServerConfig::ephemeral();
+    config.cluster = Some(ClusterConfig::new(1, dir.path(), addr(&raft), secret).with_peers(peers));
+    drop(absent);
+    let node = dflockd::server::Server::start_with_listeners(
+        config,
+        Listeners {
+            client: Some(client_listener),
+            raft: Some(raft),
+        },
+    )
+    .await
+    .unwrap();
+    let client = Client::builder()
+        .server(node.local_addr().into())
+        .build()
+        .unwrap();
+    let election = LeaderElection::new(&client, "recipes/no-leader").unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), election.campaign())
+        .await
+        .expect("the campaign gives up instead of retrying forever");
+    assert!(
+        matches!(outcome, Err(dflockd::client::Error::NotLeader { .. })),
+        "{:?}",
+        outcome.map(|_| ())
+    );
+    node.shutdown().await;
+}

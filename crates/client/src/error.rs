@@ -121,8 +121,15 @@ impl Error {
         }
     }
 
-    /// Whether retrying on a fresh connection may succeed (transport trouble),
-    /// as opposed to a definitive answer from the server.
+    /// Whether retrying on a fresh connection to the same server may
+    /// succeed (transport trouble, a draining server), as opposed to a
+    /// definitive answer. `NotLeader` is not transient: the same node will
+    /// keep answering it; go to the leader it names.
+    ///
+    /// ```
+    /// use dflockd_client::Error;
+    /// assert!(!Error::NotLeader { leader: Some("10.0.0.2:6388".into()) }.is_transient());
+    /// ```
     ///
     /// ```no_run
     /// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
@@ -145,7 +152,6 @@ impl Error {
                 | Error::Poisoned
                 | Error::Protocol(_)
                 | Error::Draining
-                | Error::NotLeader { .. }
         )
     }
 }

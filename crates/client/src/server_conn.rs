@@ -50,6 +50,12 @@ pub(crate) struct ServerConn {
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
+/// A backoff with jitter: between half of `backoff` and all of it, by
+/// `unit` in [0, 1), so clients cut off together do not come back in step.
+fn jittered(backoff: Duration, unit: f64) -> Duration {
+    backoff / 2 + (backoff / 2).mul_f64(unit.clamp(0.0, 1.0))
+}
+
 impl Actor for ServerConn {
     type Args = ServerConnArgs;
     type Error = Infallible;
@@ -111,7 +117,7 @@ impl ServerConn {
                 Ok(lane)
             }
             Err(error) => {
-                self.retry_at = Some(Instant::now() + self.backoff);
+                self.retry_at = Some(Instant::now() + jittered(self.backoff, fastrand::f64()));
                 self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
                 self.last_error = Some(error.clone());
                 Err(error)
@@ -189,5 +195,20 @@ impl Message<Renewals> for ServerConn {
             Ok(lane) => lane.send_renewals(batch),
             Err(error) => batch.fail(error),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backoff_is_jittered_between_half_and_all_of_it() {
+        let backoff = Duration::from_millis(800);
+        assert_eq!(jittered(backoff, 0.0), Duration::from_millis(400));
+        assert_eq!(jittered(backoff, 0.5), Duration::from_millis(600));
+        assert!(jittered(backoff, 0.999) <= backoff);
+        // Two clients with different draws wait differently.
+        assert_ne!(jittered(backoff, 0.1), jittered(backoff, 0.9));
     }
 }
