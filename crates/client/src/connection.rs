@@ -131,12 +131,12 @@ impl Connection {
                             .map_err(|e| fail(format!("TLS server name: {e}")))?,
                     };
                     let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-                    Box::new(
-                        connector
-                            .connect(name, tcp)
-                            .await
-                            .map_err(|e| fail(format!("TLS: {e}")))?,
-                    )
+                    Box::new(connector.connect(name, tcp).await.map_err(|e| {
+                        match crate::pinned::explain(&e) {
+                            Some(advice) => fail(format!("TLS: {e}: {advice}")),
+                            None => fail(format!("TLS: {e}")),
+                        }
+                    })?)
                 }
             };
             let mut conn = Connection::from_io(io, addr.clone());

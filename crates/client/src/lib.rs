@@ -11,6 +11,7 @@ mod lane;
 mod lease;
 mod mux_lane;
 mod options;
+mod pinned;
 mod server_conn;
 mod service;
 mod supervisor;

@@ -173,6 +173,39 @@ impl TlsOptions {
         })
     }
 
+    /// Trusts exactly the server certificate in PEM text (certificate
+    /// pinning): the server must present this very certificate — CA flag,
+    /// issuer and name are not checked — and sign the handshake with its
+    /// key. For a self-signed server certificate, including one made with
+    /// `openssl req -x509`, which is a CA certificate that
+    /// [`with_ca_pem`](Self::with_ca_pem) cannot accept as a server's own.
+    ///
+    /// ```
+    /// use dflockd_client::TlsOptions;
+    /// let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    /// let tls = TlsOptions::pinned_cert(cert.cert.pem().as_bytes())?;
+    /// assert!(TlsOptions::pinned_cert(b"not a certificate").is_err());
+    /// # Ok::<(), dflockd_client::Error>(())
+    /// ```
+    pub fn pinned_cert(pem: &[u8]) -> Result<TlsOptions> {
+        let cert = CertificateDer::pem_slice_iter(pem)
+            .next()
+            .ok_or_else(|| Error::InvalidArgument("no certificate in the pinned PEM".into()))?
+            .map_err(|e| Error::InvalidArgument(format!("bad pinned certificate PEM: {e}")))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = Arc::new(crate::pinned::PinnedCert::new(cert, &provider));
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| Error::InvalidArgument(format!("TLS: {e}")))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        Ok(TlsOptions {
+            config: Arc::new(config),
+            server_name: None,
+        })
+    }
+
     /// Uses a rustls configuration built by the caller.
     ///
     /// ```

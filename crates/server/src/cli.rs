@@ -937,6 +937,20 @@ mod tests {
         assert!(e(&["--read-timeout", "9223372037"], &[]).contains("too large"));
         assert!(e(&["--max-locks", "0"], &[]).contains("must be > 0"));
         assert!(e(&["--tls-cert", "x.pem"], &[]).contains("together"));
+        // A TLS file that cannot be read is named, with the problem.
+        let missing = e(
+            &[
+                "--tls-cert",
+                "/nonexistent/c.pem",
+                "--tls-key",
+                "/nonexistent/k.pem",
+            ],
+            &[],
+        );
+        assert!(
+            missing.contains("certificate /nonexistent/c.pem"),
+            "{missing}"
+        );
         assert!(e(&["--orphan-ttl", "5"], &[]).contains("cluster"));
         assert!(e(&["--http-port", "8080"], &[]).contains("HTTP"));
         assert!(e(&["--raft-dir", "/tmp/r"], &[]).contains("cluster"));

@@ -12,22 +12,27 @@ use thiserror::Error;
 /// ```
 /// use dflockd_server::{TlsConfig, TlsError};
 /// let key = rcgen::KeyPair::generate().unwrap().serialize_pem();
-/// assert!(matches!(TlsConfig::from_pem(b"", key.as_bytes()), Err(TlsError::NoCertificate)));
+/// assert!(matches!(TlsConfig::from_pem(b"", key.as_bytes()), Err(TlsError::NoCertificate { .. })));
 /// assert!(matches!(TlsConfig::from_pem(b"", b""), Err(TlsError::Pem { what: "private key", .. })));
 /// ```
 #[derive(Debug, Error)]
 pub enum TlsError {
     /// A PEM file could not be read or parsed.
-    #[error("cannot read {what}: {source}")]
+    #[error("cannot read the {what} {origin}: {source}")]
     Pem {
         /// Which input (`certificate` or `private key`).
         what: &'static str,
+        /// The file, or `(in memory)`.
+        origin: String,
         /// The underlying error.
         source: rustls::pki_types::pem::Error,
     },
     /// The certificate file holds no certificate.
-    #[error("no certificate found")]
-    NoCertificate,
+    #[error("no certificate in {origin}")]
+    NoCertificate {
+        /// The file, or `(in memory)`.
+        origin: String,
+    },
     /// rustls rejected the configuration (e.g. key does not match).
     #[error("invalid TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
@@ -65,17 +70,20 @@ impl TlsConfig {
         cert: impl AsRef<Path>,
         key: impl AsRef<Path>,
     ) -> Result<TlsConfig, TlsError> {
-        let certs = CertificateDer::pem_file_iter(cert.as_ref())
+        let (cert, key) = (cert.as_ref(), key.as_ref());
+        let certs = CertificateDer::pem_file_iter(cert)
             .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
             .map_err(|source| TlsError::Pem {
                 what: "certificate",
+                origin: cert.display().to_string(),
                 source,
             })?;
-        let key = PrivateKeyDer::from_pem_file(key.as_ref()).map_err(|source| TlsError::Pem {
+        let private = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::Pem {
             what: "private key",
+            origin: key.display().to_string(),
             source,
         })?;
-        TlsConfig::from_parts(certs, key)
+        TlsConfig::from_parts(certs, private, &cert.display().to_string())
     }
 
     /// Builds a configuration from PEM text in memory.
@@ -90,25 +98,31 @@ impl TlsConfig {
     /// assert!(TlsConfig::from_pem(ck.cert.pem().as_bytes(), other.as_bytes()).is_err());
     /// ```
     pub fn from_pem(cert: &[u8], key: &[u8]) -> Result<TlsConfig, TlsError> {
+        let origin = "(in memory)";
         let certs = CertificateDer::pem_slice_iter(cert)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|source| TlsError::Pem {
                 what: "certificate",
+                origin: origin.to_string(),
                 source,
             })?;
         let key = PrivateKeyDer::from_pem_slice(key).map_err(|source| TlsError::Pem {
             what: "private key",
+            origin: origin.to_string(),
             source,
         })?;
-        TlsConfig::from_parts(certs, key)
+        TlsConfig::from_parts(certs, key, origin)
     }
 
     fn from_parts(
         certs: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
+        origin: &str,
     ) -> Result<TlsConfig, TlsError> {
         if certs.is_empty() {
-            return Err(TlsError::NoCertificate);
+            return Err(TlsError::NoCertificate {
+                origin: origin.to_string(),
+            });
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let server = rustls::ServerConfig::builder_with_provider(provider)
