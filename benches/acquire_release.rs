@@ -3,6 +3,8 @@
 //! one lease sweep of a table holding a million leases, none due.
 //!
 //! Run with `cargo bench --bench acquire_release`.
+// criterion's macros make undocumented public functions.
+#![allow(missing_docs)]
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -49,7 +51,7 @@ fn table(c: &mut Criterion) {
                 },
             );
             assert!(table.apply(&release).outcome.is_ok());
-        })
+        });
     });
     group.finish();
 
@@ -79,7 +81,7 @@ fn table(c: &mut Criterion) {
     }
     let sweep = Command::new(Duration::from_secs(1), salt, Op::Sweep);
     group.bench_function("sweep_1m_leases_none_due", |b| {
-        b.iter(|| black_box(table.apply(&sweep).outcome))
+        b.iter(|| black_box(table.apply(&sweep).outcome));
     });
     group.finish();
 }
@@ -122,7 +124,7 @@ fn server(c: &mut Criterion) {
                 assert_eq!(line, "ok\n");
             }
             start.elapsed()
-        })
+        });
     });
     group.finish();
     runtime.block_on(server.shutdown());

@@ -1,5 +1,7 @@
 //! The wire codec alone: decoding and parsing request frames, encoding
 //! replies. `cargo bench --bench codec`
+// criterion's macros make undocumented public functions.
+#![allow(missing_docs)]
 
 use std::hint::black_box;
 
@@ -16,7 +18,7 @@ fn decode(c: &mut Criterion) {
             let (_, progress) = decoder.feed(black_box(acquire));
             assert_eq!(progress, Progress::Frame);
             black_box(Request::parse(&decoder.frame()).unwrap());
-        })
+        });
     });
     let release = b"r\nbench-key-42\n183c7875229b00017f3c1f2b3e9a8d6e\n";
     group.bench_function("decode_and_parse_release", |b| {
@@ -24,7 +26,7 @@ fn decode(c: &mut Criterion) {
         b.iter(|| {
             decoder.feed(black_box(release));
             black_box(Request::parse(&decoder.frame()).unwrap());
-        })
+        });
     });
     let grant = Reply::Granted {
         token: Token::new(1_746_403_200_000_000_001, 0x7f3c_1f2b_3e9a_8d6e),
@@ -36,11 +38,11 @@ fn decode(c: &mut Criterion) {
             out.clear();
             black_box(&grant).encode(&mut out);
             black_box(&out);
-        })
+        });
     });
     let line = b"ok 183c7875229b00017f3c1f2b3e9a8d6e 33\n";
     group.bench_function("parse_grant_reply", |b| {
-        b.iter(|| black_box(Reply::parse(black_box(line)).unwrap()))
+        b.iter(|| black_box(Reply::parse(black_box(line)).unwrap()));
     });
     group.finish();
 }

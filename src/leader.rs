@@ -333,7 +333,7 @@ impl Term {
     /// # Ok(()) }
     /// ```
     pub async fn lost(&self) {
-        self.monitor.lost().await
+        self.monitor.lost().await;
     }
 
     /// Gives leadership up.
@@ -481,7 +481,7 @@ impl LeaderContext {
     /// # Ok(()) }
     /// ```
     pub async fn cancelled(&self) {
-        self.cancel.cancelled().await
+        self.cancel.cancelled().await;
     }
 
     /// A token cancelled when leadership is gone.

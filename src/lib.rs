@@ -29,6 +29,9 @@ pub use dflockd_proto as proto;
 pub use dflockd_server as server;
 
 pub use dflockd_proto::{Token, fence_from_token, shard};
+pub use leader::{LeaderContext, LeaderElection, Leadership, Term};
+pub use scope::{ABORT_MARGIN, LeaseScope};
+pub use singleton::Singleton;
 /// The cancellation token the recipes take and hand out (from
 /// `tokio-util`), re-exported so callers need no extra dependency.
 ///
@@ -38,9 +41,6 @@ pub use dflockd_proto::{Token, fence_from_token, shard};
 /// assert!(stop.is_cancelled());
 /// ```
 pub use tokio_util::sync::CancellationToken;
-pub use leader::{LeaderContext, LeaderElection, Leadership, Term};
-pub use scope::{ABORT_MARGIN, LeaseScope};
-pub use singleton::Singleton;
 
 /// The README's Rust snippets, compiled as doc tests.
 #[cfg(doctest)]

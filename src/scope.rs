@@ -294,7 +294,7 @@ impl LeaseScope {
     /// # }
     /// ```
     pub async fn stopped(&self) {
-        self.inner.done.cancelled().await
+        self.inner.done.cancelled().await;
     }
 
     /// Whether the scope has stopped and every child has ended.

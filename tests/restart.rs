@@ -72,7 +72,7 @@ async fn restart_with_fence_state_file_loses_leases_and_keeps_fences_growing() {
                 {
                     Ok(lease) => break lease,
                     Err(error) if error.is_transient() => {
-                        tokio::time::sleep(Duration::from_millis(50)).await
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                     Err(error) => panic!("{error}"),
                 }

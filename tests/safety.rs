@@ -355,7 +355,7 @@ async fn inject(kind: FaultKind, proxy: &FaultProxy, rng: &mut fastrand::Rng, sc
             let mut resets = Vec::new();
             for link in proxy.links() {
                 resets.push(tokio::spawn(async move {
-                    link.reset_asymmetric(first, skew).await
+                    link.reset_asymmetric(first, skew).await;
                 }));
             }
             for reset in resets {

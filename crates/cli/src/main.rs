@@ -77,6 +77,7 @@ pub struct ConnectionArgs {
 }
 
 impl ConnectionArgs {
+    /// The `--servers` addresses, parsed.
     pub fn addrs(&self) -> Result<Vec<ServerAddr>, String> {
         self.servers
             .iter()
@@ -84,6 +85,7 @@ impl ConnectionArgs {
             .collect()
     }
 
+    /// A client for the `--servers`, with the TLS and auth flags.
     pub fn client(&self) -> Result<Client, String> {
         let mut builder = Client::builder().servers(self.addrs()?);
         if let Some(ca) = &self.tls_ca {

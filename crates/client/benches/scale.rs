@@ -135,7 +135,7 @@ fn rss_kb(pid: &str) -> (u64, u64) {
 }
 
 fn thread_count() -> usize {
-    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+    std::fs::read_dir("/proc/self/task").map_or(0, std::iter::Iterator::count)
 }
 
 /// Established TCP connections of this process whose remote port is `port`.
@@ -194,7 +194,7 @@ fn server_stats(port: u16) -> Result<(u64, usize), String> {
     let json = line
         .trim_end()
         .strip_prefix("ok ")
-        .ok_or_else(|| format!("unexpected stats reply: {:.80}", line))?;
+        .ok_or_else(|| format!("unexpected stats reply: {line:.80}"))?;
     let stats: dflockd_proto::Stats = serde_json::from_str(json).map_err(|e| e.to_string())?;
     Ok((stats.connections, stats.locks.len()))
 }

@@ -476,7 +476,7 @@ fn deliver(
         Some(ReplyTo::Caller(sender)) => sender
             .send(Ok((reply, lane.clone())))
             .err()
-            .and_then(|r| r.ok())
+            .and_then(std::result::Result::ok)
             .map(|(reply, _)| reply),
         Some(ReplyTo::Renew(tag)) => {
             renewed.push(tag.reply(Ok(reply)));

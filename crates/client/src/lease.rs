@@ -481,7 +481,7 @@ impl LeaseMonitor {
     /// # }
     /// ```
     pub async fn lost(&self) {
-        self.shared.lost_token().cancelled().await
+        self.shared.lost_token().cancelled().await;
     }
 
     /// The latest instant the lease is known valid.

@@ -525,7 +525,7 @@ impl LeaseSupervisor {
                 self.arm_renew(done.id, next, now);
             }
             Ok(Reply::Failure(dflockd_proto::Status::Error)) => {
-                self.lose(done.id, LossReason::Refused)
+                self.lose(done.id, LossReason::Refused);
             }
             Ok(_) | Err(_) => {
                 // Transient (connection trouble, draining, odd reply): retry

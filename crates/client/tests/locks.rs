@@ -169,7 +169,7 @@ async fn semaphore_limit_and_mismatch() {
     for _ in 0..3 {
         held.push(sem.acquire().await.unwrap());
     }
-    let fences: Vec<u64> = held.iter().map(|l| l.fence()).collect();
+    let fences: Vec<u64> = held.iter().map(dflockd_client::Lease::fence).collect();
     assert!(fences.windows(2).all(|w| w[0] < w[1]), "{fences:?}");
     // Full.
     assert!(
@@ -405,7 +405,7 @@ async fn keys_are_sharded_by_crc32() {
         TestServer::embedded(ServerConfig::ephemeral()).await,
     ];
     let client = Client::builder()
-        .servers(servers.iter().map(|s| s.addr()))
+        .servers(servers.iter().map(support::TestServer::addr))
         .build()
         .unwrap();
     assert_eq!(client.servers().len(), 3);

@@ -165,7 +165,7 @@ fn write_loop(
         for write in batch {
             match write {
                 Write::Append { callback, .. } => {
-                    callback.log_io_completed(result.clone().map_err(std::io::Error::other))
+                    callback.log_io_completed(result.clone().map_err(std::io::Error::other));
                 }
                 Write::Truncate(_, done) | Write::Purge(_, done) | Write::Meta(_, _, done) => {
                     let _ = done.send(result.clone());

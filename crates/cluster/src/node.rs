@@ -674,7 +674,7 @@ impl Node {
         // (counted from when it took office) has passed.
         let took_office = self
             .raft
-            .with_raft_state(|state| state.vote_last_modified())
+            .with_raft_state(openraft::RaftState::vote_last_modified)
             .await
             .ok()
             .flatten();

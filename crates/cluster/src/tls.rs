@@ -110,7 +110,7 @@ impl RaftTls {
         let chain = certificates(
             "certificate",
             &shown(cert),
-            CertificateDer::pem_file_iter(cert).and_then(|i| i.collect()),
+            CertificateDer::pem_file_iter(cert).and_then(std::iter::Iterator::collect),
         )?;
         let private = PrivateKeyDer::from_pem_file(key).map_err(|source| RaftTlsError::Pem {
             what: "private key",
@@ -120,7 +120,7 @@ impl RaftTls {
         let roots = certificates(
             "CA",
             &shown(ca),
-            CertificateDer::pem_file_iter(ca).and_then(|i| i.collect()),
+            CertificateDer::pem_file_iter(ca).and_then(std::iter::Iterator::collect),
         )?;
         RaftTls::from_parts(chain, private, roots)
     }

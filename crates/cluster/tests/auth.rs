@@ -56,7 +56,10 @@ async fn nodes_with_the_secret_replicate_and_a_stranger_is_kept_out() {
     // Node 3 never received an entry.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(nodes[2].raft().metrics().borrow().last_log_index, None);
-    assert_eq!(nodes[2].view().read(|t| t.holder_count()), 0);
+    assert_eq!(
+        nodes[2].view().read(dflockd_core::LockTable::holder_count),
+        0
+    );
 }
 
 #[tokio::test]
@@ -74,8 +77,5 @@ async fn a_peer_without_the_secret_is_disconnected() {
     stream.write_all(&[0u8; 32]).await.unwrap();
     let mut rest = Vec::new();
     let read = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest)).await;
-    assert!(
-        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
-        "still open: {read:?}"
-    );
+    assert!(matches!(read, Ok(Ok(0) | Err(_))), "still open: {read:?}");
 }

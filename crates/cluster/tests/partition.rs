@@ -138,7 +138,7 @@ async fn an_isolated_leader_grants_nothing_and_the_majority_goes_on() {
             .unwrap();
         tables.push(node.view().read(|t| t.snapshot().encode()));
         assert_eq!(
-            node.view().read(|t| t.holder_count()),
+            node.view().read(dflockd_core::LockTable::holder_count),
             2,
             "node {}",
             node.id()

@@ -87,7 +87,10 @@ async fn batches_apply_in_order_and_snapshots_carry_the_table() {
         Ok(Outcome::Acquire(AcquireOutcome::Queued(_)))
     ));
     assert!(granted(&answers[0], 2));
-    assert_eq!(machine.view().read(|t| t.holder_count()), 2);
+    assert_eq!(
+        machine.view().read(dflockd_core::LockTable::holder_count),
+        2
+    );
 
     // A new node installs the snapshot and has the same table.
     let snapshot = machine
@@ -239,7 +242,7 @@ async fn a_restarted_leader_of_the_same_term_takes_office_again() {
     let answers = machine.apply([entry(2, second)]).await.unwrap();
     assert!(answers[0].office.is_some(), "the new process took office");
     assert_eq!(
-        machine.view().read(|t| t.next_deadline()),
+        machine.view().read(dflockd_core::LockTable::next_deadline),
         Some(Duration::from_secs(11))
     );
     // The same process again: no second office.

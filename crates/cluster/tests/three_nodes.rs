@@ -185,7 +185,7 @@ async fn all_nodes_restart_from_disk() {
         .nodes
         .iter()
         .flatten()
-        .map(|n| n.raft_addr())
+        .map(dflockd_cluster::Node::raft_addr)
         .collect();
     for node in cluster.nodes.iter_mut() {
         node.take().unwrap().shutdown().await;
@@ -334,7 +334,7 @@ async fn a_rolling_restart_loses_no_lease() {
     cluster.assert_held(2, "held").await;
     for node in cluster.nodes.iter().flatten() {
         assert_eq!(
-            node.view().read(|t| t.holder_count()),
+            node.view().read(dflockd_core::LockTable::holder_count),
             4,
             "node {}",
             node.id()
@@ -420,7 +420,7 @@ async fn a_voter_is_added_and_another_removed_under_load() {
     assert_eq!(tables.len(), 3);
     assert!(tables.windows(2).all(|w| w[0] == w[1]), "the tables differ");
     let four = cluster.nodes[3].as_ref().unwrap();
-    assert!(four.view().read(|t| t.holder_count()) > 1);
+    assert!(four.view().read(dflockd_core::LockTable::holder_count) > 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

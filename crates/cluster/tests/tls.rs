@@ -96,7 +96,10 @@ async fn nodes_of_the_ca_replicate_and_a_stranger_is_kept_out() {
         )
         .await
         .unwrap();
-    assert_eq!(follower.view().read(|t| t.holder_count()), 1);
+    assert_eq!(
+        follower.view().read(dflockd_core::LockTable::holder_count),
+        1
+    );
     // Node 3 never received an entry (an observation window: it is the
     // absence of an event).
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -135,10 +138,7 @@ async fn a_peer_without_tls_is_disconnected() {
     stream.write_all(&[0u8; 32]).await.unwrap();
     let mut rest = Vec::new();
     let read = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest)).await;
-    assert!(
-        matches!(&read, Ok(Ok(_)) | Ok(Err(_))),
-        "still open: {read:?}"
-    );
+    assert!(matches!(&read, Ok(Ok(_) | Err(_))), "still open: {read:?}");
     // Whatever came back was a TLS alert at most, never the secret's
     // 64-byte hello.
     assert_ne!(rest.len(), 64, "answered in the clear");

@@ -1213,9 +1213,9 @@ impl<F: FenceSource> LockTable<F> {
                     idle_s: now.saturating_sub(r.last_activity).as_secs_f64(),
                 };
                 if limit == 1 {
-                    stats.idle_locks.push(entry)
+                    stats.idle_locks.push(entry);
                 } else {
-                    stats.idle_semaphores.push(entry)
+                    stats.idle_semaphores.push(entry);
                 }
             } else if limit == 1 {
                 let holder = r.holders.iter().next().map(|(_, h)| h);

@@ -1161,9 +1161,9 @@ impl Harness {
             if !r.busy() {
                 let idle = (now - r.idle_since.unwrap()).as_secs_f64();
                 if is_lock {
-                    idle_locks.push((key, idle))
+                    idle_locks.push((key, idle));
                 } else {
-                    idle_sems.push((key, idle))
+                    idle_sems.push((key, idle));
                 }
             } else if is_lock {
                 let h = r.holders.first();
@@ -1278,7 +1278,7 @@ impl Harness {
                     g.token.fence(),
                     SEED + self.minted + 1,
                     "the table minted grants the model did not see"
-                )
+                );
             }
             other => prop_assert!(false, "fresh table should grant, got {:?}", other),
         }

@@ -141,7 +141,7 @@ fn a_two_phase_place_is_taken_over_and_collected_by_the_new_connection() {
     ));
     match wait.outcome {
         Ok(Outcome::Wait(WaitOutcome::Granted(grant))) => {
-            assert!(grant.token.fence() > holder.token.fence())
+            assert!(grant.token.fence() > holder.token.fence());
         }
         other => panic!("expected the place's grant, got {other:?}"),
     }

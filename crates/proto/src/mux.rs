@@ -127,7 +127,7 @@ impl MuxRequest {
     pub fn parse(frame: &RawFrame<'_>) -> Result<MuxRequest, MuxError> {
         let mut words = frame
             .command
-            .split(|b| b.is_ascii_whitespace())
+            .split(u8::is_ascii_whitespace)
             .filter(|w| !w.is_empty());
         let id = words.next().and_then(parse_u64).ok_or(MuxError::NoId)?;
         let invalid = |error| MuxError::Invalid { id, error };

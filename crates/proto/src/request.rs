@@ -430,7 +430,7 @@ impl Request {
         out.push(b'\n');
         match self {
             Request::Auth { .. } | Request::Ping | Request::Stats | Request::Barrier => {
-                out.push(b'_')
+                out.push(b'_');
             }
             Request::StableRef(name) => out.extend_from_slice(name.as_str().as_bytes()),
             Request::Acquire { key, .. }

@@ -109,10 +109,10 @@ fn run_with(input: &[u8], cuts: &[usize], use_decode: bool) -> Run {
             );
             match progress {
                 Progress::NeedMore => {
-                    assert_eq!(used, rest.len(), "NeedMore must consume everything")
+                    assert_eq!(used, rest.len(), "NeedMore must consume everything");
                 }
                 Progress::Frame | Progress::Oversize => {
-                    assert_eq!(rest[used - 1], b'\n', "must stop after an LF")
+                    assert_eq!(rest[used - 1], b'\n', "must stop after an LF");
                 }
             }
             pos += used;

@@ -94,11 +94,11 @@ impl Cluster {
             ],
             clients: client_listeners
                 .iter()
-                .map(|l| l.local_addr())
+                .map(std::net::TcpListener::local_addr)
                 .collect::<Result<_, _>>()?,
             rafts: raft_listeners
                 .iter()
-                .map(|l| l.local_addr())
+                .map(std::net::TcpListener::local_addr)
                 .collect::<Result<_, _>>()?,
             timing,
         };

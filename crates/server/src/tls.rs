@@ -72,7 +72,7 @@ impl TlsConfig {
     ) -> Result<TlsConfig, TlsError> {
         let (cert, key) = (cert.as_ref(), key.as_ref());
         let certs = CertificateDer::pem_file_iter(cert)
-            .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+            .and_then(std::iter::Iterator::collect::<Result<Vec<_>, _>>)
             .map_err(|source| TlsError::Pem {
                 what: "certificate",
                 origin: cert.display().to_string(),

@@ -28,7 +28,10 @@ fn the_unit_is_hardened() {
         .iter()
         .find(|l| l.starts_with("ExecStart="))
         .expect("ExecStart");
-    assert!(exec.contains("--fence-state-file ${STATE_DIRECTORY}/"), "{exec}");
+    assert!(
+        exec.contains("--fence-state-file ${STATE_DIRECTORY}/"),
+        "{exec}"
+    );
 }
 
 #[test]

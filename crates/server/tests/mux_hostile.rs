@@ -121,7 +121,11 @@ async fn random_mux_traffic_is_answered_once_per_id_and_leaves_nothing() {
         check.read_line(&mut line).await.unwrap();
         let stats: Value =
             serde_json::from_str(line.trim_end().strip_prefix("ok ").unwrap()).unwrap();
-        let empty = |section: &str| stats[section].as_array().is_some_and(|a| a.is_empty());
+        let empty = |section: &str| {
+            stats[section]
+                .as_array()
+                .is_some_and(std::vec::Vec::is_empty)
+        };
         if empty("locks") && empty("semaphores") {
             break;
         }

@@ -240,7 +240,7 @@ async fn closing_a_mux_connection_releases_and_withdraws_everything() {
     drop(c);
     watcher
         .wait_stats("everything released", |s| {
-            s["locks"].as_array().is_some_and(|l| l.is_empty())
+            s["locks"].as_array().is_some_and(std::vec::Vec::is_empty)
         })
         .await;
     watcher.grant(b"l\na\n0\n").await;

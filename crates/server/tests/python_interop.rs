@@ -146,7 +146,7 @@ fn real_python_client_2_1_1_works_against_our_server() {
         ca,
     ]
     .iter()
-    .map(|s| s.to_string())
+    .map(std::string::ToString::to_string)
     .collect();
     let (ok, summary) = run_script(&python, &first);
     assert!(ok, "plain/auth/TLS interop failed: {summary}");
@@ -164,7 +164,7 @@ fn real_python_client_2_1_1_works_against_our_server() {
         "tls",
     ]
     .iter()
-    .map(|s| s.to_string())
+    .map(std::string::ToString::to_string)
     .collect();
     let (ok, summary) = run_script(&python, &second);
     assert!(ok, "TLS + auth interop failed: {summary}");
