@@ -5,12 +5,12 @@
 # `dflock bench` (acquire + release pairs) at 1, 10 and 50 workers. Extra
 # environment (e.g. TOKIO_WORKER_THREADS=1) reaches every dflockd.
 # Usage: scripts/bench-cluster.sh [rounds] [seconds]   (release build first:
-#   cargo build --release -p dflockd-server --bin dflockd --example failover_bench
-#   cargo build --release -p dflockd-cli)
+#   cargo build --profile dist -p dflockd-server --bin dflockd --example failover_bench
+#   cargo build --profile dist -p dflockd-cli)
 set -euo pipefail
 rounds=${1:-2}
 seconds=${2:-4}
-bin=$(cd "$(dirname "$0")/.." && pwd)/target/release
+bin=$(cd "$(dirname "$0")/.." && pwd)/target/dist
 work=$(mktemp -d)
 trap 'pkill -f "$bin/dflockd" || true; rm -rf "$work"' EXIT
 secret=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
