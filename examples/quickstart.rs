@@ -1,6 +1,6 @@
 //! Quickstart: leader election with failover, all in one process.
 //!
-//! `cargo run --release --example quickstart`
+//! `cargo run --example quickstart`
 //!
 //! An embedded dflockd server starts. Three workers campaign for leadership
 //! of one key, each through its own client and its own TCP link (a tiny
