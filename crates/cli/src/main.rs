@@ -6,6 +6,11 @@
 //! * `dflock fence TOKEN` decodes a token's fence;
 //! * `dflock bench` measures a server against a zero-work baseline.
 
+#[cfg(not(unix))]
+compile_error!(
+    "dflock is Unix-only: `dflock run` forwards Unix signals to the command's process group"
+);
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;

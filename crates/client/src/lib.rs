@@ -16,6 +16,16 @@ mod server_conn;
 mod service;
 mod supervisor;
 
+/// The actor framework of this client's public API (`ActorRef`s of
+/// [`GrantService`] and lease-lost notifications are kameo types),
+/// re-exported so callers use the same version.
+///
+/// ```
+/// use dflockd_client::kameo::prelude::Actor;
+/// fn is_actor<A: Actor>() {}
+/// ```
+pub use kameo;
+
 pub use client::{Client, ClientBuilder, Enqueue, Lock, Semaphore, ShardFn, Sharding, Ticket};
 pub use connection::{Connection, Enqueued, Granted};
 pub use dflockd_proto::{Key, Stats, Token, fence_from_token};
