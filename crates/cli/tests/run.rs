@@ -257,31 +257,9 @@ async fn fence_and_stats_subcommands() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_status_shows_the_leader_and_a_plain_server() {
     let dir = tempfile::tempdir().unwrap();
-    let raft = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let secret = dflockd_server::RaftSecret::new(vec![7; 32]).unwrap();
-    let mut cluster = dflockd_server::ClusterConfig::new(
-        1,
-        dir.path(),
-        raft.local_addr().unwrap().to_string(),
-        secret,
-    );
-    cluster.bootstrap = true;
-    let mut config = ServerConfig::ephemeral();
-    config.cluster = Some(cluster);
-    let listeners = dflockd_server::Listeners {
-        client: None,
-        raft: Some(raft),
-    };
-    let node = Server::start_with_listeners(config, listeners)
-        .await
-        .expect("node");
-    node.cluster_node()
-        .unwrap()
-        .raft()
-        .wait(Some(Duration::from_secs(10)))
-        .current_leader(1, "elected")
-        .await
-        .unwrap();
+    let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let node = cluster_node(1, dir.path(), bind(), bind(), &[], true).await;
+    elected(&node, 1).await;
     let plain = server().await;
     let servers = format!("{},{}", node.local_addr(), plain.local_addr());
     let mut cmd = Command::new(DFLOCK);
@@ -333,6 +311,17 @@ async fn cluster_node(
         .expect("node")
 }
 
+/// Waits (bounded) until `node` sees node `id` lead.
+async fn elected(node: &ServerHandle, id: u64) {
+    node.cluster_node()
+        .unwrap()
+        .raft()
+        .wait(Some(Duration::from_secs(10)))
+        .current_leader(id, "elected")
+        .await
+        .unwrap();
+}
+
 fn voters(node: &ServerHandle) -> Vec<u64> {
     let metrics = node
         .cluster_node()
@@ -355,13 +344,7 @@ async fn cluster_add_and_remove_change_the_voters() {
         (2, addr(&raft2), addr(&client2)),
     ];
     let one = cluster_node(1, dirs[0].path(), raft1, client1, &peers[..1], true).await;
-    one.cluster_node()
-        .unwrap()
-        .raft()
-        .wait(Some(Duration::from_secs(10)))
-        .current_leader(1, "elected")
-        .await
-        .unwrap();
+    elected(&one, 1).await;
     // Node 2 starts empty; node 1, the lowest id, is the seed: 2 waits.
     let two = cluster_node(2, dirs[1].path(), raft2, client2, &peers, false).await;
     let secret_file = dirs[0].path().join("raft-secret");

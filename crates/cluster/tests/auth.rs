@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 
 mod support;
 
-use support::{WAIT, acquire, fence_of, listeners, start_cluster};
+use support::{WAIT, acquire, commit, fence_of, listeners, start_cluster};
 
 fn secret(byte: u8) -> RaftSecret {
     RaftSecret::new(vec![byte; 32]).unwrap()
@@ -39,19 +39,7 @@ async fn nodes_with_the_secret_replicate_and_a_stranger_is_kept_out() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let effects = loop {
-        match leader.propose(acquire(1, "a")).await {
-            Ok(effects) => break effects,
-            Err(error) => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "never committed: {error}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
+    let effects = commit(leader, acquire(1, "a")).await;
     fence_of(&effects);
     // Node 3 never received an entry.
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -12,26 +12,8 @@ use std::time::Duration;
 mod support;
 
 use dflockd_cluster::{Network, Node, NodeOptions};
-use dflockd_core::{Effects, Op};
 use dflockd_faultproxy::{Blackhole, Direction, FaultProxy, Faults};
-use support::{WAIT, acquire, agreed_leader, granted, listeners, start_cluster};
-
-/// Proposes on `node` until it commits (the node must lead).
-async fn commit(node: &Node, op: Op) -> Effects {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        match node.propose(op.clone()).await {
-            Ok(effects) => return effects,
-            Err(error) => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "never committed: {error}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
+use support::{WAIT, acquire, agreed_leader, commit, granted, listeners, start_cluster};
 
 async fn cut(proxy: &FaultProxy) {
     for dir in Direction::BOTH {

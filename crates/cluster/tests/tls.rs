@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 
 mod support;
 
-use support::{WAIT, acquire, agreed_leader, fence_of, listeners, start_cluster};
+use support::{WAIT, acquire, agreed_leader, commit, fence_of, listeners, start_cluster};
 
 /// A CA, and a node identity for 127.0.0.1 issued by it.
 struct Ca {
@@ -67,19 +67,7 @@ async fn nodes_of_the_ca_replicate_and_a_stranger_is_kept_out() {
     .await;
     let leader = agreed_leader(&[&nodes[0], &nodes[1]]).await;
     let leader = &nodes[(leader - 1) as usize];
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let effects = loop {
-        match leader.propose(acquire(1, "a")).await {
-            Ok(effects) => break effects,
-            Err(error) => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "never committed: {error}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
+    let effects = commit(leader, acquire(1, "a")).await;
     fence_of(&effects);
     let follower = &nodes[if leader.id() == 1 { 1 } else { 0 }];
     follower

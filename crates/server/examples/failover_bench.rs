@@ -119,6 +119,13 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// Stops every running node.
+    async fn shutdown(self) {
+        for node in self.nodes.into_iter().flatten() {
+            node.shutdown().await;
+        }
+    }
+
     /// The node that serves a barrier.
     async fn leader(&self) -> usize {
         loop {
@@ -184,6 +191,11 @@ impl Cluster {
     }
 }
 
+/// The `q` quantile of sorted windows, in seconds.
+fn quantile(sorted: &[Duration], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize].as_secs_f64()
+}
+
 fn parse_timing(text: &str) -> Result<RaftTiming, String> {
     let ms: Vec<u64> = text
         .split('/')
@@ -200,16 +212,6 @@ fn parse_timing(text: &str) -> Result<RaftTiming, String> {
         }),
         _ => Err(format!("{text}: heartbeat/min/max in ms")),
     }
-}
-
-/// 50 workers, each on its own connection to the leader, taking and
-/// releasing its own key for `seconds`; returns pairs done and the leader
-/// changes seen (terms gained).
-async fn stability(
-    timing: RaftTiming,
-    seconds: u64,
-) -> Result<(u64, u64), Box<dyn std::error::Error>> {
-    load(timing, seconds, 50).await
 }
 
 /// `workers` connections to the leader, each taking and releasing its own
@@ -269,9 +271,7 @@ async fn load(
         pairs += worker.await?;
     }
     let changes = cluster.term().saturating_sub(before);
-    for node in cluster.nodes.into_iter().flatten() {
-        node.shutdown().await;
-    }
+    cluster.shutdown().await;
     Ok((pairs, changes))
 }
 
@@ -282,7 +282,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let seconds: u64 = args.get(1).map(|a| a.parse()).transpose()?.unwrap_or(60);
         for text in &args[2..] {
             let timing = parse_timing(text)?;
-            let (pairs, changes) = stability(timing, seconds).await?;
+            let (pairs, changes) = load(timing, seconds, 50).await?;
             println!(
                 "{text}: {seconds} s, 50 workers: {:.0} pairs/s, leader changes {changes}",
                 pairs as f64 / seconds as f64
@@ -295,9 +295,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let cluster = Cluster::start(RaftTiming::default()).await?;
         println!("leader {}", cluster.clients[cluster.leader().await]);
         tokio::time::sleep(Duration::from_secs(seconds)).await;
-        for node in cluster.nodes.into_iter().flatten() {
-            node.shutdown().await;
-        }
+        cluster.shutdown().await;
         return Ok(());
     }
     if args.first().map(String::as_str) == Some("load") {
@@ -317,28 +315,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut cluster = Cluster::start(RaftTiming::default()).await?;
         for k in 0..2 * kills {
             if k % (2 * KILLS_PER_ROUND) == 0 && k > 0 {
-                for node in cluster.nodes.into_iter().flatten() {
-                    node.shutdown().await;
-                }
+                cluster.shutdown().await;
                 cluster = Cluster::start(RaftTiming::default()).await?;
             }
             let _ = cluster.leader().await;
             let graceful = k % 2 == 0;
             windows[usize::from(graceful)].push(cluster.kill_leader(k, graceful).await?);
         }
-        for node in cluster.nodes.into_iter().flatten() {
-            node.shutdown().await;
-        }
+        cluster.shutdown().await;
         for (name, w) in ["kill -9", "SIGTERM"].into_iter().zip(windows.iter_mut()) {
             w.sort();
-            let pick = |q: f64| w[((w.len() - 1) as f64 * q).round() as usize].as_secs_f64();
             println!(
                 "{name}: {} times, window median {:.3} s, min {:.3} s, p90 {:.3} s, max {:.3} s",
                 w.len(),
-                pick(0.5),
-                pick(0.0),
-                pick(0.9),
-                pick(1.0)
+                quantile(w, 0.5),
+                quantile(w, 0.0),
+                quantile(w, 0.9),
+                quantile(w, 1.0)
             );
         }
         return Ok(());
@@ -367,15 +360,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 spurious[t] += after.saturating_sub(before).saturating_sub(1);
                 windows[t].push(window);
             }
-            for node in cluster.nodes.into_iter().flatten() {
-                node.shutdown().await;
-            }
+            cluster.shutdown().await;
         }
     }
     for (t, timing) in timings.iter().enumerate() {
         let w = &mut windows[t];
         w.sort();
-        let pick = |q: f64| w[((w.len() - 1) as f64 * q).round() as usize].as_secs_f64();
+        let pick = |q: f64| quantile(w, q);
         println!(
             "heartbeat {} ms, election {}–{} ms: {} kills, window median {:.3} s, p90 {:.3} s, max {:.3} s; extra terms {}",
             timing.heartbeat.as_millis(),

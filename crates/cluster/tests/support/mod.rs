@@ -74,6 +74,24 @@ pub async fn start_cluster(
     (dirs, nodes)
 }
 
+/// Proposes `op` on `node` until it commits (bounded by [`WAIT`]): a new
+/// cluster may still be electing.
+pub async fn commit(node: &Node, op: Op) -> Effects {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match node.propose(op.clone()).await {
+            Ok(effects) => return effects,
+            Err(error) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "never committed: {error}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Binds `addr` again once a stopped node has let go of it.
 pub async fn rebind(addr: SocketAddr) -> TcpListener {
     let deadline = tokio::time::Instant::now() + WAIT;
