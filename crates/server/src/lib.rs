@@ -18,7 +18,6 @@
 //! timers, drain and configuration.
 #![warn(missing_docs)]
 
-pub mod cli;
 mod clock;
 mod cluster_config;
 mod config;

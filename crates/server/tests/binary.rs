@@ -263,6 +263,35 @@ fn env_port_used_without_flag() {
 }
 
 #[test]
+fn a_config_file_sets_the_port_and_help_names_every_variable() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("dflockd.toml");
+    let port = free_port();
+    std::fs::write(&path, format!("port = {port}\nmax-locks = 8\n")).expect("write config");
+    let mut proc = Proc::spawn(dflockd().arg("--config").arg(&path));
+    let mut conn = Conn::connect_when_up(port, &mut proc);
+    assert_eq!(conn.req(b"ping\n_\n_\n"), "ok");
+    drop(conn);
+    sigterm(&proc);
+    let status = proc.wait_exit(IO_TIMEOUT);
+    assert_eq!(status.code(), Some(0), "stderr: {}", proc.stderr());
+
+    let (status, help, stderr) = run_bounded(&["--help"]);
+    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+    for expected in [
+        "--config",
+        "DFLOCKD_CONFIG",
+        "DFLOCKD_READ_TIMEOUT_S",
+        "[default: 6388]",
+    ] {
+        assert!(
+            help.contains(expected),
+            "{expected} missing from --help:\n{help}"
+        );
+    }
+}
+
+#[test]
 fn read_timeout_zero_is_a_configuration_error() {
     let (status, _, stderr) = run_bounded(&["--read-timeout", "0"]);
     assert_eq!(status.code(), Some(1), "stderr: {stderr}");

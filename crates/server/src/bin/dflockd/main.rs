@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use std::io::IsTerminal;
 
-use dflockd_server::{Server, cli};
+use dflockd_server::Server;
+
+mod cli;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
