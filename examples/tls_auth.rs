@@ -4,7 +4,7 @@
 //!
 //! `cargo run --example tls_auth`
 
-use dflockd::client::{Client, Error, TlsOptions};
+use dflockd::client::{Client, ErrorKind, TlsOptions};
 use dflockd::server::{Secret, Server, ServerConfig, TlsConfig};
 
 #[tokio::main]
@@ -51,8 +51,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .auth_token("guess")?
         .build()?;
     match intruder.lock("secure")?.try_acquire().await {
-        Err(Error::Auth) => println!("wrong token rejected: Error::Auth"),
-        other => return Err(format!("expected Error::Auth, got {other:?}").into()),
+        Err(error) if matches!(error.kind(), ErrorKind::Auth) => {
+            println!("wrong token rejected: {error}");
+        }
+        other => return Err(format!("expected ErrorKind::Auth, got {other:?}").into()),
     }
     Ok(())
 }

@@ -123,7 +123,7 @@ impl LeaderElection {
     }
 
     /// Waits until this candidate leads. Transport failures are retried;
-    /// other errors are returned — among them `Error::NotLeader` from a
+    /// other errors are returned — among them `ErrorKind::NotLeader` from a
     /// cluster follower, which would answer it forever.
     ///
     /// ```

@@ -589,7 +589,7 @@ async fn a_campaign_on_a_follower_surfaces_not_leader() {
         .await
         .expect("the campaign gives up instead of retrying forever");
     assert!(
-        matches!(outcome, Err(dflockd::client::Error::NotLeader { .. })),
+        matches!(outcome, Err(ref e) if matches!(e.kind(), dflockd::client::ErrorKind::NotLeader { .. })),
         "{:?}",
         outcome.map(|_| ())
     );

@@ -71,7 +71,7 @@ pub async fn run(connection: &ConnectionArgs, args: RunArgs) -> u8 {
             );
             return exit::TIMEOUT;
         }
-        Err(dflockd_client::Error::InvalidArgument(error)) => {
+        Err(error) if matches!(error.kind(), dflockd_client::ErrorKind::InvalidArgument(_)) => {
             eprintln!("dflock: {error}");
             return exit::USAGE;
         }

@@ -25,8 +25,8 @@ use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    ClientBuilder as AsyncBuilder, Error, Key, Released, Result, ServerAddr, Stats, TlsOptions,
-    Token,
+    ClientBuilder as AsyncBuilder, Error, ErrorKind, Key, Released, Result, ServerAddr, Stats,
+    TlsOptions, Token,
 };
 
 /// Builds a blocking [`Client`]; the same settings as the async builder.
@@ -100,7 +100,7 @@ impl ClientBuilder {
     /// ```no_run
     /// use std::time::Duration;
     /// let client = dflockd_client::blocking::Client::builder().acquire_timeout(Duration::from_secs(2)).build()?;
-    /// if let Err(dflockd_client::Error::Timeout) = client.lock("backup")?.acquire() {
+    /// if let Err(error) = client.lock("backup")?.acquire() && matches!(error.kind(), dflockd_client::ErrorKind::Timeout) {
     ///     eprintln!("a backup is already running");
     /// }
     /// # Ok::<(), dflockd_client::Error>(())
@@ -170,7 +170,7 @@ impl Interrupt {
         Interrupt::default()
     }
 
-    /// Fires it: pending and future interruptible calls return `Error::Interrupted`.
+    /// Fires it: pending and future interruptible calls fail with `ErrorKind::Interrupted`.
     ///
     /// ```no_run
     /// use std::time::Duration;
@@ -180,7 +180,7 @@ impl Interrupt {
     /// let ctrl_c = stop.clone(); // e.g. moved into a signal-handling thread
     /// std::thread::spawn(move || { std::thread::sleep(Duration::from_secs(5)); ctrl_c.interrupt() });
     /// match client.lock("migrate")?.acquire_interruptible(Duration::from_secs(60), &stop) {
-    ///     Err(dflockd_client::Error::Interrupted) => eprintln!("gave up waiting"),
+    ///     Err(error) if matches!(error.kind(), dflockd_client::ErrorKind::Interrupted) => eprintln!("gave up waiting"),
     ///     other => { other?; }
     /// }
     /// # Ok::<(), dflockd_client::Error>(())
@@ -299,7 +299,7 @@ fn interruptible<T>(
         tokio::select! {
             result = fut => result,
             // Dropping the acquire future withdraws it without leaking a grant.
-            _ = interrupt.0.cancelled() => Err(Error::Interrupted),
+            _ = interrupt.0.cancelled() => Err(ErrorKind::Interrupted.into()),
         }
     })
 }
@@ -342,14 +342,14 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    /// Waits for the grant; `Err(Error::Timeout)` when it does not come in time.
+    /// Waits for the grant; an `ErrorKind::Timeout` error when it does not come in time.
     ///
     /// ```no_run
     /// # fn demo(ticket: dflockd_client::blocking::Ticket) -> dflockd_client::Result<()> {
     /// use std::time::Duration;
     /// match ticket.wait(Duration::from_secs(10)) {
     ///     Ok(lease) => { lease.release()?; }
-    ///     Err(dflockd_client::Error::Timeout) => eprintln!("not granted in 10 s; the place is gone"),
+    ///     Err(error) if matches!(error.kind(), dflockd_client::ErrorKind::Timeout) => eprintln!("not granted in 10 s; the place is gone"),
     ///     Err(other) => return Err(other),
     /// }
     /// # Ok(()) }
@@ -431,7 +431,7 @@ macro_rules! blocking_handle {
             /// # fn demo(client: dflockd_client::blocking::Client) -> dflockd_client::Result<()> {
             /// use std::time::Duration;
             /// let pool = client.semaphore("db/pool", 10)?.with_timeout(Duration::from_secs(2));
-            /// let slot = pool.acquire()?; // `Err(Error::Timeout)` after 2 s if all 10 stay busy
+            /// let slot = pool.acquire()?; // an `ErrorKind::Timeout` error after 2 s if all 10 stay busy
             /// # Ok(()) }
             /// ```
             pub fn with_timeout(self, timeout: Duration) -> Self {
@@ -441,7 +441,7 @@ macro_rules! blocking_handle {
                 }
             }
 
-            /// Acquires, waiting up to the handle's timeout; `Err(Error::Timeout)` if busy.
+            /// Acquires, waiting up to the handle's timeout; an `ErrorKind::Timeout` error if busy.
             ///
             /// ```no_run
             /// # fn demo(client: dflockd_client::blocking::Client) -> dflockd_client::Result<()> {

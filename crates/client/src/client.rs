@@ -21,7 +21,7 @@ use crate::mux_lane::{self, OnDrop};
 use crate::options::{AuthToken, ConnectOptions, ServerAddr, TlsOptions};
 use crate::server_conn::{Call, GetLane, ServerConn, ServerConnArgs};
 use crate::supervisor::{LaneClosed, LeaseId, LeaseSupervisor, RenewPolicy, SupervisorArgs, Track};
-use crate::{Error, Result};
+use crate::{Error, ErrorKind, Result};
 
 /// A custom sharding function: `(key, server_count) -> index`. Its result is
 /// range-checked.
@@ -208,10 +208,11 @@ impl ClientBuilder {
     ///
     /// ```
     /// # #[tokio::main] async fn main() {
-    /// use dflockd_client::{Client, Error};
+    /// use dflockd_client::{Client, ErrorKind};
     /// // Renew a 30 s lease every 15 s.
     /// assert!(Client::builder().renew_ratio(0.5).build().is_ok());
-    /// assert!(matches!(Client::builder().renew_ratio(1.5).build(), Err(Error::InvalidArgument(_))));
+    /// let error = Client::builder().renew_ratio(1.5).build().unwrap_err();
+    /// assert!(matches!(error.kind(), ErrorKind::InvalidArgument(_)));
     /// # }
     /// ```
     pub fn renew_ratio(mut self, ratio: f64) -> Self {
@@ -240,9 +241,9 @@ impl ClientBuilder {
     /// # async fn demo() -> dflockd_client::Result<()> {
     /// use std::time::Duration;
     /// let client = dflockd_client::Client::builder().acquire_timeout(Duration::from_secs(1)).build()?;
-    /// // `acquire()` now gives up with `Error::Timeout` after one second.
+    /// // `acquire()` now gives up with `ErrorKind::Timeout` after one second.
     /// match client.lock("deploy")?.acquire().await {
-    ///     Err(dflockd_client::Error::Timeout) => println!("someone else is deploying"),
+    ///     Err(error) if matches!(error.kind(), dflockd_client::ErrorKind::Timeout) => println!("someone else is deploying"),
     ///     other => { other?; }
     /// }
     /// # Ok(()) }
@@ -304,30 +305,34 @@ impl ClientBuilder {
     /// Builds the client and starts its actors on the current tokio runtime.
     ///
     /// ```
-    /// use dflockd_client::{Client, Error};
+    /// use dflockd_client::{Client, ErrorKind};
     /// // Outside a tokio runtime there is nothing to run the client's actors on.
-    /// assert!(matches!(Client::builder().build(), Err(Error::InvalidArgument(_))));
+    /// let error = Client::builder().build().unwrap_err();
+    /// assert!(matches!(error.kind(), ErrorKind::InvalidArgument(_)));
     /// let runtime = tokio::runtime::Runtime::new()?;
     /// let client = runtime.block_on(async { Client::builder().build() })?;
     /// assert_eq!(client.servers()[0].to_string(), "127.0.0.1:6388");
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn build(self) -> Result<Client> {
-        let runtime = Handle::try_current()
-            .map_err(|_| Error::InvalidArgument("Client::build needs a tokio runtime".into()))?;
+        let runtime = Handle::try_current().map_err(|_| {
+            ErrorKind::InvalidArgument("Client::build needs a tokio runtime".into())
+        })?;
         if !(self.renew_ratio.is_finite() && self.renew_ratio > 0.0 && self.renew_ratio < 1.0) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(ErrorKind::InvalidArgument(format!(
                 "renew ratio must be in (0, 1), got {}",
                 self.renew_ratio
-            )));
+            ))
+            .into());
         }
         if self.keepalive.is_zero()
             || self.reply_timeout.is_zero()
             || self.options.connect_timeout.is_zero()
         {
-            return Err(Error::InvalidArgument(
+            return Err(ErrorKind::InvalidArgument(
                 "keepalive, reply and connect timeouts must be > 0".into(),
-            ));
+            )
+            .into());
         }
         lease_of(self.default_lease)?;
         seconds(self.acquire_timeout)?;
@@ -427,7 +432,7 @@ impl ClientInner {
         match self.servers[server].actor.ask(GetLane).await {
             Ok(lane) => Ok(lane),
             Err(kameo::error::SendError::HandlerError(error)) => Err(error),
-            Err(_) => Err(Error::Shutdown),
+            Err(_) => Err(ErrorKind::Shutdown.into()),
         }
     }
 
@@ -447,9 +452,9 @@ impl ClientInner {
                 reply: tx,
             })
             .try_send()
-            .map_err(|_| Error::Shutdown)?;
+            .map_err(|_| ErrorKind::Shutdown)?;
         // A dropped reply means the lane died with the request queued.
-        rx.await.map_err(|_| Error::ConnectionClosed)?
+        rx.await.map_err(|_| ErrorKind::ConnectionClosed)?
     }
 }
 
@@ -529,15 +534,15 @@ impl Client {
     pub fn server_for(&self, key: &str) -> Result<usize> {
         let n = self.inner.servers.len();
         let index = match &self.inner.sharding {
-            Sharding::Crc32 => {
-                dflockd_proto::shard(key, n).map_err(|e| Error::InvalidArgument(e.to_string()))?
-            }
+            Sharding::Crc32 => dflockd_proto::shard(key, n)
+                .map_err(|e| ErrorKind::InvalidArgument(e.to_string()))?,
             Sharding::Custom(f) => f(key, n),
         };
         if index >= n {
-            return Err(Error::InvalidArgument(format!(
+            return Err(ErrorKind::InvalidArgument(format!(
                 "sharding returned {index} for {n} servers"
-            )));
+            ))
+            .into());
         }
         Ok(index)
     }
@@ -574,13 +579,13 @@ impl Client {
     /// ```
     pub fn semaphore(&self, key: &str, limit: u32) -> Result<Semaphore> {
         let limit = Limit::new(u64::from(limit))
-            .map_err(|e| Error::InvalidArgument(format!("semaphore limit: {e}")))?;
+            .map_err(|e| ErrorKind::InvalidArgument(format!("semaphore limit: {e}")))?;
         Ok(Semaphore(self.target(key, Kind::Semaphore(limit))?))
     }
 
     fn target(&self, key: &str, kind: Kind) -> Result<Target> {
         let parsed =
-            Key::new(key).map_err(|e| Error::InvalidArgument(format!("key {key:?}: {e}")))?;
+            Key::new(key).map_err(|e| ErrorKind::InvalidArgument(format!("key {key:?}: {e}")))?;
         Ok(Target {
             client: self.clone(),
             server: self.server_for(key)?,
@@ -605,12 +610,10 @@ impl Client {
     /// ```
     pub async fn stats(&self, index: usize) -> Result<Stats> {
         self.check_index(index)?;
-        expect_stats(
-            self.inner
-                .control_call(index, Request::Stats, None)
-                .await?
-                .0,
-        )
+        let reply = self.inner.control_call(index, Request::Stats, None).await;
+        reply
+            .and_then(|(reply, _)| expect_stats(reply))
+            .map_err(|e| e.on(&self.inner.servers[index].addr))
     }
 
     /// How many renew requests this client has sent so far, over all
@@ -642,7 +645,9 @@ impl Client {
     /// ```
     pub async fn multiplexed(&self, index: usize) -> Result<bool> {
         self.check_index(index)?;
-        Ok(self.inner.lane(index).await?.is_mux())
+        let lane = self.inner.lane(index).await;
+        lane.map(|lane| lane.is_mux())
+            .map_err(|e| e.on(&self.inner.servers[index].addr))
     }
 
     /// Pings server `index` over its control lane.
@@ -657,12 +662,15 @@ impl Client {
     /// ```
     pub async fn ping(&self, index: usize) -> Result<()> {
         self.check_index(index)?;
-        expect_ok(self.inner.control_call(index, Request::Ping, None).await?.0)
+        let reply = self.inner.control_call(index, Request::Ping, None).await;
+        reply
+            .and_then(|(reply, _)| expect_ok(reply))
+            .map_err(|e| e.on(&self.inner.servers[index].addr))
     }
 
     fn check_index(&self, index: usize) -> Result<()> {
         if index >= self.inner.servers.len() {
-            return Err(Error::InvalidArgument(format!("no server {index}")));
+            return Err(ErrorKind::InvalidArgument(format!("no server {index}")).into());
         }
         Ok(())
     }
@@ -750,7 +758,7 @@ impl std::fmt::Debug for Ticket {
 
 impl Ticket {
     /// Waits up to `timeout` (rounded up to whole seconds) for the grant. On
-    /// timeout the queue position is gone: `Err(Error::Timeout)`.
+    /// timeout the queue position is gone: an `ErrorKind::Timeout` error.
     ///
     /// ```
     /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -765,7 +773,14 @@ impl Ticket {
     /// let second = ticket.wait(Duration::from_secs(5)).await?;
     /// # Ok(()) }
     /// ```
-    pub async fn wait(mut self, timeout: Duration) -> Result<Lease> {
+    pub async fn wait(self, timeout: Duration) -> Result<Lease> {
+        let target = self.target.clone();
+        self.wait_for_grant(timeout)
+            .await
+            .map_err(|e| target.about(e))
+    }
+
+    async fn wait_for_grant(mut self, timeout: Duration) -> Result<Lease> {
         // Validate first: on error the ticket is dropped, which gives the
         // place up cleanly.
         let request = Request::Wait {
@@ -795,7 +810,7 @@ impl Ticket {
                 .await?;
                 return match grant_or_timeout(reply)? {
                     Some(granted) => Ok(target.track_waited(granted, &lane, sent_at)),
-                    None => Err(Error::Timeout),
+                    None => Err(ErrorKind::Timeout.into()),
                 };
             }
         };
@@ -803,7 +818,7 @@ impl Ticket {
             guarded_request(conn, request, target.resource(), timeout + REPLY_SLACK).await?;
         match grant_or_timeout(reply)? {
             Some(granted) => Ok(target.bind(granted, conn, sent_at, true)),
-            None => Err(Error::Timeout),
+            None => Err(ErrorKind::Timeout.into()),
         }
     }
 }
@@ -811,6 +826,11 @@ impl Ticket {
 impl Target {
     fn inner(&self) -> &ClientInner {
         &self.client.inner
+    }
+
+    /// Names this handle's key and server in `error`.
+    fn about(&self, error: Error) -> Error {
+        error.about(&self.key, &self.inner().servers[self.server].addr)
     }
 
     /// The resource a grant for this handle holds (a grant nobody owns any
@@ -1094,11 +1114,11 @@ impl Orphan for Connection {
 impl<T: Orphan> Handover<T> {
     async fn recv(&mut self) -> Result<T> {
         let Some(rx) = self.rx.as_mut() else {
-            return Err(Error::ConnectionClosed);
+            return Err(ErrorKind::ConnectionClosed.into());
         };
         let result = rx.await;
         self.rx = None;
-        result.map_err(|_| Error::ConnectionClosed)
+        result.map_err(|_| ErrorKind::ConnectionClosed.into())
     }
 }
 
@@ -1169,7 +1189,7 @@ impl QueuedConn {
         };
         self.handback
             .send(tx)
-            .map_err(|_| Error::ConnectionClosed)?;
+            .map_err(|_| ErrorKind::ConnectionClosed)?;
         handback.recv().await
     }
 }
@@ -1298,19 +1318,22 @@ macro_rules! handle_methods {
                 self
             }
 
-            #[doc = concat!("Acquires the ", $what, ", waiting up to the handle's timeout; `Err(Error::Timeout)` if it stays busy.")]
+            #[doc = concat!("Acquires the ", $what, ", waiting up to the handle's timeout; an `ErrorKind::Timeout` error if it stays busy.")]
             ///
             /// ```no_run
             /// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
             /// match client.lock("deploy")?.acquire().await {
             ///     Ok(lease) => { /* deploy, then */ lease.release().await?; }
-            ///     Err(dflockd_client::Error::Timeout) => eprintln!("still busy; try later"),
+            ///     Err(error) if matches!(error.kind(), dflockd_client::ErrorKind::Timeout) => eprintln!("still busy; try later"),
             ///     Err(other) => return Err(other),
             /// }
             /// # Ok(()) }
             /// ```
             pub async fn acquire(&self) -> Result<Lease> {
-                self.0.acquire_within(self.0.timeout).await?.ok_or(Error::Timeout)
+                let lease = self.0.acquire_within(self.0.timeout).await;
+                lease
+                    .and_then(|lease| lease.ok_or_else(|| ErrorKind::Timeout.into()))
+                    .map_err(|e| self.0.about(e))
             }
 
             #[doc = concat!("Acquires the ", $what, " if it is free right now.")]
@@ -1324,7 +1347,7 @@ macro_rules! handle_methods {
             /// # Ok(()) }
             /// ```
             pub async fn try_acquire(&self) -> Result<Option<Lease>> {
-                self.0.acquire_within(Duration::ZERO).await
+                self.0.acquire_within(Duration::ZERO).await.map_err(|e| self.0.about(e))
             }
 
             #[doc = concat!("Acquires the ", $what, ", waiting up to `timeout` (rounded up to whole seconds); `None` if it stayed busy.")]
@@ -1339,7 +1362,7 @@ macro_rules! handle_methods {
             /// # Ok(()) }
             /// ```
             pub async fn acquire_within(&self, timeout: Duration) -> Result<Option<Lease>> {
-                self.0.acquire_within(timeout).await
+                self.0.acquire_within(timeout).await.map_err(|e| self.0.about(e))
             }
 
             /// Two-phase acquire, phase 1: join the queue (or be granted at
@@ -1356,7 +1379,7 @@ macro_rules! handle_methods {
             /// # Ok(()) }
             /// ```
             pub async fn enqueue(&self) -> Result<Enqueue> {
-                self.0.enqueue().await
+                self.0.enqueue().await.map_err(|e| self.0.about(e))
             }
         }
 

@@ -16,7 +16,7 @@ use tokio::io::{
 use tokio::net::TcpStream;
 
 use crate::options::{ConnectOptions, ServerAddr};
-use crate::{Error, Result};
+use crate::{Error, ErrorKind, Result};
 
 /// Extra time allowed for a reply beyond the request's own timeout.
 pub(crate) const REPLY_SLACK: Duration = Duration::from_secs(10);
@@ -113,7 +113,7 @@ impl Connection {
     /// # Ok(()) }
     /// ```
     pub async fn connect(addr: &ServerAddr, options: &ConnectOptions) -> Result<Connection> {
-        let fail = |cause: String| Error::Connect {
+        let fail = |cause: String| ErrorKind::Connect {
             addr: addr.to_string(),
             cause,
         };
@@ -199,7 +199,7 @@ impl Connection {
     /// ```
     pub async fn request(&mut self, request: &Request, reply_timeout: Duration) -> Result<Reply> {
         if self.poisoned {
-            return Err(Error::Poisoned);
+            return Err(ErrorKind::Poisoned.into());
         }
         // Poisoned until the reply is in: a dropped future leaves it so.
         self.poisoned = true;
@@ -212,7 +212,7 @@ impl Connection {
         };
         let reply = tokio::time::timeout(reply_timeout, exchange)
             .await
-            .map_err(|_| Error::ReplyTimeout)??;
+            .map_err(|_| ErrorKind::ReplyTimeout)??;
         self.poisoned = false;
         Ok(reply)
     }
@@ -226,7 +226,7 @@ impl Connection {
         reply_timeout: Duration,
     ) -> Result<Vec<u8>> {
         if self.poisoned {
-            return Err(Error::Poisoned);
+            return Err(ErrorKind::Poisoned.into());
         }
         self.poisoned = true;
         self.line.clear();
@@ -237,7 +237,7 @@ impl Connection {
         };
         tokio::time::timeout(reply_timeout, exchange)
             .await
-            .map_err(|_| Error::ReplyTimeout)??;
+            .map_err(|_| ErrorKind::ReplyTimeout)??;
         self.poisoned = false;
         Ok(std::mem::take(&mut self.line))
     }
@@ -253,8 +253,13 @@ impl Connection {
             .await;
         match reply {
             Ok(Reply::Ok) => Ok(()),
-            Ok(Reply::Failure(dflockd_proto::Status::ErrorDraining)) => Err(Error::Draining),
-            Ok(_) | Err(Error::ConnectionClosed) => Err(Error::Auth),
+            Ok(Reply::Failure(dflockd_proto::Status::ErrorDraining)) => {
+                Err(ErrorKind::Draining.into())
+            }
+            Ok(_) => Err(ErrorKind::Auth.into()),
+            Err(error) if matches!(error.kind(), ErrorKind::ConnectionClosed) => {
+                Err(ErrorKind::Auth.into())
+            }
             Err(other) => Err(other),
         }
     }
@@ -290,7 +295,7 @@ impl Connection {
         grant_or_timeout(self.request(&request, timeout + REPLY_SLACK).await?)
     }
 
-    /// `r`/`sr`: releases a grant. `Err(Error::Server)` means the token no
+    /// `r`/`sr`: releases a grant. an `ErrorKind::Server` error means the token no
     /// longer holds the key.
     ///
     /// ```no_run
@@ -435,7 +440,7 @@ pub(crate) async fn read_reply<R: AsyncBufRead + Unpin>(
 ) -> Result<Reply> {
     line.clear();
     read_line(reader, line).await?;
-    Reply::parse(line).map_err(|e| Error::Protocol(e.to_string()))
+    Reply::parse(line).map_err(|e| ErrorKind::Protocol(e.to_string()).into())
 }
 
 /// Appends bytes to `line` up to and including the next LF. Cancel-safe:
@@ -446,11 +451,11 @@ pub(crate) async fn read_line<R: AsyncBufRead + Unpin>(
 ) -> Result<()> {
     loop {
         if line.len() > MAX_REPLY_LINE + 2 {
-            return Err(Error::Protocol("reply line too long".into()));
+            return Err(ErrorKind::Protocol("reply line too long".into()).into());
         }
         let buf = reader.fill_buf().await?;
         if buf.is_empty() {
-            return Err(Error::ConnectionClosed);
+            return Err(ErrorKind::ConnectionClosed.into());
         }
         match buf.iter().position(|&b| b == b'\n') {
             Some(end) => {
@@ -468,12 +473,14 @@ pub(crate) async fn read_line<R: AsyncBufRead + Unpin>(
 }
 
 pub(crate) fn seconds(d: Duration) -> Result<Seconds> {
-    Seconds::from_duration_ceil(d).map_err(|e| Error::InvalidArgument(format!("timeout: {e}")))
+    Seconds::from_duration_ceil(d)
+        .map_err(|e| ErrorKind::InvalidArgument(format!("timeout: {e}")).into())
 }
 
 pub(crate) fn lease_of(d: Option<Duration>) -> Result<Option<Lease>> {
     d.map(|d| {
-        Lease::from_duration_ceil(d).map_err(|e| Error::InvalidArgument(format!("lease: {e}")))
+        Lease::from_duration_ceil(d)
+            .map_err(|e| ErrorKind::InvalidArgument(format!("lease: {e}")).into())
     })
     .transpose()
 }
@@ -481,8 +488,8 @@ pub(crate) fn lease_of(d: Option<Duration>) -> Result<Option<Lease>> {
 fn failure(reply: Reply) -> Error {
     match reply {
         Reply::Failure(status) => Error::from_status(status),
-        Reply::NotLeader(leader) => Error::NotLeader { leader },
-        other => Error::Protocol(format!("unexpected reply {other:?}")),
+        Reply::NotLeader(leader) => ErrorKind::NotLeader { leader }.into(),
+        other => ErrorKind::Protocol(format!("unexpected reply {other:?}")).into(),
     }
 }
 
@@ -519,7 +526,7 @@ pub(crate) fn expect_enqueued(reply: Reply) -> Result<Enqueued> {
 pub(crate) fn expect_stats(reply: Reply) -> Result<Stats> {
     match reply {
         Reply::Stats(json) => serde_json::from_str(&json)
-            .map_err(|e| Error::Protocol(format!("bad stats document: {e}"))),
+            .map_err(|e| ErrorKind::Protocol(format!("bad stats document: {e}")).into()),
         other => Err(failure(other)),
     }
 }

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::connection::{Connection, read_line};
 use crate::supervisor::{RenewBatch, RenewReply, RenewSink, RenewTag};
-use crate::{Error, Result};
+use crate::{Error, ErrorKind, Result};
 
 /// Identity of one connection, for binding leases to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -98,7 +98,9 @@ impl Outgoing {
 fn fail_pending(entries: Vec<Pending>, mut first: Option<Error>, renew_to: &OnceLock<RenewSink>) {
     let mut renewed = Vec::new();
     for entry in entries {
-        let error = first.take().unwrap_or(Error::ConnectionClosed);
+        let error = first
+            .take()
+            .unwrap_or_else(|| ErrorKind::ConnectionClosed.into());
         match entry.reply {
             Some(ReplyTo::Caller(sender)) => {
                 let _ = sender.send(Err(error));
@@ -134,14 +136,14 @@ pub(crate) struct LaneHandle {
 impl LaneHandle {
     pub(crate) fn send(&self, request: LaneRequest) {
         if let Err(mpsc::error::SendError(outgoing)) = self.tx.send(Outgoing::One(request)) {
-            outgoing.fail(Error::ConnectionClosed);
+            outgoing.fail(ErrorKind::ConnectionClosed.into());
         }
     }
 
     /// Queues a batch of renewals; their replies go to the batch's sink.
     pub(crate) fn send_renewals(&self, batch: RenewBatch) {
         if let Err(mpsc::error::SendError(outgoing)) = self.tx.send(Outgoing::Renewals(batch)) {
-            outgoing.fail(Error::ConnectionClosed);
+            outgoing.fail(ErrorKind::ConnectionClosed.into());
         }
     }
 
@@ -295,7 +297,7 @@ impl Framing for PlainFraming {
             }
             // Only multiplexed lanes take these.
             Outgoing::Tagged(tagged) => Outgoing::Tagged(tagged)
-                .fail(Error::Protocol("tagged request on a plain lane".into())),
+                .fail(ErrorKind::Protocol("tagged request on a plain lane".into()).into()),
             Outgoing::Cancel(_) => {}
             Outgoing::Renewals(batch) => {
                 let (wire, tags, sink) = batch.into_parts();
@@ -317,12 +319,12 @@ impl Framing for PlainFraming {
     }
 
     fn take_reply(&mut self, line: &[u8]) -> Result<(Pending, Reply)> {
-        let reply = Reply::parse(line).map_err(|e| Error::Protocol(e.to_string()))?;
+        let reply = Reply::parse(line).map_err(|e| ErrorKind::Protocol(e.to_string()))?;
         // In order: the oldest pending request is the one answered.
         let entry = self
             .queue
             .pop_front()
-            .ok_or_else(|| Error::Protocol("reply to no request".into()))?;
+            .ok_or_else(|| ErrorKind::Protocol("reply to no request".into()))?;
         Ok((entry, reply))
     }
 
@@ -388,7 +390,7 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin, F: Framing>(
     closed.cancel();
     rx.close();
     while let Ok(outgoing) = rx.try_recv() {
-        outgoing.fail(Error::ConnectionClosed);
+        outgoing.fail(ErrorKind::ConnectionClosed.into());
     }
 }
 
@@ -433,7 +435,7 @@ async fn read_replies<R: AsyncRead + Unpin, F: Framing>(
                 }
             } => {
                 tracing::debug!("reply timeout: closing lane");
-                return Some(Error::ReplyTimeout);
+                return Some(ErrorKind::ReplyTimeout.into());
             }
         };
         if let Err(error) = read {
@@ -545,11 +547,11 @@ impl ReplyGuard {
     /// request queued.
     pub(crate) async fn recv(&mut self) -> Result<(Reply, LaneRef)> {
         let Some(rx) = self.rx.as_mut() else {
-            return Err(Error::ConnectionClosed);
+            return Err(ErrorKind::ConnectionClosed.into());
         };
         let reply = rx.await;
         self.rx = None;
-        reply.map_err(|_| Error::ConnectionClosed)?
+        reply.map_err(|_| ErrorKind::ConnectionClosed)?
     }
 
     /// Gives the reply up. Returns it if it had already arrived (after

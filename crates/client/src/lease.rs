@@ -11,7 +11,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use crate::client::ClientInner;
 use crate::lane::LaneHandle;
 use crate::supervisor::{LeaseId, Untrack};
-use crate::{Error, Result};
+use crate::{ErrorKind, Result};
 
 /// Why a lease was lost.
 ///
@@ -380,7 +380,13 @@ impl Lease {
             .inner
             .take()
             .expect("a live Lease always has its state");
-        inner.release().await
+        let key = inner.key.clone();
+        let client = Arc::clone(&inner.client);
+        let server = inner.server;
+        inner
+            .release()
+            .await
+            .map_err(|e| e.about(&key, &client.servers[server].addr))
     }
 }
 
@@ -411,9 +417,9 @@ impl Inner {
             Ok((dflockd_proto::Reply::Failure(dflockd_proto::Status::Error), _)) => {
                 Ok(Released::AlreadyLost)
             }
-            Ok((other, _)) => Err(Error::Protocol(format!(
-                "unexpected reply to release: {other:?}"
-            ))),
+            Ok((other, _)) => {
+                Err(ErrorKind::Protocol(format!("unexpected reply to release: {other:?}")).into())
+            }
             // The connection the lease was bound to is gone: so is the lease
             // (with auto-release), or it will expire.
             Err(_) if was_lost => Ok(Released::AlreadyLost),

@@ -29,7 +29,7 @@ pub use kameo;
 pub use client::{Client, ClientBuilder, Enqueue, Lock, Semaphore, ShardFn, Sharding, Ticket};
 pub use connection::{Connection, Enqueued, Granted};
 pub use dflockd_proto::{Key, Stats, Token, fence_from_token};
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use lease::{Lease, LeaseLost, LeaseMonitor, LossReason, Released};
 pub use options::{AuthToken, ConnectOptions, ServerAddr, TlsOptions};
 pub use service::{GrantService, RequestGrant};

@@ -31,7 +31,7 @@ use crate::lane::{
     ReplyTo, TaggedRequest, spawn_framed,
 };
 use crate::supervisor::RenewSink;
-use crate::{Error, Result};
+use crate::{ErrorKind, Result};
 
 /// Where a multiplexed lane's request ids and two-phase tickets come from.
 #[derive(Debug)]
@@ -78,12 +78,13 @@ pub(crate) async fn negotiate(conn: &mut Connection, reply_timeout: Duration) ->
         MUX_ACCEPTED => Ok(true),
         "error" => Ok(false),
         // The server wanted `auth` first (no token configured), or drains.
-        "error_auth" => Err(Error::Auth),
-        "error_draining" => Err(Error::Draining),
-        other => Err(Error::Protocol(format!(
+        "error_auth" => Err(ErrorKind::Auth.into()),
+        "error_draining" => Err(ErrorKind::Draining.into()),
+        other => Err(ErrorKind::Protocol(format!(
             "unexpected answer to the mux hello: {:?}",
             other.chars().take(64).collect::<String>()
-        ))),
+        ))
+        .into()),
     }
 }
 
@@ -165,7 +166,7 @@ pub(crate) async fn call(
     on_drop: OnDrop,
 ) -> Result<(dflockd_proto::Reply, LaneRef)> {
     let Some(ids) = &lane.mux else {
-        return Err(Error::Protocol("not a multiplexed lane".into()));
+        return Err(ErrorKind::Protocol("not a multiplexed lane".into()).into());
     };
     let id = ids.take_ids(1);
     let (tx, rx) = oneshot::channel();
@@ -188,8 +189,8 @@ pub(crate) async fn call(
     });
     if let Err(mpsc::error::SendError(outgoing)) = lane.tx.send(tagged) {
         guard.action = None;
-        outgoing.fail(Error::ConnectionClosed);
-        return Err(Error::ConnectionClosed);
+        outgoing.fail(ErrorKind::ConnectionClosed.into());
+        return Err(ErrorKind::ConnectionClosed.into());
     }
     match tokio::time::timeout(reply_timeout, guard.reply.recv()).await {
         Ok(result) => {
@@ -197,7 +198,7 @@ pub(crate) async fn call(
             result
         }
         // Late: the guard cancels the request as it drops.
-        Err(_) => Err(Error::ReplyTimeout),
+        Err(_) => Err(ErrorKind::ReplyTimeout.into()),
     }
 }
 
@@ -313,12 +314,12 @@ impl Framing for MuxFraming {
     }
 
     fn take_reply(&mut self, line: &[u8]) -> Result<(Pending, Reply)> {
-        let (id, reply) = parse_mux_reply(line).map_err(|e| Error::Protocol(e.to_string()))?;
+        let (id, reply) = parse_mux_reply(line).map_err(|e| ErrorKind::Protocol(e.to_string()))?;
         let entry = self
             .in_flight
             .by_id
             .remove(&id)
-            .ok_or_else(|| Error::Protocol(format!("reply to unknown request {id}")))?;
+            .ok_or_else(|| ErrorKind::Protocol(format!("reply to unknown request {id}")))?;
         Ok((entry, reply))
     }
 

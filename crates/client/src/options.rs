@@ -8,7 +8,7 @@ use std::time::Duration;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
-use crate::{Error, Result};
+use crate::{Error, ErrorKind, Result};
 
 /// A server address, `host:port`.
 ///
@@ -46,12 +46,10 @@ impl ServerAddr {
             .trim_end_matches(']')
             .to_owned();
         if host.is_empty() || host.contains(char::is_whitespace) {
-            return Err(Error::InvalidArgument(format!(
-                "invalid server host {host:?}"
-            )));
+            return Err(ErrorKind::InvalidArgument(format!("invalid server host {host:?}")).into());
         }
         if port == 0 {
-            return Err(Error::InvalidArgument("server port must be 1-65535".into()));
+            return Err(ErrorKind::InvalidArgument("server port must be 1-65535".into()).into());
         }
         Ok(ServerAddr { host, port })
     }
@@ -93,10 +91,10 @@ impl std::str::FromStr for ServerAddr {
     fn from_str(s: &str) -> Result<ServerAddr> {
         let (host, port) = s
             .rsplit_once(':')
-            .ok_or_else(|| Error::InvalidArgument(format!("expected host:port, got {s:?}")))?;
+            .ok_or_else(|| ErrorKind::InvalidArgument(format!("expected host:port, got {s:?}")))?;
         let port = port
             .parse::<u16>()
-            .map_err(|_| Error::InvalidArgument(format!("invalid port in {s:?}")))?;
+            .map_err(|_| ErrorKind::InvalidArgument(format!("invalid port in {s:?}")))?;
         ServerAddr::new(host, port)
     }
 }
@@ -127,13 +125,13 @@ impl TlsOptions {
     ///
     /// ```
     /// use dflockd_client::TlsOptions;
-    /// // A missing or unreadable file is an `Error::InvalidArgument` naming it.
+    /// // A missing or unreadable file is an `ErrorKind::InvalidArgument` naming it.
     /// let missing = TlsOptions::with_ca_file("/nonexistent/ca.pem");
     /// assert!(missing.unwrap_err().to_string().contains("/nonexistent/ca.pem"));
     /// ```
     pub fn with_ca_file(path: impl AsRef<Path>) -> Result<TlsOptions> {
         let pem = std::fs::read(path.as_ref()).map_err(|e| {
-            Error::InvalidArgument(format!(
+            ErrorKind::InvalidArgument(format!(
                 "cannot read CA file {}: {e}",
                 path.as_ref().display()
             ))
@@ -153,18 +151,18 @@ impl TlsOptions {
     pub fn with_ca_pem(pem: &[u8]) -> Result<TlsOptions> {
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(pem) {
-            let cert = cert.map_err(|e| Error::InvalidArgument(format!("bad CA PEM: {e}")))?;
+            let cert = cert.map_err(|e| ErrorKind::InvalidArgument(format!("bad CA PEM: {e}")))?;
             roots
                 .add(cert)
-                .map_err(|e| Error::InvalidArgument(format!("bad CA certificate: {e}")))?;
+                .map_err(|e| ErrorKind::InvalidArgument(format!("bad CA certificate: {e}")))?;
         }
         if roots.is_empty() {
-            return Err(Error::InvalidArgument("no CA certificate in PEM".into()));
+            return Err(ErrorKind::InvalidArgument("no CA certificate in PEM".into()).into());
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| Error::InvalidArgument(format!("TLS: {e}")))?
+            .map_err(|e| ErrorKind::InvalidArgument(format!("TLS: {e}")))?
             .with_root_certificates(roots)
             .with_no_client_auth();
         Ok(TlsOptions {
@@ -190,13 +188,13 @@ impl TlsOptions {
     pub fn pinned_cert(pem: &[u8]) -> Result<TlsOptions> {
         let cert = CertificateDer::pem_slice_iter(pem)
             .next()
-            .ok_or_else(|| Error::InvalidArgument("no certificate in the pinned PEM".into()))?
-            .map_err(|e| Error::InvalidArgument(format!("bad pinned certificate PEM: {e}")))?;
+            .ok_or_else(|| ErrorKind::InvalidArgument("no certificate in the pinned PEM".into()))?
+            .map_err(|e| ErrorKind::InvalidArgument(format!("bad pinned certificate PEM: {e}")))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier = Arc::new(crate::pinned::PinnedCert::new(cert, &provider));
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| Error::InvalidArgument(format!("TLS: {e}")))?
+            .map_err(|e| ErrorKind::InvalidArgument(format!("TLS: {e}")))?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_no_client_auth();
@@ -238,7 +236,7 @@ impl TlsOptions {
     /// ```
     pub fn server_name(mut self, name: &str) -> Result<TlsOptions> {
         let name = ServerName::try_from(name.to_owned())
-            .map_err(|e| Error::InvalidArgument(format!("TLS server name: {e}")))?;
+            .map_err(|e| ErrorKind::InvalidArgument(format!("TLS server name: {e}")))?;
         self.server_name = Some(name);
         Ok(self)
     }
@@ -273,9 +271,10 @@ impl AuthToken {
     pub fn new(token: impl Into<String>) -> Result<AuthToken> {
         let token = token.into();
         if token.contains(['\r', '\n']) || token.len() > dflockd_proto::MAX_AUTH_LINE {
-            return Err(Error::InvalidArgument(
+            return Err(ErrorKind::InvalidArgument(
                 "auth token must be one line of at most 64 KiB".into(),
-            ));
+            )
+            .into());
         }
         Ok(AuthToken(token))
     }

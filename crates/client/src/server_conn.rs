@@ -22,7 +22,7 @@ use crate::lane::{LaneHandle, LaneId, LaneReply, LaneRequest, LaneTiming, spawn_
 use crate::mux_lane::{negotiate, spawn_mux_lane};
 use crate::options::{ConnectOptions, ServerAddr};
 use crate::supervisor::RenewBatch;
-use crate::{Error, Result};
+use crate::{Error, ErrorKind, Result};
 
 /// Called once when a lane of this server closes.
 pub(crate) type OnLaneClosed = Arc<dyn Fn(LaneId) + Send + Sync>;
@@ -42,7 +42,7 @@ pub(crate) struct ServerConn {
     backoff: Duration,
     retry_at: Option<Instant>,
     /// Why the last connect failed: reported again while backing off, so a
-    /// definitive cause (say `Error::Auth`) is not hidden behind a generic
+    /// definitive cause (say `ErrorKind::Auth`) is not hidden behind a generic
     /// "reconnect backoff".
     last_error: Option<Error>,
 }
@@ -95,9 +95,12 @@ impl ServerConn {
         if let Some(retry_at) = self.retry_at
             && Instant::now() < retry_at
         {
-            return Err(self.last_error.clone().unwrap_or_else(|| Error::Connect {
-                addr: self.args.addr.to_string(),
-                cause: "reconnect backoff".into(),
+            return Err(self.last_error.clone().unwrap_or_else(|| {
+                ErrorKind::Connect {
+                    addr: self.args.addr.to_string(),
+                    cause: "reconnect backoff".into(),
+                }
+                .into()
             }));
         }
         match self.connect().await {

@@ -34,7 +34,7 @@ impl Actor for GrantService {
 }
 
 /// Ask for a lock or a semaphore slot. The reply is the [`Lease`] (or the
-/// error, `Error::Timeout` if it stayed busy); `notify` receives
+/// error, `ErrorKind::Timeout` if it stayed busy); `notify` receives
 /// [`LeaseLost`] if the lease is lost later.
 ///
 /// ```no_run

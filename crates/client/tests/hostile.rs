@@ -1,5 +1,5 @@
 //! A hostile or broken server: a tiny fake TCP server in the test answers
-//! with crafted replies. The client must report `Error::Protocol` (or the
+//! with crafted replies. The client must report `ErrorKind::Protocol` (or the
 //! matching error) promptly — no panic, no hang, no busy loop. Independent of
 //! the test mode (the fake server is always local).
 
@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dflockd_client::{Client, ConnectOptions, Connection, Enqueue, Error, Key, LossReason};
+use dflockd_client::{
+    Client, ConnectOptions, Connection, Enqueue, Error, ErrorKind, Key, LossReason,
+};
 use dflockd_proto::Kind;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
@@ -176,7 +178,7 @@ fn bad_replies() -> Vec<(&'static str, Vec<u8>)> {
 
 fn assert_protocol(what: &str, via: &str, result: Result<impl std::fmt::Debug, Error>) {
     assert!(
-        matches!(result, Err(Error::Protocol(_))),
+        matches!(result, Err(ref e) if matches!(e.kind(), ErrorKind::Protocol(_))),
         "{what} via {via}: {result:?}"
     );
 }
@@ -211,7 +213,7 @@ async fn malformed_grant_is_protocol_error_on_a_connection() {
         let result = bounded(what, conn.acquire(&key, Kind::Lock, Duration::ZERO, None)).await;
         assert_protocol(what, "Connection::acquire", result);
         assert!(conn.is_poisoned(), "{what}: connection still usable");
-        assert!(matches!(conn.ping().await, Err(Error::Poisoned)));
+        assert!(matches!(conn.ping().await, Err(ref e) if matches!(e.kind(), ErrorKind::Poisoned)));
         let mut conn = server.connection().await;
         let result = bounded(
             what,
@@ -377,13 +379,19 @@ async fn silent_server_is_reply_timeout() {
         .unwrap();
     let started = Instant::now();
     let result = bounded("silent", client.lock("k").unwrap().try_acquire()).await;
-    assert!(matches!(result, Err(Error::ReplyTimeout)), "{result:?}");
+    assert!(
+        matches!(result, Err(ref e) if matches!(e.kind(), ErrorKind::ReplyTimeout)),
+        "{result:?}"
+    );
     assert!(started.elapsed() < Duration::from_secs(2));
     let mut conn = server.connection().await;
     let result = conn
         .request(&dflockd_proto::Request::Ping, Duration::from_millis(200))
         .await;
-    assert!(matches!(result, Err(Error::ReplyTimeout)), "{result:?}");
+    assert!(
+        matches!(result, Err(ref e) if matches!(e.kind(), ErrorKind::ReplyTimeout)),
+        "{result:?}"
+    );
     assert!(conn.is_poisoned());
 }
 
@@ -403,7 +411,7 @@ async fn closing_server_is_connection_closed() {
     let client = Client::builder().server(addr.into()).build().unwrap();
     let result = bounded("closed", client.lock("k").unwrap().try_acquire()).await;
     assert!(
-        matches!(result, Err(Error::ConnectionClosed | Error::Io(_))),
+        matches!(result, Err(ref e) if matches!(e.kind(), ErrorKind::ConnectionClosed | ErrorKind::Io(_))),
         "{result:?}"
     );
     accept.abort();
@@ -537,7 +545,7 @@ async fn garbled_mux_hello_answer_is_protocol_error() {
     let client = Client::builder().server(addr.into()).build().unwrap();
     let started = Instant::now();
     let error = client.ping(0).await.unwrap_err();
-    assert!(matches!(error, Error::Protocol(_)), "{error:?}");
+    assert!(matches!(error.kind(), ErrorKind::Protocol(_)), "{error:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
     task.abort();
 }

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use dflockd_client::{Enqueue, Error, Released};
+use dflockd_client::{Enqueue, ErrorKind, Released};
 use support::{BOUND, Keys, TestServer, eventually, waiters};
 
 #[tokio::test]
@@ -55,7 +55,7 @@ async fn two_phase_and_semaphore() {
     assert!(c.fence() > b.fence());
     assert!(matches!(
         client.semaphore(&key, 3).unwrap().try_acquire().await,
-        Err(Error::LimitMismatch)
+        Err(ref e) if matches!(e.kind(), ErrorKind::LimitMismatch)
     ));
 }
 
