@@ -15,54 +15,16 @@ use crate::connection::{
     Connection, Enqueued, Granted, REPLY_SLACK, expect_enqueued, expect_ok, expect_stats,
     grant_or_timeout, lease_of, seconds,
 };
+use crate::inner::{ClientInner, ServerEntry};
 use crate::lane::{LaneHandle, LaneRef, LaneRequest, LaneTiming, ReplyGuard, spawn_lane};
-use crate::lease::{Lease, LeaseLost, LeaseShared};
+use crate::lease::Lease;
+use crate::lease_state::{LeaseLost, LeaseShared};
 use crate::mux_lane::{self, OnDrop};
-use crate::options::{AuthToken, ConnectOptions, ServerAddr, TlsOptions};
-use crate::server_conn::{Call, GetLane, ServerConn, ServerConnArgs};
-use crate::supervisor::{LaneClosed, LeaseId, LeaseSupervisor, RenewPolicy, SupervisorArgs, Track};
+use crate::options::{AuthToken, ConnectOptions, ServerAddr, Sharding, TlsOptions};
+use crate::renewal::LeaseId;
+use crate::server_conn::{ServerConn, ServerConnArgs};
+use crate::supervisor::{LaneClosed, LeaseSupervisor, RenewPolicy, SupervisorArgs, Track};
 use crate::{Error, ErrorKind, Result};
-
-/// A custom sharding function: `(key, server_count) -> index`. Its result is
-/// range-checked.
-///
-/// ```
-/// use std::sync::Arc;
-/// use dflockd_client::{ShardFn, Sharding};
-/// let by_prefix: ShardFn = Arc::new(|key: &str, n: usize| if key.starts_with("eu/") { 0 } else { 1 % n });
-/// let sharding = Sharding::Custom(by_prefix);
-/// ```
-pub type ShardFn = Arc<dyn Fn(&str, usize) -> usize + Send + Sync>;
-
-/// How keys are spread over several servers.
-///
-/// ```no_run
-/// # fn demo() -> dflockd_client::Result<()> {
-/// use std::sync::Arc;
-/// use dflockd_client::{Client, Sharding};
-/// // Keep every "tenant-a/…" key on server 0.
-/// let sharding = Sharding::Custom(Arc::new(|key: &str, n: usize| if key.starts_with("tenant-a/") { 0 } else { key.len() % n }));
-/// let client = Client::builder().server("10.0.0.1:6388".parse()?).server("10.0.0.2:6388".parse()?).sharding(sharding).build()?;
-/// # Ok(()) }
-/// ```
-#[derive(Clone, Default)]
-pub enum Sharding {
-    /// CRC-32/IEEE of the key modulo the server count — identical to the Go,
-    /// Python and TypeScript clients.
-    #[default]
-    Crc32,
-    /// A caller-supplied function.
-    Custom(ShardFn),
-}
-
-impl std::fmt::Debug for Sharding {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Sharding::Crc32 => f.write_str("Crc32"),
-            Sharding::Custom(_) => f.write_str("Custom(..)"),
-        }
-    }
-}
 
 /// Builds a [`Client`].
 ///
@@ -404,57 +366,6 @@ impl ClientBuilder {
         Ok(Client {
             inner: Arc::new(inner),
         })
-    }
-}
-
-pub(crate) struct ServerEntry {
-    pub(crate) addr: ServerAddr,
-    pub(crate) actor: ActorRef<ServerConn>,
-}
-
-pub(crate) struct ClientInner {
-    pub(crate) servers: Vec<ServerEntry>,
-    pub(crate) supervisor: ActorRef<LeaseSupervisor>,
-    options: ConnectOptions,
-    timing: LaneTiming,
-    on_lane_closed: Arc<dyn Fn(crate::lane::LaneId) + Send + Sync>,
-    sharding: Sharding,
-    default_lease: Option<Duration>,
-    acquire_timeout: Duration,
-    pub(crate) runtime: Handle,
-    next_lease: AtomicU64,
-    renewals: Arc<AtomicU64>,
-}
-
-impl ClientInner {
-    /// The server's control lane (connecting if needed).
-    pub(crate) async fn lane(&self, server: usize) -> Result<LaneHandle> {
-        match self.servers[server].actor.ask(GetLane).await {
-            Ok(lane) => Ok(lane),
-            Err(kameo::error::SendError::HandlerError(error)) => Err(error),
-            Err(_) => Err(ErrorKind::Shutdown.into()),
-        }
-    }
-
-    /// Sends a non-blocking request over the server's control lane.
-    pub(crate) async fn control_call(
-        &self,
-        server: usize,
-        request: Request,
-        orphan: Option<(Key, Namespace)>,
-    ) -> Result<(Reply, LaneRef)> {
-        let (tx, rx) = oneshot::channel();
-        self.servers[server]
-            .actor
-            .tell(Call {
-                request,
-                orphan,
-                reply: tx,
-            })
-            .try_send()
-            .map_err(|_| ErrorKind::Shutdown)?;
-        // A dropped reply means the lane died with the request queued.
-        rx.await.map_err(|_| ErrorKind::ConnectionClosed)?
     }
 }
 

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::connection::{Connection, read_line};
-use crate::supervisor::{RenewBatch, RenewReply, RenewSink, RenewTag};
+use crate::renewal::{RenewBatch, RenewReply, RenewSink, RenewTag};
 use crate::{Error, ErrorKind, Result};
 
 /// Identity of one connection, for binding leases to it.
@@ -130,7 +130,7 @@ pub(crate) struct LaneHandle {
     pub(crate) tx: mpsc::UnboundedSender<Outgoing>,
     pub(crate) closed: CancellationToken,
     /// Set on a multiplexed lane: where request ids and tickets come from.
-    pub(crate) mux: Option<Arc<crate::mux_lane::MuxIds>>,
+    pub(crate) mux: Option<Arc<MuxIds>>,
 }
 
 impl LaneHandle {
@@ -195,7 +195,7 @@ pub(crate) fn spawn_framed<F: Framing>(
     on_close: impl FnOnce(LaneId) + Send + 'static,
     framing: F,
     renew_to: Arc<OnceLock<RenewSink>>,
-    mux: Option<Arc<crate::mux_lane::MuxIds>>,
+    mux: Option<Arc<MuxIds>>,
 ) -> LaneHandle {
     let id = next_lane_id();
     let (tx, rx) = mpsc::unbounded_channel();
@@ -571,5 +571,25 @@ impl ReplyGuard {
 impl Drop for ReplyGuard {
     fn drop(&mut self) {
         self.abandon();
+    }
+}
+
+/// Where a multiplexed lane's request ids and two-phase tickets come from.
+#[derive(Debug)]
+pub(crate) struct MuxIds {
+    next_id: AtomicU64,
+    pub(crate) next_ticket: AtomicU64,
+}
+
+impl MuxIds {
+    pub(crate) fn new() -> MuxIds {
+        MuxIds {
+            next_id: AtomicU64::new(1),
+            next_ticket: AtomicU64::new(1),
+        }
+    }
+
+    pub(crate) fn take_ids(&self, n: u64) -> u64 {
+        self.next_id.fetch_add(n, Ordering::Relaxed)
     }
 }

@@ -3,15 +3,22 @@
 //! code.
 #![warn(missing_docs)]
 
+// Layers, bottom to top; no module imports one above it:
+// error, options, pinned → connection → renewal, lane → mux_lane →
+// server_conn → lease_state → supervisor → inner → lease → client →
+// service, blocking.
 pub mod blocking;
 mod client;
 mod connection;
 mod error;
+mod inner;
 mod lane;
 mod lease;
+mod lease_state;
 mod mux_lane;
 mod options;
 mod pinned;
+mod renewal;
 mod server_conn;
 mod service;
 mod supervisor;
@@ -26,10 +33,11 @@ mod supervisor;
 /// ```
 pub use kameo;
 
-pub use client::{Client, ClientBuilder, Enqueue, Lock, Semaphore, ShardFn, Sharding, Ticket};
+pub use client::{Client, ClientBuilder, Enqueue, Lock, Semaphore, Ticket};
 pub use connection::{Connection, Enqueued, Granted};
 pub use dflockd_proto::{Key, Stats, Token, fence_from_token};
 pub use error::{Error, ErrorKind, Result};
-pub use lease::{Lease, LeaseLost, LeaseMonitor, LossReason, Released};
-pub use options::{AuthToken, ConnectOptions, ServerAddr, TlsOptions};
+pub use lease::{Lease, LeaseMonitor, Released};
+pub use lease_state::{LeaseLost, LossReason};
+pub use options::{AuthToken, ConnectOptions, ServerAddr, ShardFn, Sharding, TlsOptions};
 pub use service::{GrantService, RequestGrant};

@@ -14,7 +14,7 @@
 //! closure once, so leases bound to the connection are known lost at once.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -27,31 +27,11 @@ use tokio::time::Instant;
 
 use crate::connection::Connection;
 use crate::lane::{
-    Framing, LaneHandle, LaneId, LaneRef, LaneRequest, LaneTiming, Outgoing, Pending, ReplyGuard,
-    ReplyTo, TaggedRequest, spawn_framed,
+    Framing, LaneHandle, LaneId, LaneRef, LaneRequest, LaneTiming, MuxIds, Outgoing, Pending,
+    ReplyGuard, ReplyTo, TaggedRequest, spawn_framed,
 };
-use crate::supervisor::RenewSink;
+use crate::renewal::RenewSink;
 use crate::{ErrorKind, Result};
-
-/// Where a multiplexed lane's request ids and two-phase tickets come from.
-#[derive(Debug)]
-pub(crate) struct MuxIds {
-    next_id: AtomicU64,
-    next_ticket: AtomicU64,
-}
-
-impl MuxIds {
-    fn new() -> MuxIds {
-        MuxIds {
-            next_id: AtomicU64::new(1),
-            next_ticket: AtomicU64::new(1),
-        }
-    }
-
-    fn take_ids(&self, n: u64) -> u64 {
-        self.next_id.fetch_add(n, Ordering::Relaxed)
-    }
-}
 
 impl LaneHandle {
     /// Whether this lane speaks the multiplexed extension.

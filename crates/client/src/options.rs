@@ -323,3 +323,44 @@ impl Default for ConnectOptions {
         }
     }
 }
+
+/// A custom sharding function: `(key, server_count) -> index`. Its result is
+/// range-checked.
+///
+/// ```
+/// use std::sync::Arc;
+/// use dflockd_client::{ShardFn, Sharding};
+/// let by_prefix: ShardFn = Arc::new(|key: &str, n: usize| if key.starts_with("eu/") { 0 } else { 1 % n });
+/// let sharding = Sharding::Custom(by_prefix);
+/// ```
+pub type ShardFn = Arc<dyn Fn(&str, usize) -> usize + Send + Sync>;
+
+/// How keys are spread over several servers.
+///
+/// ```no_run
+/// # fn demo() -> dflockd_client::Result<()> {
+/// use std::sync::Arc;
+/// use dflockd_client::{Client, Sharding};
+/// // Keep every "tenant-a/…" key on server 0.
+/// let sharding = Sharding::Custom(Arc::new(|key: &str, n: usize| if key.starts_with("tenant-a/") { 0 } else { key.len() % n }));
+/// let client = Client::builder().server("10.0.0.1:6388".parse()?).server("10.0.0.2:6388".parse()?).sharding(sharding).build()?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Default)]
+pub enum Sharding {
+    /// CRC-32/IEEE of the key modulo the server count — identical to the Go,
+    /// Python and TypeScript clients.
+    #[default]
+    Crc32,
+    /// A caller-supplied function.
+    Custom(ShardFn),
+}
+
+impl std::fmt::Debug for Sharding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Sharding::Crc32 => f.write_str("Crc32"),
+            Sharding::Custom(_) => f.write_str("Custom(..)"),
+        }
+    }
+}

@@ -21,7 +21,7 @@ use crate::connection::Connection;
 use crate::lane::{LaneHandle, LaneId, LaneReply, LaneRequest, LaneTiming, spawn_lane};
 use crate::mux_lane::{negotiate, spawn_mux_lane};
 use crate::options::{ConnectOptions, ServerAddr};
-use crate::supervisor::RenewBatch;
+use crate::renewal::RenewBatch;
 use crate::{Error, ErrorKind, Result};
 
 /// Called once when a lane of this server closes.

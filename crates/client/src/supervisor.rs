@@ -42,9 +42,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::{DelayQueue, delay_queue};
 
-use crate::Error;
 use crate::lane::LaneId;
-use crate::lease::{LeaseLost, LeaseShared, LossReason};
+use crate::lease_state::{LeaseLost, LeaseShared, LossReason};
+use crate::renewal::{LeaseId, RenewBatch, RenewReply, RenewSink, RenewTag};
 use crate::server_conn::{Renewals, ServerConn};
 
 /// A lease longer than this is simply re-checked this often (the queue
@@ -68,10 +68,6 @@ const REPLY_BATCH: usize = 64;
 const KEEP_FIRED_CAPACITY: usize = 1024;
 /// `Entry::batch` of a lease with no renewal in flight.
 const NO_BATCH: u32 = 0;
-
-/// Identity of one tracked lease; never reused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct LeaseId(pub(crate) u64);
 
 /// Hasher for the lease table: lease ids are a counter, so their low bits
 /// already spread perfectly over the buckets; the high bits (hashbrown's
@@ -164,68 +160,6 @@ fn ttl_secs(ttl: Duration) -> u32 {
     // 136 years is as good as forever here.
     let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
     u32::try_from(secs).unwrap_or(u32::MAX)
-}
-
-/// Where the lanes hand renew replies: every reply read at once, together.
-pub(crate) type RenewSink = mpsc::UnboundedSender<Vec<RenewReply>>;
-
-/// Identifies one renew request in flight, to match its reply.
-pub(crate) struct RenewTag {
-    id: LeaseId,
-    batch: u32,
-    sent_at: Instant,
-}
-
-impl RenewTag {
-    /// Pairs the tag with the outcome of its request.
-    pub(crate) fn reply(self, result: Result<Reply, Error>) -> RenewReply {
-        RenewReply {
-            id: self.id,
-            batch: self.batch,
-            sent_at: self.sent_at,
-            result,
-        }
-    }
-}
-
-/// Result of a renew request.
-pub(crate) struct RenewReply {
-    id: LeaseId,
-    batch: u32,
-    sent_at: Instant,
-    result: Result<Reply, Error>,
-}
-
-/// Renew requests for one server, encoded back to back, with a tag per
-/// request in the same order and the sink for their replies.
-pub(crate) struct RenewBatch {
-    wire: Vec<u8>,
-    tags: Vec<RenewTag>,
-    sink: RenewSink,
-}
-
-impl RenewBatch {
-    fn new(sink: RenewSink) -> RenewBatch {
-        RenewBatch {
-            wire: Vec::new(),
-            tags: Vec::new(),
-            sink,
-        }
-    }
-
-    pub(crate) fn into_parts(self) -> (Vec<u8>, Vec<RenewTag>, RenewSink) {
-        (self.wire, self.tags, self.sink)
-    }
-
-    /// None of these requests will be answered.
-    pub(crate) fn fail(self, error: Error) {
-        let replies = self
-            .tags
-            .into_iter()
-            .map(|tag| tag.reply(Err(error.clone())))
-            .collect();
-        let _ = self.sink.send(replies);
-    }
 }
 
 /// `at` rounded down to the grain (counted from `epoch`): renewals.
