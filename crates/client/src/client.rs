@@ -4,26 +4,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use dflockd_proto::{Key, Kind, Limit, Namespace, Reply, Request, Stats};
+use dflockd_proto::{Key, Kind, Limit, Namespace, Request, Stats};
 use kameo::actor::Spawn;
 use kameo::prelude::*;
 use tokio::runtime::Handle;
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::connection::{
-    Connection, Enqueued, Granted, REPLY_SLACK, expect_enqueued, expect_ok, expect_stats,
-    grant_or_timeout, lease_of, seconds,
-};
+use crate::connection::{expect_ok, expect_stats, lease_of, seconds};
 use crate::inner::{ClientInner, ServerEntry};
-use crate::lane::{LaneHandle, LaneRef, LaneRequest, LaneTiming, ReplyGuard, spawn_lane};
+use crate::lane::LaneTiming;
 use crate::lease::Lease;
 use crate::lease_state::{LeaseLost, LeaseShared};
-use crate::mux_lane::{self, OnDrop};
 use crate::options::{AuthToken, ConnectOptions, ServerAddr, Sharding, TlsOptions};
 use crate::renewal::LeaseId;
 use crate::server_conn::{ServerConn, ServerConnArgs};
 use crate::supervisor::{LaneClosed, LeaseSupervisor, RenewPolicy, SupervisorArgs, Track};
+use crate::transport::{Enqueueing, Grant, Place, Transport};
 use crate::{Error, ErrorKind, Result};
 
 /// Builds a [`Client`].
@@ -642,19 +638,10 @@ pub struct Ticket {
     place: Option<Place>,
 }
 
-/// Where a ticket's queue place lives.
-enum Place {
-    /// A connection of its own (plain servers), kept alive by a task.
-    Conn(QueuedConn),
-    /// A ticket number on the multiplexed lane.
-    Mux { lane: LaneHandle, ticket: u64 },
-}
-
 impl Drop for Ticket {
     fn drop(&mut self) {
-        // A plain place's task gives the place up when its handle drops.
-        if let Some(Place::Mux { lane, ticket }) = self.place.take() {
-            mux_lane::abandon(&lane, self.target.resource(), ticket);
+        if let Some(place) = self.place.take() {
+            place.abandon(self.target.resource());
         }
     }
 }
@@ -705,30 +692,11 @@ impl Ticket {
             .expect("a ticket owns its place until it waits");
         let target = self.target.clone();
         drop(self);
-        let sent_at = Instant::now();
-        let conn = match place {
-            Place::Conn(queued) => queued.take().await?,
-            Place::Mux { lane, ticket } => {
-                let orphan = target.resource();
-                let (reply, lane) = mux_lane::call(
-                    &lane,
-                    request,
-                    ticket,
-                    Some(orphan),
-                    timeout + REPLY_SLACK,
-                    OnDrop::Cancel,
-                )
-                .await?;
-                return match grant_or_timeout(reply)? {
-                    Some(granted) => Ok(target.track_waited(granted, &lane, sent_at)),
-                    None => Err(ErrorKind::Timeout.into()),
-                };
-            }
-        };
-        let (reply, conn) =
-            guarded_request(conn, request, target.resource(), timeout + REPLY_SLACK).await?;
-        match grant_or_timeout(reply)? {
-            Some(granted) => Ok(target.bind(granted, conn, sent_at, true)),
+        let grant = place
+            .wait(target.inner(), request, timeout, target.resource())
+            .await?;
+        match grant {
+            Some(grant) => Ok(target.track(grant)),
             None => Err(ErrorKind::Timeout.into()),
         }
     }
@@ -754,149 +722,47 @@ impl Target {
         lease_of(self.lease)
     }
 
-    /// On a multiplexed lane: one request that waits up to `timeout` on
-    /// the shared connection. Otherwise: tries once on the control lane; if
-    /// busy and `timeout > 0`, waits on a connection of its own.
+    /// Acquires, waiting up to `timeout` in the key's queue; `None` if it
+    /// stayed busy.
     async fn acquire_within(&self, timeout: Duration) -> Result<Option<Lease>> {
         let wait = seconds(timeout)?;
         let lease = self.lease()?;
-        let orphan = self.resource();
         let acquire = |timeout| Request::Acquire {
             key: self.key.clone(),
             kind: self.kind,
             timeout,
             lease,
         };
-        let lane = self.inner().lane(self.server).await?;
-        if lane.is_mux() {
-            let sent_at = Instant::now();
-            let (reply, lane) = mux_lane::call(
-                &lane,
-                acquire(wait),
-                0,
-                Some(orphan),
-                wait.as_duration() + REPLY_SLACK,
-                OnDrop::Cancel,
-            )
-            .await?;
-            return Ok(grant_or_timeout(reply)?.map(|g| self.track_waited(g, &lane, sent_at)));
-        }
-        let sent_at = Instant::now();
-        let (tx, rx) = oneshot::channel();
-        let mut pending = ReplyGuard::new(rx, &lane, Some(orphan.clone()));
-        lane.send(LaneRequest {
-            request: acquire(dflockd_proto::Seconds::ZERO),
-            reply: Some(tx),
-            orphan: Some(orphan.clone()),
-        });
-        let (reply, lane) = pending.recv().await?;
-        if let Some(granted) = grant_or_timeout(reply)? {
-            return Ok(Some(self.track(granted, &lane, sent_at, None, false)));
-        }
-        if wait == dflockd_proto::Seconds::ZERO {
-            return Ok(None);
-        }
-        let conn = Connection::connect(
-            &self.inner().servers[self.server].addr,
-            &self.inner().options,
-        )
-        .await?;
-        let sent_at = Instant::now();
-        let (reply, conn) = guarded_request(
-            conn,
-            acquire(wait),
-            orphan,
-            wait.as_duration() + REPLY_SLACK,
-        )
-        .await?;
-        Ok(grant_or_timeout(reply)?.map(|granted| self.bind(granted, conn, sent_at, true)))
+        let transport = Transport::open(self.inner(), self.server).await?;
+        let grant = transport.acquire(acquire, wait, self.resource()).await?;
+        Ok(grant.map(|grant| self.track(grant)))
     }
 
     async fn enqueue(&self) -> Result<Enqueue> {
-        let lane = self.inner().lane(self.server).await?;
-        if lane.is_mux() {
-            let ticket = lane.new_ticket();
-            let request = Request::Enqueue {
-                key: self.key.clone(),
-                kind: self.kind,
-                lease: self.lease()?,
-            };
-            let sent_at = Instant::now();
-            let (reply, lane_ref) = mux_lane::call(
-                &lane,
-                request,
-                ticket,
-                Some(self.resource()),
-                REPLY_SLACK,
-                OnDrop::Abandon,
-            )
-            .await?;
-            return Ok(match expect_enqueued(reply)? {
-                Enqueued::Acquired(granted) => {
-                    Enqueue::Acquired(self.track(granted, &lane_ref, sent_at, None, false))
-                }
-                Enqueued::Queued => Enqueue::Queued(Ticket {
-                    target: self.clone(),
-                    place: Some(Place::Mux { lane, ticket }),
-                }),
-            });
-        }
-        let conn = Connection::connect(
-            &self.inner().servers[self.server].addr,
-            &self.inner().options,
-        )
-        .await?;
         let request = Request::Enqueue {
             key: self.key.clone(),
             kind: self.kind,
             lease: self.lease()?,
         };
-        let sent_at = Instant::now();
-        let orphan = self.resource();
-        let (reply, conn) = guarded_request(conn, request, orphan, REPLY_SLACK).await?;
-        Ok(match expect_enqueued(reply)? {
-            Enqueued::Acquired(granted) => {
-                Enqueue::Acquired(self.bind(granted, conn, sent_at, false))
-            }
-            Enqueued::Queued => Enqueue::Queued(Ticket {
+        let transport = Transport::open(self.inner(), self.server).await?;
+        Ok(match transport.enqueue(request, self.resource()).await? {
+            Enqueueing::Acquired(grant) => Enqueue::Acquired(self.track(grant)),
+            Enqueueing::Queued(place) => Enqueue::Queued(Ticket {
                 target: self.clone(),
-                place: Some(Place::Conn(QueuedConn::spawn(
-                    conn,
-                    self.inner().timing.keepalive,
-                    self.resource(),
-                ))),
+                place: Some(place),
             }),
         })
     }
 
-    /// Keeps `conn` open (pinging) for as long as the lease lives: the
-    /// server ties auto-release to the connection that got the grant.
-    fn bind(&self, granted: Granted, conn: Connection, sent_at: Instant, renew_now: bool) -> Lease {
-        let on_close = Arc::clone(&self.inner().on_lane_closed);
-        let lane = spawn_lane(conn, self.inner().timing, move |id| on_close(id));
-        let lane_ref = lane.lane_ref();
-        self.track(granted, &lane_ref, sent_at, Some(lane), renew_now)
-    }
-
-    /// Tracks a grant from a request that may have waited in the queue on
-    /// the multiplexed lane. Its lease restarted on the server when the
-    /// grant was observed, which is after the request was sent, so counting
-    /// from the send time is safe; when the wait took a real part of the
-    /// lease, the lease is renewed at once instead of looking nearly spent.
-    fn track_waited(&self, granted: Granted, lane: &LaneRef, sent_at: Instant) -> Lease {
-        let waited = sent_at.elapsed();
-        let renew_now = waited * 4 > granted.lease.as_duration();
-        self.track(granted, lane, sent_at, None, renew_now)
-    }
-
-    fn track(
-        &self,
-        granted: Granted,
-        lane: &LaneRef,
-        sent_at: Instant,
-        wait_lane: Option<LaneHandle>,
-        renew_now: bool,
-    ) -> Lease {
+    /// Makes a grant a `Lease` and hands it to the supervisor.
+    fn track(&self, grant: Grant) -> Lease {
+        let Grant {
+            granted,
+            sent_at,
+            lane,
+            own_lane: wait_lane,
+            renew_now,
+        } = grant;
         let inner = self.inner();
         let id = LeaseId(inner.next_lease.fetch_add(1, Ordering::Relaxed));
         let ttl = granted.lease.as_duration();
@@ -941,219 +807,6 @@ impl Target {
             shared.mark_lost(crate::LossReason::ClientStopped);
         }
         lease
-    }
-}
-
-/// Sends a request that may block on a connection of its own, so that the
-/// caller may be cancelled at any point without leaking a grant: the request
-/// runs in a task that owns the connection; if the caller goes away, the
-/// connection is closed (the server drops the waiter) — and a grant that
-/// raced the cancellation is released explicitly, which also covers servers
-/// running without auto-release-on-disconnect.
-async fn guarded_request(
-    mut conn: Connection,
-    request: Request,
-    orphan: (Key, Namespace),
-    reply_timeout: Duration,
-) -> Result<(Reply, Connection)> {
-    const RACE_GRACE: Duration = Duration::from_millis(200);
-    let (tx, rx) = oneshot::channel::<Result<(Reply, Connection)>>();
-    let mut tx = tx;
-    let mut result = Handover {
-        rx: Some(rx),
-        orphan: orphan.clone(),
-    };
-    tokio::spawn(async move {
-        let reply = {
-            let exchange = conn.request(&request, reply_timeout);
-            tokio::pin!(exchange);
-            tokio::select! {
-                reply = &mut exchange => Some(reply),
-                _ = tx.closed() => {
-                    // The caller is gone. A grant may already be on the wire.
-                    tokio::time::timeout(RACE_GRACE, &mut exchange).await.ok()
-                }
-            }
-        };
-        match reply {
-            Some(Ok(reply)) => {
-                if let Err(Ok((reply, conn))) = tx.send(Ok((reply, conn))) {
-                    settle_orphaned(reply, conn, orphan).await;
-                }
-            }
-            Some(Err(error)) => {
-                let _ = tx.send(Err(error));
-            }
-            None => {} // dropping the connection withdraws the waiter
-        }
-    });
-    result.recv().await?
-}
-
-/// The caller's end of a value a background task hands over: a reply and
-/// its connection ([`guarded_request`]), or a queued ticket's connection
-/// ([`QueuedConn::take`]). If the caller goes away after the value was
-/// handed over but before reading it, dropping this settles the value in the
-/// background (releases a grant, gives up a queue place) instead of leaving
-/// it to the connection's close — which frees nothing on a server without
-/// auto-release.
-struct Handover<T: Orphan> {
-    rx: Option<oneshot::Receiver<T>>,
-    orphan: (Key, Namespace),
-}
-
-/// A handed-over value that must be settled if nobody reads it.
-trait Orphan: Send + Sized + 'static {
-    /// Frees whatever the value holds on the server for `orphan`'s key.
-    fn settle(self, orphan: (Key, Namespace)) -> impl Future<Output = ()> + Send + 'static;
-}
-
-impl Orphan for Result<(Reply, Connection)> {
-    async fn settle(self, orphan: (Key, Namespace)) {
-        if let Ok((reply, conn)) = self {
-            settle_orphaned(reply, conn, orphan).await;
-        }
-    }
-}
-
-impl Orphan for Connection {
-    fn settle(self, orphan: (Key, Namespace)) -> impl Future<Output = ()> + Send + 'static {
-        abandon_queued(self, orphan)
-    }
-}
-
-impl<T: Orphan> Handover<T> {
-    async fn recv(&mut self) -> Result<T> {
-        let Some(rx) = self.rx.as_mut() else {
-            return Err(ErrorKind::ConnectionClosed.into());
-        };
-        let result = rx.await;
-        self.rx = None;
-        result.map_err(|_| ErrorKind::ConnectionClosed.into())
-    }
-}
-
-impl<T: Orphan> Drop for Handover<T> {
-    fn drop(&mut self) {
-        let Some(mut rx) = self.rx.take() else {
-            return;
-        };
-        // From here on the task cannot hand the value over: it settles it
-        // itself. One already handed over is settled here.
-        rx.close();
-        if let Ok(value) = rx.try_recv()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            runtime.spawn(value.settle(self.orphan.clone()));
-        }
-    }
-}
-
-/// Settles a reply whose caller went away, on the connection it came from:
-/// a grant is released; a queue place (`queued`) is given up.
-async fn settle_orphaned(reply: Reply, mut conn: Connection, orphan: (Key, Namespace)) {
-    match reply {
-        Reply::Granted { token, .. } | Reply::Acquired { token, .. } => {
-            tracing::debug!(
-                fence = token.fence(),
-                "releasing a grant whose caller went away"
-            );
-            let _ = conn.release(&orphan.0, orphan.1, token).await;
-        }
-        // An enqueue whose caller went away: its place may be granted
-        // before the connection closes.
-        Reply::Queued => abandon_queued(conn, orphan).await,
-        _ => {}
-    }
-}
-
-/// A plain-mode queue place: the connection that enqueued, owned by a task
-/// that pings it every `keepalive` until the ticket waits (the connection
-/// is handed back) or is dropped (the place is given up). Without the
-/// pings a server with a read timeout (the Go server: 23 s) would close a
-/// connection whose ticket is held longer than that, and the place with it.
-struct QueuedConn {
-    handback: oneshot::Sender<oneshot::Sender<Connection>>,
-    orphan: (Key, Namespace),
-}
-
-impl QueuedConn {
-    fn spawn(conn: Connection, keepalive: Duration, orphan: (Key, Namespace)) -> QueuedConn {
-        let (handback, requests) = oneshot::channel();
-        tokio::spawn(keep_queued(conn, keepalive, orphan.clone(), requests));
-        QueuedConn { handback, orphan }
-    }
-
-    /// The connection back, for the `w`. Fails if a ping found it broken
-    /// (the place is gone with it).
-    ///
-    /// Cancel-safe: if the caller goes away after the connection was handed
-    /// over but before reading it, the place is given up (and a grant it
-    /// received meanwhile released) instead of the connection being dropped
-    /// with the grant still held for it — which a server without
-    /// auto-release-on-disconnect would keep until the lease ran out.
-    async fn take(self) -> Result<Connection> {
-        let (tx, rx) = oneshot::channel();
-        let mut handback = Handover {
-            rx: Some(rx),
-            orphan: self.orphan,
-        };
-        self.handback
-            .send(tx)
-            .map_err(|_| ErrorKind::ConnectionClosed)?;
-        handback.recv().await
-    }
-}
-
-async fn keep_queued(
-    mut conn: Connection,
-    keepalive: Duration,
-    orphan: (Key, Namespace),
-    mut requests: oneshot::Receiver<oneshot::Sender<Connection>>,
-) {
-    loop {
-        tokio::select! {
-            request = &mut requests => {
-                match request {
-                    Ok(back) => {
-                        if let Err(conn) = back.send(conn) {
-                            abandon_queued(conn, orphan).await;
-                        }
-                    }
-                    // The ticket was dropped.
-                    Err(_) => abandon_queued(conn, orphan).await,
-                }
-                return;
-            }
-            _ = tokio::time::sleep(keepalive) => {
-                if conn.request(&Request::Ping, REPLY_SLACK).await.is_err() {
-                    tracing::debug!("queued ticket's connection failed a ping: place lost");
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// Gives up the queue place `conn` holds for `orphan` (after an enqueue
-/// answered `queued`). The place may already have been granted — the server
-/// then holds the grant for this connection until a `w` collects it, and
-/// without auto-release-on-disconnect it would outlive the connection until
-/// its lease ran out. So collect it with a zero-timeout wait (which also
-/// withdraws a place still queued), release any grant, then close.
-async fn abandon_queued(mut conn: Connection, orphan: (Key, Namespace)) {
-    let (key, namespace) = orphan;
-    let poll = Request::Wait {
-        key: key.clone(),
-        namespace,
-        timeout: dflockd_proto::Seconds::ZERO,
-    };
-    if let Ok(Reply::Granted { token, .. }) = conn.request(&poll, REPLY_SLACK).await {
-        tracing::debug!(
-            fence = token.fence(),
-            "releasing the grant of an abandoned queue place"
-        );
-        let _ = conn.release(&key, namespace, token).await;
     }
 }
 

@@ -5,8 +5,8 @@
 
 // Layers, bottom to top; no module imports one above it:
 // error, options, pinned → connection → renewal, lane → mux_lane →
-// server_conn → lease_state → supervisor → inner → lease → client →
-// service, blocking.
+// server_conn → lease_state → supervisor → inner → plain → transport →
+// lease → client → service, blocking.
 pub mod blocking;
 mod client;
 mod connection;
@@ -18,10 +18,12 @@ mod lease_state;
 mod mux_lane;
 mod options;
 mod pinned;
+mod plain;
 mod renewal;
 mod server_conn;
 mod service;
 mod supervisor;
+mod transport;
 
 /// The actor framework of this client's public API (`ActorRef`s of
 /// [`GrantService`] and lease-lost notifications are kameo types),
