@@ -1,4 +1,6 @@
-//! The blocking facade, used from plain threads.
+//! The blocking facade, used from plain threads, in both transport modes.
+
+mod support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -6,6 +8,7 @@ use std::time::{Duration, Instant};
 use dflockd_client::blocking::{Client, Enqueue, Interrupt};
 use dflockd_client::{ErrorKind, Released};
 use dflockd_server::{Server, ServerConfig, ServerHandle};
+use support::{Mode, both_modes};
 
 /// An embedded server on a runtime of its own, as a blocking program would
 /// talk to an external one.
@@ -34,7 +37,12 @@ impl Background {
     }
 
     fn client(&self) -> Client {
-        Client::builder().server(self.addr.into()).build().unwrap()
+        let multiplex = Mode::current() == Mode::Mux;
+        Client::builder()
+            .server(self.addr.into())
+            .configure(move |builder| builder.multiplex(multiplex))
+            .build()
+            .unwrap()
     }
 }
 
@@ -64,6 +72,7 @@ impl Drop for Background {
     }
 }
 
+both_modes! {
 #[test]
 fn acquire_contend_release_from_threads() {
     let bg = Background::start();
@@ -85,7 +94,9 @@ fn acquire_contend_release_from_threads() {
     let second = other.join().unwrap().expect("granted after release");
     assert!(second > first);
 }
+}
 
+both_modes! {
 #[test]
 fn interrupt_stops_a_blocked_acquire_without_leaking() {
     let bg = Background::start();
@@ -122,7 +133,9 @@ fn interrupt_stops_a_blocked_acquire_without_leaking() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+}
 
+both_modes! {
 #[test]
 fn two_phase_and_drop_releases() {
     let bg = Background::start();
@@ -145,4 +158,5 @@ fn two_phase_and_drop_releases() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
 }

@@ -47,25 +47,34 @@ async fn auto_release_off(test: &str) -> TestServer {
     TestServer::embedded(config).await
 }
 
-/// Two tests of `scenario`: `<name>::auto_release_on` against the shared
-/// server (embedded or external), and — embedded-only —
-/// `<name>::auto_release_off` against a server with
-/// `auto_release_on_disconnect: false`.
+/// Four tests of `scenario`, in each transport mode (mux, plain):
+/// `<name>::auto_release_on_<mode>` against the shared server (embedded or
+/// external), and — embedded-only — `<name>::auto_release_off_<mode>`
+/// against a server with `auto_release_on_disconnect: false`.
 macro_rules! in_both_server_modes {
     ($name:ident, $scenario:ident) => {
         mod $name {
             use super::*;
 
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn auto_release_on() {
-                $scenario(super::auto_release_on().await).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn auto_release_off() {
-                let test = concat!(stringify!($name), "::auto_release_off");
-                $scenario(super::auto_release_off(test).await).await;
-            }
+            in_both_server_modes!(@one auto_release_on_mux, Mux, on, $name, $scenario);
+            in_both_server_modes!(@one auto_release_on_plain, Plain, on, $name, $scenario);
+            in_both_server_modes!(@one auto_release_off_mux, Mux, off, $name, $scenario);
+            in_both_server_modes!(@one auto_release_off_plain, Plain, off, $name, $scenario);
+        }
+    };
+    (@one $test:ident, $mode:ident, on, $name:ident, $scenario:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $test() {
+            support::Mode::$mode.enter();
+            $scenario(super::auto_release_on().await).await;
+        }
+    };
+    (@one $test:ident, $mode:ident, off, $name:ident, $scenario:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $test() {
+            support::Mode::$mode.enter();
+            let test = concat!(stringify!($name), "::", stringify!($test));
+            $scenario(super::auto_release_off(test).await).await;
         }
     };
 }

@@ -18,8 +18,8 @@ use dflockd_server::ServerConfig;
 use kameo::actor::Spawn;
 use kameo::error::Infallible;
 use kameo::prelude::*;
-use support::queued_ticket;
 use support::{BOUND, Keys, TestServer, contended_lease, embedded_only};
+use support::{both_modes, queued_ticket};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -55,6 +55,7 @@ async fn control_and_waited(
     (control, waited)
 }
 
+both_modes! {
 /// A 1 s lease stays held for 3+ s because it is renewed, and its deadline
 /// moves forward — for a lease granted on the control lane and one granted on
 /// a wait lane alike.
@@ -99,7 +100,9 @@ async fn renewals_keep_a_one_second_lease_alive() {
     assert_eq!(control.release().await.unwrap(), Released::Released);
     assert_eq!(waited.release().await.unwrap(), Released::Released);
 }
+}
 
+both_modes! {
 /// (a) The server refuses a renewal (the token was released by another
 /// connection): `lost()` resolves within about one renew interval (lease 3 s
 /// → renew every ~1 s) with `LossReason::Refused`, and `release()` then
@@ -127,7 +130,9 @@ async fn refused_renewal_is_lease_loss() {
     assert_eq!(control.release().await.unwrap(), Released::AlreadyLost);
     assert_eq!(waited.release().await.unwrap(), Released::AlreadyLost);
 }
+}
 
+both_modes! {
 /// Embedded-only (force-closes the server). (b) Connection loss: leases
 /// granted on the control lane and on a wait lane are reported lost promptly
 /// — far within their 30 s lease — with `ConnectionLost`; `release()` then
@@ -153,6 +158,7 @@ async fn connection_loss_is_lease_loss() {
     assert!(tokens.iter().all(|t| t.is_cancelled()));
     assert_eq!(control.release().await.unwrap(), Released::AlreadyLost);
     assert_eq!(waited.release().await.unwrap(), Released::AlreadyLost);
+}
 }
 
 /// A worker actor that forwards the `LeaseLost` it receives.
@@ -180,6 +186,7 @@ impl Message<LeaseLost> for Watcher {
     }
 }
 
+both_modes! {
 /// (c) An actor registered with `.notify(recipient)` receives `LeaseLost`
 /// (key, token, fence, reason) — through a handle and through the
 /// `GrantService`.
@@ -229,7 +236,9 @@ async fn owner_actor_receives_lease_lost() {
     assert_eq!(direct.release().await.unwrap(), Released::AlreadyLost);
     assert_eq!(via_service.release().await.unwrap(), Released::AlreadyLost);
 }
+}
 
+both_modes! {
 /// A released lease is not reported lost to its owner, and releasing is
 /// `Released`; dropping the guard releases in the background.
 #[tokio::test]
@@ -267,7 +276,9 @@ async fn release_and_drop_free_the_key() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(rx.try_recv().is_err(), "a released lease was reported lost");
 }
+}
 
+both_modes! {
 /// Embedded-only (server read timeout 1 s). With `keepalive(300 ms)` a held
 /// 30 s lease survives 3 s of otherwise idle time, on the control lane and
 /// on a wait lane; without keepalive the same server drops the silent
@@ -334,7 +345,9 @@ async fn keepalive_keeps_idle_connections_and_their_leases() {
     assert_eq!(control.release().await.unwrap(), Released::Released);
     assert_eq!(waited.release().await.unwrap(), Released::Released);
 }
+}
 
+both_modes! {
 /// Embedded-only (server read timeout 1 s). A two-phase ticket held for
 /// 2.5 s before its `wait` keeps its queue place: in plain mode its own
 /// connection is pinged every keepalive, in mux mode the shared connection
@@ -381,4 +394,5 @@ async fn queued_ticket_keeps_its_place_past_the_server_read_timeout() {
         silent_result.is_err(),
         "the silent ticket's connection should be gone: {silent_result:?}"
     );
+}
 }

@@ -12,10 +12,11 @@ use std::time::Duration;
 
 use dflockd_client::{Client, Enqueue, Error, ErrorKind, Released, Sharding};
 use dflockd_server::ServerConfig;
-use support::queued_ticket;
 use support::{BOUND, Keys, TestServer, eventually, listed, no_waiters, waiters};
+use support::{both_modes, queued_ticket};
 use tokio::time::Instant;
 
+both_modes! {
 /// A failed request names its key and the server it went to, and keeps
 /// its kind for matching (issue: "server answered error" said neither).
 #[tokio::test]
@@ -65,7 +66,9 @@ async fn errors_name_the_key_and_the_server() {
     );
     assert!(error.is_transient(), "{error:?}");
 }
+}
 
+both_modes! {
 #[tokio::test]
 async fn acquire_try_lock_and_release() {
     let server = TestServer::start().await;
@@ -111,7 +114,9 @@ async fn acquire_try_lock_and_release() {
     assert!(again.fence() > fence, "fences grow per key");
     assert_eq!(again.release().await.unwrap(), Released::Released);
 }
+}
 
+both_modes! {
 #[tokio::test]
 async fn acquire_timeout_and_acquire_within() {
     let server = TestServer::start().await;
@@ -165,7 +170,9 @@ async fn acquire_timeout_and_acquire_within() {
     assert!(second.fence() > first);
     assert_eq!(second.release().await.unwrap(), Released::Released);
 }
+}
 
+both_modes! {
 /// Five waiters queued one after the other are granted in that order, each
 /// with a larger fence than the one before.
 #[tokio::test]
@@ -210,7 +217,9 @@ async fn fifo_of_five_waiters_with_increasing_fences() {
         task.await.unwrap();
     }
 }
+}
 
+both_modes! {
 #[tokio::test]
 async fn semaphore_limit_and_mismatch() {
     let server = TestServer::start().await;
@@ -276,7 +285,9 @@ async fn semaphore_limit_and_mismatch() {
         assert_eq!(lease.release().await.unwrap(), Released::Released);
     }
 }
+}
 
+both_modes! {
 #[tokio::test]
 async fn two_phase_acquired_fast_path() {
     let server = TestServer::start().await;
@@ -297,7 +308,9 @@ async fn two_phase_acquired_fast_path() {
     };
     assert_eq!(slot.release().await.unwrap(), Released::Released);
 }
+}
 
+both_modes! {
 #[tokio::test]
 async fn two_phase_queued_then_granted() {
     let server = TestServer::start().await;
@@ -314,7 +327,9 @@ async fn two_phase_queued_then_granted() {
     assert!(a.lock(&key).unwrap().try_acquire().await.unwrap().is_none());
     assert_eq!(lease.release().await.unwrap(), Released::Released);
 }
+}
 
+both_modes! {
 /// A wait that times out is `ErrorKind::Timeout` and the queue position is gone.
 #[tokio::test]
 async fn two_phase_wait_timeout_forfeits_the_place() {
@@ -337,7 +352,9 @@ async fn two_phase_wait_timeout_forfeits_the_place() {
     held.release().await.unwrap();
     support::lock_becomes_free(&a, &key, BOUND).await;
 }
+}
 
+both_modes! {
 #[tokio::test]
 async fn invalid_input_is_rejected() {
     let server = TestServer::start().await;
@@ -453,7 +470,9 @@ async fn invalid_input_is_rejected() {
     no_waiters(&client, 0, &keys.key("k")).await;
     held.release().await.unwrap();
 }
+}
 
+both_modes! {
 /// Embedded-only: three servers of its own. Keys land on CRC-32 % 3, as with
 /// the Go, Python and TypeScript clients, and only there.
 #[tokio::test]
@@ -501,7 +520,9 @@ async fn keys_are_sharded_by_crc32() {
     assert!(stats.semaphores.iter().any(|s| s.key == "row:42"));
     slot.release().await.unwrap();
 }
+}
 
+both_modes! {
 #[tokio::test]
 async fn custom_sharding_is_range_checked() {
     let server = TestServer::start().await;
@@ -534,4 +555,5 @@ async fn custom_sharding_is_range_checked() {
     let keys = Keys::new("custom-shard");
     let lease = fixed.lock(&keys.key("k")).unwrap().acquire().await.unwrap();
     lease.release().await.unwrap();
+}
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use dflockd_client::{AuthToken, ConnectOptions, Connection, ErrorKind, Released, TlsOptions};
 use dflockd_server::{Secret, ServerConfig};
-use support::{BOUND, Keys, TestPki, TestServer};
+use support::{BOUND, Keys, TestPki, TestServer, both_modes};
 
 async fn round_trip(server: &TestServer, test: &str) {
     let keys = Keys::new(test);
@@ -52,6 +52,7 @@ async fn round_trip(server: &TestServer, test: &str) {
         .unwrap();
 }
 
+both_modes! {
 #[tokio::test]
 async fn tls_round_trip() {
     let Some(server) = TestServer::with_tls("tls_round_trip").await else {
@@ -59,7 +60,9 @@ async fn tls_round_trip() {
     };
     round_trip(&server, "tls").await;
 }
+}
 
+both_modes! {
 /// The certificate is checked against the address's host (127.0.0.1, an IP
 /// SAN) by default, or against an explicit server name (`localhost`).
 #[tokio::test]
@@ -91,7 +94,9 @@ async fn tls_server_name() {
         "{result:?}"
     );
 }
+}
 
+both_modes! {
 /// A server whose certificate is not signed by a trusted CA is refused, by
 /// the low-level connection and by the client.
 #[tokio::test]
@@ -120,7 +125,9 @@ async fn tls_untrusted_ca_is_refused() {
         "{result:?}"
     );
 }
+}
 
+both_modes! {
 /// Plain text to a TLS server fails cleanly and promptly.
 #[tokio::test]
 async fn plaintext_to_tls_server_fails() {
@@ -139,7 +146,9 @@ async fn plaintext_to_tls_server_fails() {
     .expect("fails within the bound");
     assert!(outcome.is_err(), "{outcome:?}");
 }
+}
 
+both_modes! {
 #[test]
 fn bad_ca_material_is_rejected() {
     assert!(matches!(
@@ -151,7 +160,9 @@ fn bad_ca_material_is_rejected() {
         Err(ref e) if matches!(e.kind(), ErrorKind::InvalidArgument(_))
     ));
 }
+}
 
+both_modes! {
 #[tokio::test]
 async fn auth_round_trip() {
     let Some(server) = TestServer::with_auth("auth_round_trip").await else {
@@ -159,7 +170,9 @@ async fn auth_round_trip() {
     };
     round_trip(&server, "auth").await;
 }
+}
 
+both_modes! {
 /// A wrong token, or none, is `Error::Auth` — for the client and for a
 /// low-level connection.
 #[tokio::test]
@@ -218,7 +231,9 @@ async fn wrong_or_missing_token_is_auth_error() {
         "{result:?}"
     );
 }
+}
 
+both_modes! {
 /// Embedded-only: TLS and auth together, on one server.
 #[tokio::test]
 async fn tls_and_auth_together() {
@@ -250,4 +265,5 @@ async fn tls_and_auth_together() {
         matches!(result, Err(ref e) if matches!(e.kind(), ErrorKind::Auth)),
         "{result:?}"
     );
+}
 }

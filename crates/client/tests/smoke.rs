@@ -6,8 +6,9 @@ mod support;
 use std::time::Duration;
 
 use dflockd_client::{Enqueue, ErrorKind, Released};
-use support::{BOUND, Keys, TestServer, eventually, waiters};
+use support::{BOUND, Keys, Mode, TestServer, both_modes, eventually, waiters};
 
+both_modes! {
 #[tokio::test]
 async fn lock_round_trip_and_contention() {
     let server = TestServer::start().await;
@@ -37,7 +38,9 @@ async fn lock_round_trip_and_contention() {
     assert_eq!(stats.locks.iter().filter(|l| l.key == key).count(), 1);
     drop(second);
 }
+}
 
+both_modes! {
 #[tokio::test]
 async fn two_phase_and_semaphore() {
     let server = TestServer::start().await;
@@ -58,7 +61,9 @@ async fn two_phase_and_semaphore() {
         Err(ref e) if matches!(e.kind(), ErrorKind::LimitMismatch)
     ));
 }
+}
 
+both_modes! {
 #[tokio::test]
 async fn renewals_keep_a_short_lease_alive() {
     let server = TestServer::start().await;
@@ -74,7 +79,9 @@ async fn renewals_keep_a_short_lease_alive() {
     assert!(lock.try_acquire().await.unwrap().is_none());
     assert_eq!(lease.release().await.unwrap(), Released::Released);
 }
+}
 
+both_modes! {
 /// The suite really runs in the mode it claims: against the embedded
 /// server (which offers the extension), a mux-mode client multiplexes and a
 /// plain-mode client does not. Against an external server either may be
@@ -86,13 +93,14 @@ async fn suite_runs_in_its_connection_mode() {
     let multiplexed = client.multiplexed(0).await.unwrap();
     println!(
         "suite mode: {}; connection multiplexed: {multiplexed}",
-        if support::multiplex_mode() {
+        if Mode::current() == Mode::Mux {
             "mux"
         } else {
             "plain"
         }
     );
     if !support::is_external() {
-        assert_eq!(multiplexed, support::multiplex_mode());
+        assert_eq!(multiplexed, Mode::current() == Mode::Mux);
     }
+}
 }

@@ -81,6 +81,9 @@ pub fn embedded_only(test: &str, why: &str) {
 
 /// A server to test against, embedded or external.
 pub struct TestServer {
+    /// The transport the clients made for this server use: the mode of
+    /// the test that started it.
+    mode: Mode,
     handle: Option<ServerHandle>,
     addr: ServerAddr,
     tls: Option<TlsOptions>,
@@ -93,6 +96,7 @@ impl TestServer {
     pub async fn start() -> TestServer {
         match external_addr() {
             Some(addr) => TestServer {
+                mode: Mode::current(),
                 handle: None,
                 addr,
                 tls: None,
@@ -108,6 +112,7 @@ impl TestServer {
         let handle = Server::start(config).await.expect("embedded server starts");
         let addr = handle.local_addr().into();
         TestServer {
+            mode: Mode::current(),
             handle: Some(handle),
             addr,
             tls: None,
@@ -132,6 +137,7 @@ impl TestServer {
                 };
                 let port = port.parse().expect("DFLOCKD_TEST_AUTH_PORT must be a port");
                 Some(TestServer {
+                    mode: Mode::current(),
                     handle: None,
                     addr: ServerAddr::new(plain.host(), port).expect("auth address"),
                     tls: None,
@@ -163,6 +169,7 @@ impl TestServer {
             };
             let port = port.parse().expect("DFLOCKD_TEST_TLS_PORT must be a port");
             return Some(TestServer {
+                mode: Mode::current(),
                 handle: None,
                 addr: ServerAddr::new("127.0.0.1", port).expect("TLS address"),
                 tls: Some(TlsOptions::with_ca_file(ca).expect("DFLOCKD_TEST_TLS_CA")),
@@ -217,12 +224,12 @@ impl TestServer {
     }
 
     /// A client builder pointed at this server (with its TLS and auth), in
-    /// the suite's mode (see [`multiplex_mode`]).
+    /// the test's transport mode (see [`Mode`]).
     pub fn builder(&self) -> ClientBuilder {
         let mut builder = Client::builder()
             .server(self.addr.clone())
             .connect_timeout(BOUND)
-            .multiplex(multiplex_mode());
+            .multiplex(self.mode == Mode::Mux);
         if let Some(tls) = &self.tls {
             builder = builder.tls(tls.clone());
         }
@@ -394,16 +401,79 @@ pub async fn contended_lease(
         .expect("granted once the holder released")
 }
 
-/// Whether the suite runs in mux mode (the default) or plain mode
-/// (`DFLOCKD_TEST_MUX=0`, set by `tests/plain_mode.rs`, which reruns the
-/// suite that way). In mux mode the client asks for the extension; our
-/// server grants it, a plain dflockd refuses it and the client falls back.
-pub fn multiplex_mode() -> bool {
-    !matches!(
-        std::env::var("DFLOCKD_TEST_MUX").as_deref(),
-        Ok("0" | "off" | "false")
-    )
+/// The client transport a test runs with. [`both_modes!`] runs each test
+/// once per mode; the mode is set on the test's thread before its body
+/// runs, and every [`TestServer`] made there keeps it, so the clients it
+/// builds use it (also from spawned tasks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Ask for the multiplexed extension: our server grants it (a plain
+    /// dflockd refuses it and the client falls back).
+    Mux,
+    /// Never ask: blocking waits and tickets use connections of their own.
+    Plain,
 }
+
+thread_local! {
+    static MODE: std::cell::Cell<Mode> = const { std::cell::Cell::new(Mode::Mux) };
+}
+
+impl Mode {
+    /// Makes this the mode of the tests' clients on this thread.
+    pub fn enter(self) {
+        MODE.with(|mode| mode.set(self));
+    }
+
+    /// The mode set on this thread (mux unless a test entered another).
+    pub fn current() -> Mode {
+        MODE.with(std::cell::Cell::get)
+    }
+}
+
+/// Runs each test function given once per transport mode: a test `name`
+/// becomes `name::mux` and `name::plain`, and fails if either fails.
+/// Attributes (the test attribute, doc comments) apply to both.
+#[allow(unused_macros)] // not every suite uses it
+macro_rules! both_modes {
+    ($(#[$attr:meta])* async fn $name:ident() $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            $(#[$attr])*
+            async fn mux() {
+                crate::support::Mode::Mux.enter();
+                $body
+            }
+
+            $(#[$attr])*
+            async fn plain() {
+                crate::support::Mode::Plain.enter();
+                $body
+            }
+        }
+    };
+    ($(#[$attr:meta])* fn $name:ident() $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            $(#[$attr])*
+            fn mux() {
+                crate::support::Mode::Mux.enter();
+                $body
+            }
+
+            $(#[$attr])*
+            fn plain() {
+                crate::support::Mode::Plain.enter();
+                $body
+            }
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use both_modes;
 
 /// A two-phase ticket of `client` for lock `key`, which must be held by
 /// someone else (so the enqueue answers `queued`).
