@@ -3,9 +3,12 @@
 //! coordination recipes built on them.
 //!
 //! * [`client`] — the actor-based client (`Client`, `Lock`, `Semaphore`, `Lease`);
-//! * [`LeaderElection`], [`Singleton`], [`LeaseScope`] — coordination recipes;
-//! * [`server`] — the wire-compatible server, embeddable in-process;
-//! * [`proto`], [`core`] — the sans-I/O codec and the pure lock table.
+//! * [`LeaderElection`], [`Singleton`], [`LeaseScope`] — coordination recipes
+//!   (the [`recipes`] crate, which needs only the client);
+//! * `server` — the wire-compatible server, embeddable in-process, and
+//!   `core`, its lock table (both behind the default `server` feature:
+//!   `default-features = false` for a client-only build);
+//! * [`proto`] — the sans-I/O codec.
 //!
 //! ```
 //! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -19,30 +22,21 @@
 //! ```
 #![warn(missing_docs)]
 
-mod leader;
-mod scope;
-mod singleton;
-
 pub use dflockd_client as client;
+#[cfg(feature = "server")]
 pub use dflockd_core as core;
 pub use dflockd_proto as proto;
+pub use dflockd_recipes as recipes;
+#[cfg(feature = "server")]
 pub use dflockd_server as server;
 
 pub use dflockd_proto::{Token, fence_from_token, shard};
-pub use leader::{LeaderContext, LeaderElection, Leadership, Term};
-pub use scope::{ABORT_MARGIN, LeaseScope};
-pub use singleton::Singleton;
-/// The cancellation token the recipes take and hand out (from
-/// `tokio-util`), re-exported so callers need no extra dependency.
-///
-/// ```
-/// let stop = dflockd::CancellationToken::new();
-/// stop.cancel();
-/// assert!(stop.is_cancelled());
-/// ```
-pub use tokio_util::sync::CancellationToken;
+pub use dflockd_recipes::{
+    ABORT_MARGIN, CancellationToken, LeaderContext, LeaderElection, Leadership, LeaseScope,
+    Singleton, Term,
+};
 
 /// The README's Rust snippets, compiled as doc tests.
-#[cfg(doctest)]
+#[cfg(all(doctest, feature = "server"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;

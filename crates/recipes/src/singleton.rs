@@ -17,7 +17,7 @@ use crate::leader::{LeaderContext, LeaderElection};
 /// ```no_run
 /// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
 /// use tokio_util::sync::CancellationToken;
-/// let compactor = dflockd::Singleton::new(&client, "jobs/compactor")?;
+/// let compactor = dflockd_recipes::Singleton::new(&client, "jobs/compactor")?;
 /// compactor
 ///     .run(CancellationToken::new(), |ctx| async move {
 ///         while !ctx.is_cancelled() {
@@ -38,7 +38,7 @@ impl Singleton {
     ///
     /// ```no_run
     /// # fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
-    /// let compactor = dflockd::Singleton::new(&client, "jobs/compactor")?;
+    /// let compactor = dflockd_recipes::Singleton::new(&client, "jobs/compactor")?;
     /// # Ok(()) }
     /// ```
     pub fn new(client: &Client, key: &str) -> Result<Singleton> {
@@ -54,7 +54,7 @@ impl Singleton {
     /// ```no_run
     /// # fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
     /// use std::time::Duration;
-    /// let compactor = dflockd::Singleton::new(&client, "jobs/compactor")?.with_lease(Duration::from_secs(15));
+    /// let compactor = dflockd_recipes::Singleton::new(&client, "jobs/compactor")?.with_lease(Duration::from_secs(15));
     /// # Ok(()) }
     /// ```
     pub fn with_lease(self, lease: Duration) -> Singleton {
@@ -68,7 +68,7 @@ impl Singleton {
     /// ```no_run
     /// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
     /// use std::sync::Arc;
-    /// let compactor = Arc::new(dflockd::Singleton::new(&client, "jobs/compactor")?);
+    /// let compactor = Arc::new(dflockd_recipes::Singleton::new(&client, "jobs/compactor")?);
     /// let probe = Arc::clone(&compactor); // e.g. for a /healthz handler
     /// println!("compactor here: {}", probe.is_running_here());
     /// # Ok(()) }
@@ -84,10 +84,10 @@ impl Singleton {
     ///
     /// ```
     /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let server = dflockd::server::Server::start(dflockd::server::ServerConfig::ephemeral()).await?;
-    /// # let client = dflockd::client::Client::builder().server(server.local_addr().into()).build()?;
+    /// # let server = dflockd_server::Server::start(dflockd_server::ServerConfig::ephemeral()).await?;
+    /// # let client = dflockd_client::Client::builder().server(server.local_addr().into()).build()?;
     /// use tokio_util::sync::CancellationToken;
-    /// let once = dflockd::Singleton::new(&client, "jobs/migrate")?;
+    /// let once = dflockd_recipes::Singleton::new(&client, "jobs/migrate")?;
     /// let mut runs = 0;
     /// // The job returns on its own: the key is released and `run` returns.
     /// once.run(CancellationToken::new(), |_ctx| { runs += 1; async {} }).await?;

@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 /// Who leads, as seen by one candidate.
 ///
 /// ```no_run
-/// # async fn demo(election: &dflockd::LeaderElection) {
-/// use dflockd::Leadership;
+/// # async fn demo(election: &dflockd_recipes::LeaderElection) {
+/// use dflockd_recipes::Leadership;
 /// let mut leadership = election.leadership();
 /// while leadership.changed().await.is_ok() {
 ///     match *leadership.borrow() {
@@ -38,7 +38,7 @@ pub enum Leadership {
 /// ```no_run
 /// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
 /// use tokio_util::sync::CancellationToken;
-/// let election = dflockd::LeaderElection::new(&client, "service/leader")?;
+/// let election = dflockd_recipes::LeaderElection::new(&client, "service/leader")?;
 /// let stop = CancellationToken::new();
 /// election
 ///     .run_as_leader(stop, |ctx| async move {
@@ -62,8 +62,8 @@ impl LeaderElection {
     ///
     /// ```no_run
     /// # fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
-    /// let election = dflockd::LeaderElection::new(&client, "service/leader")?;
-    /// assert!(dflockd::LeaderElection::new(&client, "bad key").is_err()); // no white space in keys
+    /// let election = dflockd_recipes::LeaderElection::new(&client, "service/leader")?;
+    /// assert!(dflockd_recipes::LeaderElection::new(&client, "bad key").is_err()); // no white space in keys
     /// # Ok(()) }
     /// ```
     pub fn new(client: &Client, key: &str) -> Result<LeaderElection> {
@@ -81,7 +81,7 @@ impl LeaderElection {
     /// # fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
     /// use std::time::Duration;
     /// // A crashed leader that cannot be noticed by a closed connection is replaced within 10 s.
-    /// let election = dflockd::LeaderElection::new(&client, "service/leader")?.with_lease(Duration::from_secs(10));
+    /// let election = dflockd_recipes::LeaderElection::new(&client, "service/leader")?.with_lease(Duration::from_secs(10));
     /// # Ok(()) }
     /// ```
     pub fn with_lease(mut self, lease: Duration) -> LeaderElection {
@@ -93,9 +93,9 @@ impl LeaderElection {
     ///
     /// ```
     /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let server = dflockd::server::Server::start(dflockd::server::ServerConfig::ephemeral()).await?;
-    /// # let client = dflockd::client::Client::builder().server(server.local_addr().into()).build()?;
-    /// use dflockd::{LeaderElection, Leadership};
+    /// # let server = dflockd_server::Server::start(dflockd_server::ServerConfig::ephemeral()).await?;
+    /// # let client = dflockd_client::Client::builder().server(server.local_addr().into()).build()?;
+    /// use dflockd_recipes::{LeaderElection, Leadership};
     /// let election = LeaderElection::new(&client, "service/leader")?;
     /// let leadership = election.leadership();
     /// assert_eq!(*leadership.borrow(), Leadership::Follower);
@@ -110,7 +110,7 @@ impl LeaderElection {
     /// Whether this candidate leads right now.
     ///
     /// ```no_run
-    /// # async fn demo(election: dflockd::LeaderElection) -> dflockd_client::Result<()> {
+    /// # async fn demo(election: dflockd_recipes::LeaderElection) -> dflockd_client::Result<()> {
     /// assert!(!election.is_leader());
     /// let term = election.campaign().await?;
     /// assert!(election.is_leader());
@@ -128,9 +128,9 @@ impl LeaderElection {
     ///
     /// ```
     /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let server = dflockd::server::Server::start(dflockd::server::ServerConfig::ephemeral()).await?;
-    /// # let client = dflockd::client::Client::builder().server(server.local_addr().into()).build()?;
-    /// let election = dflockd::LeaderElection::new(&client, "service/leader")?;
+    /// # let server = dflockd_server::Server::start(dflockd_server::ServerConfig::ephemeral()).await?;
+    /// # let client = dflockd_client::Client::builder().server(server.local_addr().into()).build()?;
+    /// let election = dflockd_recipes::LeaderElection::new(&client, "service/leader")?;
     /// let term = election.campaign().await?; // waits while someone else leads
     /// assert!(election.is_leader());
     /// term.resign().await?;
@@ -163,7 +163,7 @@ impl LeaderElection {
     /// ```no_run
     /// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
     /// use tokio_util::sync::CancellationToken;
-    /// let election = dflockd::LeaderElection::new(&client, "scheduler/leader")?;
+    /// let election = dflockd_recipes::LeaderElection::new(&client, "scheduler/leader")?;
     /// let stop = CancellationToken::new(); // cancel on SIGTERM to resign cleanly
     /// election
     ///     .run_as_leader(stop, |ctx| async move {
@@ -237,7 +237,7 @@ pub(crate) async fn finish_by<F: Future<Output = ()>>(
 /// One term of leadership: the lease that makes this candidate the leader.
 ///
 /// ```no_run
-/// # async fn demo(election: dflockd::LeaderElection) -> dflockd_client::Result<()> {
+/// # async fn demo(election: dflockd_recipes::LeaderElection) -> dflockd_client::Result<()> {
 /// let term = election.campaign().await?;
 /// println!("leading with fence {}", term.fence());
 /// tokio::select! {
@@ -285,7 +285,7 @@ impl Term {
     /// The term's fence.
     ///
     /// ```no_run
-    /// # async fn demo(election: dflockd::LeaderElection) -> dflockd_client::Result<()> {
+    /// # async fn demo(election: dflockd_recipes::LeaderElection) -> dflockd_client::Result<()> {
     /// let first = election.campaign().await?;
     /// let first_fence = first.fence();
     /// first.resign().await?;
@@ -300,7 +300,7 @@ impl Term {
     /// The term's token.
     ///
     /// ```no_run
-    /// # async fn demo(election: dflockd::LeaderElection) -> dflockd_client::Result<()> {
+    /// # async fn demo(election: dflockd_recipes::LeaderElection) -> dflockd_client::Result<()> {
     /// let term = election.campaign().await?;
     /// let token = term.token();
     /// assert_eq!(token.fence(), term.fence());
@@ -314,9 +314,9 @@ impl Term {
     /// The lease behind the term.
     ///
     /// ```no_run
-    /// # async fn demo(election: dflockd::LeaderElection) -> dflockd_client::Result<()> {
+    /// # async fn demo(election: dflockd_recipes::LeaderElection) -> dflockd_client::Result<()> {
     /// let term = election.campaign().await?;
-    /// let scope = dflockd::LeaseScope::new(term.lease()); // leader-only tasks stop with the term
+    /// let scope = dflockd_recipes::LeaseScope::new(term.lease()); // leader-only tasks stop with the term
     /// # Ok(()) }
     /// ```
     pub fn lease(&self) -> &Lease {
@@ -326,7 +326,7 @@ impl Term {
     /// Resolves when leadership is lost.
     ///
     /// ```no_run
-    /// # async fn demo(election: dflockd::LeaderElection) -> dflockd_client::Result<()> {
+    /// # async fn demo(election: dflockd_recipes::LeaderElection) -> dflockd_client::Result<()> {
     /// let term = election.campaign().await?;
     /// term.lost().await;
     /// assert!(!election.is_leader());
@@ -340,10 +340,10 @@ impl Term {
     ///
     /// ```
     /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let server = dflockd::server::Server::start(dflockd::server::ServerConfig::ephemeral()).await?;
-    /// # let client = dflockd::client::Client::builder().server(server.local_addr().into()).build()?;
-    /// use dflockd::client::Released;
-    /// let election = dflockd::LeaderElection::new(&client, "service/leader")?;
+    /// # let server = dflockd_server::Server::start(dflockd_server::ServerConfig::ephemeral()).await?;
+    /// # let client = dflockd_client::Client::builder().server(server.local_addr().into()).build()?;
+    /// use dflockd_client::Released;
+    /// let election = dflockd_recipes::LeaderElection::new(&client, "service/leader")?;
     /// let term = election.campaign().await?;
     /// assert_eq!(term.resign().await?, Released::Released);
     /// assert!(!election.is_leader());
@@ -377,10 +377,10 @@ impl Drop for Term {
 /// cancellation that fires when leadership is lost (or the election stops).
 ///
 /// ```no_run
-/// # async fn demo(election: dflockd::LeaderElection) -> dflockd_client::Result<()> {
+/// # async fn demo(election: dflockd_recipes::LeaderElection) -> dflockd_client::Result<()> {
 /// use tokio_util::sync::CancellationToken;
 /// election
-///     .run_as_leader(CancellationToken::new(), |ctx: dflockd::LeaderContext| async move {
+///     .run_as_leader(CancellationToken::new(), |ctx: dflockd_recipes::LeaderContext| async move {
 ///         println!("term {} until at least {:?}", ctx.fence(), ctx.deadline());
 ///         ctx.cancelled().await;
 ///     })
@@ -418,7 +418,7 @@ impl LeaderContext {
     /// The term's fence.
     ///
     /// ```no_run
-    /// # async fn demo(election: dflockd::LeaderElection) -> dflockd_client::Result<()> {
+    /// # async fn demo(election: dflockd_recipes::LeaderElection) -> dflockd_client::Result<()> {
     /// use tokio_util::sync::CancellationToken;
     /// election
     ///     .run_as_leader(CancellationToken::new(), |ctx| async move {
@@ -435,7 +435,7 @@ impl LeaderContext {
     /// The term's token.
     ///
     /// ```no_run
-    /// # async fn demo(election: dflockd::LeaderElection) -> dflockd_client::Result<()> {
+    /// # async fn demo(election: dflockd_recipes::LeaderElection) -> dflockd_client::Result<()> {
     /// use tokio_util::sync::CancellationToken;
     /// election
     ///     .run_as_leader(CancellationToken::new(), |ctx| async move {
@@ -451,7 +451,7 @@ impl LeaderContext {
     /// Whether leadership is gone.
     ///
     /// ```no_run
-    /// # async fn demo(election: dflockd::LeaderElection) -> dflockd_client::Result<()> {
+    /// # async fn demo(election: dflockd_recipes::LeaderElection) -> dflockd_client::Result<()> {
     /// use tokio_util::sync::CancellationToken;
     /// election
     ///     .run_as_leader(CancellationToken::new(), |ctx| async move {
@@ -470,7 +470,7 @@ impl LeaderContext {
     /// Resolves when leadership is gone.
     ///
     /// ```no_run
-    /// # async fn demo(election: dflockd::LeaderElection) -> dflockd_client::Result<()> {
+    /// # async fn demo(election: dflockd_recipes::LeaderElection) -> dflockd_client::Result<()> {
     /// use tokio_util::sync::CancellationToken;
     /// election
     ///     .run_as_leader(CancellationToken::new(), |ctx| async move {
@@ -487,7 +487,7 @@ impl LeaderContext {
     /// A token cancelled when leadership is gone.
     ///
     /// ```no_run
-    /// # async fn demo(election: dflockd::LeaderElection) -> dflockd_client::Result<()> {
+    /// # async fn demo(election: dflockd_recipes::LeaderElection) -> dflockd_client::Result<()> {
     /// use tokio_util::sync::CancellationToken;
     /// election
     ///     .run_as_leader(CancellationToken::new(), |ctx| async move {
@@ -505,7 +505,7 @@ impl LeaderContext {
     /// The latest instant this term is known valid.
     ///
     /// ```no_run
-    /// # async fn demo(election: dflockd::LeaderElection) -> dflockd_client::Result<()> {
+    /// # async fn demo(election: dflockd_recipes::LeaderElection) -> dflockd_client::Result<()> {
     /// use tokio_util::sync::CancellationToken;
     /// election
     ///     .run_as_leader(CancellationToken::new(), |ctx| async move {

@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 ///
 /// ```no_run
 /// # async fn demo(lease: dflockd_client::Lease) {
-/// let scope = dflockd::LeaseScope::new(&lease);
+/// let scope = dflockd_recipes::LeaseScope::new(&lease);
 /// scope.spawn(|cancel| async move {
 ///     while !cancel.is_cancelled() {
 ///         // one unit of protected work
@@ -99,7 +99,7 @@ type Kill = Box<dyn Fn() + Send + Sync>;
 ///
 /// ```
 /// // Children still running 50 ms before the lease deadline are aborted.
-/// assert_eq!(dflockd::ABORT_MARGIN, std::time::Duration::from_millis(50));
+/// assert_eq!(dflockd_recipes::ABORT_MARGIN, std::time::Duration::from_millis(50));
 /// ```
 pub const ABORT_MARGIN: Duration = Duration::from_millis(50);
 
@@ -109,7 +109,7 @@ impl LeaseScope {
     /// ```no_run
     /// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
     /// let lease = client.lock("jobs/compact")?.acquire().await?;
-    /// let scope = dflockd::LeaseScope::new(&lease);
+    /// let scope = dflockd_recipes::LeaseScope::new(&lease);
     /// scope.spawn(|cancel| async move { cancel.cancelled().await });
     /// # Ok(()) }
     /// ```
@@ -123,7 +123,7 @@ impl LeaseScope {
     /// # async fn demo(lease: dflockd_client::Lease) {
     /// // The monitor is 'static: the scope can be made where the lease is not at hand.
     /// let monitor = lease.monitor();
-    /// let scope = tokio::spawn(async move { dflockd::LeaseScope::with_monitor(monitor) }).await.unwrap();
+    /// let scope = tokio::spawn(async move { dflockd_recipes::LeaseScope::with_monitor(monitor) }).await.unwrap();
     /// # }
     /// ```
     pub fn with_monitor(monitor: LeaseMonitor) -> LeaseScope {
@@ -156,10 +156,10 @@ impl LeaseScope {
     ///
     /// ```
     /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let server = dflockd::server::Server::start(dflockd::server::ServerConfig::ephemeral()).await?;
-    /// # let client = dflockd::client::Client::builder().server(server.local_addr().into()).build()?;
+    /// # let server = dflockd_server::Server::start(dflockd_server::ServerConfig::ephemeral()).await?;
+    /// # let client = dflockd_client::Client::builder().server(server.local_addr().into()).build()?;
     /// let lease = client.lock("jobs/compact")?.acquire().await?;
-    /// let scope = dflockd::LeaseScope::new(&lease);
+    /// let scope = dflockd_recipes::LeaseScope::new(&lease);
     /// scope.spawn(|cancel| async move { cancel.cancelled().await });
     /// scope.close(); // e.g. before releasing: children are told to stop
     /// scope.stopped().await;
@@ -199,10 +199,10 @@ impl LeaseScope {
     ///
     /// ```
     /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let server = dflockd::server::Server::start(dflockd::server::ServerConfig::ephemeral()).await?;
-    /// # let client = dflockd::client::Client::builder().server(server.local_addr().into()).build()?;
+    /// # let server = dflockd_server::Server::start(dflockd_server::ServerConfig::ephemeral()).await?;
+    /// # let client = dflockd_client::Client::builder().server(server.local_addr().into()).build()?;
     /// let lease = client.lock("jobs/compact")?.acquire().await?;
-    /// let scope = dflockd::LeaseScope::new(&lease);
+    /// let scope = dflockd_recipes::LeaseScope::new(&lease);
     /// let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     /// scope.spawn(|_| async move { let _ = rx.await; });
     /// assert_eq!(scope.running(), 1);
@@ -220,7 +220,7 @@ impl LeaseScope {
     /// ```no_run
     /// # use kameo::actor::ActorRef;
     /// # async fn demo<A: kameo::Actor>(lease: dflockd_client::Lease, indexer: ActorRef<A>) {
-    /// let scope = dflockd::LeaseScope::new(&lease);
+    /// let scope = dflockd_recipes::LeaseScope::new(&lease);
     /// // Stopped gracefully when the lease is lost; killed at the deadline if still running.
     /// scope.adopt_actor(indexer);
     /// # }
@@ -256,7 +256,7 @@ impl LeaseScope {
     ///
     /// ```no_run
     /// # async fn demo(lease: dflockd_client::Lease) {
-    /// let scope = dflockd::LeaseScope::new(&lease);
+    /// let scope = dflockd_recipes::LeaseScope::new(&lease);
     /// let stop = scope.token(); // for code not spawned through the scope
     /// while !stop.is_cancelled() {
     ///     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -272,7 +272,7 @@ impl LeaseScope {
     ///
     /// ```no_run
     /// # async fn demo(lease: dflockd_client::Lease) -> dflockd_client::Result<()> {
-    /// let scope = dflockd::LeaseScope::new(&lease);
+    /// let scope = dflockd_recipes::LeaseScope::new(&lease);
     /// // … work in the scope; then finish deliberately:
     /// scope.close();
     /// scope.stopped().await;
@@ -287,7 +287,7 @@ impl LeaseScope {
     ///
     /// ```no_run
     /// # async fn demo(lease: dflockd_client::Lease) {
-    /// let scope = dflockd::LeaseScope::new(&lease);
+    /// let scope = dflockd_recipes::LeaseScope::new(&lease);
     /// scope.spawn(|cancel| async move { cancel.cancelled().await });
     /// scope.stopped().await; // the lease was lost and the child has ended
     /// assert!(scope.is_stopped());
@@ -301,7 +301,7 @@ impl LeaseScope {
     ///
     /// ```no_run
     /// # async fn demo(lease: dflockd_client::Lease) {
-    /// let scope = dflockd::LeaseScope::new(&lease);
+    /// let scope = dflockd_recipes::LeaseScope::new(&lease);
     /// assert!(!scope.is_stopped());
     /// scope.close();
     /// scope.stopped().await;
