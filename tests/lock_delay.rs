@@ -3,14 +3,14 @@
 //! the old one by that skew (no client-side rule can prevent it); with
 //! `disconnect_lock_delay` ≥ skew there is no overlap.
 
-mod client_support;
+use dflockd_testkit::queue as client_support;
 
 use std::time::Duration;
 
 use client_support::queued_waiter;
 use dflockd::client::Client;
 use dflockd::server::{Server, ServerConfig};
-use dflockd_faultproxy::{FaultProxy, Side};
+use dflockd_testkit::faultproxy::{FaultProxy, Side};
 use tokio::time::Instant;
 
 const SKEW: Duration = Duration::from_millis(250);

@@ -7,9 +7,8 @@
 //! (`cargo bench -p dflockd-client --bench mux`); this is the CI-sized
 //! version of the FIFO one.
 
-mod client_support;
-#[path = "../crates/server/tests/interop/venv.rs"]
-mod venv;
+use dflockd_testkit::python as venv;
+use dflockd_testkit::queue as client_support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -162,7 +161,7 @@ async fn mux_and_plain_clients_share_one_fifo() {
 /// before the second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_client_and_mux_client_share_one_fifo() {
-    let python = venv::interop_python();
+    let python = venv::interop_python(env!("CARGO_TARGET_TMPDIR"));
     let server = server().await;
     let mux = client(&server, true);
     assert!(mux.multiplexed(0).await.unwrap());

@@ -1,7 +1,7 @@
 //! Coordination recipes under failure: leader election across randomized
 //! failovers, singleton jobs, and lease scopes.
 
-mod client_support;
+use dflockd_testkit::queue as client_support;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,7 +10,7 @@ use client_support::queued_waiter;
 use dflockd::client::{Client, LossReason};
 use dflockd::server::{Server, ServerConfig, ServerHandle};
 use dflockd::{LeaderElection, LeaseScope, Singleton};
-use dflockd_faultproxy::{Blackhole, Direction, FaultProxy, Faults};
+use dflockd_testkit::faultproxy::{Blackhole, Direction, FaultProxy, Faults};
 use kameo::actor::Spawn;
 use tokio::sync::watch;
 use tokio::time::Instant;

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use dflockd::client::{Client, Lease, LossReason};
 use dflockd::server::{Server, ServerConfig, ServerHandle};
-use dflockd_faultproxy::{Blackhole, Direction, FaultProxy, Faults, Side};
+use dflockd_testkit::faultproxy::{Blackhole, Direction, FaultProxy, Faults, Side};
 use tokio::time::Instant;
 
 const TTL: Duration = Duration::from_secs(1);

@@ -1,6 +1,6 @@
 //! The blocking facade, used from plain threads, in both transport modes.
 
-mod support;
+use dflockd_testkit::client as support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -15,7 +15,7 @@
 //! `auto_release_on_disconnect: false`, where the client must release a
 //! grant that raced the cancellation explicitly.
 
-mod support;
+use dflockd_testkit::client as support;
 
 use std::future::Future;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! interrupted request. Runs against the embedded or the external server;
 //! the server-close test is embedded-only.
 
-mod support;
+use dflockd_testkit::client as support;
 
 use std::time::Duration;
 

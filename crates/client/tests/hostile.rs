@@ -3,8 +3,6 @@
 //! matching error) promptly — no panic, no hang, no busy loop. Independent of
 //! the test mode (the fake server is always local).
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

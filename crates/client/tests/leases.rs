@@ -6,7 +6,7 @@
 //! the external server; connection loss (force-closing the server) and
 //! keepalive (a 1 s server read timeout) are embedded-only.
 
-mod support;
+use dflockd_testkit::client as support;
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 //! `DFLOCKD_TEST_HOST`/`DFLOCKD_TEST_PORT` (see `support`); the sharding test
 //! is embedded-only (it needs three servers of its own).
 
-mod support;
+use dflockd_testkit::client as support;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -7,7 +7,7 @@
 //! variables are missing prints `SKIPPED …` and passes. Tests combining TLS
 //! with auth are embedded-only.
 
-mod support;
+use dflockd_testkit::client as support;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! A quick tour: lock, contention, two-phase, semaphore, renewal. Runs
 //! against the embedded server or the external one (see `support`).
 
-mod support;
+use dflockd_testkit::client as support;
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@ use dflockd_core::Salt;
 /// Salts for the commands a proposer stamps, from a ChaCha12 CSPRNG
 /// (`rand`'s `StdRng`) seeded once from the OS. It makes no system call
 /// after seeding: the single-node server draws salts under a table's lock,
-/// where a `getrandom` call (10–100 µs, and a point where the kernel may
+/// where a `getrandom` call (a system call, and a point where the kernel may
 /// preempt the lock holder) showed in the tail latency.
 ///
 /// ```

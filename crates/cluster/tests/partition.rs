@@ -12,7 +12,7 @@ use std::time::Duration;
 mod support;
 
 use dflockd_cluster::{Network, Node, NodeOptions};
-use dflockd_faultproxy::{Blackhole, Direction, FaultProxy, Faults};
+use dflockd_testkit::faultproxy::{Blackhole, Direction, FaultProxy, Faults};
 use support::{WAIT, acquire, agreed_leader, commit, granted, listeners, start_cluster};
 
 async fn cut(proxy: &FaultProxy) {

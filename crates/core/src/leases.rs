@@ -47,16 +47,16 @@ impl Entry {
 /// map of a connection's holds, and no ordered index of deadlines.
 ///
 /// A lease was once recorded in a deadline heap (with lazy deletion) and in
-/// a hash map of its connection's holds; together they were a sixth of the
-/// server's instructions per acquire + release. Here a grant takes a free
+/// a hash map of its connection's holds; together they were a large share
+/// of the server's work per acquire + release. Here a grant takes a free
 /// slot and links it into its connection's ring (a circular doubly linked
 /// list through the slab, headed by a [`Kind::Ring`] slot), and a release
 /// unlinks it and frees the slot, all by index.
 ///
 /// The sweep pays instead: [`due`](Self::due) scans every slot. It runs on
-/// an interval (a second by default), and a scan reads each slot once: one
-/// sweep of a million leases takes about 3 ms here (`cargo bench --bench
-/// acquire_release`). Freed slots are reused, not returned, so the slab
+/// an interval (a second by default), and a scan reads each slot once, so
+/// a sweep costs time linear in the slots (`cargo bench --bench
+/// acquire_release` measures a million). Freed slots are reused, not returned, so the slab
 /// stays at its peak size (56 bytes a slot).
 #[derive(Debug, Default)]
 pub(crate) struct Leases {

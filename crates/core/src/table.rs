@@ -1322,9 +1322,8 @@ impl<F: FenceSource> LockTable<F> {
     /// behind. Either way the resource is resolved first (`prepare`).
     ///
     /// Always inlined: left a call (the compiler ignored a plain `#[inline]`
-    /// with two callers) it cost the acquire path about 60 instructions per
-    /// acquire + release (callgrind: 6.28 k against 6.21 k), half of what
-    /// its one-lookup fast path saves.
+    /// with two callers) it cost the acquire path about half of what its
+    /// one-lookup fast path saves (callgrind).
     #[inline(always)]
     fn grant_on_arrival(
         &mut self,

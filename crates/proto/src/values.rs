@@ -302,8 +302,8 @@ pub(crate) fn push_decimal(out: &mut Vec<u8>, n: u64) {
 /// its digits, at most 20) and returns how many bytes it wrote.
 pub(crate) fn write_decimal(to: &mut [u8], mut n: u64) -> usize {
     // Leases and timeouts are mostly one or two digits: written in place,
-    // without the scratch buffer (callgrind: a grant's reply costs about 90
-    // instructions less than through a scratch buffer for every number).
+    // without the scratch buffer, which a grant's reply would otherwise go
+    // through for every number.
     if n < 10 {
         to[0] = b'0' + n as u8;
         return 1;

@@ -2,10 +2,10 @@
 //! request, so it must be cheap.
 //!
 //! On Linux it is the kernel's coarse monotonic clock, which the kernel
-//! updates on each timer tick: a read copies a value (about 6 ns here)
-//! instead of reading the CPU's time-stamp counter and scaling it (about
-//! 50 ns for `Instant::elapsed` on this project's virtual machines, twice
-//! per lock and release). The price is resolution: a read lags the true time
+//! updates on each timer tick: a read copies a value instead of reading
+//! the CPU's time-stamp counter and scaling it (`Instant::elapsed`, twice
+//! per lock and release, several times dearer on virtual machines; see
+//! docs/PERFORMANCE.md). The price is resolution: a read lags the true time
 //! by less than one tick ([`TableClock::granularity`], 1–10 ms). The table
 //! lengthens every lease and lock-delay by that much
 //! (`TableConfig::clock_granularity`), so none ends before its full length

@@ -1,11 +1,10 @@
 //! Cluster mode end to end: three dflockd nodes in this process on
 //! loopback, clients speaking the wire protocol, the fault proxy on every
-//! Raft link (see `cluster/harness.rs`).
+//! Raft link (see `dflockd_testkit::cluster`).
 
-mod support;
+use dflockd_testkit::wire as support;
 
-#[path = "cluster/harness.rs"]
-mod harness;
+use dflockd_testkit::cluster as harness;
 
 use std::time::Duration;
 

@@ -17,10 +17,7 @@
 //!
 //! The CI version runs 50 faults; `cluster_safety_soak` (ignored) runs 400.
 
-mod support;
-
-#[path = "cluster/harness.rs"]
-mod harness;
+use dflockd_testkit::cluster as harness;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -22,7 +22,7 @@
 //! cluster-branch rule (semaphore limits capped at 1,048,576), which this
 //! server implements.
 
-mod support;
+use dflockd_testkit::wire as support;
 
 /// This run's connections: TCP to 127.0.0.1.
 const TRANSPORT: support::Transport = support::Transport::Tcp;

@@ -8,7 +8,7 @@
 //! sockets themselves (the listener closing on drain, TLS) run on the real
 //! clock, since paused time would race their real I/O.
 
-mod support;
+use dflockd_testkit::wire as support;
 
 use dflockd_server::ServerConfig;
 

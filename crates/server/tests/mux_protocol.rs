@@ -3,7 +3,7 @@
 //! tickets, cancel, timeouts, errors, drain, disconnect and caps — and that
 //! plain and mux connections share one FIFO queue.
 
-mod support;
+use dflockd_testkit::wire as support;
 
 use std::time::Duration;
 

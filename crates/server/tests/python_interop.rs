@@ -12,11 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-#[path = "interop/pki.rs"]
-mod pki;
-#[path = "interop/venv.rs"]
-mod venv;
-use venv::interop_python;
+use dflockd_testkit::pki;
+use dflockd_testkit::python::interop_python;
 
 const SCRIPT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -113,7 +110,7 @@ fn run_script(python: &Path, args: &[String]) -> (bool, String) {
 
 #[test]
 fn real_python_client_2_1_1_works_against_our_server() {
-    let python = interop_python();
+    let python = interop_python(env!("CARGO_TARGET_TMPDIR"));
     let pki = test_pki();
     let (cert, key, ca) = (
         pki.cert.to_str().unwrap(),

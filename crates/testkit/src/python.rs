@@ -1,8 +1,8 @@
 //! The Python virtual environment with the real `dflockd-client==2.1.1`
-//! from PyPI, shared by the interop tests (this crate's python_interop.rs
-//! and the workspace's tests/mux_client.rs). Created once under Cargo's
-//! target tmp dir; set `DFLOCKD_INTEROP_PYTHON` to use another interpreter
-//! for the venv.
+//! from PyPI, shared by the interop tests (the server's python_interop.rs
+//! and the workspace's tests/mux_client.rs). Created once under the
+//! directory the test passes (its `CARGO_TARGET_TMPDIR`); set
+//! `DFLOCKD_INTEROP_PYTHON` to use another interpreter for the venv.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,9 +15,9 @@ fn run(cmd: &mut Command) -> bool {
 }
 
 /// Returns a Python interpreter that can import the real client, creating
-/// the venv on first use.
-pub fn interop_python() -> PathBuf {
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pyvenv-dflockd-client-2.1.1");
+/// the venv under `tmp` on first use (pass `env!("CARGO_TARGET_TMPDIR")`).
+pub fn interop_python(tmp: &str) -> PathBuf {
+    let venv = Path::new(tmp).join("pyvenv-dflockd-client-2.1.1");
     let python = venv.join("bin").join("python");
     let ready = || {
         run(Command::new(&python)

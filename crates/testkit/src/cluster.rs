@@ -5,26 +5,28 @@
 //! test can cut a node off in both directions. Nodes can be killed and
 //! restarted on the same directory and ports.
 
-#![allow(dead_code)]
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::faultproxy::{Blackhole, Direction, FaultProxy, Faults};
 use dflockd_cluster::openraft::ServerState;
-use dflockd_faultproxy::{Blackhole, Direction, FaultProxy, Faults};
 use dflockd_server::{
     ClusterConfig, ClusterPeer, Listeners, RaftSecret, Server, ServerConfig, ServerHandle,
 };
 use tempfile::TempDir;
 
-use crate::support::{Client, REPLY_TIMEOUT};
+use crate::wire::{Client, REPLY_TIMEOUT};
 
 /// How long a cluster may take to elect, fail over or catch up.
 pub const CLUSTER_WAIT: Duration = Duration::from_secs(15);
 
+/// A cluster of in-process nodes, each with its own directory, client
+/// listener and Raft listener, the Raft links behind fault proxies.
 pub struct TestCluster {
+    /// Each node, `None` while it is stopped.
     pub nodes: Vec<Option<ServerHandle>>,
     dirs: Vec<TempDir>,
+    /// Each node's client address.
     pub client_addrs: Vec<SocketAddr>,
     raft_addrs: Vec<SocketAddr>,
     /// `proxies[from][to]`, `None` on the diagonal.
@@ -170,10 +172,12 @@ impl TestCluster {
         &self.secret
     }
 
+    /// Node `i`, which must be running.
     pub fn node(&self, i: usize) -> &ServerHandle {
         self.nodes[i].as_ref().expect("node is running")
     }
 
+    /// The indexes of the running nodes.
     pub fn running(&self) -> Vec<usize> {
         (0..self.nodes.len())
             .filter(|&i| self.nodes[i].is_some())

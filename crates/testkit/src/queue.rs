@@ -1,11 +1,10 @@
-//! Helpers for the end-to-end tests that drive the server through the
-//! dflockd client (the raw-protocol helpers are in `crates/server/tests/support`).
-
-#![allow(dead_code)]
+//! Queue observations for the end-to-end tests that drive the server
+//! through the dflockd client, on server 0 (the raw-protocol helpers are in
+//! [`wire`](crate::wire)).
 
 use std::time::Duration;
 
-use dflockd::client::{Client, Lease};
+use dflockd_client::{Client, Lease};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 

@@ -6,7 +6,7 @@ use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use dflockd_faultproxy::{Blackhole, Direction, FaultProxy, Faults, Side};
+use dflockd_testkit::faultproxy::{Blackhole, Direction, FaultProxy, Faults, Side};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;

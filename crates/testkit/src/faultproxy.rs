@@ -15,7 +15,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use dflockd_faultproxy::{Direction, FaultProxy, Faults, Side};
+//! use dflockd_testkit::faultproxy::{Direction, FaultProxy, Faults, Side};
 //! use tokio::io::{AsyncReadExt, AsyncWriteExt};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -73,7 +73,7 @@ const THROTTLE_SLICES_PER_SECOND: u64 = 50;
 /// Errors of [`FaultProxy::start`].
 ///
 /// ```
-/// let e = dflockd_faultproxy::Error::Bind(std::io::Error::other("in use"));
+/// let e = dflockd_testkit::faultproxy::Error::Bind(std::io::Error::other("in use"));
 /// assert!(e.to_string().contains("bind"));
 /// ```
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +86,7 @@ pub enum Error {
 /// One end of a proxied connection.
 ///
 /// ```
-/// use dflockd_faultproxy::Side;
+/// use dflockd_testkit::faultproxy::Side;
 /// assert_eq!(Side::Client.other(), Side::Server);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -101,7 +101,7 @@ impl Side {
     /// The opposite side.
     ///
     /// ```
-    /// assert_eq!(dflockd_faultproxy::Side::Server.other(), dflockd_faultproxy::Side::Client);
+    /// assert_eq!(dflockd_testkit::faultproxy::Side::Server.other(), dflockd_testkit::faultproxy::Side::Client);
     /// ```
     pub fn other(self) -> Side {
         match self {
@@ -121,7 +121,7 @@ impl Side {
 /// A direction of travel through a link.
 ///
 /// ```
-/// use dflockd_faultproxy::{Direction, Side};
+/// use dflockd_testkit::faultproxy::{Direction, Side};
 /// assert_eq!(Direction::toward(Side::Server), Direction::ToServer);
 /// assert_eq!(Direction::ToClient.source(), Side::Server);
 /// ```
@@ -137,14 +137,14 @@ impl Direction {
     /// Both directions, for loops.
     ///
     /// ```
-    /// assert_eq!(dflockd_faultproxy::Direction::BOTH.len(), 2);
+    /// assert_eq!(dflockd_testkit::faultproxy::Direction::BOTH.len(), 2);
     /// ```
     pub const BOTH: [Direction; 2] = [Direction::ToServer, Direction::ToClient];
 
     /// The direction whose bytes arrive at `side`.
     ///
     /// ```
-    /// use dflockd_faultproxy::{Direction, Side};
+    /// use dflockd_testkit::faultproxy::{Direction, Side};
     /// assert_eq!(Direction::toward(Side::Client), Direction::ToClient);
     /// ```
     pub fn toward(side: Side) -> Direction {
@@ -157,7 +157,7 @@ impl Direction {
     /// The side bytes of this direction are read from.
     ///
     /// ```
-    /// use dflockd_faultproxy::{Direction, Side};
+    /// use dflockd_testkit::faultproxy::{Direction, Side};
     /// assert_eq!(Direction::ToServer.source(), Side::Client);
     /// ```
     pub fn source(self) -> Side {
@@ -167,7 +167,7 @@ impl Direction {
     /// The side bytes of this direction are written to.
     ///
     /// ```
-    /// use dflockd_faultproxy::{Direction, Side};
+    /// use dflockd_testkit::faultproxy::{Direction, Side};
     /// assert_eq!(Direction::ToServer.target(), Side::Server);
     /// ```
     pub fn target(self) -> Side {
@@ -190,7 +190,7 @@ impl Direction {
 /// passed on only once the blackhole is lifted.
 ///
 /// ```
-/// use dflockd_faultproxy::{Blackhole, Faults};
+/// use dflockd_testkit::faultproxy::{Blackhole, Faults};
 /// let f = Faults::none().with_blackhole(Blackhole::Drop);
 /// assert_eq!(f.blackhole, Some(Blackhole::Drop));
 /// ```
@@ -209,7 +209,7 @@ pub enum Blackhole {
 ///
 /// ```
 /// use std::time::Duration;
-/// use dflockd_faultproxy::Faults;
+/// use dflockd_testkit::faultproxy::Faults;
 /// let f = Faults::none()
 ///     .with_latency(Duration::from_millis(50), Duration::from_millis(10))
 ///     .with_throttle(64 * 1024);
@@ -235,7 +235,7 @@ impl Faults {
     /// No faults.
     ///
     /// ```
-    /// assert_eq!(dflockd_faultproxy::Faults::none(), Default::default());
+    /// assert_eq!(dflockd_testkit::faultproxy::Faults::none(), Default::default());
     /// ```
     pub fn none() -> Faults {
         Faults::default()
@@ -244,7 +244,7 @@ impl Faults {
     /// Whether no fault is set.
     ///
     /// ```
-    /// assert!(!dflockd_faultproxy::Faults::none().with_throttle(10).is_clear());
+    /// assert!(!dflockd_testkit::faultproxy::Faults::none().with_throttle(10).is_clear());
     /// ```
     pub fn is_clear(&self) -> bool {
         *self == Faults::none()
@@ -254,7 +254,7 @@ impl Faults {
     ///
     /// ```
     /// use std::time::Duration;
-    /// let f = dflockd_faultproxy::Faults::none().with_latency(Duration::from_millis(5), Duration::from_millis(1));
+    /// let f = dflockd_testkit::faultproxy::Faults::none().with_latency(Duration::from_millis(5), Duration::from_millis(1));
     /// assert_eq!(f.jitter, Duration::from_millis(1));
     /// ```
     pub fn with_latency(mut self, latency: Duration, jitter: Duration) -> Faults {
@@ -266,7 +266,7 @@ impl Faults {
     /// With a throttle of `bytes_per_second`.
     ///
     /// ```
-    /// assert_eq!(dflockd_faultproxy::Faults::none().with_throttle(100).throttle, Some(100));
+    /// assert_eq!(dflockd_testkit::faultproxy::Faults::none().with_throttle(100).throttle, Some(100));
     /// ```
     pub fn with_throttle(mut self, bytes_per_second: u64) -> Faults {
         self.throttle = Some(bytes_per_second);
@@ -276,7 +276,7 @@ impl Faults {
     /// With a blackhole.
     ///
     /// ```
-    /// use dflockd_faultproxy::{Blackhole, Faults};
+    /// use dflockd_testkit::faultproxy::{Blackhole, Faults};
     /// assert!(Faults::none().with_blackhole(Blackhole::Hold).blackhole.is_some());
     /// ```
     pub fn with_blackhole(mut self, mode: Blackhole) -> Faults {
@@ -290,9 +290,9 @@ impl Faults {
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), dflockd_faultproxy::Error> {
+/// # async fn main() -> Result<(), dflockd_testkit::faultproxy::Error> {
 /// let upstream: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
-/// let proxy = dflockd_faultproxy::FaultProxy::start(upstream).await?;
+/// let proxy = dflockd_testkit::faultproxy::FaultProxy::start(upstream).await?;
 /// assert!(proxy.addr().ip().is_loopback());
 /// assert_eq!(proxy.accepted(), 0);
 /// # Ok(()) }
@@ -318,8 +318,8 @@ impl FaultProxy {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), dflockd_faultproxy::Error> {
-    /// let proxy = dflockd_faultproxy::FaultProxy::start("127.0.0.1:9".parse().unwrap()).await?;
+    /// # async fn main() -> Result<(), dflockd_testkit::faultproxy::Error> {
+    /// let proxy = dflockd_testkit::faultproxy::FaultProxy::start("127.0.0.1:9".parse().unwrap()).await?;
     /// assert_ne!(proxy.addr().port(), 0);
     /// # Ok(()) }
     /// ```
@@ -347,8 +347,8 @@ impl FaultProxy {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), dflockd_faultproxy::Error> {
-    /// let proxy = dflockd_faultproxy::FaultProxy::start("127.0.0.1:9".parse().unwrap()).await?;
+    /// # async fn main() -> Result<(), dflockd_testkit::faultproxy::Error> {
+    /// let proxy = dflockd_testkit::faultproxy::FaultProxy::start("127.0.0.1:9".parse().unwrap()).await?;
     /// let _ = tokio::net::TcpStream::connect(proxy.addr()).await;
     /// # Ok(()) }
     /// ```
@@ -360,9 +360,9 @@ impl FaultProxy {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), dflockd_faultproxy::Error> {
+    /// # async fn main() -> Result<(), dflockd_testkit::faultproxy::Error> {
     /// let up = "127.0.0.1:9".parse().unwrap();
-    /// assert_eq!(dflockd_faultproxy::FaultProxy::start(up).await?.upstream(), up);
+    /// assert_eq!(dflockd_testkit::faultproxy::FaultProxy::start(up).await?.upstream(), up);
     /// # Ok(()) }
     /// ```
     pub fn upstream(&self) -> SocketAddr {
@@ -374,8 +374,8 @@ impl FaultProxy {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), dflockd_faultproxy::Error> {
-    /// use dflockd_faultproxy::{Direction, FaultProxy, Faults};
+    /// # async fn main() -> Result<(), dflockd_testkit::faultproxy::Error> {
+    /// use dflockd_testkit::faultproxy::{Direction, FaultProxy, Faults};
     /// let proxy = FaultProxy::start("127.0.0.1:9".parse().unwrap()).await?;
     /// proxy.set_default_faults(Direction::ToClient, Faults::none().with_throttle(1024));
     /// assert_eq!(proxy.default_faults(Direction::ToClient).throttle, Some(1024));
@@ -389,8 +389,8 @@ impl FaultProxy {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), dflockd_faultproxy::Error> {
-    /// use dflockd_faultproxy::{Direction, FaultProxy};
+    /// # async fn main() -> Result<(), dflockd_testkit::faultproxy::Error> {
+    /// use dflockd_testkit::faultproxy::{Direction, FaultProxy};
     /// let proxy = FaultProxy::start("127.0.0.1:9".parse().unwrap()).await?;
     /// assert!(proxy.default_faults(Direction::ToServer).is_clear());
     /// # Ok(()) }
@@ -403,8 +403,8 @@ impl FaultProxy {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), dflockd_faultproxy::Error> {
-    /// let proxy = dflockd_faultproxy::FaultProxy::start("127.0.0.1:9".parse().unwrap()).await?;
+    /// # async fn main() -> Result<(), dflockd_testkit::faultproxy::Error> {
+    /// let proxy = dflockd_testkit::faultproxy::FaultProxy::start("127.0.0.1:9".parse().unwrap()).await?;
     /// assert_eq!(proxy.accepted(), 0);
     /// # Ok(()) }
     /// ```
@@ -416,8 +416,8 @@ impl FaultProxy {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), dflockd_faultproxy::Error> {
-    /// let proxy = dflockd_faultproxy::FaultProxy::start("127.0.0.1:9".parse().unwrap()).await?;
+    /// # async fn main() -> Result<(), dflockd_testkit::faultproxy::Error> {
+    /// let proxy = dflockd_testkit::faultproxy::FaultProxy::start("127.0.0.1:9".parse().unwrap()).await?;
     /// assert!(proxy.links().is_empty());
     /// # Ok(()) }
     /// ```
@@ -433,7 +433,7 @@ impl FaultProxy {
     /// not), waiting until it exists.
     ///
     /// ```no_run
-    /// # async fn demo(proxy: dflockd_faultproxy::FaultProxy) {
+    /// # async fn demo(proxy: dflockd_testkit::faultproxy::FaultProxy) {
     /// let _client = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
     /// let link = proxy.link(0).await;
     /// assert_eq!(link.id(), 0);
@@ -452,7 +452,7 @@ impl FaultProxy {
     /// still accepted.
     ///
     /// ```no_run
-    /// # async fn demo(proxy: dflockd_faultproxy::FaultProxy) {
+    /// # async fn demo(proxy: dflockd_testkit::faultproxy::FaultProxy) {
     /// proxy.cut_all().await;
     /// assert!(proxy.links().is_empty());
     /// # }
@@ -523,9 +523,9 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, shared: Arc<Pr
 /// link. Changes take effect for the next chunk forwarded.
 ///
 /// ```no_run
-/// # async fn demo(proxy: dflockd_faultproxy::FaultProxy) {
+/// # async fn demo(proxy: dflockd_testkit::faultproxy::FaultProxy) {
 /// use std::time::Duration;
-/// use dflockd_faultproxy::{Blackhole, Direction, Side};
+/// use dflockd_testkit::faultproxy::{Blackhole, Direction, Side};
 /// let link = proxy.link(0).await;
 /// link.set_latency(Direction::ToClient, Duration::from_millis(30), Duration::from_millis(10));
 /// link.blackhole(Blackhole::Drop);      // both directions go silent
@@ -658,7 +658,7 @@ impl Link {
     /// The link's number: its position in accept order, from 0.
     ///
     /// ```no_run
-    /// # async fn demo(proxy: dflockd_faultproxy::FaultProxy) {
+    /// # async fn demo(proxy: dflockd_testkit::faultproxy::FaultProxy) {
     /// assert_eq!(proxy.link(3).await.id(), 3);
     /// # }
     /// ```
@@ -669,7 +669,7 @@ impl Link {
     /// The client's address as the proxy saw it.
     ///
     /// ```no_run
-    /// # async fn demo(proxy: dflockd_faultproxy::FaultProxy) {
+    /// # async fn demo(proxy: dflockd_testkit::faultproxy::FaultProxy) {
     /// assert!(proxy.link(0).await.peer().ip().is_loopback());
     /// # }
     /// ```
@@ -680,8 +680,8 @@ impl Link {
     /// The faults currently applied in direction `dir`.
     ///
     /// ```no_run
-    /// # async fn demo(link: dflockd_faultproxy::Link) {
-    /// assert!(link.faults(dflockd_faultproxy::Direction::ToServer).is_clear());
+    /// # async fn demo(link: dflockd_testkit::faultproxy::Link) {
+    /// assert!(link.faults(dflockd_testkit::faultproxy::Direction::ToServer).is_clear());
     /// # }
     /// ```
     pub fn faults(&self, dir: Direction) -> Faults {
@@ -691,8 +691,8 @@ impl Link {
     /// Replaces the faults of direction `dir`.
     ///
     /// ```no_run
-    /// # async fn demo(link: dflockd_faultproxy::Link) {
-    /// use dflockd_faultproxy::{Direction, Faults};
+    /// # async fn demo(link: dflockd_testkit::faultproxy::Link) {
+    /// use dflockd_testkit::faultproxy::{Direction, Faults};
     /// link.set_faults(Direction::ToClient, Faults::none().with_throttle(512));
     /// # }
     /// ```
@@ -703,8 +703,8 @@ impl Link {
     /// Changes the faults of direction `dir` in place.
     ///
     /// ```no_run
-    /// # async fn demo(link: dflockd_faultproxy::Link) {
-    /// link.update_faults(dflockd_faultproxy::Direction::ToServer, |f| f.throttle = None);
+    /// # async fn demo(link: dflockd_testkit::faultproxy::Link) {
+    /// link.update_faults(dflockd_testkit::faultproxy::Direction::ToServer, |f| f.throttle = None);
     /// # }
     /// ```
     pub fn update_faults(&self, dir: Direction, change: impl FnOnce(&mut Faults)) {
@@ -714,9 +714,9 @@ impl Link {
     /// Sets latency and jitter of direction `dir`.
     ///
     /// ```no_run
-    /// # async fn demo(link: dflockd_faultproxy::Link) {
+    /// # async fn demo(link: dflockd_testkit::faultproxy::Link) {
     /// use std::time::Duration;
-    /// link.set_latency(dflockd_faultproxy::Direction::ToServer, Duration::from_millis(10), Duration::ZERO);
+    /// link.set_latency(dflockd_testkit::faultproxy::Direction::ToServer, Duration::from_millis(10), Duration::ZERO);
     /// # }
     /// ```
     pub fn set_latency(&self, dir: Direction, latency: Duration, jitter: Duration) {
@@ -729,8 +729,8 @@ impl Link {
     /// Throttles direction `dir` to `bytes_per_second` (`None`: unlimited).
     ///
     /// ```no_run
-    /// # async fn demo(link: dflockd_faultproxy::Link) {
-    /// link.set_throttle(dflockd_faultproxy::Direction::ToClient, Some(1_000));
+    /// # async fn demo(link: dflockd_testkit::faultproxy::Link) {
+    /// link.set_throttle(dflockd_testkit::faultproxy::Direction::ToClient, Some(1_000));
     /// # }
     /// ```
     pub fn set_throttle(&self, dir: Direction, bytes_per_second: Option<u64>) {
@@ -740,8 +740,8 @@ impl Link {
     /// Blackholes direction `dir` (`None` lifts it).
     ///
     /// ```no_run
-    /// # async fn demo(link: dflockd_faultproxy::Link) {
-    /// use dflockd_faultproxy::{Blackhole, Direction};
+    /// # async fn demo(link: dflockd_testkit::faultproxy::Link) {
+    /// use dflockd_testkit::faultproxy::{Blackhole, Direction};
     /// link.set_blackhole(Direction::ToClient, Some(Blackhole::Drop)); // replies vanish
     /// # }
     /// ```
@@ -752,8 +752,8 @@ impl Link {
     /// Blackholes both directions.
     ///
     /// ```no_run
-    /// # async fn demo(link: dflockd_faultproxy::Link) {
-    /// link.blackhole(dflockd_faultproxy::Blackhole::Hold);
+    /// # async fn demo(link: dflockd_testkit::faultproxy::Link) {
+    /// link.blackhole(dflockd_testkit::faultproxy::Blackhole::Hold);
     /// # }
     /// ```
     pub fn blackhole(&self, mode: Blackhole) {
@@ -765,7 +765,7 @@ impl Link {
     /// Removes every fault in both directions.
     ///
     /// ```no_run
-    /// # async fn demo(link: dflockd_faultproxy::Link) {
+    /// # async fn demo(link: dflockd_testkit::faultproxy::Link) {
     /// link.clear_faults();
     /// # }
     /// ```
@@ -778,8 +778,8 @@ impl Link {
     /// Bytes delivered so far in direction `dir`.
     ///
     /// ```no_run
-    /// # async fn demo(link: dflockd_faultproxy::Link) {
-    /// let _ = link.forwarded(dflockd_faultproxy::Direction::ToServer);
+    /// # async fn demo(link: dflockd_testkit::faultproxy::Link) {
+    /// let _ = link.forwarded(dflockd_testkit::faultproxy::Direction::ToServer);
     /// # }
     /// ```
     pub fn forwarded(&self, dir: Direction) -> u64 {
@@ -791,8 +791,8 @@ impl Link {
     /// any the other peer sends later, are discarded.
     ///
     /// ```no_run
-    /// # async fn demo(link: dflockd_faultproxy::Link) {
-    /// link.half_close(dflockd_faultproxy::Side::Server); // the server sees EOF; replies still reach the client
+    /// # async fn demo(link: dflockd_testkit::faultproxy::Link) {
+    /// link.half_close(dflockd_testkit::faultproxy::Side::Server); // the server sees EOF; replies still reach the client
     /// # }
     /// ```
     pub fn half_close(&self, side: Side) {
@@ -805,8 +805,8 @@ impl Link {
     /// peer closes it. Returns once the reset socket is closed.
     ///
     /// ```no_run
-    /// # async fn demo(link: dflockd_faultproxy::Link) {
-    /// link.reset_side(dflockd_faultproxy::Side::Server).await;
+    /// # async fn demo(link: dflockd_testkit::faultproxy::Link) {
+    /// link.reset_side(dflockd_testkit::faultproxy::Side::Server).await;
     /// # }
     /// ```
     pub async fn reset_side(&self, side: Side) {
@@ -816,7 +816,7 @@ impl Link {
     /// Resets both sides at once; returns once both sockets are closed.
     ///
     /// ```no_run
-    /// # async fn demo(link: dflockd_faultproxy::Link) {
+    /// # async fn demo(link: dflockd_testkit::faultproxy::Link) {
     /// link.reset().await;
     /// assert!(link.is_closed());
     /// # }
@@ -836,11 +836,11 @@ impl Link {
     /// Returns once both are closed; spawn it to keep going meanwhile.
     ///
     /// ```no_run
-    /// # async fn demo(link: dflockd_faultproxy::Link) {
+    /// # async fn demo(link: dflockd_testkit::faultproxy::Link) {
     /// use std::time::Duration;
     /// // The server frees the client's locks 250 ms before the client notices.
     /// let link2 = link.clone();
-    /// tokio::spawn(async move { link2.reset_asymmetric(dflockd_faultproxy::Side::Server, Duration::from_millis(250)).await });
+    /// tokio::spawn(async move { link2.reset_asymmetric(dflockd_testkit::faultproxy::Side::Server, Duration::from_millis(250)).await });
     /// # }
     /// ```
     pub async fn reset_asymmetric(&self, first: Side, delay: Duration) {
@@ -852,7 +852,7 @@ impl Link {
     /// Whether both sockets of the link are closed.
     ///
     /// ```no_run
-    /// # async fn demo(link: dflockd_faultproxy::Link) {
+    /// # async fn demo(link: dflockd_testkit::faultproxy::Link) {
     /// if !link.is_closed() { link.reset().await; }
     /// # }
     /// ```
@@ -864,7 +864,7 @@ impl Link {
     /// peers closing, or the proxy stopping).
     ///
     /// ```no_run
-    /// # async fn demo(link: dflockd_faultproxy::Link) {
+    /// # async fn demo(link: dflockd_testkit::faultproxy::Link) {
     /// link.closed().await;
     /// # }
     /// ```

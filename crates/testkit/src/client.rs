@@ -21,10 +21,7 @@
 //! Auth and TLS tests in external mode without their variables print a
 //! `SKIPPED …` line and return.
 
-#![allow(dead_code)]
-
-#[path = "../../../server/tests/interop/pki.rs"]
-mod pki;
+use crate::pki;
 
 use std::future::Future;
 use std::time::Duration;
@@ -433,7 +430,7 @@ impl Mode {
 /// Runs each test function given once per transport mode: a test `name`
 /// becomes `name::mux` and `name::plain`, and fails if either fails.
 /// Attributes (the test attribute, doc comments) apply to both.
-#[allow(unused_macros)] // not every suite uses it
+#[macro_export]
 macro_rules! both_modes {
     ($(#[$attr:meta])* async fn $name:ident() $body:block) => {
         mod $name {
@@ -442,13 +439,13 @@ macro_rules! both_modes {
 
             $(#[$attr])*
             async fn mux() {
-                crate::support::Mode::Mux.enter();
+                $crate::client::Mode::Mux.enter();
                 $body
             }
 
             $(#[$attr])*
             async fn plain() {
-                crate::support::Mode::Plain.enter();
+                $crate::client::Mode::Plain.enter();
                 $body
             }
         }
@@ -460,20 +457,19 @@ macro_rules! both_modes {
 
             $(#[$attr])*
             fn mux() {
-                crate::support::Mode::Mux.enter();
+                $crate::client::Mode::Mux.enter();
                 $body
             }
 
             $(#[$attr])*
             fn plain() {
-                crate::support::Mode::Plain.enter();
+                $crate::client::Mode::Plain.enter();
                 $body
             }
         }
     };
 }
-#[allow(unused_imports)]
-pub(crate) use both_modes;
+pub use crate::both_modes;
 
 /// A two-phase ticket of `client` for lock `key`, which must be held by
 /// someone else (so the enqueue answers `queued`).

@@ -5,10 +5,7 @@
 //! with an ephemeral port, and every read is bounded in time: a reply that
 //! does not arrive fails the test instead of hanging it.
 
-#![allow(dead_code)]
-
-#[path = "../interop/pki.rs"]
-mod pki;
+use crate::pki;
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;
@@ -79,9 +76,15 @@ pub async fn assert_connect_refused_soon(addr: SocketAddr) {
 pub enum ReadEnd {
     /// The peer closed (EOF, or a reset); `partial` holds bytes received
     /// before it that do not form a complete line.
-    Closed { partial: Vec<u8> },
+    Closed {
+        /// Bytes after the last complete line.
+        partial: Vec<u8>,
+    },
     /// Nothing complete within the bound.
-    Timeout { partial: Vec<u8> },
+    Timeout {
+        /// Bytes after the last complete line.
+        partial: Vec<u8>,
+    },
 }
 
 /// How a test reaches the server.
@@ -95,7 +98,9 @@ pub enum Transport {
 
 /// A plain connection: a TCP socket or an in-process pipe.
 pub enum Stream {
+    /// A TCP socket.
     Tcp(TcpStream),
+    /// An in-process pipe.
     InProcess(tokio::io::DuplexStream),
 }
 
