@@ -23,7 +23,7 @@ use crate::{Error, ErrorKind, Result};
 
 /// Identity of one connection, for binding leases to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LaneId(pub(crate) u64);
+pub(crate) struct LaneId(pub(crate) u64);
 
 static NEXT_LANE: AtomicU64 = AtomicU64::new(1);
 

@@ -6,11 +6,14 @@
 // Layers, bottom to top; no module imports one above it:
 // error, options, pinned → connection → renewal, lane → mux_lane →
 // server_conn → lease_state → supervisor → inner → plain → transport →
-// lease → client → service, blocking.
+// lease → target → ticket → handles → client → builder → service,
+// blocking.
 pub mod blocking;
+mod builder;
 mod client;
 mod connection;
 mod error;
+mod handles;
 mod inner;
 mod lane;
 mod lease;
@@ -23,6 +26,8 @@ mod renewal;
 mod server_conn;
 mod service;
 mod supervisor;
+mod target;
+mod ticket;
 mod transport;
 
 /// The actor framework of this client's public API (`ActorRef`s of
@@ -35,11 +40,14 @@ mod transport;
 /// ```
 pub use kameo;
 
-pub use client::{Client, ClientBuilder, Enqueue, Lock, Semaphore, Ticket};
+pub use builder::ClientBuilder;
+pub use client::Client;
 pub use connection::{Connection, Enqueued, Granted};
 pub use dflockd_proto::{Key, Stats, Token, fence_from_token};
 pub use error::{Error, ErrorKind, Result};
+pub use handles::{Lock, Semaphore};
 pub use lease::{Lease, LeaseMonitor, Released};
 pub use lease_state::{LeaseLost, LossReason};
 pub use options::{AuthToken, ConnectOptions, ServerAddr, ShardFn, Sharding, TlsOptions};
 pub use service::{GrantService, RequestGrant};
+pub use ticket::{Enqueue, Ticket};
