@@ -33,7 +33,8 @@ use crate::{ErrorKind, Result};
 /// ```
 #[derive(Debug, Clone)]
 pub struct ClientBuilder {
-    servers: Vec<ServerAddr>,
+    /// Each server's nodes: one, or a cluster's.
+    servers: Vec<Vec<ServerAddr>>,
     sharding: Sharding,
     options: ConnectOptions,
     renew_ratio: f64,
@@ -77,7 +78,32 @@ impl ClientBuilder {
     /// # Ok(()) }
     /// ```
     pub fn server(mut self, addr: ServerAddr) -> Self {
-        self.servers.push(addr);
+        self.servers.push(vec![addr]);
+        self
+    }
+
+    /// Adds a server that is a dflockd cluster: every node's client
+    /// address, in any order. The client talks to the leader: it asks each
+    /// node it connects to whether it leads (`barrier`), follows a
+    /// follower's `error_not_leader <addr>` to a node of this list (never
+    /// elsewhere), and otherwise tries the next node; after a failure it
+    /// reconnects the same way. Several clusters are several shards.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> dflockd_client::Result<()> {
+    /// let nodes = ["10.0.0.1:6388", "10.0.0.2:6388", "10.0.0.3:6388"];
+    /// let client = dflockd_client::Client::builder()
+    ///     .cluster(nodes.map(str::parse).into_iter().collect::<Result<Vec<_>, _>>()?)
+    ///     .build()?;
+    /// let lease = client.lock("deploy")?.acquire().await?; // on whichever node leads
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// Today a lease is bound to the connection it was granted on: when
+    /// the leader fails, leases held through it are reported lost and new
+    /// requests go to the new leader.
+    pub fn cluster(mut self, nodes: impl IntoIterator<Item = ServerAddr>) -> Self {
+        self.servers.push(nodes.into_iter().collect());
         self
     }
 
@@ -92,7 +118,7 @@ impl ClientBuilder {
     /// # Ok(()) }
     /// ```
     pub fn servers(mut self, addrs: impl IntoIterator<Item = ServerAddr>) -> Self {
-        self.servers = addrs.into_iter().collect();
+        self.servers = addrs.into_iter().map(|addr| vec![addr]).collect();
         self
     }
 
@@ -291,10 +317,15 @@ impl ClientBuilder {
         lease_of(self.default_lease)?;
         seconds(self.acquire_timeout)?;
         let servers = if self.servers.is_empty() {
-            vec![ServerAddr::new("127.0.0.1", 6388)?]
+            vec![vec![ServerAddr::new("127.0.0.1", 6388)?]]
         } else {
             self.servers
         };
+        if servers.iter().any(Vec::is_empty) {
+            return Err(
+                ErrorKind::InvalidArgument("a cluster needs at least one node".into()).into(),
+            );
+        }
         let timing = LaneTiming {
             keepalive: self.keepalive,
             reply_timeout: self.reply_timeout,
@@ -314,7 +345,7 @@ impl ClientBuilder {
             .iter()
             .map(|addr| {
                 let args = ServerConnArgs {
-                    addr: addr.clone(),
+                    nodes: addr.clone(),
                     options: self.options.clone(),
                     timing,
                     on_lane_closed: on_lane_closed.clone(),
@@ -342,7 +373,7 @@ impl ClientBuilder {
             servers: servers
                 .into_iter()
                 .zip(actors)
-                .map(|(addr, actor)| ServerEntry { addr, actor })
+                .map(|(nodes, actor)| ServerEntry::new(nodes, actor))
                 .collect(),
             supervisor,
             options: self.options,

@@ -157,7 +157,7 @@ impl Client {
         let reply = self.inner.control_call(index, Request::Stats, None).await;
         reply
             .and_then(|(reply, _)| expect_stats(reply))
-            .map_err(|e| e.on(&self.inner.servers[index].addr))
+            .map_err(|e| e.on(&self.inner.servers[index].label))
     }
 
     /// How many renew requests this client has sent so far, over all
@@ -190,8 +190,8 @@ impl Client {
     pub async fn multiplexed(&self, index: usize) -> Result<bool> {
         self.check_index(index)?;
         let lane = self.inner.lane(index).await;
-        lane.map(|lane| lane.is_mux())
-            .map_err(|e| e.on(&self.inner.servers[index].addr))
+        lane.map(|(lane, _)| lane.is_mux())
+            .map_err(|e| e.on(&self.inner.servers[index].label))
     }
 
     /// Pings server `index` over its control lane.
@@ -209,7 +209,7 @@ impl Client {
         let reply = self.inner.control_call(index, Request::Ping, None).await;
         reply
             .and_then(|(reply, _)| expect_ok(reply))
-            .map_err(|e| e.on(&self.inner.servers[index].addr))
+            .map_err(|e| e.on(&self.inner.servers[index].label))
     }
 
     fn check_index(&self, index: usize) -> Result<()> {

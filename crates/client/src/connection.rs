@@ -485,7 +485,7 @@ pub(crate) fn lease_of(d: Option<Duration>) -> Result<Option<Lease>> {
     .transpose()
 }
 
-fn failure(reply: Reply) -> Error {
+pub(crate) fn failure(reply: Reply) -> Error {
     match reply {
         Reply::Failure(status) => Error::from_status(status),
         Reply::NotLeader(leader) => ErrorKind::NotLeader { leader }.into(),

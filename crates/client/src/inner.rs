@@ -20,8 +20,29 @@ use crate::{ErrorKind, Result};
 /// One server of the client: its address and the actor owning its
 /// connection.
 pub(crate) struct ServerEntry {
+    /// The first node: the address `Client::servers` reports.
     pub(crate) addr: ServerAddr,
+    /// How errors name the server: its address, or a cluster's nodes.
+    pub(crate) label: String,
     pub(crate) actor: ActorRef<ServerConn>,
+}
+
+impl ServerEntry {
+    /// A server of `nodes` (one, or a cluster's), served by `actor`.
+    pub(crate) fn new(nodes: Vec<ServerAddr>, actor: ActorRef<ServerConn>) -> ServerEntry {
+        let label = match nodes.as_slice() {
+            [one] => one.to_string(),
+            many => {
+                let list: Vec<String> = many.iter().map(ToString::to_string).collect();
+                format!("cluster {}", list.join(","))
+            }
+        };
+        ServerEntry {
+            addr: nodes[0].clone(),
+            label,
+            actor,
+        }
+    }
 }
 
 /// The state behind `Client` and every handle and lease made from it.
@@ -40,8 +61,9 @@ pub(crate) struct ClientInner {
 }
 
 impl ClientInner {
-    /// The server's control lane (connecting if needed).
-    pub(crate) async fn lane(&self, server: usize) -> Result<LaneHandle> {
+    /// The server's control lane (connecting if needed), and the node it
+    /// is connected to (a cluster's leader).
+    pub(crate) async fn lane(&self, server: usize) -> Result<(LaneHandle, ServerAddr)> {
         match self.servers[server].actor.ask(GetLane).await {
             Ok(lane) => Ok(lane),
             Err(kameo::error::SendError::HandlerError(error)) => Err(error),

@@ -284,7 +284,7 @@ impl Lease {
         inner
             .release()
             .await
-            .map_err(|e| e.about(&key, &client.servers[server].addr))
+            .map_err(|e| e.about(&key, &client.servers[server].label))
     }
 }
 

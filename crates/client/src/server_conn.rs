@@ -3,6 +3,12 @@
 //! (try-lock, renew, release, stats, ping) — connecting lazily and
 //! reconnecting with backoff after a failure.
 //!
+//! A server may be a cluster: a set of nodes of which one leads. Then each
+//! new connection first asks the node for `barrier`, which only the
+//! leader answers `ok`; a follower's `error_not_leader <addr>` is followed
+//! when `addr` is one of the configured nodes (never elsewhere), anything
+//! else moves on to the next node in order, as the Go cluster client does.
+//!
 //! Each new connection first asks for the multiplexed extension
 //! (docs/protocol-mux.md). Where the server accepts it, the control lane
 //! carries blocking waits and two-phase tickets too, so the process needs
@@ -12,12 +18,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dflockd_proto::{Key, Namespace, Request};
+use dflockd_proto::{Key, Namespace, Reply, Request};
 use kameo::error::Infallible;
 use kameo::prelude::*;
 use tokio::time::Instant;
 
-use crate::connection::Connection;
+use crate::connection::{Connection, failure};
 use crate::lane::{LaneHandle, LaneId, LaneReply, LaneRequest, LaneTiming, spawn_lane};
 use crate::mux_lane::{negotiate, spawn_mux_lane};
 use crate::options::{ConnectOptions, ServerAddr};
@@ -28,7 +34,8 @@ use crate::{Error, ErrorKind, Result};
 pub(crate) type OnLaneClosed = Arc<dyn Fn(LaneId) + Send + Sync>;
 
 pub(crate) struct ServerConnArgs {
-    pub(crate) addr: ServerAddr,
+    /// The server's nodes: one, or every node of a cluster.
+    pub(crate) nodes: Vec<ServerAddr>,
     pub(crate) options: ConnectOptions,
     pub(crate) timing: LaneTiming,
     pub(crate) on_lane_closed: OnLaneClosed,
@@ -39,6 +46,9 @@ pub(crate) struct ServerConnArgs {
 pub(crate) struct ServerConn {
     args: ServerConnArgs,
     lane: Option<LaneHandle>,
+    /// The node the lane is (or was last) connected to, and the first one
+    /// tried on reconnect: the leader, as far as this client knows.
+    current: usize,
     backoff: Duration,
     retry_at: Option<Instant>,
     /// Why the last connect failed: reported again while backing off, so a
@@ -64,6 +74,7 @@ impl Actor for ServerConn {
         Ok(ServerConn {
             args,
             lane: None,
+            current: 0,
             backoff: BACKOFF_MIN,
             retry_at: None,
             last_error: None,
@@ -97,7 +108,7 @@ impl ServerConn {
         {
             return Err(self.last_error.clone().unwrap_or_else(|| {
                 ErrorKind::Connect {
-                    addr: self.args.addr.to_string(),
+                    addr: self.args.nodes[self.current].to_string(),
                     cause: "reconnect backoff".into(),
                 }
                 .into()
@@ -112,7 +123,7 @@ impl ServerConn {
                 } else {
                     spawn_lane(conn, self.args.timing, on_close)
                 };
-                tracing::debug!(server = %self.args.addr, lane = lane.id.0, mux, "control lane connected");
+                tracing::debug!(server = %self.args.nodes[self.current], lane = lane.id.0, mux, "control lane connected");
                 self.backoff = BACKOFF_MIN;
                 self.retry_at = None;
                 self.last_error = None;
@@ -129,15 +140,76 @@ impl ServerConn {
     }
 }
 
+/// What a node said to the leadership probe.
+enum Probe {
+    /// It leads: the connection, ready for use.
+    Leader(Connection),
+    /// It does not; the leader's client address if it named one.
+    Follower(Option<String>),
+}
+
 impl ServerConn {
-    /// A new connection, and whether it speaks the multiplexed extension.
-    async fn connect(&self) -> Result<(Connection, bool)> {
-        let mut conn = Connection::connect(&self.args.addr, &self.args.options).await?;
+    /// A new connection to the server (for a cluster: to its leader), and
+    /// whether it speaks the multiplexed extension. `current` ends on the
+    /// node connected to.
+    async fn connect(&mut self) -> Result<(Connection, bool)> {
+        let mut conn = if self.args.nodes.len() == 1 {
+            Connection::connect(&self.args.nodes[0], &self.args.options).await?
+        } else {
+            self.connect_to_leader().await?
+        };
         if !self.args.multiplex {
             return Ok((conn, false));
         }
         let mux = negotiate(&mut conn, self.args.timing.reply_timeout).await?;
         Ok((conn, mux))
+    }
+
+    /// Tries the nodes, from the current one, until one leads: a redirect
+    /// to a configured node is followed, anything else (a redirect
+    /// elsewhere, no leader known, a node that cannot be reached) moves on
+    /// to the next node. At most two rounds.
+    async fn connect_to_leader(&mut self) -> Result<Connection> {
+        let nodes = self.args.nodes.len();
+        let mut next = self.current;
+        let mut last_error: Option<Error> = None;
+        for _ in 0..2 * nodes {
+            let node = &self.args.nodes[next];
+            match self.probe(node).await {
+                Ok(Probe::Leader(conn)) => {
+                    self.current = next;
+                    return Ok(conn);
+                }
+                Ok(Probe::Follower(hint)) => {
+                    tracing::debug!(node = %node, leader = ?hint, "not the leader");
+                    let known = hint.as_deref().and_then(|hint| {
+                        self.args.nodes.iter().position(|n| n.to_string() == hint)
+                    });
+                    last_error = Some(ErrorKind::NotLeader { leader: hint }.into());
+                    next = known.unwrap_or((next + 1) % nodes);
+                }
+                Err(error) => {
+                    tracing::debug!(node = %node, %error, "node unavailable");
+                    last_error = Some(error.on(node));
+                    next = (next + 1) % nodes;
+                }
+            }
+        }
+        self.current = next;
+        Err(last_error.unwrap_or_else(|| ErrorKind::NotLeader { leader: None }.into()))
+    }
+
+    /// Connects to `node` and asks whether it leads (`barrier`).
+    async fn probe(&self, node: &ServerAddr) -> Result<Probe> {
+        let mut conn = Connection::connect(node, &self.args.options).await?;
+        match conn
+            .request(&Request::Barrier, self.args.timing.reply_timeout)
+            .await?
+        {
+            Reply::Ok => Ok(Probe::Leader(conn)),
+            Reply::NotLeader(hint) => Ok(Probe::Follower(hint)),
+            other => Err(failure(other)),
+        }
     }
 }
 
@@ -146,14 +218,16 @@ impl ServerConn {
 pub(crate) struct GetLane;
 
 impl Message<GetLane> for ServerConn {
-    type Reply = Result<LaneHandle>;
+    /// The lane, and the node it is connected to.
+    type Reply = Result<(LaneHandle, ServerAddr)>;
 
     async fn handle(
         &mut self,
         _: GetLane,
         _: &mut Context<Self, Self::Reply>,
-    ) -> Result<LaneHandle> {
-        self.lane().await
+    ) -> Result<(LaneHandle, ServerAddr)> {
+        let lane = self.lane().await?;
+        Ok((lane, self.args.nodes[self.current].clone()))
     }
 }
 

@@ -38,7 +38,7 @@ impl Target {
 
     /// Names this handle's key and server in `error`.
     pub(crate) fn about(&self, error: Error) -> Error {
-        error.about(&self.key, &self.inner().servers[self.server].addr)
+        error.about(&self.key, &self.inner().servers[self.server].label)
     }
 
     /// The resource a grant for this handle holds (a grant nobody owns any

@@ -28,6 +28,7 @@ use crate::connection::{
 use crate::inner::ClientInner;
 use crate::lane::{LaneHandle, LaneRef, LaneRequest, ReplyGuard, spawn_lane};
 use crate::mux_lane::{self, OnDrop};
+use crate::options::ServerAddr;
 use crate::plain::{QueuedConn, guarded_request};
 
 /// A grant as the transport delivers it, before it becomes a `Lease`.
@@ -118,22 +119,24 @@ pub(crate) enum Transport<'a> {
     /// own for blocking requests.
     Plain {
         control: LaneHandle,
+        /// The node the control lane is connected to (a cluster's leader):
+        /// blocking requests connect there too.
+        node: ServerAddr,
         inner: &'a ClientInner,
-        server: usize,
     },
 }
 
 impl<'a> Transport<'a> {
     /// The transport to `server` (connecting if needed).
     pub(crate) async fn open(inner: &'a ClientInner, server: usize) -> Result<Transport<'a>> {
-        let lane = inner.lane(server).await?;
+        let (lane, node) = inner.lane(server).await?;
         Ok(if lane.is_mux() {
             Transport::Mux(lane)
         } else {
             Transport::Plain {
                 control: lane,
+                node,
                 inner,
-                server,
             }
         })
     }
@@ -162,8 +165,8 @@ impl<'a> Transport<'a> {
             }
             Transport::Plain {
                 control,
+                node,
                 inner,
-                server,
             } => {
                 // Try once on the control lane; an uncontended acquire
                 // never needs a connection of its own.
@@ -182,8 +185,7 @@ impl<'a> Transport<'a> {
                 if wait == Seconds::ZERO {
                     return Ok(None);
                 }
-                let conn =
-                    Connection::connect(&inner.servers[*server].addr, &inner.options).await?;
+                let conn = Connection::connect(node, &inner.options).await?;
                 let sent_at = Instant::now();
                 let (reply, conn) = guarded_request(
                     conn,
@@ -228,9 +230,8 @@ impl<'a> Transport<'a> {
                     }),
                 })
             }
-            Transport::Plain { inner, server, .. } => {
-                let conn =
-                    Connection::connect(&inner.servers[*server].addr, &inner.options).await?;
+            Transport::Plain { node, inner, .. } => {
+                let conn = Connection::connect(node, &inner.options).await?;
                 let sent_at = Instant::now();
                 let (reply, conn) =
                     guarded_request(conn, request, orphan.clone(), REPLY_SLACK).await?;
