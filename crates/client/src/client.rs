@@ -177,7 +177,7 @@ impl Client {
 
     /// Whether the connection to server `index` speaks the multiplexed
     /// extension (connecting if there is no connection yet): `true` on a
-    /// server that offers it when [`ClientBuilder::multiplex`] is on,
+    /// server that offers it when [`ClientBuilder::multiplex`](crate::ClientBuilder::multiplex) is on,
     /// `false` on a plain dflockd server.
     ///
     /// ```no_run

@@ -132,7 +132,7 @@ macro_rules! handle_methods {
             }
 
             /// Two-phase acquire, phase 1: join the queue (or be granted at
-            /// once) and come back for the grant with [`Ticket::wait`].
+            /// once) and come back for the grant with [`Ticket::wait`](crate::Ticket::wait).
             ///
             /// ```no_run
             /// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {

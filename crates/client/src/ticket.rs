@@ -11,7 +11,7 @@ use crate::target::Target;
 use crate::transport::{Enqueueing, Place, Transport};
 use crate::{ErrorKind, Result};
 
-/// Result of a two-phase [`Lock::enqueue`] / [`Semaphore::enqueue`].
+/// Result of a two-phase [`Lock::enqueue`](crate::Lock::enqueue) / [`Semaphore::enqueue`](crate::Semaphore::enqueue).
 ///
 /// ```no_run
 /// # async fn demo(client: dflockd_client::Client) -> dflockd_client::Result<()> {
