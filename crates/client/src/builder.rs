@@ -335,9 +335,9 @@ impl ClientBuilder {
             Arc::new(OnceLock::new());
         let on_lane_closed = {
             let slot = Arc::clone(&supervisor_slot);
-            Arc::new(move |lane| {
+            Arc::new(move |lane, reattach| {
                 if let Some(supervisor) = slot.get().and_then(WeakActorRef::upgrade) {
-                    let _ = supervisor.tell(LaneClosed(lane)).try_send();
+                    let _ = supervisor.tell(LaneClosed { lane, reattach }).try_send();
                 }
             })
         };

@@ -24,6 +24,9 @@ pub(crate) struct ServerEntry {
     pub(crate) addr: ServerAddr,
     /// How errors name the server: its address, or a cluster's nodes.
     pub(crate) label: String,
+    /// Several nodes: the client names its session, and leases survive a
+    /// broken connection (see `supervisor::LaneClosed`).
+    pub(crate) is_cluster: bool,
     pub(crate) actor: ActorRef<ServerConn>,
 }
 
@@ -40,6 +43,7 @@ impl ServerEntry {
         ServerEntry {
             addr: nodes[0].clone(),
             label,
+            is_cluster: nodes.len() > 1,
             actor,
         }
     }
@@ -51,7 +55,7 @@ pub(crate) struct ClientInner {
     pub(crate) supervisor: ActorRef<LeaseSupervisor>,
     pub(crate) options: ConnectOptions,
     pub(crate) timing: LaneTiming,
-    pub(crate) on_lane_closed: Arc<dyn Fn(crate::lane::LaneId) + Send + Sync>,
+    pub(crate) on_lane_closed: crate::server_conn::OnLaneClosed,
     pub(crate) sharding: Sharding,
     pub(crate) default_lease: Option<Duration>,
     pub(crate) acquire_timeout: Duration,

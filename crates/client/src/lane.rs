@@ -21,16 +21,7 @@ use crate::connection::{Connection, read_line};
 use crate::renewal::{RenewBatch, RenewReply, RenewSink, RenewTag};
 use crate::{Error, ErrorKind, Result};
 
-/// Identity of one connection, for binding leases to it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(crate) struct LaneId(pub(crate) u64);
-
-static NEXT_LANE: AtomicU64 = AtomicU64::new(1);
-
-/// A fresh lane id.
-pub(crate) fn next_lane_id() -> LaneId {
-    LaneId(NEXT_LANE.fetch_add(1, Ordering::Relaxed))
-}
+pub(crate) use crate::lane_id::{LaneId, next_lane_id};
 
 /// Which lane answered: its id and a token cancelled when it closes.
 #[derive(Debug, Clone)]
@@ -481,7 +472,7 @@ fn deliver(
             .and_then(std::result::Result::ok)
             .map(|(reply, _)| reply),
         Some(ReplyTo::Renew(tag)) => {
-            renewed.push(tag.reply(Ok(reply)));
+            renewed.push(tag.reply_on(lane.id, reply));
             None
         }
         // Nobody waits for this reply (a ping, or the poll that abandons a

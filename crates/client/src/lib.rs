@@ -4,7 +4,7 @@
 #![warn(missing_docs)]
 
 // Layers, bottom to top; no module imports one above it:
-// error, options, pinned → connection → renewal, lane → mux_lane →
+// error, options, pinned → connection → lane_id → renewal, lane → mux_lane →
 // server_conn → lease_state → supervisor → inner → plain → transport →
 // lease → target → ticket → handles → client → builder → service,
 // blocking.
@@ -16,6 +16,7 @@ mod error;
 mod handles;
 mod inner;
 mod lane;
+mod lane_id;
 mod lease;
 mod lease_state;
 mod mux_lane;

@@ -7,6 +7,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::Error;
+use crate::lane_id::LaneId;
 
 /// Identity of one tracked lease; never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -29,7 +30,16 @@ impl RenewTag {
             id: self.id,
             batch: self.batch,
             sent_at: self.sent_at,
+            lane: None,
             result,
+        }
+    }
+
+    /// Pairs the tag with the reply that came back on `lane`.
+    pub(crate) fn reply_on(self, lane: LaneId, reply: Reply) -> RenewReply {
+        RenewReply {
+            lane: Some(lane),
+            ..self.reply(Ok(reply))
         }
     }
 }
@@ -39,6 +49,8 @@ pub(crate) struct RenewReply {
     pub(crate) id: LeaseId,
     pub(crate) batch: u32,
     pub(crate) sent_at: Instant,
+    /// The lane that answered, if one did.
+    pub(crate) lane: Option<LaneId>,
     pub(crate) result: Result<Reply, Error>,
 }
 

@@ -18,7 +18,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dflockd_proto::{Key, Namespace, Reply, Request};
+use dflockd_proto::{Key, Namespace, Reply, Request, StableRef};
 use kameo::error::Infallible;
 use kameo::prelude::*;
 use tokio::time::Instant;
@@ -30,8 +30,10 @@ use crate::options::{ConnectOptions, ServerAddr};
 use crate::renewal::RenewBatch;
 use crate::{Error, ErrorKind, Result};
 
-/// Called once when a lane of this server closes.
-pub(crate) type OnLaneClosed = Arc<dyn Fn(LaneId) + Send + Sync>;
+/// Called once when a lane closes, with whether the server can re-attach
+/// its leases to a later connection (a cluster session, named by
+/// `stable-ref`).
+pub(crate) type OnLaneClosed = Arc<dyn Fn(LaneId, bool) + Send + Sync>;
 
 pub(crate) struct ServerConnArgs {
     /// The server's nodes: one, or every node of a cluster.
@@ -49,6 +51,10 @@ pub(crate) struct ServerConn {
     /// The node the lane is (or was last) connected to, and the first one
     /// tried on reconnect: the leader, as far as this client knows.
     current: usize,
+    /// For a cluster: the name (`stable-ref`) of this client's session,
+    /// sent on every connection, so that the leases of a connection that
+    /// broke are taken over by the next one.
+    session: Option<StableRef>,
     backoff: Duration,
     retry_at: Option<Instant>,
     /// Why the last connect failed: reported again while backing off, so a
@@ -71,10 +77,12 @@ impl Actor for ServerConn {
     type Error = Infallible;
 
     async fn on_start(args: ServerConnArgs, _: ActorRef<Self>) -> Result<Self, Infallible> {
+        let session = (args.nodes.len() > 1).then(session_name);
         Ok(ServerConn {
             args,
             lane: None,
             current: 0,
+            session,
             backoff: BACKOFF_MIN,
             retry_at: None,
             last_error: None,
@@ -117,7 +125,8 @@ impl ServerConn {
         match self.connect().await {
             Ok((conn, mux)) => {
                 let on_close = Arc::clone(&self.args.on_lane_closed);
-                let on_close = move |id| on_close(id);
+                let reattach = self.session.is_some();
+                let on_close = move |id| on_close(id, reattach);
                 let lane = if mux {
                     spawn_mux_lane(conn, self.args.timing, on_close)
                 } else {
@@ -199,17 +208,28 @@ impl ServerConn {
         Err(last_error.unwrap_or_else(|| ErrorKind::NotLeader { leader: None }.into()))
     }
 
-    /// Connects to `node` and asks whether it leads (`barrier`).
+    /// Connects to `node` and asks whether it leads (`barrier`); on the
+    /// leader, names the session (`stable-ref`), which takes over the
+    /// holds of the session's previous connection.
     async fn probe(&self, node: &ServerAddr) -> Result<Probe> {
+        let timeout = self.args.timing.reply_timeout;
         let mut conn = Connection::connect(node, &self.args.options).await?;
-        match conn
-            .request(&Request::Barrier, self.args.timing.reply_timeout)
-            .await?
-        {
-            Reply::Ok => Ok(Probe::Leader(conn)),
-            Reply::NotLeader(hint) => Ok(Probe::Follower(hint)),
-            other => Err(failure(other)),
+        match conn.request(&Request::Barrier, timeout).await? {
+            Reply::Ok => {}
+            Reply::NotLeader(hint) => return Ok(Probe::Follower(hint)),
+            other => return Err(failure(other)),
         }
+        if let Some(session) = &self.session {
+            match conn
+                .request(&Request::StableRef(session.clone()), timeout)
+                .await?
+            {
+                Reply::Ok => {}
+                Reply::NotLeader(hint) => return Ok(Probe::Follower(hint)),
+                other => return Err(failure(other)),
+            }
+        }
+        Ok(Probe::Leader(conn))
     }
 }
 
@@ -273,6 +293,22 @@ impl Message<Renewals> for ServerConn {
             Err(error) => batch.fail(error),
         }
     }
+}
+
+/// A fresh session name: 32 hex digits from the OS's random source, so
+/// that no other client can guess it and take this one's holds over.
+fn session_name() -> StableRef {
+    let mut bytes = [0u8; 16];
+    if let Err(error) = getrandom::fill(&mut bytes) {
+        // Never expected on a supported OS; still unique per process.
+        tracing::error!(%error, "OS random source failed; naming the session from the clock");
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        bytes = (nanos ^ u128::from(std::process::id()) << 64).to_le_bytes();
+    }
+    let name: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    StableRef::new(&name).expect("32 hex digits are a valid stable-ref")
 }
 
 #[cfg(test)]

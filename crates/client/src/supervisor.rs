@@ -140,6 +140,9 @@ struct Entry {
     /// The batch of the renewal in flight, or `NO_BATCH`.
     batch: u32,
     namespace: Namespace,
+    /// Its connection closed and the session is re-attaching: the next
+    /// successful renewal binds it to the connection that answered.
+    detached: bool,
 }
 
 impl Entry {
@@ -443,6 +446,19 @@ impl LeaseSupervisor {
             return;
         }
         entry.batch = NO_BATCH;
+        if entry.detached
+            && matches!(done.result, Ok(Reply::Renewed(_)))
+            && let Some(lane) = done.lane
+        {
+            // Renewed through the session's new connection: the lease is
+            // bound to it from now on.
+            entry.detached = false;
+            entry.lane = lane;
+            self.by_lane.entry(lane).or_default().insert(done.id);
+        }
+        let Some(entry) = self.leases.get_mut(&done.id) else {
+            return;
+        };
         match done.result {
             Ok(Reply::Renewed(secs)) => {
                 let ttl = Duration::from_secs(secs.get());
@@ -532,6 +548,9 @@ pub(crate) struct Track {
     pub(crate) local_expiry: Instant,
     pub(crate) lane: LaneId,
     pub(crate) lane_closed: CancellationToken,
+    /// The lane is a cluster session's (see [`LaneClosed`]): if it closed
+    /// already, the next connection takes the lease over.
+    pub(crate) reattach: bool,
     /// The grant may have waited in a queue: renew at once.
     pub(crate) renew_now: bool,
     pub(crate) shared: Arc<LeaseShared>,
@@ -556,17 +575,27 @@ impl Message<Track> for LeaseSupervisor {
             server: u32::try_from(t.server).expect("server index fits u32"),
             batch: NO_BATCH,
             namespace: t.namespace,
+            detached: false,
         };
         self.leases.insert(t.id, entry);
         if let Some(owner) = t.owner {
             self.owners.insert(t.id, owner);
         }
         self.by_lane.entry(t.lane).or_default().insert(t.id);
+        let now = Instant::now();
         if t.lane_closed.is_cancelled() {
-            self.lose(t.id, LossReason::ConnectionLost);
+            // Closed before the lease was tracked (its `LaneClosed` may
+            // have been handled already): handle it as that would.
+            if !t.reattach {
+                self.lose(t.id, LossReason::ConnectionLost);
+                return;
+            }
+            if let Some(entry) = self.leases.get_mut(&t.id) {
+                entry.detached = true;
+            }
+            self.arm_renew(t.id, now, now);
             return;
         }
-        let now = Instant::now();
         let at = if t.renew_now {
             now
         } else {
@@ -587,21 +616,39 @@ impl Message<Untrack> for LeaseSupervisor {
     }
 }
 
-/// A connection closed: every lease bound to it is lost (the server
-/// auto-releases them at once).
-pub(crate) struct LaneClosed(pub(crate) LaneId);
+/// A connection closed. Without re-attachment every lease bound to it is
+/// lost (the server auto-releases them at once). A cluster session's
+/// connection (`reattach`) is different: the next connection, to whichever
+/// node leads, names the same session and takes its holds over, so each
+/// lease is renewed at once through it and lost only if that cannot
+/// happen before its local expiry.
+pub(crate) struct LaneClosed {
+    pub(crate) lane: LaneId,
+    pub(crate) reattach: bool,
+}
 
 impl Message<LaneClosed> for LeaseSupervisor {
     type Reply = ();
 
-    async fn handle(&mut self, LaneClosed(lane): LaneClosed, _: &mut Context<Self, ()>) {
+    async fn handle(&mut self, closed: LaneClosed, _: &mut Context<Self, ()>) {
         let ids: Vec<LeaseId> = self
             .by_lane
-            .remove(&lane)
+            .remove(&closed.lane)
             .map(|s| s.into_iter().collect())
             .unwrap_or_default();
+        let now = Instant::now();
         for id in ids {
-            self.lose(id, LossReason::ConnectionLost);
+            if !closed.reattach {
+                self.lose(id, LossReason::ConnectionLost);
+                continue;
+            }
+            let Some(entry) = self.leases.get_mut(&id) else {
+                continue;
+            };
+            entry.detached = true;
+            if entry.batch == NO_BATCH {
+                self.arm_renew(id, now, now);
+            }
         }
     }
 }

@@ -77,6 +77,9 @@ impl Target {
             renew_now,
         } = grant;
         let inner = self.inner();
+        // A cluster session's own lane; a plain server's wait lanes carry
+        // no session name.
+        let reattach = wait_lane.is_none() && inner.servers[self.server].is_cluster;
         let id = LeaseId(inner.next_lease.fetch_add(1, Ordering::Relaxed));
         let ttl = granted.lease.as_duration();
         // The latest instant the lease is known valid, minus the safety
@@ -112,6 +115,7 @@ impl Target {
             local_expiry,
             lane: lane.id,
             lane_closed: lane.closed.clone(),
+            reattach,
             renew_now,
             shared: Arc::clone(&shared),
             owner: self.owner.clone(),

@@ -84,7 +84,7 @@ impl Grant {
         renew_now: bool,
     ) -> Grant {
         let on_close = Arc::clone(&inner.on_lane_closed);
-        let own = spawn_lane(conn, inner.timing, move |id| on_close(id));
+        let own = spawn_lane(conn, inner.timing, move |id| on_close(id, false));
         Grant {
             granted,
             sent_at,

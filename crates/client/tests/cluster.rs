@@ -8,6 +8,7 @@ use std::time::Duration;
 use dflockd_client::{Client, ErrorKind, ServerAddr};
 use dflockd_testkit::client::{BOUND, eventually};
 use dflockd_testkit::cluster::{CLUSTER_WAIT, TestCluster};
+use dflockd_testkit::wire::REPLY_TIMEOUT;
 
 fn client(nodes: &[ServerAddr], multiplex: bool) -> Client {
     Client::builder()
@@ -37,8 +38,8 @@ async fn a_cluster_client_finds_the_leader_and_follows_it_after_a_kill() {
     // own: to the leader, or a follower would refuse it.
     let lock = plain.lock("jobs/a").unwrap();
     let waiter = tokio::spawn(async move { lock.acquire_within(Duration::from_secs(10)).await });
-    let leader_stats = cluster.ask_leader(b"stats\n_\n_\n").await;
-    assert!(leader_stats.contains("jobs/a"), "{leader_stats}");
+    let stats = leader_stats(&cluster).await;
+    assert!(stats.contains("jobs/a"), "{stats}");
     let fence = held.fence();
     held.release().await.unwrap();
     let granted = waiter
@@ -71,8 +72,90 @@ async fn a_cluster_client_finds_the_leader_and_follows_it_after_a_kill() {
         || async { matches!(mux.lock("jobs/c").unwrap().try_acquire().await, Ok(Some(_))) },
     )
     .await;
-    let stats = cluster.ask_leader(b"stats\n_\n_\n").await;
+    let stats = leader_stats(&cluster).await;
     assert!(stats.contains("jobs/c"), "{stats}");
+}
+
+/// `stats` from the leader itself (any node answers `stats`, a follower
+/// from what it has applied so far), after a committed `barrier`.
+async fn leader_stats(cluster: &TestCluster) -> String {
+    let (_, mut conn) = cluster.leader().await;
+    conn.send(b"stats\n_\n_\n").await;
+    conn.read_line_within(REPLY_TIMEOUT)
+        .await
+        .expect("the leader answers stats")
+}
+
+/// Nodes that keep a closed named session's holds for a while
+/// (`--orphan-ttl`), so that its next connection can take them over.
+fn with_orphans(config: &mut dflockd_server::ServerConfig) {
+    if let Some(cluster) = config.cluster.as_mut() {
+        cluster.orphan_ttl = Duration::from_secs(30);
+    }
+}
+
+/// The leader dies while a lease is held: the client's session connects
+/// to the new leader under the same name, takes its holds over and renews
+/// them. The holder never sees a loss; the lease keeps its token (same
+/// fence) and is renewed past its first length; nobody else gets the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_survives_a_leader_failover() {
+    let mut cluster = TestCluster::start_with(3, with_orphans).await;
+    let (leader, _) = cluster.leader().await;
+    let nodes: Vec<ServerAddr> = (0..3).map(|i| cluster.client_addrs[i].into()).collect();
+    let holder = client(&nodes, true);
+    let lease = holder
+        .lock("jobs/survivor")
+        .unwrap()
+        .with_lease(Duration::from_secs(4))
+        .acquire()
+        .await
+        .unwrap();
+    let fence = lease.fence();
+
+    cluster.kill(leader).await;
+    let (new_leader, _) = cluster.leader().await;
+    assert_ne!(new_leader, leader);
+    // Past the lease's first length: only renewals through the new leader
+    // can have kept it.
+    let first_deadline = lease.deadline();
+    eventually(
+        "the lease renewed past its first deadline",
+        CLUSTER_WAIT,
+        || async {
+            assert!(!lease.is_lost(), "lost: {:?}", lease.loss_reason());
+            lease.deadline() > first_deadline + Duration::from_secs(2)
+        },
+    )
+    .await;
+    tokio::time::sleep_until(first_deadline + Duration::from_secs(1)).await;
+    assert!(!lease.is_lost(), "lost: {:?}", lease.loss_reason());
+    assert_eq!(lease.fence(), fence);
+
+    let other = client(&nodes, true);
+    assert!(
+        other
+            .lock("jobs/survivor")
+            .unwrap()
+            .try_acquire()
+            .await
+            .unwrap()
+            .is_none(),
+        "the key is still held"
+    );
+    assert_eq!(
+        lease.release().await.unwrap(),
+        dflockd_client::Released::Released
+    );
+    assert!(
+        other
+            .lock("jobs/survivor")
+            .unwrap()
+            .try_acquire()
+            .await
+            .unwrap()
+            .is_some()
+    );
 }
 
 #[tokio::test]
