@@ -3,12 +3,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dflockd_proto::{Key, Kind, Token};
+use dflockd_proto::{Key, Kind, Reply, Request, Token};
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::inner::ClientInner;
-use crate::lane::LaneHandle;
+use crate::lane::{LaneHandle, LaneRef};
 use crate::lease_state::{LeaseShared, LossReason};
 use crate::renewal::LeaseId;
 use crate::supervisor::Untrack;
@@ -292,18 +292,7 @@ impl Inner {
     async fn release(self) -> Result<Released> {
         let _ = self.client.supervisor.tell(Untrack(self.id)).try_send();
         let was_lost = self.shared.is_lost();
-        let result = self
-            .client
-            .control_call(
-                self.server,
-                dflockd_proto::Request::Release {
-                    key: self.key.clone(),
-                    namespace: self.kind.namespace(),
-                    token: self.token.into(),
-                },
-                None,
-            )
-            .await;
+        let result = self.send_release().await;
         // Mark it lost for anyone still watching the token: it is gone now.
         self.shared.mark_lost(LossReason::ClientStopped);
         if let Some(lane) = &self.wait_lane {
@@ -325,6 +314,50 @@ impl Inner {
         }
     }
 }
+
+impl Inner {
+    /// Sends the release. On a cluster session's connection it is retried
+    /// through a failover (a broken connection, `error_not_leader`) until
+    /// it is answered, for at most one lease length: by then the server
+    /// has let the lease go by itself.
+    async fn send_release(&self) -> Result<(Reply, LaneRef)> {
+        let retry = self.client.servers[self.server].is_cluster && self.wait_lane.is_none();
+        let give_up = Instant::now() + self.shared.timing().1;
+        let mut backoff = RELEASE_RETRY_MIN;
+        loop {
+            let result = self
+                .client
+                .control_call(
+                    self.server,
+                    Request::Release {
+                        key: self.key.clone(),
+                        namespace: self.kind.namespace(),
+                        token: self.token.into(),
+                    },
+                    None,
+                )
+                .await;
+            let failed_over = match &result {
+                Ok((Reply::NotLeader(_), _)) => true,
+                Err(error) => {
+                    error.is_transient() || matches!(error.kind(), ErrorKind::NotLeader { .. })
+                }
+                Ok(_) => false,
+            };
+            if !retry || !failed_over || Instant::now() + backoff > give_up {
+                return result;
+            }
+            tracing::debug!(key = %self.key, "release interrupted by a failover; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(RELEASE_RETRY_MAX);
+        }
+    }
+}
+
+/// First and longest pause between attempts of a release through a
+/// failover.
+const RELEASE_RETRY_MIN: Duration = Duration::from_millis(50);
+const RELEASE_RETRY_MAX: Duration = Duration::from_secs(1);
 
 impl Drop for Lease {
     fn drop(&mut self) {

@@ -158,6 +158,40 @@ async fn a_lease_survives_a_leader_failover() {
     );
 }
 
+/// A release sent while the leader is gone is retried until the new
+/// leader applies it: the caller gets `Released`, and the key is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_during_a_failover_is_retried_until_it_applies() {
+    let mut cluster = TestCluster::start_with(3, with_orphans).await;
+    let (leader, _) = cluster.leader().await;
+    let nodes: Vec<ServerAddr> = (0..3).map(|i| cluster.client_addrs[i].into()).collect();
+    let holder = client(&nodes, true);
+    let lease = holder
+        .lock("jobs/released")
+        .unwrap()
+        .with_lease(Duration::from_secs(10))
+        .acquire()
+        .await
+        .unwrap();
+    cluster.kill(leader).await;
+    let released = tokio::time::timeout(CLUSTER_WAIT, lease.release())
+        .await
+        .expect("the release returns in time")
+        .expect("the release applies through the new leader");
+    assert_eq!(released, dflockd_client::Released::Released);
+    let other = client(&nodes, true);
+    assert!(
+        other
+            .lock("jobs/released")
+            .unwrap()
+            .try_acquire()
+            .await
+            .unwrap()
+            .is_some(),
+        "the key is free after the release"
+    );
+}
+
 #[tokio::test]
 async fn a_cluster_of_no_nodes_is_refused() {
     let error = Client::builder().cluster([]).build().unwrap_err();
