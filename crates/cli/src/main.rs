@@ -62,6 +62,17 @@ pub struct ConnectionArgs {
         global = true
     )]
     servers: Vec<String>,
+    /// A dflockd cluster instead: every node's client address,
+    /// comma-separated; requests go to its leader, leases survive a
+    /// failover (nodes with --orphan-ttl).
+    #[arg(
+        long,
+        env = "DFLOCKD_CLUSTER",
+        value_delimiter = ',',
+        conflicts_with = "servers",
+        global = true
+    )]
+    cluster: Vec<String>,
     /// Trust this CA (PEM) and connect with TLS.
     #[arg(long, env = "DFLOCKD_TLS_CA", global = true)]
     tls_ca: Option<PathBuf>,
@@ -90,9 +101,19 @@ impl ConnectionArgs {
             .collect()
     }
 
-    /// A client for the `--servers`, with the TLS and auth flags.
+    /// A client for the `--servers` (or the `--cluster`), with the TLS and
+    /// auth flags.
     pub fn client(&self) -> Result<Client, String> {
-        let mut builder = Client::builder().servers(self.addrs()?);
+        let mut builder = if self.cluster.is_empty() {
+            Client::builder().servers(self.addrs()?)
+        } else {
+            let nodes = self
+                .cluster
+                .iter()
+                .map(|s| s.trim().parse::<ServerAddr>().map_err(|e| e.to_string()))
+                .collect::<Result<Vec<_>, _>>()?;
+            Client::builder().cluster(nodes)
+        };
         if let Some(ca) = &self.tls_ca {
             let mut tls = TlsOptions::with_ca_file(ca).map_err(|e| e.to_string())?;
             if let Some(name) = &self.tls_server_name {
@@ -142,7 +163,16 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version print and exit 0; a usage error is 64
+        // (EX_USAGE), as documented, not clap's 2.
+        Err(error) if !error.use_stderr() => error.exit(),
+        Err(error) => {
+            let _ = error.print();
+            return ExitCode::from(exit::USAGE);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -406,3 +406,48 @@ async fn cluster_add_and_remove_change_the_voters() {
     two.shutdown().await;
     one.shutdown().await;
 }
+
+/// `--cluster`: the nodes of one cluster, a follower first; `dflock run`
+/// gets the lock through the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_through_a_cluster_reaches_its_leader() {
+    let cluster = dflockd_testkit::cluster::TestCluster::start(3).await;
+    let (leader, _) = cluster.leader().await;
+    let order = [(leader + 1) % 3, leader, (leader + 2) % 3];
+    let nodes: Vec<String> = order
+        .iter()
+        .map(|&i| cluster.client_addrs[i].to_string())
+        .collect();
+    let mut cmd = Command::new(DFLOCK);
+    cmd.args([
+        "--cluster",
+        &nodes.join(","),
+        "run",
+        "cli-cluster",
+        "--",
+        "sh",
+        "-c",
+    ])
+    .arg("echo fence=$DFLOCK_FENCE")
+    .env_remove("DFLOCKD_SERVERS")
+    .env_remove("DFLOCKD_CLUSTER");
+    let out = output(cmd).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.starts_with("fence="), "{text}");
+    // --servers and --cluster together are a usage error.
+    let mut both = Command::new(DFLOCK);
+    both.args([
+        "--servers",
+        &nodes[0],
+        "--cluster",
+        &nodes.join(","),
+        "stats",
+    ]);
+    assert_eq!(output(both).await.status.code(), Some(64));
+}
