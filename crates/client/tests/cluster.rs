@@ -192,6 +192,81 @@ async fn a_release_during_a_failover_is_retried_until_it_applies() {
     );
 }
 
+/// 1,000 leases (TTL 5 s) on one client while the leader is killed: none
+/// is reported lost, and every one is renewed through the new leader past
+/// its first deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_leases_survive_a_leader_kill() {
+    const LEASES: usize = 1_000;
+    let mut cluster = TestCluster::start_with(3, with_orphans).await;
+    let (leader, _) = cluster.leader().await;
+    let nodes: Vec<ServerAddr> = (0..3).map(|i| cluster.client_addrs[i].into()).collect();
+    let holder = Client::builder()
+        .cluster(nodes)
+        .connect_timeout(BOUND)
+        .build()
+        .unwrap();
+    // Taken concurrently: the leader commits them in batches.
+    let mut acquiring = tokio::task::JoinSet::new();
+    for i in 0..LEASES {
+        let lock = holder
+            .lock(&format!("many/{i}"))
+            .unwrap()
+            .with_lease(Duration::from_secs(5));
+        acquiring.spawn(async move { lock.acquire().await });
+    }
+    let mut leases = Vec::with_capacity(LEASES);
+    while let Some(lease) = acquiring.join_next().await {
+        leases.push(lease.unwrap().unwrap());
+    }
+    let fences: Vec<u64> = leases.iter().map(|l| l.fence()).collect();
+    let started = std::time::Instant::now();
+
+    cluster.kill(leader).await;
+    let _ = cluster.leader().await;
+    let first_deadlines: Vec<_> = leases.iter().map(|l| l.deadline()).collect();
+    eventually(
+        "every lease renewed through the new leader",
+        CLUSTER_WAIT,
+        || async {
+            let lost: Vec<_> = leases.iter().filter(|l| l.is_lost()).collect();
+            assert!(
+                lost.is_empty(),
+                "{} leases lost, the first: {:?}",
+                lost.len(),
+                lost[0].loss_reason()
+            );
+            leases
+                .iter()
+                .zip(&first_deadlines)
+                .all(|(lease, first)| lease.deadline() > *first + Duration::from_secs(1))
+        },
+    )
+    .await;
+    println!(
+        "{LEASES} leases: all renewed through the new leader {:?} after the kill",
+        started.elapsed()
+    );
+    let now_fences: Vec<u64> = leases.iter().map(|l| l.fence()).collect();
+    assert_eq!(now_fences, fences);
+    let stats = leader_stats(&cluster).await;
+    assert_eq!(
+        stats.matches("\"key\":\"many/").count(),
+        LEASES,
+        "held on the new leader"
+    );
+    let mut releasing = tokio::task::JoinSet::new();
+    for lease in leases {
+        releasing.spawn(lease.release());
+    }
+    while let Some(released) = releasing.join_next().await {
+        assert_eq!(
+            released.unwrap().unwrap(),
+            dflockd_client::Released::Released
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_cluster_of_no_nodes_is_refused() {
     let error = Client::builder().cluster([]).build().unwrap_err();
