@@ -192,11 +192,31 @@ async fn a_release_during_a_failover_is_retried_until_it_applies() {
     );
 }
 
+/// How the leader is lost.
+#[derive(Debug, Clone, Copy)]
+enum LeaderLoss {
+    /// Killed at once.
+    Kill,
+    /// Cut off from the other nodes (it keeps running, steps down and
+    /// closes its connections).
+    Isolate,
+}
+
 /// 1,000 leases (TTL 5 s) on one client while the leader is killed: none
 /// is reported lost, and every one is renewed through the new leader past
 /// its first deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_leases_survive_a_leader_kill() {
+    thousand_leases_survive(LeaderLoss::Kill).await;
+}
+
+/// The same while the leader is isolated from the other nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_leases_survive_an_isolated_leader() {
+    thousand_leases_survive(LeaderLoss::Isolate).await;
+}
+
+async fn thousand_leases_survive(loss: LeaderLoss) {
     const LEASES: usize = 1_000;
     let mut cluster = TestCluster::start_with(3, with_orphans).await;
     let (leader, _) = cluster.leader().await;
@@ -222,8 +242,12 @@ async fn a_thousand_leases_survive_a_leader_kill() {
     let fences: Vec<u64> = leases.iter().map(|l| l.fence()).collect();
     let started = std::time::Instant::now();
 
-    cluster.kill(leader).await;
-    let _ = cluster.leader().await;
+    match loss {
+        LeaderLoss::Kill => cluster.kill(leader).await,
+        LeaderLoss::Isolate => cluster.isolate(leader).await,
+    }
+    let (new_leader, _) = cluster.leader().await;
+    assert_ne!(new_leader, leader);
     let first_deadlines: Vec<_> = leases.iter().map(|l| l.deadline()).collect();
     eventually(
         "every lease renewed through the new leader",
@@ -244,7 +268,7 @@ async fn a_thousand_leases_survive_a_leader_kill() {
     )
     .await;
     println!(
-        "{LEASES} leases: all renewed through the new leader {:?} after the kill",
+        "{LEASES} leases: all renewed through the new leader {:?} after the {loss:?}",
         started.elapsed()
     );
     let now_fences: Vec<u64> = leases.iter().map(|l| l.fence()).collect();

@@ -74,3 +74,73 @@ async fn an_elected_leader_keeps_its_term_through_three_server_failovers() {
     assert!(attempt.is_err(), "the rival was elected during the term");
     term.resign().await.unwrap();
 }
+
+/// A singleton job with two candidate processes: it starts once, runs in
+/// one place at a time, and a failover of the dflockd leader under it
+/// neither stops nor restarts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_singleton_job_is_not_restarted_by_a_server_failover() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let mut cluster = TestCluster::start_with(3, with_orphans).await;
+    let (server_leader, _) = cluster.leader().await;
+    let nodes: Vec<ServerAddr> = (0..3).map(|i| cluster.client_addrs[i].into()).collect();
+    let starts = Arc::new(AtomicUsize::new(0));
+    let running = Arc::new(AtomicUsize::new(0));
+    let most_at_once = Arc::new(AtomicUsize::new(0));
+    let stop = dflockd_recipes::CancellationToken::new();
+    let mut candidates = Vec::new();
+    for _ in 0..2 {
+        let client = Client::builder()
+            .cluster(nodes.clone())
+            .connect_timeout(BOUND)
+            .build()
+            .unwrap();
+        let singleton = dflockd_recipes::Singleton::new(&client, "jobs/singleton")
+            .unwrap()
+            .with_lease(Duration::from_secs(4));
+        let (starts, running, most_at_once, stop) = (
+            Arc::clone(&starts),
+            Arc::clone(&running),
+            Arc::clone(&most_at_once),
+            stop.clone(),
+        );
+        candidates.push(tokio::spawn(async move {
+            let _client = client;
+            singleton
+                .run(stop, move |ctx| {
+                    let (starts, running, most_at_once) = (
+                        Arc::clone(&starts),
+                        Arc::clone(&running),
+                        Arc::clone(&most_at_once),
+                    );
+                    async move {
+                        starts.fetch_add(1, Ordering::SeqCst);
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most_at_once.fetch_max(now, Ordering::SeqCst);
+                        ctx.cancelled().await;
+                        running.fetch_sub(1, Ordering::SeqCst);
+                    }
+                })
+                .await
+        }));
+    }
+    eventually("the job started", BOUND, || async {
+        starts.load(Ordering::SeqCst) == 1
+    })
+    .await;
+
+    cluster.kill(server_leader).await;
+    let _ = cluster.leader().await;
+    // Two lease lengths after the failover: a lost lease would have
+    // stopped the job and let the other candidate start it by now.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(starts.load(Ordering::SeqCst), 1, "the job restarted");
+    assert_eq!(running.load(Ordering::SeqCst), 1, "the job stopped");
+    assert_eq!(most_at_once.load(Ordering::SeqCst), 1, "the job ran twice");
+    stop.cancel();
+    for candidate in candidates {
+        let _ = tokio::time::timeout(BOUND, candidate).await;
+    }
+}
