@@ -107,12 +107,7 @@ impl ConnectionArgs {
         let mut builder = if self.cluster.is_empty() {
             Client::builder().servers(self.addrs()?)
         } else {
-            let nodes = self
-                .cluster
-                .iter()
-                .map(|s| s.trim().parse::<ServerAddr>().map_err(|e| e.to_string()))
-                .collect::<Result<Vec<_>, _>>()?;
-            Client::builder().cluster(nodes)
+            Client::builder().cluster(self.cluster.iter().map(|node| node.trim()))
         };
         if let Some(ca) = &self.tls_ca {
             let mut tls = TlsOptions::with_ca_file(ca).map_err(|e| e.to_string())?;

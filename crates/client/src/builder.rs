@@ -13,10 +13,10 @@ use crate::client::Client;
 use crate::connection::{lease_of, seconds};
 use crate::inner::{ClientInner, ServerEntry};
 use crate::lane::LaneTiming;
-use crate::options::{AuthToken, ConnectOptions, ServerAddr, Sharding, TlsOptions};
+use crate::options::{AuthToken, ConnectOptions, IntoServerAddr, ServerAddr, Sharding, TlsOptions};
 use crate::server_conn::{ServerConn, ServerConnArgs};
 use crate::supervisor::{LaneClosed, LeaseSupervisor, RenewPolicy, SupervisorArgs};
-use crate::{ErrorKind, Result};
+use crate::{Error, ErrorKind, Result};
 
 /// Builds a [`Client`].
 ///
@@ -35,6 +35,9 @@ use crate::{ErrorKind, Result};
 pub struct ClientBuilder {
     /// Each server's nodes: one, or a cluster's.
     servers: Vec<Vec<ServerAddr>>,
+    /// An address given to a builder method that did not parse: `build`
+    /// reports it.
+    invalid: Option<Error>,
     sharding: Sharding,
     options: ConnectOptions,
     renew_ratio: f64,
@@ -61,6 +64,7 @@ impl Default for ClientBuilder {
             renew_retry: Duration::from_millis(500),
             reply_timeout: Duration::from_secs(10),
             multiplex: true,
+            invalid: None,
         }
     }
 }
@@ -89,21 +93,40 @@ impl ClientBuilder {
     /// elsewhere), and otherwise tries the next node; after a failure it
     /// reconnects the same way. Several clusters are several shards.
     ///
+    /// Nodes are anything [`IntoServerAddr`]: `"host:port"` strings,
+    /// `SocketAddr`s or [`ServerAddr`]s; one that does not parse makes
+    /// [`build`](Self::build) fail with an error naming it.
+    ///
     /// ```no_run
     /// # async fn demo() -> dflockd_client::Result<()> {
-    /// let nodes = ["10.0.0.1:6388", "10.0.0.2:6388", "10.0.0.3:6388"];
     /// let client = dflockd_client::Client::builder()
-    ///     .cluster(nodes.map(str::parse).into_iter().collect::<Result<Vec<_>, _>>()?)
+    ///     .cluster(["10.0.0.1:6388", "10.0.0.2:6388", "10.0.0.3:6388"])
     ///     .build()?;
     /// let lease = client.lock("deploy")?.acquire().await?; // on whichever node leads
     /// # Ok(()) }
     /// ```
     ///
+    /// ```
+    /// # #[tokio::main] async fn main() {
+    /// let error = dflockd_client::Client::builder().cluster(["10.0.0.1:6388", "10.0.0.2"]).build().unwrap_err();
+    /// assert!(error.to_string().contains("10.0.0.2"), "{error}");
+    /// # }
+    /// ```
+    ///
     /// Today a lease is bound to the connection it was granted on: when
     /// the leader fails, leases held through it are reported lost and new
     /// requests go to the new leader.
-    pub fn cluster(mut self, nodes: impl IntoIterator<Item = ServerAddr>) -> Self {
-        self.servers.push(nodes.into_iter().collect());
+    pub fn cluster<A: IntoServerAddr>(mut self, nodes: impl IntoIterator<Item = A>) -> Self {
+        let nodes: Result<Vec<ServerAddr>> = nodes
+            .into_iter()
+            .map(IntoServerAddr::into_server_addr)
+            .collect();
+        match nodes {
+            Ok(nodes) => self.servers.push(nodes),
+            Err(error) => {
+                self.invalid.get_or_insert(error);
+            }
+        }
         self
     }
 
@@ -295,6 +318,9 @@ impl ClientBuilder {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn build(self) -> Result<Client> {
+        if let Some(error) = self.invalid {
+            return Err(error);
+        }
         let runtime = Handle::try_current().map_err(|_| {
             ErrorKind::InvalidArgument("Client::build needs a tokio runtime".into())
         })?;

@@ -49,6 +49,8 @@ pub use error::{Error, ErrorKind, Result};
 pub use handles::{Lock, Semaphore};
 pub use lease::{Lease, LeaseMonitor, Released};
 pub use lease_state::{LeaseLost, LossReason};
-pub use options::{AuthToken, ConnectOptions, ServerAddr, ShardFn, Sharding, TlsOptions};
+pub use options::{
+    AuthToken, ConnectOptions, IntoServerAddr, ServerAddr, ShardFn, Sharding, TlsOptions,
+};
 pub use service::{GrantService, RequestGrant};
 pub use ticket::{Enqueue, Ticket};

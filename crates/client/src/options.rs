@@ -99,6 +99,51 @@ impl std::str::FromStr for ServerAddr {
     }
 }
 
+/// Anything that names a dflockd server: a [`ServerAddr`], a
+/// `"host:port"` string, or a [`std::net::SocketAddr`].
+///
+/// ```
+/// use dflockd_client::IntoServerAddr;
+/// let from_text = "10.0.0.1:6388".into_server_addr().unwrap();
+/// let from_socket = std::net::SocketAddr::from(([10, 0, 0, 1], 6388)).into_server_addr().unwrap();
+/// assert_eq!(from_text, from_socket);
+/// assert!("10.0.0.1".into_server_addr().is_err()); // no port
+/// ```
+pub trait IntoServerAddr {
+    /// The address, or an `ErrorKind::InvalidArgument` naming the input.
+    fn into_server_addr(self) -> Result<ServerAddr>;
+}
+
+impl IntoServerAddr for ServerAddr {
+    fn into_server_addr(self) -> Result<ServerAddr> {
+        Ok(self)
+    }
+}
+
+impl IntoServerAddr for &ServerAddr {
+    fn into_server_addr(self) -> Result<ServerAddr> {
+        Ok(self.clone())
+    }
+}
+
+impl IntoServerAddr for &str {
+    fn into_server_addr(self) -> Result<ServerAddr> {
+        self.parse()
+    }
+}
+
+impl IntoServerAddr for String {
+    fn into_server_addr(self) -> Result<ServerAddr> {
+        self.parse()
+    }
+}
+
+impl IntoServerAddr for std::net::SocketAddr {
+    fn into_server_addr(self) -> Result<ServerAddr> {
+        Ok(self.into())
+    }
+}
+
 impl From<std::net::SocketAddr> for ServerAddr {
     fn from(addr: std::net::SocketAddr) -> ServerAddr {
         ServerAddr {

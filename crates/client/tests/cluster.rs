@@ -293,7 +293,10 @@ async fn thousand_leases_survive(loss: LeaderLoss) {
 
 #[tokio::test]
 async fn a_cluster_of_no_nodes_is_refused() {
-    let error = Client::builder().cluster([]).build().unwrap_err();
+    let error = Client::builder()
+        .cluster(Vec::<ServerAddr>::new())
+        .build()
+        .unwrap_err();
     assert!(
         matches!(error.kind(), ErrorKind::InvalidArgument(_)),
         "{error:?}"
