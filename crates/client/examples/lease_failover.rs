@@ -13,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use dflockd_client::{Client, Lease, ServerAddr};
+use dflockd_client::{Client, Lease};
 use dflockd_testkit::cluster::TestCluster;
 
 fn arg(n: usize, default: u64) -> u64 {
@@ -35,8 +35,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (leases_wanted, ttl, kills) = (arg(1, 10_000) as usize, arg(2, 10), arg(3, 5));
     let mut cluster = TestCluster::start_with(3, tweak).await;
     let (mut leader, _) = cluster.leader().await;
-    let nodes: Vec<ServerAddr> = (0..3).map(|i| cluster.client_addrs[i].into()).collect();
-    let client = Client::builder().cluster(nodes).build()?;
+    let client = Client::builder()
+        .cluster(cluster.client_addrs.clone())
+        .build()?;
 
     let started = Instant::now();
     let mut leases: Vec<Lease> = Vec::with_capacity(leases_wanted);

@@ -104,10 +104,7 @@ impl Error {
         if self.0.key.is_none() {
             self.0.key = Some(key.clone());
         }
-        if self.0.server.is_none() {
-            self.0.server = Some(server.to_string());
-        }
-        self
+        self.on(server)
     }
 
     /// Names the server this error concerns, unless it already names one.

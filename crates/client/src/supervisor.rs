@@ -456,9 +456,6 @@ impl LeaseSupervisor {
             entry.lane = lane;
             self.by_lane.entry(lane).or_default().insert(done.id);
         }
-        let Some(entry) = self.leases.get_mut(&done.id) else {
-            return;
-        };
         match done.result {
             Ok(Reply::Renewed(secs)) => {
                 let ttl = Duration::from_secs(secs.get());
@@ -561,6 +558,9 @@ impl Message<Track> for LeaseSupervisor {
     type Reply = ();
 
     async fn handle(&mut self, t: Track, _: &mut Context<Self, ()>) {
+        // A lane that closed before the lease was tracked (its `LaneClosed`
+        // may have been handled already) is handled as that would.
+        let closed = t.lane_closed.is_cancelled();
         let entry = Entry {
             key: t.key,
             token: t.token,
@@ -575,7 +575,7 @@ impl Message<Track> for LeaseSupervisor {
             server: u32::try_from(t.server).expect("server index fits u32"),
             batch: NO_BATCH,
             namespace: t.namespace,
-            detached: false,
+            detached: closed && t.reattach,
         };
         self.leases.insert(t.id, entry);
         if let Some(owner) = t.owner {
@@ -583,20 +583,11 @@ impl Message<Track> for LeaseSupervisor {
         }
         self.by_lane.entry(t.lane).or_default().insert(t.id);
         let now = Instant::now();
-        if t.lane_closed.is_cancelled() {
-            // Closed before the lease was tracked (its `LaneClosed` may
-            // have been handled already): handle it as that would.
-            if !t.reattach {
-                self.lose(t.id, LossReason::ConnectionLost);
-                return;
-            }
-            if let Some(entry) = self.leases.get_mut(&t.id) {
-                entry.detached = true;
-            }
-            self.arm_renew(t.id, now, now);
+        if closed && !t.reattach {
+            self.lose(t.id, LossReason::ConnectionLost);
             return;
         }
-        let at = if t.renew_now {
+        let at = if t.renew_now || closed {
             now
         } else {
             t.sent_at + self.policy.interval(t.ttl)

@@ -5,14 +5,16 @@
 
 use std::time::Duration;
 
+use std::net::SocketAddr;
+
 use dflockd_client::{Client, ErrorKind, ServerAddr};
 use dflockd_testkit::client::{BOUND, eventually};
 use dflockd_testkit::cluster::{CLUSTER_WAIT, TestCluster};
 use dflockd_testkit::wire::REPLY_TIMEOUT;
 
-fn client(nodes: &[ServerAddr], multiplex: bool) -> Client {
+fn client(nodes: &[SocketAddr], multiplex: bool) -> Client {
     Client::builder()
-        .cluster(nodes.to_vec())
+        .cluster(nodes.iter().copied())
         .connect_timeout(BOUND)
         .multiplex(multiplex)
         .build()
@@ -25,10 +27,7 @@ async fn a_cluster_client_finds_the_leader_and_follows_it_after_a_kill() {
     let (leader, _) = cluster.leader().await;
     // A follower first: the client must be redirected (or move on).
     let order = [(leader + 1) % 3, (leader + 2) % 3, leader];
-    let nodes: Vec<ServerAddr> = order
-        .iter()
-        .map(|&i| cluster.client_addrs[i].into())
-        .collect();
+    let nodes: Vec<SocketAddr> = order.iter().map(|&i| cluster.client_addrs[i]).collect();
     let mux = client(&nodes, true);
     let plain = client(&nodes, false);
 
@@ -102,7 +101,7 @@ fn with_orphans(config: &mut dflockd_server::ServerConfig) {
 async fn a_lease_survives_a_leader_failover() {
     let mut cluster = TestCluster::start_with(3, with_orphans).await;
     let (leader, _) = cluster.leader().await;
-    let nodes: Vec<ServerAddr> = (0..3).map(|i| cluster.client_addrs[i].into()).collect();
+    let nodes = cluster.client_addrs.clone();
     let holder = client(&nodes, true);
     let lease = holder
         .lock("jobs/survivor")
@@ -164,7 +163,7 @@ async fn a_lease_survives_a_leader_failover() {
 async fn a_release_during_a_failover_is_retried_until_it_applies() {
     let mut cluster = TestCluster::start_with(3, with_orphans).await;
     let (leader, _) = cluster.leader().await;
-    let nodes: Vec<ServerAddr> = (0..3).map(|i| cluster.client_addrs[i].into()).collect();
+    let nodes = cluster.client_addrs.clone();
     let holder = client(&nodes, true);
     let lease = holder
         .lock("jobs/released")
@@ -220,7 +219,7 @@ async fn thousand_leases_survive(loss: LeaderLoss) {
     const LEASES: usize = 1_000;
     let mut cluster = TestCluster::start_with(3, with_orphans).await;
     let (leader, _) = cluster.leader().await;
-    let nodes: Vec<ServerAddr> = (0..3).map(|i| cluster.client_addrs[i].into()).collect();
+    let nodes = cluster.client_addrs.clone();
     let holder = Client::builder()
         .cluster(nodes)
         .connect_timeout(BOUND)

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use dflockd_client::{Client, ServerAddr};
+use dflockd_client::Client;
 use dflockd_recipes::{LeaderElection, Leadership};
 use dflockd_testkit::client::{BOUND, eventually};
 use dflockd_testkit::cluster::{CLUSTER_WAIT, TestCluster};
@@ -22,7 +22,7 @@ fn with_orphans(config: &mut dflockd_server::ServerConfig) {
 async fn an_elected_leader_keeps_its_term_through_three_server_failovers() {
     let mut cluster = TestCluster::start_with(3, with_orphans).await;
     let (server_leader, _) = cluster.leader().await;
-    let nodes: Vec<ServerAddr> = (0..3).map(|i| cluster.client_addrs[i].into()).collect();
+    let nodes = cluster.client_addrs.clone();
     let client = Client::builder()
         .cluster(nodes.clone())
         .connect_timeout(BOUND)
@@ -85,7 +85,7 @@ async fn a_singleton_job_is_not_restarted_by_a_server_failover() {
 
     let mut cluster = TestCluster::start_with(3, with_orphans).await;
     let (server_leader, _) = cluster.leader().await;
-    let nodes: Vec<ServerAddr> = (0..3).map(|i| cluster.client_addrs[i].into()).collect();
+    let nodes = cluster.client_addrs.clone();
     let starts = Arc::new(AtomicUsize::new(0));
     let running = Arc::new(AtomicUsize::new(0));
     let most_at_once = Arc::new(AtomicUsize::new(0));

@@ -5,6 +5,8 @@
 use std::time::Duration;
 
 use dflockd_client::{Client, Lease};
+
+use crate::client::eventually;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -20,14 +22,12 @@ pub async fn waiters(client: &Client, key: &str) -> u64 {
 
 /// Polls until lock `key` has exactly `n` waiters (bounded: 20 s).
 pub async fn wait_for_waiters(client: &Client, key: &str, n: u64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while waiters(client, key).await != n {
-        assert!(
-            Instant::now() < deadline,
-            "{key}: never reached {n} waiters"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        &format!("{key}: {n} waiters"),
+        Duration::from_secs(20),
+        || async { waiters(client, key).await == n },
+    )
+    .await;
 }
 
 /// Starts `client` waiting (up to 10 s) for the held lock `key` and returns
