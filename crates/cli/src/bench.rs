@@ -156,6 +156,10 @@ fn summarize(
 }
 
 pub async fn bench(connection: &ConnectionArgs, args: BenchArgs) -> u8 {
+    if connection.is_cluster() {
+        eprintln!("dflock: bench measures one server: name its leader with --servers");
+        return exit::USAGE;
+    }
     let addrs = match connection.addrs() {
         Ok(addrs) => addrs,
         Err(error) => {

@@ -186,7 +186,7 @@ pub async fn cluster(connection: &ConnectionArgs, command: ClusterCommand) -> u8
 }
 
 async fn status(connection: &ConnectionArgs) -> u8 {
-    let client = match connection.client() {
+    let client = match connection.client_per_node() {
         Ok(client) => client,
         Err(error) => {
             eprintln!("dflock: {error}");

@@ -95,17 +95,32 @@ pub struct ConnectionArgs {
 impl ConnectionArgs {
     /// The `--servers` addresses, parsed.
     pub fn addrs(&self) -> Result<Vec<ServerAddr>, String> {
-        self.servers
-            .iter()
-            .map(|s| s.trim().parse::<ServerAddr>().map_err(|e| e.to_string()))
-            .collect()
+        parse_addrs(&self.servers)
+    }
+
+    /// Whether `--cluster` was given (commands that address one server
+    /// or each node refuse or expand it).
+    pub fn is_cluster(&self) -> bool {
+        !self.cluster.is_empty()
     }
 
     /// A client for the `--servers` (or the `--cluster`), with the TLS and
     /// auth flags.
     pub fn client(&self) -> Result<Client, String> {
-        let mut builder = if self.cluster.is_empty() {
+        self.build(false)
+    }
+
+    /// A client that reaches every listed node as a server of its own —
+    /// the `--cluster` nodes too — to ask each for its own view.
+    pub fn client_per_node(&self) -> Result<Client, String> {
+        self.build(true)
+    }
+
+    fn build(&self, per_node: bool) -> Result<Client, String> {
+        let mut builder = if !self.is_cluster() {
             Client::builder().servers(self.addrs()?)
+        } else if per_node {
+            Client::builder().servers(parse_addrs(&self.cluster)?)
         } else {
             Client::builder().cluster(self.cluster.iter().map(|node| node.trim()))
         };
@@ -131,6 +146,13 @@ impl ConnectionArgs {
         }
         builder.build().map_err(|e| e.to_string())
     }
+}
+
+/// `host:port` addresses from a comma-separated flag.
+fn parse_addrs(list: &[String]) -> Result<Vec<ServerAddr>, String> {
+    list.iter()
+        .map(|s| s.trim().parse::<ServerAddr>().map_err(|e| e.to_string()))
+        .collect()
 }
 
 #[derive(Debug, Subcommand)]

@@ -440,6 +440,28 @@ async fn run_through_a_cluster_reaches_its_leader() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.starts_with("fence="), "{text}");
+    // `cluster status` asks every listed node for its own view.
+    let mut status = Command::new(DFLOCK);
+    status
+        .args(["--cluster", &nodes.join(","), "cluster", "status"])
+        .env_remove("DFLOCKD_SERVERS")
+        .env_remove("DFLOCKD_CLUSTER");
+    let out = output(status).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    for node in &nodes {
+        assert!(
+            text.lines().any(|l| l.starts_with(node.as_str())),
+            "{node} missing: {text}"
+        );
+    }
+    assert_eq!(text.matches(" leader ").count(), 1, "{text}");
+    // bench measures one server: --cluster is refused.
+    let mut bench = Command::new(DFLOCK);
+    bench
+        .args(["--cluster", &nodes.join(","), "bench"])
+        .env_remove("DFLOCKD_SERVERS");
+    assert_eq!(output(bench).await.status.code(), Some(64));
     // --servers and --cluster together are a usage error.
     let mut both = Command::new(DFLOCK);
     both.args([
