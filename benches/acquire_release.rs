@@ -35,6 +35,7 @@ fn table(c: &mut Criterion) {
                     limit: Limit::ONE,
                     lease: None,
                     wait: None,
+                    origin: None,
                 },
             );
             let Ok(Outcome::Acquire(AcquireOutcome::Granted(grant))) =
@@ -70,6 +71,7 @@ fn table(c: &mut Criterion) {
             limit: Limit::ONE,
             lease: None,
             wait: None,
+            origin: None,
         };
         let granted = table
             .apply(&Command::new(Duration::ZERO, salt, acquire))

@@ -68,6 +68,28 @@ pub(crate) struct TaggedRequest {
     /// Two-phase ticket (0 = none).
     pub(crate) ticket: u64,
     pub(crate) request: LaneRequest,
+    /// For a request that may be granted: how to let go of what it got if
+    /// the lane closes with its answer and its caller is gone.
+    pub(crate) let_go: Option<LetGo>,
+}
+
+/// What lets go of whatever a request may have got when its answer is
+/// lost with its connection and nobody is left to send it again
+/// (`mux_lane::let_go`): a message for the session's next connection,
+/// taken — and sent — at most once, by whichever side finds the caller
+/// gone first.
+#[derive(Clone)]
+pub(crate) struct LetGo(Arc<Mutex<Option<Outgoing>>>);
+
+impl LetGo {
+    pub(crate) fn new(message: Option<Outgoing>) -> LetGo {
+        LetGo(Arc::new(Mutex::new(message)))
+    }
+
+    /// The message, if nobody took it yet.
+    pub(crate) fn take(&self) -> Option<Outgoing> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
 }
 
 impl Outgoing {
@@ -111,6 +133,16 @@ pub(crate) struct Pending {
     pub(crate) reply: Option<ReplyTo>,
     pub(crate) orphan: Option<(Key, Namespace)>,
     pub(crate) deadline: Instant,
+    /// See [`TaggedRequest::let_go`].
+    pub(crate) let_go: Option<LetGo>,
+}
+
+impl Pending {
+    /// Whether someone still waits for this reply.
+    pub(crate) fn has_caller(&self) -> bool {
+        matches!(&self.reply, Some(ReplyTo::Caller(tx)) if !tx.is_closed())
+            || matches!(&self.reply, Some(ReplyTo::Renew(_)))
+    }
 }
 
 /// Handle to a running lane. Dropping every handle does not stop the lane;
@@ -120,8 +152,8 @@ pub(crate) struct LaneHandle {
     pub(crate) id: LaneId,
     pub(crate) tx: mpsc::UnboundedSender<Outgoing>,
     pub(crate) closed: CancellationToken,
-    /// Set on a multiplexed lane: where request ids and tickets come from.
-    pub(crate) mux: Option<Arc<MuxIds>>,
+    /// Set on a multiplexed lane: its session (ids, tickets, routing).
+    pub(crate) mux: Option<Arc<MuxSession>>,
 }
 
 impl LaneHandle {
@@ -186,7 +218,7 @@ pub(crate) fn spawn_framed<F: Framing>(
     on_close: impl FnOnce(LaneId) + Send + 'static,
     framing: F,
     renew_to: Arc<OnceLock<RenewSink>>,
-    mux: Option<Arc<MuxIds>>,
+    mux: Option<Arc<MuxSession>>,
 ) -> LaneHandle {
     let id = next_lane_id();
     let (tx, rx) = mpsc::unbounded_channel();
@@ -284,6 +316,7 @@ impl Framing for PlainFraming {
                     reply: request.reply.map(ReplyTo::Caller),
                     orphan: request.orphan,
                     deadline,
+                    let_go: None,
                 });
             }
             // Only multiplexed lanes take these.
@@ -300,6 +333,7 @@ impl Framing for PlainFraming {
                     reply: Some(ReplyTo::Renew(tag)),
                     orphan: None,
                     deadline,
+                    let_go: None,
                 }));
             }
         }
@@ -487,8 +521,15 @@ fn deliver(
 
 /// Releases the grant in `reply`, if any, over the lane: its caller is gone.
 fn release_orphan(tx: &mpsc::UnboundedSender<Outgoing>, reply: &Reply, orphan: (Key, Namespace)) {
+    if let Some(release) = orphan_release(reply, orphan) {
+        let _ = tx.send(release);
+    }
+}
+
+/// The release of the grant in `reply`, if it holds one.
+fn orphan_release(reply: &Reply, orphan: (Key, Namespace)) -> Option<Outgoing> {
     let (Reply::Granted { token, .. } | Reply::Acquired { token, .. }) = reply else {
-        return;
+        return None;
     };
     tracing::debug!(
         fence = token.fence(),
@@ -500,11 +541,11 @@ fn release_orphan(tx: &mpsc::UnboundedSender<Outgoing>, reply: &Reply, orphan: (
         namespace,
         token: (*token).into(),
     };
-    let _ = tx.send(Outgoing::One(LaneRequest {
+    Some(Outgoing::One(LaneRequest {
         request,
         reply: None,
         orphan: None,
-    }));
+    }))
 }
 
 /// A caller's end of one request's reply. If the caller goes away after
@@ -516,6 +557,9 @@ fn release_orphan(tx: &mpsc::UnboundedSender<Outgoing>, reply: &Reply, orphan: (
 pub(crate) struct ReplyGuard {
     rx: Option<oneshot::Receiver<Result<(Reply, LaneRef)>>>,
     tx: mpsc::UnboundedSender<Outgoing>,
+    /// A multiplexed lane's session: releases go through it, so they reach
+    /// the server even after the lane closed.
+    session: Option<Arc<MuxSession>>,
     orphan: Option<(Key, Namespace)>,
 }
 
@@ -530,6 +574,7 @@ impl ReplyGuard {
         ReplyGuard {
             rx: Some(rx),
             tx: lane.tx.clone(),
+            session: lane.mux.clone(),
             orphan,
         }
     }
@@ -552,8 +597,17 @@ impl ReplyGuard {
         let mut rx = self.rx.take()?;
         rx.close();
         let (reply, _) = rx.try_recv().ok()?.ok()?;
-        if let Some(orphan) = self.orphan.clone() {
-            release_orphan(&self.tx, &reply, orphan);
+        if let Some(release) = self
+            .orphan
+            .clone()
+            .and_then(|orphan| orphan_release(&reply, orphan))
+        {
+            match &self.session {
+                Some(session) => session.send(release),
+                None => {
+                    let _ = self.tx.send(release);
+                }
+            }
         }
         Some(reply)
     }
@@ -565,22 +619,87 @@ impl Drop for ReplyGuard {
     }
 }
 
-/// Where a multiplexed lane's request ids and two-phase tickets come from.
-#[derive(Debug)]
-pub(crate) struct MuxIds {
+/// What the connections of one multiplexed session share: request ids and
+/// two-phase tickets, unique over all of them — a cluster session's server
+/// answers an id it has seen with what that request already got
+/// (docs/protocol-mux.md, *Sessions*) — and the lane that carries the
+/// session now. Messages that must reach the server even if the lane they
+/// were meant for has closed (a cancel, a queue place given up, the release
+/// of a grant nobody took) go through [`send`](Self::send): on the current
+/// lane, or, for a session that re-attaches, on the next one.
+pub(crate) struct MuxSession {
     next_id: AtomicU64,
     pub(crate) next_ticket: AtomicU64,
+    /// Whether the server re-attaches the session to its next connection
+    /// (a cluster session): only then are messages kept for it.
+    reattaches: bool,
+    route: Mutex<Route>,
 }
 
-impl MuxIds {
-    pub(crate) fn new() -> MuxIds {
-        MuxIds {
+#[derive(Default)]
+struct Route {
+    current: Option<(mpsc::UnboundedSender<Outgoing>, CancellationToken)>,
+    /// Waiting for the next lane.
+    deferred: Vec<Outgoing>,
+}
+
+/// At most this many messages wait for a session's next lane; beyond it
+/// the oldest grant left behind runs out with its lease instead.
+const MAX_DEFERRED: usize = 100_000;
+
+impl std::fmt::Debug for MuxSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MuxSession")
+            .field("reattaches", &self.reattaches)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MuxSession {
+    pub(crate) fn new(reattaches: bool) -> MuxSession {
+        MuxSession {
             next_id: AtomicU64::new(1),
             next_ticket: AtomicU64::new(1),
+            reattaches,
+            route: Mutex::new(Route::default()),
         }
+    }
+
+    /// Whether the server re-attaches the session to its next connection.
+    pub(crate) fn reattaches(&self) -> bool {
+        self.reattaches
     }
 
     pub(crate) fn take_ids(&self, n: u64) -> u64 {
         self.next_id.fetch_add(n, Ordering::Relaxed)
+    }
+
+    /// `lane` carries the session from now on; what waited for it is sent.
+    pub(crate) fn attach(&self, lane: &LaneHandle) {
+        let mut route = self.route.lock().unwrap_or_else(PoisonError::into_inner);
+        for outgoing in route.deferred.drain(..) {
+            if let Err(mpsc::error::SendError(outgoing)) = lane.tx.send(outgoing) {
+                outgoing.fail(ErrorKind::ConnectionClosed.into());
+            }
+        }
+        route.current = Some((lane.tx.clone(), lane.closed.clone()));
+    }
+
+    /// Sends on the session's current lane; with none open, keeps the
+    /// message for the next one (a session that re-attaches) or drops it.
+    pub(crate) fn send(&self, outgoing: Outgoing) {
+        let mut route = self.route.lock().unwrap_or_else(PoisonError::into_inner);
+        let outgoing = match &route.current {
+            Some((tx, closed)) if !closed.is_cancelled() => match tx.send(outgoing) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(outgoing)) => outgoing,
+            },
+            _ => outgoing,
+        };
+        if self.reattaches && route.deferred.len() < MAX_DEFERRED {
+            route.deferred.push(outgoing);
+        } else {
+            outgoing.fail(ErrorKind::ConnectionClosed.into());
+        }
     }
 }

@@ -5,7 +5,7 @@
 
 // Layers, bottom to top; no module imports one above it:
 // error, options, pinned → connection → lane_id → renewal, lane → mux_lane →
-// server_conn → lease_state → supervisor → inner → plain → transport →
+// server_conn → lease_state → supervisor → inner → plain, resend → transport →
 // lease → target → ticket → handles → client → builder → service,
 // blocking.
 pub mod blocking;
@@ -24,6 +24,7 @@ mod options;
 mod pinned;
 mod plain;
 mod renewal;
+mod resend;
 mod server_conn;
 mod service;
 mod supervisor;

@@ -27,8 +27,8 @@ use tokio::time::Instant;
 
 use crate::connection::Connection;
 use crate::lane::{
-    Framing, LaneHandle, LaneId, LaneRef, LaneRequest, LaneTiming, MuxIds, Outgoing, Pending,
-    ReplyGuard, ReplyTo, TaggedRequest, spawn_framed,
+    Framing, LaneHandle, LaneId, LaneRef, LaneRequest, LaneTiming, LetGo, MuxSession, Outgoing,
+    Pending, ReplyGuard, ReplyTo, TaggedRequest, spawn_framed,
 };
 use crate::renewal::RenewSink;
 use crate::{ErrorKind, Result};
@@ -69,6 +69,7 @@ pub(crate) async fn negotiate(conn: &mut Connection, reply_timeout: Duration) ->
 }
 
 /// What a dropped [`call`] leaves behind it.
+#[derive(Clone, Copy)]
 pub(crate) enum OnDrop {
     /// Withdraw the waiting request (`cancel`).
     Cancel,
@@ -86,6 +87,7 @@ struct DropGuard {
     reply: ReplyGuard,
     /// `None` once the caller has its reply.
     action: Option<OnDrop>,
+    let_go: LetGo,
 }
 
 impl Drop for DropGuard {
@@ -97,9 +99,21 @@ impl Drop for DropGuard {
         // the reply guard, and the request is over — unless it left a queue
         // place behind.
         let arrived = self.reply.abandon();
+        // The lane closed with the answer: what the request got, if
+        // anything, is on the session's next connection.
+        if arrived.is_none()
+            && self.lane.is_closed()
+            && let Some(session) = &self.lane.mux
+            && let Some(message) = self.let_go.take()
+        {
+            session.send(message);
+            return;
+        }
         match (action, arrived) {
             (OnDrop::Cancel, None) => {
-                let _ = self.lane.tx.send(Outgoing::Cancel(self.id));
+                if let Some(session) = &self.lane.mux {
+                    session.send(Outgoing::Cancel(self.id));
+                }
             }
             (OnDrop::Abandon, None | Some(Reply::Queued)) => {
                 if let Some(resource) = self.resource.take() {
@@ -112,43 +126,96 @@ impl Drop for DropGuard {
 }
 
 /// Gives up the two-phase place `ticket` holds on `resource` (see
-/// [`OnDrop`]).
+/// [`OnDrop`]), on the session's current lane.
 pub(crate) fn abandon(lane: &LaneHandle, resource: (Key, Namespace), ticket: u64) {
-    let Some(ids) = &lane.mux else { return };
-    let (key, namespace) = resource;
-    let poll = Request::Wait {
-        key: key.clone(),
-        namespace,
-        timeout: dflockd_proto::Seconds::ZERO,
-    };
-    let _ = lane.tx.send(Outgoing::Tagged(TaggedRequest {
-        id: ids.take_ids(1),
-        ticket,
-        request: LaneRequest {
-            request: poll,
-            reply: None,
-            orphan: Some((key, namespace)),
-        },
-    }));
+    let Some(session) = &lane.mux else { return };
+    session.send(give_up_place(session, ticket, resource));
 }
 
-/// Sends one request over a multiplexed lane and waits up to
-/// `reply_timeout` for its reply. If the caller goes away first (or the
-/// reply is late), `on_drop` runs: a waiting request is cancelled, a
-/// two-phase place given up; a grant that raced it is released by the
-/// lane (`orphan`). Nothing leaks and the connection stays usable.
+fn give_up_place(session: &MuxSession, ticket: u64, resource: (Key, Namespace)) -> Outgoing {
+    empty_handed(
+        session.take_ids(1),
+        ticket,
+        poll(resource.clone()),
+        resource,
+    )
+}
+
+/// How to let go of what request `id` (`request`, on `ticket`) may have
+/// got, once its answer is lost with its connection: a message for the
+/// session's next connection, whose reply nobody waits for, so a grant in
+/// it is released. An acquire or a `w` is sent again with its id and no
+/// wait: the server answers it with the hold it got (or it tries once, and
+/// a grant is released just the same). An enqueue's place is polled away
+/// on its ticket. `None` for any other request, and off a session that
+/// re-attaches (elsewhere the server releases what the connection had).
+pub(crate) fn let_go(
+    session: &MuxSession,
+    id: u64,
+    ticket: u64,
+    request: &Request,
+    resource: &(Key, Namespace),
+) -> LetGo {
+    let resource = resource.clone();
+    let message = match request {
+        _ if !session.reattaches() => None,
+        Request::Acquire { .. } | Request::Wait { .. } => {
+            let mut again = request.clone();
+            if let Request::Acquire { timeout, .. } | Request::Wait { timeout, .. } = &mut again {
+                *timeout = dflockd_proto::Seconds::ZERO;
+            }
+            Some(empty_handed(id, ticket, again, resource))
+        }
+        Request::Enqueue { .. } => Some(give_up_place(session, ticket, resource)),
+        _ => None,
+    };
+    LetGo::new(message)
+}
+
+/// A zero-timeout `w` on a ticket: withdraws its place if still queued,
+/// collects its grant otherwise.
+fn poll((key, namespace): (Key, Namespace)) -> Request {
+    Request::Wait {
+        key,
+        namespace,
+        timeout: dflockd_proto::Seconds::ZERO,
+    }
+}
+
+/// `request` as request `id`, with nobody waiting for its reply: a grant
+/// in that reply is released.
+fn empty_handed(id: u64, ticket: u64, request: Request, resource: (Key, Namespace)) -> Outgoing {
+    Outgoing::Tagged(TaggedRequest {
+        id,
+        ticket,
+        request: LaneRequest {
+            request,
+            reply: None,
+            orphan: Some(resource),
+        },
+        let_go: None,
+    })
+}
+
+/// Sends one request over a multiplexed lane, as request `id` of the
+/// lane's session (a fresh id, or that of an earlier attempt whose answer
+/// a failover lost), and waits up to `reply_timeout` for its reply. If the
+/// caller goes away first (or the reply is late), `on_drop` runs: a
+/// waiting request is cancelled, a two-phase place given up; a grant that
+/// raced it is released by the lane (`orphan`). Nothing leaks and the
+/// connection stays usable. If the lane closes with the answer and the
+/// caller is gone, `let_go` is sent on the session's next connection.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn call(
     lane: &LaneHandle,
+    id: u64,
     request: Request,
     ticket: u64,
     orphan: Option<(Key, Namespace)>,
     reply_timeout: Duration,
     on_drop: OnDrop,
+    let_go: LetGo,
 ) -> Result<(dflockd_proto::Reply, LaneRef)> {
-    let Some(ids) = &lane.mux else {
-        return Err(ErrorKind::Protocol("not a multiplexed lane".into()).into());
-    };
-    let id = ids.take_ids(1);
     let (tx, rx) = oneshot::channel();
     let mut guard = DropGuard {
         lane: lane.clone(),
@@ -157,6 +224,7 @@ pub(crate) async fn call(
         resource: orphan.clone(),
         reply: ReplyGuard::new(rx, lane, orphan.clone()),
         action: Some(on_drop),
+        let_go: let_go.clone(),
     };
     let tagged = Outgoing::Tagged(TaggedRequest {
         id,
@@ -166,6 +234,7 @@ pub(crate) async fn call(
             reply: Some(tx),
             orphan,
         },
+        let_go: Some(let_go),
     });
     if let Err(mpsc::error::SendError(outgoing)) = lane.tx.send(tagged) {
         guard.action = None;
@@ -211,26 +280,36 @@ impl InFlight {
     }
 }
 
-/// Starts a multiplexed lane on a connection whose `hello` was accepted.
+/// Starts a multiplexed lane on a connection whose `hello` was accepted,
+/// carrying `session` from now on.
 pub(crate) fn spawn_mux_lane(
     conn: Connection,
     timing: LaneTiming,
     on_close: impl FnOnce(LaneId) + Send + 'static,
+    session: Arc<MuxSession>,
 ) -> LaneHandle {
     let renew_to = Arc::new(OnceLock::<RenewSink>::new());
-    let ids = Arc::new(MuxIds::new());
     let framing = MuxFraming {
         in_flight: InFlight::default(),
-        ids: Arc::clone(&ids),
+        ids: Arc::clone(&session),
         renew_to: Arc::clone(&renew_to),
     };
-    spawn_framed(conn, timing, on_close, framing, renew_to, Some(ids))
+    let lane = spawn_framed(
+        conn,
+        timing,
+        on_close,
+        framing,
+        renew_to,
+        Some(Arc::clone(&session)),
+    );
+    session.attach(&lane);
+    lane
 }
 
 /// A multiplexed lane's framing: ids on every frame, replies matched by id.
 struct MuxFraming {
     in_flight: InFlight,
-    ids: Arc<MuxIds>,
+    ids: Arc<MuxSession>,
     renew_to: Arc<OnceLock<RenewSink>>,
 }
 
@@ -246,12 +325,14 @@ impl Framing for MuxFraming {
                 id,
                 ticket,
                 request,
+                let_go,
             }) => {
                 encode_mux_request(id, ticket, &request.request, out);
                 // A waiting request's caller bounds it (and cancels).
                 let bounded = !request.request.may_block();
-                self.in_flight
-                    .insert(id, pending(request, deadline), bounded);
+                let mut entry = pending(request, deadline);
+                entry.let_go = let_go;
+                self.in_flight.insert(id, entry, bounded);
             }
             Outgoing::Cancel(target) => {
                 if self.in_flight.by_id.contains_key(&target) {
@@ -282,6 +363,7 @@ impl Framing for MuxFraming {
                         reply: Some(ReplyTo::Renew(tag)),
                         orphan: None,
                         deadline,
+                        let_go: None,
                     };
                     self.in_flight.insert(first_id + i as u64, entry, true);
                 }
@@ -305,7 +387,18 @@ impl Framing for MuxFraming {
 
     fn drain(&mut self) -> Vec<Pending> {
         self.in_flight.deadlines.clear();
-        self.in_flight.by_id.drain().map(|(_, p)| p).collect()
+        let mut failed = Vec::with_capacity(self.in_flight.by_id.len());
+        for (_, mut entry) in self.in_flight.by_id.drain() {
+            // Lost with the lane, and nobody will send it again: let go of
+            // what it got on the session's next connection.
+            if !entry.has_caller()
+                && let Some(message) = entry.let_go.take().and_then(|l| l.take())
+            {
+                self.ids.send(message);
+            }
+            failed.push(entry);
+        }
+        failed
     }
 }
 
@@ -314,5 +407,6 @@ fn pending(request: LaneRequest, deadline: Instant) -> Pending {
         reply: request.reply.map(ReplyTo::Caller),
         orphan: request.orphan,
         deadline,
+        let_go: None,
     }
 }

@@ -24,7 +24,7 @@ use kameo::prelude::*;
 use tokio::time::Instant;
 
 use crate::connection::{Connection, failure};
-use crate::lane::{LaneHandle, LaneId, LaneReply, LaneRequest, LaneTiming, spawn_lane};
+use crate::lane::{LaneHandle, LaneId, LaneReply, LaneRequest, LaneTiming, MuxSession, spawn_lane};
 use crate::mux_lane::{negotiate, spawn_mux_lane};
 use crate::options::{ConnectOptions, ServerAddr};
 use crate::renewal::RenewBatch;
@@ -55,6 +55,11 @@ pub(crate) struct ServerConn {
     /// sent on every connection, so that the leases of a connection that
     /// broke are taken over by the next one.
     session: Option<StableRef>,
+    /// A cluster session's ids, tickets and routing, shared by all its
+    /// connections (a single server gets a fresh one per connection).
+    mux_session: Option<Arc<MuxSession>>,
+    /// This actor, for the lane's close to ask it to reconnect.
+    me: WeakActorRef<ServerConn>,
     backoff: Duration,
     retry_at: Option<Instant>,
     /// Why the last connect failed: reported again while backing off, so a
@@ -76,13 +81,16 @@ impl Actor for ServerConn {
     type Args = ServerConnArgs;
     type Error = Infallible;
 
-    async fn on_start(args: ServerConnArgs, _: ActorRef<Self>) -> Result<Self, Infallible> {
+    async fn on_start(args: ServerConnArgs, me: ActorRef<Self>) -> Result<Self, Infallible> {
         let session = (args.nodes.len() > 1).then(session_name);
+        let mux_session = session.as_ref().map(|_| Arc::new(MuxSession::new(true)));
         Ok(ServerConn {
             args,
             lane: None,
             current: 0,
             session,
+            mux_session,
+            me: me.downgrade(),
             backoff: BACKOFF_MIN,
             retry_at: None,
             last_error: None,
@@ -126,9 +134,19 @@ impl ServerConn {
             Ok((conn, mux)) => {
                 let on_close = Arc::clone(&self.args.on_lane_closed);
                 let reattach = self.session.is_some();
-                let on_close = move |id| on_close(id, reattach);
+                let me = self.me.clone();
+                let on_close = move |id| {
+                    on_close(id, reattach);
+                    if reattach && let Some(me) = me.upgrade() {
+                        let _ = me.tell(Reconnect).try_send();
+                    }
+                };
                 let lane = if mux {
-                    spawn_mux_lane(conn, self.args.timing, on_close)
+                    let session = self
+                        .mux_session
+                        .clone()
+                        .unwrap_or_else(|| Arc::new(MuxSession::new(false)));
+                    spawn_mux_lane(conn, self.args.timing, on_close, session)
                 } else {
                     spawn_lane(conn, self.args.timing, on_close)
                 };
@@ -230,6 +248,34 @@ impl ServerConn {
             }
         }
         Ok(Probe::Leader(conn))
+    }
+}
+
+/// Sent when a cluster session's lane closes: the session connects again
+/// at once (to the new leader) rather than at its next request, retrying
+/// after each backoff until it is connected, so that what waits for its
+/// next connection (a queue place given up, a grant to let go of — see
+/// `MuxSession::send`) reaches the server while the session's holds are
+/// still kept for it.
+struct Reconnect;
+
+impl Message<Reconnect> for ServerConn {
+    type Reply = ();
+
+    async fn handle(&mut self, _: Reconnect, _: &mut Context<Self, ()>) {
+        if self.lane().await.is_ok() {
+            return;
+        }
+        let retry = self.retry_at.map_or(BACKOFF_MIN, |at| {
+            at.saturating_duration_since(Instant::now())
+        });
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(retry).await;
+            if let Some(me) = me.upgrade() {
+                let _ = me.tell(Reconnect).try_send();
+            }
+        });
     }
 }
 

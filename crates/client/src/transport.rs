@@ -30,6 +30,7 @@ use crate::lane::{LaneHandle, LaneRef, LaneRequest, ReplyGuard, spawn_lane};
 use crate::mux_lane::{self, OnDrop};
 use crate::options::ServerAddr;
 use crate::plain::{QueuedConn, guarded_request};
+use crate::resend;
 
 /// A grant as the transport delivers it, before it becomes a `Lease`.
 pub(crate) struct Grant {
@@ -105,16 +106,25 @@ pub(crate) enum Enqueueing {
 
 /// Where a two-phase request's queue place lives.
 pub(crate) enum Place {
-    /// A ticket number on the multiplexed lane.
-    Mux { lane: LaneHandle, ticket: u64 },
+    /// A ticket number of the multiplexed session of server `server`.
+    Mux {
+        lane: LaneHandle,
+        server: usize,
+        ticket: u64,
+    },
     /// A connection of its own (plain servers), kept alive by a task.
     Plain(QueuedConn),
 }
 
 /// The transport to one server, chosen by what its connection speaks.
 pub(crate) enum Transport<'a> {
-    /// The multiplexed connection.
-    Mux(LaneHandle),
+    /// The multiplexed connection (for a cluster, its session, carried
+    /// from leader to leader).
+    Mux {
+        lane: LaneHandle,
+        inner: &'a ClientInner,
+        server: usize,
+    },
     /// A plain dflockd server: the control lane, and connections of their
     /// own for blocking requests.
     Plain {
@@ -127,11 +137,17 @@ pub(crate) enum Transport<'a> {
 }
 
 impl<'a> Transport<'a> {
-    /// The transport to `server` (connecting if needed).
+    /// The transport to `server` (connecting if needed; for a cluster,
+    /// waiting out a failover for up to [`resend::FAILOVER_WINDOW`]).
     pub(crate) async fn open(inner: &'a ClientInner, server: usize) -> Result<Transport<'a>> {
-        let (lane, node) = inner.lane(server).await?;
+        let give_up = Instant::now() + resend::FAILOVER_WINDOW;
+        let (lane, node) = resend::lane_through_failover(inner, server, give_up).await?;
         Ok(if lane.is_mux() {
-            Transport::Mux(lane)
+            Transport::Mux {
+                lane,
+                inner,
+                server,
+            }
         } else {
             Transport::Plain {
                 control: lane,
@@ -150,17 +166,20 @@ impl<'a> Transport<'a> {
         orphan: (Key, Namespace),
     ) -> Result<Option<Grant>> {
         match self {
-            Transport::Mux(lane) => {
+            Transport::Mux {
+                lane,
+                inner,
+                server,
+            } => {
                 let sent_at = Instant::now();
-                let (reply, lane) = mux_lane::call(
-                    lane,
-                    acquire(wait),
-                    0,
-                    Some(orphan),
-                    wait.as_duration() + REPLY_SLACK,
-                    OnDrop::Cancel,
-                )
-                .await?;
+                let call = resend::Call {
+                    ticket: 0,
+                    resource: orphan,
+                    deadline: sent_at + wait.as_duration(),
+                    request: |left| waiting(&acquire, wait, left),
+                    on_drop: OnDrop::Cancel,
+                };
+                let (reply, lane) = resend::call(inner, *server, lane.clone(), call).await?;
                 Ok(grant_or_timeout(reply)?.map(|granted| Grant::waited(granted, lane, sent_at)))
             }
             Transport::Plain {
@@ -208,24 +227,28 @@ impl<'a> Transport<'a> {
         orphan: (Key, Namespace),
     ) -> Result<Enqueueing> {
         match self {
-            Transport::Mux(lane) => {
+            Transport::Mux {
+                lane,
+                inner,
+                server,
+            } => {
                 let ticket = lane.new_ticket();
                 let sent_at = Instant::now();
-                let (reply, lane_ref) = mux_lane::call(
-                    lane,
-                    request,
+                let call = resend::Call {
                     ticket,
-                    Some(orphan),
-                    REPLY_SLACK,
-                    OnDrop::Abandon,
-                )
-                .await?;
+                    resource: orphan,
+                    deadline: sent_at,
+                    request: |_: Option<Duration>| (request.clone(), REPLY_SLACK),
+                    on_drop: OnDrop::Abandon,
+                };
+                let (reply, lane_ref) = resend::call(inner, *server, lane.clone(), call).await?;
                 Ok(match expect_enqueued(reply)? {
                     Enqueued::Acquired(granted) => {
                         Enqueueing::Acquired(Grant::at_once(granted, lane_ref, sent_at))
                     }
                     Enqueued::Queued => Enqueueing::Queued(Place::Mux {
                         lane: lane.clone(),
+                        server: *server,
                         ticket,
                     }),
                 })
@@ -262,16 +285,21 @@ impl Place {
     ) -> Result<Option<Grant>> {
         let sent_at = Instant::now();
         match self {
-            Place::Mux { lane, ticket } => {
-                let (reply, lane) = mux_lane::call(
-                    &lane,
-                    request,
+            Place::Mux {
+                lane,
+                server,
+                ticket,
+            } => {
+                let wait = Seconds::from_duration_ceil(timeout).unwrap_or(Seconds::ZERO);
+                let with = |timeout| with_timeout(&request, timeout);
+                let call = resend::Call {
                     ticket,
-                    Some(orphan),
-                    timeout + REPLY_SLACK,
-                    OnDrop::Cancel,
-                )
-                .await?;
+                    resource: orphan,
+                    deadline: sent_at + timeout,
+                    request: |left| waiting(&with, wait, left),
+                    on_drop: OnDrop::Cancel,
+                };
+                let (reply, lane) = resend::call(inner, server, lane, call).await?;
                 Ok(grant_or_timeout(reply)?.map(|granted| Grant::waited(granted, lane, sent_at)))
             }
             Place::Plain(queued) => {
@@ -288,9 +316,34 @@ impl Place {
     /// meanwhile is released).
     pub(crate) fn abandon(self, orphan: (Key, Namespace)) {
         match self {
-            Place::Mux { lane, ticket } => mux_lane::abandon(&lane, orphan, ticket),
+            Place::Mux { lane, ticket, .. } => mux_lane::abandon(&lane, orphan, ticket),
             // Its task gives the place up when the handle drops.
             Place::Plain(queued) => drop(queued),
         }
     }
+}
+
+/// A waiting request built by `build` — for the whole `wait` on the first
+/// attempt, for `left` of the caller's time when sent again (whole
+/// seconds, rounded down: a resend never waits past the caller's
+/// deadline) — with its reply timeout. A try (`wait` zero) stays a try.
+fn waiting(
+    build: &impl Fn(Seconds) -> Request,
+    wait: Seconds,
+    left: Option<Duration>,
+) -> (Request, Duration) {
+    let secs = match left {
+        None => wait,
+        Some(left) => Seconds::new(left.as_secs().min(wait.get())).unwrap_or(Seconds::ZERO),
+    };
+    (build(secs), secs.as_duration() + REPLY_SLACK)
+}
+
+/// `request` (an acquire or a wait) with another timeout.
+fn with_timeout(request: &Request, secs: Seconds) -> Request {
+    let mut request = request.clone();
+    if let Request::Acquire { timeout, .. } | Request::Wait { timeout, .. } = &mut request {
+        *timeout = secs;
+    }
+    request
 }

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use dflockd_client::{Client, ErrorKind, ServerAddr};
 use dflockd_testkit::client::{BOUND, eventually};
 use dflockd_testkit::cluster::{CLUSTER_WAIT, TestCluster};
+use dflockd_testkit::faultproxy::{Blackhole, Direction, FaultProxy, Link};
 use dflockd_testkit::wire::REPLY_TIMEOUT;
 
 fn client(nodes: &[SocketAddr], multiplex: bool) -> Client {
@@ -191,6 +192,171 @@ async fn a_release_during_a_failover_is_retried_until_it_applies() {
     );
 }
 
+/// A cluster whose nodes the client reaches through fault proxies, and
+/// the live link of its session to the leader.
+struct Proxied {
+    cluster: TestCluster,
+    proxies: Vec<FaultProxy>,
+    client: Client,
+}
+
+impl Proxied {
+    async fn start() -> Proxied {
+        let cluster = TestCluster::start_with(3, with_orphans).await;
+        let mut proxies = Vec::new();
+        for addr in &cluster.client_addrs {
+            proxies.push(FaultProxy::start(*addr).await.expect("proxy"));
+        }
+        let nodes: Vec<SocketAddr> = proxies.iter().map(FaultProxy::addr).collect();
+        let client = client(&nodes, true);
+        // Connect the session before any test step.
+        let warm = client.lock("warm").unwrap().try_acquire().await.unwrap();
+        drop(warm);
+        Proxied {
+            cluster,
+            proxies,
+            client,
+        }
+    }
+
+    /// The open link of the session to the leader.
+    async fn session_link(&self) -> Link {
+        let (leader, _) = self.cluster.leader().await;
+        let open: Vec<Link> = self.proxies[leader]
+            .links()
+            .into_iter()
+            .filter(|link| !link.is_closed())
+            .collect();
+        assert_eq!(open.len(), 1, "one connection to the leader");
+        open.into_iter().next().unwrap()
+    }
+
+    /// Waits until the leader's table shows `key` with a holder and
+    /// `waiters` waiters.
+    async fn applied(&self, key: &str, waiters: u64) {
+        eventually("the request applied", CLUSTER_WAIT, || async {
+            let stats = leader_stats(&self.cluster).await;
+            let json = stats.strip_prefix("ok ").expect("a stats reply");
+            let stats: dflockd_client::Stats = serde_json::from_str(json).expect("stats JSON");
+            stats
+                .locks
+                .iter()
+                .any(|l| l.key == key && l.owner_conn_id != 0 && l.waiters == waiters)
+        })
+        .await;
+    }
+}
+
+/// An acquire is applied but its answer never arrives (dropped on the way
+/// back), then the connection breaks. The client sends it again, with the
+/// same id, on its session's next connection; the server answers with the
+/// hold the first attempt got. Without that rule the retry would find the
+/// lock held — by its own session — and the caller would see it busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_whose_answer_was_lost_gets_its_hold_on_the_next_connection() {
+    let p = Proxied::start().await;
+    let link = p.session_link().await;
+    link.set_blackhole(Direction::ToClient, Some(Blackhole::Drop));
+    let lock = p.client.lock("lost/try").unwrap();
+    let acquiring = tokio::spawn(async move { lock.try_acquire().await });
+    p.applied("lost/try", 0).await;
+    link.reset().await;
+    let lease = acquiring
+        .await
+        .unwrap()
+        .expect("no error surfaces")
+        .expect("the hold the first attempt got");
+    // One hold, not two: after its release the key is free for others.
+    lease.release().await.unwrap();
+    let other = client(&p.cluster.client_addrs, true);
+    assert!(
+        other
+            .lock("lost/try")
+            .unwrap()
+            .try_acquire()
+            .await
+            .unwrap()
+            .is_some(),
+        "one release frees the key"
+    );
+}
+
+/// The caller gives up while its acquire's answer is lost: the request,
+/// applied on the server, is let go of on the session's next connection
+/// (sent again with its id and no wait, its grant released), so the key is
+/// free long before the hold's 30 s lease would have run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_whose_caller_left_while_its_answer_was_lost_is_released() {
+    let p = Proxied::start().await;
+    let link = p.session_link().await;
+    link.set_blackhole(Direction::ToClient, Some(Blackhole::Drop));
+    let lock = p
+        .client
+        .lock("lost/left")
+        .unwrap()
+        .with_lease(Duration::from_secs(30));
+    let acquiring = tokio::spawn(async move { lock.try_acquire().await });
+    p.applied("lost/left", 0).await;
+    acquiring.abort();
+    let _ = acquiring.await;
+    link.reset().await;
+    let other = client(&p.cluster.client_addrs, true);
+    let started = std::time::Instant::now();
+    eventually("the abandoned grant released", CLUSTER_WAIT, || async {
+        matches!(
+            other.lock("lost/left").unwrap().try_acquire().await,
+            Ok(Some(_))
+        )
+    })
+    .await;
+    println!("free again after {:?}", started.elapsed());
+}
+
+/// The same for a blocking acquire granted while queued, and for a
+/// two-phase enqueue: the resent `e` finds its place (it would otherwise
+/// be refused as already enqueued), and the ticket is granted in turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_requests_whose_answers_were_lost_keep_what_they_got() {
+    let p = Proxied::start().await;
+    let other = client(&p.cluster.client_addrs, true);
+    let blocker = other.lock("lost/wait").unwrap().acquire().await.unwrap();
+    let link = p.session_link().await;
+    link.set_blackhole(Direction::ToClient, Some(Blackhole::Drop));
+    let lock = p.client.lock("lost/wait").unwrap();
+    let waiting = tokio::spawn(async move { lock.acquire_within(Duration::from_secs(20)).await });
+    let ticket_lock = p.client.lock("lost/ticket").unwrap();
+    let ticket_blocker = other.lock("lost/ticket").unwrap().acquire().await.unwrap();
+    let enqueueing = tokio::spawn(async move { ticket_lock.enqueue().await });
+    p.applied("lost/wait", 1).await;
+    p.applied("lost/ticket", 1).await;
+    // The waiter is granted; its grant's reply is dropped too.
+    let fence = blocker.fence();
+    blocker.release().await.unwrap();
+    p.applied("lost/wait", 0).await;
+    link.reset().await;
+    let lease = waiting
+        .await
+        .unwrap()
+        .expect("no error surfaces")
+        .expect("the grant made while the answer was lost");
+    assert!(lease.fence() > fence);
+    let ticket = match enqueueing
+        .await
+        .unwrap()
+        .expect("the resent enqueue finds its place")
+    {
+        dflockd_client::Enqueue::Queued(ticket) => ticket,
+        dflockd_client::Enqueue::Acquired(_) => panic!("the key was held"),
+    };
+    ticket_blocker.release().await.unwrap();
+    let granted = ticket
+        .wait(Duration::from_secs(10))
+        .await
+        .expect("granted in turn");
+    granted.release().await.unwrap();
+    lease.release().await.unwrap();
+}
+
 /// How the leader is lost.
 #[derive(Debug, Clone, Copy)]
 enum LeaderLoss {
@@ -288,6 +454,118 @@ async fn thousand_leases_survive(loss: LeaderLoss) {
             dflockd_client::Released::Released
         );
     }
+}
+
+/// Workers lock, write a fenced register, and release, in a loop, while
+/// the leader is killed twice (the first victim restarted in between, so a
+/// majority stays). Requests whose answers the kills lost are sent again
+/// on the new leader with the same id: the callers see no error at all,
+/// every key's fences only grow, and no two workers are ever inside one
+/// key at once. A two-phase worker (enqueue, then wait) runs alongside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workloads_run_through_leader_kills_without_errors() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    const WORKERS: usize = 8;
+    const KEYS: usize = 3;
+    let mut cluster = TestCluster::start_with(3, with_orphans).await;
+    let nodes = cluster.client_addrs.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicU64::new(0));
+    // Per key: the last fence written, and whether someone is inside.
+    let registers: Arc<Vec<(AtomicU64, AtomicBool)>> = Arc::new(
+        (0..KEYS)
+            .map(|_| (AtomicU64::new(0), AtomicBool::new(false)))
+            .collect(),
+    );
+    let mut workers = tokio::task::JoinSet::new();
+    for w in 0..WORKERS {
+        // Two clients: workers of one process and of another contend.
+        let client = client(&nodes, true);
+        let (stop, rounds, registers) = (stop.clone(), rounds.clone(), registers.clone());
+        workers.spawn(async move {
+            let mut errors = Vec::new();
+            let mut i = w;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let k = i % KEYS;
+                let lock = client
+                    .lock(&format!("work/{k}"))
+                    .unwrap()
+                    .with_lease(Duration::from_secs(5));
+                let lease = if w == 0 {
+                    // Two-phase: a place in the queue, then the grant.
+                    match lock.enqueue().await {
+                        Ok(dflockd_client::Enqueue::Acquired(lease)) => Ok(lease),
+                        Ok(dflockd_client::Enqueue::Queued(ticket)) => {
+                            ticket.wait(Duration::from_secs(20)).await
+                        }
+                        Err(error) => Err(error),
+                    }
+                } else {
+                    lock.acquire_within(Duration::from_secs(20))
+                        .await
+                        .and_then(|lease| lease.ok_or_else(|| ErrorKind::Timeout.into()))
+                };
+                let lease = match lease {
+                    Ok(lease) => lease,
+                    Err(error) => {
+                        errors.push(format!("acquire: {error}"));
+                        continue;
+                    }
+                };
+                let (last, inside) = &registers[k];
+                assert!(
+                    !inside.swap(true, Ordering::SeqCst),
+                    "two holders of work/{k}"
+                );
+                let fence = lease.fence();
+                let before = last.fetch_max(fence, Ordering::SeqCst);
+                assert!(fence > before, "work/{k}: fence {fence} after {before}");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                inside.store(false, Ordering::SeqCst);
+                if let Err(error) = lease.release().await {
+                    errors.push(format!("release: {error}"));
+                }
+                rounds.fetch_add(1, Ordering::Relaxed);
+            }
+            errors
+        });
+    }
+    let progress = |since: u64| {
+        let rounds = rounds.clone();
+        async move {
+            eventually("the workload goes on", CLUSTER_WAIT, || async {
+                rounds.load(Ordering::Relaxed) >= since + 50
+            })
+            .await;
+        }
+    };
+    progress(0).await;
+    let (first, _) = cluster.leader().await;
+    cluster.kill(first).await;
+    progress(rounds.load(Ordering::Relaxed)).await;
+    cluster.restart(first).await;
+    let (second, _) = cluster.leader().await;
+    cluster.kill(second).await;
+    progress(rounds.load(Ordering::Relaxed)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut errors = Vec::new();
+    while let Some(worker) = workers.join_next().await {
+        errors.extend(worker.expect("no assertion failed in a worker"));
+    }
+    println!(
+        "{} rounds through two leader kills, {} errors",
+        rounds.load(Ordering::Relaxed),
+        errors.len()
+    );
+    assert!(
+        errors.is_empty(),
+        "{} errors, the first: {:#?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
 }
 
 #[tokio::test]

@@ -77,6 +77,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     limit: Limit::ONE,
                     lease: None,
                     wait: None,
+                    origin: None,
                 };
                 let effects = leader.propose(acquire).await.expect("committed");
                 latencies.push(sent.elapsed());

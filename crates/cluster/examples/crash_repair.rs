@@ -34,6 +34,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 limit: Limit::ONE,
                 lease: None,
                 wait: None,
+                origin: None,
             };
             let at = |op| Command::new(std::time::Duration::ZERO, Salt::new(index, index), op);
             let entry = Entry {

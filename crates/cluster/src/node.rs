@@ -459,7 +459,7 @@ impl Node {
     /// node.raft().wait(None).current_leader(1, "elected").await?;
     /// let acquire = Op::Acquire {
     ///     conn: ConnId(1), resource: ResourceId::new(Namespace::Lock, Key::new("job").unwrap()),
-    ///     limit: Limit::ONE, lease: None, wait: None,
+    ///     limit: Limit::ONE, lease: None, wait: None, origin: None,
     /// };
     /// let effects = node.propose(acquire).await?;
     /// assert!(matches!(effects.outcome, Ok(Outcome::Acquire(AcquireOutcome::Granted(_)))));

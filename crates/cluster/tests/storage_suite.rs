@@ -43,6 +43,7 @@ fn acquire(conn: u64, key: &str) -> Command {
             limit: Limit::ONE,
             lease: None,
             wait: Some(conn),
+            origin: None,
         },
     )
 }
@@ -221,6 +222,7 @@ async fn a_restarted_leader_of_the_same_term_takes_office_again() {
         limit: Limit::ONE,
         lease: Some(dflockd_proto::Lease::new(10).unwrap()),
         wait: None,
+        origin: None,
     };
     // Process A of node 1 leads term 1 with its clock at 100 s: a 10 s lease.
     let first = Batch {

@@ -22,7 +22,7 @@ use crate::ids::{ConnId, ResourceId, WaiterId};
 /// use dflockd_proto::{Key, Limit, Namespace};
 /// let job = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
 /// let acquire = Command::new(Duration::ZERO, Salt::new(7, 8), Op::Acquire {
-///     conn: ConnId(1), resource: job, limit: Limit::ONE, lease: None, wait: None,
+///     conn: ConnId(1), resource: job, limit: Limit::ONE, lease: None, wait: None, origin: None,
 /// });
 /// let bytes = acquire.encode();
 /// assert_eq!(Command::decode(&bytes).unwrap(), acquire);
@@ -42,7 +42,7 @@ pub struct Command {
 
 /// The version byte that starts every [`Command::encode`]d command and every
 /// encoded [`TableSnapshot`](crate::TableSnapshot).
-pub const FORMAT_VERSION: u8 = 2;
+pub const FORMAT_VERSION: u8 = 3;
 
 impl Command {
     /// A command at `at` with salts `salt`.
@@ -209,6 +209,13 @@ pub enum Op {
         lease: Option<Lease>,
         /// The request a later grant goes to, if it may wait.
         wait: Option<u64>,
+        /// The request's id within its client session, when the session
+        /// promises ids unique over all its connections (a named
+        /// multiplexed connection). An acquire whose `origin` already got
+        /// a hold this connection owns (typically before a failover, on an
+        /// earlier connection of the session) is answered with that hold,
+        /// its lease restarted, instead of acquiring again.
+        origin: Option<u64>,
     },
     /// A queued acquire gave up (timeout, cancel): its waiter leaves the
     /// queue, unless it was granted already.
@@ -256,6 +263,10 @@ pub enum Op {
         limit: Limit,
         /// The lease; `None` takes the table's default.
         lease: Option<Lease>,
+        /// As for [`Op::Acquire`]: a retried `e` (same `origin`) whose
+        /// place exists on this connection is answered with that place's
+        /// state (queued, or its grant).
+        origin: Option<u64>,
     },
     /// `w` / `sw`: two-phase, phase 2. With `wait: None` this polls, and a
     /// place still queued is forfeited.
@@ -268,6 +279,10 @@ pub enum Op {
         resource: ResourceId,
         /// The request a later grant goes to, if it may wait.
         wait: Option<u64>,
+        /// As for [`Op::Acquire`]: a retried `w` (same `origin`) whose
+        /// place was already collected is answered with the grant it
+        /// collected.
+        origin: Option<u64>,
     },
     /// A waiting `w` gave up: the queue place and the two-phase state go,
     /// unless the place was granted already. With `waiter: Some(place)`, only

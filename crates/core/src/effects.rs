@@ -18,7 +18,7 @@ use crate::ids::{ConnId, ResourceId, WaiterId};
 /// let job = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
 /// let mut table = LockTable::new(TableConfig::default());
 /// let at = |op| Command::new(Duration::ZERO, Salt::new(1, 2), op);
-/// let acquire = |conn, wait| Op::Acquire { conn: ConnId(conn), resource: job.clone(), limit: Limit::ONE, lease: None, wait };
+/// let acquire = |conn, wait| Op::Acquire { conn: ConnId(conn), resource: job.clone(), limit: Limit::ONE, lease: None, wait, origin: None };
 /// let Ok(Outcome::Acquire(AcquireOutcome::Granted(grant))) = table.apply(&at(acquire(1, None))).outcome else { panic!() };
 /// // Connection 2's request 5 queues …
 /// table.apply(&at(acquire(2, Some(5))));
@@ -175,8 +175,8 @@ pub struct Expired {
 /// # let mut table = LockTable::new(TableConfig::default());
 /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
 /// # let mut run = |op| table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
-/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
-/// let op = Op::Acquire { conn: ConnId(1), resource: rid.clone(), limit: Limit::ONE, lease: Some(Lease::new(10).unwrap()), wait: None };
+/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait, origin: None };
+/// let op = Op::Acquire { conn: ConnId(1), resource: rid.clone(), limit: Limit::ONE, lease: Some(Lease::new(10).unwrap()), wait: None, origin: None };
 /// let Ok(Outcome::Acquire(AcquireOutcome::Granted(grant))) = run(op).outcome else { panic!() };
 /// assert_eq!(grant.token.fence(), 1);
 /// assert_eq!(grant.lease.get(), 10);
@@ -198,7 +198,7 @@ pub struct Grant {
 /// # let mut table = LockTable::new(TableConfig::default());
 /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
 /// # let mut run = |op| table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
-/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait, origin: None };
 /// let granted = run(acquire(1, &rid, None)).outcome;
 /// assert!(matches!(granted, Ok(Outcome::Acquire(AcquireOutcome::Granted(_)))));
 /// // Busy: a try-lock times out at once, a blocking acquire queues.
@@ -225,8 +225,8 @@ pub enum AcquireOutcome {
 /// # let mut table = LockTable::new(TableConfig::default());
 /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
 /// # let mut run = |op| table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
-/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
-/// let enqueue = |conn| Op::Enqueue { conn: ConnId(conn), ticket: 0, resource: rid.clone(), limit: Limit::ONE, lease: None };
+/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait, origin: None };
+/// let enqueue = |conn| Op::Enqueue { conn: ConnId(conn), ticket: 0, resource: rid.clone(), limit: Limit::ONE, lease: None, origin: None };
 /// assert!(matches!(run(enqueue(1)).outcome, Ok(Outcome::Enqueue(EnqueueOutcome::Acquired(_)))));
 /// assert_eq!(run(enqueue(2)).outcome, Ok(Outcome::Enqueue(EnqueueOutcome::Queued)));
 /// ```
@@ -247,10 +247,10 @@ pub enum EnqueueOutcome {
 /// # let mut table = LockTable::new(TableConfig::default());
 /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
 /// # let mut run = |op| table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
-/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait, origin: None };
 /// let Ok(Outcome::Acquire(AcquireOutcome::Granted(grant))) = run(acquire(1, &rid, None)).outcome else { panic!() };
-/// let _ = run(Op::Enqueue { conn: ConnId(2), ticket: 0, resource: rid.clone(), limit: Limit::ONE, lease: None }); // queued
-/// let wait = run(Op::Wait { conn: ConnId(2), ticket: 0, resource: rid.clone(), wait: Some(4) });
+/// let _ = run(Op::Enqueue { conn: ConnId(2), ticket: 0, resource: rid.clone(), limit: Limit::ONE, lease: None, origin: None }); // queued
+/// let wait = run(Op::Wait { conn: ConnId(2), ticket: 0, resource: rid.clone(), wait: Some(4), origin: None });
 /// assert!(matches!(wait.outcome, Ok(Outcome::Wait(WaitOutcome::Pending(_)))));
 /// let released = run(Op::Release { resource: rid.clone(), token: grant.token });
 /// assert_eq!(released.grants[0].to, Waiting { conn: ConnId(2), request: 4 }); // the pending wait is granted
@@ -276,13 +276,13 @@ pub enum WaitOutcome {
 /// # let mut table = LockTable::new(TableConfig::default());
 /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
 /// # let mut run = |op| table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
-/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
-/// let wait = run(Op::Wait { conn: ConnId(1), ticket: 0, resource: rid.clone(), wait: None });
+/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait, origin: None };
+/// let wait = run(Op::Wait { conn: ConnId(1), ticket: 0, resource: rid.clone(), wait: None, origin: None });
 /// assert_eq!(wait.outcome, Err(LockError::NotEnqueued));
 /// let release = run(Op::Release { resource: rid.clone(), token: dflockd_proto::Token::new(1, 2) });
 /// assert_eq!(release.outcome, Err(LockError::NotHeld));
 /// let sem = ResourceId::new(Namespace::Semaphore, Key::new("pool").unwrap());
-/// let take = |conn, limit| Op::Acquire { conn: ConnId(conn), resource: sem.clone(), limit: Limit::new(limit).unwrap(), lease: None, wait: None };
+/// let take = |conn, limit| Op::Acquire { conn: ConnId(conn), resource: sem.clone(), limit: Limit::new(limit).unwrap(), lease: None, wait: None, origin: None };
 /// let _ = run(take(1, 3));
 /// assert_eq!(run(take(2, 5)).outcome, Err(LockError::LimitMismatch));
 /// ```

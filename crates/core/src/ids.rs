@@ -13,7 +13,7 @@ use dflockd_proto::{Key, Namespace};
 /// # let mut table = LockTable::new(TableConfig::default());
 /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
 /// # let mut run = |op| table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
-/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait, origin: None };
 /// // The server numbers its connections; a connection's holds and waits are tied to it.
 /// let first = run(acquire(1, &rid, None)).outcome;
 /// assert!(matches!(first, Ok(Outcome::Acquire(AcquireOutcome::Granted(_)))));
@@ -34,7 +34,7 @@ pub struct ConnId(pub u64);
 /// # let mut table = LockTable::new(TableConfig::default());
 /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
 /// # let mut run = |op| table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
-/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+/// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait, origin: None };
 /// let _ = run(acquire(1, &rid, None));
 /// let Ok(Outcome::Acquire(AcquireOutcome::Queued(a))) = run(acquire(2, &rid, Some(0))).outcome else { panic!() };
 /// let Ok(Outcome::Acquire(AcquireOutcome::Queued(b))) = run(acquire(3, &rid, Some(0))).outcome else { panic!() };

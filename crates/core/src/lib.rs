@@ -19,7 +19,7 @@
 //! let mut table = LockTable::with_fences(TableConfig::default(), FenceCounter::starting_after(100));
 //! let job = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
 //! let at = |op| Command::new(Duration::ZERO, Salt::new(7, 8), op);
-//! let acquire = |conn, wait| Op::Acquire { conn: ConnId(conn), resource: job.clone(), limit: Limit::ONE, lease: None, wait };
+//! let acquire = |conn, wait| Op::Acquire { conn: ConnId(conn), resource: job.clone(), limit: Limit::ONE, lease: None, wait, origin: None };
 //!
 //! let Ok(Outcome::Acquire(AcquireOutcome::Granted(grant))) = table.apply(&at(acquire(1, None))).outcome else { panic!() };
 //! assert_eq!(grant.token.fence(), 101);

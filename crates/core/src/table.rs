@@ -35,6 +35,10 @@ struct Holder {
     lease: Lease,
     /// The lease's slot in the table's [`Leases`].
     slot: Slot,
+    /// The id of the request that was answered with this grant, in its
+    /// session's numbering (see [`Op::Acquire`]'s `origin`): a retry of
+    /// that request is answered with this hold.
+    origin: Option<u64>,
 }
 
 enum WaiterKind {
@@ -318,7 +322,7 @@ impl Default for Conn {
 /// use dflockd_proto::{Key, Limit, Namespace};
 /// let mut table = LockTable::new(TableConfig::default());
 /// let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
-/// let acquire = Op::Acquire { conn: ConnId(1), resource: rid, limit: Limit::ONE, lease: None, wait: None };
+/// let acquire = Op::Acquire { conn: ConnId(1), resource: rid, limit: Limit::ONE, lease: None, wait: None, origin: None };
 /// let effects = table.apply(&Command::new(Duration::ZERO, Salt::new(1, 2), acquire));
 /// assert!(matches!(effects.outcome, Ok(Outcome::Acquire(AcquireOutcome::Granted(_)))));
 /// assert_eq!(table.holder_count(), 1);
@@ -390,7 +394,7 @@ impl<F: FenceSource> LockTable<F> {
     /// let mut b = LockTable::sharing(TableConfig::default(), FenceCounter::default(), Arc::clone(&budget));
     /// let acquire = |key| Command::new(Duration::ZERO, Salt::new(0, 0), Op::Acquire {
     ///     conn: ConnId(1), resource: ResourceId::new(Namespace::Lock, Key::new(key).unwrap()),
-    ///     limit: Limit::ONE, lease: None, wait: None,
+    ///     limit: Limit::ONE, lease: None, wait: None, origin: None,
     /// });
     /// assert!(a.apply(&acquire("x")).outcome.is_ok());
     /// // The one resource the budget allows exists (in the other table).
@@ -431,7 +435,7 @@ impl<F: FenceSource> LockTable<F> {
     /// let mut table = LockTable::new(TableConfig::default());
     /// let job = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
     /// let acquire = Command::new(Duration::ZERO, Salt::new(0xfeed, 0), Op::Acquire {
-    ///     conn: ConnId(1), resource: job, limit: Limit::ONE, lease: None, wait: None,
+    ///     conn: ConnId(1), resource: job, limit: Limit::ONE, lease: None, wait: None, origin: None,
     /// });
     /// let Ok(Outcome::Acquire(AcquireOutcome::Granted(grant))) = table.apply(&acquire).outcome else { panic!() };
     /// assert_eq!((grant.token.fence(), grant.token.salt()), (1, 0xfeed));
@@ -447,8 +451,9 @@ impl<F: FenceSource> LockTable<F> {
                 limit,
                 lease,
                 wait,
+                origin,
             } => self
-                .acquire(*conn, resource, *limit, *lease, now, *wait)
+                .acquire(*conn, resource, *limit, *lease, now, *wait, *origin)
                 .map(Outcome::Acquire),
             Op::Withdraw {
                 conn,
@@ -477,16 +482,18 @@ impl<F: FenceSource> LockTable<F> {
                 resource,
                 limit,
                 lease,
+                origin,
             } => self
-                .enqueue(*conn, *ticket, resource, *limit, *lease, now)
+                .enqueue(*conn, *ticket, resource, *limit, *lease, now, *origin)
                 .map(Outcome::Enqueue),
             Op::Wait {
                 conn,
                 ticket,
                 resource,
                 wait,
+                origin,
             } => self
-                .wait(*conn, *ticket, resource, now, *wait)
+                .wait(*conn, *ticket, resource, now, *wait, *origin)
                 .map(Outcome::Wait),
             Op::WithdrawPlace {
                 conn,
@@ -592,7 +599,7 @@ impl<F: FenceSource> LockTable<F> {
     /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
     /// # let t0 = Duration::ZERO;
     /// # let at = |secs, op| Command::new(Duration::from_secs(secs), Salt::new(0, 0), op);
-    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait, origin: None };
     /// assert_eq!(table.config().max_locks, 1024);
     /// assert_eq!(table.config().default_lease.get(), 33);
     /// ```
@@ -625,7 +632,7 @@ impl<F: FenceSource> LockTable<F> {
     /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
     /// # let t0 = Duration::ZERO;
     /// # let at = |secs, op| Command::new(Duration::from_secs(secs), Salt::new(0, 0), op);
-    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait, origin: None };
     /// let Ok(Outcome::Acquire(AcquireOutcome::Granted(grant))) = table.apply(&at(0, acquire(1, &rid, None))).outcome else { panic!() };
     /// let _ = table.apply(&at(0, Op::Release { resource: rid.clone(), token: grant.token }));
     /// assert_eq!(table.resource_count(), 1); // idle, but kept until GC
@@ -646,10 +653,10 @@ impl<F: FenceSource> LockTable<F> {
     /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
     /// # let t0 = Duration::ZERO;
     /// # let at = |secs, op| Command::new(Duration::from_secs(secs), Salt::new(0, 0), op);
-    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait, origin: None };
     /// let sem = ResourceId::new(Namespace::Semaphore, Key::new("pool").unwrap());
     /// for conn in 1..=3 {
-    ///     let take = Op::Acquire { conn: ConnId(conn), resource: sem.clone(), limit: Limit::new(3).unwrap(), lease: None, wait: None };
+    ///     let take = Op::Acquire { conn: ConnId(conn), resource: sem.clone(), limit: Limit::new(3).unwrap(), lease: None, wait: None, origin: None };
     ///     let _ = table.apply(&at(0, take));
     /// }
     /// assert_eq!(table.holder_count(), 3);
@@ -668,7 +675,7 @@ impl<F: FenceSource> LockTable<F> {
     /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
     /// # let t0 = Duration::ZERO;
     /// # let at = |secs, op| Command::new(Duration::from_secs(secs), Salt::new(0, 0), op);
-    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait, origin: None };
     /// let _ = table.apply(&at(0, acquire(1, &rid, None)));
     /// let _ = table.apply(&at(0, acquire(2, &rid, Some(0))));
     /// assert_eq!(table.waiter_count(), 1);
@@ -691,9 +698,9 @@ impl<F: FenceSource> LockTable<F> {
     /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
     /// # let t0 = Duration::ZERO;
     /// # let at = |secs, op| Command::new(Duration::from_secs(secs), Salt::new(0, 0), op);
-    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait, origin: None };
     /// assert_eq!(table.next_deadline(), None);
-    /// let op = Op::Acquire { conn: ConnId(1), resource: rid.clone(), limit: Limit::ONE, lease: Some(Lease::new(10).unwrap()), wait: None };
+    /// let op = Op::Acquire { conn: ConnId(1), resource: rid.clone(), limit: Limit::ONE, lease: Some(Lease::new(10).unwrap()), wait: None, origin: None };
     /// let _ = table.apply(&at(0, op));
     /// // The caller sleeps until then and applies `Op::Sweep`.
     /// assert_eq!(table.next_deadline(), Some(Duration::from_secs(10)));
@@ -716,7 +723,7 @@ impl<F: FenceSource> LockTable<F> {
     /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
     /// # let t0 = Duration::ZERO;
     /// # let at = |secs, op| Command::new(Duration::from_secs(secs), Salt::new(0, 0), op);
-    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait, origin: None };
     /// let config = TableConfig { disconnect_lock_delay: Duration::from_secs(5), ..TableConfig::default() };
     /// let mut table = LockTable::new(config);
     /// let _ = table.apply(&at(0, acquire(1, &rid, None)));
@@ -729,6 +736,8 @@ impl<F: FenceSource> LockTable<F> {
 
     /// `l` / `sl`. With `wait = None` this is a try-lock: it never queues;
     /// otherwise a queued waiter's grant goes to request `wait` of `conn`.
+    /// A retry (`origin` of a hold `conn` has) gets that hold again.
+    #[allow(clippy::too_many_arguments)]
     fn acquire(
         &mut self,
         conn: ConnId,
@@ -737,9 +746,14 @@ impl<F: FenceSource> LockTable<F> {
         lease: Option<Lease>,
         now: Duration,
         wait: Option<u64>,
+        origin: Option<u64>,
     ) -> Result<AcquireOutcome, LockError> {
         let lease = lease.unwrap_or(self.config.default_lease);
-        let arrival = match self.grant_on_arrival(conn, rid, limit, lease, now)? {
+        if let Some(grant) = origin.and_then(|origin| self.answered(conn, rid, origin, lease, now))
+        {
+            return Ok(AcquireOutcome::Granted(grant));
+        }
+        let arrival = match self.grant_on_arrival(conn, rid, limit, lease, now, origin)? {
             Ok(grant) => return Ok(AcquireOutcome::Granted(grant)),
             Err(arrival) => arrival,
         };
@@ -819,7 +833,9 @@ impl<F: FenceSource> LockTable<F> {
         Ok(lease)
     }
 
-    /// `e` / `se`: two-phase, phase 1.
+    /// `e` / `se`: two-phase, phase 1. A retry (`origin` set) of an `e`
+    /// whose place exists is answered with the place's state.
+    #[allow(clippy::too_many_arguments)]
     fn enqueue(
         &mut self,
         conn: ConnId,
@@ -828,16 +844,28 @@ impl<F: FenceSource> LockTable<F> {
         limit: Limit,
         lease: Option<Lease>,
         now: Duration,
+        origin: Option<u64>,
     ) -> Result<EnqueueOutcome, LockError> {
-        if self
+        let place = self
             .conns
             .get(&conn)
-            .is_some_and(|c| c.phase1.contains_key(&(rid.clone(), ticket)))
-        {
-            return Err(LockError::AlreadyEnqueued);
+            .and_then(|c| c.phase1.get(&(rid.clone(), ticket)))
+            .map(|place| (place.token, place.lease));
+        match (place, origin) {
+            (None, _) => {}
+            (Some(_), None) => return Err(LockError::AlreadyEnqueued),
+            (Some((None, _)), Some(_)) => return Ok(EnqueueOutcome::Queued),
+            (Some((Some(token), lease)), Some(_)) => {
+                // Granted, not collected: the grant again, lease restarted.
+                if self.restart_lease(rid, token, lease, now).is_some() {
+                    return Ok(EnqueueOutcome::Acquired(Grant { token, lease }));
+                }
+                // It ran out meanwhile (and went): enqueue afresh.
+                self.drop_phase1(conn, rid, ticket);
+            }
         }
         let lease = lease.unwrap_or(self.config.default_lease);
-        let arrival = match self.grant_on_arrival(conn, rid, limit, lease, now)? {
+        let arrival = match self.grant_on_arrival(conn, rid, limit, lease, now, origin)? {
             Ok(grant) => {
                 self.set_phase1(
                     conn,
@@ -884,6 +912,8 @@ impl<F: FenceSource> LockTable<F> {
 
     /// `w` / `sw`: two-phase, phase 2. With `wait = None` this polls; a
     /// still-queued waiter is then removed (the position is forfeited).
+    /// A retry (`origin` of a grant this `w` already collected) gets that
+    /// grant again.
     fn wait(
         &mut self,
         conn: ConnId,
@@ -891,12 +921,19 @@ impl<F: FenceSource> LockTable<F> {
         rid: &ResourceId,
         now: Duration,
         wait: Option<u64>,
+        origin: Option<u64>,
     ) -> Result<WaitOutcome, LockError> {
-        let phase1 = self
+        let Some(phase1) = self
             .conns
             .get_mut(&conn)
             .and_then(|c| c.phase1.get_mut(&(rid.clone(), ticket)))
-            .ok_or(LockError::NotEnqueued)?;
+        else {
+            let lease = self.config.default_lease;
+            return origin
+                .and_then(|origin| self.answered_as_is(conn, rid, origin, lease, now))
+                .map(WaitOutcome::Granted)
+                .ok_or(LockError::NotEnqueued);
+        };
         // A `w` is already waiting on this ticket (only possible on a
         // multiplexed connection): a second one must not replace it, or the
         // first would never be answered.
@@ -906,9 +943,15 @@ impl<F: FenceSource> LockTable<F> {
         if let Some(token) = phase1.token {
             let lease = phase1.lease;
             self.drop_phase1(conn, rid, ticket);
-            return self
-                .observe(rid, token, lease, now)
-                .map(WaitOutcome::Granted);
+            let granted = self.observe(rid, token, lease, now);
+            if let Some(holder) = self
+                .resources
+                .get_mut(rid)
+                .and_then(|r| r.holders.get_mut(&token))
+            {
+                holder.origin = origin;
+            }
+            return granted.map(WaitOutcome::Granted);
         }
         // Not granted, so queued: the place is there (a state with neither
         // is never made; answer as if nothing were enqueued).
@@ -961,9 +1004,9 @@ impl<F: FenceSource> LockTable<F> {
     /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
     /// # let t0 = Duration::ZERO;
     /// # let at = |secs, op| Command::new(Duration::from_secs(secs), Salt::new(0, 0), op);
-    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait, origin: None };
     /// let _ = table.apply(&at(0, acquire(1, &rid, None)));
-    /// let enqueue = Op::Enqueue { conn: ConnId(2), ticket: 7, resource: rid.clone(), limit: Limit::ONE, lease: None };
+    /// let enqueue = Op::Enqueue { conn: ConnId(2), ticket: 7, resource: rid.clone(), limit: Limit::ONE, lease: None, origin: None };
     /// let _ = table.apply(&at(0, enqueue));
     /// assert!(table.queued_place(ConnId(2), 7, &rid).is_some());
     /// assert!(table.queued_place(ConnId(2), 8, &rid).is_none());
@@ -1003,10 +1046,10 @@ impl<F: FenceSource> LockTable<F> {
     /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
     /// # let t0 = Duration::ZERO;
     /// # let at = |secs, op| Command::new(Duration::from_secs(secs), Salt::new(0, 0), op);
-    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait, origin: None };
     /// let _ = table.apply(&at(0, acquire(1, &rid, None)));
     /// for ticket in [1, 2] {
-    ///     let enqueue = Op::Enqueue { conn: ConnId(2), ticket, resource: rid.clone(), limit: Limit::ONE, lease: None };
+    ///     let enqueue = Op::Enqueue { conn: ConnId(2), ticket, resource: rid.clone(), limit: Limit::ONE, lease: None, origin: None };
     ///     let _ = table.apply(&at(0, enqueue));
     /// }
     /// assert_eq!(table.waiters_of(ConnId(2)), 2);
@@ -1192,7 +1235,7 @@ impl<F: FenceSource> LockTable<F> {
     /// # let rid = ResourceId::new(Namespace::Lock, Key::new("job").unwrap());
     /// # let t0 = Duration::ZERO;
     /// # let at = |secs, op| Command::new(Duration::from_secs(secs), Salt::new(0, 0), op);
-    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait };
+    /// # let acquire = |conn, rid: &ResourceId, wait| Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait, origin: None };
     /// let _ = table.apply(&at(0, acquire(1, &rid, None)));
     /// let stats = table.stats(1, Duration::from_secs(3));
     /// assert_eq!(stats.locks[0].key, "job");
@@ -1332,6 +1375,7 @@ impl<F: FenceSource> LockTable<F> {
         limit: Limit,
         lease: Lease,
         now: Duration,
+        origin: Option<u64>,
     ) -> Result<Result<Grant, Arrival>, LockError> {
         // The common case in one lookup: the resource is known, free, not in
         // a lock-delay, and nobody waits (what `prepare` then `grant_now`
@@ -1350,14 +1394,14 @@ impl<F: FenceSource> LockTable<F> {
                 &mut self.leases,
                 resource,
                 conn,
-                (token, lease),
+                (token, lease, origin),
                 deadline,
             );
             return Ok(Ok(Grant { token, lease }));
         }
         let arrival = self.prepare(rid, limit, now)?;
         if arrival.grantable() {
-            return self.grant_now(conn, rid, lease, now).map(Ok);
+            return self.grant_now(conn, rid, lease, now, origin).map(Ok);
         }
         Ok(Err(arrival))
     }
@@ -1368,18 +1412,61 @@ impl<F: FenceSource> LockTable<F> {
         rid: &ResourceId,
         lease: Lease,
         now: Duration,
+        origin: Option<u64>,
     ) -> Result<Grant, LockError> {
         let token = self.mint.token()?;
-        self.insert_holder(conn, rid, token, lease, now);
+        self.insert_holder(conn, rid, (token, lease, origin), now);
         Ok(Grant { token, lease })
+    }
+
+    /// The grant `conn` already got for its request `origin` on `rid`, its
+    /// lease restarted at `now + lease` (a retry of that request is answered
+    /// with it). `None` if there is none, or it ran out.
+    fn answered(
+        &mut self,
+        conn: ConnId,
+        rid: &ResourceId,
+        origin: u64,
+        lease: Lease,
+        now: Duration,
+    ) -> Option<Grant> {
+        let token = self.answered_token(conn, rid, origin)?;
+        self.restart_lease(rid, token, lease, now)?;
+        Some(Grant { token, lease })
+    }
+
+    /// [`answered`](Self::answered), keeping the hold's own lease length.
+    fn answered_as_is(
+        &mut self,
+        conn: ConnId,
+        rid: &ResourceId,
+        origin: u64,
+        fallback: Lease,
+        now: Duration,
+    ) -> Option<Grant> {
+        let token = self.answered_token(conn, rid, origin)?;
+        let lease = self
+            .resources
+            .get_mut(rid)
+            .and_then(|r| r.holders.get_mut(&token))
+            .map_or(fallback, |h| h.lease);
+        self.answered(conn, rid, origin, lease, now)
+    }
+
+    fn answered_token(&self, conn: ConnId, rid: &ResourceId, origin: u64) -> Option<Token> {
+        let resource = self.resources.get(rid)?;
+        resource
+            .holders
+            .iter()
+            .find(|(_, h)| h.conn == conn && h.origin == Some(origin))
+            .map(|(token, _)| *token)
     }
 
     fn insert_holder(
         &mut self,
         conn: ConnId,
         rid: &ResourceId,
-        token: Token,
-        lease: Lease,
+        (token, lease, origin): (Token, Lease, Option<u64>),
         now: Duration,
     ) {
         let deadline = deadline(now, lease, self.config.clock_granularity);
@@ -1392,7 +1479,7 @@ impl<F: FenceSource> LockTable<F> {
             &mut self.leases,
             resource,
             conn,
-            (token, lease),
+            (token, lease, origin),
             deadline,
         );
     }
@@ -1477,7 +1564,16 @@ impl<F: FenceSource> LockTable<F> {
                 Err(_) => return,
             };
             let (id, waiter) = entry.remove_entry();
-            self.insert_holder(waiter.conn, rid, token, waiter.lease, now);
+            // The request the grant is answered to, if it is delivered now.
+            let origin = match waiter.kind {
+                WaiterKind::Blocking(request) => Some(request),
+                WaiterKind::TwoPhase(ticket) => self
+                    .conns
+                    .get(&waiter.conn)
+                    .and_then(|c| c.phase1.get(&(rid.clone(), ticket)))
+                    .and_then(|place| place.blocked),
+            };
+            self.insert_holder(waiter.conn, rid, (token, waiter.lease, origin), now);
             let grant = Grant {
                 token,
                 lease: waiter.lease,
@@ -1553,7 +1649,7 @@ fn hold(
     leases: &mut Leases,
     resource: &mut Resource,
     conn: ConnId,
-    (token, lease): (Token, Lease),
+    (token, lease, origin): (Token, Lease, Option<u64>),
     deadline: Duration,
 ) {
     let c = conns.entry(conn).or_default();
@@ -1568,6 +1664,7 @@ fn hold(
             deadline,
             lease,
             slot,
+            origin,
         },
     );
 }
@@ -1683,7 +1780,7 @@ mod tests {
                     let lease = Lease::new(1 + next(20)).ok();
                     let wait = (next(2) == 0).then_some(0);
                     if let Ok(AcquireOutcome::Granted(grant)) =
-                        t.acquire(conn, rid, *limit, lease, now, wait)
+                        t.acquire(conn, rid, *limit, lease, now, wait, None)
                     {
                         held.push((r, grant.token));
                     }
@@ -1734,6 +1831,7 @@ mod tests {
             limit: Limit::ONE,
             lease: Lease::new(lease).ok(),
             wait,
+            origin: None,
         };
         // `a` (lease 10) and `b` (lease 3) at 100; a waiter behind `b`;
         // `c` released with a lock-delay by a closing connection.
@@ -1797,6 +1895,7 @@ mod tests {
             Lease::new(lease).ok(),
             secs(0),
             None,
+            None,
         ) {
             Ok(AcquireOutcome::Granted(grant)) => grant,
             other => panic!("{other:?}"),
@@ -1807,7 +1906,7 @@ mod tests {
         // Each lease expires on its own resource, at its own deadline.
         assert_eq!(t.sweep(secs(10)), 1);
         assert!(matches!(
-            t.acquire(ConnId(2), &a, Limit::ONE, None, secs(10), None),
+            t.acquire(ConnId(2), &a, Limit::ONE, None, secs(10), None, None),
             Ok(AcquireOutcome::Granted(_))
         ));
         assert_eq!(t.release(&b, on_a.token, secs(10)), Err(LockError::NotHeld));
@@ -1815,7 +1914,7 @@ mod tests {
         t.disconnect(ConnId(1), true, secs(11));
         assert_eq!(t.holder_count(), 1);
         assert!(matches!(
-            t.acquire(ConnId(3), &b, Limit::ONE, None, secs(11), None),
+            t.acquire(ConnId(3), &b, Limit::ONE, None, secs(11), None, None),
             Ok(AcquireOutcome::Granted(_))
         ));
         assert_eq!(t.release(&b, on_b.token, secs(11)), Err(LockError::NotHeld));

@@ -196,6 +196,7 @@ impl Scripter {
                     limit,
                     lease: Lease::new(u64::from(lease)).ok(),
                     wait: self.request(wait),
+                    origin: None,
                 }
             }
             Step::Enqueue { conn, res, ticket } => {
@@ -206,6 +207,7 @@ impl Scripter {
                     resource,
                     limit,
                     lease: None,
+                    origin: None,
                 }
             }
             Step::Wait {
@@ -218,6 +220,7 @@ impl Scripter {
                 ticket: u64::from(ticket),
                 resource: resource(res).0,
                 wait: self.request(wait),
+                origin: None,
             },
             Step::Release { nth } => {
                 let (resource, token, _) = Self::pick(&self.tokens, nth)?;
@@ -485,6 +488,7 @@ fn a_snapshot_restores_a_reused_connection_id() {
         limit: Limit::ONE,
         lease: None,
         wait: None,
+        origin: None,
     };
     let mut table = LockTable::new(TableConfig::default());
     let log = [

@@ -37,6 +37,7 @@ fn acquire(conn: u64, name: &str, wait: Option<u64>) -> Op {
         limit: Limit::ONE,
         lease: Lease::new(30).ok(),
         wait,
+        origin: None,
     }
 }
 
@@ -112,6 +113,7 @@ fn a_two_phase_place_is_taken_over_and_collected_by_the_new_connection() {
         resource: key("job"),
         limit: Limit::ONE,
         lease: Lease::new(30).ok(),
+        origin: None,
     };
     assert!(matches!(
         t.apply(&at(0, enqueue(1))).outcome,
@@ -137,6 +139,7 @@ fn a_two_phase_place_is_taken_over_and_collected_by_the_new_connection() {
             ticket: 0,
             resource: key("job"),
             wait: Some(1),
+            origin: None,
         },
     ));
     match wait.outcome {
@@ -216,4 +219,140 @@ fn a_new_leader_keeps_named_sessions_as_orphans_and_closes_the_rest() {
     assert_eq!(t.holder_count(), 3);
     let _ = t.apply(&at(131, Op::Sweep));
     assert_eq!(t.holder_count(), 0);
+}
+
+/// A named multiplexed session's request, by its session-wide id.
+fn retried_acquire(conn: u64, name: &str, origin: u64, wait: bool) -> Op {
+    Op::Acquire {
+        conn: ConnId(conn),
+        resource: key(name),
+        limit: Limit::ONE,
+        lease: Lease::new(30).ok(),
+        wait: wait.then_some(origin),
+        origin: Some(origin),
+    }
+}
+
+/// The session's link breaks after the acquire was applied but before its
+/// reply arrived; the next connection takes over, binds, and sends the same
+/// request again.
+fn fail_over(t: &mut LockTable, from: u64, to: u64, secs: u64) {
+    let _ = t.apply(&at(secs, close(from)));
+    let attached = bound(t, at(secs, bind(to, "session")));
+    assert_eq!(attached.from, Some(ConnId(from)));
+}
+
+#[test]
+fn a_retried_acquire_gets_the_hold_it_already_got() {
+    let mut t = table(TTL);
+    let _ = bound(&mut t, at(0, bind(1, "session")));
+    let first = granted(&mut t, at(0, retried_acquire(1, "job", 7, false)));
+    fail_over(&mut t, 1, 2, 10);
+    let again = granted(&mut t, at(11, retried_acquire(2, "job", 7, false)));
+    assert_eq!(again.token, first.token, "the same hold, not a new grant");
+    assert_eq!(t.holder_count(), 1);
+    // Its lease restarted with the retry: 30 s from 11 s.
+    assert_eq!(
+        t.next_deadline(),
+        Some(Duration::from_secs(41) + TableConfig::default().clock_granularity)
+    );
+    // Another request of the same session (a new id) still finds the lock
+    // busy: the retry rule never shares a hold between two requests.
+    let other = t.apply(&at(12, retried_acquire(2, "job", 8, false)));
+    assert_eq!(other.outcome, Ok(Outcome::Acquire(AcquireOutcome::Timeout)));
+    // Nor does a connection without ids (origin None) with the same number.
+    let plain = t.apply(&at(12, acquire(2, "job", None)));
+    assert_eq!(plain.outcome, Ok(Outcome::Acquire(AcquireOutcome::Timeout)));
+}
+
+#[test]
+fn a_retried_blocking_acquire_gets_the_grant_delivered_to_it() {
+    let mut t = table(TTL);
+    let holder = granted(&mut t, at(0, acquire(9, "job", None)));
+    let _ = bound(&mut t, at(0, bind(1, "session")));
+    let queued = t.apply(&at(0, retried_acquire(1, "job", 5, true)));
+    assert!(matches!(
+        queued.outcome,
+        Ok(Outcome::Acquire(AcquireOutcome::Queued(_)))
+    ));
+    let released = t.apply(&at(
+        1,
+        Op::Release {
+            resource: key("job"),
+            token: holder.token,
+        },
+    ));
+    let delivered = released.grants[0].grant;
+    // The grant was written to connection 1, which broke before it arrived.
+    fail_over(&mut t, 1, 2, 2);
+    let again = granted(&mut t, at(3, retried_acquire(2, "job", 5, true)));
+    assert_eq!(again.token, delivered.token);
+}
+
+#[test]
+fn a_retry_of_a_hold_that_ran_out_acquires_afresh() {
+    let mut t = table(Duration::from_secs(300));
+    let _ = bound(&mut t, at(0, bind(1, "session")));
+    let first = granted(&mut t, at(0, retried_acquire(1, "job", 7, false)));
+    fail_over(&mut t, 1, 2, 1);
+    // 30 s lease: gone by 40 s, and never resurrected.
+    let again = granted(&mut t, at(40, retried_acquire(2, "job", 7, false)));
+    assert!(again.token.fence() > first.token.fence());
+}
+
+#[test]
+fn a_retried_enqueue_and_wait_find_their_place_and_grant() {
+    let mut t = table(TTL);
+    let holder = granted(&mut t, at(0, acquire(9, "job", None)));
+    let _ = bound(&mut t, at(0, bind(1, "session")));
+    let enqueue = |conn, origin| Op::Enqueue {
+        conn: ConnId(conn),
+        ticket: 3,
+        resource: key("job"),
+        limit: Limit::ONE,
+        lease: Lease::new(30).ok(),
+        origin,
+    };
+    let wait = |conn, origin: u64| Op::Wait {
+        conn: ConnId(conn),
+        ticket: 3,
+        resource: key("job"),
+        wait: Some(origin),
+        origin: Some(origin),
+    };
+    let queued = Ok(Outcome::Enqueue(EnqueueOutcome::Queued));
+    assert_eq!(t.apply(&at(0, enqueue(1, Some(4)))).outcome, queued);
+    fail_over(&mut t, 1, 2, 1);
+    // The retried `e` finds its place (kept, with its position) ...
+    assert_eq!(t.apply(&at(2, enqueue(2, Some(4)))).outcome, queued);
+    assert_eq!(t.waiter_count(), 1);
+    // ... where a second `e` without an id would be refused.
+    assert_eq!(
+        t.apply(&at(2, enqueue(2, None))).outcome,
+        Err(dflockd_core::LockError::AlreadyEnqueued)
+    );
+    // A `w` waits; the holder leaves; the grant goes to the `w`, whose
+    // reply is lost in a second failover.
+    assert!(matches!(
+        t.apply(&at(3, wait(2, 6))).outcome,
+        Ok(Outcome::Wait(WaitOutcome::Pending(_)))
+    ));
+    let released = t.apply(&at(
+        4,
+        Op::Release {
+            resource: key("job"),
+            token: holder.token,
+        },
+    ));
+    let delivered = released.grants[0].grant;
+    fail_over(&mut t, 2, 3, 5);
+    match t.apply(&at(6, wait(3, 6))).outcome {
+        Ok(Outcome::Wait(WaitOutcome::Granted(grant))) => assert_eq!(grant.token, delivered.token),
+        other => panic!("expected the delivered grant, got {other:?}"),
+    }
+    // A `w` with another id has nothing to collect.
+    assert_eq!(
+        t.apply(&at(6, wait(3, 99))).outcome,
+        Err(dflockd_core::LockError::NotEnqueued)
+    );
 }

@@ -823,6 +823,10 @@ impl Session {
         log: &mut impl Log,
     ) -> Step {
         let conn = self.id;
+        // A named multiplexed session numbers its requests uniquely over
+        // all its connections (docs/protocol-mux.md, *Sessions*), so an id
+        // seen again is a retry of the same request.
+        let origin = (self.is_mux() && self.stable_ref.is_some()).then_some(id);
         match request {
             Request::Ping => Step::Reply(Reply::Ok),
             // The handshake consumed the only `auth` that is ever valid.
@@ -861,6 +865,7 @@ impl Session {
                     limit: kind.limit(),
                     lease,
                     wait,
+                    origin,
                 };
                 let done = match wait {
                     Some(request) => log.run_waiting(rid, op, request),
@@ -907,6 +912,7 @@ impl Session {
                         resource: rid.clone(),
                         limit: kind.limit(),
                         lease,
+                        origin,
                     };
                     let done = log.run(rid, op, id);
                     this.submit(id, Then::Enqueue, done, now)
@@ -926,6 +932,7 @@ impl Session {
                     ticket,
                     resource: rid.clone(),
                     wait,
+                    origin,
                 };
                 let done = match wait {
                     Some(request) => log.run_waiting(rid, op, request),

@@ -119,6 +119,7 @@ pub fn acquire_for(conn: u64, key: &str, lease: Option<u64>) -> Op {
         limit: Limit::ONE,
         lease: lease.and_then(|secs| dflockd_proto::Lease::new(secs).ok()),
         wait: None,
+        origin: None,
     }
 }
 

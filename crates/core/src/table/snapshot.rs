@@ -65,6 +65,8 @@ struct HolderState {
     conn: ConnId,
     deadline: Duration,
     lease: Lease,
+    /// The request answered with it, for retries.
+    origin: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,7 +188,7 @@ impl<F: FenceSource> LockTable<F> {
     /// let mut b = LockTable::new(TableConfig::default());
     /// let acquire = Command::new(Duration::ZERO, Salt::new(1, 2), Op::Acquire {
     ///     conn: ConnId(1), resource: ResourceId::new(Namespace::Lock, Key::new("k").unwrap()),
-    ///     limit: Limit::ONE, lease: None, wait: None,
+    ///     limit: Limit::ONE, lease: None, wait: None, origin: None,
     /// });
     /// let _ = a.apply(&acquire);
     /// let _ = b.apply(&acquire);
@@ -205,6 +207,7 @@ impl<F: FenceSource> LockTable<F> {
                         conn: h.conn,
                         deadline: h.deadline,
                         lease: h.lease,
+                        origin: h.origin,
                     })
                     .collect();
                 holders.sort_unstable_by_key(|h| h.token);
@@ -303,7 +306,7 @@ impl LockTable<FenceCounter> {
     /// let mut table = LockTable::new(TableConfig::default());
     /// let _ = table.apply(&Command::new(Duration::ZERO, Salt::new(1, 2), Op::Acquire {
     ///     conn: ConnId(1), resource: ResourceId::new(Namespace::Lock, Key::new("k").unwrap()),
-    ///     limit: Limit::ONE, lease: None, wait: None,
+    ///     limit: Limit::ONE, lease: None, wait: None, origin: None,
     /// }));
     /// let copy = LockTable::restore(&table.snapshot()).unwrap();
     /// assert_eq!(copy.holder_count(), 1);
@@ -455,6 +458,7 @@ fn hold_restored(
                 deadline: held.deadline,
                 lease: held.lease,
                 slot,
+                origin: held.origin,
             },
         );
     }

@@ -126,6 +126,7 @@ impl<W> Driver<W> {
             limit,
             lease,
             wait,
+            origin: None,
         };
         match self.run_waiting(conn, wait, op, now)? {
             Outcome::Acquire(outcome) => Ok(outcome),
@@ -233,6 +234,7 @@ impl<W> Driver<W> {
             resource: rid.clone(),
             limit,
             lease,
+            origin: None,
         };
         match self.run(op, now)? {
             Outcome::Enqueue(outcome) => Ok(outcome),
@@ -253,6 +255,7 @@ impl<W> Driver<W> {
             ticket,
             resource: rid.clone(),
             wait,
+            origin: None,
         };
         match self.run_waiting(conn, wait, op, now)? {
             Outcome::Wait(outcome) => Ok(outcome),
