@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use dflockd_proto::{Key, Kind, Limit, Request, Stats};
 
-use crate::connection::{expect_ok, expect_stats};
+use crate::connection::expect_ok;
 use crate::handles::{Lock, Semaphore};
 use crate::inner::ClientInner;
 use crate::options::{ServerAddr, Sharding};
@@ -154,9 +154,9 @@ impl Client {
     /// ```
     pub async fn stats(&self, index: usize) -> Result<Stats> {
         self.check_index(index)?;
-        let reply = self.inner.control_call(index, Request::Stats, None).await;
-        reply
-            .and_then(|(reply, _)| expect_stats(reply))
+        self.inner
+            .stats_of(index)
+            .await
             .map_err(|e| e.on(&self.inner.servers[index].label))
     }
 

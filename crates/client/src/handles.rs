@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use dflockd_proto::Key;
+use dflockd_proto::{Key, LockEntry};
 use kameo::prelude::*;
 
 use crate::lease::Lease;
@@ -184,4 +184,33 @@ pub struct Lock(pub(crate) Target);
 pub struct Semaphore(pub(crate) Target);
 
 handle_methods!(Lock, "lock");
+
+impl Lock {
+    /// Who holds this lock now, as the server's `stats` shows it: the
+    /// holder's fence and the label it proclaimed
+    /// ([`Lease::proclaim`](crate::Lease::proclaim)), the lease left and
+    /// the waiters; `None` when nobody holds or waits. One `stats` request:
+    /// it lists every busy key of the server, so poll it at human pace.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let server = dflockd_server::Server::start(dflockd_server::ServerConfig::ephemeral()).await?;
+    /// # let client = dflockd_client::Client::builder().server(server.local_addr().into()).build()?;
+    /// let lock = client.lock("nightly/report")?;
+    /// assert!(lock.holder().await?.is_none());
+    /// let lease = lock.acquire().await?;
+    /// assert_eq!(lock.holder().await?.and_then(|h| h.fence), Some(lease.fence()));
+    /// # Ok(()) }
+    /// ```
+    pub async fn holder(&self) -> Result<Option<LockEntry>> {
+        let target = &self.0;
+        let stats = target
+            .inner()
+            .stats_of(target.server)
+            .await
+            .map_err(|e| target.about(e))?;
+        let key = target.key.to_string_lossy();
+        Ok(stats.locks.into_iter().find(|entry| entry.key == key))
+    }
+}
 handle_methods!(Semaphore, "semaphore slot");

@@ -75,6 +75,12 @@ impl ClientInner {
         }
     }
 
+    /// The server's `stats`.
+    pub(crate) async fn stats_of(&self, server: usize) -> Result<dflockd_proto::Stats> {
+        let (reply, _) = self.control_call(server, Request::Stats, None).await?;
+        crate::connection::expect_stats(reply)
+    }
+
     /// Sends a non-blocking request over the server's control lane.
     pub(crate) async fn control_call(
         &self,

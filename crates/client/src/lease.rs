@@ -262,6 +262,56 @@ impl Lease {
         }
     }
 
+    /// Proclaims `label` as this lock's holder, for others to read with
+    /// [`Lock::holder`](crate::Lock::holder) (and in `stats`): say, the
+    /// address a leader serves on. Replicated with the hold, so it
+    /// survives a cluster failover; gone when the lease ends. An
+    /// extension of this project's server over the multiplexed connection:
+    /// other servers answer it `ErrorKind::Server`.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let server = dflockd_server::Server::start(dflockd_server::ServerConfig::ephemeral()).await?;
+    /// # let client = dflockd_client::Client::builder().server(server.local_addr().into()).build()?;
+    /// let lock = client.lock("service/leader")?;
+    /// let lease = lock.acquire().await?;
+    /// lease.proclaim("node-a:8080").await?;
+    /// let holder = lock.holder().await?.expect("held");
+    /// assert_eq!(holder.label.as_deref(), Some("node-a:8080"));
+    /// assert_eq!(holder.fence, Some(lease.fence()));
+    /// assert!(lease.proclaim("two words").await.is_err()); // 1–64 printable bytes, no spaces
+    /// # Ok(()) }
+    /// ```
+    pub async fn proclaim(&self, label: &str) -> Result<()> {
+        let inner = self.inner();
+        let about = |error: crate::Error| {
+            error.about(&inner.key, &inner.client.servers[inner.server].label)
+        };
+        let label = dflockd_proto::Label::new(label).ok_or_else(|| {
+            about(
+                ErrorKind::InvalidArgument(format!(
+                    "label {label:?}: 1–64 printable ASCII bytes without spaces"
+                ))
+                .into(),
+            )
+        })?;
+        if inner.kind != Kind::Lock {
+            return Err(about(
+                ErrorKind::InvalidArgument("only a lock's holder proclaims a label".into()).into(),
+            ));
+        }
+        let request = Request::Label {
+            key: inner.key.clone(),
+            token: inner.token.into(),
+            label,
+        };
+        match inner.client.control_call(inner.server, request, None).await {
+            Ok((Reply::Ok, _)) => Ok(()),
+            Ok((other, _)) => Err(about(crate::connection::failure(other))),
+            Err(error) => Err(about(error)),
+        }
+    }
+
     /// Releases the lease. `Released::AlreadyLost` if it had been lost (or the
     /// server no longer knew the token).
     ///

@@ -45,7 +45,7 @@ pub use kameo;
 pub use builder::ClientBuilder;
 pub use client::Client;
 pub use connection::{Connection, Enqueued, Granted};
-pub use dflockd_proto::{Key, Stats, Token, fence_from_token};
+pub use dflockd_proto::{Key, Label, LockEntry, Stats, Token, fence_from_token};
 pub use error::{Error, ErrorKind, Result};
 pub use handles::{Lock, Semaphore};
 pub use lease::{Lease, LeaseMonitor, Released};

@@ -1,7 +1,10 @@
-//! The client against a three-node cluster in this process
-//! (`dflockd_testkit::cluster`): it finds the leader however the nodes are
-//! listed, blocking requests of a plain-mode client go to the leader too,
-//! and after the leader is killed new requests reach the new leader.
+//! The client against a three-node cluster — in this process by default,
+//! or any external cluster named by `DFLOCKD_TEST_CLUSTER`
+//! (`dflockd_testkit::cluster_under_test`; run
+//! `scripts/external-cluster-test.sh`): it finds the leader however the
+//! nodes are listed, blocking requests of a plain-mode client go to the
+//! leader too, new requests reach a new leader after a kill, leases and
+//! requests in flight ride through failovers.
 
 use std::time::Duration;
 
@@ -9,7 +12,8 @@ use std::net::SocketAddr;
 
 use dflockd_client::{Client, ErrorKind, ServerAddr};
 use dflockd_testkit::client::{BOUND, eventually};
-use dflockd_testkit::cluster::{CLUSTER_WAIT, TestCluster};
+use dflockd_testkit::cluster::CLUSTER_WAIT;
+use dflockd_testkit::cluster_under_test::ClusterUnderTest;
 use dflockd_testkit::faultproxy::{Blackhole, Direction, FaultProxy, Link};
 use dflockd_testkit::wire::REPLY_TIMEOUT;
 
@@ -24,11 +28,11 @@ fn client(nodes: &[SocketAddr], multiplex: bool) -> Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_client_finds_the_leader_and_follows_it_after_a_kill() {
-    let mut cluster = TestCluster::start(3).await;
+    let mut cluster = ClusterUnderTest::start(with_orphans).await;
     let (leader, _) = cluster.leader().await;
     // A follower first: the client must be redirected (or move on).
     let order = [(leader + 1) % 3, (leader + 2) % 3, leader];
-    let nodes: Vec<SocketAddr> = order.iter().map(|&i| cluster.client_addrs[i]).collect();
+    let nodes: Vec<SocketAddr> = order.iter().map(|&i| cluster.client_addrs()[i]).collect();
     let mux = client(&nodes, true);
     let plain = client(&nodes, false);
 
@@ -78,7 +82,7 @@ async fn a_cluster_client_finds_the_leader_and_follows_it_after_a_kill() {
 
 /// `stats` from the leader itself (any node answers `stats`, a follower
 /// from what it has applied so far), after a committed `barrier`.
-async fn leader_stats(cluster: &TestCluster) -> String {
+async fn leader_stats(cluster: &ClusterUnderTest) -> String {
     let (_, mut conn) = cluster.leader().await;
     conn.send(b"stats\n_\n_\n").await;
     conn.read_line_within(REPLY_TIMEOUT)
@@ -100,9 +104,9 @@ fn with_orphans(config: &mut dflockd_server::ServerConfig) {
 /// fence) and is renewed past its first length; nobody else gets the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_survives_a_leader_failover() {
-    let mut cluster = TestCluster::start_with(3, with_orphans).await;
+    let mut cluster = ClusterUnderTest::start(with_orphans).await;
     let (leader, _) = cluster.leader().await;
-    let nodes = cluster.client_addrs.clone();
+    let nodes = cluster.client_addrs();
     let holder = client(&nodes, true);
     let lease = holder
         .lock("jobs/survivor")
@@ -162,9 +166,9 @@ async fn a_lease_survives_a_leader_failover() {
 /// leader applies it: the caller gets `Released`, and the key is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_during_a_failover_is_retried_until_it_applies() {
-    let mut cluster = TestCluster::start_with(3, with_orphans).await;
+    let mut cluster = ClusterUnderTest::start(with_orphans).await;
     let (leader, _) = cluster.leader().await;
-    let nodes = cluster.client_addrs.clone();
+    let nodes = cluster.client_addrs();
     let holder = client(&nodes, true);
     let lease = holder
         .lock("jobs/released")
@@ -195,16 +199,16 @@ async fn a_release_during_a_failover_is_retried_until_it_applies() {
 /// A cluster whose nodes the client reaches through fault proxies, and
 /// the live link of its session to the leader.
 struct Proxied {
-    cluster: TestCluster,
+    cluster: ClusterUnderTest,
     proxies: Vec<FaultProxy>,
     client: Client,
 }
 
 impl Proxied {
     async fn start() -> Proxied {
-        let cluster = TestCluster::start_with(3, with_orphans).await;
+        let cluster = ClusterUnderTest::start(with_orphans).await;
         let mut proxies = Vec::new();
-        for addr in &cluster.client_addrs {
+        for addr in &cluster.client_addrs() {
             proxies.push(FaultProxy::start(*addr).await.expect("proxy"));
         }
         let nodes: Vec<SocketAddr> = proxies.iter().map(FaultProxy::addr).collect();
@@ -268,7 +272,7 @@ async fn an_acquire_whose_answer_was_lost_gets_its_hold_on_the_next_connection()
         .expect("the hold the first attempt got");
     // One hold, not two: after its release the key is free for others.
     lease.release().await.unwrap();
-    let other = client(&p.cluster.client_addrs, true);
+    let other = client(&p.cluster.client_addrs(), true);
     assert!(
         other
             .lock("lost/try")
@@ -300,7 +304,7 @@ async fn a_grant_whose_caller_left_while_its_answer_was_lost_is_released() {
     acquiring.abort();
     let _ = acquiring.await;
     link.reset().await;
-    let other = client(&p.cluster.client_addrs, true);
+    let other = client(&p.cluster.client_addrs(), true);
     let started = std::time::Instant::now();
     eventually("the abandoned grant released", CLUSTER_WAIT, || async {
         matches!(
@@ -318,7 +322,7 @@ async fn a_grant_whose_caller_left_while_its_answer_was_lost_is_released() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_requests_whose_answers_were_lost_keep_what_they_got() {
     let p = Proxied::start().await;
-    let other = client(&p.cluster.client_addrs, true);
+    let other = client(&p.cluster.client_addrs(), true);
     let blocker = other.lock("lost/wait").unwrap().acquire().await.unwrap();
     let link = p.session_link().await;
     link.set_blackhole(Direction::ToClient, Some(Blackhole::Drop));
@@ -383,9 +387,13 @@ async fn a_thousand_leases_survive_an_isolated_leader() {
 
 async fn thousand_leases_survive(loss: LeaderLoss) {
     const LEASES: usize = 1_000;
-    let mut cluster = TestCluster::start_with(3, with_orphans).await;
+    // Isolating a node needs the in-process cluster's Raft proxies.
+    let mut cluster = match loss {
+        LeaderLoss::Kill => ClusterUnderTest::start(with_orphans).await,
+        LeaderLoss::Isolate => ClusterUnderTest::local(with_orphans).await,
+    };
     let (leader, _) = cluster.leader().await;
-    let nodes = cluster.client_addrs.clone();
+    let nodes = cluster.client_addrs();
     let holder = Client::builder()
         .cluster(nodes)
         .connect_timeout(BOUND)
@@ -409,7 +417,10 @@ async fn thousand_leases_survive(loss: LeaderLoss) {
 
     match loss {
         LeaderLoss::Kill => cluster.kill(leader).await,
-        LeaderLoss::Isolate => cluster.isolate(leader).await,
+        LeaderLoss::Isolate => {
+            let local = cluster.local_mut().expect("an in-process cluster");
+            local.isolate(leader).await;
+        }
     }
     let (new_leader, _) = cluster.leader().await;
     assert_ne!(new_leader, leader);
@@ -469,8 +480,8 @@ async fn workloads_run_through_leader_kills_without_errors() {
 
     const WORKERS: usize = 8;
     const KEYS: usize = 3;
-    let mut cluster = TestCluster::start_with(3, with_orphans).await;
-    let nodes = cluster.client_addrs.clone();
+    let mut cluster = ClusterUnderTest::start(with_orphans).await;
+    let nodes = cluster.client_addrs();
     let stop = Arc::new(AtomicBool::new(false));
     let rounds = Arc::new(AtomicU64::new(0));
     // Per key: the last fence written, and whether someone is inside.

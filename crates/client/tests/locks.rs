@@ -69,6 +69,39 @@ async fn errors_name_the_key_and_the_server() {
 }
 
 both_modes! {
+/// A holder proclaims a label that `Lock::holder` (and `stats`) show with
+/// its fence, over the multiplexed connection; a plain connection answers
+/// the extension as an unknown command, and nothing is labelled.
+#[tokio::test]
+async fn a_holder_proclaims_a_label() {
+    let server = TestServer::start().await;
+    let keys = Keys::new("label");
+    let client = server.client();
+    let lock = client.lock(&keys.key("leader")).unwrap();
+    assert!(lock.holder().await.unwrap().is_none());
+    let lease = lock.acquire().await.unwrap();
+    let proclaimed = lease.proclaim("node-a:8080").await;
+    let holder = lock.holder().await.unwrap().expect("held");
+    assert_eq!(holder.fence, Some(lease.fence()));
+    match dflockd_testkit::client::Mode::current() {
+        dflockd_testkit::client::Mode::Mux => {
+            proclaimed.unwrap();
+            assert_eq!(holder.label.as_deref(), Some("node-a:8080"));
+        }
+        dflockd_testkit::client::Mode::Plain => {
+            let error = proclaimed.unwrap_err();
+            assert!(matches!(error.kind(), ErrorKind::Server), "{error:?}");
+            assert_eq!(holder.label, None);
+        }
+    }
+    let bad = lease.proclaim("two words").await.unwrap_err();
+    assert!(matches!(bad.kind(), ErrorKind::InvalidArgument(_)), "{bad:?}");
+    lease.release().await.unwrap();
+    assert!(lock.holder().await.unwrap().is_none());
+}
+}
+
+both_modes! {
 #[tokio::test]
 async fn acquire_try_lock_and_release() {
     let server = TestServer::start().await;

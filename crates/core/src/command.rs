@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use dflockd_proto::{Lease, Limit, StableRef, Token};
+use dflockd_proto::{Label, Lease, Limit, StableRef, Token};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -327,6 +327,16 @@ pub enum Op {
         conn: ConnId,
         /// The session's name.
         reference: StableRef,
+    },
+    /// `label`: the holder with `token` proclaims `label` (shown in
+    /// `stats`; replaced by a later one, gone with the hold).
+    Label {
+        /// The lock.
+        resource: ResourceId,
+        /// The holder's token.
+        token: Token,
+        /// What it proclaims.
+        label: Label,
     },
     /// Evict every lease at or past its deadline, end due lock-delays, and
     /// disconnect orphaned sessions whose time ran out.

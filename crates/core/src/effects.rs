@@ -84,6 +84,8 @@ pub enum Outcome {
     OfficeTaken(usize),
     /// To [`Op::Bind`](crate::Op::Bind): what the connection took over.
     Bound(Attached),
+    /// To [`Op::Label`](crate::Op::Label).
+    Labelled,
 }
 
 /// What a connection took over when it named its session

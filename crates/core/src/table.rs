@@ -3,7 +3,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dflockd_proto::{IdleEntry, Lease, Limit, LockEntry, SemaphoreEntry, StableRef, Stats, Token};
+use dflockd_proto::{
+    IdleEntry, Label, Lease, Limit, LockEntry, SemaphoreEntry, StableRef, Stats, Token,
+};
 
 use crate::command::{Command, Op, Policy, Salt};
 use crate::config::TableConfig;
@@ -39,6 +41,8 @@ struct Holder {
     /// session's numbering (see [`Op::Acquire`]'s `origin`): a retry of
     /// that request is answered with this hold.
     origin: Option<u64>,
+    /// What the holder proclaimed (`label`).
+    label: Option<Label>,
 }
 
 enum WaiterKind {
@@ -521,6 +525,13 @@ impl<F: FenceSource> LockTable<F> {
                 Ok(Outcome::Disconnected)
             }
             Op::Bind { conn, reference } => Ok(Outcome::Bound(self.bind(*conn, reference, now))),
+            Op::Label {
+                resource,
+                token,
+                label,
+            } => self
+                .label(resource, *token, label)
+                .map(|()| Outcome::Labelled),
             Op::Sweep => Ok(Outcome::Swept(self.sweep(now))),
             Op::EndDelays => Ok(Outcome::DelaysEnded(self.end_delays(now))),
             Op::Gc => Ok(Outcome::Collected(self.gc(now))),
@@ -831,6 +842,17 @@ impl<F: FenceSource> LockTable<F> {
             resource.last_activity = now;
         }
         Ok(lease)
+    }
+
+    /// `label`: the live holder with `token` proclaims `label`.
+    fn label(&mut self, rid: &ResourceId, token: Token, label: &Label) -> Result<(), LockError> {
+        let holder = self
+            .resources
+            .get_mut(rid)
+            .and_then(|r| r.holders.get_mut(&token))
+            .ok_or(LockError::NotHeld)?;
+        holder.label = Some(label.clone());
+        Ok(())
     }
 
     /// `e` / `se`: two-phase, phase 1. A retry (`origin` set) of an `e`
@@ -1262,8 +1284,11 @@ impl<F: FenceSource> LockTable<F> {
                 }
             } else if limit == 1 {
                 let holder = r.holders.iter().next().map(|(_, h)| h);
+                let held = r.holders.iter().next();
                 stats.locks.push(LockEntry {
                     key,
+                    fence: held.map(|(token, _)| token.fence()),
+                    label: held.and_then(|(_, h)| h.label.as_ref().map(|l| l.to_string())),
                     owner_conn_id: holder.map_or(0, |h| h.conn.0),
                     // The lease as granted: the clock's allowance left out.
                     lease_expires_in_s: holder.map_or(0.0, |h| {
@@ -1665,6 +1690,7 @@ fn hold(
             lease,
             slot,
             origin,
+            label: None,
         },
     );
 }

@@ -29,6 +29,7 @@ mod decoder;
 mod error;
 mod inline;
 mod key;
+mod label;
 mod mux;
 mod quick;
 mod reply;
@@ -43,6 +44,7 @@ mod values;
 pub use decoder::{Decoded, FrameDecoder, Progress, RawFrame};
 pub use error::ProtoError;
 pub use key::Key;
+pub use label::Label;
 pub use mux::{
     MUX_ACCEPTED, MUX_HELLO, MUX_VERSION, MuxBody, MuxError, MuxRequest, encode_mux_reply,
     encode_mux_request, is_mux_hello, parse_mux_reply, prefix_frames,

@@ -1,5 +1,5 @@
 use crate::values::{fields, leading_number, parse_i64, push_decimal, trim_space};
-use crate::{Key, Lease, Limit, ProtoError, RawFrame, Seconds, StableRef, Token, TokenText};
+use crate::{Key, Label, Lease, Limit, ProtoError, RawFrame, Seconds, StableRef, Token, TokenText};
 
 /// The two independent key spaces: `l foo` and `sl foo …` are different
 /// resources.
@@ -94,6 +94,8 @@ pub enum Command {
     Barrier,
     /// `stable-ref` (cluster mode)
     StableRef,
+    /// `label` (multiplexed connections only: docs/protocol-mux.md)
+    Label,
 }
 
 impl Command {
@@ -122,6 +124,7 @@ impl Command {
             b"stats" => Command::Stats,
             b"barrier" => Command::Barrier,
             b"stable-ref" => Command::StableRef,
+            b"label" => Command::Label,
             _ => return None,
         })
     }
@@ -150,6 +153,7 @@ impl Command {
             Command::Stats => "stats",
             Command::Barrier => "barrier",
             Command::StableRef => "stable-ref",
+            Command::Label => "label",
         }
     }
 }
@@ -241,6 +245,17 @@ pub enum Request {
     /// `stable-ref <ref> _`: names the connection's client session, so a
     /// client that reconnects (to a new leader) can be recognised.
     StableRef(StableRef),
+    /// `label key <token> <label>`: the holder of lock `key` with `token`
+    /// proclaims `label` (shown in `stats`; an extension of the
+    /// multiplexed protocol).
+    Label {
+        /// The lock.
+        key: Key,
+        /// The holder's token as sent.
+        token: TokenText,
+        /// What it proclaims.
+        label: Label,
+    },
 }
 
 impl Request {
@@ -366,6 +381,19 @@ impl Request {
                 let lease = lease.map(|l| lease_of(l)).transpose()?;
                 Request::Enqueue { key, kind, lease }
             }
+            Command::Label => {
+                let key = key()?;
+                let (token, label) = match fields(frame.argument).as_slice() {
+                    [] => return Err(ProtoError::EmptyToken),
+                    [token, label] => (token.to_vec(), *label),
+                    _ => return Err(ProtoError::BadArity),
+                };
+                Request::Label {
+                    key,
+                    token: token.as_slice().into(),
+                    label: Label::from_bytes(label).ok_or(ProtoError::BadArity)?,
+                }
+            }
             Command::Wait(namespace) => {
                 let key = key()?;
                 let timeout = seconds(trim_space(frame.argument))?;
@@ -395,6 +423,7 @@ impl Request {
             Request::Stats => Command::Stats,
             Request::Barrier => Command::Barrier,
             Request::StableRef(_) => Command::StableRef,
+            Request::Label { .. } => Command::Label,
         }
     }
 
@@ -437,7 +466,8 @@ impl Request {
             | Request::Release { key, .. }
             | Request::Renew { key, .. }
             | Request::Enqueue { key, .. }
-            | Request::Wait { key, .. } => out.extend_from_slice(key.as_bytes()),
+            | Request::Wait { key, .. }
+            | Request::Label { key, .. } => out.extend_from_slice(key.as_bytes()),
         }
         out.push(b'\n');
         let mut push = |s: &str| out.extend_from_slice(s.as_bytes());
@@ -459,6 +489,11 @@ impl Request {
                 }
             }
             Request::Release { token, .. } => out.extend_from_slice(token),
+            Request::Label { token, label, .. } => {
+                out.extend_from_slice(token);
+                out.push(b' ');
+                out.extend_from_slice(label.as_str().as_bytes());
+            }
             Request::Renew { token, lease, .. } => {
                 out.extend_from_slice(token);
                 if let Some(lease) = lease {
@@ -642,6 +677,24 @@ mod tests {
             let expected = case.parse::<i64>().map_err(|_| ProtoError::InvalidInteger);
             assert_eq!(int(case.as_bytes()), expected, "{case:?}");
         }
+    }
+
+    #[test]
+    fn a_label_round_trips_and_bad_ones_are_refused() {
+        let label = Request::Label {
+            key: Key::new("svc/leader").unwrap(),
+            token: b"00000000000000070123456789abcdef".as_slice().into(),
+            label: Label::new("node-a:8080").unwrap(),
+        };
+        let wire = label.encode_to_vec();
+        assert_eq!(
+            wire,
+            b"label\nsvc/leader\n00000000000000070123456789abcdef node-a:8080\n"
+        );
+        assert_eq!(parse(&wire).unwrap(), label);
+        assert_eq!(parse(b"label\nk\n\n"), Err(ProtoError::EmptyToken));
+        assert_eq!(parse(b"label\nk\ntok\n"), Err(ProtoError::BadArity));
+        assert_eq!(parse(b"label\nk\ntok a b\n"), Err(ProtoError::BadArity));
     }
 
     #[test]

@@ -265,7 +265,8 @@ fn request_key(request: &Request) -> Option<&Key> {
         | Request::Release { key, .. }
         | Request::Renew { key, .. }
         | Request::Enqueue { key, .. }
-        | Request::Wait { key, .. } => Some(key),
+        | Request::Wait { key, .. }
+        | Request::Label { key, .. } => Some(key),
         Request::Auth { .. }
         | Request::Ping
         | Request::Stats
@@ -408,6 +409,11 @@ fn request() -> impl Strategy<Value = Request> {
         Just(Request::Barrier),
         "[ -~]{1,64}".prop_filter_map("a stable ref", |name| {
             dflockd_proto::StableRef::new(name.trim()).map(Request::StableRef)
+        }),
+        (key(), token_hex(), "[!-~]{1,64}").prop_map(|(key, token, label)| Request::Label {
+            key,
+            token: token.into(),
+            label: dflockd_proto::Label::new(&label).expect("printable, no spaces"),
         }),
     ]
 }

@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use dflockd_client::{Client, Lease, LeaseMonitor, Lock, Released, Result, Token};
+use dflockd_client::{Client, ErrorKind, Lease, LeaseMonitor, Lock, Released, Result, Token};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -55,7 +55,29 @@ pub struct LeaderElection {
     state: watch::Sender<Leadership>,
     poll: Duration,
     retry: Duration,
+    /// Proclaimed by each term (`Lease::proclaim`).
+    label: Option<String>,
 }
+
+/// Who leads an election, as anyone can see it: the term's fence and the
+/// label its leader proclaimed
+/// ([`LeaderElection::with_label`]).
+///
+/// ```
+/// let leader = dflockd_recipes::Leader { fence: 42, label: Some("node-a:8080".into()) };
+/// assert_eq!(leader.label.as_deref(), Some("node-a:8080"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leader {
+    /// The term's fence: larger means a later term.
+    pub fence: u64,
+    /// What the leader proclaimed; `None` before it did (or if it never
+    /// does).
+    pub label: Option<String>,
+}
+
+/// How often [`LeaderElection::observe`] asks who leads.
+const OBSERVE_EVERY: Duration = Duration::from_secs(1);
 
 impl LeaderElection {
     /// A candidate for `key`, with the client's default lease.
@@ -72,7 +94,93 @@ impl LeaderElection {
             state: watch::channel(Leadership::Follower).0,
             poll: Duration::from_secs(10),
             retry: Duration::from_millis(200),
+            label: None,
         })
+    }
+
+    /// Each term this candidate wins proclaims `label` (say, the address
+    /// it serves on), for [`leader`](Self::leader) and
+    /// [`observe`](Self::observe) to show to everyone. 1–64 printable ASCII
+    /// bytes without spaces; needs this project's server (others refuse
+    /// the proclamation, which is logged and leaves the term unlabelled).
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let server = dflockd_server::Server::start(dflockd_server::ServerConfig::ephemeral()).await?;
+    /// # let client = dflockd_client::Client::builder().server(server.local_addr().into()).build()?;
+    /// use dflockd_recipes::LeaderElection;
+    /// let election = LeaderElection::new(&client, "service/leader")?.with_label("node-a:8080")?;
+    /// let term = election.campaign().await?;
+    /// let leader = election.leader().await?.expect("someone leads");
+    /// assert_eq!((leader.fence, leader.label.as_deref()), (term.fence(), Some("node-a:8080")));
+    /// assert!(LeaderElection::new(&client, "x")?.with_label("has spaces").is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn with_label(mut self, label: &str) -> Result<LeaderElection> {
+        if dflockd_client::Label::new(label).is_none() {
+            return Err(ErrorKind::InvalidArgument(format!(
+                "label {label:?}: 1–64 printable ASCII bytes without spaces"
+            ))
+            .into());
+        }
+        self.label = Some(label.to_string());
+        Ok(self)
+    }
+
+    /// Who leads now (anyone's view, not only this candidate's): the
+    /// term's fence and proclaimed label; `None` while nobody leads. One
+    /// `stats` request to the election's server.
+    ///
+    /// ```no_run
+    /// # async fn demo(election: dflockd_recipes::LeaderElection) -> dflockd_client::Result<()> {
+    /// match election.leader().await? {
+    ///     Some(leader) => println!("led by {:?} (term fence {})", leader.label, leader.fence),
+    ///     None => println!("no leader right now"),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn leader(&self) -> Result<Option<Leader>> {
+        leader_of(&self.lock).await
+    }
+
+    /// Who leads, kept up to date: a receiver whose value changes when the
+    /// leader (its fence or label) does, from a task that asks every
+    /// second while any receiver lives. Failed polls are skipped (the
+    /// value stays as last seen). Needs a Tokio runtime.
+    ///
+    /// ```no_run
+    /// # async fn demo(election: dflockd_recipes::LeaderElection) {
+    /// let mut leader = election.observe();
+    /// while leader.changed().await.is_ok() {
+    ///     match &*leader.borrow() {
+    ///         Some(now) => println!("leader: {:?}, term fence {}", now.label, now.fence),
+    ///         None => println!("no leader"),
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub fn observe(&self) -> watch::Receiver<Option<Leader>> {
+        let (tx, rx) = watch::channel(None);
+        let lock = self.lock.clone();
+        tokio::spawn(async move {
+            while !tx.is_closed() {
+                match leader_of(&lock).await {
+                    Ok(now) => {
+                        tx.send_if_modified(|seen| {
+                            let changed = *seen != now;
+                            *seen = now;
+                            changed
+                        });
+                    }
+                    Err(error) => tracing::debug!(%error, "observe: poll failed"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(OBSERVE_EVERY) => {}
+                    _ = tx.closed() => {}
+                }
+            }
+        });
+        rx
     }
 
     /// Leases of this length (shorter = faster failover, more renewals).
@@ -139,7 +247,14 @@ impl LeaderElection {
     pub async fn campaign(&self) -> Result<Term> {
         loop {
             match self.lock.acquire_within(self.poll).await {
-                Ok(Some(lease)) => return Ok(Term::new(lease, self.state.clone())),
+                Ok(Some(lease)) => {
+                    if let Some(label) = &self.label
+                        && let Err(error) = lease.proclaim(label).await
+                    {
+                        tracing::warn!(%error, "the new term could not proclaim its label");
+                    }
+                    return Ok(Term::new(lease, self.state.clone()));
+                }
                 Ok(None) => {}
                 Err(error) if error.is_transient() => {
                     tracing::debug!(%error, "campaign: retrying");
@@ -518,4 +633,14 @@ impl LeaderContext {
     pub fn deadline(&self) -> Instant {
         self.monitor.deadline()
     }
+}
+
+/// The leader of the election on `lock`: its holder, if any.
+async fn leader_of(lock: &Lock) -> Result<Option<Leader>> {
+    Ok(lock.holder().await?.and_then(|entry| {
+        entry.fence.map(|fence| Leader {
+            fence,
+            label: entry.label,
+        })
+    }))
 }

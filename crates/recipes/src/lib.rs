@@ -28,7 +28,7 @@ mod leader;
 mod scope;
 mod singleton;
 
-pub use leader::{LeaderContext, LeaderElection, Leadership, Term};
+pub use leader::{Leader, LeaderContext, LeaderElection, Leadership, Term};
 pub use scope::{ABORT_MARGIN, LeaseScope};
 pub use singleton::Singleton;
 /// The cancellation token the recipes take and hand out (from

@@ -1,14 +1,15 @@
-//! Recipes against a three-node cluster in this process
-//! (`dflockd_testkit::cluster`): a leader elected through the cluster keeps
-//! its term — the same fence — through three consecutive kills of the
-//! dflockd leader under it.
+//! Recipes against a three-node cluster — in this process, or an external
+//! one (`DFLOCKD_TEST_CLUSTER`, see `dflockd_testkit::cluster_under_test`): a leader elected through the cluster keeps
+//! its term — the same fence, the same proclaimed label — through three
+//! consecutive kills of the dflockd leader under it.
 
 use std::time::Duration;
 
 use dflockd_client::Client;
 use dflockd_recipes::{LeaderElection, Leadership};
 use dflockd_testkit::client::{BOUND, eventually};
-use dflockd_testkit::cluster::{CLUSTER_WAIT, TestCluster};
+use dflockd_testkit::cluster::CLUSTER_WAIT;
+use dflockd_testkit::cluster_under_test::ClusterUnderTest;
 
 /// Nodes that keep a closed named session's holds for a while, so the
 /// client's next connection can take them over.
@@ -20,9 +21,9 @@ fn with_orphans(config: &mut dflockd_server::ServerConfig) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_elected_leader_keeps_its_term_through_three_server_failovers() {
-    let mut cluster = TestCluster::start_with(3, with_orphans).await;
+    let mut cluster = ClusterUnderTest::start(with_orphans).await;
     let (server_leader, _) = cluster.leader().await;
-    let nodes = cluster.client_addrs.clone();
+    let nodes = cluster.client_addrs();
     let client = Client::builder()
         .cluster(nodes.clone())
         .connect_timeout(BOUND)
@@ -30,7 +31,9 @@ async fn an_elected_leader_keeps_its_term_through_three_server_failovers() {
         .unwrap();
     let election = LeaderElection::new(&client, "svc/leader")
         .unwrap()
-        .with_lease(Duration::from_secs(4));
+        .with_lease(Duration::from_secs(4))
+        .with_label("node-a:8080")
+        .unwrap();
     let term = election.campaign().await.unwrap();
     let fence = term.fence();
     let watch = election.leadership();
@@ -70,9 +73,26 @@ async fn an_elected_leader_keeps_its_term_through_three_server_failovers() {
         .build()
         .unwrap();
     let rival = LeaderElection::new(&rival_client, "svc/leader").unwrap();
+    // Everyone sees who leads, with the label its term proclaimed before
+    // the failovers: replicated with the hold.
+    let seen = Some(dflockd_recipes::Leader {
+        fence,
+        label: Some("node-a:8080".into()),
+    });
+    assert_eq!(rival.leader().await.unwrap(), seen);
+    let mut observed = rival.observe();
     let attempt = tokio::time::timeout(Duration::from_secs(2), rival.campaign()).await;
     assert!(attempt.is_err(), "the rival was elected during the term");
+    tokio::time::timeout(CLUSTER_WAIT, observed.wait_for(|now| *now == seen))
+        .await
+        .expect("the observer sees the leader in time")
+        .unwrap();
     term.resign().await.unwrap();
+    tokio::time::timeout(CLUSTER_WAIT, observed.changed())
+        .await
+        .expect("the observer sees the resignation")
+        .unwrap();
+    assert_eq!(*observed.borrow(), None);
 }
 
 /// A singleton job with two candidate processes: it starts once, runs in
@@ -83,9 +103,9 @@ async fn a_singleton_job_is_not_restarted_by_a_server_failover() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    let mut cluster = TestCluster::start_with(3, with_orphans).await;
+    let mut cluster = ClusterUnderTest::start(with_orphans).await;
     let (server_leader, _) = cluster.leader().await;
-    let nodes = cluster.client_addrs.clone();
+    let nodes = cluster.client_addrs();
     let starts = Arc::new(AtomicUsize::new(0));
     let running = Arc::new(AtomicUsize::new(0));
     let most_at_once = Arc::new(AtomicUsize::new(0));

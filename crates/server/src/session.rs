@@ -21,8 +21,8 @@ use dflockd_core::{
     WaiterId,
 };
 use dflockd_proto::{
-    Decoded, FrameDecoder, Key, MUX_ACCEPTED, MuxBody, MuxError, MuxRequest, ProtoError, Reply,
-    Request, Seconds, StableRef, Stats, Status, Token, encode_mux_reply, is_mux_hello,
+    Decoded, FrameDecoder, Key, MUX_ACCEPTED, MuxBody, MuxError, MuxRequest, Namespace, ProtoError,
+    Reply, Request, Seconds, StableRef, Stats, Status, Token, encode_mux_reply, is_mux_hello,
 };
 use subtle::ConstantTimeEq;
 
@@ -169,6 +169,8 @@ enum Then {
     Barrier,
     /// `stable-ref`: the session's name, written to the log.
     Bind,
+    /// `label`.
+    Label,
 }
 
 /// A request whose command was proposed: its answer is still to come.
@@ -800,7 +802,7 @@ impl Session {
                 Reply::Renewed(Seconds::new(lease.get()).unwrap_or(Seconds::ZERO))
             }
             (Then::Enqueue | Then::Renew, _) => Reply::Failure(Status::Error),
-            (Then::Release | Then::Barrier | Then::Bind, _) => Reply::Ok,
+            (Then::Release | Then::Barrier | Then::Bind | Then::Label, _) => Reply::Ok,
         };
         Step::Reply(reply)
     }
@@ -888,6 +890,19 @@ impl Session {
                 });
                 this.submit(id, Then::Release, done, now)
             }),
+            // An extension of the multiplexed protocol: a plain
+            // connection answers it as v2 answers an unknown command.
+            Request::Label { .. } if !self.is_mux() => Step::Reply(Reply::Failure(Status::Error)),
+            Request::Label { key, token, label } => {
+                self.with_resource(Namespace::Lock, key, |this, rid| {
+                    let done = run_with_token(log, rid, id, &token, |token| Op::Label {
+                        resource: rid.clone(),
+                        token,
+                        label: label.clone(),
+                    });
+                    this.submit(id, Then::Label, done, now)
+                })
+            }
             Request::Renew {
                 key,
                 namespace,

@@ -7,6 +7,8 @@
 //!   conformance suites, with an embedded server on an ephemeral port;
 //! * [`cluster`]: three (or more) cluster nodes in one process on loopback,
 //!   every Raft link behind its own fault proxy;
+//! * [`cluster_under_test`]: that, or an external cluster of processes
+//!   (`DFLOCKD_TEST_CLUSTER`), for the cluster-aware client suite;
 //! * [`client`]: the client suite's server (embedded, or external through
 //!   `DFLOCKD_TEST_*`), unique keys, and [`both_modes!`] to run a test once
 //!   per client transport;
@@ -21,6 +23,7 @@
 
 pub mod client;
 pub mod cluster;
+pub mod cluster_under_test;
 pub mod faultproxy;
 pub mod pki;
 pub mod python;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dflockd_proto::{Lease, Limit, StableRef, Token};
+use dflockd_proto::{Label, Lease, Limit, StableRef, Token};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -67,6 +67,8 @@ struct HolderState {
     lease: Lease,
     /// The request answered with it, for retries.
     origin: Option<u64>,
+    /// What it proclaimed.
+    label: Option<Label>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,6 +210,7 @@ impl<F: FenceSource> LockTable<F> {
                         deadline: h.deadline,
                         lease: h.lease,
                         origin: h.origin,
+                        label: h.label.clone(),
                     })
                     .collect();
                 holders.sort_unstable_by_key(|h| h.token);
@@ -459,6 +462,7 @@ fn hold_restored(
                 lease: held.lease,
                 slot,
                 origin: held.origin,
+                label: held.label.clone(),
             },
         );
     }
