@@ -6,8 +6,10 @@
 //! A server may be a cluster: a set of nodes of which one leads. Then each
 //! new connection first asks the node for `barrier`, which only the
 //! leader answers `ok`; a follower's `error_not_leader <addr>` is followed
-//! when `addr` is one of the configured nodes (never elsewhere), anything
-//! else moves on to the next node in order, as the Go cluster client does.
+//! when `addr` is one of the configured nodes (never elsewhere); a bare
+//! `error_not_leader` has the node asked for `stats`, whose cluster object
+//! may name the leader; anything else moves on to the next node in order,
+//! as the Go cluster client does.
 //!
 //! Each new connection first asks for the multiplexed extension
 //! (docs/protocol-mux.md). Where the server accepts it, the control lane
@@ -234,7 +236,18 @@ impl ServerConn {
         let mut conn = Connection::connect(node, &self.args.options).await?;
         match conn.request(&Request::Barrier, timeout).await? {
             Reply::Ok => {}
-            Reply::NotLeader(hint) => return Ok(Probe::Follower(hint)),
+            Reply::NotLeader(Some(hint)) => return Ok(Probe::Follower(Some(hint))),
+            // No leader named: the node's `stats` may know it.
+            Reply::NotLeader(None) => {
+                let leader = match conn.request(&Request::Stats, timeout).await {
+                    Ok(reply) => crate::connection::expect_stats(reply)
+                        .ok()
+                        .and_then(|stats| stats.cluster)
+                        .and_then(|cluster| cluster.leader_addr),
+                    Err(_) => None,
+                };
+                return Ok(Probe::Follower(leader));
+            }
             other => return Err(failure(other)),
         }
         if let Some(session) = &self.session {

@@ -90,6 +90,58 @@ async fn leader_stats(cluster: &ClusterUnderTest) -> String {
         .expect("the leader answers stats")
 }
 
+/// A node that answers `barrier` with a bare `error_not_leader` (it names
+/// no leader), and whose `stats` names the leader: the client learns the
+/// leader there and goes to it, skipping the follower listed between them
+/// (behind a proxy that counts its connections).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_redirect_is_completed_from_stats() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    let cluster = ClusterUnderTest::local(with_orphans).await;
+    let (leader, _) = cluster.leader().await;
+    let addrs = cluster.client_addrs();
+    let follower = FaultProxy::start(addrs[(leader + 1) % 3]).await.unwrap();
+    let leader_addr = addrs[leader].to_string();
+    let mute = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mute_addr = mute.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = mute.accept().await {
+            let leader_addr = leader_addr.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                while let Ok(Some(command)) = lines.next_line().await {
+                    let (_, _) = (lines.next_line().await, lines.next_line().await);
+                    let reply = match command.as_str() {
+                        "barrier" => "error_not_leader\n".to_string(),
+                        "stats" => format!(
+                            "ok {{\"connections\":1,\"locks\":[],\"semaphores\":[],\"idle_locks\":[],\
+                             \"idle_semaphores\":[],\"cluster\":{{\"node_id\":\"9\",\"role\":\"follower\",\
+                             \"term\":2,\"leader_id\":\"1\",\"leader_addr\":\"{leader_addr}\",\
+                             \"commit_index\":1,\"last_log_index\":1,\"snapshot_index\":0,\"voters\":[]}}}}\n"
+                        ),
+                        _ => "error\n".to_string(),
+                    };
+                    if write.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let nodes = [mute_addr, follower.addr(), addrs[leader]];
+    let client = client(&nodes, true);
+    let lease = client
+        .lock("bare/redirect")
+        .unwrap()
+        .acquire()
+        .await
+        .unwrap();
+    assert_eq!(follower.accepted(), 0, "the listed follower was tried");
+    lease.release().await.unwrap();
+}
+
 /// Nodes that keep a closed named session's holds for a while
 /// (`--orphan-ttl`), so that its next connection can take them over.
 fn with_orphans(config: &mut dflockd_server::ServerConfig) {
