@@ -113,9 +113,20 @@ impl ClientBuilder {
     /// # }
     /// ```
     ///
-    /// Today a lease is bound to the connection it was granted on: when
-    /// the leader fails, leases held through it are reported lost and new
-    /// requests go to the new leader.
+    /// The client names its session on every connection, so a failover is
+    /// not a loss: leases are renewed through the new leader (same tokens,
+    /// same fences), and a request whose answer the failover lost is sent
+    /// again and answered with what it got (docs/CLUSTER.md; the nodes need
+    /// `--orphan-ttl`). Each cluster added is one shard:
+    ///
+    /// ```no_run
+    /// # fn demo() -> dflockd_client::Result<()> {
+    /// let client = dflockd_client::Client::builder()
+    ///     .cluster(["10.0.1.1:6388", "10.0.1.2:6388", "10.0.1.3:6388"]) // shard 0
+    ///     .cluster(["10.0.2.1:6388", "10.0.2.2:6388", "10.0.2.3:6388"]) // shard 1
+    ///     .build()?;
+    /// # Ok(()) }
+    /// ```
     pub fn cluster<A: IntoServerAddr>(mut self, nodes: impl IntoIterator<Item = A>) -> Self {
         let nodes: Result<Vec<ServerAddr>> = nodes
             .into_iter()
