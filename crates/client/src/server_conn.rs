@@ -211,9 +211,12 @@ impl ServerConn {
                 }
                 Ok(Probe::Follower(hint)) => {
                     tracing::debug!(node = %node, leader = ?hint, "not the leader");
-                    let known = hint.as_deref().and_then(|hint| {
-                        self.args.nodes.iter().position(|n| n.to_string() == hint)
-                    });
+                    // A node that names itself (a deposed leader's stale
+                    // view) is no lead to follow.
+                    let known = hint
+                        .as_deref()
+                        .and_then(|hint| self.args.nodes.iter().position(|n| n.to_string() == hint))
+                        .filter(|&known| known != next);
                     last_error = Some(ErrorKind::NotLeader { leader: hint }.into());
                     next = known.unwrap_or((next + 1) % nodes);
                 }
