@@ -188,8 +188,9 @@ handle_methods!(Lock, "lock");
 impl Lock {
     /// Who holds this lock now, as the server's `stats` shows it: the
     /// holder's fence and the label it proclaimed
-    /// ([`Lease::proclaim`](crate::Lease::proclaim)), the lease left and
-    /// the waiters; `None` when nobody holds or waits. One `stats` request:
+    /// ([`Lease::proclaim`](crate::Lease::proclaim)) — both only from this
+    /// project's server over the multiplexed connection — the lease left
+    /// and the waiters; `None` when nobody holds or waits. One `stats` request:
     /// it lists every busy key of the server, so poll it at human pace.
     ///
     /// ```

@@ -14,7 +14,7 @@ use dflockd_client::{Client, ErrorKind, ServerAddr};
 use dflockd_testkit::client::{BOUND, eventually};
 use dflockd_testkit::cluster::CLUSTER_WAIT;
 use dflockd_testkit::cluster_under_test::ClusterUnderTest;
-use dflockd_testkit::faultproxy::{Blackhole, Direction, FaultProxy, Link};
+use dflockd_testkit::faultproxy::{Blackhole, Direction, FaultProxy, Faults, Link};
 use dflockd_testkit::wire::REPLY_TIMEOUT;
 
 fn client(nodes: &[SocketAddr], multiplex: bool) -> Client {
@@ -288,18 +288,24 @@ impl Proxied {
     }
 
     /// Waits until the leader's table shows `key` with a holder and
-    /// `waiters` waiters.
+    /// `waiters` waiters (patiently: after a kill, an election under the
+    /// load of the other tests comes first).
     async fn applied(&self, key: &str, waiters: u64) {
-        eventually("the request applied", CLUSTER_WAIT, || async {
+        let until = std::time::Instant::now() + 2 * CLUSTER_WAIT;
+        loop {
             let stats = leader_stats(&self.cluster).await;
             let json = stats.strip_prefix("ok ").expect("a stats reply");
-            let stats: dflockd_client::Stats = serde_json::from_str(json).expect("stats JSON");
-            stats
-                .locks
-                .iter()
-                .any(|l| l.key == key && l.owner_conn_id != 0 && l.waiters == waiters)
-        })
-        .await;
+            let parsed: dflockd_client::Stats = serde_json::from_str(json).expect("stats JSON");
+            let entry = parsed.locks.iter().find(|l| l.key == key);
+            if entry.is_some_and(|l| l.owner_conn_id != 0 && l.waiters == waiters) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "{key} never held with {waiters} waiters: {entry:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -411,6 +417,55 @@ async fn waiting_requests_whose_answers_were_lost_keep_what_they_got() {
         .expect("granted in turn");
     granted.release().await.unwrap();
     lease.release().await.unwrap();
+}
+
+/// A blocking acquire waiting in the queue when the leader dies keeps its
+/// place: another client that queues after the failover — while this
+/// client is still cut off from the new leader — stays behind it, and the
+/// holder's release grants this client first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_waiter_keeps_its_place_through_a_failover() {
+    let mut p = Proxied::start().await;
+    let nodes = p.cluster.client_addrs();
+    let (holder_client, late_client) = (client(&nodes, true), client(&nodes, true));
+    let held = holder_client
+        .lock("queue/k")
+        .unwrap()
+        .acquire()
+        .await
+        .unwrap();
+    let lock = p.client.lock("queue/k").unwrap();
+    let first = tokio::spawn(async move { lock.acquire_within(Duration::from_secs(30)).await });
+    p.applied("queue/k", 1).await;
+    // Hold this client's bytes towards the servers while the leader dies.
+    let hold = Faults::none().with_blackhole(Blackhole::Hold);
+    for proxy in &p.proxies {
+        proxy.set_default_faults(Direction::ToServer, hold);
+    }
+    let (leader, _) = p.cluster.leader().await;
+    p.cluster.kill(leader).await;
+    let lock = late_client.lock("queue/k").unwrap();
+    let late = tokio::spawn(async move { lock.acquire_within(Duration::from_secs(30)).await });
+    // The old place (detached) and the late one.
+    p.applied("queue/k", 2).await;
+    for proxy in &p.proxies {
+        proxy.set_default_faults(Direction::ToServer, Faults::none());
+        for link in proxy.links() {
+            link.clear_faults();
+        }
+    }
+    held.release().await.unwrap();
+    let lease = first
+        .await
+        .unwrap()
+        .expect("no error surfaces")
+        .expect("granted first");
+    assert!(!late.is_finished(), "the late waiter went first");
+    let fence = lease.fence();
+    lease.release().await.unwrap();
+    let late = late.await.unwrap().unwrap().expect("granted next");
+    assert!(late.fence() > fence);
+    late.release().await.unwrap();
 }
 
 /// How the leader is lost.

@@ -320,8 +320,10 @@ pub enum Op {
     /// `stable-ref`: connection `conn` names its client session. If another
     /// connection had named it (typically one closed by a failover or a
     /// broken link), `conn` takes over that connection's holds (same
-    /// tokens, leases running on) and two-phase queue places (a later `w`
-    /// on `conn` collects them); its blocking acquires die with it.
+    /// tokens, leases running on), two-phase queue places (a later `w` on
+    /// `conn` collects them) and, if it was an orphan, its blocking
+    /// acquires' places (the session's retry of the same request claims
+    /// them); a live connection's blocking acquires die with it.
     Bind {
         /// The connection.
         conn: ConnId,

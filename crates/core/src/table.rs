@@ -56,6 +56,11 @@ struct Waiter {
     conn: ConnId,
     lease: Lease,
     kind: WaiterKind,
+    /// A blocking waiter whose connection closed while its session may
+    /// come back (an orphan's): it keeps its place for the session's retry
+    /// of the same request, and a grant made to it meanwhile is kept as a
+    /// hold, with nobody to deliver it to.
+    detached: bool,
 }
 
 struct Resource {
@@ -760,9 +765,26 @@ impl<F: FenceSource> LockTable<F> {
         origin: Option<u64>,
     ) -> Result<AcquireOutcome, LockError> {
         let lease = lease.unwrap_or(self.config.default_lease);
-        if let Some(grant) = origin.and_then(|origin| self.answered(conn, rid, origin, lease, now))
-        {
-            return Ok(AcquireOutcome::Granted(grant));
+        if let Some(origin) = origin {
+            if let Some(grant) = self.answered(conn, rid, origin, lease, now) {
+                return Ok(AcquireOutcome::Granted(grant));
+            }
+            // Still queued from before the failover: the place is claimed
+            // again, or given up by a retry that no longer waits.
+            if let Some(place) = self.detached_waiter(conn, rid, origin) {
+                if wait.is_none() {
+                    self.cancel_acquire(conn, rid, place, now);
+                    return Ok(AcquireOutcome::Timeout);
+                }
+                if let Some(waiter) = self
+                    .resources
+                    .get_mut(rid)
+                    .and_then(|r| r.queue.get_mut(&place))
+                {
+                    waiter.detached = false;
+                }
+                return Ok(AcquireOutcome::Queued(place));
+            }
         }
         let arrival = match self.grant_on_arrival(conn, rid, limit, lease, now, origin)? {
             Ok(grant) => return Ok(AcquireOutcome::Granted(grant)),
@@ -1478,6 +1500,22 @@ impl<F: FenceSource> LockTable<F> {
         self.answered(conn, rid, origin, lease, now)
     }
 
+    /// The detached blocking waiter of `conn` on `rid` for request `origin`.
+    fn detached_waiter(&self, conn: ConnId, rid: &ResourceId, origin: u64) -> Option<WaiterId> {
+        let resource = self.resources.get(rid)?;
+        let c = self.conns.get(&conn)?;
+        c.waiters
+            .iter()
+            .filter(|(_, waiting_on)| *waiting_on == rid)
+            .map(|(id, _)| *id)
+            .find(|id| {
+                resource.queue.get(id).is_some_and(|w| {
+                    w.detached
+                        && matches!(w.kind, WaiterKind::Blocking(request) if request == origin)
+                })
+            })
+    }
+
     fn answered_token(&self, conn: ConnId, rid: &ResourceId, origin: u64) -> Option<Token> {
         let resource = self.resources.get(rid)?;
         resource
@@ -1550,7 +1588,15 @@ impl<F: FenceSource> LockTable<F> {
         self.next_waiter += 1;
         let id = WaiterId(self.next_waiter);
         if let Some(resource) = self.resources.get_mut(rid) {
-            resource.queue.insert(id, Waiter { conn, lease, kind });
+            resource.queue.insert(
+                id,
+                Waiter {
+                    conn,
+                    lease,
+                    kind,
+                    detached: false,
+                },
+            );
         }
         self.conns
             .entry(conn)
@@ -1606,6 +1652,8 @@ impl<F: FenceSource> LockTable<F> {
             let c = self.conns.entry(waiter.conn).or_default();
             c.waiters.remove(&id);
             match waiter.kind {
+                // Nobody to deliver it to: kept as a hold for the retry.
+                WaiterKind::Blocking(_) if waiter.detached => {}
                 WaiterKind::Blocking(request) => {
                     self.deliveries.push(Delivery {
                         to: Waiting {

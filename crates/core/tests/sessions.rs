@@ -155,19 +155,20 @@ fn an_orphan_whose_time_runs_out_is_disconnected() {
     let mut t = table(TTL);
     let _ = bound(&mut t, at(0, bind(1, "s")));
     let _ = granted(&mut t, at(0, acquire(1, "job", None)));
-    // A blocking acquire dies with its connection (its request is gone).
+    // A blocking acquire keeps its place while its session may come back.
     let _ = granted(&mut t, at(0, acquire(3, "other", None)));
     assert!(matches!(
         t.apply(&at(0, acquire(1, "other", Some(4)))).outcome,
         Ok(Outcome::Acquire(AcquireOutcome::Queued(_)))
     ));
     let _ = t.apply(&at(1, close(1)));
-    assert_eq!(t.waiter_count(), 0);
+    assert_eq!(t.waiter_count(), 1);
     assert_eq!(t.holder_count(), 2);
     let _ = t.apply(&at(1 + TTL.as_secs() - 1, Op::Sweep));
     assert_eq!(t.holder_count(), 2, "not yet");
     let _ = t.apply(&at(1 + TTL.as_secs(), Op::Sweep));
     assert_eq!(t.holder_count(), 1, "released with auto-release");
+    assert_eq!(t.waiter_count(), 0, "its place went with it");
     // The name is free: a new connection takes over nothing.
     let attached = bound(&mut t, at(20, bind(2, "s")));
     assert_eq!(attached, Attached::default());
@@ -355,4 +356,77 @@ fn a_retried_enqueue_and_wait_find_their_place_and_grant() {
         t.apply(&at(6, wait(3, 99))).outcome,
         Err(dflockd_core::LockError::NotEnqueued)
     );
+}
+
+/// A blocking acquire queued when its connection broke keeps its place
+/// for the session: connections that queue later stay behind it, the
+/// session's retry of the same request claims it, and a grant made to it
+/// before the retry is kept as a hold and answered to the retry.
+#[test]
+fn a_blocking_acquire_keeps_its_place_through_a_failover() {
+    let mut t = table(TTL);
+    let holder = granted(&mut t, at(0, acquire(9, "job", None)));
+    let _ = bound(&mut t, at(0, bind(1, "session")));
+    let queued = |outcome| matches!(outcome, Ok(Outcome::Acquire(AcquireOutcome::Queued(_))));
+    assert!(queued(
+        t.apply(&at(0, retried_acquire(1, "job", 5, true))).outcome
+    ));
+    fail_over(&mut t, 1, 2, 1);
+    // Someone else queues after the failover, before the retry arrives.
+    assert!(queued(t.apply(&at(2, acquire(7, "job", Some(1)))).outcome));
+    // The retry claims the old place (no second waiter).
+    assert!(queued(
+        t.apply(&at(3, retried_acquire(2, "job", 5, true))).outcome
+    ));
+    assert_eq!(t.waiter_count(), 2);
+    let released = t.apply(&at(
+        4,
+        Op::Release {
+            resource: key("job"),
+            token: holder.token,
+        },
+    ));
+    let first = &released.grants[0];
+    assert_eq!(
+        (first.to.conn, first.to.request),
+        (ConnId(2), 5),
+        "the session is first"
+    );
+}
+
+#[test]
+fn a_grant_made_to_a_detached_waiter_waits_for_its_retry() {
+    let mut t = table(TTL);
+    let holder = granted(&mut t, at(0, acquire(9, "job", None)));
+    let _ = bound(&mut t, at(0, bind(1, "session")));
+    let _ = t.apply(&at(0, retried_acquire(1, "job", 5, true)));
+    let _ = t.apply(&at(1, close(1)));
+    // Granted while nobody can receive it: no delivery, a hold.
+    let released = t.apply(&at(
+        2,
+        Op::Release {
+            resource: key("job"),
+            token: holder.token,
+        },
+    ));
+    assert!(released.grants.is_empty());
+    assert_eq!(t.holder_count(), 1);
+    let _ = bound(&mut t, at(3, bind(2, "session")));
+    let again = granted(&mut t, at(3, retried_acquire(2, "job", 5, true)));
+    assert!(again.token.fence() > holder.token.fence());
+}
+
+#[test]
+fn a_retry_without_wait_gives_a_detached_place_up() {
+    let mut t = table(TTL);
+    let _holder = granted(&mut t, at(0, acquire(9, "job", None)));
+    let _ = bound(&mut t, at(0, bind(1, "session")));
+    let _ = t.apply(&at(0, retried_acquire(1, "job", 5, true)));
+    fail_over(&mut t, 1, 2, 1);
+    assert_eq!(t.waiter_count(), 1);
+    assert_eq!(
+        t.apply(&at(2, retried_acquire(2, "job", 5, false))).outcome,
+        Ok(Outcome::Acquire(AcquireOutcome::Timeout))
+    );
+    assert_eq!(t.waiter_count(), 0);
 }

@@ -74,19 +74,20 @@ pub struct ClusterStats {
 pub struct LockEntry {
     /// The key, without namespace.
     pub key: String,
-    /// The holder's fence (this server's extension; absent when free).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fence: Option<u64>,
-    /// What the holder proclaimed with `label` (this server's extension;
-    /// absent when none).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub label: Option<String>,
     /// Connection id of the holder; 0 if nobody holds it.
     pub owner_conn_id: u64,
     /// Seconds until the holder's lease deadline, clamped at 0.
     pub lease_expires_in_s: f64,
     /// Queued waiters.
     pub waiters: u64,
+    /// The holder's fence (this server's extension, on multiplexed
+    /// connections; absent when free).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<u64>,
+    /// What the holder proclaimed with `label` (this server's extension,
+    /// on multiplexed connections; absent when none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
 }
 
 /// One busy semaphore in [`Stats`].

@@ -64,13 +64,15 @@ pub struct LeaderElection {
 /// ([`LeaderElection::with_label`]).
 ///
 /// ```
-/// let leader = dflockd_recipes::Leader { fence: 42, label: Some("node-a:8080".into()) };
+/// let leader = dflockd_recipes::Leader { fence: Some(42), label: Some("node-a:8080".into()) };
 /// assert_eq!(leader.label.as_deref(), Some("node-a:8080"));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Leader {
-    /// The term's fence: larger means a later term.
-    pub fence: u64,
+    /// The term's fence (larger means a later term); `None` where the
+    /// server does not show it (a server other than this project's, or a
+    /// client without the multiplexed connection).
+    pub fence: Option<u64>,
     /// What the leader proclaimed; `None` before it did (or if it never
     /// does).
     pub label: Option<String>,
@@ -112,7 +114,7 @@ impl LeaderElection {
     /// let election = LeaderElection::new(&client, "service/leader")?.with_label("node-a:8080")?;
     /// let term = election.campaign().await?;
     /// let leader = election.leader().await?.expect("someone leads");
-    /// assert_eq!((leader.fence, leader.label.as_deref()), (term.fence(), Some("node-a:8080")));
+    /// assert_eq!((leader.fence, leader.label.as_deref()), (Some(term.fence()), Some("node-a:8080")));
     /// assert!(LeaderElection::new(&client, "x")?.with_label("has spaces").is_err());
     /// # Ok(()) }
     /// ```
@@ -134,7 +136,7 @@ impl LeaderElection {
     /// ```no_run
     /// # async fn demo(election: dflockd_recipes::LeaderElection) -> dflockd_client::Result<()> {
     /// match election.leader().await? {
-    ///     Some(leader) => println!("led by {:?} (term fence {})", leader.label, leader.fence),
+    ///     Some(leader) => println!("led by {:?} (term fence {:?})", leader.label, leader.fence),
     ///     None => println!("no leader right now"),
     /// }
     /// # Ok(()) }
@@ -153,7 +155,7 @@ impl LeaderElection {
     /// let mut leader = election.observe();
     /// while leader.changed().await.is_ok() {
     ///     match &*leader.borrow() {
-    ///         Some(now) => println!("leader: {:?}, term fence {}", now.label, now.fence),
+    ///         Some(now) => println!("leader: {:?}, term fence {:?}", now.label, now.fence),
     ///         None => println!("no leader"),
     ///     }
     /// }
@@ -637,10 +639,12 @@ impl LeaderContext {
 
 /// The leader of the election on `lock`: its holder, if any.
 async fn leader_of(lock: &Lock) -> Result<Option<Leader>> {
-    Ok(lock.holder().await?.and_then(|entry| {
-        entry.fence.map(|fence| Leader {
-            fence,
+    Ok(lock
+        .holder()
+        .await?
+        .filter(|entry| entry.owner_conn_id != 0)
+        .map(|entry| Leader {
+            fence: entry.fence,
             label: entry.label,
-        })
-    }))
+        }))
 }

@@ -76,7 +76,7 @@ async fn an_elected_leader_keeps_its_term_through_three_server_failovers() {
     // Everyone sees who leads, with the label its term proclaimed before
     // the failovers: replicated with the hold.
     let seen = Some(dflockd_recipes::Leader {
-        fence,
+        fence: Some(fence),
         label: Some("node-a:8080".into()),
     });
     assert_eq!(rival.leader().await.unwrap(), seen);

@@ -833,10 +833,22 @@ impl Session {
             Request::Ping => Step::Reply(Reply::Ok),
             // The handshake consumed the only `auth` that is ever valid.
             Request::Auth { .. } => Step::Reply(Reply::Failure(Status::Error)),
-            Request::Stats => Step::Reply(match serde_json::to_string(&log.stats()) {
-                Ok(json) => Reply::Stats(json),
-                Err(_) => Reply::Failure(Status::Error),
-            }),
+            Request::Stats => {
+                let mut stats = log.stats();
+                // The holder's fence and label are an extension of the
+                // multiplexed protocol: a plain connection gets v2's
+                // document, member for member.
+                if !self.is_mux() {
+                    for entry in &mut stats.locks {
+                        entry.fence = None;
+                        entry.label = None;
+                    }
+                }
+                Step::Reply(match serde_json::to_string(&stats) {
+                    Ok(json) => Reply::Stats(json),
+                    Err(_) => Reply::Failure(Status::Error),
+                })
+            }
             Request::StableRef(name) => {
                 // The first binds the connection; a second is refused.
                 if self.stable_ref.is_some() {

@@ -45,21 +45,30 @@ impl<F: FenceSource> LockTable<F> {
     }
 
     /// `conn` closed but its session may come back: its blocking acquires
-    /// go (their requests died with it), `w`s waiting on its places stop
-    /// waiting, and the rest stays until `now + orphan_ttl`.
+    /// keep their places, detached (their requests died with it: a grant
+    /// made to one is kept as a hold for the session's retry of the same
+    /// request), `w`s waiting on its places stop waiting, and everything
+    /// stays until `now + orphan_ttl`.
     pub(super) fn orphan(&mut self, conn: ConnId, now: Duration) {
         let until = now.saturating_add(self.config.orphan_ttl);
-        let touched = self.drop_blocking(conn, now);
-        if let Some(c) = self.conns.get_mut(&conn) {
-            for place in c.phase1.values_mut() {
-                place.blocked = None;
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        for place in c.phase1.values_mut() {
+            place.blocked = None;
+        }
+        c.orphaned_until = Some(until);
+        for (waiter, rid) in &c.waiters {
+            if let Some(w) = self
+                .resources
+                .get_mut(rid)
+                .and_then(|r| r.queue.get_mut(waiter))
+                && matches!(w.kind, WaiterKind::Blocking(_))
+            {
+                w.detached = true;
             }
-            c.orphaned_until = Some(until);
-            self.orphans.insert((until, conn));
         }
-        for rid in touched {
-            self.promote(&rid, now);
-        }
+        self.orphans.insert((until, conn));
     }
 
     /// Disconnects every orphan whose time ran out by `now`, with the
@@ -104,7 +113,8 @@ impl<F: FenceSource> LockTable<F> {
         }
     }
 
-    /// Removes `conn`'s blocking waiters from their queues; returns the
+    /// Removes `conn`'s blocking waiters from their queues, but for the
+    /// detached ones (an orphan's, kept for its session); returns the
     /// resources to promote on.
     fn drop_blocking(&mut self, conn: ConnId, now: Duration) -> Vec<ResourceId> {
         let Some(c) = self.conns.get_mut(&conn) else {
@@ -122,7 +132,7 @@ impl<F: FenceSource> LockTable<F> {
             let blocking = resource
                 .queue
                 .get(&waiter)
-                .is_some_and(|w| matches!(w.kind, WaiterKind::Blocking(_)));
+                .is_some_and(|w| matches!(w.kind, WaiterKind::Blocking(_)) && !w.detached);
             if blocking {
                 resource.queue.remove(&waiter);
                 resource.last_activity = now;

@@ -77,6 +77,8 @@ struct WaiterState {
     conn: ConnId,
     lease: Lease,
     kind: WaiterKindState,
+    /// A blocking waiter whose request is gone, kept for its retry.
+    detached: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -225,6 +227,7 @@ impl<F: FenceSource> LockTable<F> {
                             id: *id,
                             conn: w.conn,
                             lease: w.lease,
+                            detached: w.detached,
                             kind: match w.kind {
                                 WaiterKind::Blocking(request) => {
                                     WaiterKindState::Blocking { request }
@@ -347,6 +350,7 @@ impl<F: FenceSource> LockTable<F> {
                     Waiter {
                         conn: w.conn,
                         lease: w.lease,
+                        detached: w.detached,
                         kind: match w.kind {
                             WaiterKindState::Blocking { request } => WaiterKind::Blocking(request),
                             WaiterKindState::TwoPhase { ticket } => WaiterKind::TwoPhase(ticket),
