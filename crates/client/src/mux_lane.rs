@@ -159,17 +159,25 @@ pub(crate) fn let_go(
     let resource = resource.clone();
     let message = match request {
         _ if !session.reattaches() => None,
-        Request::Acquire { .. } | Request::Wait { .. } => {
-            let mut again = request.clone();
-            if let Request::Acquire { timeout, .. } | Request::Wait { timeout, .. } = &mut again {
-                *timeout = dflockd_proto::Seconds::ZERO;
-            }
-            Some(empty_handed(id, ticket, again, resource))
-        }
+        Request::Acquire { .. } | Request::Wait { .. } => Some(empty_handed(
+            id,
+            ticket,
+            with_timeout(request, dflockd_proto::Seconds::ZERO),
+            resource,
+        )),
         Request::Enqueue { .. } => Some(give_up_place(session, ticket, resource)),
         _ => None,
     };
     LetGo::new(message)
+}
+
+/// `request` (an acquire or a wait) with another timeout.
+pub(crate) fn with_timeout(request: &Request, secs: dflockd_proto::Seconds) -> Request {
+    let mut request = request.clone();
+    if let Request::Acquire { timeout, .. } | Request::Wait { timeout, .. } = &mut request {
+        *timeout = secs;
+    }
+    request
 }
 
 /// A zero-timeout `w` on a ticket: withdraws its place if still queued,

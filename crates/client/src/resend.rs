@@ -68,16 +68,15 @@ where
     };
     let id = session.take_ids(1);
     let resend = inner.servers[server].is_cluster;
-    let (first, _) = (call.request)(None);
-    let let_go = mux_lane::let_go(&session, id, call.ticket, &first, &call.resource);
+    let mut attempt = (call.request)(None);
+    let let_go = mux_lane::let_go(&session, id, call.ticket, &attempt.0, &call.resource);
     let mut lost = LostAnswer {
         session: None,
         let_go: let_go.clone(),
     };
     let mut give_up: Option<Instant> = None;
     loop {
-        let left = give_up.map(|_| call.deadline.saturating_duration_since(Instant::now()));
-        let (request, reply_timeout) = (call.request)(left);
+        let (request, reply_timeout) = attempt;
         let result = mux_lane::call(
             &lane,
             id,
@@ -107,6 +106,8 @@ where
             Some(next) => next,
             None => return result,
         };
+        let left = call.deadline.saturating_duration_since(Instant::now());
+        attempt = (call.request)(Some(left));
     }
 }
 

@@ -27,7 +27,7 @@ use crate::connection::{
 };
 use crate::inner::ClientInner;
 use crate::lane::{LaneHandle, LaneRef, LaneRequest, ReplyGuard, spawn_lane};
-use crate::mux_lane::{self, OnDrop};
+use crate::mux_lane::{self, OnDrop, with_timeout};
 use crate::options::ServerAddr;
 use crate::plain::{QueuedConn, guarded_request};
 use crate::resend;
@@ -337,13 +337,4 @@ fn waiting(
         Some(left) => Seconds::new(left.as_secs().min(wait.get())).unwrap_or(Seconds::ZERO),
     };
     (build(secs), secs.as_duration() + REPLY_SLACK)
-}
-
-/// `request` (an acquire or a wait) with another timeout.
-fn with_timeout(request: &Request, secs: Seconds) -> Request {
-    let mut request = request.clone();
-    if let Request::Acquire { timeout, .. } | Request::Wait { timeout, .. } = &mut request {
-        *timeout = secs;
-    }
-    request
 }

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 
 use dflockd_client::{Client, ErrorKind, ServerAddr};
 use dflockd_testkit::client::{BOUND, eventually};
-use dflockd_testkit::cluster::CLUSTER_WAIT;
+use dflockd_testkit::cluster::{CLUSTER_WAIT, with_orphans};
 use dflockd_testkit::cluster_under_test::ClusterUnderTest;
 use dflockd_testkit::faultproxy::{Blackhole, Direction, FaultProxy, Faults, Link};
 use dflockd_testkit::wire::REPLY_TIMEOUT;
@@ -140,14 +140,6 @@ async fn a_bare_redirect_is_completed_from_stats() {
         .unwrap();
     assert_eq!(follower.accepted(), 0, "the listed follower was tried");
     lease.release().await.unwrap();
-}
-
-/// Nodes that keep a closed named session's holds for a while
-/// (`--orphan-ttl`), so that its next connection can take them over.
-fn with_orphans(config: &mut dflockd_server::ServerConfig) {
-    if let Some(cluster) = config.cluster.as_mut() {
-        cluster.orphan_ttl = Duration::from_secs(30);
-    }
 }
 
 /// The leader dies while a lease is held: the client's session connects

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dflockd_client::{Client, LeaseMonitor};
-use dflockd_testkit::cluster::{CLUSTER_WAIT, TestCluster};
+use dflockd_testkit::cluster::{CLUSTER_WAIT, TestCluster, with_orphans};
 use dflockd_testkit::faultproxy::{Blackhole, Direction, FaultProxy, Faults, Side};
 use tokio::time::Instant;
 
@@ -232,24 +232,6 @@ impl Harness {
     }
 }
 
-/// The highest term any running node knows.
-fn cluster_term(cluster: &TestCluster) -> u64 {
-    cluster
-        .running()
-        .into_iter()
-        .filter_map(|i| cluster.node(i).cluster_node())
-        .map(|node| node.raft().metrics().borrow().current_term)
-        .max()
-        .unwrap_or(0)
-}
-
-/// Nodes that keep a closed named session's holds for its next connection.
-fn with_orphans(config: &mut dflockd_server::ServerConfig) {
-    if let Some(cluster) = config.cluster.as_mut() {
-        cluster.orphan_ttl = Duration::from_secs(30);
-    }
-}
-
 async fn run_checker(fault_count: u64) {
     let seed = std::env::var("DFLOCKD_SAFETY_SEED")
         .ok()
@@ -267,7 +249,7 @@ async fn run_checker(fault_count: u64) {
         }
         proxies.push(mine);
     }
-    let first_term = cluster_term(&cluster);
+    let first_term = cluster.term();
     let term = Arc::new(AtomicU64::new(first_term));
     let ledger = Arc::new(Mutex::new(Ledger {
         holding: (0..CLIENTS).map(|_| None).collect(),
@@ -293,10 +275,10 @@ async fn run_checker(fault_count: u64) {
     for _ in 0..fault_count {
         let fault = harness.fault(&mut rng).await;
         *faults.entry(fault).or_default() += 1;
-        term.fetch_max(cluster_term(&harness.cluster), Ordering::Relaxed);
+        term.fetch_max(harness.cluster.term(), Ordering::Relaxed);
         // Let the cluster serve between faults.
         tokio::time::sleep(Duration::from_millis(100 + rng.u64(0..400))).await;
-        term.fetch_max(cluster_term(&harness.cluster), Ordering::Relaxed);
+        term.fetch_max(harness.cluster.term(), Ordering::Relaxed);
     }
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
@@ -315,7 +297,7 @@ async fn run_checker(fault_count: u64) {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let failovers = cluster_term(&harness.cluster).saturating_sub(first_term);
+    let failovers = harness.cluster.term().saturating_sub(first_term);
     let ledger = ledger.lock().unwrap();
     println!(
         "client safety: {} faults {faults:?} in {:.0} s, {failovers} failovers (terms), {} grants, \

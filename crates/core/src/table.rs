@@ -766,7 +766,7 @@ impl<F: FenceSource> LockTable<F> {
     ) -> Result<AcquireOutcome, LockError> {
         let lease = lease.unwrap_or(self.config.default_lease);
         if let Some(origin) = origin {
-            if let Some(grant) = self.answered(conn, rid, origin, lease, now) {
+            if let Some(grant) = self.answered(conn, rid, origin, Some(lease), now) {
                 return Ok(AcquireOutcome::Granted(grant));
             }
             // Still queued from before the failover: the place is claimed
@@ -972,9 +972,8 @@ impl<F: FenceSource> LockTable<F> {
             .get_mut(&conn)
             .and_then(|c| c.phase1.get_mut(&(rid.clone(), ticket)))
         else {
-            let lease = self.config.default_lease;
             return origin
-                .and_then(|origin| self.answered_as_is(conn, rid, origin, lease, now))
+                .and_then(|origin| self.answered(conn, rid, origin, None, now))
                 .map(WaitOutcome::Granted)
                 .ok_or(LockError::NotEnqueued);
         };
@@ -1467,37 +1466,21 @@ impl<F: FenceSource> LockTable<F> {
     }
 
     /// The grant `conn` already got for its request `origin` on `rid`, its
-    /// lease restarted at `now + lease` (a retry of that request is answered
-    /// with it). `None` if there is none, or it ran out.
+    /// lease restarted at `now + lease` (`None`: the hold's own length) —
+    /// a retry of that request is answered with it. `None` if there is
+    /// none, or it ran out.
     fn answered(
         &mut self,
         conn: ConnId,
         rid: &ResourceId,
         origin: u64,
-        lease: Lease,
+        lease: Option<Lease>,
         now: Duration,
     ) -> Option<Grant> {
-        let token = self.answered_token(conn, rid, origin)?;
+        let (token, held) = self.answered_hold(conn, rid, origin)?;
+        let lease = lease.unwrap_or(held);
         self.restart_lease(rid, token, lease, now)?;
         Some(Grant { token, lease })
-    }
-
-    /// [`answered`](Self::answered), keeping the hold's own lease length.
-    fn answered_as_is(
-        &mut self,
-        conn: ConnId,
-        rid: &ResourceId,
-        origin: u64,
-        fallback: Lease,
-        now: Duration,
-    ) -> Option<Grant> {
-        let token = self.answered_token(conn, rid, origin)?;
-        let lease = self
-            .resources
-            .get_mut(rid)
-            .and_then(|r| r.holders.get_mut(&token))
-            .map_or(fallback, |h| h.lease);
-        self.answered(conn, rid, origin, lease, now)
     }
 
     /// The detached blocking waiter of `conn` on `rid` for request `origin`.
@@ -1516,13 +1499,15 @@ impl<F: FenceSource> LockTable<F> {
             })
     }
 
-    fn answered_token(&self, conn: ConnId, rid: &ResourceId, origin: u64) -> Option<Token> {
+    /// The token and lease length of `conn`'s hold on `rid` from request
+    /// `origin`.
+    fn answered_hold(&self, conn: ConnId, rid: &ResourceId, origin: u64) -> Option<(Token, Lease)> {
         let resource = self.resources.get(rid)?;
         resource
             .holders
             .iter()
             .find(|(_, h)| h.conn == conn && h.origin == Some(origin))
-            .map(|(token, _)| *token)
+            .map(|(token, h)| (*token, h.lease))
     }
 
     fn insert_holder(

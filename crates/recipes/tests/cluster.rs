@@ -8,16 +8,8 @@ use std::time::Duration;
 use dflockd_client::Client;
 use dflockd_recipes::{LeaderElection, Leadership};
 use dflockd_testkit::client::{BOUND, eventually};
-use dflockd_testkit::cluster::CLUSTER_WAIT;
+use dflockd_testkit::cluster::{CLUSTER_WAIT, with_orphans};
 use dflockd_testkit::cluster_under_test::ClusterUnderTest;
-
-/// Nodes that keep a closed named session's holds for a while, so the
-/// client's next connection can take them over.
-fn with_orphans(config: &mut dflockd_server::ServerConfig) {
-    if let Some(cluster) = config.cluster.as_mut() {
-        cluster.orphan_ttl = Duration::from_secs(30);
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_elected_leader_keeps_its_term_through_three_server_failovers() {

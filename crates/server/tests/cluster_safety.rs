@@ -308,7 +308,7 @@ async fn run_checker(fault_count: u64) {
     eprintln!("safety checker seed {seed} (DFLOCKD_SAFETY_SEED to repeat)");
     let mut cluster = TestCluster::start(3).await;
     let _ = cluster.leader().await;
-    let first_term = cluster_term(&cluster);
+    let first_term = cluster.term();
     let clients = 4;
     let ledger = Arc::new(Mutex::new(Ledger {
         holding: vec![None; clients],
@@ -351,7 +351,7 @@ async fn run_checker(fault_count: u64) {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let failovers = cluster_term(&cluster).saturating_sub(first_term);
+    let failovers = cluster.term().saturating_sub(first_term);
     let ledger = ledger.lock().unwrap();
     println!(
         "safety: {} faults in {:.0} s, {} failovers (terms), {} grants, {} fenced writes, \
@@ -380,17 +380,6 @@ async fn run_checker(fault_count: u64) {
         ledger.grants > fault_count,
         "too few grants to mean anything"
     );
-}
-
-/// The highest term any running node knows.
-fn cluster_term(cluster: &TestCluster) -> u64 {
-    cluster
-        .running()
-        .into_iter()
-        .filter_map(|i| cluster.node(i).cluster_node())
-        .map(|node| node.raft().metrics().borrow().current_term)
-        .max()
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,6 +20,15 @@ use crate::wire::{Client, REPLY_TIMEOUT};
 /// How long a cluster may take to elect, fail over or catch up.
 pub const CLUSTER_WAIT: Duration = Duration::from_secs(15);
 
+/// A [`TestCluster::start_with`] tweak: nodes keep a closed named
+/// session's holds, queue places and waiters for 30 s (`--orphan-ttl`), so
+/// that its next connection can take them over.
+pub fn with_orphans(config: &mut ServerConfig) {
+    if let Some(cluster) = config.cluster.as_mut() {
+        cluster.orphan_ttl = Duration::from_secs(30);
+    }
+}
+
 /// A cluster of in-process nodes, each with its own directory, client
 /// listener and Raft listener, the Raft links behind fault proxies.
 pub struct TestCluster {
@@ -175,6 +184,17 @@ impl TestCluster {
     /// Node `i`, which must be running.
     pub fn node(&self, i: usize) -> &ServerHandle {
         self.nodes[i].as_ref().expect("node is running")
+    }
+
+    /// The highest Raft term any running node knows (its growth counts
+    /// failovers).
+    pub fn term(&self) -> u64 {
+        self.running()
+            .into_iter()
+            .filter_map(|i| self.node(i).cluster_node())
+            .map(|node| node.raft().metrics().borrow().current_term)
+            .max()
+            .unwrap_or(0)
     }
 
     /// The indexes of the running nodes.

@@ -238,26 +238,12 @@ impl ExternalCluster {
         self.pids[i] = None;
         self.killed[i] = Some(launch);
         // Gone when its port refuses connections.
-        let addr = self.addrs[i];
-        tokio::time::timeout(CLUSTER_WAIT, async {
-            while tokio::net::TcpStream::connect(addr).await.is_ok() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("the killed node stops listening");
+        until_listening(self.addrs[i], false).await;
     }
 
     async fn restart(&mut self, i: usize) {
         self.relaunch(i);
-        let addr = self.addrs[i];
-        tokio::time::timeout(CLUSTER_WAIT, async {
-            while tokio::net::TcpStream::connect(addr).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("the restarted node listens");
+        until_listening(self.addrs[i], true).await;
     }
 
     /// Starts killed node `i` as it was started before. The node outlives
@@ -303,6 +289,22 @@ impl Drop for ExternalCluster {
             }
         }
     }
+}
+
+/// Waits until `addr` accepts connections (`listening`) or refuses them.
+async fn until_listening(addr: SocketAddr, listening: bool) {
+    tokio::time::timeout(CLUSTER_WAIT, async {
+        while tokio::net::TcpStream::connect(addr).await.is_ok() != listening {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "{addr} not {} in time",
+            if listening { "listening" } else { "closed" }
+        )
+    });
 }
 
 /// The process listening on TCP `port`, from `/proc/net/tcp{,6}` (the
