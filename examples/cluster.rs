@@ -89,6 +89,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let listeners = Listeners {
             client: Some(client),
             raft: Some(raft),
+            http: None,
         };
         starts.push(tokio::spawn(Server::start_with_listeners(
             config, listeners,

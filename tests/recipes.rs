@@ -576,6 +576,7 @@ async fn a_campaign_on_a_follower_surfaces_not_leader() {
         Listeners {
             client: Some(client_listener),
             raft: Some(raft),
+            http: None,
         },
     )
     .await

@@ -305,6 +305,7 @@ async fn cluster_node(
     let listeners = dflockd_server::Listeners {
         client: Some(client),
         raft: Some(raft),
+        http: None,
     };
     Server::start_with_listeners(config, listeners)
         .await

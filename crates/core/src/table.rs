@@ -750,6 +750,53 @@ impl<F: FenceSource> LockTable<F> {
         self.delays.keys().next().map(|(d, _)| *d)
     }
 
+    /// Whether `rid` is in its disconnect lock-delay at `now` (no grant
+    /// before it ends).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Limit, Namespace};
+    /// let rid = ResourceId::new(Namespace::Lock, Key::new("k").unwrap());
+    /// let at = |secs, op| Command::new(Duration::from_secs(secs), Salt::new(0, 0), op);
+    /// let config = TableConfig { disconnect_lock_delay: Duration::from_secs(5), ..TableConfig::default() };
+    /// let mut table = LockTable::new(config);
+    /// let acquire = Op::Acquire { conn: ConnId(1), resource: rid.clone(), limit: Limit::ONE, lease: None, wait: None, origin: None };
+    /// let _ = table.apply(&at(0, acquire));
+    /// let _ = table.apply(&at(0, Op::Disconnect { conn: ConnId(1), auto_release: Some(true) }));
+    /// assert!(table.in_lock_delay(&rid, Duration::from_secs(4)));
+    /// assert!(!table.in_lock_delay(&rid, Duration::from_secs(5)));
+    /// ```
+    pub fn in_lock_delay(&self, rid: &ResourceId, now: Duration) -> bool {
+        self.resources
+            .get(rid)
+            .and_then(|resource| resource.blocked_until)
+            .is_some_and(|until| now < until)
+    }
+
+    /// Every key with waiters, and the connections waiting on it, first
+    /// in line first (for dashboards; one entry per waiter).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use dflockd_core::*;
+    /// # use dflockd_proto::{Key, Limit, Namespace};
+    /// let rid = ResourceId::new(Namespace::Lock, Key::new("k").unwrap());
+    /// let mut table = LockTable::new(TableConfig::default());
+    /// for conn in [1, 2, 3] {
+    ///     let op = Op::Acquire { conn: ConnId(conn), resource: rid.clone(), limit: Limit::ONE, lease: None, wait: Some(0), origin: None };
+    ///     let _ = table.apply(&Command::new(Duration::ZERO, Salt::new(0, 0), op));
+    /// }
+    /// assert_eq!(table.queues(), vec![(rid, vec![ConnId(2), ConnId(3)])]);
+    /// ```
+    pub fn queues(&self) -> Vec<(ResourceId, Vec<ConnId>)> {
+        self.resources
+            .iter()
+            .filter(|r| !r.queue.is_empty())
+            .map(|r| (r.id.clone(), r.queue.values().map(|w| w.conn).collect()))
+            .collect()
+    }
+
     /// `l` / `sl`. With `wait = None` this is a try-lock: it never queues;
     /// otherwise a queued waiter's grant goes to request `wait` of `conn`.
     /// A retry (`origin` of a hold `conn` has) gets that hold again.

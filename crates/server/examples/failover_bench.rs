@@ -107,6 +107,7 @@ impl Cluster {
             let listeners = Listeners {
                 client: Some(client),
                 raft: Some(raft),
+                http: None,
             };
             starts.push(tokio::spawn(Server::start_with_listeners(
                 cluster.config(i),
@@ -181,6 +182,7 @@ impl Cluster {
         let listeners = Listeners {
             client: Some(std::net::TcpListener::bind(self.clients[leader])?),
             raft: Some(std::net::TcpListener::bind(self.rafts[leader])?),
+            http: None,
         };
         self.nodes[leader] =
             Some(Server::start_with_listeners(self.config(leader), listeners).await?);

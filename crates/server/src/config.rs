@@ -2,6 +2,7 @@
 //! server's defaults. The `dflockd` binary builds one from flags and
 //! environment variables (the `cli` module); embedders build one in code.
 
+use crate::http::HttpConfig;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -161,6 +162,12 @@ pub struct ServerConfig {
     /// Run as a node of a replicated cluster (`--raft-dir` and friends;
     /// see docs/CLUSTER.md). `None`: a single node.
     pub cluster: Option<ClusterConfig>,
+    /// The HTTP API (`--http-port` and the `--http-*` flags; see
+    /// docs/OPERATIONS.md). `None`: off.
+    pub http: Option<HttpConfig>,
+    /// A listener for `/metrics`, `/health` and `/ready` only
+    /// (`--metrics-addr host:port`), for deployments that keep the API off.
+    pub metrics_addr: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -190,6 +197,8 @@ impl Default for ServerConfig {
             mux_max_waiting: 100_000,
             runtime_clock: false,
             cluster: None,
+            http: None,
+            metrics_addr: None,
         }
     }
 }

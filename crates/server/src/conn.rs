@@ -229,7 +229,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, L: DriverLog> Connection<S, L> {
     pub(crate) fn with_log(stream: S, id: ConnId, shared: Arc<Shared>, log: L) -> Self {
         Connection {
             stream,
-            session: Session::new(id, &shared.config),
+            session: Session::new(id, &shared.config, Arc::clone(&shared.telemetry)),
             log,
             watch: shared.reaper.watch(id),
             shared,
@@ -239,6 +239,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin, L: DriverLog> Connection<S, L> {
             written: 0,
             origin: Instant::now(),
         }
+    }
+
+    /// Leaves the connection's requests out of the request counts (an
+    /// HTTP session's: the HTTP layer counts them).
+    pub(crate) fn uncounted(mut self) -> Self {
+        self.session.uncounted();
+        self
     }
 
     /// Serves the connection until it ends; dropping it runs the

@@ -22,8 +22,11 @@ mod clock;
 mod cluster_config;
 mod config;
 mod conn;
+mod events;
 mod fence;
+mod http;
 mod idle;
+mod metrics;
 mod replica;
 mod server;
 mod session;
@@ -36,6 +39,7 @@ pub use cluster_config::{
 };
 pub use config::{IdlePolicy, Secret, ServerConfig};
 pub use dflockd_cluster::RaftSecret;
+pub use http::HttpConfig;
 
 /// Hooks for the fuzz targets (`crates/server/fuzz`), behind the `fuzzing`
 /// feature; not part of the supported API.

@@ -8,7 +8,7 @@ use dflockd_core::{LockTable, Op, Outcome, ResourceBudget, TableConfig};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -59,7 +59,7 @@ pub enum StartError {
 /// use dflockd_server::{Listeners, Server, ServerConfig};
 /// let client = std::net::TcpListener::bind("127.0.0.1:0")?;
 /// let addr = client.local_addr()?;
-/// let listeners = Listeners { client: Some(client), raft: None };
+/// let listeners = Listeners { client: Some(client), ..Listeners::default() };
 /// let server = Server::start_with_listeners(ServerConfig::ephemeral(), listeners).await?;
 /// assert_eq!(server.local_addr(), addr);
 /// server.shutdown().await;
@@ -71,6 +71,9 @@ pub struct Listeners {
     pub client: Option<std::net::TcpListener>,
     /// Where Raft peers connect, in cluster mode (instead of `raft_addr`).
     pub raft: Option<std::net::TcpListener>,
+    /// Where the HTTP API listens, when [`ServerConfig::http`] is set
+    /// (instead of its host and port).
+    pub http: Option<std::net::TcpListener>,
 }
 
 /// A dflockd server. [`Server::start`] binds and runs it on the current
@@ -187,15 +190,67 @@ impl Server {
             LockTable::sharing(table_config, mint.share(), Arc::clone(&budget))
         }));
         let (local, local_rx) = mpsc::unbounded_channel();
+        let http = match shared.config.http.clone() {
+            Some(http) => {
+                let host = http
+                    .host
+                    .clone()
+                    .unwrap_or_else(|| shared.config.host.clone());
+                let http_addr = format!("{host}:{}", http.port);
+                let http_bind_error = |source| StartError::Bind {
+                    addr: http_addr.clone(),
+                    source,
+                };
+                let listener = match listeners.http {
+                    Some(listener) => listener,
+                    None => std::net::TcpListener::bind((
+                        host.trim_start_matches('[').trim_end_matches(']'),
+                        http.port,
+                    ))
+                    .map_err(http_bind_error)?,
+                };
+                Some(
+                    crate::http::start(
+                        listener,
+                        Arc::clone(&shared),
+                        replica.clone(),
+                        local.clone(),
+                        http,
+                    )
+                    .map_err(http_bind_error)?,
+                )
+            }
+            None => None,
+        };
+        let metrics = match shared.config.metrics_addr.clone() {
+            Some(addr) => {
+                let bind_error = |source| StartError::Bind {
+                    addr: addr.clone(),
+                    source,
+                };
+                let listener = std::net::TcpListener::bind(addr.as_str()).map_err(bind_error)?;
+                Some(
+                    crate::http::start_metrics(listener, Arc::clone(&shared), replica.clone())
+                        .map_err(bind_error)?,
+                )
+            }
+            None => None,
+        };
         let cluster = replica.clone().zip(releases);
         let task = tokio::spawn(run(listener, local_rx, Arc::clone(&shared), cluster));
+        let (http_addr, http_task) = http.map(|h| (h.addr, h.task)).unzip();
+        let (metrics_addr, metrics_task) = metrics.map(|h| (h.addr, h.task)).unzip();
         tracing::info!(addr = %local_addr, tls = shared.config.tls.is_some(), auth = shared.config.auth_token.is_some(), cluster = replica.is_some(), "dflockd listening");
         Ok(ServerHandle {
             local_addr,
+            http_addr,
             shared,
             replica,
             local,
             task: Some(task),
+            http_task,
+            metrics_addr,
+            metrics_task,
         })
     }
 }
@@ -214,6 +269,13 @@ impl Server {
 /// ```
 pub struct ServerHandle {
     local_addr: SocketAddr,
+    /// Where the HTTP API listens, if it is on.
+    http_addr: Option<SocketAddr>,
+    /// The HTTP API's task (ends after the drain).
+    http_task: Option<JoinHandle<()>>,
+    /// Where the metrics-only listener listens, if it is on.
+    metrics_addr: Option<SocketAddr>,
+    metrics_task: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
     /// Cluster mode: this server's node.
     replica: Option<Arc<Replica>>,
@@ -223,7 +285,20 @@ pub struct ServerHandle {
 }
 
 /// The server's end of an in-process connection, for the accept loop.
-type InProcess = DuplexStream;
+pub(crate) struct InProcess {
+    pub(crate) stream: DuplexStream,
+    /// Set for an HTTP session's connection.
+    pub(crate) http: Option<HttpLink>,
+}
+
+/// What the HTTP layer learns about its session's connection: its id once
+/// admitted, and when the server has cleaned up after it. An HTTP
+/// session's connection is not subject to the TCP connection caps (the
+/// session caps apply).
+pub(crate) struct HttpLink {
+    pub(crate) opened: oneshot::Sender<u64>,
+    pub(crate) closed: oneshot::Sender<()>,
+}
 
 /// How many bytes an in-process connection buffers each way.
 const IN_PROCESS_BUFFER: usize = 64 * 1024;
@@ -263,8 +338,43 @@ impl ServerHandle {
     /// ```
     pub fn connect_in_process(&self) -> Option<DuplexStream> {
         let (client, server) = tokio::io::duplex(IN_PROCESS_BUFFER);
-        self.local.send(server).ok()?;
+        self.local
+            .send(InProcess {
+                stream: server,
+                http: None,
+            })
+            .ok()?;
         Some(client)
+    }
+
+    /// Where the HTTP API listens (with the real port when 0 was asked);
+    /// `None` when [`ServerConfig::http`] is not set.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let server = dflockd_server::Server::start(dflockd_server::ServerConfig::ephemeral()).await?;
+    /// assert_eq!(server.http_addr(), None); // off unless configured
+    /// # Ok(()) }
+    /// ```
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// Where the metrics-only listener (`--metrics-addr`) listens, if on.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let config = dflockd_server::ServerConfig {
+    ///     metrics_addr: Some("127.0.0.1:0".into()),
+    ///     ..dflockd_server::ServerConfig::ephemeral()
+    /// };
+    /// let server = dflockd_server::Server::start(config).await?;
+    /// assert!(server.metrics_addr().is_some());
+    /// server.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// In cluster mode, this server's node of the cluster (its Raft
@@ -326,6 +436,12 @@ impl ServerHandle {
     /// ```
     pub async fn wait(mut self) {
         if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        if let Some(task) = self.http_task.take() {
+            let _ = task.await;
+        }
+        if let Some(task) = self.metrics_task.take() {
             let _ = task.await;
         }
     }
@@ -410,18 +526,33 @@ async fn run(
         let accepted = tokio::select! {
             _ = shared.drain.cancelled() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            Some(stream) = local.recv() => {
-                // Over a cap: closed at once, as a socket is.
-                let Some(guard) = shared.admit(IpAddr::from(Ipv4Addr::LOCALHOST)) else {
-                    tracing::debug!("in-process connection refused by cap");
-                    drop(stream);
-                    continue;
+            Some(InProcess { stream, http }) = local.recv() => {
+                let guard = match &http {
+                    // HTTP sessions have their own caps.
+                    Some(_) => shared.admit_http(),
+                    // Over a cap: closed at once, as a socket is.
+                    None => match shared.admit(IpAddr::from(Ipv4Addr::LOCALHOST)) {
+                        Some(guard) => guard,
+                        None => {
+                            tracing::debug!("in-process connection refused by cap");
+                            drop(stream);
+                            continue;
+                        }
+                    },
                 };
+                let (opened, closed) = http.map(|l| (l.opened, l.closed)).unzip();
+                if let Some(opened) = opened {
+                    let _ = opened.send(guard.id.0);
+                }
                 let span = tracing::debug_span!("conn", id = guard.id.0, peer = "in-process");
-                let connection = serve(stream, guard.id, Arc::clone(&shared), replica.clone());
+                let counted = closed.is_none();
+                let connection = serve(stream, guard.id, Arc::clone(&shared), replica.clone(), counted);
                 let connection = async move {
                     connection.await;
                     drop(guard);
+                    if let Some(closed) = closed {
+                        let _ = closed.send(());
+                    }
                 };
                 if span.is_disabled() {
                     connections.spawn(connection);
@@ -499,18 +630,34 @@ async fn run(
 }
 
 /// Serves one connection with the log of this server's mode.
+/// `counted`: whether its requests count in the request metrics.
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     id: ConnId,
     shared: Arc<Shared>,
     replica: Option<Arc<Replica>>,
+    counted: bool,
 ) -> Close {
     match replica {
-        None => Connection::new(stream, id, shared).serve().await,
+        None => {
+            let connection = Connection::new(stream, id, shared);
+            let connection = if counted {
+                connection
+            } else {
+                connection.uncounted()
+            };
+            connection.serve().await
+        }
         Some(replica) => {
             let (id, regime) = replica.open();
             let log = ClusterLog::new(replica, Arc::clone(&shared), id, regime);
-            Connection::with_log(stream, id, shared, log).serve().await
+            let connection = Connection::with_log(stream, id, shared, log);
+            let connection = if counted {
+                connection
+            } else {
+                connection.uncounted()
+            };
+            connection.serve().await
         }
     }
 }
@@ -524,7 +671,7 @@ async fn handle(
     let id = guard.id;
     let peer = stream.peer_addr().ok();
     let close = match shared.config.tls.clone() {
-        None => serve(stream, id, Arc::clone(&shared), replica).await,
+        None => serve(stream, id, Arc::clone(&shared), replica, true).await,
         Some(tls) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.server);
             let handshake =
@@ -543,7 +690,7 @@ async fn handle(
                 },
                 _ = shared.kill.cancelled() => return,
             };
-            serve(stream, id, Arc::clone(&shared), replica).await
+            serve(stream, id, Arc::clone(&shared), replica, true).await
         }
     };
     if close == Close::AuthFailed {

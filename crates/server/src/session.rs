@@ -14,6 +14,7 @@
 //! session no further request (spec §1.9).
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dflockd_core::{
@@ -27,6 +28,8 @@ use dflockd_proto::{
 use subtle::ConstantTimeEq;
 
 use crate::config::{Secret, ServerConfig};
+use crate::metrics::{Command, Outcome as Counted, Transport};
+use crate::shared::Telemetry;
 
 /// Whether a command has its outcome yet: the single-node log applies at
 /// once; a replicated log proposes, and the outcome comes later (to the
@@ -151,6 +154,16 @@ struct Waiting {
     deadline: Option<Duration>,
 }
 
+impl Pending {
+    /// The command that waits.
+    fn command(self) -> Command {
+        match self {
+            Pending::Acquire(_) => Command::Acquire,
+            Pending::Wait { .. } => Command::Wait,
+        }
+    }
+}
+
 /// What a request's answer means for the peer.
 #[derive(Debug)]
 enum Then {
@@ -171,6 +184,22 @@ enum Then {
     Bind,
     /// `label`.
     Label,
+}
+
+impl Then {
+    /// The command whose answer this is.
+    fn command(&self) -> Command {
+        match self {
+            Then::Acquire { .. } => Command::Acquire,
+            Then::Enqueue => Command::Enqueue,
+            Then::Wait { .. } => Command::Wait,
+            Then::Release => Command::Release,
+            Then::Renew => Command::Renew,
+            Then::Barrier => Command::Barrier,
+            Then::Bind => Command::StableRef,
+            Then::Label => Command::Label,
+        }
+    }
 }
 
 /// A request whose command was proposed: its answer is still to come.
@@ -227,11 +256,16 @@ pub(crate) struct Session {
     /// The client session's name, once `stable-ref` gave it.
     stable_ref: Option<StableRef>,
     drained: bool,
+    /// Where answered requests are counted.
+    telemetry: Arc<Telemetry>,
+    /// Whether this session's requests are counted (an HTTP session's
+    /// connection is counted by the HTTP layer instead).
+    counted: bool,
 }
 
 impl Session {
     /// A session for connection `id` under `config`'s rules.
-    pub(crate) fn new(id: ConnId, config: &ServerConfig) -> Session {
+    pub(crate) fn new(id: ConnId, config: &ServerConfig, telemetry: Arc<Telemetry>) -> Session {
         Session {
             id,
             phase: if config.auth_token.is_some() {
@@ -253,7 +287,24 @@ impl Session {
             stale: HashMap::new(),
             stable_ref: None,
             drained: false,
+            telemetry,
+            counted: true,
         }
+    }
+
+    /// Leaves this session's requests out of the request counts.
+    pub(crate) fn uncounted(&mut self) {
+        self.counted = false;
+    }
+
+    /// Counts a request of `command` answered with `reply`.
+    fn count(&self, command: Command, reply: &Reply) {
+        if !self.counted {
+            return;
+        }
+        self.telemetry
+            .metrics
+            .request(Transport::Tcp, command, Counted::of(reply));
     }
 
     /// Reply bytes to write. The driver writes them and clears the buffer.
@@ -327,6 +378,7 @@ impl Session {
     fn auth_failed(&mut self) -> Close {
         // Logged with the peer's address once the connection closes.
         tracing::debug!("authentication failed");
+        self.telemetry.metrics.auth_failure(Transport::Tcp);
         Reply::Failure(Status::ErrorAuth).encode(&mut self.out);
         Close::AuthFailed
     }
@@ -410,14 +462,20 @@ impl Session {
             self.phase = Phase::Plain;
             return Ok(());
         }
+        let command = parsed.as_ref().map_or(Command::Invalid, Command::of);
         if log.is_draining() {
-            Reply::Failure(Status::ErrorDraining).encode(&mut self.out);
+            let reply = Reply::Failure(Status::ErrorDraining);
+            self.count(command, &reply);
+            reply.encode(&mut self.out);
             return Err(Close::Protocol);
         }
         match parsed {
             Ok(request) => {
                 match self.apply(request, 0, 0, None, now, log) {
-                    Step::Reply(reply) => reply.encode(&mut self.out),
+                    Step::Reply(reply) => {
+                        self.count(command, &reply);
+                        reply.encode(&mut self.out);
+                    }
                     Step::Waiting {
                         rid,
                         pending,
@@ -435,7 +493,9 @@ impl Session {
             }
             Err((error, _)) => {
                 tracing::debug!(code = error.code(), %error, "rejected request");
-                Reply::Failure(Status::Error).encode(&mut self.out);
+                let reply = Reply::Failure(Status::Error);
+                self.count(Command::Invalid, &reply);
+                reply.encode(&mut self.out);
                 Ok(())
             }
         }
@@ -459,6 +519,7 @@ impl Session {
             }
             Err(MuxError::Invalid { id, error }) => {
                 tracing::debug!(id, code = error.code(), %error, "rejected mux request");
+                self.count(Command::Invalid, &Reply::Failure(Status::Error));
                 encode_mux_reply(id, &Reply::Failure(Status::Error), &mut self.out);
                 // Reusing the id of a waiting request is a broken client.
                 return if self.waiting.contains_key(&id) || self.proposed.contains_key(&id) {
@@ -469,7 +530,12 @@ impl Session {
             }
         };
         let id = request.id;
+        let command = match &request.body {
+            MuxBody::Cancel(_) => Command::Cancel,
+            MuxBody::Request(body) => Command::of(body),
+        };
         if log.is_draining() {
+            self.count(command, &Reply::Failure(Status::ErrorDraining));
             encode_mux_reply(id, &Reply::Failure(Status::ErrorDraining), &mut self.out);
             return Err(Close::Protocol);
         }
@@ -481,6 +547,7 @@ impl Session {
         let (body, ticket) = match request.body {
             MuxBody::Cancel(target) => {
                 self.withdraw(target, Reply::Failure(Status::Timeout), log);
+                self.count(Command::Cancel, &Reply::Ok);
                 encode_mux_reply(id, &Reply::Ok, &mut self.out);
                 return Ok(());
             }
@@ -490,7 +557,10 @@ impl Session {
         // blocking waits and two-phase places alike.
         let cap = Some(self.mux_max_waiting).filter(|&cap| cap > 0);
         match self.apply(body, id, ticket, cap, now, log) {
-            Step::Reply(reply) => encode_mux_reply(id, &reply, &mut self.out),
+            Step::Reply(reply) => {
+                self.count(command, &reply);
+                encode_mux_reply(id, &reply, &mut self.out);
+            }
             Step::Waiting {
                 rid,
                 pending,
@@ -560,6 +630,7 @@ impl Session {
             Ok(Grant { token, lease }) => Reply::Granted { token, lease },
             Err(error) => error_reply(&Refusal::Lock(error)),
         };
+        self.count(waiting.pending.command(), &reply);
         let id = self.is_mux().then_some(request);
         self.reply(id, &reply);
     }
@@ -584,8 +655,12 @@ impl Session {
             return;
         };
         let id = self.is_mux().then_some(request);
+        let command = proposed.then.command();
         match self.finish(proposed.then, answer) {
-            Step::Reply(reply) => self.reply(id, &reply),
+            Step::Reply(reply) => {
+                self.count(command, &reply);
+                self.reply(id, &reply);
+            }
             Step::Waiting {
                 rid,
                 pending,
@@ -680,7 +755,8 @@ impl Session {
         }
         // Withdrawn, or the log could not tell (a node that lost its
         // leadership, whose connections close): answered as withdrawn.
-        if self.waiting.remove(&id).is_some() {
+        if let Some(waiting) = self.waiting.remove(&id) {
+            self.count(waiting.pending.command(), &reply);
             let id = self.is_mux().then_some(id);
             self.reply(id, &reply);
         }

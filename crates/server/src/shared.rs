@@ -19,8 +19,17 @@ use crate::clock::TableClock;
 use crate::config::ServerConfig;
 use dflockd_cluster::Salts;
 
+use crate::events::EventBus;
 use crate::fence::ServerMint;
 use crate::idle::Reaper;
+use crate::metrics::Metrics;
+
+/// The observers every table reports to: the metrics and the event stream.
+#[derive(Default)]
+pub(crate) struct Telemetry {
+    pub(crate) metrics: Metrics,
+    pub(crate) events: Arc<EventBus>,
+}
 
 /// How a waiting request is woken: its grant goes to its connection's
 /// inbox, tagged with the request id.
@@ -55,15 +64,18 @@ pub(crate) struct Shard<F = ServerMint> {
     now: Duration,
     /// Where the grant of each waiting request goes.
     waiting: HashMap<Waiting, Notify>,
+    /// Told of every command applied.
+    telemetry: Arc<Telemetry>,
 }
 
 impl<F: FenceSource> Shard<F> {
-    pub(crate) fn new(table: LockTable<F>) -> Shard<F> {
+    pub(crate) fn new(table: LockTable<F>, telemetry: Arc<Telemetry>) -> Shard<F> {
         Shard {
             table,
             salts: Salts::default(),
             now: Duration::ZERO,
             waiting: HashMap::new(),
+            telemetry,
         }
     }
 
@@ -159,7 +171,16 @@ impl<F: FenceSource> Shard<F> {
 
     fn apply(&mut self, op: Op) -> Effects {
         let command = Command::new(self.now, self.salts.next(), op);
-        self.table.apply(&command)
+        let effects = self.table.apply(&command);
+        crate::events::observe(
+            &command.op,
+            &effects,
+            &self.table,
+            self.now,
+            &self.telemetry.metrics,
+            &self.telemetry.events,
+        );
+        effects
     }
 
     /// Hands each grant to its request's notification. A grant whose
@@ -254,6 +275,10 @@ pub(crate) struct Shared {
     pub(crate) kill: CancellationToken,
     /// Read deadlines of all connections.
     pub(crate) reaper: Arc<Reaper>,
+    /// Metrics and the event stream.
+    pub(crate) telemetry: Arc<Telemetry>,
+    /// Open HTTP sessions (each is also one of [`Self::connections`]).
+    pub(crate) http_sessions: AtomicUsize,
 }
 
 impl Shared {
@@ -265,13 +290,16 @@ impl Shared {
         clock: TableClock,
         shard: impl FnMut() -> LockTable<ServerMint>,
     ) -> Shared {
+        let telemetry = Arc::new(Telemetry::default());
         Shared {
             reaper: Arc::new(Reaper::new(config.read_timeout)),
             config,
             shards: std::iter::repeat_with(shard)
                 .take(SHARDS)
-                .map(|table| CacheAligned(Mutex::new(Shard::new(table))))
+                .map(|table| CacheAligned(Mutex::new(Shard::new(table, Arc::clone(&telemetry)))))
                 .collect(),
+            telemetry,
+            http_sessions: AtomicUsize::new(0),
             clock,
             next_conn: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
@@ -402,9 +430,23 @@ impl Shared {
         let id = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
         Some(ConnGuard {
             shared: Arc::clone(self),
-            ip,
+            ip: Some(ip),
             id,
         })
+    }
+
+    /// Admits an HTTP session's in-process connection: counted among the
+    /// connections, but under the session caps rather than the
+    /// connection caps.
+    pub(crate) fn admit_http(self: &Arc<Self>) -> ConnGuard {
+        self.connections.fetch_add(1, Ordering::AcqRel);
+        self.http_sessions.fetch_add(1, Ordering::AcqRel);
+        let id = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
+        ConnGuard {
+            shared: Arc::clone(self),
+            ip: None,
+            id,
+        }
     }
 
     /// Starts the drain.
@@ -426,22 +468,29 @@ impl Shared {
 /// One admitted connection; dropping it frees its cap slots.
 pub(crate) struct ConnGuard {
     shared: Arc<Shared>,
-    ip: IpAddr,
+    /// The peer's address; `None` for an HTTP session (counted in
+    /// [`Shared::http_sessions`] instead).
+    ip: Option<IpAddr>,
     pub(crate) id: ConnId,
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
+        let Some(ip) = self.ip else {
+            self.shared.http_sessions.fetch_sub(1, Ordering::AcqRel);
+            self.shared.connections.fetch_sub(1, Ordering::AcqRel);
+            return;
+        };
         if self.shared.config.max_connections_per_ip > 0 {
             let mut per_ip = self
                 .shared
                 .per_ip
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            if let Some(count) = per_ip.get_mut(&self.ip) {
+            if let Some(count) = per_ip.get_mut(&ip) {
                 *count -= 1;
                 if *count == 0 {
-                    per_ip.remove(&self.ip);
+                    per_ip.remove(&ip);
                 }
             }
         }

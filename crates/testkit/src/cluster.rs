@@ -93,6 +93,7 @@ impl TestCluster {
                     let listeners = Listeners {
                         client: Some(client),
                         raft: Some(raft),
+                        http: None,
                     };
                     Server::start_with_listeners(config, listeners)
                         .await
@@ -160,6 +161,7 @@ impl TestCluster {
         let listeners = Listeners {
             client: Some(client),
             raft: Some(raft),
+            http: None,
         };
         let handle = Server::start_with_listeners(self.config(i), listeners)
             .await
@@ -280,6 +282,7 @@ impl TestCluster {
         let listeners = Listeners {
             client: Some(std::net::TcpListener::bind(self.client_addrs[i]).expect("rebind client")),
             raft: Some(std::net::TcpListener::bind(self.raft_addrs[i]).expect("rebind raft")),
+            http: None,
         };
         let handle = Server::start_with_listeners(self.config(i), listeners)
             .await

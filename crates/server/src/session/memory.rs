@@ -91,10 +91,10 @@ pub(crate) type SharedWorld = Rc<RefCell<World>>;
 
 pub(crate) fn world(config: TableConfig) -> SharedWorld {
     Rc::new(RefCell::new(World {
-        shard: Shard::new(LockTable::with_fences(
-            config,
-            FenceCounter::starting_after(0),
-        )),
+        shard: Shard::new(
+            LockTable::with_fences(config, FenceCounter::starting_after(0)),
+            Default::default(),
+        ),
         draining: false,
         deferred: false,
         proposals: VecDeque::new(),
@@ -253,7 +253,7 @@ impl Peer {
     pub(crate) fn new(world: &SharedWorld, id: u64, config: &ServerConfig) -> Peer {
         let (sink, inbox) = mpsc::unbounded_channel();
         Peer {
-            session: Session::new(ConnId(id), config),
+            session: Session::new(ConnId(id), config, Default::default()),
             log: MemLog {
                 world: Rc::clone(world),
                 id: ConnId(id),

@@ -29,7 +29,8 @@ use dflockd_proto::{Lease, MAX_SECONDS};
 use thiserror::Error;
 
 use dflockd_server::{
-    ClusterConfig, IdlePolicy, RaftSecret, Secret, ServerConfig, TlsConfig, parse_cluster_peers,
+    ClusterConfig, HttpConfig, IdlePolicy, RaftSecret, Secret, ServerConfig, TlsConfig,
+    parse_cluster_peers,
 };
 
 /// An invalid configuration; the binary prints it and exits with code 1.
@@ -181,7 +182,16 @@ const FLAGS: &[Flag] = &[
     flag("debug", "DFLOCKD_DEBUG", Some("false"), Switch, "Debug-level logs"),
     flag("log-level", "DFLOCKD_LOG_LEVEL", None, Value, "Log level: error, warn, info, debug or trace [default: info, or debug with --debug]"),
     flag("log-format", "DFLOCKD_LOG_FORMAT", Some("text"), Value, "Log format: text, or json (one object per line)"),
-    flag("http-port", "DFLOCKD_HTTP_PORT", Some("0"), Value, "HTTP API port; not supported yet, must be 0"),
+    flag("http-port", "DFLOCKD_HTTP_PORT", Some("0"), Value, "HTTP API port (JSON API, /metrics, /health, /ready, events, dashboard), 0 = off"),
+    flag("http-host", "DFLOCKD_HTTP_HOST", None, Value, "HTTP API bind address [default: --host]"),
+    flag("http-session-idle-timeout", "DFLOCKD_HTTP_SESSION_IDLE_S", Some("20"), Value, "Seconds; an HTTP session is closed after twice this without requests, 0 = never"),
+    flag("http-max-sessions", "DFLOCKD_HTTP_MAX_SESSIONS", Some("0"), Value, "Most open HTTP sessions, 0 = unlimited"),
+    flag("http-max-sessions-per-ip", "DFLOCKD_HTTP_MAX_SESSIONS_PER_IP", Some("0"), Value, "Most HTTP sessions per client address, 0 = unlimited"),
+    flag("http-max-connections-per-ip", "DFLOCKD_HTTP_MAX_CONNECTIONS_PER_IP", Some("0"), Value, "Most HTTP connections per client address, 0 = unlimited"),
+    flag("http-rate-limit-per-ip", "DFLOCKD_HTTP_RATE_LIMIT_PER_IP", Some("0"), Value, "HTTP requests per second per client address (429 over it), 0 = unlimited"),
+    flag("http-rate-limit-burst", "DFLOCKD_HTTP_RATE_LIMIT_BURST", Some("0"), Value, "Burst of the HTTP rate limit [default: the rate]"),
+    flag("http-cors-allowed-origins", "DFLOCKD_HTTP_CORS_ALLOWED_ORIGINS", None, Value, "Comma-separated origins allowed by CORS, * = any [default: no CORS]"),
+    flag("metrics-addr", "DFLOCKD_METRICS_ADDR", None, Value, "host:port of a listener for /metrics, /health and /ready only"),
     flag("raft-dir", "DFLOCKD_RAFT_DIR", None, Value, "Cluster mode: where Raft keeps its log, vote and snapshots; its presence turns cluster mode on"),
     flag("node-id", "DFLOCKD_NODE_ID", None, Value, "This node's id, 1–65535, stable and unique (cluster mode)"),
     flag("raft-addr", "DFLOCKD_RAFT_ADDR", None, Value, "Raft transport bind address host:port (cluster mode)"),
@@ -457,14 +467,13 @@ fn resolve(s: &Sources<'_>) -> Result<Settings, ConfigError> {
         },
     };
 
-    if let Some(raw) = s.get("http-port")
-        && integer(&raw)? != 0
-    {
-        return Err(ConfigError(format!(
-            "{}: the HTTP API is not supported by this server",
-            name(&raw)
-        )));
+    config.http = http(s, config.port)?;
+    if config.http.is_some() && !config.mux {
+        return Err(ConfigError(
+            "--no-mux: the HTTP API needs the multiplexed extension (its sessions use it)".into(),
+        ));
     }
+    config.metrics_addr = s.get("metrics-addr").map(|raw| raw.value);
     config.cluster = cluster(s, orphan_ttl)?;
     if config.cluster.is_some() && config.fence_state_file.is_some() {
         return Err(ConfigError(
@@ -492,6 +501,70 @@ fn resolve(s: &Sources<'_>) -> Result<Settings, ConfigError> {
         log_level,
         log_format,
     })
+}
+
+/// The HTTP API's settings (spec §6.4), if `--http-port` is not 0; the
+/// other HTTP flags without it are an error.
+fn http(s: &Sources<'_>, tcp_port: u16) -> Result<Option<HttpConfig>, ConfigError> {
+    let port = match s.get("http-port") {
+        Some(raw) => u16::try_from(integer(&raw)?)
+            .map_err(|_| ConfigError(format!("{} must be 0–65535", name(&raw))))?,
+        None => 0,
+    };
+    if port == 0 {
+        let http_only = [
+            "http-host",
+            "http-session-idle-timeout",
+            "http-max-sessions",
+            "http-max-sessions-per-ip",
+            "http-max-connections-per-ip",
+            "http-rate-limit-per-ip",
+            "http-rate-limit-burst",
+            "http-cors-allowed-origins",
+        ];
+        if let Some(raw) = http_only.into_iter().find_map(|long| s.given(long)) {
+            return Err(ConfigError(format!(
+                "{} is an HTTP flag: it needs --http-port",
+                name(&raw)
+            )));
+        }
+        return Ok(None);
+    }
+    if port == tcp_port {
+        return Err(ConfigError(format!(
+            "--http-port {port} must differ from --port"
+        )));
+    }
+    let defaults = HttpConfig::default();
+    let rate = count(s.get("http-rate-limit-per-ip"), false)?.unwrap_or(0);
+    let burst = count(s.get("http-rate-limit-burst"), false)?.unwrap_or(0);
+    let u32_of = |value: usize, flag: &str| {
+        u32::try_from(value)
+            .map_err(|_| ConfigError(format!("--{flag} must be at most {}", u32::MAX)))
+    };
+    Ok(Some(HttpConfig {
+        host: s.get("http-host").map(|raw| raw.value),
+        port,
+        session_idle_timeout: seconds(s.get("http-session-idle-timeout"), false)?
+            .unwrap_or(defaults.session_idle_timeout),
+        max_sessions: count(s.get("http-max-sessions"), false)?.unwrap_or(0),
+        max_sessions_per_ip: count(s.get("http-max-sessions-per-ip"), false)?.unwrap_or(0),
+        max_connections_per_ip: count(s.get("http-max-connections-per-ip"), false)?.unwrap_or(0),
+        rate_limit_per_ip: u32_of(rate, "http-rate-limit-per-ip")?,
+        rate_limit_burst: u32_of(burst, "http-rate-limit-burst")?,
+        cors_allowed_origins: s
+            .get("http-cors-allowed-origins")
+            .map(|raw| {
+                raw.value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|o| !o.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default(),
+        ..defaults
+    }))
 }
 
 /// Cluster mode's settings (spec §6.5), if `--raft-dir` is given; the
@@ -825,7 +898,9 @@ mod tests {
             "{missing}"
         );
         assert!(e(&["--orphan-ttl", "5"], &[]).contains("cluster"));
-        assert!(e(&["--http-port", "8080"], &[]).contains("HTTP"));
+        assert!(e(&["--http-port", "6388"], &[]).contains("must differ"));
+        assert!(e(&["--http-max-sessions", "3"], &[]).contains("needs --http-port"));
+        assert!(e(&["--http-port", "8080", "--no-mux"], &[]).contains("multiplexed"));
         assert!(e(&["--raft-dir", "/tmp/r"], &[]).contains("cluster"));
     }
 
