@@ -1554,3 +1554,90 @@ async fn the_api_speaks_tls_with_the_servers_certificate() {
     );
     server.shutdown().await;
 }
+
+/// The real Python client (`dflockd-client==2.1.1`, over TCP) and an HTTP
+/// session contend for one key: granted in arrival order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_and_an_http_session_are_granted_fifo() {
+    let (server, api) = start().await;
+    let python = dflockd_testkit::python::interop_python(env!("CARGO_TARGET_TMPDIR"));
+    let holder = api.session().await;
+    let later = api.session().await;
+    let (_, held) = api
+        .post("/v1/locks/shared", &holder, json!({"acquire_timeout_s": 0}))
+        .await;
+    // First in line: the Python client.
+    let script = r#"
+import sys, time
+from dflockd_client import SyncDistributedLock, fence_from_token
+lock = SyncDistributedLock("shared", servers=[("127.0.0.1", int(sys.argv[1]))], acquire_timeout_s=20)
+assert lock.acquire(), "not granted"
+print("granted", fence_from_token(lock.token), flush=True)
+time.sleep(0.5)
+lock.release()
+print("released", flush=True)
+"#;
+    let mut child = tokio::process::Command::new(python)
+        .args(["-c", script, &server.local_addr().port().to_string()])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python runs");
+    until("python queued", || async {
+        api.lock_state("shared")
+            .await
+            .is_some_and(|l| l["waiters"] == 1)
+    })
+    .await;
+    // Second in line: HTTP session `later`.
+    let second = {
+        let api = Api::new(server.http_addr().unwrap());
+        tokio::spawn(async move {
+            let answer = api
+                .post("/v1/locks/shared", &later, json!({"acquire_timeout_s": 20}))
+                .await;
+            (answer, Instant::now())
+        })
+    };
+    until("http queued", || async {
+        api.lock_state("shared")
+            .await
+            .is_some_and(|l| l["waiters"] == 2)
+    })
+    .await;
+    api.post(
+        "/v1/locks/shared/release",
+        &holder,
+        json!({"token": held["token"]}),
+    )
+    .await;
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut granted = String::new();
+    out.read_line(&mut granted).await.unwrap();
+    let python_fence: u64 = granted
+        .trim()
+        .strip_prefix("granted ")
+        .expect("python granted first")
+        .parse()
+        .unwrap();
+    let mut released = String::new();
+    out.read_line(&mut released).await.unwrap();
+    let python_released = Instant::now();
+    assert_eq!(released.trim(), "released");
+    let ((status, answer), http_granted) = second.await.unwrap();
+    assert_eq!(
+        (status, answer["status"].as_str()),
+        (StatusCode::OK, Some("ok")),
+        "{answer}"
+    );
+    let http_fence = answer["fence"].as_u64().unwrap();
+    assert!(held["fence"].as_u64().unwrap() < python_fence && python_fence < http_fence);
+    // Within scheduling noise of the Python release, never before it.
+    assert!(http_granted + Duration::from_millis(100) >= python_released);
+    assert!(child.wait().await.unwrap().success());
+    println!(
+        "fences in order: http {} < python {python_fence} < http {http_fence}",
+        held["fence"]
+    );
+    server.shutdown().await;
+}

@@ -735,8 +735,9 @@ pub(crate) async fn stats(State(api): Api) -> Response {
     Json(api.stats()).into_response()
 }
 
-/// What the dashboard shows: the stats document, each key's queue in
-/// FIFO order (by connection id), and the session count.
+/// What the dashboard shows: the stats document (with each lock's fence
+/// as a decimal string, exact in JavaScript), each key's queue in FIFO
+/// order (by connection id), and the session count.
 #[utoipa::path(get, path = "/v1/overview", tag = "operations",
     responses((status = 200, description = "the overview", content_type = "application/json", body = Object)),
     security(("bearer" = [])))]

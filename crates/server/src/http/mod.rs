@@ -285,8 +285,18 @@ impl ApiState {
                 conns: conns.into_iter().map(|c| c.0).collect(),
             })
             .collect();
+        // Fences exceed JavaScript's exact integers (2^53): the dashboard
+        // gets them as decimal strings.
+        let mut stats = serde_json::to_value(self.stats()).unwrap_or_default();
+        if let Some(locks) = stats.get_mut("locks").and_then(|l| l.as_array_mut()) {
+            for lock in locks {
+                if let Some(fence) = lock.get_mut("fence").filter(|f| f.is_u64()) {
+                    *fence = serde_json::Value::String(fence.to_string());
+                }
+            }
+        }
         Overview {
-            stats: self.stats(),
+            stats,
             queues,
             http_sessions: self.sessions.len(),
             draining: self.shared.is_draining(),
@@ -296,7 +306,8 @@ impl ApiState {
 
 #[derive(Serialize)]
 struct Overview {
-    stats: dflockd_proto::Stats,
+    /// The stats document, each lock's `fence` as a decimal string.
+    stats: serde_json::Value,
     queues: Vec<Queue>,
     http_sessions: usize,
     draining: bool,
