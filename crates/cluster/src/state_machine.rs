@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::db::Db;
 use crate::member::Member;
 use crate::records::{META, SNAPSHOT, decode, encode, read_meta};
-use crate::{BatchEffects, Entry, NodeId, StorageError, TypeConfig};
+use crate::{Batch, BatchEffects, Entry, NodeId, StorageError, TypeConfig};
 
 /// The version byte that starts a snapshot's data (3: members carry their
 /// client address).
@@ -67,7 +67,8 @@ pub struct Origin {
 /// it (keep it short): the server routes grants to its connections.
 ///
 /// ```
-/// let observer = dflockd_cluster::ApplyObserver::new(|origin, effects| {
+/// let observer = dflockd_cluster::ApplyObserver::new(|origin, batch, effects| {
+///     assert_eq!(batch.commands.len(), effects.commands.len());
 ///     println!("term {}: {} commands", origin.term, effects.commands.len());
 /// });
 /// # let _ = observer;
@@ -76,15 +77,15 @@ pub struct Origin {
 pub struct ApplyObserver(Arc<ObserveFn>);
 
 /// What an [`ApplyObserver`] calls.
-type ObserveFn = dyn Fn(Origin, &BatchEffects) + Send + Sync;
+type ObserveFn = dyn Fn(Origin, &Batch, &BatchEffects) + Send + Sync;
 
 impl ApplyObserver {
     /// Wraps `f`.
     ///
     /// ```
-    /// let _ = dflockd_cluster::ApplyObserver::new(|_, _| {});
+    /// let _ = dflockd_cluster::ApplyObserver::new(|_, _, _| {});
     /// ```
-    pub fn new(f: impl Fn(Origin, &BatchEffects) + Send + Sync + 'static) -> ApplyObserver {
+    pub fn new(f: impl Fn(Origin, &Batch, &BatchEffects) + Send + Sync + 'static) -> ApplyObserver {
         ApplyObserver(Arc::new(f))
     }
 }
@@ -345,7 +346,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             term,
                             node: entry.log_id.leader_id.node_id,
                         };
-                        (observer.0)(origin, &effects);
+                        (observer.0)(origin, &batch, &effects);
                     }
                     effects
                 }

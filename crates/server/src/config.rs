@@ -2,7 +2,6 @@
 //! server's defaults. The `dflockd` binary builds one from flags and
 //! environment variables (the `cli` module); embedders build one in code.
 
-use crate::http::HttpConfig;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -214,6 +213,65 @@ impl ServerConfig {
         ServerConfig {
             port: 0,
             ..ServerConfig::default()
+        }
+    }
+}
+
+/// The HTTP API's settings (spec §6.4). `port` 0 with
+/// [`ServerConfig::http`](crate::ServerConfig::http) set binds an
+/// ephemeral port.
+///
+/// ```
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use dflockd_server::{HttpConfig, Server, ServerConfig};
+/// let config = ServerConfig { http: Some(HttpConfig::default()), ..ServerConfig::ephemeral() };
+/// let server = Server::start(config).await?;
+/// let http = server.http_addr().expect("the API is on");
+/// assert_ne!(http.port(), 0);
+/// server.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// Bind address (`--http-host`); `None` = the server's `--host`.
+    pub host: Option<String>,
+    /// Bind port (`--http-port`; 0 = ephemeral when set in code).
+    pub port: u16,
+    /// Sessions are closed after twice this without a request
+    /// (`--http-session-idle-timeout`, default 20 s; zero = never).
+    pub session_idle_timeout: Duration,
+    /// At most this many sessions open (0 = no cap).
+    pub max_sessions: usize,
+    /// At most this many sessions per client address (0 = no cap).
+    pub max_sessions_per_ip: usize,
+    /// At most this many HTTP connections per client address (0 = no
+    /// cap); one over it is closed at once.
+    pub max_connections_per_ip: usize,
+    /// Requests per second per client address (0 = no limit); over it,
+    /// `429 rate_limited`.
+    pub rate_limit_per_ip: u32,
+    /// The burst the rate limit allows (0 = the rate).
+    pub rate_limit_burst: u32,
+    /// Origins allowed by CORS (`*` = any; empty = no CORS headers).
+    pub cors_allowed_origins: Vec<String>,
+    /// Largest request body, in bytes (default 64 KiB); larger is
+    /// `413 body_too_large`.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            host: None,
+            port: 0,
+            session_idle_timeout: Duration::from_secs(20),
+            max_sessions: 0,
+            max_sessions_per_ip: 0,
+            max_connections_per_ip: 0,
+            rate_limit_per_ip: 0,
+            rate_limit_burst: 0,
+            cors_allowed_origins: Vec::new(),
+            max_body_bytes: 64 * 1024,
         }
     }
 }

@@ -6,10 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use dflockd_core::{
-    AcquireOutcome, Effects, EnqueueOutcome, FenceSource, LockTable, Op, Outcome, ResourceId,
-    WaitOutcome,
-};
+use dflockd_core::{AcquireOutcome, Effects, EnqueueOutcome, Op, Outcome, ResourceId, WaitOutcome};
 use dflockd_proto::Namespace;
 use serde::Serialize;
 use tokio::sync::broadcast;
@@ -133,12 +130,12 @@ impl EventBus {
 }
 
 /// Counts what applying `op` did and, while anyone watches, publishes it.
-/// `table` is the table after the command (for the lock-delay check).
-pub(crate) fn observe<F: FenceSource>(
+/// `in_lock_delay` tells whether a key is in its disconnect lock-delay
+/// now (the table after the command).
+pub(crate) fn observe(
     op: &Op,
     effects: &Effects,
-    table: &LockTable<F>,
-    now: Duration,
+    in_lock_delay: impl Fn(&ResourceId) -> bool,
     metrics: &Metrics,
     bus: &EventBus,
 ) {
@@ -177,7 +174,7 @@ pub(crate) fn observe<F: FenceSource>(
             Op::Acquire { conn, resource, .. },
             Ok(Outcome::Acquire(outcome @ (AcquireOutcome::Queued(_) | AcquireOutcome::Timeout))),
         ) => {
-            if table.in_lock_delay(resource, now) {
+            if in_lock_delay(resource) {
                 metrics.lock_delay_hits.inc();
             }
             if watched && matches!(outcome, AcquireOutcome::Queued(_)) {
@@ -188,7 +185,7 @@ pub(crate) fn observe<F: FenceSource>(
             }
         }
         (Op::Enqueue { conn, resource, .. }, Ok(Outcome::Enqueue(EnqueueOutcome::Queued))) => {
-            if table.in_lock_delay(resource, now) {
+            if in_lock_delay(resource) {
                 metrics.lock_delay_hits.inc();
             }
             if watched {

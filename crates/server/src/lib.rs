@@ -26,6 +26,7 @@ mod events;
 mod fence;
 mod http;
 mod idle;
+mod ingress;
 mod metrics;
 mod replica;
 mod server;
@@ -37,9 +38,8 @@ pub use cluster_config::{
     ClusterConfig, ClusterPeer, DEFAULT_SNAPSHOT_EVERY, PeerListError, RaftTiming,
     parse_cluster_peers,
 };
-pub use config::{IdlePolicy, Secret, ServerConfig};
+pub use config::{HttpConfig, IdlePolicy, Secret, ServerConfig};
 pub use dflockd_cluster::RaftSecret;
-pub use http::HttpConfig;
 
 /// Hooks for the fuzz targets (`crates/server/fuzz`), behind the `fuzzing`
 /// feature; not part of the supported API.

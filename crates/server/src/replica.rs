@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use dflockd_cluster::openraft::ServerState;
 use dflockd_cluster::{
-    ApplyObserver, BatchEffects, Committed, Member, Network, Node, NodeOptions, Origin,
+    ApplyObserver, Batch, BatchEffects, Committed, Member, Network, Node, NodeOptions, Origin,
     ProposeError,
 };
 use dflockd_core::{
@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster_config::{ClusterConfig, resolve};
 use crate::session::{Answer, Done, Log, Refusal};
-use crate::shared::{MuxGrant, Notify, Shared};
+use crate::shared::{MuxGrant, Notify, Shared, Telemetry};
 
 /// How long a pristine seed node waits to be found by a running cluster
 /// before it forms a new one (a wiped node must not start a second
@@ -72,6 +72,8 @@ pub(crate) struct Router {
     waiting: Mutex<HashMap<Waiting, Notify>>,
     /// Grants that reached no connection, to be released.
     undelivered: mpsc::UnboundedSender<(ResourceId, Token)>,
+    /// Told of every command this node's table applies (metrics, events).
+    telemetry: Arc<Telemetry>,
 }
 
 impl Router {
@@ -110,7 +112,17 @@ impl Router {
     /// to its waiting request, or (its connection gone, or of another
     /// process) is released again. Entries of other nodes, and entries
     /// this node wrote before a restart, are not its to route.
-    fn applied(&self, origin: Origin, effects: &BatchEffects) {
+    fn applied(&self, origin: Origin, batch: &Batch, effects: &BatchEffects) {
+        // Every node's table applies every command: each node's metrics
+        // and event stream follow its own table.
+        let metrics = &self.telemetry.metrics;
+        let events = &self.telemetry.events;
+        if let Some(office) = &effects.office {
+            crate::events::observe(&batch.office.op, office, |_| false, metrics, events);
+        }
+        for (command, effects) in batch.commands.iter().zip(&effects.commands) {
+            crate::events::observe(&command.op, effects, |_| false, metrics, events);
+        }
         let own = origin.node == self.node
             && origin.index > self.startup_index.load(Ordering::Acquire)
             && self.has_led(origin.term);
@@ -212,6 +224,7 @@ impl Replica {
         table: TableConfig,
         raft: Option<std::net::TcpListener>,
         own_client_addr: String,
+        telemetry: Arc<Telemetry>,
     ) -> Result<(Arc<Replica>, Releases), ClusterStartError> {
         let id = config.node_id;
         let bind_error = |source| ClusterStartError::Bind {
@@ -282,10 +295,11 @@ impl Replica {
             startup_index: AtomicU64::new(u64::MAX),
             waiting: Mutex::new(HashMap::new()),
             undelivered,
+            telemetry,
         });
         let observer = {
             let router = Arc::clone(&router);
-            ApplyObserver::new(move |origin, effects| router.applied(origin, effects))
+            ApplyObserver::new(move |origin, batch, effects| router.applied(origin, batch, effects))
         };
         let table_rules = table;
         let raft = config

@@ -8,7 +8,7 @@ use dflockd_core::{LockTable, Op, Outcome, ResourceBudget, TableConfig};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -17,9 +17,10 @@ use crate::clock::TableClock;
 use crate::config::ServerConfig;
 use crate::conn::Connection;
 use crate::fence::{FenceFileError, ServerMint};
+use crate::ingress::InProcess;
 use crate::replica::{self, ClusterLog, ClusterStartError, Releases, Replica};
 use crate::session::Close;
-use crate::shared::{ConnGuard, Shared};
+use crate::shared::{ConnGuard, Shared, Telemetry};
 
 /// Why a server could not start.
 ///
@@ -170,6 +171,7 @@ impl Server {
             auto_release: config.auto_release_on_disconnect,
             orphan_ttl: std::time::Duration::ZERO,
         };
+        let telemetry = Arc::new(Telemetry::default());
         let replica = match &config.cluster {
             Some(cluster) => {
                 // The leader's clock is the runtime's precise one.
@@ -179,14 +181,23 @@ impl Server {
                     ..table_config
                 };
                 let client_addr = local_addr.to_string();
-                Some(Replica::start(cluster, table, listeners.raft, client_addr).await?)
+                Some(
+                    Replica::start(
+                        cluster,
+                        table,
+                        listeners.raft,
+                        client_addr,
+                        Arc::clone(&telemetry),
+                    )
+                    .await?,
+                )
             }
             None => None,
         };
         // One fence counter and one resource cap for all shards.
         let budget = Arc::new(ResourceBudget::new(config.max_locks));
         let (replica, releases) = replica.unzip();
-        let shared = Arc::new(Shared::new(config, clock, || {
+        let shared = Arc::new(Shared::new(config, clock, telemetry, || {
             LockTable::sharing(table_config, mint.share(), Arc::clone(&budget))
         }));
         let (local, local_rx) = mpsc::unbounded_channel();
@@ -282,22 +293,6 @@ pub struct ServerHandle {
     /// In-process connections for the accept loop.
     local: mpsc::UnboundedSender<InProcess>,
     task: Option<JoinHandle<()>>,
-}
-
-/// The server's end of an in-process connection, for the accept loop.
-pub(crate) struct InProcess {
-    pub(crate) stream: DuplexStream,
-    /// Set for an HTTP session's connection.
-    pub(crate) http: Option<HttpLink>,
-}
-
-/// What the HTTP layer learns about its session's connection: its id once
-/// admitted, and when the server has cleaned up after it. An HTTP
-/// session's connection is not subject to the TCP connection caps (the
-/// session caps apply).
-pub(crate) struct HttpLink {
-    pub(crate) opened: oneshot::Sender<u64>,
-    pub(crate) closed: oneshot::Sender<()>,
 }
 
 /// How many bytes an in-process connection buffers each way.

@@ -172,11 +172,11 @@ impl<F: FenceSource> Shard<F> {
     fn apply(&mut self, op: Op) -> Effects {
         let command = Command::new(self.now, self.salts.next(), op);
         let effects = self.table.apply(&command);
+        let (table, now) = (&self.table, self.now);
         crate::events::observe(
             &command.op,
             &effects,
-            &self.table,
-            self.now,
+            |rid| table.in_lock_delay(rid, now),
             &self.telemetry.metrics,
             &self.telemetry.events,
         );
@@ -288,9 +288,9 @@ impl Shared {
     pub(crate) fn new(
         config: ServerConfig,
         clock: TableClock,
+        telemetry: Arc<Telemetry>,
         shard: impl FnMut() -> LockTable<ServerMint>,
     ) -> Shared {
-        let telemetry = Arc::new(Telemetry::default());
         Shared {
             reaper: Arc::new(Reaper::new(config.read_timeout)),
             config,

@@ -88,6 +88,16 @@ impl Api {
         self.send(Method::GET, path, None, None).await
     }
 
+    /// The `/metrics` text.
+    async fn metrics(&self) -> String {
+        let response = self
+            .request(Method::GET, "/metrics")
+            .send()
+            .await
+            .expect("scrape");
+        response.text().await.expect("metrics text")
+    }
+
     async fn session(&self) -> String {
         let (status, body) = self.send(Method::POST, "/v1/sessions", None, None).await;
         assert_eq!(status, StatusCode::OK, "{body}");
@@ -121,7 +131,7 @@ async fn until<F: std::future::Future<Output = bool>>(what: &str, mut check: imp
 async fn locks_round_trip_with_every_lock_status() {
     // No sweep: a lease that ran out stays until a request notices.
     let server = start_with(HttpConfig::default(), |c| {
-        c.lease_sweep_interval = Duration::from_secs(3600)
+        c.lease_sweep_interval = Duration::from_secs(3600);
     })
     .await;
     let api = Api::new(server.http_addr().unwrap());
@@ -490,15 +500,7 @@ async fn idle_sessions_are_reaped_but_never_while_a_request_is_in_flight() {
         )
         .await;
     assert_eq!(status, StatusCode::GONE);
-    let metrics = api
-        .http
-        .get(format!("{}/metrics", api.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = api.metrics().await;
     assert!(
         metrics.contains("dflockd_http_sessions_reaped_total 2"),
         "{metrics}"
@@ -676,7 +678,7 @@ async fn bad_input_is_refused_with_its_status_and_leaks_nothing() {
 #[tokio::test]
 async fn a_slow_client_is_cut_off_by_the_read_timeout() {
     let server = start_with(HttpConfig::default(), |c| {
-        c.read_timeout = Duration::from_millis(500)
+        c.read_timeout = Duration::from_millis(500);
     })
     .await;
     let mut stream = tokio::net::TcpStream::connect(server.http_addr().unwrap())
@@ -791,7 +793,7 @@ async fn tcp_and_http_waiters_share_one_fifo_queue() {
 #[tokio::test]
 async fn bearer_auth_guards_everything_but_the_probes_and_the_document() {
     let server = start_with(HttpConfig::default(), |c| {
-        c.auth_token = Some(Secret::new("s3cret-token"))
+        c.auth_token = Some(Secret::new("s3cret-token"));
     })
     .await;
     let mut api = Api::new(server.http_addr().unwrap());
@@ -826,14 +828,7 @@ async fn bearer_auth_guards_everything_but_the_probes_and_the_document() {
         .post("/v1/locks/k", &s, json!({"acquire_timeout_s": 0}))
         .await;
     assert_eq!(granted["status"], "ok");
-    let metrics = api
-        .request(Method::GET, "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = api.metrics().await;
     let failures: u64 = metrics
         .lines()
         .find(|l| l.starts_with("dflockd_auth_failures_total{transport=\"http\"}"))
@@ -970,7 +965,7 @@ async fn cors_answers_allowed_origins_only() {
 #[tokio::test]
 async fn ready_turns_503_while_draining_and_waiters_get_draining() {
     let server = start_with(HttpConfig::default(), |c| {
-        c.shutdown_timeout = Some(Duration::from_secs(5))
+        c.shutdown_timeout = Some(Duration::from_secs(5));
     })
     .await;
     let api = Api::new(server.http_addr().unwrap());
@@ -1160,15 +1155,7 @@ async fn metrics_addr_serves_metrics_and_probes_only() {
     let api = Api::new(server.metrics_addr().unwrap());
     let (status, _) = api.get("/health").await;
     assert_eq!(status, StatusCode::OK);
-    let text = api
-        .http
-        .get(format!("{}/metrics", api.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = api.metrics().await;
     assert!(text.contains("dflockd_live_leases 0"), "{text}");
     let (status, _) = api.send(Method::POST, "/v1/sessions", None, None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
@@ -1319,15 +1306,7 @@ async fn a_subscriber_that_falls_behind_is_dropped_and_the_table_goes_on() {
         }
         drop(line);
     }
-    let metrics = api
-        .http
-        .get(format!("{}/metrics", api.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = api.metrics().await;
     assert!(
         metrics.contains("dflockd_event_subscribers_dropped_total 1"),
         "{metrics}"
@@ -1640,4 +1619,53 @@ print("released", flush=True)
         held["fence"]
     );
     server.shutdown().await;
+}
+
+/// Cluster mode: a follower's API answers lock requests `503 not_leader`
+/// naming the leader; every node's event stream and metrics follow the
+/// replicated table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_cluster_mode_followers_redirect_and_every_node_streams_events() {
+    let cluster = dflockd_testkit::cluster::TestCluster::start_with(3, |c| {
+        c.http = Some(HttpConfig::default());
+    })
+    .await;
+    let (leader, _) = cluster.leader().await;
+    let follower = (0..3).find(|&i| i != leader).unwrap();
+    let on_follower = Api::new(cluster.node(follower).http_addr().unwrap());
+    let on_leader = Api::new(cluster.node(leader).http_addr().unwrap());
+    let mut follower_events = Events::open(&on_follower, "?prefix=c-").await;
+    let s = on_follower.session().await;
+    let (status, body) = on_follower
+        .post("/v1/locks/c-key", &s, json!({"acquire_timeout_s": 0}))
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::SERVICE_UNAVAILABLE, "not_leader"),
+        "{body}"
+    );
+    let leader_addr = cluster.node(leader).local_addr().to_string();
+    assert!(
+        body["detail"].as_str().unwrap().contains(&leader_addr),
+        "{body}"
+    );
+    let s = on_leader.session().await;
+    let (status, granted) = on_leader
+        .post("/v1/locks/c-key", &s, json!({"acquire_timeout_s": 0}))
+        .await;
+    assert_eq!(
+        (status, granted["status"].as_str()),
+        (StatusCode::OK, Some("ok")),
+        "{granted}"
+    );
+    let (kind, event) = follower_events.next().await;
+    assert_eq!(
+        (kind.as_str(), event["key"].as_str()),
+        ("grant", Some("c-key"))
+    );
+    assert_eq!(event["fence"], granted["fence"]);
+    let (_, stats) = on_follower.get("/v1/stats").await;
+    assert!(stats["cluster"].is_object(), "{stats}");
+    let metrics = on_follower.metrics().await;
+    assert!(metrics.contains("dflockd_live_leases 1"), "{metrics}");
 }

@@ -70,10 +70,13 @@ pub(crate) fn rate_limit(
 
 /// Counts open connections per address; refuses one over `max` (0 = no
 /// cap) by closing it before any byte is read.
+/// Open connections per address.
+type OpenCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
 #[derive(Clone)]
 pub(crate) struct PerIpAcceptor {
     max: usize,
-    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    open: OpenCounts,
 }
 
 impl PerIpAcceptor {
@@ -116,7 +119,7 @@ impl<S: Send + 'static> axum_server::accept::Accept<TcpStream, S> for PerIpAccep
 /// An accepted connection holding its place under the per-address cap.
 pub(crate) struct Counted {
     stream: TcpStream,
-    slot: Option<(Arc<Mutex<HashMap<IpAddr, usize>>>, IpAddr)>,
+    slot: Option<(OpenCounts, IpAddr)>,
 }
 
 impl Drop for Counted {
