@@ -160,7 +160,7 @@ impl StateMachine {
     /// let dir = tempfile::tempdir().unwrap();
     /// let storage = dflockd_cluster::Storage::open(&dir.path().join("raft.redb")).unwrap();
     /// let mut machine = storage.state_machine(Default::default()).unwrap();
-    /// machine.observe(dflockd_cluster::ApplyObserver::new(|_, _| {}));
+    /// machine.observe(dflockd_cluster::ApplyObserver::new(|_, _, _| {}));
     /// ```
     pub fn observe(&mut self, observer: ApplyObserver) {
         self.observer = Some(observer);

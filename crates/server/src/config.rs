@@ -257,6 +257,11 @@ pub struct HttpConfig {
     /// Largest request body, in bytes (default 64 KiB); larger is
     /// `413 body_too_large`.
     pub max_body_bytes: usize,
+    /// The secret of the cluster admin routes (`--admin-token`), sent as
+    /// `X-Dflockd-Admin`; `None` = those routes answer `503
+    /// admin_disabled`. Separate from the bearer token, so a client's
+    /// credentials carry no authority over the membership.
+    pub admin_token: Option<Secret>,
 }
 
 impl Default for HttpConfig {
@@ -272,6 +277,7 @@ impl Default for HttpConfig {
             rate_limit_burst: 0,
             cors_allowed_origins: Vec::new(),
             max_body_bytes: 64 * 1024,
+            admin_token: None,
         }
     }
 }

@@ -418,7 +418,8 @@ impl Replica {
 
     /// The client address of node `id`, if known: as the membership
     /// records it (nodes added later too), else as `--cluster-peers` says.
-    fn client_addr(&self, id: Option<u64>) -> Option<String> {
+    /// Node `id`'s client address, if known.
+    pub(crate) fn client_addr(&self, id: Option<u64>) -> Option<String> {
         let id = id?;
         self.node
             .member(id)

@@ -8,7 +8,7 @@ use dflockd_core::{LockTable, Op, Outcome, ResourceBudget, TableConfig};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -536,12 +536,8 @@ async fn run(
                     },
                 };
                 let (opened, closed) = http.map(|l| (l.opened, l.closed)).unzip();
-                if let Some(opened) = opened {
-                    let _ = opened.send(guard.id.0);
-                }
                 let span = tracing::debug_span!("conn", id = guard.id.0, peer = "in-process");
-                let counted = closed.is_none();
-                let connection = serve(stream, guard.id, Arc::clone(&shared), replica.clone(), counted);
+                let connection = serve(stream, guard.id, Arc::clone(&shared), replica.clone(), opened);
                 let connection = async move {
                     connection.await;
                     drop(guard);
@@ -624,35 +620,45 @@ async fn run(
     tracing::info!("stopped");
 }
 
-/// Serves one connection with the log of this server's mode.
-/// `counted`: whether its requests count in the request metrics.
+/// Serves one connection with the log of this server's mode. An HTTP
+/// session's connection (`http`: where its connection id goes) is left out
+/// of the request metrics: the HTTP layer counts its requests.
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     id: ConnId,
     shared: Arc<Shared>,
     replica: Option<Arc<Replica>>,
-    counted: bool,
+    http: Option<oneshot::Sender<u64>>,
 ) -> Close {
     match replica {
         None => {
-            let connection = Connection::new(stream, id, shared);
-            let connection = if counted {
-                connection
-            } else {
-                connection.uncounted()
-            };
-            connection.serve().await
+            for_http(Connection::new(stream, id, shared), id, http)
+                .serve()
+                .await
         }
         Some(replica) => {
+            // The table knows the connection by the cluster's id.
             let (id, regime) = replica.open();
             let log = ClusterLog::new(replica, Arc::clone(&shared), id, regime);
-            let connection = Connection::with_log(stream, id, shared, log);
-            let connection = if counted {
-                connection
-            } else {
-                connection.uncounted()
-            };
-            connection.serve().await
+            for_http(Connection::with_log(stream, id, shared, log), id, http)
+                .serve()
+                .await
+        }
+    }
+}
+
+/// An HTTP session's connection tells the HTTP layer its id and is left
+/// out of the request metrics; others are served as they are.
+fn for_http<S: AsyncRead + AsyncWrite + Unpin, L: crate::conn::DriverLog>(
+    connection: Connection<S, L>,
+    id: ConnId,
+    http: Option<oneshot::Sender<u64>>,
+) -> Connection<S, L> {
+    match http {
+        None => connection,
+        Some(opened) => {
+            let _ = opened.send(id.0);
+            connection.uncounted()
         }
     }
 }
@@ -666,7 +672,7 @@ async fn handle(
     let id = guard.id;
     let peer = stream.peer_addr().ok();
     let close = match shared.config.tls.clone() {
-        None => serve(stream, id, Arc::clone(&shared), replica, true).await,
+        None => serve(stream, id, Arc::clone(&shared), replica, None).await,
         Some(tls) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.server);
             let handshake =
@@ -685,7 +691,7 @@ async fn handle(
                 },
                 _ = shared.kill.cancelled() => return,
             };
-            serve(stream, id, Arc::clone(&shared), replica, true).await
+            serve(stream, id, Arc::clone(&shared), replica, None).await
         }
     };
     if close == Close::AuthFailed {

@@ -1396,6 +1396,9 @@ async fn the_openapi_document_lists_every_route() {
         ("/v1/events", "get"),
         ("/v1/openapi.json", "get"),
         ("/", "get"),
+        ("/v1/readindex", "get"),
+        ("/v1/admin/voters", "post"),
+        ("/v1/admin/voters/{id}", "delete"),
     ];
     for (path, method) in expected {
         assert!(
@@ -1635,6 +1638,7 @@ async fn in_cluster_mode_followers_redirect_and_every_node_streams_events() {
     let on_follower = Api::new(cluster.node(follower).http_addr().unwrap());
     let on_leader = Api::new(cluster.node(leader).http_addr().unwrap());
     let mut follower_events = Events::open(&on_follower, "?prefix=c-").await;
+    let mut leader_events = Events::open(&on_leader, "?prefix=c-").await;
     let s = on_follower.session().await;
     let (status, body) = on_follower
         .post("/v1/locks/c-key", &s, json!({"acquire_timeout_s": 0}))
@@ -1664,8 +1668,210 @@ async fn in_cluster_mode_followers_redirect_and_every_node_streams_events() {
         ("grant", Some("c-key"))
     );
     assert_eq!(event["fence"], granted["fence"]);
+    // The leader names the holder's session (its connection id is the
+    // cluster's).
+    let (kind, event) = leader_events.next().await;
+    assert_eq!(
+        (kind.as_str(), event["session"].as_str()),
+        ("grant", Some(s.as_str())),
+        "{event}"
+    );
     let (_, stats) = on_follower.get("/v1/stats").await;
     assert!(stats["cluster"].is_object(), "{stats}");
     let metrics = on_follower.metrics().await;
     assert!(metrics.contains("dflockd_live_leases 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn cluster_routes_on_a_single_node_are_refused_in_order() {
+    let (server, api) = start().await;
+    let (status, body) = api.get("/v1/readindex").await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::NOT_FOUND, "cluster_disabled")
+    );
+    let add = json!({"node_id": 4, "raft_addr": "127.0.0.1:1", "client_addr": "127.0.0.1:2"});
+    let (status, body) = api
+        .send(Method::POST, "/v1/admin/voters", None, Some(add.clone()))
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::SERVICE_UNAVAILABLE, "admin_disabled")
+    );
+    server.shutdown().await;
+
+    let http = HttpConfig {
+        admin_token: Some(Secret::new("admin-secret")),
+        ..HttpConfig::default()
+    };
+    let server = start_with(http, |_| {}).await;
+    let api = Api::new(server.http_addr().unwrap());
+    let started = Instant::now();
+    let (status, body) = api
+        .send(Method::DELETE, "/v1/admin/voters/4", None, None)
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::UNAUTHORIZED, "admin_unauthorized")
+    );
+    assert!(started.elapsed() >= Duration::from_millis(100));
+    let response = api
+        .request(Method::POST, "/v1/admin/voters")
+        .header("X-Dflockd-Admin", "admin-secret")
+        .json(&add)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(error_code(&body), "cluster_disabled");
+    server.shutdown().await;
+}
+
+/// Cluster mode: `/v1/readindex` on the leader and a follower; a voter
+/// added and removed through the admin routes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_cluster_mode_readindex_and_admin_voters_work_on_the_leader() {
+    let mut cluster = dflockd_testkit::cluster::TestCluster::start_with(3, |c| {
+        c.http = Some(HttpConfig {
+            admin_token: Some(Secret::new("admin-secret")),
+            ..HttpConfig::default()
+        });
+    })
+    .await;
+    let (leader, _) = cluster.leader().await;
+    let follower = (0..3).find(|&i| i != leader).unwrap();
+    let on_leader = Api::new(cluster.node(leader).http_addr().unwrap());
+    let on_follower = Api::new(cluster.node(follower).http_addr().unwrap());
+    let (status, body) = on_leader.get("/v1/readindex").await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("ok")),
+        "{body}"
+    );
+    let (status, body) = on_follower.get("/v1/readindex").await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::SERVICE_UNAVAILABLE, "not_leader"),
+        "{body}"
+    );
+
+    let admin = |api: &Api, method: Method, path: &str, body: Option<Value>| {
+        let mut request = api
+            .request(method, path)
+            .header("X-Dflockd-Admin", "admin-secret");
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status();
+            (
+                status,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let (i, member) = cluster.add_node().await;
+    let id = i as u64 + 1;
+    let (status, body) = admin(
+        &on_leader,
+        Method::POST,
+        "/v1/admin/voters",
+        Some(json!({"node_id": id, "raft_addr": member.raft})),
+    )
+    .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::BAD_REQUEST, "bad_request")
+    );
+    let add =
+        json!({"node_id": id.to_string(), "raft_addr": member.raft, "client_addr": member.client});
+    let (status, body) = admin(
+        &on_follower,
+        Method::POST,
+        "/v1/admin/voters",
+        Some(add.clone()),
+    )
+    .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::SERVICE_UNAVAILABLE, "not_leader"),
+        "{body}"
+    );
+    let (status, body) = admin(&on_leader, Method::POST, "/v1/admin/voters", Some(add)).await;
+    assert_eq!(
+        (status, body["node_id"].as_str()),
+        (StatusCode::OK, Some(id.to_string().as_str())),
+        "{body}"
+    );
+    let raft = cluster.node(leader).cluster_node().unwrap().raft().clone();
+    raft.wait(Some(Duration::from_secs(10)))
+        .voter_ids([1, 2, 3, id], "the node added")
+        .await
+        .expect("four voters");
+    let (status, body) = admin(
+        &on_leader,
+        Method::DELETE,
+        &format!("/v1/admin/voters/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    raft.wait(Some(Duration::from_secs(10)))
+        .voter_ids([1, 2, 3], "the node removed")
+        .await
+        .expect("three voters again");
+}
+
+#[tokio::test]
+async fn table_caps_answer_503_max_locks_and_max_waiters() {
+    let server = start_with(HttpConfig::default(), |c| {
+        c.max_locks = 1;
+        c.max_waiters = 1;
+    })
+    .await;
+    let api = Api::new(server.http_addr().unwrap());
+    let a = api.session().await;
+    let b = api.session().await;
+    let c = api.session().await;
+    let (_, held) = api
+        .post("/v1/locks/one", &a, json!({"acquire_timeout_s": 0}))
+        .await;
+    assert_eq!(held["status"], "ok");
+    let (status, body) = api
+        .post("/v1/locks/two", &a, json!({"acquire_timeout_s": 0}))
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::SERVICE_UNAVAILABLE, "max_locks")
+    );
+    let waiting = {
+        let api = Api::new(server.http_addr().unwrap());
+        tokio::spawn(async move {
+            api.post("/v1/locks/one", &b, json!({"acquire_timeout_s": 10}))
+                .await
+        })
+    };
+    until("b queued", || async {
+        api.lock_state("one")
+            .await
+            .is_some_and(|l| l["waiters"] == 1)
+    })
+    .await;
+    let (status, body) = api
+        .post("/v1/locks/one", &c, json!({"acquire_timeout_s": 5}))
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::SERVICE_UNAVAILABLE, "max_waiters")
+    );
+    api.post("/v1/locks/one/release", &a, json!({"token": held["token"]}))
+        .await;
+    let (status, granted) = waiting.await.unwrap();
+    assert_eq!(
+        (status, granted["status"].as_str()),
+        (StatusCode::OK, Some("ok"))
+    );
+    server.shutdown().await;
 }

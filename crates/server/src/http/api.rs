@@ -188,8 +188,87 @@ impl Granted {
             Reply::Acquired { token, lease } => Ok(held("acquired", token, lease)),
             Reply::Queued => Ok(bare("queued")),
             Reply::Failure(Status::Timeout) => Ok(bare("timeout")),
+            // A validated acquire, enqueue or wait is answered a bare
+            // `error` only when the server could not mint its token: the
+            // fence counter could not be persisted (spec §4.3).
+            Reply::Failure(Status::Error) => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "fence_persistence",
+                format!("{op}: the server could not persist its fence counter"),
+            )),
             other => Err(ApiError::from_reply(&other, op)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grant_replies_map_to_statuses_and_codes() {
+        let token = dflockd_proto::Token::new(7, 9);
+        let lease = Lease::new(30).unwrap();
+        let ok = Granted::from_reply(Reply::Granted { token, lease }, "acquire").unwrap();
+        assert_eq!(
+            (ok.status, ok.fence, ok.lease_ttl_s),
+            ("ok", Some(7), Some(30))
+        );
+        let cases = [
+            (
+                Status::Error,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "fence_persistence",
+            ),
+            (
+                Status::ErrorMaxLocks,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "max_locks",
+            ),
+            (
+                Status::ErrorMaxWaiters,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "max_waiters",
+            ),
+            (
+                Status::ErrorDraining,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "draining",
+            ),
+            (
+                Status::ErrorLimitMismatch,
+                StatusCode::CONFLICT,
+                "limit_mismatch",
+            ),
+            (
+                Status::ErrorAlreadyEnqueued,
+                StatusCode::CONFLICT,
+                "already_enqueued",
+            ),
+            (
+                Status::ErrorNotEnqueued,
+                StatusCode::CONFLICT,
+                "not_enqueued",
+            ),
+            (
+                Status::ErrorLeaseExpired,
+                StatusCode::CONFLICT,
+                "lease_expired",
+            ),
+        ];
+        for (status, http, code) in cases {
+            let error = Granted::from_reply(Reply::Failure(status), "acquire").unwrap_err();
+            assert_eq!((error.status, error.code), (http, code), "{status:?}");
+        }
+        let release = ApiError::from_reply(&Reply::Failure(Status::Error), "release");
+        assert_eq!(
+            (release.status, release.code),
+            (StatusCode::NOT_FOUND, "not_held")
+        );
+        let redirect =
+            ApiError::from_reply(&Reply::NotLeader(Some("10.0.0.2:6388".into())), "acquire");
+        assert_eq!(redirect.code, "not_leader");
+        assert!(redirect.detail.contains("10.0.0.2:6388"));
     }
 }
 

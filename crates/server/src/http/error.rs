@@ -16,7 +16,9 @@ pub(crate) struct ErrorBody {
     /// `limit_mismatch`, `already_enqueued`, `not_enqueued`,
     /// `lease_expired`, `session_gone`, `rate_limited`, `max_locks`,
     /// `max_waiters`, `max_sessions`, `max_sessions_per_ip`, `draining`,
-    /// `not_leader`, `internal`.
+    /// `not_leader`, `fence_persistence`, `cluster_disabled`, `admin_disabled`,
+    /// `admin_unauthorized`, `add_voter_failed`, `remove_voter_failed`,
+    /// `internal`.
     pub(crate) error: &'static str,
     /// What went wrong, for people.
     #[serde(skip_serializing_if = "String::is_empty")]

@@ -6,6 +6,7 @@
 //! each HTTP session is an in-process connection in the multiplexed
 //! protocol ([`pipe`]), served by the server's own connection code.
 
+mod admin;
 mod api;
 mod error;
 mod limits;
@@ -71,6 +72,7 @@ const OPEN_PATHS: [&str; 4] = ["/health", "/ready", "/v1/openapi.json", "/"];
         (name = "locks", description = "Exclusive locks"),
         (name = "semaphores", description = "Counting semaphores"),
         (name = "operations", description = "Probes, stats, metrics, events, dashboard"),
+        (name = "cluster", description = "Cluster mode: read point and membership (admin secret)"),
     )
 )]
 struct ApiDoc;
@@ -111,6 +113,9 @@ fn routes() -> (Router<Arc<ApiState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(api::metrics))
         .routes(routes!(api::events))
         .routes(routes!(api::dashboard))
+        .routes(routes!(admin::read_index))
+        .routes(routes!(admin::add_voter))
+        .routes(routes!(admin::remove_voter))
         .split_for_parts()
 }
 
@@ -401,6 +406,7 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
                 header::AUTHORIZATION,
                 header::CONTENT_TYPE,
                 header::HeaderName::from_static(api::SESSION_HEADER),
+                header::HeaderName::from_static(admin::ADMIN_HEADER),
             ])
             .max_age(Duration::from_secs(600)),
     )

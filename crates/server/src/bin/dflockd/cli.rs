@@ -191,6 +191,8 @@ const FLAGS: &[Flag] = &[
     flag("http-rate-limit-per-ip", "DFLOCKD_HTTP_RATE_LIMIT_PER_IP", Some("0"), Value, "HTTP requests per second per client address (429 over it), 0 = unlimited"),
     flag("http-rate-limit-burst", "DFLOCKD_HTTP_RATE_LIMIT_BURST", Some("0"), Value, "Burst of the HTTP rate limit [default: the rate]"),
     flag("http-cors-allowed-origins", "DFLOCKD_HTTP_CORS_ALLOWED_ORIGINS", None, Value, "Comma-separated origins allowed by CORS, * = any [default: no CORS]"),
+    flag("admin-token", "DFLOCKD_ADMIN_TOKEN", None, SecretValue, "Secret of the HTTP cluster admin routes, sent as X-Dflockd-Admin [default: those routes answer 503 admin_disabled]"),
+    flag("admin-token-file", "DFLOCKD_ADMIN_TOKEN_FILE", None, Value, "File holding the admin secret"),
     flag("metrics-addr", "DFLOCKD_METRICS_ADDR", None, Value, "host:port of a listener for /metrics, /health and /ready only"),
     flag("raft-dir", "DFLOCKD_RAFT_DIR", None, Value, "Cluster mode: where Raft keeps its log, vote and snapshots; its presence turns cluster mode on"),
     flag("node-id", "DFLOCKD_NODE_ID", None, Value, "This node's id, 1–65535, stable and unique (cluster mode)"),
@@ -521,6 +523,8 @@ fn http(s: &Sources<'_>, tcp_port: u16) -> Result<Option<HttpConfig>, ConfigErro
             "http-rate-limit-per-ip",
             "http-rate-limit-burst",
             "http-cors-allowed-origins",
+            "admin-token",
+            "admin-token-file",
         ];
         if let Some(raw) = http_only.into_iter().find_map(|long| s.given(long)) {
             return Err(ConfigError(format!(
@@ -563,6 +567,8 @@ fn http(s: &Sources<'_>, tcp_port: u16) -> Result<Option<HttpConfig>, ConfigErro
                     .collect()
             })
             .unwrap_or_default(),
+        admin_token: secret_value(s, "the admin token", "admin-token", "admin-token-file")?
+            .map(|(token, _)| Secret::new(token)),
         ..defaults
     }))
 }
@@ -1197,6 +1203,44 @@ mod tests {
         assert_eq!("warn".parse::<LogLevel>(), Ok(LogLevel::Warn));
         assert!("loud".parse::<LogLevel>().is_err());
         assert_eq!(run(&[], &[]).unwrap().log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn http_flags_make_an_http_config() {
+        let settings = run(
+            &[
+                "--http-port",
+                "8080",
+                "--http-max-sessions",
+                "3",
+                "--http-cors-allowed-origins",
+                "https://a.example, https://b.example",
+                "--admin-token",
+                "adm",
+            ],
+            &[("DFLOCKD_HTTP_RATE_LIMIT_PER_IP", "5")],
+        )
+        .unwrap();
+        let http = settings.config.http.expect("HTTP on");
+        assert_eq!(
+            (http.port, http.max_sessions, http.rate_limit_per_ip),
+            (8080, 3, 5)
+        );
+        assert_eq!(
+            http.cors_allowed_origins,
+            ["https://a.example", "https://b.example"]
+        );
+        assert_eq!(http.session_idle_timeout, Duration::from_secs(20));
+        assert_eq!(
+            http.admin_token.map(|t| t.expose().to_owned()).as_deref(),
+            Some("adm")
+        );
+        assert!(run(&[], &[]).unwrap().config.http.is_none());
+        let metrics = run(&["--metrics-addr", "127.0.0.1:9100"], &[]).unwrap();
+        assert_eq!(
+            metrics.config.metrics_addr.as_deref(),
+            Some("127.0.0.1:9100")
+        );
     }
 
     #[test]
