@@ -139,6 +139,7 @@ impl Drop for ConnLog {
         // and each marked the table it used.
         self.shared
             .each_shard_in(&self.used, |shard| shard.disconnect(id, auto_release));
+        self.shared.telemetry.events.disconnected(id.0);
         if auto_release && !self.shared.config.disconnect_lock_delay.is_zero() {
             self.shared.delay_started.notify_one();
         }
@@ -241,10 +242,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin, L: DriverLog> Connection<S, L> {
         }
     }
 
-    /// Leaves the connection's requests out of the request counts (an
-    /// HTTP session's: the HTTP layer counts them).
-    pub(crate) fn uncounted(mut self) -> Self {
-        self.session.uncounted();
+    /// An HTTP session's connection: its requests are left out of the
+    /// request counts (the HTTP layer counts them), and it speaks the
+    /// multiplexed protocol even under `--no-mux` (which is about what
+    /// TCP clients get).
+    pub(crate) fn for_http(mut self) -> Self {
+        self.session.for_http();
         self
     }
 

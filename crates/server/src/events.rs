@@ -119,6 +119,16 @@ impl EventBus {
         }
     }
 
+    /// Connection `conn` closed and its table state was cleaned up.
+    pub(crate) fn disconnected(&self, conn: u64) {
+        if self.watched() {
+            self.send(Event {
+                conn: Some(conn),
+                ..Event::new(EventKind::Disconnect, None)
+            });
+        }
+    }
+
     fn watched(&self) -> bool {
         self.subscribers.load(Ordering::Acquire) > 0
     }
@@ -131,13 +141,17 @@ impl EventBus {
 
 /// Counts what applying `op` did and, while anyone watches, publishes it.
 /// `in_lock_delay` tells whether a key is in its disconnect lock-delay
-/// now (the table after the command).
+/// now (the table after the command). `disconnects`: whether an
+/// `Op::Disconnect` is reported here (a cluster applies one per
+/// connection; a single node applies one per table the connection used,
+/// and reports the connection once with [`EventBus::disconnected`]).
 pub(crate) fn observe(
     op: &Op,
     effects: &Effects,
     in_lock_delay: impl Fn(&ResourceId) -> bool,
     metrics: &Metrics,
     bus: &EventBus,
+    disconnects: bool,
 ) {
     let watched = bus.watched();
     let publish = |event: Event| {
@@ -215,12 +229,7 @@ pub(crate) fn observe(
                 });
             }
         }
-        (Op::Disconnect { conn, .. }, _) if watched => {
-            publish(Event {
-                conn: Some(conn.0),
-                ..Event::new(EventKind::Disconnect, None)
-            });
-        }
+        (Op::Disconnect { conn, .. }, _) if disconnects => bus.disconnected(conn.0),
         _ => {}
     }
     // Expiries first: a grant they made possible comes after them.

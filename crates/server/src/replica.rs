@@ -118,10 +118,10 @@ impl Router {
         let metrics = &self.telemetry.metrics;
         let events = &self.telemetry.events;
         if let Some(office) = &effects.office {
-            crate::events::observe(&batch.office.op, office, |_| false, metrics, events);
+            crate::events::observe(&batch.office.op, office, |_| false, metrics, events, true);
         }
         for (command, effects) in batch.commands.iter().zip(&effects.commands) {
-            crate::events::observe(&command.op, effects, |_| false, metrics, events);
+            crate::events::observe(&command.op, effects, |_| false, metrics, events, true);
         }
         let own = origin.node == self.node
             && origin.index > self.startup_index.load(Ordering::Acquire)

@@ -658,7 +658,7 @@ fn for_http<S: AsyncRead + AsyncWrite + Unpin, L: crate::conn::DriverLog>(
         None => connection,
         Some(opened) => {
             let _ = opened.send(id.0);
-            connection.uncounted()
+            connection.for_http()
         }
     }
 }

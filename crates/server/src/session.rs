@@ -292,9 +292,11 @@ impl Session {
         }
     }
 
-    /// Leaves this session's requests out of the request counts.
-    pub(crate) fn uncounted(&mut self) {
+    /// An HTTP session's connection: left out of the request counts, and
+    /// allowed the multiplexed protocol whatever the configuration says.
+    pub(crate) fn for_http(&mut self) {
         self.counted = false;
+        self.mux_allowed = true;
     }
 
     /// Counts a request of `command` answered with `reply`.

@@ -179,6 +179,7 @@ impl<F: FenceSource> Shard<F> {
             |rid| table.in_lock_delay(rid, now),
             &self.telemetry.metrics,
             &self.telemetry.events,
+            false,
         );
         effects
     }
@@ -407,10 +408,13 @@ impl Shared {
     /// Admits a new connection if the caps allow it.
     pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<ConnGuard> {
         let max = self.config.max_connections;
+        // HTTP sessions are counted among the connections but capped by
+        // the session caps, not this one.
+        let http = self.http_sessions.load(Ordering::Acquire);
         let admitted = self
             .connections
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (max == 0 || n < max).then_some(n + 1)
+                (max == 0 || n.saturating_sub(http) < max).then_some(n + 1)
             })
             .is_ok();
         if !admitted {

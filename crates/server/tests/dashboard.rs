@@ -312,5 +312,7 @@ async fn the_dashboard_shows_a_tcp_holder_and_its_fence_within_two_seconds() {
         std::fs::write(docs, &png).unwrap();
     }
     browser.close().await;
+    // Idle TCP clients would hold the drain up to their read timeout.
+    drop((holder, waiter, pool));
     server.shutdown().await;
 }

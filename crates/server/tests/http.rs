@@ -668,6 +668,37 @@ async fn bad_input_is_refused_with_its_status_and_leaks_nothing() {
         (status, error_code(&body)),
         (StatusCode::BAD_REQUEST, "bad_request")
     );
+    // A query or path axum itself refuses still gets the JSON body.
+    for path in ["/v1/events?bogus=1", "/v1/locks/%FF"] {
+        let method = if path.starts_with("/v1/events") {
+            Method::GET
+        } else {
+            Method::POST
+        };
+        let (status, body) = api
+            .send(
+                method,
+                path,
+                Some(&s),
+                Some(json!({"acquire_timeout_s": 0})),
+            )
+            .await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (StatusCode::BAD_REQUEST, "bad_request"),
+            "{path}: {body}"
+        );
+    }
+    // Any token is an HTTP method: the latency metric keeps a fixed set.
+    let brew = Method::from_bytes(b"BREW").unwrap();
+    let (status, _) = api.send(brew, "/health", None, None).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    let metrics = api.metrics().await;
+    assert!(
+        metrics.contains(r#"method="other",route="/health""#),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("BREW"));
     // Nothing of all that is in the table.
     let (_, stats) = api.get("/v1/stats").await;
     assert_eq!(stats["locks"], json!([]), "{stats}");
@@ -787,6 +818,8 @@ async fn tcp_and_http_waiters_share_one_fifo_queue() {
     );
     let tcp_fence = u64::from_str_radix(&token[..16], 16).unwrap();
     assert!(granted["fence"].as_u64().unwrap() > tcp_fence);
+    // An idle TCP client would hold the drain up to its read timeout.
+    drop(tcp);
     server.shutdown().await;
 }
 
@@ -881,7 +914,8 @@ async fn session_and_connection_caps() {
         max_sessions: 1,
         ..HttpConfig::default()
     };
-    let server = start_with(http, |_| {}).await;
+    // HTTP sessions do not count against the TCP connection cap.
+    let server = start_with(http, |c| c.max_connections = 1).await;
     let api = Api::new(server.http_addr().unwrap());
     let _ = api.session().await;
     let (status, body) = api.send(Method::POST, "/v1/sessions", None, None).await;
@@ -889,6 +923,15 @@ async fn session_and_connection_caps() {
         (status, error_code(&body)),
         (StatusCode::SERVICE_UNAVAILABLE, "max_sessions")
     );
+    let mut tcp = BufReader::new(
+        tokio::net::TcpStream::connect(server.local_addr())
+            .await
+            .unwrap(),
+    );
+    tcp.write_all(b"ping\n_\n\n").await.unwrap();
+    let mut line = String::new();
+    tcp.read_line(&mut line).await.unwrap();
+    assert_eq!(line, "ok\n", "the one TCP place is free");
     server.shutdown().await;
 }
 
@@ -1141,6 +1184,8 @@ async fn metrics_parse_and_count_the_requests_made() {
         "latency histogram"
     );
     assert!(text.contains(r#"dflockd_http_request_duration_seconds_count{method="POST",route="/v1/locks/{key}"} 4"#), "{text}");
+    // An idle TCP client would hold the drain up to its read timeout.
+    drop(tcp);
     server.shutdown().await;
 }
 
@@ -1264,11 +1309,37 @@ async fn events_report_grants_enqueues_releases_expiries_and_disconnects() {
             Some(u64::from_str_radix(&token[..16], 16).unwrap())
         )
     );
-    // Unfiltered: a disconnect.
+    // Unfiltered: one disconnect per connection, however many of the
+    // table's shards it used.
     let mut all = Events::open(&api, "").await;
     drop(tcp);
     let (kind, _) = all.next().await;
     assert_eq!(kind, "disconnect");
+    let mut many = BufReader::new(
+        tokio::net::TcpStream::connect(server.local_addr())
+            .await
+            .unwrap(),
+    );
+    for i in 0..20 {
+        let mut line = String::new();
+        many.write_all(format!("l\nspread-{i}\n0\n").as_bytes())
+            .await
+            .unwrap();
+        many.read_line(&mut line).await.unwrap();
+    }
+    drop(many);
+    api.post("/v1/locks/marker", &s, json!({"acquire_timeout_s": 0}))
+        .await;
+    let mut disconnects = 0;
+    loop {
+        let (kind, event) = all.next().await;
+        match kind.as_str() {
+            "disconnect" => disconnects += 1,
+            "grant" if event["key"] == "marker" => break,
+            _ => {}
+        }
+    }
+    assert_eq!(disconnects, 1);
     server.shutdown().await;
 }
 
@@ -1313,6 +1384,8 @@ async fn a_subscriber_that_falls_behind_is_dropped_and_the_table_goes_on() {
     );
     println!("stalled subscriber dropped after {:?}", started.elapsed());
     drop(stalled);
+    // An idle TCP client would hold the drain up to its read timeout.
+    drop(tcp);
     server.shutdown().await;
 }
 
@@ -1351,7 +1424,7 @@ async fn overview_lists_queues_in_fifo_order() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| c.as_u64().unwrap())
+        .map(|c| c.as_str().expect("a decimal string").parse().unwrap())
         .collect();
     assert_eq!(order.len(), 3);
     assert!(
@@ -1360,6 +1433,8 @@ async fn overview_lists_queues_in_fifo_order() {
     );
     assert_eq!(overview["http_sessions"], 1);
     assert_eq!(overview["stats"]["connections"], stats["connections"]);
+    // An idle TCP client would hold the drain up to its read timeout.
+    drop(waiters);
     server.shutdown().await;
 }
 

@@ -196,7 +196,8 @@ impl ApiState {
     async fn close_session(&self, id: &str) -> bool {
         match self.sessions.remove(id) {
             Some(session) => {
-                session.pipe.close().await;
+                // Closed even if the caller goes away meanwhile.
+                let _ = tokio::spawn(async move { session.pipe.close().await }).await;
                 true
             }
             None => false,
@@ -229,16 +230,19 @@ impl ApiState {
                     dflockd_proto::Namespace::Lock => "lock",
                     dflockd_proto::Namespace::Semaphore => "semaphore",
                 },
-                conns: conns.into_iter().map(|c| c.0).collect(),
+                conns: conns.into_iter().map(|c| c.0.to_string()).collect(),
             })
             .collect();
-        // Fences exceed JavaScript's exact integers (2^53): the dashboard
-        // gets them as decimal strings.
+        // Fences (and, in cluster mode, connection ids) exceed
+        // JavaScript's exact integers (2^53): the dashboard gets them as
+        // decimal strings.
         let mut stats = serde_json::to_value(self.stats()).unwrap_or_default();
         if let Some(locks) = stats.get_mut("locks").and_then(|l| l.as_array_mut()) {
             for lock in locks {
-                if let Some(fence) = lock.get_mut("fence").filter(|f| f.is_u64()) {
-                    *fence = serde_json::Value::String(fence.to_string());
+                for field in ["fence", "owner_conn_id"] {
+                    if let Some(value) = lock.get_mut(field).filter(|v| v.is_u64()) {
+                        *value = serde_json::Value::String(value.to_string());
+                    }
                 }
             }
         }
@@ -264,8 +268,9 @@ struct Overview {
 struct Queue {
     key: String,
     namespace: &'static str,
-    /// Waiting connections, first in line first.
-    conns: Vec<u64>,
+    /// Waiting connections, first in line first (decimal strings: in
+    /// cluster mode connection ids exceed JavaScript's exact integers).
+    conns: Vec<String>,
 }
 
 /// 128 random bits, hex.
@@ -358,7 +363,16 @@ async fn require_bearer(
 
 /// Times each request by its route.
 async fn time_requests(State(api): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
-    let method = request.method().clone();
+    // A fixed set: any token is a valid HTTP method, and each label value
+    // would be a series kept for ever.
+    let method = match *request.method() {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    };
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -368,8 +382,24 @@ async fn time_requests(State(api): State<Arc<ApiState>>, request: Request, next:
     api.shared
         .telemetry
         .metrics
-        .http_request(method.as_str(), &route, started.elapsed());
+        .http_request(method, &route, started.elapsed());
     response
+}
+
+/// axum's own rejections (a path or query that does not decode) are
+/// plain text: they get the API's JSON error body too.
+async fn json_rejections(response: Response) -> Response {
+    let plain = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|t| t.as_bytes().starts_with(b"text/plain"));
+    if response.status() != StatusCode::BAD_REQUEST || !plain {
+        return response;
+    }
+    let body = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .unwrap_or_default();
+    ApiError::bad_request(String::from_utf8_lossy(&body).into_owned()).into_response()
 }
 
 async fn not_found() -> ApiError {
@@ -421,6 +451,16 @@ pub(crate) fn start(
     config: HttpConfig,
 ) -> std::io::Result<HttpServer> {
     let addr = listener.local_addr()?;
+    if !addr.ip().is_loopback() {
+        for (flag, value) in [
+            ("--http-max-sessions", config.max_sessions),
+            ("--http-max-sessions-per-ip", config.max_sessions_per_ip),
+        ] {
+            if value == 0 {
+                tracing::warn!(flag, "unbounded limit on a non-loopback HTTP listener");
+            }
+        }
+    }
     let stop = CancellationToken::new();
     let state = Arc::new(ApiState {
         sessions: Sessions::new(config.max_sessions, config.max_sessions_per_ip),
@@ -442,6 +482,7 @@ pub(crate) fn start(
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::map_response(json_rejections))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             time_requests,
@@ -534,15 +575,27 @@ pub(crate) fn start_metrics(
         ))
         .with_state(state);
     listener.set_nonblocking(true)?;
-    let listener = tokio::net::TcpListener::from_std(listener)?;
-    let task = tokio::spawn(async move {
-        let drained = async move { shared.drain.cancelled().await };
-        if let Err(error) = axum::serve(listener, app)
-            .with_graceful_shutdown(drained)
+    let mut server =
+        axum_server::from_tcp(listener)?.first_request_timeout(shared.config.read_timeout);
+    server
+        .http_builder()
+        .http1()
+        .header_read_timeout(shared.config.read_timeout);
+    let handle = axum_server::Handle::new();
+    let serve_handle = handle.clone();
+    let served = tokio::spawn(async move {
+        if let Err(error) = server
+            .handle(serve_handle)
+            .serve(app.into_make_service())
             .await
         {
             tracing::error!(%error, "metrics listener failed");
         }
+    });
+    let task = tokio::spawn(async move {
+        shared.drain.cancelled().await;
+        handle.graceful_shutdown(Some(Duration::from_secs(1)));
+        let _ = served.await;
     });
     Ok(HttpServer { addr, task })
 }
@@ -569,9 +622,9 @@ async fn supervise(
         if let Some(limiter) = &limiter {
             limiter.forget_idle();
         }
-        if idle.is_zero() {
-            continue;
-        }
+        // Zero: never idle for too long, but a session whose connection
+        // the server closed (a leader that stepped down, say) still goes.
+        let idle = if idle.is_zero() { Duration::MAX } else { idle };
         for session in state.sessions.take_idle(tokio::time::Instant::now(), idle) {
             tracing::debug!("HTTP session reaped after {idle:?} idle");
             state.shared.telemetry.metrics.sessions_reaped.inc();

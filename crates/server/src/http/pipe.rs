@@ -3,6 +3,10 @@
 //! the same code as every TCP connection. So an HTTP waiter joins the same
 //! FIFO queue as TCP waiters, and closing the session runs the same
 //! disconnect cleanup.
+//!
+//! One task writes (whole frames from a channel, so a caller that goes
+//! away mid-request never leaves half a frame, plus keep-alive pings),
+//! one task reads replies and hands each to its caller.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +15,7 @@ use std::time::Duration;
 
 use dflockd_proto::{Reply, Request, encode_mux_request, parse_mux_reply};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream, ReadHalf, WriteHalf};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// The connection closed (the server drains or stopped, or the session
@@ -19,12 +23,20 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Closed;
 
-type Waiters = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Reply>>>>>;
+type Waiters = Mutex<Option<HashMap<u64, oneshot::Sender<Reply>>>>;
+
+/// What the writer task is asked to do.
+enum Out {
+    /// Write this whole frame.
+    Frame(Vec<u8>),
+    /// Close the connection's write side (the server then cleans up).
+    Close,
+}
 
 /// One in-process mux connection. Requests may be made concurrently; each
 /// gets its own id and waits for its own reply.
 pub(crate) struct Pipe {
-    writer: tokio::sync::Mutex<WriteHalf<DuplexStream>>,
+    out: mpsc::UnboundedSender<Out>,
     /// Replies still to come, by request id; `None` once the connection
     /// closed.
     waiters: Waiters,
@@ -36,8 +48,9 @@ pub(crate) struct Pipe {
 
 impl Pipe {
     /// Speaks the handshake on `stream` (`auth` when the server wants it,
-    /// then `hello _ mux`) and starts reading replies. `cleaned_up` fires
-    /// when the server has run the connection's disconnect.
+    /// then `hello _ mux`) and starts the writer and reader tasks.
+    /// `cleaned_up` fires when the server has run the connection's
+    /// disconnect.
     pub(crate) async fn open(
         stream: DuplexStream,
         auth: Option<&str>,
@@ -66,13 +79,18 @@ impl Pipe {
         if line.trim_end() != dflockd_proto::MUX_ACCEPTED {
             return Err(Closed);
         }
+        let (out, frames) = mpsc::unbounded_channel();
         let pipe = Arc::new(Pipe {
-            writer: tokio::sync::Mutex::new(write),
-            waiters: Arc::new(Mutex::new(Some(HashMap::new()))),
-            next_id: AtomicU64::new(1),
+            out,
+            waiters: Mutex::new(Some(HashMap::new())),
+            // A named session (`stable-ref`) must never use an id again,
+            // even on its next connection (docs/protocol-mux.md,
+            // *Sessions*): each connection starts at a random point.
+            next_id: AtomicU64::new(random_start()),
             closed: CancellationToken::new(),
         });
-        tokio::spawn(read_replies(read, Arc::clone(&pipe), keepalive, cleaned_up));
+        tokio::spawn(write_frames(write, frames, Arc::clone(&pipe), keepalive));
+        tokio::spawn(read_replies(read, Arc::clone(&pipe), cleaned_up));
         Ok(pipe)
     }
 
@@ -84,7 +102,7 @@ impl Pipe {
         request: &Request,
         ticket: u64,
     ) -> Result<Reply, Closed> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_id();
         let (tx, rx) = oneshot::channel();
         {
             let mut waiters = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
@@ -101,15 +119,19 @@ impl Pipe {
         };
         let mut frame = Vec::with_capacity(64);
         encode_mux_request(id, ticket, request, &mut frame);
-        self.send(&frame).await?;
+        // Queued whole, at once: nothing to interrupt.
+        self.send(frame)?;
         let reply = call.rx.as_mut().ok_or(Closed)?.await.map_err(|_| Closed);
         call.rx = None;
         reply
     }
 
-    async fn send(&self, frame: &[u8]) -> Result<(), Closed> {
-        let mut writer = self.writer.lock().await;
-        writer.write_all(frame).await.map_err(|_| Closed)
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn send(&self, frame: Vec<u8>) -> Result<(), Closed> {
+        self.out.send(Out::Frame(frame)).map_err(|_| Closed)
     }
 
     /// Whether the connection has closed.
@@ -120,12 +142,18 @@ impl Pipe {
     /// Closes the connection and waits until the server has cleaned up
     /// after it (every hold released, every waiter withdrawn).
     pub(crate) async fn close(&self) {
-        {
-            let mut writer = self.writer.lock().await;
-            let _ = writer.shutdown().await;
-        }
+        let _ = self.out.send(Out::Close);
         self.closed.cancelled().await;
     }
+}
+
+/// A random first request id, leaving room to count up for ever.
+fn random_start() -> u64 {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        return 1;
+    }
+    (u64::from_le_bytes(bytes) >> 2).max(1)
 }
 
 /// How to give back what a request may be granted, if nobody takes it:
@@ -156,17 +184,18 @@ impl Drop for Call {
             return;
         };
         let pipe = Arc::clone(&self.pipe);
-        let target = self.id;
+        // The cancel's own reply has no waiter; the reader drops it.
+        let cancel = format!("{} cancel\n_\n{}\n", pipe.next_id(), self.id);
+        if pipe.send(cancel.into_bytes()).is_err() {
+            // The connection is gone: the server cleans up after it.
+            return;
+        }
         let release = self.release.take();
         // No runtime (the process is ending): the connection closes with it.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         runtime.spawn(async move {
-            let id = pipe.next_id.fetch_add(1, Ordering::Relaxed);
-            // The cancel's own reply has no waiter; the reader drops it.
-            let frame = format!("{id} cancel\n_\n{target}\n");
-            let _ = pipe.send(frame.as_bytes()).await;
             let token = match rx.await {
                 Ok(Reply::Granted { token, .. } | Reply::Acquired { token, .. }) => token,
                 _ => return,
@@ -183,31 +212,49 @@ impl Drop for Call {
     }
 }
 
-async fn read_replies(
-    mut read: BufReader<ReadHalf<DuplexStream>>,
+/// Writes whole frames as they come, and a ping now and then: the server
+/// closes a mux connection that is silent for its read timeout while
+/// nothing waits (sessions have their own idle timeout). Ends on
+/// [`Out::Close`], when every [`Pipe`] is gone, or when a write fails.
+async fn write_frames(
+    mut write: WriteHalf<DuplexStream>,
+    mut frames: mpsc::UnboundedReceiver<Out>,
     pipe: Arc<Pipe>,
     keepalive: Duration,
-    cleaned_up: oneshot::Receiver<()>,
 ) {
-    let mut line = Vec::with_capacity(128);
-    // The server closes a mux connection that is silent for its read
-    // timeout while nothing waits: a ping now and then keeps an idle
-    // session's connection open (sessions have their own idle timeout).
     let mut ping = tokio::time::interval(keepalive);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
+    // The writer's own handle would keep the channel open: the pipe's id
+    // counter is all it needs.
+    let pipe = Arc::downgrade(&pipe);
     loop {
-        line.clear();
-        let read = tokio::select! {
-            read = read.read_until(b'\n', &mut line) => read,
+        let frame = tokio::select! {
+            next = frames.recv() => match next {
+                Some(Out::Frame(frame)) => frame,
+                Some(Out::Close) | None => break,
+            },
             _ = ping.tick() => {
-                let id = pipe.next_id.fetch_add(1, Ordering::Relaxed);
-                let frame = format!("{id} ping\n_\n\n");
-                let _ = pipe.send(frame.as_bytes()).await;
-                continue;
+                let Some(pipe) = pipe.upgrade() else { break };
+                format!("{} ping\n_\n\n", pipe.next_id()).into_bytes()
             }
         };
-        match read {
+        if write.write_all(&frame).await.is_err() {
+            break;
+        }
+    }
+    let _ = write.shutdown().await;
+}
+
+async fn read_replies(
+    mut read: BufReader<ReadHalf<DuplexStream>>,
+    pipe: Arc<Pipe>,
+    cleaned_up: oneshot::Receiver<()>,
+) {
+    let mut line = Vec::with_capacity(128);
+    loop {
+        line.clear();
+        match read.read_until(b'\n', &mut line).await {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
@@ -233,10 +280,8 @@ async fn read_replies(
             .unwrap_or_else(PoisonError::into_inner)
             .take(),
     );
-    {
-        let mut writer = pipe.writer.lock().await;
-        let _ = writer.shutdown().await;
-    }
+    // Stop the writer too (the server closed the connection).
+    let _ = pipe.out.send(Out::Close);
     drop(read);
     // The server has released what the connection held once its task
     // ended (or the server is gone).

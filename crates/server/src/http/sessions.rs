@@ -58,6 +58,8 @@ pub(crate) enum Refused {
 #[derive(Default)]
 struct Book {
     sessions: HashMap<String, Arc<HttpSession>>,
+    /// Session ids by their connection's id (for events).
+    by_conn: HashMap<u64, String>,
     per_ip: HashMap<IpAddr, usize>,
     /// Places taken by sessions being opened.
     opening: usize,
@@ -147,6 +149,7 @@ impl Sessions {
         });
         let mut book = self.lock();
         book.opening -= 1;
+        book.by_conn.insert(conn, id.clone());
         book.sessions.insert(id, Arc::clone(&session));
         place.done = true;
         session
@@ -168,6 +171,7 @@ impl Sessions {
     pub(crate) fn remove(&self, id: &str) -> Option<Arc<HttpSession>> {
         let mut book = self.lock();
         let session = book.sessions.remove(id)?;
+        book.by_conn.remove(&session.conn);
         release_ip(&mut book.per_ip, session.ip);
         Some(session)
     }
@@ -191,6 +195,7 @@ impl Sessions {
         let mut taken = Vec::with_capacity(stale.len());
         for id in stale {
             if let Some(session) = book.sessions.remove(&id) {
+                book.by_conn.remove(&session.conn);
                 release_ip(&mut book.per_ip, session.ip);
                 taken.push(session);
             }
@@ -202,6 +207,7 @@ impl Sessions {
     pub(crate) fn take_all(&self) -> Vec<Arc<HttpSession>> {
         let mut book = self.lock();
         book.per_ip.clear();
+        book.by_conn.clear();
         book.sessions.drain().map(|(_, s)| s).collect()
     }
 
@@ -212,11 +218,7 @@ impl Sessions {
 
     /// The session id of connection `conn`, if it is an HTTP session's.
     pub(crate) fn id_of_conn(&self, conn: u64) -> Option<String> {
-        self.lock()
-            .sessions
-            .values()
-            .find(|s| s.conn == conn)
-            .map(|s| s.id.clone())
+        self.lock().by_conn.get(&conn).cloned()
     }
 }
 

@@ -470,11 +470,6 @@ fn resolve(s: &Sources<'_>) -> Result<Settings, ConfigError> {
     };
 
     config.http = http(s, config.port)?;
-    if config.http.is_some() && !config.mux {
-        return Err(ConfigError(
-            "--no-mux: the HTTP API needs the multiplexed extension (its sessions use it)".into(),
-        ));
-    }
     config.metrics_addr = s.get("metrics-addr").map(|raw| raw.value);
     config.cluster = cluster(s, orphan_ttl)?;
     if config.cluster.is_some() && config.fence_state_file.is_some() {
@@ -906,7 +901,6 @@ mod tests {
         assert!(e(&["--orphan-ttl", "5"], &[]).contains("cluster"));
         assert!(e(&["--http-port", "6388"], &[]).contains("must differ"));
         assert!(e(&["--http-max-sessions", "3"], &[]).contains("needs --http-port"));
-        assert!(e(&["--http-port", "8080", "--no-mux"], &[]).contains("multiplexed"));
         assert!(e(&["--raft-dir", "/tmp/r"], &[]).contains("cluster"));
     }
 
