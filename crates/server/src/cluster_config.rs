@@ -83,10 +83,7 @@ impl FromStr for ClusterPeer {
                 entry: entry.to_string(),
             })?;
         for addr in [raft, client] {
-            let valid = addr
-                .rsplit_once(':')
-                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-            if !valid {
+            if !is_host_port(addr) {
                 return Err(PeerListError::Address {
                     entry: entry.to_string(),
                     addr: addr.to_string(),
@@ -99,6 +96,13 @@ impl FromStr for ClusterPeer {
             client: client.to_string(),
         })
     }
+}
+
+/// Whether `addr` has the shape `host:port` (a non-empty host, a port
+/// 0–65535); whether the host resolves is for the connection to find out.
+pub(crate) fn is_host_port(addr: &str) -> bool {
+    addr.rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
 }
 
 /// Parses a comma-separated `--cluster-peers` list; ids must be unique.

@@ -17,8 +17,7 @@ use crate::metrics::Metrics;
 pub(crate) const SUBSCRIBER_BUFFER: usize = 4096;
 
 /// What happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum EventKind {
     /// A hold was granted (at once or to a waiter).
     Grant,
@@ -31,6 +30,25 @@ pub(crate) enum EventKind {
     /// A connection (or HTTP session) closed; what it held or queued was
     /// cleaned up.
     Disconnect,
+}
+
+impl Serialize for EventKind {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.name())
+    }
+}
+
+impl EventKind {
+    /// The kind's name: the SSE message's `event` and the data's `type`.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            EventKind::Grant => "grant",
+            EventKind::Release => "release",
+            EventKind::Expire => "expire",
+            EventKind::Enqueue => "enqueue",
+            EventKind::Disconnect => "disconnect",
+        }
+    }
 }
 
 /// One event of the stream: JSON in the `data` line of an SSE message

@@ -16,6 +16,7 @@ use utoipa::ToSchema;
 use super::ApiState;
 use super::api::JsonBody;
 use super::error::{ApiError, ErrorBody};
+use crate::cluster_config::is_host_port;
 use crate::replica::Replica;
 
 /// The header that carries the admin secret.
@@ -121,12 +122,6 @@ fn node_id(value: &serde_json::Value) -> Option<u64> {
         _ => return None,
     };
     (1..=u64::from(u16::MAX)).contains(&id).then_some(id)
-}
-
-fn is_host_port(addr: &str) -> bool {
-    addr.rsplit_once(':').is_some_and(|(host, port)| {
-        !host.is_empty() && !port.is_empty() && port.parse::<u16>().is_ok()
-    })
 }
 
 /// Waits until everything committed before the call is applied on this

@@ -875,23 +875,31 @@ pub(crate) async fn events(
             {
                 continue;
             }
-            let session = event.conn.and_then(|conn| api.sessions.id_of_conn(conn));
-            let mut data = serde_json::to_value(&*event).unwrap_or_default();
-            if let (Some(session), Some(object)) = (session, data.as_object_mut()) {
-                object.insert("session".into(), session.into());
-            }
-            let kind = data
-                .get("type")
-                .and_then(|t| t.as_str())
-                .unwrap_or("event")
-                .to_owned();
-            let message = SseEvent::default().event(kind).data(data.to_string());
+            let sent = Sent {
+                session: event.conn.and_then(|conn| api.sessions.id_of_conn(conn)),
+                event: &event,
+            };
+            // Serialising plain strings and numbers cannot fail.
+            let Ok(data) = serde_json::to_string(&sent) else {
+                continue;
+            };
+            let message = SseEvent::default().event(event.kind.name()).data(data);
             if tx.send(Ok(message)).await.is_err() {
                 return;
             }
         }
     });
     Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+/// An event as a subscriber gets it: with the holder's HTTP session, if
+/// it has one.
+#[derive(Serialize)]
+struct Sent<'a> {
+    #[serde(flatten)]
+    event: &'a crate::events::Event,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session: Option<String>,
 }
 
 /// A stream fed by a task: `f` gets the sending end of a small channel.

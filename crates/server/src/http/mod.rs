@@ -185,10 +185,7 @@ impl ApiState {
         let pipe = pipe::Pipe::open(client, auth, keepalive, closed)
             .await
             .map_err(|_| ApiError::draining())?;
-        let id = new_session_id();
-        let session = self.sessions.insert(place, id.clone(), pipe, conn);
-        drop(session);
-        self.sessions.begin(&id).ok_or_else(ApiError::session_gone)
+        Ok(self.sessions.insert(place, new_session_id(), pipe, conn))
     }
 
     /// Closes session `id`, waiting until the server released what it

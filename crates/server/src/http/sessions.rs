@@ -131,28 +131,29 @@ impl Sessions {
         })
     }
 
-    /// Registers an opened session in its reserved place.
+    /// Registers an opened session in its reserved place, with the request
+    /// that opened it in flight.
     pub(crate) fn insert(
         &self,
         mut place: Reservation<'_>,
         id: String,
         pipe: Arc<Pipe>,
         conn: u64,
-    ) -> Arc<HttpSession> {
+    ) -> InFlight {
         let session = Arc::new(HttpSession {
             id: id.clone(),
             pipe,
             conn,
             ip: place.ip,
             last_used: Mutex::new(Instant::now()),
-            in_flight: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(1),
         });
         let mut book = self.lock();
         book.opening -= 1;
         book.by_conn.insert(conn, id.clone());
         book.sessions.insert(id, Arc::clone(&session));
         place.done = true;
-        session
+        InFlight(session)
     }
 
     /// The session `id` for a request, marked in flight; `None` if there
