@@ -354,6 +354,9 @@ impl Inner {
             Ok((dflockd_proto::Reply::Failure(dflockd_proto::Status::Error), _)) => {
                 Ok(Released::AlreadyLost)
             }
+            Ok((dflockd_proto::Reply::Failure(dflockd_proto::Status::ErrorDraining), _)) => {
+                Err(ErrorKind::Draining.into())
+            }
             Ok((other, _)) => {
                 Err(ErrorKind::Protocol(format!("unexpected reply to release: {other:?}")).into())
             }
@@ -367,7 +370,8 @@ impl Inner {
 
 impl Inner {
     /// Sends the release. On a cluster session's connection it is retried
-    /// through a failover (a broken connection, `error_not_leader`) until
+    /// through a failover (a broken connection, `error_not_leader`, a
+    /// leader answering `error_draining` as it stops) until
     /// it is answered, for at most one lease length: by then the server
     /// has let the lease go by itself.
     async fn send_release(&self) -> Result<(Reply, LaneRef)> {
@@ -388,7 +392,12 @@ impl Inner {
                 )
                 .await;
             let failed_over = match &result {
-                Ok((Reply::NotLeader(_), _)) => true,
+                // A leader that is stopping answers `error_draining`; the
+                // next one (it hands over) takes the release.
+                Ok((
+                    Reply::NotLeader(_) | Reply::Failure(dflockd_proto::Status::ErrorDraining),
+                    _,
+                )) => true,
                 Err(error) => {
                     error.is_transient() || matches!(error.kind(), ErrorKind::NotLeader { .. })
                 }

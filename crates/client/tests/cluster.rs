@@ -240,6 +240,46 @@ async fn a_release_during_a_failover_is_retried_until_it_applies() {
     );
 }
 
+/// The leader starts a graceful stop (as SIGTERM does) while a lease is
+/// held, and the holder releases at once: the release reaches a draining
+/// leader, which answers `error_draining` or closes the connection. The
+/// client sends it again to the next leader (the one it hands over to),
+/// the caller gets `Released`, and the key is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_during_a_graceful_stop_goes_to_the_next_leader() {
+    let mut cluster = ClusterUnderTest::local(with_orphans).await;
+    let (leader, _) = cluster.leader().await;
+    let nodes = cluster.client_addrs();
+    let holder = client(&nodes, true);
+    let lease = holder
+        .lock("jobs/drained")
+        .unwrap()
+        .with_lease(Duration::from_secs(10))
+        .acquire()
+        .await
+        .unwrap();
+    let local = cluster.local_mut().expect("a cluster in this process");
+    local.node(leader).begin_drain();
+    let released = tokio::time::timeout(CLUSTER_WAIT, lease.release())
+        .await
+        .expect("the release returns in time")
+        .expect("the release applies through the next leader");
+    assert_eq!(released, dflockd_client::Released::Released);
+    let (new_leader, _) = cluster.leader().await;
+    assert_ne!(new_leader, leader);
+    let other = client(&nodes, true);
+    assert!(
+        other
+            .lock("jobs/drained")
+            .unwrap()
+            .try_acquire()
+            .await
+            .unwrap()
+            .is_some(),
+        "the key is free after the release"
+    );
+}
+
 /// A cluster whose nodes the client reaches through fault proxies, and
 /// the live link of its session to the leader.
 struct Proxied {
