@@ -290,7 +290,10 @@ struct Proxied {
 
 impl Proxied {
     async fn start() -> Proxied {
-        let cluster = ClusterUnderTest::start(with_orphans).await;
+        Proxied::on(ClusterUnderTest::start(with_orphans).await).await
+    }
+
+    async fn on(cluster: ClusterUnderTest) -> Proxied {
         let mut proxies = Vec::new();
         for addr in &cluster.client_addrs() {
             proxies.push(FaultProxy::start(*addr).await.expect("proxy"));
@@ -457,7 +460,37 @@ async fn waiting_requests_whose_answers_were_lost_keep_what_they_got() {
 /// holder's release grants this client first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blocking_waiter_keeps_its_place_through_a_failover() {
-    let mut p = Proxied::start().await;
+    let p = Proxied::start().await;
+    waiter_keeps_its_place(p, |cluster, leader| {
+        Box::pin(async move { cluster.kill(leader).await })
+    })
+    .await;
+}
+
+/// The same when the leader stops gracefully (as on SIGTERM: it drains,
+/// hands its leadership over and stops): the drain leaves a named
+/// session's waiting requests in their queues instead of withdrawing them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_waiter_keeps_its_place_when_the_leader_stops_gracefully() {
+    let p = Proxied::on(ClusterUnderTest::local(with_orphans).await).await;
+    waiter_keeps_its_place(p, |cluster, leader| {
+        Box::pin(async move {
+            let local = cluster.local_mut().expect("a cluster in this process");
+            let node = local.nodes[leader].take().expect("the leader runs");
+            node.begin_drain();
+            tokio::spawn(node.wait());
+        })
+    })
+    .await;
+}
+
+type LoseLeader =
+    for<'a> fn(
+        &'a mut ClusterUnderTest,
+        usize,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
+async fn waiter_keeps_its_place(mut p: Proxied, lose_leader: LoseLeader) {
     let nodes = p.cluster.client_addrs();
     let (holder_client, late_client) = (client(&nodes, true), client(&nodes, true));
     let held = holder_client
@@ -469,13 +502,13 @@ async fn a_blocking_waiter_keeps_its_place_through_a_failover() {
     let lock = p.client.lock("queue/k").unwrap();
     let first = tokio::spawn(async move { lock.acquire_within(Duration::from_secs(30)).await });
     p.applied("queue/k", 1).await;
-    // Hold this client's bytes towards the servers while the leader dies.
+    // Hold this client's bytes towards the servers while the leader goes.
     let hold = Faults::none().with_blackhole(Blackhole::Hold);
     for proxy in &p.proxies {
         proxy.set_default_faults(Direction::ToServer, hold);
     }
     let (leader, _) = p.cluster.leader().await;
-    p.cluster.kill(leader).await;
+    lose_leader(&mut p.cluster, leader).await;
     let lock = late_client.lock("queue/k").unwrap();
     let late = tokio::spawn(async move { lock.acquire_within(Duration::from_secs(30)).await });
     // The old place (detached) and the late one.

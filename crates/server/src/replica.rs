@@ -655,6 +655,13 @@ impl Log for ClusterLog {
     fn is_draining(&self) -> bool {
         self.shared.is_draining()
     }
+
+    fn keeps_orphans(&self) -> bool {
+        self.replica
+            .node
+            .view()
+            .read(|table| !table.config().orphan_ttl.is_zero())
+    }
 }
 
 impl Drop for ClusterLog {

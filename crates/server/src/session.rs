@@ -101,6 +101,12 @@ pub(crate) trait Log {
     fn stats(&mut self) -> Stats;
     /// Whether the server is draining.
     fn is_draining(&self) -> bool;
+    /// Whether a named session's queue places outlive its connection here:
+    /// a cluster whose table keeps orphans (`--orphan-ttl`), where the
+    /// session's next connection, on the next leader, claims them.
+    fn keeps_orphans(&self) -> bool {
+        false
+    }
 }
 
 /// Why a session ends: the driver writes what [`Session::transmit`] holds
@@ -692,9 +698,18 @@ impl Session {
         }
     }
 
-    /// The drain started: every waiting request is answered `error`.
+    /// The drain started: every waiting request is answered `error`,
+    /// withdrawn from its queue. Not those of a named multiplexed session
+    /// on a log that keeps orphans: the node is leaving the cluster, and
+    /// its connections close when its leadership ends; the session sends
+    /// them again on its next connection, to the next leader, and claims
+    /// the places they kept (withdrawing them here would send the session
+    /// to the back of each queue).
     pub(crate) fn handle_drain(&mut self, log: &mut impl Log) {
         self.drained = true;
+        if self.is_mux() && self.stable_ref.is_some() && log.keeps_orphans() {
+            return;
+        }
         let mut ids: Vec<u64> = self.waiting.keys().copied().collect();
         ids.sort_unstable();
         for id in ids {
