@@ -210,7 +210,22 @@ async fn a_lease_survives_a_leader_failover() {
 /// leader applies it: the caller gets `Released`, and the key is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_during_a_failover_is_retried_until_it_applies() {
-    let mut cluster = ClusterUnderTest::start(with_orphans).await;
+    let cluster = ClusterUnderTest::start(with_orphans).await;
+    release_reaches_the_next_leader(cluster, kill).await;
+}
+
+/// The leader starts a graceful stop (as SIGTERM does) while a lease is
+/// held, and the holder releases at once: the release reaches a draining
+/// leader, which answers `error_draining` or closes the connection. The
+/// client sends it again to the next leader (the one it hands over to),
+/// the caller gets `Released`, and the key is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_during_a_graceful_stop_goes_to_the_next_leader() {
+    let cluster = ClusterUnderTest::local(with_orphans).await;
+    release_reaches_the_next_leader(cluster, stop_gracefully).await;
+}
+
+async fn release_reaches_the_next_leader(mut cluster: ClusterUnderTest, lose_leader: LoseLeader) {
     let (leader, _) = cluster.leader().await;
     let nodes = cluster.client_addrs();
     let holder = client(&nodes, true);
@@ -221,11 +236,11 @@ async fn a_release_during_a_failover_is_retried_until_it_applies() {
         .acquire()
         .await
         .unwrap();
-    cluster.kill(leader).await;
+    lose_leader(&mut cluster, leader).await;
     let released = tokio::time::timeout(CLUSTER_WAIT, lease.release())
         .await
         .expect("the release returns in time")
-        .expect("the release applies through the new leader");
+        .expect("the release applies through the next leader");
     assert_eq!(released, dflockd_client::Released::Released);
     let other = client(&nodes, true);
     assert!(
@@ -240,44 +255,34 @@ async fn a_release_during_a_failover_is_retried_until_it_applies() {
     );
 }
 
-/// The leader starts a graceful stop (as SIGTERM does) while a lease is
-/// held, and the holder releases at once: the release reaches a draining
-/// leader, which answers `error_draining` or closes the connection. The
-/// client sends it again to the next leader (the one it hands over to),
-/// the caller gets `Released`, and the key is free.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_release_during_a_graceful_stop_goes_to_the_next_leader() {
-    let mut cluster = ClusterUnderTest::local(with_orphans).await;
-    let (leader, _) = cluster.leader().await;
-    let nodes = cluster.client_addrs();
-    let holder = client(&nodes, true);
-    let lease = holder
-        .lock("jobs/drained")
-        .unwrap()
-        .with_lease(Duration::from_secs(10))
-        .acquire()
-        .await
-        .unwrap();
-    let local = cluster.local_mut().expect("a cluster in this process");
-    local.node(leader).begin_drain();
-    let released = tokio::time::timeout(CLUSTER_WAIT, lease.release())
-        .await
-        .expect("the release returns in time")
-        .expect("the release applies through the next leader");
-    assert_eq!(released, dflockd_client::Released::Released);
-    let (new_leader, _) = cluster.leader().await;
-    assert_ne!(new_leader, leader);
-    let other = client(&nodes, true);
-    assert!(
-        other
-            .lock("jobs/drained")
-            .unwrap()
-            .try_acquire()
-            .await
-            .unwrap()
-            .is_some(),
-        "the key is free after the release"
-    );
+/// How a test takes the leader away.
+type LoseLeader =
+    for<'a> fn(
+        &'a mut ClusterUnderTest,
+        usize,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
+/// Kills node `leader` at once (as a crash).
+fn kill(
+    cluster: &mut ClusterUnderTest,
+    leader: usize,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+    Box::pin(async move { cluster.kill(leader).await })
+}
+
+/// Starts a graceful stop of node `leader` (drain, hand-over, stop, as on
+/// SIGTERM) and takes it out of the cluster's running nodes; it finishes
+/// stopping in the background.
+fn stop_gracefully(
+    cluster: &mut ClusterUnderTest,
+    leader: usize,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+    Box::pin(async move {
+        let local = cluster.local_mut().expect("a cluster in this process");
+        let node = local.nodes[leader].take().expect("the leader runs");
+        node.begin_drain();
+        tokio::spawn(node.wait());
+    })
 }
 
 /// A cluster whose nodes the client reaches through fault proxies, and
@@ -461,10 +466,7 @@ async fn waiting_requests_whose_answers_were_lost_keep_what_they_got() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blocking_waiter_keeps_its_place_through_a_failover() {
     let p = Proxied::start().await;
-    waiter_keeps_its_place(p, |cluster, leader| {
-        Box::pin(async move { cluster.kill(leader).await })
-    })
-    .await;
+    waiter_keeps_its_place(p, kill).await;
 }
 
 /// The same when the leader stops gracefully (as on SIGTERM: it drains,
@@ -473,22 +475,8 @@ async fn a_blocking_waiter_keeps_its_place_through_a_failover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blocking_waiter_keeps_its_place_when_the_leader_stops_gracefully() {
     let p = Proxied::on(ClusterUnderTest::local(with_orphans).await).await;
-    waiter_keeps_its_place(p, |cluster, leader| {
-        Box::pin(async move {
-            let local = cluster.local_mut().expect("a cluster in this process");
-            let node = local.nodes[leader].take().expect("the leader runs");
-            node.begin_drain();
-            tokio::spawn(node.wait());
-        })
-    })
-    .await;
+    waiter_keeps_its_place(p, stop_gracefully).await;
 }
-
-type LoseLeader =
-    for<'a> fn(
-        &'a mut ClusterUnderTest,
-        usize,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 
 async fn waiter_keeps_its_place(mut p: Proxied, lose_leader: LoseLeader) {
     let nodes = p.cluster.client_addrs();

@@ -388,7 +388,10 @@ impl ServerHandle {
     /// Starts a graceful drain, as SIGTERM does: the listener closes, blocked
     /// requests are answered `error`, every connection's next request gets
     /// `error_draining`, and connections still open after the shutdown
-    /// timeout are closed.
+    /// timeout are closed. (A cluster node with `--orphan-ttl` leaves a
+    /// named multiplexed session's blocked requests queued: its connections
+    /// close as the node hands its leadership over, and the session claims
+    /// them on its next connection.)
     ///
     /// ```no_run
     /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
