@@ -11,6 +11,7 @@ use crate::inner::ClientInner;
 use crate::lane::{LaneHandle, LaneRef};
 use crate::lease_state::{LeaseShared, LossReason};
 use crate::renewal::LeaseId;
+use crate::resend;
 use crate::supervisor::Untrack;
 use crate::{ErrorKind, Result};
 
@@ -392,16 +393,8 @@ impl Inner {
                 )
                 .await;
             let failed_over = match &result {
-                // A leader that is stopping answers `error_draining`; the
-                // next one (it hands over) takes the release.
-                Ok((
-                    Reply::NotLeader(_) | Reply::Failure(dflockd_proto::Status::ErrorDraining),
-                    _,
-                )) => true,
-                Err(error) => {
-                    error.is_transient() || matches!(error.kind(), ErrorKind::NotLeader { .. })
-                }
-                Ok(_) => false,
+                Ok((reply, _)) => resend::leader_gone(reply),
+                Err(error) => resend::failing_over(error),
             };
             if !retry || !failed_over || Instant::now() + backoff > give_up {
                 return result;

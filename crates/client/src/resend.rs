@@ -117,10 +117,8 @@ where
 /// and a request of a named session can always be sent again.
 fn lost_to_failover(result: &Result<(Reply, LaneRef)>) -> bool {
     match result {
-        Ok((Reply::NotLeader(_) | Reply::Failure(Status::Error | Status::ErrorDraining), _)) => {
-            true
-        }
-        Ok(_) => false,
+        Ok((Reply::Failure(Status::Error), _)) => true,
+        Ok((reply, _)) => leader_gone(reply),
         Err(error) => matches!(
             error.kind(),
             ErrorKind::ConnectionClosed
@@ -130,6 +128,23 @@ fn lost_to_failover(result: &Result<(Reply, LaneRef)>) -> bool {
                 | ErrorKind::NotLeader { .. }
         ),
     }
+}
+
+/// Whether `reply` says the node it came from no longer leads: it names
+/// another leader (or none), or it is stopping (`error_draining`; a
+/// stopping leader hands its leadership over). A request answered so is
+/// sent again to the next leader.
+pub(crate) fn leader_gone(reply: &Reply) -> bool {
+    matches!(
+        reply,
+        Reply::NotLeader(_) | Reply::Failure(Status::ErrorDraining)
+    )
+}
+
+/// Whether `error` is one a cluster's failover causes and outlasts: a
+/// node that cannot be reached or answered in time, or that does not lead.
+pub(crate) fn failing_over(error: &crate::Error) -> bool {
+    error.is_transient() || matches!(error.kind(), ErrorKind::NotLeader { .. })
 }
 
 /// The server's next multiplexed lane (to the new leader), trying with
@@ -159,9 +174,7 @@ pub(crate) async fn lane_through_failover(
             Ok(_) => ErrorKind::ConnectionClosed.into(),
             Err(error) => error,
         };
-        let failing_over =
-            error.is_transient() || matches!(error.kind(), ErrorKind::NotLeader { .. });
-        if !cluster || !failing_over || Instant::now() + backoff > give_up {
+        if !cluster || !failing_over(&error) || Instant::now() + backoff > give_up {
             return Err(error);
         }
         tokio::time::sleep(backoff).await;

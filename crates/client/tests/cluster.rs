@@ -256,27 +256,20 @@ async fn release_reaches_the_next_leader(mut cluster: ClusterUnderTest, lose_lea
 }
 
 /// How a test takes the leader away.
-type LoseLeader =
-    for<'a> fn(
-        &'a mut ClusterUnderTest,
-        usize,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+type LoseLeader = for<'a> fn(&'a mut ClusterUnderTest, usize) -> Step<'a>;
+
+/// A step of a test that borrows its cluster.
+type Step<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 
 /// Kills node `leader` at once (as a crash).
-fn kill(
-    cluster: &mut ClusterUnderTest,
-    leader: usize,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+fn kill(cluster: &mut ClusterUnderTest, leader: usize) -> Step<'_> {
     Box::pin(async move { cluster.kill(leader).await })
 }
 
 /// Starts a graceful stop of node `leader` (drain, hand-over, stop, as on
 /// SIGTERM) and takes it out of the cluster's running nodes; it finishes
 /// stopping in the background.
-fn stop_gracefully(
-    cluster: &mut ClusterUnderTest,
-    leader: usize,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+fn stop_gracefully(cluster: &mut ClusterUnderTest, leader: usize) -> Step<'_> {
     Box::pin(async move {
         let local = cluster.local_mut().expect("a cluster in this process");
         let node = local.nodes[leader].take().expect("the leader runs");

@@ -44,6 +44,7 @@ const CLIENTS: usize = 4;
 const RECOVERY: Duration = Duration::from_secs(21);
 
 /// Everything the clients and the register saw.
+#[derive(Default)]
 struct Ledger {
     /// Per client: its lease while it believes it holds the lock.
     holding: Vec<Option<LeaseMonitor>>,
@@ -260,19 +261,12 @@ async fn run_checker(fault_count: u64) {
     }
     let first_term = cluster.term();
     let term = Arc::new(AtomicU64::new(first_term));
-    let (granted, mut grants) = tokio::sync::watch::channel(0);
-    let ledger = Arc::new(Mutex::new(Ledger {
+    let ledger = Ledger {
         holding: (0..CLIENTS).map(|_| None).collect(),
-        grants: 0,
-        granted,
-        violations: 0,
-        held_through_failover: 0,
-        leases_lost: 0,
-        errors: BTreeMap::new(),
-        register_highest: 0,
-        writes: 0,
-        stale_writes: 0,
-    }));
+        ..Ledger::default()
+    };
+    let mut grants = ledger.granted.subscribe();
+    let ledger = Arc::new(Mutex::new(ledger));
     let stop = Arc::new(AtomicBool::new(false));
     let tasks: Vec<_> = proxies
         .iter()

@@ -335,6 +335,14 @@ impl Session {
         self.phase == Phase::Mux
     }
 
+    /// Whether this is a named multiplexed session: it numbers its
+    /// requests uniquely over all its connections (docs/protocol-mux.md,
+    /// *Sessions*), so an id seen again is a retry of the same request, and
+    /// a request whose answer was lost is sent again on its next connection.
+    fn resends_by_id(&self) -> bool {
+        self.is_mux() && self.stable_ref.is_some()
+    }
+
     /// Whether a request waits for a grant or its answer (then no read
     /// deadline runs).
     pub(crate) fn has_waiting(&self) -> bool {
@@ -707,7 +715,7 @@ impl Session {
     /// to the back of each queue).
     pub(crate) fn handle_drain(&mut self, log: &mut impl Log) {
         self.drained = true;
-        if self.is_mux() && self.stable_ref.is_some() && log.keeps_orphans() {
+        if self.resends_by_id() && log.keeps_orphans() {
             return;
         }
         let mut ids: Vec<u64> = self.waiting.keys().copied().collect();
@@ -918,10 +926,8 @@ impl Session {
         log: &mut impl Log,
     ) -> Step {
         let conn = self.id;
-        // A named multiplexed session numbers its requests uniquely over
-        // all its connections (docs/protocol-mux.md, *Sessions*), so an id
-        // seen again is a retry of the same request.
-        let origin = (self.is_mux() && self.stable_ref.is_some()).then_some(id);
+        // Marks a request that may be a retry of one applied before.
+        let origin = self.resends_by_id().then_some(id);
         match request {
             Request::Ping => Step::Reply(Reply::Ok),
             // The handshake consumed the only `auth` that is ever valid.
