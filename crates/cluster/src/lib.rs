@@ -3,8 +3,8 @@
 //! Raft snapshots.
 //!
 //! This crate holds the storage half of cluster mode: [`TypeConfig`] (what
-//! a log entry and its answer are), [`LogStore`] (the Raft log, the vote and
-//! the committed index, durable in one [redb] file) and [`StateMachine`]
+//! a log entry and its answer are), [`LogStore`] (the Raft log in files of
+//! CRC-checked records, the vote in a [redb] file) and [`StateMachine`]
 //! (the [`LockTable`](dflockd_core::LockTable) that committed entries are
 //! applied to, with snapshots that are also kept on disk). Both pass
 //! openraft's storage test suite (`tests/storage_suite.rs`).
@@ -43,6 +43,9 @@ mod salts;
 mod state_machine;
 mod storage;
 mod tls;
+mod wal;
+#[cfg(test)]
+mod wal_tests;
 
 pub use admin::{AdminError, change_membership};
 pub use auth::{MIN_SECRET_BYTES, RaftSecret, ShortSecret};
@@ -54,6 +57,7 @@ pub use salts::Salts;
 pub use state_machine::{ApplyObserver, Origin, SnapshotBuilder, StateMachine, TableView};
 pub use storage::{Storage, StorageOpenError};
 pub use tls::{RaftTls, RaftTlsError};
+pub use wal::WalError;
 
 /// A node's id in the cluster.
 pub type NodeId = u64;

@@ -1,34 +1,43 @@
-//! The Raft log, the vote and the committed index, in the node's redb file.
+//! The Raft log, the vote and the committed index of one node.
 //!
-//! Writes go to one writer thread per file, in order; it commits whatever
-//! has queued as one redb transaction with an fsync (`Durability::Immediate`)
-//! and only then tells openraft an append is durable, or returns from a
-//! vote, truncate or purge. Transactions are atomic, so a crash leaves
-//! either all of a write or none of it.
+//! The log lives in its own files (see `wal.rs`: segments of CRC-checked
+//! records, appended and fsync'd); the vote lives in the node's redb file.
+//! Writes go to one writer thread per node, in order; it writes whatever
+//! has queued with one fsync and only then tells openraft an append is
+//! durable, or returns from a vote, truncate or purge.
 //!
 //! An append returns at once: its entries are readable from memory until
-//! their transaction commits, so openraft replicates a new entry to the
-//! followers while the leader's own fsync runs (it counts the leader's copy
-//! only once the callback says it is durable). The committed index is
-//! written without an fsync: openraft uses it only to apply sooner after a
-//! restart, and learns it from the leader otherwise.
+//! their records are durable, then from the file, so openraft replicates a
+//! new entry to the followers while the leader's own fsync runs (it counts
+//! the leader's copy only once the callback says it is durable). The
+//! committed index is not a write of its own: the newest one rides along
+//! with the next write (openraft uses it only to apply sooner after a
+//! restart, and learns it from the leader otherwise), which spares every
+//! node a second write per command.
+//!
+//! Why not the redb file for the log too: a redb commit rewrites a
+//! copy-on-write B-tree (about 11 pages, 44 KB, per one-entry commit)
+//! where an append writes one record; docs/CLUSTER.md (Storage) has the
+//! measurements.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{AnyError, LogId, OptionalSend, RaftLogReader, StorageIOError, Vote};
-use redb::{Database, ReadableDatabase, ReadableTable};
+use redb::Database;
 use serde::de::DeserializeOwned;
 
 use crate::db::Db;
-use crate::records::{COMMITTED, LAST_PURGED, LOGS, META, VOTE, decode, encode, read_meta};
+use crate::records::{META, VOTE, decode, encode, read_meta};
+use crate::wal::{self, Appender, Kind, Located, WalError};
 use crate::{Entry, NodeId, StorageError, TypeConfig};
 
-/// The Raft log store of one node (cheap to clone: clones share the file
-/// and its writer).
+/// The Raft log store of one node (cheap to clone: clones share the files
+/// and their writer).
 ///
 /// ```
 /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -55,26 +64,49 @@ enum Write {
     Truncate(u64, Done),
     /// Remove entries up to this one, and remember it as purged.
     Purge(LogId<NodeId>, Done),
-    /// A META value, durably.
+    /// A META value in the redb file, durably.
     Meta(&'static str, Vec<u8>, Done),
-    /// A META value that need not be durable at once.
-    Lazy(&'static str, Vec<u8>),
 }
 
 type Done = std::sync::mpsc::SyncSender<Result<(), String>>;
 
-/// The writer thread's queue, and the entries appended but not yet
-/// committed (readable meanwhile).
+/// An entry of the log: still only in memory, or in a segment.
+enum Stored {
+    Memory(Entry),
+    File(Located),
+}
+
+impl Stored {
+    fn log_id(&self) -> LogId<NodeId> {
+        match self {
+            Stored::Memory(entry) => entry.log_id,
+            Stored::File(located) => located.log_id,
+        }
+    }
+}
+
+/// The log as openraft sees it: what the writer thread and every log
+/// store of the node share.
+struct Shared {
+    entries: BTreeMap<u64, Stored>,
+    last_purged: Option<LogId<NodeId>>,
+    committed: Option<LogId<NodeId>>,
+    /// `committed` changed since it was last written.
+    committed_unwritten: bool,
+}
+
+/// The writer thread's queue, and the log it keeps.
 pub(crate) struct Writer {
     /// `None` once dropped (the thread then ends).
     queue: Mutex<Option<std::sync::mpsc::Sender<Write>>>,
-    pending: Arc<Mutex<BTreeMap<u64, Entry>>>,
+    shared: Arc<Mutex<Shared>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Drop for Writer {
-    /// Stops the thread and waits for it: once the last log store of a
-    /// file is gone, the file can be opened again.
+    /// Stops the thread and waits for it (it writes the newest committed
+    /// index first): once the last log store of a node is gone, its files
+    /// can be opened again.
     fn drop(&mut self) {
         drop(
             self.queue
@@ -94,24 +126,49 @@ impl Drop for Writer {
 }
 
 impl Writer {
-    /// Starts the writer thread of `db`; it ends when the last handle to
-    /// the writer is dropped.
-    pub(crate) fn start(db: Arc<Db>) -> std::io::Result<Arc<Writer>> {
+    /// Opens the log in `dir` (new segments every `segment_bytes`) and
+    /// starts its writer thread, which also writes `db`'s META values; it
+    /// ends when the last handle to the
+    /// writer is dropped.
+    pub(crate) fn start(
+        db: Arc<Db>,
+        dir: &Path,
+        segment_bytes: u64,
+    ) -> Result<Arc<Writer>, WalError> {
+        let recovered = wal::open(dir, segment_bytes)?;
+        let shared = Arc::new(Mutex::new(Shared {
+            entries: recovered
+                .entries
+                .into_iter()
+                .map(|(index, located)| (index, Stored::File(located)))
+                .collect(),
+            last_purged: recovered.last_purged,
+            committed: recovered.committed,
+            committed_unwritten: false,
+        }));
         let (queue, writes) = std::sync::mpsc::channel();
-        let pending = Arc::new(Mutex::new(BTreeMap::new()));
-        let shared = Arc::clone(&pending);
+        let mut thread_state = WriteLoop {
+            db,
+            appender: recovered.appender,
+            shared: Arc::clone(&shared),
+            committed: recovered.committed,
+        };
         let thread = std::thread::Builder::new()
             .name("dflockd-raft-log".into())
-            .spawn(move || write_loop(&db, &writes, &shared))?;
+            .spawn(move || thread_state.run(&writes))
+            .map_err(|source| WalError::Io {
+                path: dir.display().to_string(),
+                source,
+            })?;
         Ok(Arc::new(Writer {
             queue: Mutex::new(Some(queue)),
-            pending,
+            shared,
             thread: Mutex::new(Some(thread)),
         }))
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry>> {
-        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    fn shared(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn send(&self, write: Write) -> Result<(), String> {
@@ -133,79 +190,130 @@ impl Writer {
     }
 }
 
-/// Commits queued writes in order, each batch in one transaction.
-fn write_loop(
-    db: &Database,
-    writes: &std::sync::mpsc::Receiver<Write>,
-    pending: &Mutex<BTreeMap<u64, Entry>>,
-) {
-    while let Ok(first) = writes.recv() {
-        let mut batch = vec![first];
-        while let Ok(next) = writes.try_recv() {
-            batch.push(next);
-        }
-        let durable = batch.iter().any(|w| !matches!(w, Write::Lazy(..)));
-        let result = commit(db, &batch, durable).map_err(|e| e.to_string());
-        let written: Vec<LogId<NodeId>> = batch
-            .iter()
-            .flat_map(|w| match w {
-                Write::Append { entries, .. } => entries.iter().map(|(id, _)| *id).collect(),
-                _ => Vec::new(),
-            })
-            .collect();
-        // Committed: readable from the file now.
-        if result.is_ok() {
-            let mut pending = pending.lock().unwrap_or_else(PoisonError::into_inner);
-            for id in written {
-                if pending.get(&id.index).is_some_and(|e| e.log_id == id) {
-                    pending.remove(&id.index);
-                }
-            }
-        }
-        for write in batch {
-            match write {
-                Write::Append { callback, .. } => {
-                    callback.log_io_completed(result.clone().map_err(std::io::Error::other));
-                }
-                Write::Truncate(_, done) | Write::Purge(_, done) | Write::Meta(_, _, done) => {
-                    let _ = done.send(result.clone());
-                }
-                Write::Lazy(..) => {}
-            }
-        }
-    }
+/// The writer thread: the segments, and the committed log id it wrote
+/// last (a new segment starts with it).
+struct WriteLoop {
+    db: Arc<Db>,
+    appender: Appender,
+    shared: Arc<Mutex<Shared>>,
+    committed: Option<LogId<NodeId>>,
 }
 
-fn commit(db: &Database, batch: &[Write], durable: bool) -> Result<(), redb::Error> {
-    let mut txn = db.begin_write()?;
-    // No quick repair: it writes the allocator state with every commit
-    // and halved the throughput (docs/CLUSTER.md, Storage); a crash costs
-    // a full check of the file on the next start instead.
-    if !durable {
-        txn.set_durability(redb::Durability::None)
-            .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
+impl WriteLoop {
+    /// Writes queued writes in order, each batch with one fsync (and one
+    /// redb transaction if it holds META values).
+    fn run(&mut self, writes: &std::sync::mpsc::Receiver<Write>) {
+        while let Ok(first) = writes.recv() {
+            // Taken before the queue is drained: the entries a committed
+            // index names were queued before it was set, so they are in
+            // this batch or an earlier one, and the log never names an
+            // entry it lacks.
+            let committed = self.take_committed();
+            let mut batch = vec![first];
+            while let Ok(next) = writes.try_recv() {
+                batch.push(next);
+            }
+            let result = self.write(&batch, committed);
+            for write in batch {
+                match write {
+                    Write::Append { callback, .. } => {
+                        callback.log_io_completed(result.clone().map_err(std::io::Error::other));
+                    }
+                    Write::Truncate(_, done) | Write::Purge(_, done) | Write::Meta(_, _, done) => {
+                        let _ = done.send(result.clone());
+                    }
+                }
+            }
+        }
+        // Stopping: the newest committed index, so that a restart applies
+        // as far as this run did without waiting for a leader.
+        if let Some(committed) = self.take_committed() {
+            let _ = self.write(&[], Some(committed));
+        }
     }
-    {
-        let mut logs = txn.open_table(LOGS)?;
-        let mut meta = txn.open_table(META)?;
+
+    fn take_committed(&self) -> Option<Option<LogId<NodeId>>> {
+        let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        std::mem::take(&mut shared.committed_unwritten).then_some(shared.committed)
+    }
+
+    fn write(
+        &mut self,
+        batch: &[Write],
+        committed: Option<Option<LogId<NodeId>>>,
+    ) -> Result<(), String> {
+        let mut records = Vec::new();
+        let mut placed = Vec::new();
+        let mut purged = None;
+        let mut metas = Vec::new();
         for write in batch {
             match write {
                 Write::Append { entries, .. } => {
-                    for (id, bytes) in entries {
-                        logs.insert(id.index, bytes.as_slice())?;
+                    for (log_id, bytes) in entries {
+                        let at = wal::put_entry(&mut records, log_id, bytes);
+                        placed.push((*log_id, at, records.len() - at));
                     }
                 }
                 Write::Truncate(from, _) => {
-                    logs.retain_in(*from.., |_, _| false)?;
+                    wal::put_record(&mut records, Kind::Truncate, &[&encode(from)]);
                 }
                 Write::Purge(upto, _) => {
-                    logs.retain_in(..=upto.index, |_, _| false)?;
-                    meta.insert(LAST_PURGED, encode(upto).as_slice())?;
+                    wal::put_record(&mut records, Kind::Purge, &[&encode(upto)]);
+                    purged = Some(*upto);
                 }
-                Write::Meta(name, bytes, _) | Write::Lazy(name, bytes) => {
-                    meta.insert(*name, bytes.as_slice())?;
+                Write::Meta(name, bytes, _) => metas.push((*name, bytes)),
+            }
+        }
+        if let Some(committed) = committed {
+            wal::put_record(&mut records, Kind::Committed, &[&encode(&committed)]);
+        }
+        if !records.is_empty() {
+            let (file, path, start) = self.appender.write(&records).map_err(|e| e.to_string())?;
+            let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+            for (log_id, at, len) in placed {
+                self.appender.wrote_entry(log_id.index);
+                // Durable: read from the file from now on, unless it was
+                // truncated (or replaced) meanwhile.
+                if let Some(slot) = shared.entries.get_mut(&log_id.index)
+                    && matches!(slot, Stored::Memory(entry) if entry.log_id == log_id)
+                {
+                    *slot = Stored::File(Located {
+                        log_id,
+                        file: Arc::clone(&file),
+                        path: Arc::clone(&path),
+                        offset: start + at as u64,
+                        len: u32::try_from(len - wal::HEADER).unwrap_or(u32::MAX),
+                    });
                 }
             }
+            drop(shared);
+            if let Some(committed) = committed {
+                self.committed = committed;
+            }
+            if let Some(upto) = purged {
+                self.appender.delete_purged(upto.index);
+            }
+            let mut header = Vec::new();
+            if self.committed.is_some() {
+                wal::put_record(&mut header, Kind::Committed, &[&encode(&self.committed)]);
+            }
+            self.appender
+                .roll_if_full(&header)
+                .map_err(|e| e.to_string())?;
+        }
+        if !metas.is_empty() {
+            write_metas(&self.db, &metas).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+fn write_metas(db: &Database, metas: &[(&str, &Vec<u8>)]) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
+    {
+        let mut meta = txn.open_table(META)?;
+        for (name, bytes) in metas {
+            meta.insert(*name, bytes.as_slice())?;
         }
     }
     txn.commit()?;
@@ -219,49 +327,39 @@ impl LogStore {
 
     fn meta<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, redb::Error> {
         read_meta(&self.db, name)?
-            .map(|bytes| decode(&bytes).map_err(corrupt))
+            .map(|bytes| {
+                decode(&bytes).map_err(|e| {
+                    redb::Error::Corrupted(format!("undecodable Raft record {name}: {e}"))
+                })
+            })
             .transpose()
     }
 
-    /// Entries in `range`: the ones still only in memory, then the file
-    /// (in that order: an entry leaves memory only after its transaction
-    /// committed, so one is never missed between the two reads).
-    fn entries(&self, range: (Bound<u64>, Bound<u64>)) -> Result<Vec<Entry>, redb::Error> {
-        let mut found: BTreeMap<u64, Entry> = self
+    /// Entries in `range`: from memory, or read back from their segment
+    /// (outside the lock; a segment deleted meanwhile stays readable
+    /// through its open handle).
+    fn entries(&self, range: (Bound<u64>, Bound<u64>)) -> Result<Vec<Entry>, WalError> {
+        enum Found {
+            Entry(Entry),
+            At(Located),
+        }
+        let found: Vec<Found> = self
             .writer
-            .pending()
+            .shared()
+            .entries
             .range(range)
-            .map(|(index, entry)| (*index, entry.clone()))
+            .map(|(_, stored)| match stored {
+                Stored::Memory(entry) => Found::Entry(entry.clone()),
+                Stored::File(located) => Found::At(located.clone()),
+            })
             .collect();
-        let txn = self.db.begin_read()?;
-        let logs = txn.open_table(LOGS)?;
-        for item in logs.range(range)? {
-            let (index, value) = item?;
-            if let std::collections::btree_map::Entry::Vacant(slot) = found.entry(index.value()) {
-                slot.insert(decode(value.value()).map_err(corrupt)?);
-            }
-        }
-        Ok(found.into_values().collect())
-    }
-
-    fn last_log_id(&self) -> Result<Option<LogId<NodeId>>, redb::Error> {
-        let pending = self
-            .writer
-            .pending()
-            .last_key_value()
-            .map(|(_, entry)| entry.log_id);
-        if pending.is_some() {
-            return Ok(pending);
-        }
-        let txn = self.db.begin_read()?;
-        let logs = txn.open_table(LOGS)?;
-        let last = logs.last()?;
-        last.map(|(_, value)| {
-            decode::<Entry>(value.value())
-                .map(|e| e.log_id)
-                .map_err(corrupt)
-        })
-        .transpose()
+        found
+            .into_iter()
+            .map(|found| match found {
+                Found::Entry(entry) => Ok(entry),
+                Found::At(located) => located.read(),
+            })
+            .collect()
     }
 }
 
@@ -286,16 +384,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let read = || -> Result<LogState<TypeConfig>, redb::Error> {
-            let last_purged: Option<LogId<NodeId>> = self.meta(LAST_PURGED)?;
-            // With no entries left, the last log id is the last purged one.
-            let last = self.last_log_id()?.or(last_purged);
-            Ok(LogState {
-                last_purged_log_id: last_purged,
-                last_log_id: last,
-            })
-        };
-        read().map_err(|e| StorageIOError::read_logs(AnyError::new(&e)).into())
+        let shared = self.writer.shared();
+        // With no entries left, the last log id is the last purged one.
+        let last = shared
+            .entries
+            .last_key_value()
+            .map(|(_, stored)| stored.log_id())
+            .or(shared.last_purged);
+        Ok(LogState {
+            last_purged_log_id: shared.last_purged,
+            last_log_id: last,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -318,16 +417,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         &mut self,
         committed: Option<LogId<NodeId>>,
     ) -> Result<(), StorageError> {
-        // Not waited for and not fsync'd by itself (see the module doc).
-        self.writer
-            .send(Write::Lazy(COMMITTED, encode(&committed)))
-            .map_err(|e| StorageIOError::write(AnyError::error(e)).into())
+        // Written with the next write (see the module doc).
+        let mut shared = self.writer.shared();
+        shared.committed = committed;
+        shared.committed_unwritten = true;
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError> {
-        self.meta::<Option<LogId<NodeId>>>(COMMITTED)
-            .map(Option::flatten)
-            .map_err(|e| StorageIOError::read(AnyError::new(&e)).into())
+        Ok(self.writer.shared().committed)
     }
 
     async fn append<I>(
@@ -342,9 +440,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let encoded = entries.iter().map(|e| (e.log_id, encode(e))).collect();
         {
-            let mut pending = self.writer.pending();
+            let mut shared = self.writer.shared();
             for entry in entries {
-                pending.insert(entry.log_id.index, entry);
+                // An entry replaces any from its index on (as on replay).
+                drop(shared.entries.split_off(&entry.log_id.index));
+                shared
+                    .entries
+                    .insert(entry.log_id.index, Stored::Memory(entry));
             }
         }
         // Durable when the callback says so, not when this returns.
@@ -357,25 +459,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
-        self.writer
-            .pending()
-            .retain(|&index, _| index < log_id.index);
+        drop(self.writer.shared().entries.split_off(&log_id.index));
         self.writer
             .wait(|done| Write::Truncate(log_id.index, done))
             .map_err(|e| StorageIOError::write_logs(AnyError::error(e)).into())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
-        self.writer
-            .pending()
-            .retain(|&index, _| index > log_id.index);
+        {
+            let mut shared = self.writer.shared();
+            shared.entries = shared.entries.split_off(&log_id.index.saturating_add(1));
+            shared.last_purged = Some(log_id);
+        }
         self.writer
             .wait(|done| Write::Purge(log_id, done))
             .map_err(|e| StorageIOError::write_logs(AnyError::error(e)).into())
     }
-}
-
-/// A stored value that does not decode: the file is damaged.
-fn corrupt(error: postcard::Error) -> redb::Error {
-    redb::Error::Corrupted(format!("undecodable Raft record: {error}"))
 }

@@ -1,5 +1,6 @@
-//! One redb file holds everything a node must not lose: the Raft log, the
-//! vote, the committed index and the state machine's last snapshot.
+//! What a node must not lose: the Raft log (with the committed index) in
+//! segment files beside the redb file, which holds the vote and the state
+//! machine's last snapshot.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,8 +11,11 @@ use thiserror::Error;
 
 use crate::db::{Closed, Db};
 use crate::log_store::{LogStore, Writer};
-use crate::records::{INCARNATION, LOGS, META, decode, encode, read_meta, write_meta};
+use crate::records::{
+    COMMITTED, INCARNATION, LAST_PURGED, LOGS, META, decode, encode, read_meta, write_meta,
+};
 use crate::state_machine::StateMachine;
+use crate::wal::{self, Kind, WalError};
 
 /// Why a node's storage could not be opened.
 ///
@@ -42,6 +46,14 @@ pub enum StorageOpenError {
         /// What went wrong.
         source: redb::Error,
     },
+    /// The Raft log beside the file cannot be opened (or is damaged).
+    #[error("cannot open the Raft log of {path}: {source}")]
+    Log {
+        /// The redb file the log belongs to.
+        path: String,
+        /// What went wrong.
+        source: WalError,
+    },
     /// The snapshot stored in the file cannot be read back.
     #[error("the snapshot in {path} cannot be restored: {reason}")]
     Snapshot {
@@ -52,8 +64,10 @@ pub enum StorageOpenError {
     },
 }
 
-/// A node's durable storage: one redb file, opened by one process at a
-/// time. Every write is committed with an fsync before it is acknowledged.
+/// A node's durable storage: one redb file (vote, snapshot), opened by one
+/// process at a time, and the Raft log's segment files in the directory
+/// beside it named like the file with `.wal` (`raft.wal/` for
+/// `raft.redb`). Every write is fsync'd before it is acknowledged.
 ///
 /// ```
 /// let dir = tempfile::tempdir().unwrap();
@@ -83,6 +97,11 @@ impl Storage {
     /// assert!(dflockd_cluster::Storage::open(&dir.path().join("raft.redb")).is_ok());
     /// ```
     pub fn open(path: &Path) -> Result<Storage, StorageOpenError> {
+        Storage::open_with(path, crate::wal::SEGMENT_BYTES)
+    }
+
+    /// [`Storage::open`], starting a new log segment every `segment_bytes`.
+    pub(crate) fn open_with(path: &Path, segment_bytes: u64) -> Result<Storage, StorageOpenError> {
         let shown = path.display().to_string();
         let db = Database::create(path).map_err(|source| StorageOpenError::Database {
             path: shown.clone(),
@@ -99,10 +118,17 @@ impl Storage {
             path: shown.clone(),
             source,
         })?;
-        let db = Arc::new(Db::new(db));
-        let writer = Writer::start(Arc::clone(&db)).map_err(|e| StorageOpenError::Prepare {
+        let log_dir = path.with_extension("wal");
+        migrate(&db, &log_dir).map_err(|source| StorageOpenError::Log {
             path: shown.clone(),
-            source: redb::Error::Io(e),
+            source,
+        })?;
+        let db = Arc::new(Db::new(db));
+        let writer = Writer::start(Arc::clone(&db), &log_dir, segment_bytes).map_err(|source| {
+            StorageOpenError::Log {
+                path: shown.clone(),
+                source,
+            }
         })?;
         Ok(Storage {
             db,
@@ -176,4 +202,62 @@ impl std::fmt::Debug for Storage {
             .field("path", &self.path)
             .finish_non_exhaustive()
     }
+}
+
+/// Moves a log that an earlier version kept in the redb file (the LOGS
+/// table, and the last purged and committed log ids in META) into a new
+/// segment, fsync'd, then empties those from the redb file. A crash in
+/// between leaves both; the segment wins and the old copy is emptied again.
+fn migrate(db: &redb::Database, log_dir: &std::path::Path) -> Result<(), WalError> {
+    use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
+    let corrupt = |reason: String| WalError::Corrupt {
+        path: log_dir.display().to_string(),
+        offset: 0,
+        reason,
+    };
+    let redb_error = |e: redb::Error| corrupt(format!("reading the old log: {e}"));
+    let old_log = || -> Result<bool, redb::Error> {
+        let txn = db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        Ok(!txn.open_table(LOGS)?.is_empty()?
+            || meta.get(LAST_PURGED)?.is_some()
+            || meta.get(COMMITTED)?.is_some())
+    };
+    if !old_log().map_err(redb_error)? {
+        return Ok(());
+    }
+    if wal::segments_in(log_dir)?.is_empty() {
+        let mut records = Vec::new();
+        let read = |records: &mut Vec<u8>| -> Result<(), redb::Error> {
+            let txn = db.begin_read()?;
+            let meta = txn.open_table(META)?;
+            if let Some(purged) = meta.get(LAST_PURGED)? {
+                wal::put_record(records, Kind::Purge, &[purged.value()]);
+            }
+            for item in txn.open_table(LOGS)?.iter()? {
+                let (_, bytes) = item?;
+                let entry: crate::Entry = decode(bytes.value())
+                    .map_err(|e| redb::Error::Corrupted(format!("old log entry: {e}")))?;
+                wal::put_entry(records, &entry.log_id, bytes.value());
+            }
+            if let Some(committed) = meta.get(COMMITTED)? {
+                wal::put_record(records, Kind::Committed, &[committed.value()]);
+            }
+            Ok(())
+        };
+        read(&mut records).map_err(redb_error)?;
+        wal::create_with(log_dir, &records)?;
+    }
+    let empty = || -> Result<(), redb::Error> {
+        let txn = db.begin_write()?;
+        {
+            txn.open_table(LOGS)?.retain(|_, _| false)?;
+            let mut meta = txn.open_table(META)?;
+            meta.remove(LAST_PURGED)?;
+            meta.remove(COMMITTED)?;
+        }
+        txn.commit()?;
+        Ok(())
+    };
+    empty().map_err(|e| corrupt(format!("emptying the old log: {e}")))
 }
