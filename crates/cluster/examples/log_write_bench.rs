@@ -1,0 +1,94 @@
+//! One durable log write, two ways, on this disk: the node's log store
+//! (a record appended to a segment and fdatasync'd) against a one-entry
+//! redb transaction committed with an fsync (how the log was kept before):
+//!
+//! ```sh
+//! cargo run --release -p dflockd-cluster --example log_write_bench -- 2000 5
+//! ```
+//!
+//! arguments: writes per round and way, rounds (the two ways take turns),
+//! in a temporary directory under the current one (so on its disk).
+//! Each write is one entry carrying one acquire command. Prints the
+//! latency of a write (p50, p90, p99) for each way, and the ratio of the
+//! medians.
+
+use std::time::{Duration, Instant};
+
+use dflockd_cluster::{Batch, Entry, Storage};
+use dflockd_core::{Command, ConnId, Op, ResourceId, Salt};
+use dflockd_proto::{Key, Limit, Namespace};
+use openraft::storage::RaftLogStorageExt;
+use openraft::{CommittedLeaderId, EntryPayload, LogId};
+use redb::TableDefinition;
+
+const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("logs");
+
+fn entry(index: u64) -> Result<Entry, Box<dyn std::error::Error>> {
+    let at = |op| Command::new(Duration::ZERO, Salt::new(index, index), op);
+    Ok(Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(Batch {
+            proposer: 1 << 32,
+            office: at(Op::TakeOffice),
+            commands: vec![at(Op::Acquire {
+                conn: ConnId(index),
+                resource: ResourceId::new(Namespace::Lock, Key::new(&format!("job-{index}"))?),
+                limit: Limit::ONE,
+                lease: None,
+                wait: None,
+                origin: None,
+            })],
+        }),
+    })
+}
+
+fn percentiles(name: &str, mut micros: Vec<f64>) -> f64 {
+    micros.sort_by(f64::total_cmp);
+    let at = |q: f64| micros[((micros.len() - 1) as f64 * q) as usize];
+    println!(
+        "{name:>8}: p50 {:6.1} µs  p90 {:6.1} µs  p99 {:6.1} µs  ({} writes)",
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        micros.len()
+    );
+    at(0.5)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<u64> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
+    let per_round = args.first().copied().unwrap_or(2000);
+    let rounds = args.get(1).copied().unwrap_or(5);
+    let dir = tempfile::tempdir_in(".")?;
+    let storage = Storage::open(&dir.path().join("raft.redb"))?;
+    let mut log = storage.log_store();
+    let db = redb::Database::create(dir.path().join("old-log.redb"))?;
+    let (mut segments, mut redb) = (Vec::new(), Vec::new());
+    let mut index = 0;
+    for _ in 0..rounds {
+        for _ in 0..per_round {
+            index += 1;
+            let entry = entry(index)?;
+            let started = Instant::now();
+            log.blocking_append([entry]).await?;
+            segments.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+        for n in 0..per_round {
+            let bytes = postcard::to_allocvec(&entry(index - per_round + n + 1)?)?;
+            let started = Instant::now();
+            let txn = db.begin_write()?;
+            txn.open_table(LOGS)?
+                .insert(index - per_round + n + 1, bytes.as_slice())?;
+            txn.commit()?;
+            redb.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let segment = percentiles("segments", segments);
+    let old = percentiles("redb", redb);
+    println!("redb ÷ segments at the median: {:.2}", old / segment);
+    Ok(())
+}
