@@ -12,11 +12,12 @@
 
 use std::time::Instant;
 
-use dflockd_cluster::{Batch, Entry, Storage};
-use dflockd_core::{Command, ConnId, Op, ResourceId, Salt};
-use dflockd_proto::{Key, Limit, Namespace};
+use dflockd_cluster::Storage;
 use openraft::storage::RaftLogStorageExt;
-use openraft::{CommittedLeaderId, EntryPayload, LogId};
+
+#[path = "support/one_command.rs"]
+mod one_command;
+use one_command::one_command_entry;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -28,23 +29,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut log = storage.log_store();
         let count: u64 = count.parse()?;
         for index in 1..=count {
-            let op = Op::Acquire {
-                conn: ConnId(index),
-                resource: ResourceId::new(Namespace::Lock, Key::new(&format!("job-{index}"))?),
-                limit: Limit::ONE,
-                lease: None,
-                wait: None,
-                origin: None,
-            };
-            let at = |op| Command::new(std::time::Duration::ZERO, Salt::new(index, index), op);
-            let entry = Entry {
-                log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-                payload: EntryPayload::Normal(Batch {
-                    proposer: 1 << 32,
-                    office: at(Op::TakeOffice),
-                    commands: vec![at(op)],
-                }),
-            };
+            let entry = one_command_entry(index)?;
             log.blocking_append([entry]).await?;
         }
         // A crash: the file is never closed.

@@ -14,35 +14,17 @@
 //! latency of a write (p50, p90, p99) for each way, and the ratio of the
 //! medians.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use dflockd_cluster::{Batch, Entry, Storage};
-use dflockd_core::{Command, ConnId, Op, ResourceId, Salt};
-use dflockd_proto::{Key, Limit, Namespace};
+use dflockd_cluster::Storage;
 use openraft::storage::RaftLogStorageExt;
-use openraft::{CommittedLeaderId, EntryPayload, LogId};
 use redb::TableDefinition;
 
-const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("logs");
+#[path = "support/one_command.rs"]
+mod one_command;
+use one_command::one_command_entry;
 
-fn entry(index: u64) -> Result<Entry, Box<dyn std::error::Error>> {
-    let at = |op| Command::new(Duration::ZERO, Salt::new(index, index), op);
-    Ok(Entry {
-        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-        payload: EntryPayload::Normal(Batch {
-            proposer: 1 << 32,
-            office: at(Op::TakeOffice),
-            commands: vec![at(Op::Acquire {
-                conn: ConnId(index),
-                resource: ResourceId::new(Namespace::Lock, Key::new(&format!("job-{index}"))?),
-                limit: Limit::ONE,
-                lease: None,
-                wait: None,
-                origin: None,
-            })],
-        }),
-    })
-}
+const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("logs");
 
 fn percentiles(name: &str, mut micros: Vec<f64>) -> f64 {
     micros.sort_by(f64::total_cmp);
@@ -78,14 +60,14 @@ async fn writes(
     let (mut segments, mut redb) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         for n in 1..=per_round {
-            let entry = entry(round * per_round + n)?;
+            let entry = one_command_entry(round * per_round + n)?;
             let started = Instant::now();
             log.blocking_append([entry]).await?;
             segments.push(started.elapsed().as_secs_f64() * 1e6);
         }
         for n in 1..=per_round {
             let index = round * per_round + n;
-            let bytes = postcard::to_allocvec(&entry(index)?)?;
+            let bytes = postcard::to_allocvec(&one_command_entry(index)?)?;
             let started = Instant::now();
             let txn = db.begin_write()?;
             txn.open_table(LOGS)?.insert(index, bytes.as_slice())?;

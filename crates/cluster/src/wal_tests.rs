@@ -165,28 +165,25 @@ proptest! {
     }
 }
 
-/// Appends entries 1..=n one write each; returns the segment's length
-/// after each write.
-async fn write_entries(log: &mut LogStore, n: u64, path: &Path) -> Vec<u64> {
+/// A closed log of three entries, one write each: the storage path, its
+/// one segment and the segment's length after each write.
+async fn three_entries(dir: &Path) -> (PathBuf, PathBuf, Vec<u64>) {
+    let path = dir.join("raft.redb");
+    let mut log = Storage::open(&path).unwrap().log_store();
+    let segment = segments(dir)[0].clone();
     let mut lengths = Vec::new();
-    for index in 1..=n {
+    for index in 1..=3 {
         log.blocking_append([blank(1, index)]).await.unwrap();
-        lengths.push(std::fs::metadata(path).unwrap().len());
+        lengths.push(std::fs::metadata(&segment).unwrap().len());
     }
-    lengths
+    (path, segment, lengths)
 }
 
 #[test]
 fn a_torn_last_record_is_cut_off_and_the_log_goes_on() {
     runtime().block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("raft.redb");
-        let lengths = {
-            let mut log = Storage::open(&path).unwrap().log_store();
-            let segment = &segments(dir.path())[0];
-            write_entries(&mut log, 3, segment).await
-        };
-        let segment = segments(dir.path())[0].clone();
+        let (path, segment, lengths) = three_entries(dir.path()).await;
         let whole = std::fs::read(&segment).unwrap();
         // Every cut inside the last record, and garbage or zeros after it.
         let mut tails: Vec<Vec<u8>> = (lengths[1]..lengths[2])
@@ -226,13 +223,7 @@ fn a_torn_last_record_is_cut_off_and_the_log_goes_on() {
 fn a_damaged_record_before_the_end_refuses_to_open() {
     runtime().block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("raft.redb");
-        let lengths = {
-            let mut log = Storage::open(&path).unwrap().log_store();
-            let segment = &segments(dir.path())[0];
-            write_entries(&mut log, 3, segment).await
-        };
-        let segment = segments(dir.path())[0].clone();
+        let (path, segment, lengths) = three_entries(dir.path()).await;
         let mut bytes = std::fs::read(&segment).unwrap();
         // A byte in the middle of the second record: the third is intact,
         // so no crash explains it.
