@@ -16,10 +16,12 @@
 //! never the newest, right after a purge record went into the newest: so
 //! the newest purge record always survives, and a new segment begins with
 //! the newest committed log id written so far, so that one does too.
-//! Only the last segment can end in a record torn by a crash (every
-//! earlier one was fsync'd whole before the next was made): opening the
-//! log cuts such a tail off. A bad record anywhere else is corruption, and
-//! the log refuses to open rather than forget acknowledged entries.
+//! Only the last segment can end in a write torn by a crash (every earlier
+//! one was fsync'd whole before the next was made), and only in its last
+//! write (one writer, each write fsync'd before the next): opening the log
+//! cuts such a tail off ([`torn`] says which bad records are one). A bad
+//! record anywhere else is damage, and the log refuses to open rather than
+//! forget acknowledged entries.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -213,6 +215,38 @@ fn parse(bytes: &[u8], at: usize) -> Parsed<'_> {
     }
 }
 
+/// The unit a disk writes whole (or not at all).
+const SECTOR: usize = 512;
+
+/// Whether the record at `at` of the newest segment, short or bad, is the
+/// end of a write a crash cut short (everything from it on is then cut
+/// off) rather than damage to acknowledged data (which refuses to open).
+///
+/// Torn: the rest is zeros; or a part of the record within one sector is
+/// all zeros (the disk wrote some sectors of the last write and not
+/// others); or no whole record follows it anywhere (garbage at the end).
+/// A whole record after a bad one, with no zeroed sector to explain it,
+/// means the bad one was acknowledged once, so it is damage.
+fn torn(bytes: &[u8], at: usize) -> bool {
+    let rest = &bytes[at..];
+    if rest.iter().all(|b| *b == 0) {
+        return true;
+    }
+    if let Some(len) = rest.first_chunk::<4>() {
+        let end = at.saturating_add(HEADER + u32::from_le_bytes(*len) as usize);
+        let end = end.min(bytes.len());
+        let mut start = at;
+        while start < end {
+            let sector_end = (start / SECTOR + 1) * SECTOR;
+            if bytes[start..sector_end.min(end)].iter().all(|b| *b == 0) {
+                return true;
+            }
+            start = sector_end;
+        }
+    }
+    !(at + 1..bytes.len()).any(|from| matches!(parse(bytes, from), Parsed::Record { .. }))
+}
+
 /// A segment file.
 pub(crate) struct Segment {
     pub(crate) file: Arc<File>,
@@ -381,29 +415,11 @@ impl Replay {
                     }
                     at = next;
                 }
-                Parsed::Short => {
-                    if last {
-                        return Ok((at, last_index));
-                    }
-                    return Err(corrupt(at, "segment ends inside a record".into()));
+                Parsed::Short | Parsed::Bad(_) if last && torn(bytes, at) => {
+                    return Ok((at, last_index));
                 }
-                Parsed::Bad(reason) => {
-                    // Torn: the bad record is the newest segment's last
-                    // bytes (a write the crash cut short), or the rest is
-                    // zeros the file system left.
-                    let rest = &bytes[at..];
-                    let ends_file = match rest.get(..4) {
-                        Some(len) => {
-                            let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]);
-                            HEADER + len as usize >= rest.len()
-                        }
-                        None => true,
-                    };
-                    if last && (ends_file || rest.iter().all(|b| *b == 0)) {
-                        return Ok((at, last_index));
-                    }
-                    return Err(corrupt(at, reason));
-                }
+                Parsed::Short => return Err(corrupt(at, "segment ends inside a record".into())),
+                Parsed::Bad(reason) => return Err(corrupt(at, reason)),
             }
         }
     }

@@ -316,3 +316,65 @@ fn a_log_kept_in_the_redb_file_by_an_earlier_version_moves_to_segments() {
         );
     });
 }
+
+#[test]
+fn a_write_torn_between_sectors_is_cut_where_it_tore() {
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.redb");
+        let before = {
+            let mut log = Storage::open(&path).unwrap().log_store();
+            log.blocking_append([blank(1, 1)]).await.unwrap();
+            let before = std::fs::metadata(&segments(dir.path())[0]).unwrap().len();
+            // One write of 100 entries spanning several sectors.
+            log.blocking_append((2..=101).map(|index| blank(1, index)))
+                .await
+                .unwrap();
+            before
+        };
+        let segment = segments(dir.path())[0].clone();
+        let mut bytes = std::fs::read(&segment).unwrap();
+        // The disk wrote the write's last sectors but not its second one.
+        let sector = (before as usize / 512 + 1) * 512;
+        assert!(
+            bytes.len() > sector + 1024,
+            "the write spans too few sectors"
+        );
+        bytes[sector..sector + 512].fill(0);
+        std::fs::write(&segment, &bytes).unwrap();
+        let mut log = Storage::open(&path).unwrap().log_store();
+        let state = log.get_log_state().await.unwrap();
+        let last = state.last_log_id.unwrap().index;
+        // What lay before the torn sector is kept, the rest cut off.
+        assert!((2..101).contains(&last), "last entry {last}");
+        let length = std::fs::metadata(&segment).unwrap().len() as usize;
+        assert!(
+            length <= sector,
+            "cut at {length}, the zeroed sector at {sector}"
+        );
+        let entries = log.try_get_log_entries(..).await.unwrap();
+        assert_eq!(entries.len() as u64, last);
+    });
+}
+
+#[test]
+fn a_damaged_length_before_the_end_refuses_to_open() {
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, segment, lengths) = three_entries(dir.path()).await;
+        let mut bytes = std::fs::read(&segment).unwrap();
+        // The second record claims to run past the end of the file; the
+        // third, intact, shows it was written whole once.
+        let second = lengths[0] as usize;
+        bytes[second + 3] = 0x7f;
+        std::fs::write(&segment, &bytes).unwrap();
+        match Storage::open(&path) {
+            Err(StorageOpenError::Log {
+                source: WalError::Corrupt { offset, .. },
+                ..
+            }) => assert_eq!(offset, lengths[0]),
+            Err(other) => panic!("wrong error: {other}"),
+            Ok(_) => panic!("a damaged log opened"),
+        }
+    });
+}
