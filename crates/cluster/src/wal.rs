@@ -294,13 +294,25 @@ pub(crate) fn segments_in(dir: &Path) -> Result<Vec<u64>, WalError> {
 
 /// Creates the log in `dir` as one segment holding `records`, fsync'd.
 pub(crate) fn create_with(dir: &Path, records: &[u8]) -> Result<(), WalError> {
-    std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+    make_dir(dir)?;
     Appender::create(dir, 1, records, SEGMENT_BYTES).map(drop)
+}
+
+/// Makes `dir` if it is missing, its entry in its parent fsync'd (else a
+/// crash could lose the whole directory with what was written in it).
+fn make_dir(dir: &Path) -> Result<(), WalError> {
+    std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+    match dir.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => File::open(parent)
+            .and_then(|parent| parent.sync_all())
+            .map_err(io_error(parent)),
+        _ => Ok(()),
+    }
 }
 
 /// Opens (or creates) the log in `dir`, cutting off a torn last record.
 pub(crate) fn open(dir: &Path, segment_bytes: u64) -> Result<Recovered, WalError> {
-    std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+    make_dir(dir)?;
     let seqs = segments_in(dir)?;
     if seqs.is_empty() {
         let appender = Appender::create(dir, 1, &[], segment_bytes)?;
